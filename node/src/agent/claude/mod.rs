@@ -1,0 +1,1 @@
+//! Claude Messages API client (SSE streaming, retries, tool-use loop).

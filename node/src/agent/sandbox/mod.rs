@@ -1,0 +1,1 @@
+//! Locked-down Docker containers for tool calls (bollard).
