@@ -1,7 +1,22 @@
 //! The iom node: everything that does I/O.
 //!
 //! # Layout
+//! - [`node`]: the running node's shared state and lifecycle.
+//! - [`config`]: configuration, raw then validated.
+//! - [`identity`]: key files.
+//! - [`lock`]: one node per data dir.
+//! - [`store`]: sled storage for objects, blobs and documents.
+//! - [`docs`]: the document service (load, persist, compact, announce).
+//! - [`api`]: the local API (unix socket, HTTP) and its client.
 //! - [`agent`]: the Claude client, the Docker sandbox and the request runner.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod agent;
+pub mod api;
+pub mod config;
+pub mod docs;
+pub mod identity;
+pub mod lock;
+pub mod node;
+pub mod store;
+pub mod time;

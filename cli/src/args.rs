@@ -1,0 +1,152 @@
+//! Command-line arguments (clap). The contract is in `docs/cli.md`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// iom: your devices as one private mesh, with one AI assistant.
+#[derive(Debug, Parser)]
+#[command(name = "iom", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Data directory [default: $XDG_DATA_HOME/iom or ~/.local/share/iom].
+    #[arg(long, global = true, env = "IOM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create keys for this device (and the person key, for a new mesh).
+    Init {
+        /// Name of this device.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Run the node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Show this node's status.
+    Status,
+    /// Versioned documents.
+    #[command(subcommand)]
+    Doc(DocCommand),
+    /// Content-addressed blobs.
+    #[command(subcommand)]
+    Blob(BlobCommand),
+    /// The memory document (sent to the assistant as its system prompt).
+    #[command(subcommand)]
+    Memory(MemoryCommand),
+}
+
+/// `iom node ...`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Run the node in the foreground until SIGINT/SIGTERM.
+    Run(NodeRunArgs),
+}
+
+/// Flags of `iom node run`.
+#[derive(Debug, Args)]
+pub struct NodeRunArgs {
+    /// Listen address (multiaddr, or IP:PORT for TCP); repeatable.
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// Relay address (/ip4/IP/tcp/PORT/p2p/RELAY_ID); repeatable.
+    #[arg(long = "relay", value_name = "ADDR")]
+    pub relays: Vec<String>,
+    /// Serve the HTTP API and web page on this address (e.g. 127.0.0.1:8080).
+    #[arg(long, value_name = "IP:PORT")]
+    pub http: Option<String>,
+    /// Do not discover peers on the local network with mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Name of this device (used when the data dir is new).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// `iom doc ...`.
+#[derive(Debug, Subcommand)]
+pub enum DocCommand {
+    /// Create a document; prints its id.
+    New {
+        /// Kind: generic, conversation, memory, schedules, settings.
+        #[arg(long, default_value = "generic")]
+        kind: String,
+        /// Initial content as a JSON object.
+        #[arg(long)]
+        content: Option<String>,
+    },
+    /// List documents.
+    List,
+    /// Show a document (or one value in it) as JSON.
+    Get {
+        /// Document id.
+        id: String,
+        /// Path inside the document (a.b.0).
+        path: Option<String>,
+        /// Read the version at these heads (comma-separated hashes, from `iom doc log`).
+        #[arg(long, value_name = "HEADS")]
+        at: Option<String>,
+    },
+    /// Set a value: `iom doc put ID PATH JSON` (a non-JSON value is taken as a string).
+    Put {
+        /// Document id.
+        id: String,
+        /// Path (a.b.0).
+        path: String,
+        /// Value as JSON, or plain text.
+        value: Option<String>,
+        /// Delete the value at the path instead.
+        #[arg(long, conflicts_with = "value")]
+        delete: bool,
+        /// Change message shown by `iom doc log`.
+        #[arg(long, short)]
+        message: Option<String>,
+    },
+    /// Show a document's history: changes with author device, time and message.
+    Log {
+        /// Document id.
+        id: String,
+    },
+}
+
+/// `iom blob ...`.
+#[derive(Debug, Subcommand)]
+pub enum BlobCommand {
+    /// Store a file; prints its hash.
+    Add {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Write a blob to a file (verified against its hash).
+    Get {
+        /// The blob hash.
+        hash: String,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// List blobs.
+    List,
+}
+
+/// `iom memory ...`.
+#[derive(Debug, Subcommand)]
+pub enum MemoryCommand {
+    /// Print the memory text.
+    Show,
+    /// Append text (a new line) to the memory.
+    Append {
+        /// The text.
+        text: String,
+    },
+    /// Edit the memory in $EDITOR.
+    Edit,
+}

@@ -1,0 +1,51 @@
+//! One module per command group.
+
+mod blob;
+mod doc;
+mod memory;
+mod node;
+mod status;
+
+use std::path::PathBuf;
+
+use iom_node::api::client::ApiClient;
+
+use crate::Failure;
+use crate::args::{Cli, Command};
+
+/// Global options every command sees.
+pub struct Global {
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// `--json`.
+    pub json: bool,
+}
+
+impl Global {
+    /// A client for the running node.
+    pub fn client(&self) -> Result<ApiClient, Failure> {
+        Ok(ApiClient::new(&self.data_dir)?)
+    }
+}
+
+/// Runs the parsed command.
+pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
+    let data_dir = cli.data_dir.unwrap_or_else(|| {
+        iom_node::config::default_data_dir(
+            std::env::var("XDG_DATA_HOME").ok(),
+            std::env::var("HOME").ok(),
+        )
+    });
+    let g = Global {
+        data_dir,
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Init { name } => node::init(&g, name),
+        Command::Node(cmd) => node::run(&g, cmd).await,
+        Command::Status => status::status(&g).await,
+        Command::Doc(cmd) => doc::run(&g, cmd).await,
+        Command::Blob(cmd) => blob::run(&g, cmd).await,
+        Command::Memory(cmd) => memory::run(&g, cmd).await,
+    }
+}

@@ -1,0 +1,65 @@
+//! `iom init` and `iom node run`.
+
+use anyhow::Context;
+use iom_node::config::{Overrides, RawConfig};
+
+use super::Global;
+use crate::Failure;
+use crate::args::{NodeCommand, NodeRunArgs};
+
+/// `iom init`.
+pub fn init(g: &Global, name: Option<String>) -> Result<(), Failure> {
+    let created = iom_node::node::init_data_dir(&g.data_dir)?;
+    if let Some(name) = name {
+        write_name(g, &name)?;
+    }
+    if created {
+        println!(
+            "initialised {}: new device and person keys (start the node with `iom node run`)",
+            g.data_dir.display()
+        );
+    } else {
+        println!("{} is already initialised; nothing changed", g.data_dir.display());
+    }
+    Ok(())
+}
+
+fn write_name(g: &Global, name: &str) -> Result<(), Failure> {
+    let path = g.data_dir.join("config.toml");
+    let existing = std::fs::read_to_string(&path).unwrap_or_default();
+    if existing.lines().any(|l| l.trim_start().starts_with("name")) {
+        return Ok(());
+    }
+    let quoted = serde_json::to_string(name).context("encoding the name")?;
+    std::fs::write(&path, format!("name = {quoted}\n{existing}"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// `iom node run`.
+pub async fn run(g: &Global, cmd: NodeCommand) -> Result<(), Failure> {
+    let NodeCommand::Run(args) = cmd;
+    let config = load_config(g, args)?;
+    iom_node::node::run(config, iom_node::node::shutdown_signal()).await?;
+    Ok(())
+}
+
+fn load_config(g: &Global, a: NodeRunArgs) -> Result<iom_node::config::Config, Failure> {
+    let raw = RawConfig::load(&g.data_dir).map_err(|e| Failure::Usage(e.into()))?;
+    let overrides = Overrides {
+        name: a.name,
+        listen: a.listen,
+        relays: a.relays,
+        http: a.http,
+        no_mdns: a.no_mdns,
+        api_key: std::env::var("ANTHROPIC_API_KEY").ok(),
+        base_url: std::env::var("ANTHROPIC_BASE_URL").ok(),
+        clock_offset_secs: std::env::var("IOM_CLOCK_OFFSET_SECS")
+            .ok()
+            .map(|v| v.parse::<i64>())
+            .transpose()
+            .map_err(|e| Failure::Usage(anyhow::anyhow!("IOM_CLOCK_OFFSET_SECS: {e}")))?,
+    };
+    raw.validate(g.data_dir.clone(), overrides)
+        .map_err(|e| Failure::Usage(e.into()))
+}

@@ -1,0 +1,36 @@
+//! `iom status`.
+
+use super::Global;
+use crate::Failure;
+use crate::output;
+
+/// `iom status [--json]`.
+pub async fn status(g: &Global) -> Result<(), Failure> {
+    let st = g.client()?.get("/v1/status").await?;
+    if g.json {
+        output::json(&st);
+        return Ok(());
+    }
+    println!("device:    {} ({})", output::s(&st, "device"), output::s(&st, "name"));
+    println!("person:    {}", output::s(&st, "person"));
+    println!("data dir:  {}", output::s(&st, "data_dir"));
+    println!("documents: {}", st["documents"]);
+    if let Some(addrs) = st.get("listen").and_then(|v| v.as_array()) {
+        println!("listening:");
+        for a in addrs {
+            println!("  {}", a.as_str().unwrap_or_default());
+        }
+    }
+    if let Some(peers) = st.get("peers").and_then(|v| v.as_array()) {
+        println!("connections: {}", peers.len());
+        for p in peers {
+            println!(
+                "  {} {} {}",
+                output::s(p, "name"),
+                output::s(p, "device"),
+                output::s(p, "connection")
+            );
+        }
+    }
+    Ok(())
+}

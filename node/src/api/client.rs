@@ -1,0 +1,178 @@
+//! The local API client used by the `iom` command line (and tests): HTTP over the node's unix
+//! socket.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::error::ErrorBody;
+
+/// Why a call to the node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No node is listening on the data dir's socket.
+    #[error(
+        "no iom node is running for data dir {data_dir} (no socket at {socket}); start one with \
+         `iom node run --data-dir {data_dir}`"
+    )]
+    NotRunning {
+        /// The data dir.
+        data_dir: String,
+        /// The socket path tried.
+        socket: String,
+    },
+    /// The node answered with an error.
+    #[error("{message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Stable code.
+        code: String,
+        /// Message from the node.
+        message: String,
+    },
+    /// Transport failure talking to the node.
+    #[error("talking to the node failed: {0}")]
+    Transport(String),
+}
+
+/// A client bound to one data dir's socket.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    data_dir: PathBuf,
+    socket: PathBuf,
+}
+
+const BASE: &str = "http://iom.local";
+
+impl ApiClient {
+    /// A client for the node on `data_dir`.
+    pub fn new(data_dir: &Path) -> Result<ApiClient, ClientError> {
+        let socket = data_dir.join("iom.sock");
+        let http = reqwest::Client::builder()
+            .unix_socket(socket.clone())
+            .build()
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Ok(ApiClient {
+            http,
+            data_dir: data_dir.to_path_buf(),
+            socket,
+        })
+    }
+
+    fn not_running(&self) -> ClientError {
+        ClientError::NotRunning {
+            data_dir: self.data_dir.display().to_string(),
+            socket: self.socket.display().to_string(),
+        }
+    }
+
+    fn map_send(&self, e: reqwest::Error) -> ClientError {
+        if e.is_connect() || !self.socket.exists() {
+            self.not_running()
+        } else {
+            ClientError::Transport(e.to_string())
+        }
+    }
+
+    async fn decode(resp: reqwest::Response) -> Result<Value, ClientError> {
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes)
+                .map_err(|e| ClientError::Transport(format!("bad JSON from node: {e}")));
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(ClientError::Api {
+                status: status.as_u16(),
+                code: body.error.code,
+                message: body.error.message,
+            }),
+            Err(_) => Err(ClientError::Api {
+                status: status.as_u16(),
+                code: "http".into(),
+                message: format!("{status}: {}", String::from_utf8_lossy(&bytes)),
+            }),
+        }
+    }
+
+    /// `GET path` → JSON.
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{BASE}{path}"))
+            .send()
+            .await
+            .map_err(|e| self.map_send(e))?;
+        Self::decode(resp).await
+    }
+
+    /// `POST path` with a JSON body → JSON.
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        let resp = self
+            .http
+            .post(format!("{BASE}{path}"))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.map_send(e))?;
+        Self::decode(resp).await
+    }
+
+    /// `PUT path` with a JSON body → JSON.
+    pub async fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        let resp = self
+            .http
+            .put(format!("{BASE}{path}"))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.map_send(e))?;
+        Self::decode(resp).await
+    }
+
+    /// `DELETE path` → JSON.
+    pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        let resp = self
+            .http
+            .delete(format!("{BASE}{path}"))
+            .send()
+            .await
+            .map_err(|e| self.map_send(e))?;
+        Self::decode(resp).await
+    }
+
+    /// `POST path` streaming a file as the body → JSON.
+    pub async fn post_file(&self, path: &str, file: tokio::fs::File) -> Result<Value, ClientError> {
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+        let resp = self
+            .http
+            .post(format!("{BASE}{path}"))
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .map_err(|e| self.map_send(e))?;
+        Self::decode(resp).await
+    }
+
+    /// `GET path` as a raw response, for streaming downloads and event streams.
+    pub async fn get_raw(&self, path: &str) -> Result<reqwest::Response, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{BASE}{path}"))
+            .send()
+            .await
+            .map_err(|e| self.map_send(e))?;
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(Self::decode(resp).await.err().unwrap_or(ClientError::Transport(
+                "unexpected success body".into(),
+            )))
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Routes of the local API. Every handler is thin: it validates input, calls a service and maps
+//! errors to [`ApiError`].
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use iom_crdt::{DocId, DocKind, Document};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::docs::Origin;
+use crate::node::NodeCtx;
+
+/// Largest JSON body accepted.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+
+type Ctx = State<Arc<NodeCtx>>;
+type ApiResult<T = Json<Value>> = Result<T, ApiError>;
+
+/// Builds the router shared by the unix socket and the HTTP listener.
+pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/docs", get(doc_list).post(doc_new))
+        .route("/v1/docs/{id}", get(doc_get).put(doc_put))
+        .route("/v1/docs/{id}/log", get(doc_log))
+        .route(
+            "/v1/blobs",
+            get(blob_list)
+                .post(blob_add)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/blobs/{hash}", get(blob_get))
+        .route("/v1/memory", get(memory_show).put(memory_replace))
+        .route("/v1/memory/append", post(memory_append))
+        .merge(crate::node::extra_routes())
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .with_state(ctx)
+}
+
+/// Parses a document id from a path segment.
+pub fn parse_doc_id(text: &str) -> Result<DocId, ApiError> {
+    text.parse::<DocId>()
+        .map_err(|e| ApiError::bad_request(format!("{text:?} is not a document id: {e}")))
+}
+
+async fn status(State(ctx): Ctx) -> ApiResult {
+    Ok(Json(ctx.status_json().await))
+}
+
+async fn doc_list(State(ctx): Ctx) -> ApiResult {
+    let docs = ctx.docs.list()?;
+    let items: Vec<Value> = docs
+        .into_iter()
+        .map(|(id, m)| {
+            json!({
+                "id": id.to_string(),
+                "kind": m.kind,
+                "heads": m.heads.iter().map(hex::encode).collect::<Vec<_>>(),
+                "created_at": m.created_at,
+                "updated_at": m.updated_at,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "documents": items })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewDoc {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    content: Option<Value>,
+}
+
+async fn doc_new(State(ctx): Ctx, body: Option<Json<NewDoc>>) -> ApiResult {
+    let body = body.map(|Json(b)| b).unwrap_or(NewDoc {
+        kind: None,
+        content: None,
+    });
+    let kind = match body.kind.as_deref() {
+        None => DocKind::Generic,
+        Some(k) => k
+            .parse::<DocKind>()
+            .map_err(|e| ApiError::bad_request(format!("{e}; expected one of conversation, memory, schedules, settings, generic")))?,
+    };
+    let id = ctx.docs.create(kind).await?;
+    if let Some(Value::Object(fields)) = body.content {
+        let now = crate::time::now_secs() as i64;
+        ctx.docs
+            .modify(id, Origin::Local, false, move |doc| {
+                for (k, v) in fields {
+                    doc.put_json(&k, v, "initial content", now)
+                        .map_err(|e| crate::docs::DocsError::Internal(e.to_string()))?;
+                }
+                Ok(())
+            })
+            .await?;
+    }
+    Ok(Json(json!({ "id": id.to_string(), "kind": kind.name() })))
+}
+
+#[derive(Deserialize)]
+struct AtQuery {
+    at: Option<String>,
+    path: Option<String>,
+}
+
+async fn doc_get(State(ctx): Ctx, Path(id): Path<String>, Query(q): Query<AtQuery>) -> ApiResult {
+    let id = parse_doc_id(&id)?;
+    let at = q
+        .at
+        .map(|a| iom_crdt::parse_heads(&a).map_err(|e| ApiError::bad_request(e.to_string())))
+        .transpose()?;
+    let path = q.path;
+    let value = ctx
+        .docs
+        .read(id, move |doc| -> Result<Value, ApiError> {
+            let view;
+            let doc: &Document = match &at {
+                Some(heads) => {
+                    view = doc
+                        .view_at(heads)
+                        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                    &view
+                }
+                None => doc,
+            };
+            let content = match &path {
+                Some(p) => doc
+                    .get_json(p)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?
+                    .ok_or_else(|| ApiError::not_found(format!("no value at path {p:?}")))?,
+                None => doc.to_json(),
+            };
+            Ok(json!({ "id": id.to_string(), "heads": doc.heads_hex(), "content": content }))
+        })
+        .await??;
+    Ok(Json(value))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutBody {
+    path: String,
+    #[serde(default)]
+    value: Option<Value>,
+    #[serde(default)]
+    delete: bool,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+async fn doc_put(State(ctx): Ctx, Path(id): Path<String>, Json(body): Json<PutBody>) -> ApiResult {
+    let id = parse_doc_id(&id)?;
+    let now = crate::time::now_secs() as i64;
+    let message = body.message.unwrap_or_else(|| format!("set {}", body.path));
+    let heads = ctx
+        .docs
+        .modify(id, Origin::Local, false, move |doc| {
+            let r = if body.delete {
+                doc.delete_path(&body.path, &message, now).map(|_| ())
+            } else {
+                let value = body.value.unwrap_or(Value::Null);
+                doc.put_json(&body.path, value, &message, now)
+            };
+            Ok(r.map(|()| doc.heads_hex()))
+        })
+        .await?
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Json(json!({ "id": id.to_string(), "heads": heads })))
+}
+
+async fn doc_log(State(ctx): Ctx, Path(id): Path<String>) -> ApiResult {
+    let id = parse_doc_id(&id)?;
+    let log = ctx
+        .docs
+        .read(id, |doc| serde_json::to_value(doc.history()))
+        .await?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({ "id": id.to_string(), "changes": log })))
+}
+
+async fn blob_add(State(ctx): Ctx, body: Body) -> ApiResult {
+    let mut writer = ctx.store.blob_writer(None)?;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
+        writer.write(&chunk)?;
+    }
+    let (id, meta) = writer.finish().await?;
+    ctx.blob_added(id);
+    Ok(Json(json!({ "hash": hex::encode(id), "len": meta.len })))
+}
+
+async fn blob_list(State(ctx): Ctx) -> ApiResult {
+    let blobs: Vec<Value> = ctx
+        .store
+        .blobs()?
+        .into_iter()
+        .map(|(id, m)| json!({ "hash": hex::encode(id), "len": m.len, "stored_at": m.stored_at }))
+        .collect();
+    Ok(Json(json!({ "blobs": blobs })))
+}
+
+/// Parses a blob hash (64 hex characters).
+pub fn parse_hash(text: &str) -> Result<[u8; 32], ApiError> {
+    let bytes = hex::decode(text)
+        .map_err(|_| ApiError::bad_request(format!("{text:?} is not a blob hash (64 hex characters)")))?;
+    <[u8; 32]>::try_from(bytes.as_slice())
+        .map_err(|_| ApiError::bad_request(format!("{text:?} is not a blob hash (64 hex characters)")))
+}
+
+async fn blob_get(State(ctx): Ctx, Path(hash): Path<String>) -> ApiResult<Response> {
+    let id = parse_hash(&hash)?;
+    let meta = ctx
+        .store
+        .blob_meta(&id)?
+        .ok_or_else(|| ApiError::not_found(format!("blob {hash} is not stored on this device")))?;
+    let store = ctx.store.clone();
+    let len = meta.len;
+    let count = meta.chunk_hashes.len() as u32;
+    // Stream chunk by chunk, each verified against its hash as it is read.
+    let stream = futures::stream::iter(0..count).then(move |i| {
+        let store = store.clone();
+        let meta = meta.clone();
+        async move {
+            tokio::task::spawn_blocking(move || store.blob_chunk(&id, &meta, i))
+                .await
+                .map_err(std::io::Error::other)?
+                .map(bytes::Bytes::from)
+                .map_err(std::io::Error::other)
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+async fn memory_show(State(ctx): Ctx) -> ApiResult {
+    let text = ctx.memory_text().await?;
+    Ok(Json(json!({ "text": text })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TextBody {
+    text: String,
+}
+
+async fn memory_append(State(ctx): Ctx, Json(body): Json<TextBody>) -> ApiResult {
+    let text = ctx.memory_edit(body.text, true).await?;
+    Ok(Json(json!({ "text": text })))
+}
+
+async fn memory_replace(State(ctx): Ctx, Json(body): Json<TextBody>) -> ApiResult {
+    let text = ctx.memory_edit(body.text, false).await?;
+    Ok(Json(json!({ "text": text })))
+}

@@ -1,0 +1,354 @@
+//! The document service: loads Automerge documents from the store on demand, keeps a bounded
+//! set of them in memory, persists every change as an incremental chunk (flushed before the
+//! caller hears back), compacts in the background, and announces changes to subscribers
+//! (the sync sessions, the agent, event streams).
+//!
+//! All Automerge work runs on the blocking pool, never on the async executor's threads.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use automerge::ChangeHash;
+use iom_crdt::{DocId, DocKind, Document, DocumentError};
+use libp2p::PeerId;
+use tokio::sync::broadcast;
+
+use crate::store::{DocMeta, Store, StoreError};
+
+/// Chunks on top of a snapshot before a compaction is started.
+const COMPACT_AFTER_CHUNKS: u64 = 64;
+
+/// Where a change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Made on this node.
+    Local,
+    /// Received from a peer by sync.
+    Peer(PeerId),
+}
+
+/// A document changed (and the change is durable).
+#[derive(Debug, Clone)]
+pub struct DocChanged {
+    /// Which document.
+    pub id: DocId,
+    /// Its heads after the change.
+    pub heads: Vec<ChangeHash>,
+    /// Who made the change.
+    pub origin: Origin,
+}
+
+/// Errors of document operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DocsError {
+    /// No such document here.
+    #[error("no document {0} on this device (see `iom doc list`)")]
+    NotFound(DocId),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The document operation failed.
+    #[error(transparent)]
+    Document(#[from] DocumentError),
+    /// The stored bytes do not load (the chunk is named).
+    #[error("document {id} does not load from its stored bytes: {detail}")]
+    Unloadable {
+        /// The document.
+        id: DocId,
+        /// What automerge said.
+        detail: String,
+    },
+    /// A worker thread died.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+type Shared = Arc<Mutex<Document>>;
+
+struct Cache {
+    docs: HashMap<DocId, (Shared, u64)>,
+    tick: u64,
+}
+
+struct Inner {
+    store: Store,
+    actor: Vec<u8>,
+    capacity: usize,
+    cache: Mutex<Cache>,
+    changes: broadcast::Sender<DocChanged>,
+    /// Serialises loads so that one document is never loaded twice concurrently.
+    load_lock: Mutex<()>,
+}
+
+/// Handle to the document service; cheap to clone.
+#[derive(Clone)]
+pub struct Docs {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Docs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Docs").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock means a panic elsewhere already; the data is still consistent because
+    // every critical section here either completes or leaves the previous value.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Docs {
+    /// Starts the service over `store`. `actor` is this process's Automerge actor id.
+    pub fn new(store: Store, actor: Vec<u8>, capacity: usize) -> Docs {
+        let (changes, _) = broadcast::channel(1024);
+        Docs {
+            inner: Arc::new(Inner {
+                store,
+                actor,
+                capacity: capacity.max(1),
+                cache: Mutex::new(Cache {
+                    docs: HashMap::new(),
+                    tick: 0,
+                }),
+                changes,
+                load_lock: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Subscribes to durable changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<DocChanged> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Every stored document with its metadata.
+    pub fn list(&self) -> Result<Vec<(DocId, DocMeta)>, DocsError> {
+        Ok(self
+            .inner
+            .store
+            .doc_metas()?
+            .into_iter()
+            .map(|(id, m)| (DocId::from_bytes(id), m))
+            .collect())
+    }
+
+    /// Metadata of one document.
+    pub fn meta(&self, id: DocId) -> Result<Option<DocMeta>, DocsError> {
+        Ok(self.inner.store.doc_meta(id.as_bytes())?)
+    }
+
+    /// Creates a document. Singleton kinds use their well-known id and are not recreated.
+    pub async fn create(&self, kind: DocKind) -> Result<DocId, DocsError> {
+        let id = DocId::well_known(kind)
+            .unwrap_or_else(|| DocId::from_bytes(crate::time::random_bytes::<16>()));
+        if self.meta(id)?.is_some() {
+            return Ok(id);
+        }
+        let this = self.clone();
+        let now = crate::time::now_secs() as i64;
+        self.blocking(move || {
+            let _guard = lock(&this.inner.load_lock);
+            if this.inner.store.doc_meta(id.as_bytes())?.is_some() {
+                return Ok(());
+            }
+            let mut doc = Document::new(kind, &this.inner.actor, now)?;
+            let bytes = doc.save();
+            let heads = heads_bytes(&doc.heads());
+            this.inner
+                .store
+                .append_doc_chunk(id.as_bytes(), kind.name(), &bytes, heads)?;
+            this.insert_cached(id, Arc::new(Mutex::new(doc)));
+            Ok(())
+        })
+        .await?;
+        self.inner.store.flush().await?;
+        let heads = self.read(id, |d| d.heads()).await?;
+        let _ = self.inner.changes.send(DocChanged {
+            id,
+            heads,
+            origin: Origin::Local,
+        });
+        Ok(id)
+    }
+
+    /// Runs `f` on a document for reading.
+    pub async fn read<R, F>(&self, id: DocId, f: F) -> Result<R, DocsError>
+    where
+        F: FnOnce(&Document) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let this = self.clone();
+        self.blocking(move || {
+            let doc = this.load(id, false)?.ok_or(DocsError::NotFound(id))?;
+            let guard = lock(&doc);
+            Ok(f(&guard))
+        })
+        .await
+    }
+
+    /// Runs `f` on a document for writing. When `f` changed the document, the change is
+    /// stored and flushed before this returns, then announced. With `create_missing`, an
+    /// unknown document starts empty (to receive it from a peer).
+    pub async fn modify<R, F>(
+        &self,
+        id: DocId,
+        origin: Origin,
+        create_missing: bool,
+        f: F,
+    ) -> Result<R, DocsError>
+    where
+        F: FnOnce(&mut Document) -> Result<R, DocsError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let this = self.clone();
+        let (result, changed) = self
+            .blocking(move || {
+                let doc = this
+                    .load(id, create_missing)?
+                    .ok_or(DocsError::NotFound(id))?;
+                let mut guard = lock(&doc);
+                let result = f(&mut guard)?;
+                let bytes = guard.save_incremental();
+                if bytes.is_empty() {
+                    return Ok((result, None));
+                }
+                let heads = guard.heads();
+                let kind = guard.kind_name().unwrap_or_else(|| "generic".into());
+                let meta = match this.inner.store.doc_meta(id.as_bytes())? {
+                    // First persistence of a document received by sync: a full snapshot.
+                    None => this.inner.store.append_doc_chunk(
+                        id.as_bytes(),
+                        &kind,
+                        &guard.snapshot(),
+                        heads_bytes(&heads),
+                    )?,
+                    Some(_) => this.inner.store.append_doc_chunk(
+                        id.as_bytes(),
+                        &kind,
+                        &bytes,
+                        heads_bytes(&heads),
+                    )?,
+                };
+                Ok((result, Some((heads, meta))))
+            })
+            .await?;
+        if let Some((heads, meta)) = changed {
+            self.inner.store.flush().await?;
+            if meta.pending_chunks() >= COMPACT_AFTER_CHUNKS {
+                self.spawn_compaction(id);
+            }
+            let _ = self.inner.changes.send(DocChanged { id, heads, origin });
+        }
+        Ok(result)
+    }
+
+    fn spawn_compaction(&self, id: DocId) {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = (|| -> Result<(), DocsError> {
+                let Some(doc) = this.load(id, false)? else {
+                    return Ok(());
+                };
+                let guard = lock(&doc);
+                let Some(meta) = this.inner.store.doc_meta(id.as_bytes())? else {
+                    return Ok(());
+                };
+                let snapshot = guard.snapshot();
+                this.inner
+                    .store
+                    .compact_doc(id.as_bytes(), &snapshot, meta.next_seq)?;
+                Ok(())
+            })();
+            if let Err(e) = result {
+                tracing::warn!(doc = %id, error = %e, "compaction failed; will retry later");
+            }
+        });
+    }
+
+    async fn blocking<R, F>(&self, f: F) -> Result<R, DocsError>
+    where
+        F: FnOnce() -> Result<R, DocsError> + Send + 'static,
+        R: Send + 'static,
+    {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| DocsError::Internal(e.to_string()))?
+    }
+
+    fn insert_cached(&self, id: DocId, doc: Shared) {
+        let mut cache = lock(&self.inner.cache);
+        cache.tick += 1;
+        let tick = cache.tick;
+        cache.docs.insert(id, (doc, tick));
+        if cache.docs.len() > self.inner.capacity {
+            // Evict the least recently used document that nobody is using right now. A document
+            // in use is never evicted, so one document is never loaded twice.
+            let victim = cache
+                .docs
+                .iter()
+                .filter(|(_, (d, _))| Arc::strong_count(d) == 1)
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| *k);
+            if let Some(v) = victim {
+                cache.docs.remove(&v);
+            }
+        }
+    }
+
+    /// Loads a document into the cache (blocking).
+    fn load(&self, id: DocId, create_missing: bool) -> Result<Option<Shared>, DocsError> {
+        {
+            let mut cache = lock(&self.inner.cache);
+            cache.tick += 1;
+            let tick = cache.tick;
+            if let Some((doc, t)) = cache.docs.get_mut(&id) {
+                *t = tick;
+                return Ok(Some(doc.clone()));
+            }
+        }
+        let _guard = lock(&self.inner.load_lock);
+        if let Some((doc, _)) = lock(&self.inner.cache).docs.get(&id) {
+            return Ok(Some(doc.clone()));
+        }
+        let doc = match self.inner.store.load_doc(id.as_bytes()) {
+            Ok(stored) => {
+                let mut chunks = stored.chunks.iter();
+                let first = chunks.next().map(Vec::as_slice).unwrap_or_default();
+                let mut doc = Document::load(first, &self.inner.actor).map_err(|e| {
+                    DocsError::Unloadable {
+                        id,
+                        detail: e.to_string(),
+                    }
+                })?;
+                for chunk in chunks {
+                    doc.load_incremental(chunk)
+                        .map_err(|e| DocsError::Unloadable {
+                            id,
+                            detail: e.to_string(),
+                        })?;
+                }
+                // Everything loaded is already stored: start the incremental cursor here.
+                let _ = doc.save_incremental();
+                doc
+            }
+            Err(StoreError::NoSuchDoc(_)) if create_missing => Document::empty(&self.inner.actor)?,
+            Err(StoreError::NoSuchDoc(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let shared = Arc::new(Mutex::new(doc));
+        self.insert_cached(id, shared.clone());
+        Ok(Some(shared))
+    }
+}
+
+/// Change hashes as raw 32-byte arrays.
+pub fn heads_bytes(heads: &[ChangeHash]) -> Vec<[u8; 32]> {
+    heads.iter().map(|h| h.0).collect()
+}

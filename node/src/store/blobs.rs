@@ -1,0 +1,266 @@
+//! Blobs: immutable byte strings addressed by the SHA-256 of their bytes, stored in fixed-size
+//! chunks so that no blob is ever held whole in memory.
+//!
+//! Chunks live under an internal number, not under the blob's hash, because a local add only
+//! learns the hash at the end. A blob becomes visible when its [`BlobMeta`] (length and the hash
+//! of every chunk) is written, after the whole-content hash was checked.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{Store, StoreError, decode_err};
+
+/// Size of one stored (and transferred) blob chunk.
+pub const CHUNK_SIZE: usize = 256 * 1024;
+
+/// What the store knows about a complete blob.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlobMeta {
+    /// Internal chunk-key namespace.
+    pub internal: u64,
+    /// Total length in bytes.
+    pub len: u64,
+    /// SHA-256 of each chunk, in order.
+    pub chunk_hashes: Vec<[u8; 32]>,
+    /// Unix seconds when stored.
+    pub stored_at: u64,
+}
+
+fn chunk_key(internal: u64, index: u32) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..8].copy_from_slice(&internal.to_be_bytes());
+    key[8..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+/// Incremental writer for one blob. Feed bytes with [`BlobWriter::write`], then
+/// [`BlobWriter::finish`]. Dropping it without finishing leaves garbage chunks that
+/// [`Store::collect_blob_garbage`] removes.
+pub struct BlobWriter {
+    store: Store,
+    internal: u64,
+    buf: Vec<u8>,
+    chunk_hashes: Vec<[u8; 32]>,
+    whole: Sha256,
+    len: u64,
+    expected: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for BlobWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobWriter")
+            .field("internal", &self.internal)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlobWriter {
+    /// Appends bytes; full chunks go to disk at once.
+    pub fn write(&mut self, mut bytes: &[u8]) -> Result<(), StoreError> {
+        while !bytes.is_empty() {
+            let room = CHUNK_SIZE - self.buf.len();
+            let take = room.min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.buf.len() == CHUNK_SIZE {
+                self.flush_chunk()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends one whole chunk whose hash the caller already verified.
+    pub fn write_chunk(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        if !self.buf.is_empty() {
+            return self.write(chunk);
+        }
+        self.buf.extend_from_slice(chunk);
+        self.flush_chunk()
+    }
+
+    fn flush_chunk(&mut self) -> Result<(), StoreError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let index = u32::try_from(self.chunk_hashes.len()).map_err(|_| StoreError::Decode {
+            what: "blob",
+            detail: "too many chunks".into(),
+        })?;
+        self.whole.update(&self.buf);
+        self.len += self.buf.len() as u64;
+        self.chunk_hashes.push(Sha256::digest(&self.buf).into());
+        self.store
+            .blob_chunks
+            .insert(chunk_key(self.internal, index), self.buf.as_slice())?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Bytes accepted so far.
+    pub fn len(&self) -> u64 {
+        self.len + self.buf.len() as u64
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks the whole-content hash, publishes the blob and makes it durable.
+    pub async fn finish(mut self) -> Result<([u8; 32], BlobMeta), StoreError> {
+        self.flush_chunk()?;
+        let id: [u8; 32] = self.whole.clone().finalize().into();
+        if let Some(expected) = self.expected
+            && expected != id
+        {
+            self.store.remove_chunks(self.internal, self.chunk_hashes.len())?;
+            return Err(StoreError::HashMismatch {
+                expected: hex::encode(expected),
+                actual: hex::encode(id),
+            });
+        }
+        if let Some(existing) = self.store.blob_meta(&id)? {
+            self.store.remove_chunks(self.internal, self.chunk_hashes.len())?;
+            return Ok((id, existing));
+        }
+        let meta = BlobMeta {
+            internal: self.internal,
+            len: self.len,
+            chunk_hashes: std::mem::take(&mut self.chunk_hashes),
+            stored_at: crate::time::now_secs(),
+        };
+        let bytes = serde_cbor::to_vec(&meta).map_err(decode_err("blob meta"))?;
+        self.store.blobs.insert(id, bytes)?;
+        self.store.flush().await?;
+        Ok((id, meta))
+    }
+}
+
+impl Store {
+    /// Starts writing a new blob. With `expected`, [`BlobWriter::finish`] refuses other content.
+    pub fn blob_writer(&self, expected: Option<[u8; 32]>) -> Result<BlobWriter, StoreError> {
+        Ok(BlobWriter {
+            store: self.clone(),
+            internal: self.db.generate_id()?,
+            buf: Vec::with_capacity(CHUNK_SIZE),
+            chunk_hashes: Vec::new(),
+            whole: Sha256::new(),
+            len: 0,
+            expected,
+        })
+    }
+
+    /// Metadata of a complete blob.
+    pub fn blob_meta(&self, id: &[u8; 32]) -> Result<Option<BlobMeta>, StoreError> {
+        self.blobs
+            .get(id)?
+            .map(|b| serde_cbor::from_slice(&b).map_err(decode_err("blob meta")))
+            .transpose()
+    }
+
+    /// Reads chunk `index` of a blob and verifies it against the stored chunk hash.
+    pub fn blob_chunk(&self, id: &[u8; 32], meta: &BlobMeta, index: u32) -> Result<Vec<u8>, StoreError> {
+        let expected = meta
+            .chunk_hashes
+            .get(index as usize)
+            .ok_or_else(|| StoreError::NoSuchBlob(hex::encode(id)))?;
+        let bytes = self
+            .blob_chunks
+            .get(chunk_key(meta.internal, index))?
+            .ok_or_else(|| StoreError::Corrupt { id: hex::encode(id) })?;
+        let actual: [u8; 32] = Sha256::digest(&bytes).into();
+        if &actual != expected {
+            return Err(StoreError::Corrupt { id: hex::encode(id) });
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// Every complete blob.
+    pub fn blobs(&self) -> Result<Vec<([u8; 32], BlobMeta)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.blobs.iter() {
+            let (k, v) = entry?;
+            let Ok(id) = <[u8; 32]>::try_from(k.as_ref()) else {
+                continue;
+            };
+            let meta: BlobMeta = serde_cbor::from_slice(&v).map_err(decode_err("blob meta"))?;
+            out.push((id, meta));
+        }
+        Ok(out)
+    }
+
+    fn remove_chunks(&self, internal: u64, count: usize) -> Result<(), StoreError> {
+        for index in 0..count {
+            let index = u32::try_from(index).unwrap_or(u32::MAX);
+            self.blob_chunks.remove(chunk_key(internal, index))?;
+        }
+        Ok(())
+    }
+
+    /// Removes chunks that belong to no complete blob (left by interrupted adds), except those
+    /// under `keep` (transfers in progress). Returns how many chunks were removed.
+    pub fn collect_blob_garbage(&self, keep: &[u64]) -> Result<usize, StoreError> {
+        let mut live: std::collections::HashSet<u64> = keep.iter().copied().collect();
+        for (_, meta) in self.blobs()? {
+            live.insert(meta.internal);
+        }
+        let mut removed = 0;
+        for entry in self.blob_chunks.iter() {
+            let (k, _) = entry?;
+            let Some(prefix) = k.get(..8) else { continue };
+            let mut internal = [0u8; 8];
+            internal.copy_from_slice(prefix);
+            if !live.contains(&u64::from_be_bytes(internal)) {
+                self.blob_chunks.remove(&k)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::store::temp_store;
+
+    #[tokio::test]
+    async fn blob_round_trip_across_chunk_boundaries() {
+        let (_dir, store) = temp_store();
+        let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 17)).map(|i| (i % 251) as u8).collect();
+        let mut w = store.blob_writer(None).unwrap();
+        for piece in data.chunks(1000) {
+            w.write(piece).unwrap();
+        }
+        let (id, meta) = w.finish().await.unwrap();
+        assert_eq!(id, <[u8; 32]>::from(Sha256::digest(&data)));
+        assert_eq!(meta.chunk_hashes.len(), 3);
+        let mut back = Vec::new();
+        for i in 0..3 {
+            back.extend(store.blob_chunk(&id, &meta, i).unwrap());
+        }
+        assert_eq!(back, data);
+    }
+
+    #[tokio::test]
+    async fn wrong_expected_hash_is_refused_and_cleaned() {
+        let (_dir, store) = temp_store();
+        let mut w = store.blob_writer(Some([7u8; 32])).unwrap();
+        w.write(b"not what was promised").unwrap();
+        assert!(matches!(w.finish().await, Err(StoreError::HashMismatch { .. })));
+        assert!(store.blobs().unwrap().is_empty());
+        assert_eq!(store.blob_chunks.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn corrupt_chunk_is_detected_on_read() {
+        let (_dir, store) = temp_store();
+        let mut w = store.blob_writer(None).unwrap();
+        w.write(b"abc").unwrap();
+        let (id, meta) = w.finish().await.unwrap();
+        store.blob_chunks.insert(chunk_key(meta.internal, 0), b"abd".as_slice()).unwrap();
+        assert!(matches!(store.blob_chunk(&id, &meta, 0), Err(StoreError::Corrupt { .. })));
+    }
+}

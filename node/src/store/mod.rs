@@ -1,0 +1,152 @@
+//! Durable storage on sled: content-addressed objects, chunked blobs, documents as snapshot plus
+//! incremental chunks, and small node state (per-peer sync state, invites, tokens).
+//!
+//! Every write that is acknowledged to a caller has been flushed first ([`Store::flush`]).
+//! Everything read back from disk that carries a content id is verified against it.
+
+mod blobs;
+mod docs;
+mod objects;
+
+use std::path::Path;
+
+pub use blobs::{BlobMeta, BlobWriter, CHUNK_SIZE};
+pub use docs::{DocMeta, StoredDoc};
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled reported an error (I/O, or corruption of its own files).
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    /// Stored bytes no longer match their content id.
+    #[error("stored object {id} is corrupt: its bytes do not match its hash")]
+    Corrupt {
+        /// The content id (hex) whose bytes were wrong.
+        id: String,
+    },
+    /// Bytes offered for a content id do not hash to it.
+    #[error("hash mismatch: expected {expected}, got {actual}")]
+    HashMismatch {
+        /// The id the caller claimed.
+        expected: String,
+        /// The hash of the bytes actually given.
+        actual: String,
+    },
+    /// A record on disk could not be decoded.
+    #[error("stored record {what} is unreadable: {detail}")]
+    Decode {
+        /// Which record.
+        what: &'static str,
+        /// Decoder message.
+        detail: String,
+    },
+    /// A blob was asked for that is not (completely) stored.
+    #[error("blob {0} is not stored here")]
+    NoSuchBlob(String),
+    /// A document was asked for that is not stored.
+    #[error("document {0} is not stored here")]
+    NoSuchDoc(String),
+}
+
+/// The node's sled database and its trees.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    objects: sled::Tree,
+    blobs: sled::Tree,
+    blob_chunks: sled::Tree,
+    docs: sled::Tree,
+    doc_chunks: sled::Tree,
+    state: sled::Tree,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir`.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(Some(500))
+            .open()?;
+        Ok(Store {
+            objects: db.open_tree("objects")?,
+            blobs: db.open_tree("blobs")?,
+            blob_chunks: db.open_tree("blob_chunks")?,
+            docs: db.open_tree("docs")?,
+            doc_chunks: db.open_tree("doc_chunks")?,
+            state: db.open_tree("state")?,
+            db,
+        })
+    }
+
+    /// Makes every write so far durable. Call before acknowledging a write.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Reads a small state record (`namespace/key`).
+    pub fn state_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.state.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Writes a small state record. Not durable until [`Store::flush`].
+    pub fn state_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.state.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Removes a small state record.
+    pub fn state_remove(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.state.remove(key)?;
+        Ok(())
+    }
+
+    /// Atomically replaces `key`'s value with `new` if it is currently `old`.
+    /// Returns `false` when the current value differed.
+    pub fn state_cas(
+        &self,
+        key: &[u8],
+        old: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        Ok(self.state.compare_and_swap(key, old, new)?.is_ok())
+    }
+
+    /// All state records under a key prefix.
+    pub fn state_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.state
+            .scan_prefix(prefix)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Into::into))
+            .collect()
+    }
+
+    /// Bytes used on disk by the database.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+fn decode_err(what: &'static str) -> impl Fn(serde_cbor::Error) -> StoreError {
+    move |e| StoreError::Decode {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
+    #[allow(clippy::unwrap_used)]
+    let dir = tempfile::tempdir().unwrap();
+    #[allow(clippy::unwrap_used)]
+    let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
+    (dir, store)
+}
