@@ -1,1 +1,7 @@
-//! placeholder
+//! Test harness for iom: helpers shared by the scenario tests and benchmarks.
+//!
+//! # Layout
+//! - [`fake_anthropic`]: a fake Anthropic Messages API server (real HTTP and SSE) that the
+//!   real Claude client reaches through `ANTHROPIC_BASE_URL`.
+
+pub mod fake_anthropic;
