@@ -13,6 +13,11 @@
 //! with the fixed actor `[0; 16]`, time 0 and `created_at = 0`, so two devices that each create
 //! [`crate::DocId::MEMORY`] on their own produce the byte-identical change, with the same hash,
 //! and their later edits merge into one `text` object instead of two conflicting ones.
+//!
+//! Design note: [`Document`] wraps `automerge::Automerge` with explicit transactions rather than
+//! `AutoCommit`. Reads (`heads`, `history`, `save_after`, sync `generate`) then take `&self`, a
+//! failed edit rolls back as a whole instead of being committed implicitly without a message,
+//! and no change is ever committed with a default time of 0 by accident.
 
 use std::fmt;
 

@@ -599,6 +599,46 @@ mod tests {
         ));
     }
 
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Json> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Json::Null),
+            any::<bool>().prop_map(Json::from),
+            any::<i64>().prop_map(Json::from),
+            any::<u64>().prop_map(Json::from),
+            (-1e9f64..1e9).prop_map(Json::from),
+            "[a-z.é]{0,5}".prop_map(Json::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Json::Array),
+                proptest::collection::btree_map("[a-z0-9]{0,3}", inner, 0..4)
+                    .prop_map(|m| Json::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// Any path and value: an error or a write that reads back, never a panic.
+        #[test]
+        fn put_json_any_path_never_panics(path in "[a-z0-9.]{0,10}", value in json_value()) {
+            let mut d = Document::new(DocKind::Memory, &actor_for(&[1; 32], [1; 8]), 1)
+                .expect("new");
+            d.put_json("a", json!({"b": [1, {"c": "x"}], "0": "zero"}), "seed", 1).expect("seed");
+            d.put_json("s", json!("scalar"), "seed", 1).expect("seed");
+            let before = d.heads();
+            match d.put_json(&path, value.clone(), "fuzz", 2) {
+                Ok(()) => proptest::prop_assert_eq!(d.get_json(&path).expect("get"), Some(value)),
+                Err(_) => proptest::prop_assert_eq!(d.heads(), before),
+            }
+            let _ = d.get_json(&path);
+            let _ = d.delete_path(&path, "fuzz", 3);
+            let _ = d.to_json();
+        }
+    }
+
     #[test]
     fn scalars_to_json() {
         assert_eq!(

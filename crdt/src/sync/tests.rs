@@ -115,6 +115,44 @@ fn two_replicas_with_concurrent_edits_converge() {
 }
 
 #[test]
+fn unknown_fields_survive_sync_typed_edits_and_storage() {
+    let mut old = Document::new(DocKind::Conversation, &actor(1), 0).expect("old build");
+    Conversation::open(&mut old)
+        .expect("conv")
+        .append_request("r", "q", Interface::Cli, "laptop", 1)
+        .expect("request");
+    let mut new = Document::empty(&actor(2)).expect("newer build");
+    let (mut so, mut sn) = (PeerDocState::new(), PeerDocState::new());
+    sync_pair(&mut old, &mut so, &mut new, &mut sn);
+    // A newer build adds fields at the root and inside a message.
+    new.put_json("future_field", json!({"v": 3}), "v3 field", 2)
+        .expect("put");
+    new.put_json("messages.0.priority", json!("high"), "v3 field", 2)
+        .expect("put");
+    sync_pair(&mut old, &mut so, &mut new, &mut sn);
+
+    // The older build edits through its typed API, persists, reloads and syncs back.
+    {
+        let mut c = Conversation::open(&mut old).expect("conv");
+        c.claim("r", "agent", 1, 3).expect("claim");
+        c.set_status("r", Status::Done, None, 4).expect("done");
+        c.set_title("t", 4).expect("title");
+    }
+    let mut old = Document::load(&old.save(), &actor(3)).expect("reload");
+    sync_pair(
+        &mut old,
+        &mut PeerDocState::new(),
+        &mut new,
+        &mut PeerDocState::new(),
+    );
+    assert_converged(&[&old, &new]);
+    let j = new.to_json();
+    assert_eq!(j["future_field"], json!({"v": 3}));
+    assert_eq!(j["messages"][0]["priority"], "high");
+    assert_eq!(j["messages"][0]["status"], "done");
+}
+
+#[test]
 fn three_replicas_full_mesh_converge() {
     let mut docs: Vec<Document> = (1..=3)
         .map(|n| Document::new(DocKind::Memory, &actor(n), 0).expect("doc"))
@@ -205,6 +243,7 @@ fn persisted_state_makes_the_next_sync_cheaper() {
     let without_state = sync_fresh(&mut a_fresh, &mut b_fresh);
     assert_converged(&[&a_fresh, &b_fresh]);
 
+    eprintln!("first {first:?}, after reconnect {second:?}, without state {without_state:?}");
     assert!(
         second.bytes < first.bytes,
         "second sync {second:?} should be smaller than the first {first:?}"
