@@ -1,0 +1,321 @@
+//! Length-prefixed frames and CBOR message helpers for the `/iom/*` stream protocols.
+//!
+//! A frame is a 4-byte big-endian payload length followed by the payload. Every reader has a
+//! hard maximum ([`MAX_FRAME_LEN`] unless the protocol says otherwise); a longer length prefix is
+//! an error *before* any payload is buffered, so a peer cannot make us allocate more than the
+//! maximum.
+//!
+//! - [`encode_frame`] writes one frame.
+//! - [`FrameDecoder`] is a pure incremental decoder: [`push`](FrameDecoder::push) bytes as they
+//!   arrive, take whole frames with [`next_frame`](FrameDecoder::next_frame), and call
+//!   [`finish`](FrameDecoder::finish) at end of stream to detect a cut-off frame.
+//! - [`parse_len`] checks a length prefix, for async readers that read the 4 bytes themselves.
+//! - [`encode_message`] / [`decode_message`] turn a serde value into a frame payload and back
+//!   (plain serde_cbor, not canonical: only hashed or signed bytes need to be canonical).
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The default maximum payload length: 1 MiB.
+pub const MAX_FRAME_LEN: usize = 1024 * 1024;
+/// Length of the frame header.
+pub const HEADER_LEN: usize = 4;
+
+/// A framing error. Both variants mean the peer misbehaved (or the stream broke): close it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The length prefix (or a payload to encode) exceeds the maximum.
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    Oversized {
+        /// The announced or attempted payload length.
+        len: u64,
+        /// The maximum.
+        max: usize,
+    },
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended in the middle of a frame ({buffered} bytes buffered)")]
+    Truncated {
+        /// Bytes of the incomplete frame (header included) that had arrived.
+        buffered: usize,
+    },
+}
+
+/// Encodes `payload` as one frame, refusing payloads longer than `max`.
+pub fn encode_frame(payload: &[u8], max: usize) -> Result<Vec<u8>, FrameError> {
+    let oversized = || FrameError::Oversized {
+        len: payload.len() as u64,
+        max,
+    };
+    if payload.len() > max {
+        return Err(oversized());
+    }
+    let len = u32::try_from(payload.len()).map_err(|_| oversized())?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// Checks a frame header and returns the payload length.
+pub fn parse_len(header: [u8; 4], max: usize) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header);
+    match usize::try_from(len) {
+        Ok(len) if len <= max => Ok(len),
+        _ => Err(FrameError::Oversized {
+            len: u64::from(len),
+            max,
+        }),
+    }
+}
+
+/// Incremental frame decoder with a hard maximum frame length.
+///
+/// After an error the decoder is poisoned: every later call returns the same error (the stream
+/// must be closed). It buffers at most what it was given; bytes beyond the current frame are
+/// kept for the next one.
+#[derive(Debug, Clone)]
+pub struct FrameDecoder {
+    max: usize,
+    buf: Vec<u8>,
+    error: Option<FrameError>,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder::new(MAX_FRAME_LEN)
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder that accepts payloads of up to `max` bytes.
+    pub fn new(max: usize) -> FrameDecoder {
+        FrameDecoder {
+            max,
+            buf: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// The maximum payload length.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Appends bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.error.is_none() {
+            self.buf.extend_from_slice(bytes);
+        }
+    }
+
+    /// Returns the next whole frame's payload, `Ok(None)` if more bytes are needed, or an error
+    /// if the length prefix exceeds the maximum.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        if let Some(err) = &self.error {
+            return Err(err.clone());
+        }
+        let Some(header) = self.buf.first_chunk::<HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let len = match parse_len(*header, self.max) {
+            Ok(len) => len,
+            Err(err) => {
+                self.buf = Vec::new();
+                self.error = Some(err.clone());
+                return Err(err);
+            }
+        };
+        if self.buf.len() - HEADER_LEN < len {
+            return Ok(None);
+        }
+        let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
+        self.buf.drain(..HEADER_LEN + len);
+        Ok(Some(payload))
+    }
+
+    /// Call at end of stream: an error if a partial frame is left over.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        if let Some(err) = &self.error {
+            return Err(err.clone());
+        }
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(FrameError::Truncated {
+                buffered: self.buf.len(),
+            })
+        }
+    }
+}
+
+/// A message could not be encoded (a bug on our side).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot encode message: {0}")]
+pub struct EncodeError(pub String);
+
+/// A frame payload is not a valid message of the expected type (the peer misbehaved).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Not CBOR, not the expected shape, trailing bytes, or a value that failed validation.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// Encodes a message as (plain, non-canonical) CBOR.
+pub fn encode_message<T: Serialize>(message: &T) -> Result<Vec<u8>, EncodeError> {
+    serde_cbor::to_vec(message).map_err(|e| EncodeError(e.to_string()))
+}
+
+/// Decodes a CBOR message, rejecting trailing bytes. Never panics on bad input.
+pub fn decode_message<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
+    serde_cbor::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn encode_writes_big_endian_length() {
+        assert_eq!(
+            encode_frame(b"abc", 16).unwrap(),
+            [0, 0, 0, 3, b'a', b'b', b'c']
+        );
+        assert_eq!(encode_frame(b"", 0).unwrap(), [0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn encode_refuses_oversized() {
+        assert_eq!(
+            encode_frame(&[0; 5], 4),
+            Err(FrameError::Oversized { len: 5, max: 4 })
+        );
+    }
+
+    #[test]
+    fn parse_len_checks_max() {
+        assert_eq!(parse_len([0, 0, 1, 0], 256), Ok(256));
+        assert_eq!(
+            parse_len([0, 0, 1, 1], 256),
+            Err(FrameError::Oversized { len: 257, max: 256 })
+        );
+        assert_eq!(
+            parse_len([0xff; 4], MAX_FRAME_LEN),
+            Err(FrameError::Oversized {
+                len: u64::from(u32::MAX),
+                max: MAX_FRAME_LEN
+            })
+        );
+    }
+
+    #[test]
+    fn decoder_handles_byte_by_byte_input() {
+        let mut wire = encode_frame(b"hello", 64).unwrap();
+        wire.extend(encode_frame(b"", 64).unwrap());
+        wire.extend(encode_frame(b"world", 64).unwrap());
+        let mut decoder = FrameDecoder::new(64);
+        let mut frames = Vec::new();
+        for byte in wire {
+            decoder.push(&[byte]);
+            while let Some(frame) = decoder.next_frame().unwrap() {
+                frames.push(frame);
+            }
+        }
+        assert_eq!(frames, [b"hello".to_vec(), vec![], b"world".to_vec()]);
+        assert_eq!(decoder.finish(), Ok(()));
+    }
+
+    #[test]
+    fn decoder_reports_oversized_before_buffering_payload() {
+        let mut decoder = FrameDecoder::new(8);
+        decoder.push(&[0, 0, 0, 9]);
+        assert_eq!(
+            decoder.next_frame(),
+            Err(FrameError::Oversized { len: 9, max: 8 })
+        );
+        // Poisoned: stays failed, drops further input.
+        decoder.push(&[0; 100]);
+        assert_eq!(decoder.buffered(), 0);
+        assert_eq!(
+            decoder.next_frame(),
+            Err(FrameError::Oversized { len: 9, max: 8 })
+        );
+        assert!(decoder.finish().is_err());
+    }
+
+    #[test]
+    fn decoder_reports_truncated_frame_at_eof() {
+        let wire = encode_frame(b"hello", 64).unwrap();
+        for cut in 1..wire.len() {
+            let mut decoder = FrameDecoder::new(64);
+            decoder.push(&wire[..cut]);
+            assert_eq!(decoder.next_frame(), Ok(None));
+            assert_eq!(
+                decoder.finish(),
+                Err(FrameError::Truncated { buffered: cut })
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_frames_do_not_decode_as_messages() {
+        let mut decoder = FrameDecoder::new(64);
+        decoder.push(&encode_frame(&[0xff, 0x13, 0x37], 64).unwrap());
+        let payload = decoder.next_frame().unwrap().unwrap();
+        assert!(matches!(
+            decode_message::<Vec<String>>(&payload),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn message_round_trip_and_trailing_bytes() {
+        let message = (String::from("x"), 7u32);
+        let mut bytes = encode_message(&message).unwrap();
+        assert_eq!(decode_message::<(String, u32)>(&bytes).unwrap(), message);
+        bytes.push(0);
+        assert!(decode_message::<(String, u32)>(&bytes).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip_in_any_chunking(
+            payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 0..8),
+            chunk in 1usize..64,
+        ) {
+            let mut wire = Vec::new();
+            for p in &payloads {
+                wire.extend(encode_frame(p, 300).unwrap());
+            }
+            let mut decoder = FrameDecoder::new(300);
+            let mut out = Vec::new();
+            for piece in wire.chunks(chunk) {
+                decoder.push(piece);
+                while let Some(frame) = decoder.next_frame().unwrap() {
+                    out.push(frame);
+                }
+            }
+            prop_assert_eq!(out, payloads);
+            prop_assert_eq!(decoder.finish(), Ok(()));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let mut decoder = FrameDecoder::new(64);
+            decoder.push(&bytes);
+            while let Ok(Some(frame)) = decoder.next_frame() {
+                prop_assert!(frame.len() <= 64);
+            }
+            let _ = decoder.finish();
+        }
+    }
+}

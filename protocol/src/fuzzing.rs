@@ -1,0 +1,70 @@
+//! Fuzz target bodies, shared by the cargo-fuzz crate in `fuzz/` and the stable-Rust smoke test
+//! `tests/fuzz_smoke.rs`. Each feeds arbitrary bytes to a decoder; any panic is a bug. They also
+//! assert round-trip properties of whatever decodes successfully.
+
+use crate::cert::Certificate;
+use crate::frame::{FrameDecoder, encode_frame, parse_len};
+use crate::invite::Invite;
+use crate::pair::{JoinRequest, JoinResponse};
+
+/// Frames: the incremental decoder with a small maximum and arbitrary chunking, `parse_len`,
+/// `encode_frame` round trips, and pairing-message decoding of every frame.
+pub fn fuzz_frame(data: &[u8]) {
+    let Some((&[max_byte, chunk_byte], rest)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let max = usize::from(max_byte) * 8;
+    let chunk = usize::from(chunk_byte).max(1);
+
+    if let Some(header) = rest.first_chunk::<4>()
+        && let Ok(len) = parse_len(*header, max)
+    {
+        assert!(len <= max);
+    }
+
+    let mut decoder = FrameDecoder::new(max);
+    for piece in rest.chunks(chunk) {
+        decoder.push(piece);
+        while let Ok(Some(frame)) = decoder.next_frame() {
+            assert!(frame.len() <= max);
+            let _ = JoinRequest::decode(&frame);
+            let _ = JoinResponse::decode(&frame);
+        }
+    }
+    let _ = decoder.finish();
+
+    if let Ok(wire) = encode_frame(rest, max) {
+        let mut decoder = FrameDecoder::new(max);
+        decoder.push(&wire);
+        assert_eq!(decoder.next_frame().ok().flatten().as_deref(), Some(rest));
+        assert!(decoder.finish().is_ok());
+    }
+    let _ = JoinRequest::decode(rest);
+    let _ = JoinResponse::decode(rest);
+}
+
+/// Invite codes: any text; a code that parses must re-encode to a code that parses the same.
+pub fn fuzz_invite(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let now = data.first().map_or(0, |&b| u64::from(b));
+    let _ = Invite::parse(&text, now);
+    if let Ok(invite) = Invite::parse_ignoring_expiry(&text) {
+        let code = invite.encode();
+        assert!(code.is_ok(), "a parsed invite must encode");
+        if let Ok(code) = code {
+            assert_eq!(Invite::parse_ignoring_expiry(&code).ok(), Some(invite));
+        }
+    }
+}
+
+/// Certificates: `from_bytes` on any bytes; a certificate that decodes must be canonical (its
+/// `to_bytes` is the input) and carry a valid signature.
+pub fn fuzz_certificate(data: &[u8]) {
+    if let Ok(cert) = Certificate::from_bytes(data) {
+        assert_eq!(cert.to_bytes(), data);
+        assert!(cert.verify_signature().is_ok());
+        let state = crate::trust::evaluate(cert.body().person(), [&cert]);
+        assert!(state.devices.len() <= 1);
+    }
+    let _ = serde_cbor::from_slice::<Certificate>(data);
+}
