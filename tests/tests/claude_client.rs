@@ -545,3 +545,22 @@ async fn unreachable_server_is_a_transport_error_after_retries() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn instant_mode_answers_with_the_same_stream() -> Result<()> {
+    let server = FakeAnthropic::start(FakeConfig {
+        instant: true,
+        ..FakeConfig::default()
+    })
+    .await?;
+    let client = client(&server)?;
+    let (turn, events) = stream(&client, &ask("fast")).await;
+    ensure!(turn?.text() == "echo: fast");
+    ensure!(
+        events
+            .iter()
+            .any(|(_, e)| matches!(e, StreamEvent::TextDelta(_)))
+    );
+    server.shutdown().await?;
+    Ok(())
+}

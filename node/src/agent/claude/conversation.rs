@@ -302,3 +302,47 @@ pub async fn run_conversation<E: ToolExecutor + ?Sized>(
         new_messages,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::claude::{ApiKey, ClaudeConfig};
+
+    struct NoTools;
+
+    impl ToolExecutor for NoTools {
+        fn run<'a>(
+            &'a self,
+            name: &'a str,
+            _input: &'a Value,
+        ) -> Pin<Box<dyn Future<Output = ToolResult> + Send + 'a>> {
+            Box::pin(async move { ToolResult::error(format!("no tool {name}")) })
+        }
+    }
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    /// The agent spawns these futures on tokio, so they must be `Send`.
+    #[test]
+    fn conversation_and_stream_futures_are_send() -> Result<(), Box<dyn std::error::Error>> {
+        let client = ClaudeClient::new(ClaudeConfig::new(ApiKey::new("sk-test")?))?;
+        let mut on = |_: Progress| {};
+        let fut = run_conversation(
+            &client,
+            None,
+            vec![Message::user("hi")],
+            Value::Null,
+            &NoTools,
+            Limits::default(),
+            &mut on,
+        );
+        assert_send(&fut);
+        let req = MessagesRequest::default();
+        let mut on_stream = |_: StreamEvent| {};
+        let fut = client.stream(&req, &mut on_stream);
+        assert_send(&fut);
+        // ToolExecutor stays object safe.
+        let _object_safe: &dyn ToolExecutor = &NoTools;
+        Ok(())
+    }
+}
