@@ -42,6 +42,63 @@ pub enum Command {
     /// The memory document (sent to the assistant as its system prompt).
     #[command(subcommand)]
     Memory(MemoryCommand),
+    /// Invite a new device (prints a code and a QR code).
+    Invite {
+        /// How long the invite is valid (e.g. 15m, 1h, 90s).
+        #[arg(long, default_value = "15m", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+        /// Make the new device an admin (it can invite and revoke).
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Join a mesh with an invite code from one of its admin devices.
+    Join {
+        /// The invite code (iom1...).
+        code: String,
+        /// Name of this device.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List this mesh's devices, or revoke one.
+    Devices {
+        /// `revoke DEVICE`.
+        #[command(subcommand)]
+        command: Option<DevicesCommand>,
+    },
+}
+
+/// `iom devices ...`.
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// Revoke a device: every device disconnects it and refuses it from then on.
+    Revoke {
+        /// Device id, or its unique name.
+        device: String,
+    },
+}
+
+/// Parses `15m`, `1h`, `90s`, `2d` or plain seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (num, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| text.split_at(i))
+        .unwrap_or((text, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (like 15m, 1h, 90s)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use s, m, h or d)"
+            ));
+        }
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 /// `iom node ...`.

@@ -1,5 +1,7 @@
 //! `iom`: the command line. Thin: parse arguments, set up logging, load configuration, and call
 //! into the node or its local API.
+// A binary: nothing here is reachable from outside, so `pub` only marks module interfaces.
+#![allow(unreachable_pub)]
 
 mod args;
 mod commands;
@@ -35,7 +37,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -147,8 +147,10 @@ pub struct Overrides {
     pub api_key: Option<String>,
     /// `ANTHROPIC_BASE_URL`.
     pub base_url: Option<String>,
-    /// `IOM_FAKE_NOW` style clock offset for schedule tests, seconds added to the wall clock.
+    /// `IOM_CLOCK_OFFSET_SECS`: seconds added to the wall clock (schedule tests).
     pub clock_offset_secs: Option<i64>,
+    /// `IOM_FAULT`: comma-separated fault injections for tests.
+    pub faults: Vec<String>,
 }
 
 /// A validated configuration: every address parsed, every value in range.
@@ -176,6 +178,10 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Seconds added to the wall clock (tests of schedules).
     pub clock_offset_secs: i64,
+    /// Fault injection for tests (`IOM_FAULT=corrupt-blob-chunks`): serve corrupted chunks.
+    pub fault_corrupt_blob_chunks: bool,
+    /// Fault injection for tests (`IOM_FAULT=garbage-sync`): send garbage sync messages.
+    pub fault_garbage_sync: bool,
 }
 
 /// Why a configuration was refused.
@@ -227,12 +233,12 @@ impl RawConfig {
             field: field.into(),
             message,
         };
-        let name = o
-            .name
-            .or(self.name)
-            .unwrap_or_else(default_device_name);
+        let name = o.name.or(self.name).unwrap_or_else(default_device_name);
         if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
-            return Err(invalid("name", format!("{name:?}: 1 to 64 printable characters")));
+            return Err(invalid(
+                "name",
+                format!("{name:?}: 1 to 64 printable characters"),
+            ));
         }
         let listen_raw = if !o.listen.is_empty() {
             o.listen
@@ -261,9 +267,8 @@ impl RawConfig {
             .http
             .or(self.http.listen)
             .map(|h| {
-                h.parse::<SocketAddr>().map_err(|e| {
-                    invalid("http address", format!("{h:?}: {e} (expected IP:PORT)"))
-                })
+                h.parse::<SocketAddr>()
+                    .map_err(|e| invalid("http address", format!("{h:?}: {e} (expected IP:PORT)")))
             })
             .transpose()?;
         let mut agent = self.agent;
@@ -273,10 +278,16 @@ impl RawConfig {
         if let Some(url) = &agent.base_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
-            return Err(invalid("agent.base_url", format!("{url:?}: must start with http:// or https://")));
+            return Err(invalid(
+                "agent.base_url",
+                format!("{url:?}: must start with http:// or https://"),
+            ));
         }
         if agent.max_turns == 0 || agent.max_tokens == 0 {
-            return Err(invalid("agent", "max_turns and max_tokens must be at least 1".into()));
+            return Err(invalid(
+                "agent",
+                "max_turns and max_tokens must be at least 1".into(),
+            ));
         }
         if !matches!(agent.on_interrupted.as_str(), "fail" | "retry") {
             return Err(invalid(
@@ -299,6 +310,8 @@ impl RawConfig {
             sandbox: self.sandbox,
             storage: self.storage,
             clock_offset_secs: o.clock_offset_secs.unwrap_or(0),
+            fault_corrupt_blob_chunks: o.faults.iter().any(|f| f == "corrupt-blob-chunks"),
+            fault_garbage_sync: o.faults.iter().any(|f| f == "garbage-sync"),
         })
     }
 }
@@ -327,7 +340,9 @@ pub fn parse_relay_addr(text: &str) -> Result<Multiaddr, String> {
         .iter()
         .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
     {
-        return Err(format!("{text:?}: must end with /p2p/RELAY_ID (see `iom relay run`)"));
+        return Err(format!(
+            "{text:?}: must end with /p2p/RELAY_ID (see `iom relay run`)"
+        ));
     }
     Ok(addr)
 }

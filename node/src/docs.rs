@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use automerge::ChangeHash;
-use iom_crdt::{DocId, DocKind, Document, DocumentError};
+use iom_crdt::{DocId, DocKind, Document, DocumentError, Inventory};
 use libp2p::PeerId;
 use tokio::sync::broadcast;
 
@@ -79,6 +79,8 @@ struct Inner {
     changes: broadcast::Sender<DocChanged>,
     /// Serialises loads so that one document is never loaded twice concurrently.
     load_lock: Mutex<()>,
+    /// Heads digest of every document, for cheap comparisons with peers.
+    inventory: Mutex<Inventory>,
 }
 
 /// Handle to the document service; cheap to clone.
@@ -101,9 +103,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Docs {
     /// Starts the service over `store`. `actor` is this process's Automerge actor id.
-    pub fn new(store: Store, actor: Vec<u8>, capacity: usize) -> Docs {
+    pub fn new(store: Store, actor: Vec<u8>, capacity: usize) -> Result<Docs, DocsError> {
         let (changes, _) = broadcast::channel(1024);
-        Docs {
+        let mut inventory = Inventory::new();
+        for (id, meta) in store.doc_metas()? {
+            let heads: Vec<ChangeHash> = meta.heads.iter().map(|h| ChangeHash(*h)).collect();
+            inventory.update(DocId::from_bytes(id), &heads);
+        }
+        Ok(Docs {
             inner: Arc::new(Inner {
                 store,
                 actor,
@@ -114,8 +121,19 @@ impl Docs {
                 }),
                 changes,
                 load_lock: Mutex::new(()),
+                inventory: Mutex::new(inventory),
             }),
-        }
+        })
+    }
+
+    /// Runs `f` on the inventory of all documents.
+    pub fn with_inventory<R>(&self, f: impl FnOnce(&Inventory) -> R) -> R {
+        f(&lock(&self.inner.inventory))
+    }
+
+    fn announce(&self, id: DocId, heads: Vec<ChangeHash>, origin: Origin) {
+        lock(&self.inner.inventory).update(id, &heads);
+        let _ = self.inner.changes.send(DocChanged { id, heads, origin });
     }
 
     /// The store underneath.
@@ -170,11 +188,7 @@ impl Docs {
         .await?;
         self.inner.store.flush().await?;
         let heads = self.read(id, |d| d.heads()).await?;
-        let _ = self.inner.changes.send(DocChanged {
-            id,
-            heads,
-            origin: Origin::Local,
-        });
+        self.announce(id, heads, Origin::Local);
         Ok(id)
     }
 
@@ -244,7 +258,7 @@ impl Docs {
             if meta.pending_chunks() >= COMPACT_AFTER_CHUNKS {
                 self.spawn_compaction(id);
             }
-            let _ = self.inner.changes.send(DocChanged { id, heads, origin });
+            self.announce(id, heads, origin);
         }
         Ok(result)
     }

@@ -92,7 +92,11 @@ fn read_32(path: &Path, secret: bool) -> Result<Option<[u8; 32]>, IdentityError>
         Err(e) => return Err(io(path)(e)),
     };
     if secret {
-        let mode = std::fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o777;
+        let mode = std::fs::metadata(path)
+            .map_err(io(path))?
+            .permissions()
+            .mode()
+            & 0o777;
         if mode & 0o077 != 0 {
             return Err(IdentityError::Permissions {
                 path: path.to_path_buf(),
@@ -149,7 +153,10 @@ impl Identity {
             detail: "missing".into(),
         })?;
         let person_key = read_32(&dir.join("person.key"), true)?.map(PersonKey::from_seed);
-        let person = PersonId::from_bytes(person);
+        let person = PersonId::from_bytes(person).map_err(|e| IdentityError::Malformed {
+            path: person_pub.clone(),
+            detail: e.to_string(),
+        })?;
         if let Some(pk) = &person_key
             && pk.id() != person
         {

@@ -7,6 +7,10 @@
 //! - [`lock`]: one node per data dir.
 //! - [`store`]: sled storage for objects, blobs and documents.
 //! - [`docs`]: the document service (load, persist, compact, announce).
+//! - [`net`]: the libp2p event loop and its handle.
+//! - [`trust`]: certificates and their evaluation.
+//! - [`pairing`]: invites and joining.
+//! - [`sync`]: document and blob sync between trusted devices.
 //! - [`api`]: the local API (unix socket, HTTP) and its client.
 //! - [`agent`]: the Claude client, the Docker sandbox and the request runner.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -17,6 +21,11 @@ pub mod config;
 pub mod docs;
 pub mod identity;
 pub mod lock;
+pub mod net;
 pub mod node;
+pub mod pairing;
+pub mod relay;
 pub mod store;
+pub mod sync;
 pub mod time;
+pub mod trust;

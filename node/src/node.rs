@@ -15,7 +15,11 @@ use crate::config::Config;
 use crate::docs::{Docs, Origin};
 use crate::identity::Identity;
 use crate::lock::DataDirLock;
+use crate::net::Net;
 use crate::store::Store;
+use crate::sync::SyncManager;
+use crate::sync::blobs::Blobs;
+use crate::trust::TrustBook;
 
 /// State shared by every service of a running node.
 pub struct NodeCtx {
@@ -27,6 +31,14 @@ pub struct NodeCtx {
     pub store: Store,
     /// The document service.
     pub docs: Docs,
+    /// Certificates and trust.
+    pub trust: Arc<TrustBook>,
+    /// The network.
+    pub net: Net,
+    /// Sync sessions.
+    pub sync: SyncManager,
+    /// Blob replication.
+    pub blobs: Blobs,
     /// When the node started.
     pub started: Instant,
     /// Flips to `true` when the node is shutting down.
@@ -39,15 +51,26 @@ impl std::fmt::Debug for NodeCtx {
     }
 }
 
-/// Routes that other subsystems add to the local API.
-pub fn extra_routes() -> axum::Router<Arc<NodeCtx>> {
-    axum::Router::new()
-}
-
 impl NodeCtx {
     /// The device id (libp2p PeerId string).
     pub fn device_id(&self) -> String {
         read(&self.identity).device.id().to_string()
+    }
+
+    /// This device's keys.
+    pub fn identity(&self) -> std::sync::RwLockReadGuard<'_, Identity> {
+        read(&self.identity)
+    }
+
+    /// Switches this device to another person's mesh (after a join).
+    pub fn adopt_person(
+        &self,
+        person: iom_protocol::keys::PersonId,
+    ) -> Result<(), crate::identity::IdentityError> {
+        let mut id = self.identity.write().unwrap_or_else(|e| e.into_inner());
+        id.adopt_person(&self.config.data_dir, person)?;
+        self.trust.set_person(person);
+        Ok(())
     }
 
     /// The `iom status` document.
@@ -70,13 +93,49 @@ impl NodeCtx {
             "pid": std::process::id(),
             "version": env!("CARGO_PKG_VERSION"),
             "documents": self.store.doc_count(),
+            "blobs": self.store.blobs().map(|b| b.len()).unwrap_or(0),
             "disk_bytes": self.store.size_on_disk(),
+            "listen": self.net.listen_addrs().await.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "peers": self.peers_json(),
+            "sync": self.sync.progress(),
+            "blob_transfers": self.blobs.active().iter().map(|(id, done, total)| json!({
+                "blob": id.to_string(), "chunks_done": done, "chunks_total": total,
+            })).collect::<Vec<_>>(),
+            "blob_bytes_pending": self.blobs.pending_bytes(),
         })
     }
 
+    /// Connected peers with their link kind.
+    pub fn peers_json(&self) -> Vec<Value> {
+        let state = self.trust.state();
+        let peers = self.net.peers.read().unwrap_or_else(|e| e.into_inner());
+        peers
+            .map
+            .iter()
+            .filter(|(_, e)| !e.conns.is_empty())
+            .map(|(p, e)| {
+                let device = iom_protocol::keys::DeviceId::from_peer_id(p).ok();
+                let name = device
+                    .and_then(|d| state.devices.get(&d).map(|t| t.name.clone()))
+                    .unwrap_or_default();
+                json!({
+                    "device": p.to_string(),
+                    "name": name,
+                    "trusted": device.is_some_and(|d| state.is_trusted(&d)),
+                    "connection": e.link().to_string(),
+                    "connections": e.conns.len(),
+                    "rtt_ms": e.rtt_ms,
+                })
+            })
+            .collect()
+    }
+
     /// Called after a blob was stored locally.
-    pub fn blob_added(&self, id: [u8; 32]) {
+    pub fn blob_added(&self, id: [u8; 32], len: u64) {
         tracing::debug!(blob = %hex::encode(id), "blob stored");
+        self.sync.broadcast(iom_protocol::wire::SyncMsg::Blobs {
+            have: vec![(iom_protocol::id::ContentId::from_bytes(id), len)],
+        });
     }
 
     /// The memory text.
@@ -84,8 +143,11 @@ impl NodeCtx {
         self.docs.create(DocKind::Memory).await?;
         Ok(self
             .docs
-            .read(DocId::MEMORY, |doc| iom_crdt::Memory::text(doc))
-            .await??)
+            .read(DocId::MEMORY, |doc| {
+                iom_crdt::Memory::open(doc).map(|m| m.text())
+            })
+            .await?
+            .map_err(|e| ApiError::internal(e.to_string()))?)
     }
 
     /// Appends to (or replaces) the memory text; returns the new text.
@@ -95,12 +157,15 @@ impl NodeCtx {
         Ok(self
             .docs
             .modify(DocId::MEMORY, Origin::Local, false, move |doc| {
-                let r = if append {
-                    iom_crdt::Memory::append(doc, &text, "memory append", now)
-                } else {
-                    iom_crdt::Memory::replace(doc, &text, "memory edit", now)
-                };
-                Ok(r.and_then(|()| iom_crdt::Memory::text(doc)))
+                let r = iom_crdt::Memory::open(&mut *doc).and_then(|mut m| {
+                    if append {
+                        m.append(&text, "memory append", now)?;
+                    } else {
+                        m.replace(&text, "memory edit", now)?;
+                    }
+                    Ok(m.text())
+                });
+                Ok(r)
             })
             .await?
             .map_err(|e| ApiError::bad_request(e.to_string()))?)
@@ -163,16 +228,44 @@ pub async fn run(
         }
     })?;
     let actor = iom_crdt::actor_for(device.as_bytes(), crate::time::random_bytes::<8>());
-    let docs = Docs::new(store.clone(), actor, config.storage.loaded_docs);
+    let docs = Docs::new(store.clone(), actor, config.storage.loaded_docs)
+        .map_err(|e| StartError::Other(format!("cannot read the document index: {e}")))?;
+    let trust = Arc::new(
+        TrustBook::load(store.clone(), identity.person).map_err(|source| StartError::Store {
+            dir: db_dir.display().to_string(),
+            source,
+        })?,
+    );
+    ensure_self_certificate(&identity, &trust, &config.name).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let net = crate::net::event_loop::start(
+        &identity.device,
+        crate::net::NetConfig {
+            listen: config.listen.clone(),
+            relays: config.relays.clone(),
+            mdns: config.mdns,
+        },
+        trust.clone(),
+        store.clone(),
+        shutdown_rx.clone(),
+    )
+    .await
+    .map_err(|e| StartError::Other(e.to_string()))?;
+    let blobs = Blobs::new(config.fault_corrupt_blob_chunks);
     let ctx = Arc::new(NodeCtx {
         config,
         identity: RwLock::new(identity),
         store: store.clone(),
         docs,
+        trust,
+        net,
+        sync: SyncManager::default(),
+        blobs,
         started: Instant::now(),
         shutdown: shutdown_rx,
     });
+    crate::pairing::spawn_server(ctx.clone());
+    crate::sync::spawn(ctx.clone());
 
     let socket_path = data_dir.join("iom.sock");
     let listener = crate::api::bind_socket(&socket_path)
@@ -193,7 +286,10 @@ pub async fn run(
         documents = store.doc_count(),
         "node ready"
     );
-    println!("iom node ready: device {device}, socket {}", socket_path.display());
+    println!(
+        "iom node ready: device {device}, socket {}",
+        socket_path.display()
+    );
 
     shutdown.await;
     tracing::info!("shutting down");
@@ -204,6 +300,36 @@ pub async fn run(
         .await
         .map_err(|e| StartError::Other(format!("final flush failed: {e}")))?;
     let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+/// The first device of a mesh certifies itself (as an admin) with the person key. A device
+/// that holds the person key but lost its own certificate gets it back the same way.
+async fn ensure_self_certificate(
+    identity: &Identity,
+    trust: &TrustBook,
+    name: &str,
+) -> Result<(), StartError> {
+    let me = identity.device.id();
+    let Some(person_key) = &identity.person_key else {
+        return Ok(());
+    };
+    if trust.state().is_trusted(&me) || trust.state().is_revoked(&me) {
+        return Ok(());
+    }
+    let body = iom_protocol::cert::CertBody::Device {
+        person: identity.person,
+        device: me,
+        name: name.to_string(),
+        admin: true,
+        issued_at: crate::time::now_secs(),
+    };
+    let cert = iom_protocol::cert::Certificate::issue_by_person(body, person_key)
+        .map_err(|e| StartError::Other(format!("cannot certify this device: {e}")))?;
+    trust
+        .add(vec![cert])
+        .await
+        .map_err(|e| StartError::Other(format!("cannot store this device's certificate: {e}")))?;
     Ok(())
 }
 

@@ -45,7 +45,9 @@ pub async fn run(g: &Global, cmd: BlobCommand) -> Result<(), Failure> {
                     }
                 };
                 got += chunk.len() as u64;
-                f.write_all(&chunk).await.context("writing the output file")?;
+                f.write_all(&chunk)
+                    .await
+                    .context("writing the output file")?;
             }
             f.sync_all().await.context("writing the output file")?;
             // The node verifies every chunk against its hash as it reads; a short body means

@@ -17,7 +17,9 @@ pub async fn run(g: &Global, cmd: DocCommand) -> Result<(), Failure> {
                 .transpose()
                 .map_err(|e| Failure::Usage(anyhow::anyhow!("--content is not JSON: {e}")))?;
             if content.as_ref().is_some_and(|c| !c.is_object()) {
-                return Err(Failure::Usage(anyhow::anyhow!("--content must be a JSON object")));
+                return Err(Failure::Usage(anyhow::anyhow!(
+                    "--content must be a JSON object"
+                )));
             }
             let r = c
                 .post("/v1/docs", &json!({ "kind": kind, "content": content }))
@@ -130,4 +132,3 @@ pub fn urlencode(s: &str) -> String {
     }
     out
 }
-

@@ -14,7 +14,8 @@ pub async fn run(g: &Global, cmd: MemoryCommand) -> Result<(), Failure> {
     let r = match cmd {
         MemoryCommand::Show => c.get("/v1/memory").await?,
         MemoryCommand::Append { text } => {
-            c.post("/v1/memory/append", &json!({ "text": text })).await?
+            c.post("/v1/memory/append", &json!({ "text": text }))
+                .await?
         }
         MemoryCommand::Edit => {
             let current = c.get("/v1/memory").await?;

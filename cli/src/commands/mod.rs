@@ -3,6 +3,7 @@
 mod blob;
 mod doc;
 mod memory;
+mod mesh;
 mod node;
 mod status;
 
@@ -47,5 +48,8 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Doc(cmd) => doc::run(&g, cmd).await,
         Command::Blob(cmd) => blob::run(&g, cmd).await,
         Command::Memory(cmd) => memory::run(&g, cmd).await,
+        Command::Invite { ttl, admin } => mesh::invite(&g, ttl, admin).await,
+        Command::Join { code, name } => mesh::join(&g, code, name).await,
+        Command::Devices { command } => mesh::devices(&g, command).await,
     }
 }

@@ -19,7 +19,10 @@ pub fn init(g: &Global, name: Option<String>) -> Result<(), Failure> {
             g.data_dir.display()
         );
     } else {
-        println!("{} is already initialised; nothing changed", g.data_dir.display());
+        println!(
+            "{} is already initialised; nothing changed",
+            g.data_dir.display()
+        );
     }
     Ok(())
 }
@@ -59,6 +62,9 @@ fn load_config(g: &Global, a: NodeRunArgs) -> Result<iom_node::config::Config, F
             .map(|v| v.parse::<i64>())
             .transpose()
             .map_err(|e| Failure::Usage(anyhow::anyhow!("IOM_CLOCK_OFFSET_SECS: {e}")))?,
+        faults: std::env::var("IOM_FAULT")
+            .map(|v| v.split(',').map(|f| f.trim().to_string()).collect())
+            .unwrap_or_default(),
     };
     raw.validate(g.data_dir.clone(), overrides)
         .map_err(|e| Failure::Usage(e.into()))

@@ -11,7 +11,11 @@ pub async fn status(g: &Global) -> Result<(), Failure> {
         output::json(&st);
         return Ok(());
     }
-    println!("device:    {} ({})", output::s(&st, "device"), output::s(&st, "name"));
+    println!(
+        "device:    {} ({})",
+        output::s(&st, "device"),
+        output::s(&st, "name")
+    );
     println!("person:    {}", output::s(&st, "person"));
     println!("data dir:  {}", output::s(&st, "data_dir"));
     println!("documents: {}", st["documents"]);

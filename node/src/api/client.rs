@@ -170,9 +170,10 @@ impl ApiClient {
         if resp.status().is_success() {
             Ok(resp)
         } else {
-            Err(Self::decode(resp).await.err().unwrap_or(ClientError::Transport(
-                "unexpected success body".into(),
-            )))
+            Err(Self::decode(resp)
+                .await
+                .err()
+                .unwrap_or(ClientError::Transport("unexpected success body".into())))
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod error;
+pub mod mesh;
 pub mod routes;
 
 use std::os::unix::fs::PermissionsExt;

@@ -40,7 +40,7 @@ pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
         .route("/v1/blobs/{hash}", get(blob_get))
         .route("/v1/memory", get(memory_show).put(memory_replace))
         .route("/v1/memory/append", post(memory_append))
-        .merge(crate::node::extra_routes())
+        .merge(super::mesh::routes())
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .with_state(ctx)
 }
@@ -88,9 +88,11 @@ async fn doc_new(State(ctx): Ctx, body: Option<Json<NewDoc>>) -> ApiResult {
     });
     let kind = match body.kind.as_deref() {
         None => DocKind::Generic,
-        Some(k) => k
-            .parse::<DocKind>()
-            .map_err(|e| ApiError::bad_request(format!("{e}; expected one of conversation, memory, schedules, settings, generic")))?,
+        Some(k) => k.parse::<DocKind>().map_err(|e| {
+            ApiError::bad_request(format!(
+                "{e}; expected one of conversation, memory, schedules, settings, generic"
+            ))
+        })?,
     };
     let id = ctx.docs.create(kind).await?;
     if let Some(Value::Object(fields)) = body.content {
@@ -116,10 +118,9 @@ struct AtQuery {
 
 async fn doc_get(State(ctx): Ctx, Path(id): Path<String>, Query(q): Query<AtQuery>) -> ApiResult {
     let id = parse_doc_id(&id)?;
-    let at = q
-        .at
-        .map(|a| iom_crdt::parse_heads(&a).map_err(|e| ApiError::bad_request(e.to_string())))
-        .transpose()?;
+    let at =
+        q.at.map(|a| iom_crdt::parse_heads(&a).map_err(|e| ApiError::bad_request(e.to_string())))
+            .transpose()?;
     let path = q.path;
     let value = ctx
         .docs
@@ -197,7 +198,7 @@ async fn blob_add(State(ctx): Ctx, body: Body) -> ApiResult {
         writer.write(&chunk)?;
     }
     let (id, meta) = writer.finish().await?;
-    ctx.blob_added(id);
+    ctx.blob_added(id, meta.len);
     Ok(Json(json!({ "hash": hex::encode(id), "len": meta.len })))
 }
 
@@ -213,14 +214,22 @@ async fn blob_list(State(ctx): Ctx) -> ApiResult {
 
 /// Parses a blob hash (64 hex characters).
 pub fn parse_hash(text: &str) -> Result<[u8; 32], ApiError> {
-    let bytes = hex::decode(text)
-        .map_err(|_| ApiError::bad_request(format!("{text:?} is not a blob hash (64 hex characters)")))?;
-    <[u8; 32]>::try_from(bytes.as_slice())
-        .map_err(|_| ApiError::bad_request(format!("{text:?} is not a blob hash (64 hex characters)")))
+    let bytes = hex::decode(text).map_err(|_| {
+        ApiError::bad_request(format!("{text:?} is not a blob hash (64 hex characters)"))
+    })?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+        ApiError::bad_request(format!("{text:?} is not a blob hash (64 hex characters)"))
+    })
 }
 
 async fn blob_get(State(ctx): Ctx, Path(hash): Path<String>) -> ApiResult<Response> {
     let id = parse_hash(&hash)?;
+    if ctx.store.blob_meta(&id)?.is_none() {
+        // Not here yet: fetch it from a connected device that has it.
+        crate::sync::blobs::fetch_now(&ctx, iom_protocol::id::ContentId::from_bytes(id))
+            .await
+            .map_err(|e| ApiError::not_found(format!("blob {hash} is not on this device: {e}")))?;
+    }
     let meta = ctx
         .store
         .blob_meta(&id)?

@@ -114,14 +114,16 @@ impl BlobWriter {
         if let Some(expected) = self.expected
             && expected != id
         {
-            self.store.remove_chunks(self.internal, self.chunk_hashes.len())?;
+            self.store
+                .remove_chunks(self.internal, self.chunk_hashes.len())?;
             return Err(StoreError::HashMismatch {
                 expected: hex::encode(expected),
                 actual: hex::encode(id),
             });
         }
         if let Some(existing) = self.store.blob_meta(&id)? {
-            self.store.remove_chunks(self.internal, self.chunk_hashes.len())?;
+            self.store
+                .remove_chunks(self.internal, self.chunk_hashes.len())?;
             return Ok((id, existing));
         }
         let meta = BlobMeta {
@@ -160,7 +162,12 @@ impl Store {
     }
 
     /// Reads chunk `index` of a blob and verifies it against the stored chunk hash.
-    pub fn blob_chunk(&self, id: &[u8; 32], meta: &BlobMeta, index: u32) -> Result<Vec<u8>, StoreError> {
+    pub fn blob_chunk(
+        &self,
+        id: &[u8; 32],
+        meta: &BlobMeta,
+        index: u32,
+    ) -> Result<Vec<u8>, StoreError> {
         let expected = meta
             .chunk_hashes
             .get(index as usize)
@@ -168,10 +175,14 @@ impl Store {
         let bytes = self
             .blob_chunks
             .get(chunk_key(meta.internal, index))?
-            .ok_or_else(|| StoreError::Corrupt { id: hex::encode(id) })?;
+            .ok_or_else(|| StoreError::Corrupt {
+                id: hex::encode(id),
+            })?;
         let actual: [u8; 32] = Sha256::digest(&bytes).into();
         if &actual != expected {
-            return Err(StoreError::Corrupt { id: hex::encode(id) });
+            return Err(StoreError::Corrupt {
+                id: hex::encode(id),
+            });
         }
         Ok(bytes.to_vec())
     }
@@ -188,6 +199,85 @@ impl Store {
             out.push((id, meta));
         }
         Ok(out)
+    }
+
+    /// A fresh internal chunk namespace for a blob being received.
+    pub fn new_blob_internal(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
+    /// Stores one received chunk (already verified against its manifest hash).
+    pub fn put_received_chunk(
+        &self,
+        internal: u64,
+        index: u32,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        self.blob_chunks.insert(chunk_key(internal, index), bytes)?;
+        Ok(())
+    }
+
+    /// Publishes a received blob after checking the whole-content hash over its stored chunks,
+    /// streaming (never holding the blob in memory). On mismatch the chunks are removed.
+    pub async fn publish_received_blob(
+        &self,
+        id: [u8; 32],
+        internal: u64,
+        len: u64,
+        chunk_hashes: Vec<[u8; 32]>,
+    ) -> Result<BlobMeta, StoreError> {
+        let store = self.clone();
+        let count = chunk_hashes.len();
+        let hashes = chunk_hashes.clone();
+        let whole = tokio::task::spawn_blocking(move || -> Result<([u8; 32], u64), StoreError> {
+            let mut h = Sha256::new();
+            let mut total = 0u64;
+            for (i, expected) in hashes.iter().enumerate() {
+                let index = u32::try_from(i).unwrap_or(u32::MAX);
+                let bytes = store
+                    .blob_chunks
+                    .get(chunk_key(internal, index))?
+                    .ok_or_else(|| StoreError::Corrupt {
+                        id: hex::encode(id),
+                    })?;
+                let actual: [u8; 32] = Sha256::digest(&bytes).into();
+                if &actual != expected {
+                    return Err(StoreError::Corrupt {
+                        id: hex::encode(id),
+                    });
+                }
+                total += bytes.len() as u64;
+                h.update(&bytes);
+            }
+            Ok((h.finalize().into(), total))
+        })
+        .await
+        .map_err(|e| StoreError::Decode {
+            what: "blob",
+            detail: e.to_string(),
+        })??;
+        if whole.0 != id || whole.1 != len {
+            self.remove_chunks(internal, count)?;
+            return Err(StoreError::HashMismatch {
+                expected: hex::encode(id),
+                actual: hex::encode(whole.0),
+            });
+        }
+        let meta = BlobMeta {
+            internal,
+            len,
+            chunk_hashes,
+            stored_at: crate::time::now_secs(),
+        };
+        let bytes = serde_cbor::to_vec(&meta).map_err(decode_err("blob meta"))?;
+        self.blobs.insert(id, bytes)?;
+        self.flush().await?;
+        Ok(meta)
+    }
+
+    /// Removes the chunks of an abandoned transfer.
+    pub fn discard_chunks(&self, internal: u64, count: usize) -> Result<(), StoreError> {
+        self.remove_chunks(internal, count)
     }
 
     fn remove_chunks(&self, internal: u64, count: usize) -> Result<(), StoreError> {
@@ -229,7 +319,9 @@ mod tests {
     #[tokio::test]
     async fn blob_round_trip_across_chunk_boundaries() {
         let (_dir, store) = temp_store();
-        let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 17)).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 17))
+            .map(|i| (i % 251) as u8)
+            .collect();
         let mut w = store.blob_writer(None).unwrap();
         for piece in data.chunks(1000) {
             w.write(piece).unwrap();
@@ -249,7 +341,10 @@ mod tests {
         let (_dir, store) = temp_store();
         let mut w = store.blob_writer(Some([7u8; 32])).unwrap();
         w.write(b"not what was promised").unwrap();
-        assert!(matches!(w.finish().await, Err(StoreError::HashMismatch { .. })));
+        assert!(matches!(
+            w.finish().await,
+            Err(StoreError::HashMismatch { .. })
+        ));
         assert!(store.blobs().unwrap().is_empty());
         assert_eq!(store.blob_chunks.len(), 0);
     }
@@ -260,7 +355,13 @@ mod tests {
         let mut w = store.blob_writer(None).unwrap();
         w.write(b"abc").unwrap();
         let (id, meta) = w.finish().await.unwrap();
-        store.blob_chunks.insert(chunk_key(meta.internal, 0), b"abd".as_slice()).unwrap();
-        assert!(matches!(store.blob_chunk(&id, &meta, 0), Err(StoreError::Corrupt { .. })));
+        store
+            .blob_chunks
+            .insert(chunk_key(meta.internal, 0), b"abd".as_slice())
+            .unwrap();
+        assert!(matches!(
+            store.blob_chunk(&id, &meta, 0),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 }

@@ -76,7 +76,10 @@ impl Store {
             let Ok(id) = <[u8; 16]>::try_from(k.as_ref()) else {
                 continue;
             };
-            out.push((id, serde_cbor::from_slice(&v).map_err(decode_err("doc meta"))?));
+            out.push((
+                id,
+                serde_cbor::from_slice(&v).map_err(decode_err("doc meta"))?,
+            ));
         }
         Ok(out)
     }
@@ -163,9 +166,8 @@ impl Store {
                 let Some(b) = docs.get(id)? else {
                     return Ok(());
                 };
-                let mut meta: DocMeta = serde_cbor::from_slice(&b).map_err(|e| {
-                    ConflictableTransactionError::Abort(decode_err("doc meta")(e))
-                })?;
+                let mut meta: DocMeta = serde_cbor::from_slice(&b)
+                    .map_err(|e| ConflictableTransactionError::Abort(decode_err("doc meta")(e)))?;
                 if meta.snapshot_seq != old.snapshot_seq {
                     return Ok(()); // someone else compacted
                 }
@@ -191,17 +193,31 @@ mod tests {
     fn append_load_compact() {
         let (_dir, store) = temp_store();
         let id = [1u8; 16];
-        store.append_doc_chunk(&id, "generic", b"snap", vec![[1; 32]]).unwrap();
-        store.append_doc_chunk(&id, "generic", b"c1", vec![[2; 32]]).unwrap();
-        store.append_doc_chunk(&id, "generic", b"c2", vec![[3; 32]]).unwrap();
+        store
+            .append_doc_chunk(&id, "generic", b"snap", vec![[1; 32]])
+            .unwrap();
+        store
+            .append_doc_chunk(&id, "generic", b"c1", vec![[2; 32]])
+            .unwrap();
+        store
+            .append_doc_chunk(&id, "generic", b"c2", vec![[3; 32]])
+            .unwrap();
         let doc = store.load_doc(&id).unwrap();
-        assert_eq!(doc.chunks, vec![b"snap".to_vec(), b"c1".to_vec(), b"c2".to_vec()]);
+        assert_eq!(
+            doc.chunks,
+            vec![b"snap".to_vec(), b"c1".to_vec(), b"c2".to_vec()]
+        );
         assert_eq!(doc.meta.heads, vec![[3; 32]]);
         // compact snapshot + c1 (seq 0..2), then a chunk arrives, c2 survives
         store.compact_doc(&id, b"snap+c1", 2).unwrap();
-        store.append_doc_chunk(&id, "generic", b"c3", vec![[4; 32]]).unwrap();
+        store
+            .append_doc_chunk(&id, "generic", b"c3", vec![[4; 32]])
+            .unwrap();
         let doc = store.load_doc(&id).unwrap();
-        assert_eq!(doc.chunks, vec![b"snap+c1".to_vec(), b"c2".to_vec(), b"c3".to_vec()]);
+        assert_eq!(
+            doc.chunks,
+            vec![b"snap+c1".to_vec(), b"c2".to_vec(), b"c3".to_vec()]
+        );
         assert_eq!(store.doc_chunks.len(), 3);
     }
 }

@@ -19,7 +19,9 @@ impl Store {
         };
         let actual: [u8; 32] = Sha256::digest(&bytes).into();
         if &actual != id {
-            return Err(StoreError::Corrupt { id: hex::encode(id) });
+            return Err(StoreError::Corrupt {
+                id: hex::encode(id),
+            });
         }
         Ok(Some(bytes.to_vec()))
     }

@@ -1,0 +1,117 @@
+//! `iom invite`, `iom join`, `iom devices [revoke]`.
+
+use serde_json::json;
+
+use super::Global;
+use crate::Failure;
+use crate::args::DevicesCommand;
+use crate::output;
+
+/// `iom invite`.
+pub async fn invite(g: &Global, ttl: std::time::Duration, admin: bool) -> Result<(), Failure> {
+    let r = g
+        .client()?
+        .post(
+            "/v1/invites",
+            &json!({ "ttl_secs": ttl.as_secs(), "admin": admin }),
+        )
+        .await?;
+    if g.json {
+        output::json(&r);
+        return Ok(());
+    }
+    let code = output::s(&r, "code");
+    println!(
+        "Invite code (single use, expires {}):\n",
+        output::time(r["expires_at"].as_i64().unwrap_or(0))
+    );
+    println!("  {code}\n");
+    println!("On the new device run:  iom join {code}\n");
+    match qrcode::QrCode::new(code.as_bytes()) {
+        Ok(qr) => println!(
+            "{}",
+            qr.render::<qrcode::render::unicode::Dense1x2>()
+                .quiet_zone(true)
+                .build()
+        ),
+        Err(e) => eprintln!("(no QR code: {e})"),
+    }
+    Ok(())
+}
+
+/// `iom join`.
+pub async fn join(g: &Global, code: String, name: Option<String>) -> Result<(), Failure> {
+    let r = g
+        .client()?
+        .post("/v1/join", &json!({ "code": code, "name": name }))
+        .await?;
+    if g.json {
+        output::json(&r);
+    } else {
+        println!(
+            "joined: this device is now trusted by person {} ({} devices)",
+            output::s(&r, "person"),
+            r["devices"]
+        );
+    }
+    Ok(())
+}
+
+/// `iom devices [revoke DEVICE]`.
+pub async fn devices(g: &Global, cmd: Option<DevicesCommand>) -> Result<(), Failure> {
+    let c = g.client()?;
+    if let Some(DevicesCommand::Revoke { device }) = cmd {
+        let r = c
+            .post(
+                &format!("/v1/devices/{}/revoke", super::doc::urlencode(&device)),
+                &json!({}),
+            )
+            .await?;
+        if g.json {
+            output::json(&r);
+        } else {
+            println!("revoked {}", output::s(&r, "device"));
+            for d in r["also_untrusted"].as_array().into_iter().flatten() {
+                println!(
+                    "  also no longer trusted (it was certified only by the revoked device): {}",
+                    d.as_str().unwrap_or_default()
+                );
+            }
+        }
+        return Ok(());
+    }
+    let r = c.get("/v1/devices").await?;
+    if g.json {
+        output::json(&r);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<54} {:<6} {:<9} {:<9} LAST SEEN",
+        "NAME", "DEVICE", "ADMIN", "STATUS", "LINK"
+    );
+    for d in r["devices"].as_array().into_iter().flatten() {
+        let status = if d["revoked"].as_bool() == Some(true) {
+            "revoked"
+        } else {
+            "trusted"
+        };
+        let last = d["last_seen"]
+            .as_i64()
+            .map(output::time)
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<20} {:<54} {:<6} {:<9} {:<9} {}",
+            output::s(d, "name"),
+            output::s(d, "device"),
+            if d["admin"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            status,
+            output::s(d, "connection"),
+            last
+        );
+    }
+    Ok(())
+}

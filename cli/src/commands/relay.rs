@@ -1,0 +1,111 @@
+//! `iom relay run`: the cloud relay node (circuit relay v2, AutoNAT v2 server, identify, ping).
+//! The work is in `iom_node::relay`; this module parses flags and prints the addresses to give
+//! to nodes (`iom node run --relay ADDR`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use iom_node::relay::{CircuitLimit, RelayConfig, RelayLimits, RelayServer};
+use iom_protocol::keys::PersonId;
+
+/// Flags of `iom relay run`.
+#[derive(Debug, Clone, Args)]
+pub struct RelayRunArgs {
+    /// Listen address (multiaddr); repeatable
+    /// [default: /ip4/0.0.0.0/tcp/4001 and /ip4/0.0.0.0/udp/4001/quic-v1].
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// Public address to advertise (multiaddr, e.g. /ip4/203.0.113.7/tcp/4001); repeatable.
+    /// Without it the non-loopback listen addresses are advertised.
+    #[arg(long = "external-addr", value_name = "ADDR")]
+    pub external_addrs: Vec<String>,
+    /// Person (64 hex digits, see `iom status`) whose devices get long, large circuits;
+    /// repeatable. Everyone else only gets enough to coordinate a hole punch.
+    #[arg(long = "allow-person", value_name = "PERSON")]
+    pub allow_persons: Vec<String>,
+    /// Lifetime of a circuit opened by an allowed device, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 24 * 60 * 60)]
+    pub allowed_circuit_secs: u64,
+    /// Bytes a circuit opened by an allowed device may carry, in MiB (0 = unlimited).
+    #[arg(long, value_name = "MIB", default_value_t = 4096)]
+    pub allowed_circuit_mib: u64,
+    /// Reservations held at once.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub max_reservations: usize,
+    /// Switch off the per-peer and per-IP rate limits on reservations and circuits (test labs).
+    #[arg(long)]
+    pub no_rate_limits: bool,
+}
+
+impl RelayRunArgs {
+    /// The relay configuration these flags describe.
+    pub fn to_config(&self) -> anyhow::Result<RelayConfig> {
+        let parse_addrs = |list: &[String], what: &str| {
+            list.iter()
+                .map(|a| {
+                    a.parse()
+                        .with_context(|| format!("{what} {a:?} is not a multiaddr"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        };
+        let listen = if self.listen.is_empty() {
+            RelayConfig::default_listen()
+        } else {
+            parse_addrs(&self.listen, "--listen")?
+        };
+        let external = parse_addrs(&self.external_addrs, "--external-addr")?;
+        let allowed_persons = self
+            .allow_persons
+            .iter()
+            .map(|p| {
+                p.parse::<PersonId>()
+                    .with_context(|| format!("--allow-person {p:?}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut limits = RelayLimits {
+            allowed: CircuitLimit {
+                duration: Duration::from_secs(self.allowed_circuit_secs.min(u64::from(u32::MAX))),
+                bytes: self.allowed_circuit_mib.saturating_mul(1024 * 1024),
+            },
+            max_reservations: self.max_reservations,
+            ..RelayLimits::default()
+        };
+        if self.no_rate_limits {
+            limits.rates = None;
+        }
+        Ok(RelayConfig {
+            listen,
+            external,
+            allowed_persons,
+            limits,
+        })
+    }
+}
+
+/// `iom relay run`: runs the relay with its key in `data_dir/relay.key` until SIGINT/SIGTERM.
+pub async fn run(data_dir: &Path, json: bool, args: RelayRunArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    let key = iom_node::relay::load_or_create_relay_key(data_dir)?;
+    let persons = config.allowed_persons.len();
+    let mut server = RelayServer::new(key, config)?;
+    let addrs = server.start().await?;
+    let peer_id = server.peer_id();
+    if json {
+        let line = serde_json::json!({
+            "peer_id": peer_id.to_string(),
+            "addrs": addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        });
+        println!("{line}");
+    } else {
+        println!("relay {peer_id} (key {})", iom_node::relay::relay_key_path(data_dir).display());
+        println!("allowed persons: {persons}");
+        println!("give nodes one of these addresses (iom node run --relay ADDR):");
+        for addr in &addrs {
+            println!("  {addr}");
+        }
+    }
+    server.run(iom_node::node::shutdown_signal()).await?;
+    Ok(())
+}

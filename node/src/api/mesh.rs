@@ -1,0 +1,236 @@
+//! Mesh routes: invites, joining, devices and revocation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use iom_protocol::cert::{CertBody, Certificate};
+use iom_protocol::keys::DeviceId;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::node::NodeCtx;
+use crate::pairing::{self, PairError};
+
+type Ctx = State<Arc<NodeCtx>>;
+
+/// Routes for invites, joins and devices.
+pub fn routes() -> axum::Router<Arc<NodeCtx>> {
+    axum::Router::new()
+        .route("/v1/invites", post(invite))
+        .route("/v1/join", post(join))
+        .route("/v1/devices", get(devices))
+        .route("/v1/devices/{device}/revoke", post(revoke))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InviteBody {
+    #[serde(default = "default_ttl")]
+    ttl_secs: u64,
+    #[serde(default)]
+    admin: bool,
+}
+
+fn default_ttl() -> u64 {
+    15 * 60
+}
+
+impl From<PairError> for ApiError {
+    fn from(e: PairError) -> ApiError {
+        match &e {
+            PairError::NotAdmin => ApiError::forbidden(e.to_string()),
+            PairError::Invite(_) => ApiError::bad_request(e.to_string()),
+            PairError::Rejected(r) => ApiError {
+                status: axum::http::StatusCode::FORBIDDEN,
+                code: match r {
+                    iom_protocol::pair::JoinRejection::UnknownInvite => "unknown_invite",
+                    iom_protocol::pair::JoinRejection::AlreadyUsed => "invite_used",
+                    iom_protocol::pair::JoinRejection::Expired => "invite_expired",
+                    iom_protocol::pair::JoinRejection::BadProof => "bad_proof",
+                    iom_protocol::pair::JoinRejection::WrongPerson => "wrong_person",
+                    iom_protocol::pair::JoinRejection::RateLimited => "rate_limited",
+                    iom_protocol::pair::JoinRejection::NotAdmin => "not_admin",
+                },
+                message: e.to_string(),
+            },
+            PairError::OtherPerson { .. } => ApiError {
+                status: axum::http::StatusCode::CONFLICT,
+                code: "wrong_person",
+                message: e.to_string(),
+            },
+            PairError::AlreadyMember => ApiError::conflict(e.to_string()),
+            PairError::Net(_) => ApiError::unavailable(e.to_string()),
+            _ => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+async fn invite(State(ctx): Ctx, Json(body): Json<InviteBody>) -> Result<Json<Value>, ApiError> {
+    if body.ttl_secs == 0 || body.ttl_secs > 7 * 24 * 3600 {
+        return Err(ApiError::bad_request(
+            "ttl must be between 1 second and 7 days",
+        ));
+    }
+    let inv = pairing::create_invite(&ctx, Duration::from_secs(body.ttl_secs), body.admin).await?;
+    let code = inv
+        .encode()
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({
+        "code": code,
+        "expires_at": inv.expires_at,
+        "admin": inv.admin,
+        "inviter": inv.inviter.to_string(),
+        "addrs": inv.addrs,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinBody {
+    code: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn join(State(ctx): Ctx, Json(body): Json<JoinBody>) -> Result<Json<Value>, ApiError> {
+    let inviter = pairing::join(&ctx, body.code.trim(), body.name).await?;
+    Ok(Json(json!({
+        "joined": true,
+        "person": ctx.trust.person().to_string(),
+        "inviter": inviter.to_string(),
+        "devices": ctx.trust.state().devices.len(),
+    })))
+}
+
+/// The device list as JSON.
+pub fn devices_json(ctx: &NodeCtx) -> Value {
+    let state = ctx.trust.state();
+    let me = ctx.identity().device.id();
+    let peers = ctx.net.peers.read().unwrap_or_else(|e| e.into_inner());
+    let mut rows: Vec<Value> = Vec::new();
+    let mut push = |id: &DeviceId, name: &str, admin: bool, revoked: bool| {
+        let peer = id.to_peer_id();
+        let entry = peers.map.get(&peer);
+        let link = if *id == me {
+            "self".to_string()
+        } else {
+            entry
+                .map(|e| e.link())
+                .unwrap_or(crate::net::Link::Offline)
+                .to_string()
+        };
+        rows.push(json!({
+            "device": id.to_string(),
+            "name": name,
+            "admin": admin,
+            "revoked": revoked,
+            "this_device": *id == me,
+            "agent": state.agent.is_some_and(|a| a.device == *id),
+            "connection": link,
+            "last_seen": entry.map(|e| e.last_seen).filter(|s| *s > 0),
+            "rtt_ms": entry.and_then(|e| e.rtt_ms),
+        }));
+    };
+    for (id, d) in &state.devices {
+        push(id, &d.name, d.admin, false);
+    }
+    let certs = ctx.trust.certs();
+    for id in &state.revoked {
+        let name = certs
+            .iter()
+            .find_map(|c| match c.body() {
+                CertBody::Device { device, name, .. } if device == id => Some(name.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        push(id, &name, false, true);
+    }
+    json!({ "devices": rows })
+}
+
+async fn devices(State(ctx): Ctx) -> Json<Value> {
+    Json(devices_json(&ctx))
+}
+
+/// Finds a device by id, or by a unique name or id prefix.
+pub fn resolve_device(ctx: &NodeCtx, text: &str) -> Result<DeviceId, ApiError> {
+    if let Ok(id) = text.parse::<DeviceId>() {
+        return Ok(id);
+    }
+    let state = ctx.trust.state();
+    let matches: Vec<DeviceId> = state
+        .devices
+        .iter()
+        .filter(|(id, d)| d.name == text || id.to_string().starts_with(text))
+        .map(|(id, _)| *id)
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(ApiError::not_found(format!(
+            "no trusted device named or starting with {text:?} (see `iom devices`)"
+        ))),
+        _ => Err(ApiError::bad_request(format!(
+            "{text:?} matches {} devices; use the full device id",
+            matches.len()
+        ))),
+    }
+}
+
+async fn revoke(State(ctx): Ctx, Path(device): Path<String>) -> Result<Json<Value>, ApiError> {
+    let target = resolve_device(&ctx, &device)?;
+    let (me, person, person_key) = {
+        let id = ctx.identity();
+        (
+            id.device.id(),
+            id.person,
+            id.person_key.as_ref().map(|k| k.seed()),
+        )
+    };
+    let state = ctx.trust.state();
+    if person_key.is_none() && !state.is_admin(&me) {
+        return Err(ApiError::forbidden(
+            "only an admin device can revoke devices; run this on an admin device",
+        ));
+    }
+    if target == me {
+        return Err(ApiError::bad_request(
+            "a device cannot revoke itself; revoke it from another admin device",
+        ));
+    }
+    if state.is_revoked(&target) {
+        return Ok(Json(
+            json!({ "device": target.to_string(), "revoked": true, "already": true }),
+        ));
+    }
+    let body = CertBody::Revocation {
+        person,
+        device: target,
+        reason: "revoked with `iom devices revoke`".into(),
+        issued_at: crate::time::now_secs(),
+    };
+    let cert = match person_key {
+        Some(seed) => {
+            Certificate::issue_by_person(body, &iom_protocol::keys::PersonKey::from_seed(seed))
+        }
+        None => Certificate::issue_by_device(body, &ctx.identity().device),
+    }
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    ctx.trust.add(vec![cert]).await?;
+    let after = ctx.trust.state();
+    // Devices that were trusted only through the revoked one lose trust too.
+    let lost: Vec<String> = state
+        .devices
+        .keys()
+        .filter(|d| **d != target && !after.is_trusted(d))
+        .map(ToString::to_string)
+        .collect();
+    Ok(Json(json!({
+        "device": target.to_string(),
+        "revoked": true,
+        "also_untrusted": lost,
+    })))
+}

@@ -1,0 +1,231 @@
+//! Messages of the trusted-peer protocols: `/iom/sync/1` (trust exchange, inventory, Automerge
+//! sync, live push, blob announcements), `/iom/blob/1` (chunked blob transfer) and
+//! `/iom/agent/1` (requests to the agent). Each message is one frame ([`crate::frame`]) of
+//! plain (not canonical) CBOR. Decoding never panics; a peer that sends an undecodable or
+//! out-of-bounds message is disconnected by the node.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cert::Certificate;
+use crate::frame::{self, DecodeError, EncodeError};
+use crate::id::ContentId;
+use crate::keys::PersonId;
+
+/// Largest frame on `/iom/sync/1`.
+pub const MAX_SYNC_FRAME: usize = 8 * 1024 * 1024;
+/// Largest frame on `/iom/blob/1` (a chunk plus framing).
+pub const MAX_BLOB_FRAME: usize = 1024 * 1024;
+/// Largest frame on `/iom/agent/1`.
+pub const MAX_AGENT_FRAME: usize = 1024 * 1024;
+/// Most blob announcements in one message.
+pub const MAX_BLOB_ANNOUNCE: usize = 4096;
+/// Most addresses announced per peer.
+pub const MAX_PEER_ADDRS: usize = 16;
+/// Version of the sync protocol spoken by this build.
+pub const SYNC_VERSION: u8 = 1;
+
+/// A message on `/iom/sync/1`. The initiator sends `Hello` first; the responder answers with
+/// its own `Hello` or `Refused`. Then either side may send any other message at any time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum SyncMsg {
+    /// Who I am: my person and the certificates that make me trusted.
+    Hello {
+        /// Protocol version.
+        version: u8,
+        /// The sender's person.
+        person: PersonId,
+        /// The sender's certificate chain.
+        chain: Vec<Certificate>,
+    },
+    /// The session is refused (the reason is for logs and users).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// Certificates the receiver may not have (the whole set after `Hello`, then new ones).
+    Certs {
+        /// The certificates.
+        certs: Vec<Certificate>,
+    },
+    /// Addresses of other trusted devices the sender is connected to, so the mesh can connect
+    /// directly.
+    Addrs {
+        /// One entry per peer.
+        peers: Vec<PeerAddrs>,
+    },
+    /// The root of the sender's document inventory.
+    Root {
+        /// Root digest.
+        #[serde(with = "crate::cbor::bytes")]
+        root: [u8; 32],
+    },
+    /// All 256 bucket digests, concatenated (8 KiB), sent when roots differ.
+    Buckets {
+        /// 256 × 32 bytes.
+        #[serde(with = "crate::cbor::bytes")]
+        digests: Vec<u8>,
+    },
+    /// The sender's entries for buckets that differ: `(doc id, heads digest)` pairs,
+    /// concatenated as 16 + 32 byte records.
+    Entries {
+        /// Bucket numbers covered (so an empty bucket on the sender's side is explicit).
+        #[serde(with = "crate::cbor::bytes")]
+        buckets: Vec<u8>,
+        /// 48-byte records.
+        #[serde(with = "crate::cbor::bytes")]
+        records: Vec<u8>,
+    },
+    /// One Automerge sync message for one document.
+    Doc {
+        /// Document id.
+        #[serde(with = "crate::cbor::bytes")]
+        doc: [u8; 16],
+        /// Encoded `automerge::sync::Message`.
+        #[serde(with = "crate::cbor::bytes")]
+        msg: Vec<u8>,
+    },
+    /// Blobs the sender holds: `(id, length)`.
+    Blobs {
+        /// Announced blobs.
+        have: Vec<(ContentId, u64)>,
+    },
+}
+
+impl SyncMsg {
+    /// Encodes as a frame payload.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        frame::encode_message(self)
+    }
+
+    /// Decodes a frame payload and checks its bounds.
+    pub fn decode(payload: &[u8]) -> Result<SyncMsg, DecodeError> {
+        let msg: SyncMsg = frame::decode_message(payload)?;
+        let bad = |m: String| Err(DecodeError::Malformed(m));
+        match &msg {
+            SyncMsg::Buckets { digests } if digests.len() != 256 * 32 => bad(format!(
+                "bucket digests are {} bytes, expected 8192",
+                digests.len()
+            )),
+            SyncMsg::Entries { records, .. } if records.len() % 48 != 0 => {
+                bad("entry records are not 48-byte aligned".into())
+            }
+            SyncMsg::Blobs { have } if have.len() > MAX_BLOB_ANNOUNCE => bad(format!(
+                "{} blob announcements, at most {MAX_BLOB_ANNOUNCE}",
+                have.len()
+            )),
+            SyncMsg::Addrs { peers } if peers.iter().any(|p| p.addrs.len() > MAX_PEER_ADDRS) => {
+                bad("too many addresses for one peer".into())
+            }
+            SyncMsg::Certs { certs } | SyncMsg::Hello { chain: certs, .. }
+                if certs.len() > crate::pair::MAX_TRUST_SET =>
+            {
+                bad(format!("{} certificates, too many", certs.len()))
+            }
+            _ => Ok(msg),
+        }
+    }
+}
+
+/// Addresses of one peer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerAddrs {
+    /// The peer id (libp2p multihash bytes).
+    #[serde(with = "crate::cbor::bytes")]
+    pub peer: Vec<u8>,
+    /// Multiaddr strings.
+    pub addrs: Vec<String>,
+}
+
+/// A request on `/iom/blob/1`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum BlobRequest {
+    /// Send blob `id` starting at chunk `from_chunk` (to resume a broken transfer).
+    Get {
+        /// The blob.
+        id: ContentId,
+        /// First chunk wanted.
+        from_chunk: u32,
+    },
+}
+
+/// Answers on `/iom/blob/1`: `Manifest` then `Chunk`s in order, or one of the refusals.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum BlobResponse {
+    /// Size and the hash of every chunk (so each chunk can be verified as it arrives).
+    Manifest {
+        /// Blob length.
+        len: u64,
+        /// Chunk size used (the last chunk may be shorter).
+        chunk_size: u32,
+        /// Concatenated 32-byte chunk hashes.
+        #[serde(with = "crate::cbor::bytes")]
+        chunk_hashes: Vec<u8>,
+    },
+    /// One chunk.
+    Chunk {
+        /// Chunk index.
+        index: u32,
+        /// The bytes.
+        #[serde(with = "crate::cbor::bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The sender does not hold this blob.
+    NotFound,
+    /// The request is refused (untrusted peer).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl BlobResponse {
+    /// Encodes as a frame payload.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        frame::encode_message(self)
+    }
+
+    /// Decodes a frame payload and checks its bounds.
+    pub fn decode(payload: &[u8]) -> Result<BlobResponse, DecodeError> {
+        let msg: BlobResponse = frame::decode_message(payload)?;
+        match &msg {
+            BlobResponse::Manifest { chunk_hashes, .. } if chunk_hashes.len() % 32 != 0 => Err(
+                DecodeError::Malformed("chunk hashes are not 32-byte aligned".into()),
+            ),
+            _ => Ok(msg),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_never_panics() {
+        for len in 0..64 {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            let _ = SyncMsg::decode(&bytes);
+            let _ = BlobResponse::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn bounds_are_checked() {
+        let m = SyncMsg::Buckets {
+            digests: vec![0; 10],
+        };
+        assert!(SyncMsg::decode(&m.encode().unwrap()).is_err());
+        let m = SyncMsg::Doc {
+            doc: [1; 16],
+            msg: vec![1, 2, 3],
+        };
+        assert!(matches!(
+            SyncMsg::decode(&m.encode().unwrap()).unwrap(),
+            SyncMsg::Doc { .. }
+        ));
+    }
+}
