@@ -336,15 +336,19 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        // Reconnect to trusted devices we know addresses for, with exponential backoff.
+        // Reconnect to trusted devices we know addresses for, with exponential backoff. A
+        // device that is not trusted itself (revoked, or not yet joined) has nobody to call.
         let state = self.trust_state();
+        let me_trusted =
+            device_of(self.swarm.local_peer_id()).is_some_and(|d| state.is_trusted(&d));
         let candidates: Vec<(PeerId, Vec<Multiaddr>)> = {
             let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
             peers
                 .map
                 .iter()
                 .filter(|(p, e)| {
-                    e.conns.is_empty()
+                    me_trusted
+                        && e.conns.is_empty()
                         && !e.addrs.is_empty()
                         && **p != *self.swarm.local_peer_id()
                         && device_of(p).is_some_and(|d| state.is_trusted(&d))
@@ -438,7 +442,7 @@ impl EventLoop {
                 ..
             } => {
                 if self.is_revoked(&peer_id) {
-                    tracing::warn!(peer = %peer_id, "refusing connection from revoked device");
+                    tracing::debug!(peer = %peer_id, "refusing connection from revoked device");
                     let _ = self.swarm.close_connection(connection_id);
                     return;
                 }
