@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Install the system packages iom's tests and tools need (Debian/Ubuntu, run as root).
+#
+#   busybox-static   static /bin/busybox, the base of the default sandbox image (`iom sandbox build`)
+#   iptables         NAT-traversal tests (network namespaces + MASQUERADE)
+#   iproute2         `ip netns`, `ip link` for the same tests
+#   chromium         headless browser for web-UI tests
+#   chromium-driver  WebDriver for chromium
+#
+# Idempotent: packages already installed are skipped, and `apt-get update` only runs when
+# something has to be installed.
+set -euo pipefail
+
+PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver)
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps.sh: must run as root (try: sudo $0)" >&2
+    exit 1
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-deps.sh: apt-get not found; install by hand: ${PACKAGES[*]}" >&2
+    exit 1
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    status="$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)"
+    if [ "$status" != "installed" ]; then
+        missing+=("$pkg")
+    fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    echo "install-deps.sh: all packages present: ${PACKAGES[*]}"
+    exit 0
+fi
+
+echo "install-deps.sh: installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"
+
+if [ ! -x /bin/busybox ]; then
+    echo "install-deps.sh: /bin/busybox missing after installing busybox-static" >&2
+    exit 1
+fi
+echo "install-deps.sh: done"
