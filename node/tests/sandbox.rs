@@ -177,6 +177,30 @@ async fn files_persist_across_calls_in_one_warm_container() {
     let host = env.data.path().join("workspaces/c1/notes/a.txt");
     assert_eq!(std::fs::read_to_string(host).unwrap(), "hello\nsandbox\n");
 
+    // Content larger than pipe buffers and the output cap goes through exec stdin intact.
+    let big: String = (0..200_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let w = s
+        .run_tool(
+            "c1",
+            "write_file",
+            &json!({"path": "big.txt", "content": big}),
+        )
+        .await;
+    assert!(ok(&w).contains("wrote 200000 bytes"));
+    let b = env
+        .bash("c1", "wc -c < big.txt; md5sum < big.txt | cut -c1-32")
+        .await;
+    let host_big = std::fs::read(env.data.path().join("workspaces/c1/big.txt")).unwrap();
+    assert_eq!(host_big, big.as_bytes());
+    assert!(ok(&b).starts_with("200000\n"), "{}", b.output);
+    let r = s
+        .run_tool("c1", "read_file", &json!({"path": "big.txt"}))
+        .await;
+    assert!(ok(&r).contains("output truncated"));
+    assert!(r.output.starts_with(&big[..65536]));
+
     // Missing files are errors, not panics.
     let r = s
         .run_tool("c1", "read_file", &json!({"path": "nope.txt"}))
@@ -488,6 +512,76 @@ async fn idle_containers_are_reaped() {
     env.sandbox.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_background_reaper_removes_idle_containers_and_cleans_up_on_shutdown() {
+    if skip("the_background_reaper_removes_idle_containers_and_cleans_up_on_shutdown") {
+        return;
+    }
+    let Env {
+        sandbox,
+        data: _data,
+        _guard,
+    } = sandbox("reaper", |c| c.idle_timeout_secs = 1).await;
+    let sandbox = std::sync::Arc::new(sandbox);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = std::sync::Arc::clone(&sandbox).spawn_reaper(stop.clone());
+    let idle = sandbox.ensure_container("idle").await.unwrap();
+    let d = sandbox.docker().clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.inspect_container(&idle, None).await.is_ok() {
+        assert!(Instant::now() < deadline, "idle container not reaped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let busy = sandbox.ensure_container("busy").await.unwrap();
+    stop.cancel();
+    task.await.unwrap();
+    assert!(
+        d.inspect_container(&busy, None).await.is_err(),
+        "not removed at shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_engine_gives_an_actionable_error() {
+    if skip("an_unreachable_engine_gives_an_actionable_error") {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let _env = ENV_LOCK.lock().await;
+    let saved = std::env::var_os("DOCKER_HOST");
+    // SAFETY: the environment is only read or changed while holding ENV_LOCK.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("DOCKER_HOST", "unix:///nonexistent/docker.sock");
+    }
+    let res = Sandbox::connect(
+        SandboxConfig::default(),
+        data.path().to_path_buf(),
+        "x".into(),
+    )
+    .await;
+    let items = check(&SandboxConfig::default(), data.path()).await;
+    #[allow(unsafe_code)]
+    unsafe {
+        match saved {
+            Some(v) => std::env::set_var("DOCKER_HOST", v),
+            None => std::env::remove_var("DOCKER_HOST"),
+        }
+    }
+    match res {
+        Err(e @ SandboxError::DockerUnreachable { .. }) => {
+            assert!(e.to_string().contains("systemctl start docker"), "{e}")
+        }
+        other => panic!("expected DockerUnreachable, got {other:?}"),
+    }
+    let socket = &items[0];
+    assert!(
+        !socket.ok && socket.detail.contains("systemctl start docker"),
+        "{socket:?}"
+    );
+    assert!(items.iter().any(|i| i.name == "configured mounts" && i.ok));
+}
+
 fn mount_fixture() -> (TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("share");
@@ -611,6 +705,32 @@ async fn a_rootfs_directory_can_be_imported() {
     let tag = format!("iom-sandbox-test:dir{}", std::process::id());
     let image = build_image(&d, Some(root), &tag).await.unwrap();
     assert_eq!(image, tag);
+
+    // The same rootfs as a tarball (streamed from disk).
+    let tarball = dir
+        .path()
+        .join("..")
+        .join(format!("rootfs{}.tar", std::process::id()));
+    let st = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(root)
+        .arg("-cf")
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let tar_tag = format!("iom-sandbox-test:tar{}", std::process::id());
+    let res = build_image(&d, Some(&tarball), &tar_tag).await;
+    let _ = std::fs::remove_file(&tarball);
+    assert_eq!(res.unwrap(), tar_tag);
+    let _ = d
+        .remove_image(
+            &tar_tag,
+            None::<bollard::query_parameters::RemoveImageOptions>,
+            None,
+        )
+        .await;
 
     ensure_image().await;
     let data = tempfile::tempdir().unwrap();
