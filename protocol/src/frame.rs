@@ -107,7 +107,8 @@ impl FrameDecoder {
         self.buf.len()
     }
 
-    /// Appends bytes read from the stream.
+    /// Appends bytes read from the stream. Drain frames with [`FrameDecoder::next_frame`] after
+    /// each push: the buffer then never holds more than one maximum frame plus one read.
     pub fn push(&mut self, bytes: &[u8]) {
         if self.error.is_none() {
             self.buf.extend_from_slice(bytes);

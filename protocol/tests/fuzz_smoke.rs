@@ -1,0 +1,212 @@
+//! Stable-Rust "smoke fuzz": runs each fuzz target body (`iom_protocol::fuzzing`) over 20,000
+//! deterministic inputs — random bytes and mutations of valid encodings. The real fuzzer
+//! (`cargo +nightly fuzz run <target>` in `fuzz/`) runs the same bodies with coverage guidance.
+#![allow(clippy::unwrap_used)]
+
+use iom_protocol::cert::{CertBody, Certificate};
+use iom_protocol::frame::encode_frame;
+use iom_protocol::fuzzing::{fuzz_certificate, fuzz_frame, fuzz_invite};
+use iom_protocol::invite::{Invite, pair_proof};
+use iom_protocol::keys::{DeviceKey, PersonKey};
+use iom_protocol::pair::{JoinRejection, JoinRequest, JoinResponse};
+
+const INPUTS_PER_TARGET: usize = 20_000;
+
+/// xorshift64*: tiny, seeded, deterministic.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// One to four random edits: bit flip, byte set to an interesting value, insert, delete,
+/// truncate, duplicate a slice.
+fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
+    const INTERESTING: [u8; 8] = [0x00, 0x01, 0x17, 0x18, 0x7f, 0x80, 0xfe, 0xff];
+    let mut out = input.to_vec();
+    for _ in 0..=rng.below(4) {
+        let at = rng.below(out.len() + 1);
+        match rng.below(6) {
+            0 if !out.is_empty() => {
+                let (i, bit) = (at.min(out.len() - 1), rng.below(8));
+                out[i] ^= 1 << bit;
+            }
+            1 if !out.is_empty() => {
+                let (i, value) = (at.min(out.len() - 1), INTERESTING[rng.below(8)]);
+                out[i] = value;
+            }
+            2 => {
+                let byte = rng.next() as u8;
+                out.insert(at, byte);
+            }
+            3 if at < out.len() => {
+                out.remove(at);
+            }
+            4 => out.truncate(at),
+            _ if !out.is_empty() => {
+                let start = rng.below(out.len());
+                let len = rng.below(out.len() - start).min(16);
+                let piece = out[start..start + len].to_vec();
+                out.splice(at..at, piece);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Feeds `target` random inputs and mutations of `seeds`.
+fn run(seed: u64, seeds: &[Vec<u8>], target: fn(&[u8])) {
+    let mut rng = Rng(seed);
+    for seed_input in seeds {
+        target(seed_input);
+    }
+    for i in 0..INPUTS_PER_TARGET {
+        let input = if i % 4 == 0 || seeds.is_empty() {
+            let len = rng.below(300);
+            rng.bytes(len)
+        } else {
+            let pick = rng.below(seeds.len());
+            mutate(&mut rng, &seeds[pick])
+        };
+        target(&input);
+    }
+}
+
+fn person() -> PersonKey {
+    PersonKey::from_seed([1; 32])
+}
+
+fn certificates() -> Vec<Certificate> {
+    let person = person();
+    let laptop = DeviceKey::from_seed([2; 32]);
+    let phone = DeviceKey::from_seed([3; 32]);
+    vec![
+        Certificate::issue_by_person(
+            CertBody::Device {
+                person: person.id(),
+                device: laptop.id(),
+                name: "laptop".into(),
+                admin: true,
+                issued_at: 1_700_000_000,
+            },
+            &person,
+        )
+        .unwrap(),
+        Certificate::issue_by_device(
+            CertBody::AgentRole {
+                person: person.id(),
+                device: phone.id(),
+                epoch: 3,
+                issued_at: 9,
+            },
+            &laptop,
+        )
+        .unwrap(),
+        Certificate::issue_by_person(
+            CertBody::Revocation {
+                person: person.id(),
+                device: phone.id(),
+                reason: "lost on a train".into(),
+                issued_at: 10,
+            },
+            &person,
+        )
+        .unwrap(),
+    ]
+}
+
+fn certificate_seeds() -> Vec<Vec<u8>> {
+    certificates().iter().map(Certificate::to_bytes).collect()
+}
+
+fn invite_seeds() -> Vec<Vec<u8>> {
+    let invite = Invite {
+        person: person().id(),
+        inviter: DeviceKey::from_seed([2; 32]).id(),
+        addrs: vec![
+            "/ip4/192.168.1.20/tcp/4001".into(),
+            "/dns4/relay.example.net/udp/4001/quic-v1/p2p-circuit".into(),
+        ],
+        secret: [9; 32],
+        expires_at: 1_700_000_900,
+        admin: true,
+    };
+    let code = invite.encode().unwrap();
+    vec![code.clone().into_bytes(), code.to_uppercase().into_bytes()]
+}
+
+fn frame_seeds() -> Vec<Vec<u8>> {
+    let inviter = DeviceKey::from_seed([2; 32]).id();
+    let joiner = DeviceKey::from_seed([3; 32]).id();
+    let request = JoinRequest {
+        invite_id: iom_protocol::invite::invite_id(&[9; 32]),
+        joiner,
+        name: "phone".into(),
+        proof: pair_proof(&[9; 32], &inviter, &joiner),
+    };
+    let certs = certificates();
+    let accepted = JoinResponse::Accepted {
+        device_cert: certs[0].clone(),
+        certs,
+    };
+    let rejected = JoinResponse::Rejected(JoinRejection::AlreadyUsed);
+    // fuzz_frame reads a max-length byte and a chunk-size byte before the stream.
+    [request.encode().unwrap(), accepted.encode().unwrap()]
+        .into_iter()
+        .chain([rejected.encode().unwrap()])
+        .map(|payload| {
+            let mut input = vec![0xff, 7];
+            input.extend(encode_frame(&payload, 0xff * 8).unwrap());
+            input.extend(encode_frame(b"", 16).unwrap());
+            input
+        })
+        .collect()
+}
+
+#[test]
+fn smoke_fuzz_certificate() {
+    run(0x5eed_0001, &certificate_seeds(), fuzz_certificate);
+}
+
+#[test]
+fn smoke_fuzz_invite() {
+    run(0x5eed_0002, &invite_seeds(), fuzz_invite);
+}
+
+#[test]
+fn smoke_fuzz_frame() {
+    run(0x5eed_0003, &frame_seeds(), fuzz_frame);
+}
+
+/// Regenerates the cargo-fuzz seed corpus in `fuzz/seeds/<target>/`:
+/// `cargo test -p iom-protocol --test fuzz_smoke -- --ignored write_fuzz_seeds`.
+#[test]
+#[ignore = "writes files; run by hand to refresh fuzz/seeds"]
+fn write_fuzz_seeds() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
+    for (target, seeds) in [
+        ("certificate", certificate_seeds()),
+        ("invite", invite_seeds()),
+        ("frame", frame_seeds()),
+    ] {
+        let dir = root.join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, seed) in seeds.iter().enumerate() {
+            std::fs::write(dir.join(format!("seed-{i}")), seed).unwrap();
+        }
+    }
+}
