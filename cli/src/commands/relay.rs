@@ -99,7 +99,10 @@ pub async fn run(data_dir: &Path, json: bool, args: RelayRunArgs) -> anyhow::Res
         });
         println!("{line}");
     } else {
-        println!("relay {peer_id} (key {})", iom_node::relay::relay_key_path(data_dir).display());
+        println!(
+            "relay {peer_id} (key {})",
+            iom_node::relay::relay_key_path(data_dir).display()
+        );
         println!("allowed persons: {persons}");
         println!("give nodes one of these addresses (iom node run --relay ADDR):");
         for addr in &addrs {

@@ -1,0 +1,527 @@
+//! A NAT lab on one Linux machine: network namespaces, veth pairs, a bridge and iptables
+//! MASQUERADE (TECH-NOTES §3.1).
+//!
+//! ```text
+//! {p}-a (192.168.10.2) ── {p}-nat-a (192.168.10.1 | 10.99.0.2) ──┐
+//!                                                               br0 in {p}-wan ── {p}-relay (10.99.0.1)
+//! {p}-b (192.168.20.2) ── {p}-nat-b (192.168.20.1 | 10.99.0.3) ──┘
+//! ```
+//!
+//! Each router masquerades its LAN behind its WAN address, forwards only replies inbound
+//! (`ESTABLISHED,RELATED`), and *drops* (never rejects) unsolicited packets, like a home router;
+//! there is no hairpinning. [`NatKind::PortRandomizing`] adds `--random-fully`, so the public
+//! port of a mapping differs from the private one (a "symmetric" NAT): hole punching fails.
+//!
+//! Namespace names are `iomlab-<tag>-<pid>-<role>`, unique per test and process. [`NatLab`]
+//! deletes its namespaces on drop, and [`NatLab::up`] first deletes leftovers of the same tag
+//! whose process is gone (a crashed run).
+//!
+//! Needs root, `ip` (iproute2) and `iptables`. Tests call [`netns_available`] first: it panics
+//! with a clear message when they are missing, unless `IOM_SKIP_NETNS=1` is set, in which case
+//! it prints a `SKIPPED` line and the test returns.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The relay's address on the "internet" segment.
+pub const RELAY_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+/// NAT A's public address.
+pub const NAT_A_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+/// NAT B's public address.
+pub const NAT_B_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 3);
+/// Host A's private address.
+pub const HOST_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 10, 2);
+/// Host B's private address.
+pub const HOST_B_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 20, 2);
+
+/// The environment variable that turns missing root/tools into a skip.
+pub const SKIP_ENV: &str = "IOM_SKIP_NETNS";
+
+/// Why the lab could not be built.
+#[derive(Debug)]
+pub enum NatLabError {
+    /// Not running as root.
+    NotRoot,
+    /// A required program is not installed.
+    MissingTool(&'static str),
+    /// A command failed.
+    Command {
+        /// The command line.
+        cmd: String,
+        /// Its stderr.
+        stderr: String,
+    },
+    /// A command could not be started.
+    Io(String, std::io::Error),
+}
+
+impl std::fmt::Display for NatLabError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NatLabError::NotRoot => write!(
+                f,
+                "the NAT lab needs root (network namespaces, iptables); run the tests as root \
+                 (e.g. `sudo -E cargo test -p iom-tests --test relay_nat`) or set {SKIP_ENV}=1 to skip them"
+            ),
+            NatLabError::MissingTool(tool) => write!(
+                f,
+                "the NAT lab needs `{tool}`; run scripts/install-deps.sh (iproute2, iptables) or set \
+                 {SKIP_ENV}=1 to skip"
+            ),
+            NatLabError::Command { cmd, stderr } => write!(f, "`{cmd}` failed: {}", stderr.trim()),
+            NatLabError::Io(cmd, e) => write!(f, "cannot run `{cmd}`: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for NatLabError {}
+
+/// What kind of NAT the two routers are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatKind {
+    /// Plain MASQUERADE: keeps source ports when it can (endpoint-independent mapping in
+    /// practice), so hole punching works.
+    Masquerade,
+    /// MASQUERADE `--random-fully`: random public ports per mapping, so hole punching fails.
+    PortRandomizing,
+}
+
+/// Checks the lab's prerequisites. Returns `true` when the test can run. When they are
+/// missing: with `IOM_SKIP_NETNS=1` prints `SKIPPED <test>: <why>` and returns `false`;
+/// otherwise panics with the reason.
+pub fn netns_available(test: &str) -> bool {
+    match check_prerequisites() {
+        Ok(()) => true,
+        Err(e) if std::env::var(SKIP_ENV).is_ok_and(|v| v == "1") => {
+            eprintln!("SKIPPED {test}: {e}");
+            println!("SKIPPED {test}: {e}");
+            false
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+/// Root, `ip` and `iptables` present.
+pub fn check_prerequisites() -> Result<(), NatLabError> {
+    if effective_uid() != Some(0) {
+        return Err(NatLabError::NotRoot);
+    }
+    for tool in ["ip", "iptables"] {
+        if find_program(tool).is_none() {
+            return Err(NatLabError::MissingTool(tool));
+        }
+    }
+    Ok(())
+}
+
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Finds `name` on `PATH` (and in /usr/sbin, /sbin, where `ip` and `iptables` live).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Runs a command and returns its output, failing on a non-zero exit.
+pub fn run(program: &str, args: &[&str]) -> Result<Output, NatLabError> {
+    let cmd = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| NatLabError::Io(cmd.clone(), e))?;
+    if !out.status.success() {
+        return Err(NatLabError::Command {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(out)
+}
+
+/// A running lab. Dropping it deletes its namespaces (and with them every veth, bridge,
+/// iptables rule and process-visible network state).
+#[derive(Debug)]
+pub struct NatLab {
+    prefix: String,
+    kind: NatKind,
+    up: bool,
+}
+
+const ROLES: [&str; 6] = ["wan", "relay", "nat-a", "nat-b", "a", "b"];
+
+impl NatLab {
+    /// Builds the lab for test `tag` (a short name, letters, digits and `-`).
+    pub fn up(tag: &str, kind: NatKind) -> Result<NatLab, NatLabError> {
+        check_prerequisites()?;
+        remove_stale(tag);
+        let mut lab = NatLab {
+            prefix: format!("iomlab-{tag}-{}", std::process::id()),
+            kind,
+            up: false,
+        };
+        lab.teardown();
+        lab.up = true;
+        lab.build()?;
+        Ok(lab)
+    }
+
+    /// The full name of namespace `role` (`wan`, `relay`, `nat-a`, `nat-b`, `a`, `b`).
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+
+    /// The relay's namespace.
+    pub fn relay_ns(&self) -> String {
+        self.ns("relay")
+    }
+
+    /// Host A's namespace (behind NAT A).
+    pub fn a_ns(&self) -> String {
+        self.ns("a")
+    }
+
+    /// Host B's namespace (behind NAT B).
+    pub fn b_ns(&self) -> String {
+        self.ns("b")
+    }
+
+    /// The NAT kind the lab was built with.
+    pub fn kind(&self) -> NatKind {
+        self.kind
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<(), NatLabError> {
+        run("ip", args).map(|_| ())
+    }
+
+    fn in_ns(&self, role: &str, program: &str, args: &[&str]) -> Result<Output, NatLabError> {
+        let ns = self.ns(role);
+        let mut full = vec!["netns", "exec", ns.as_str(), program];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    fn build(&self) -> Result<(), NatLabError> {
+        for role in ROLES {
+            let ns = self.ns(role);
+            self.ip(&["netns", "add", &ns])?;
+            self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        let wan = self.ns("wan");
+        self.ip(&["-n", &wan, "link", "add", "br0", "type", "bridge"])?;
+        self.ip(&["-n", &wan, "link", "set", "br0", "up"])?;
+        self.wire("relay", "eth0", "10.99.0.1/24")?;
+        self.wire("nat-a", "wan0", "10.99.0.2/24")?;
+        self.wire("nat-b", "wan0", "10.99.0.3/24")?;
+        self.lan("a", "nat-a", "192.168.10")?;
+        self.lan("b", "nat-b", "192.168.20")?;
+        Ok(())
+    }
+
+    /// A veth from namespace `role` (interface `ifname`, address `cidr`) to the wan bridge.
+    fn wire(&self, role: &str, ifname: &str, cidr: &str) -> Result<(), NatLabError> {
+        let ns = self.ns(role);
+        let wan = self.ns("wan");
+        let port = format!("{role}-port");
+        self.ip(&[
+            "link", "add", ifname, "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
+            &wan,
+        ])?;
+        self.ip(&["-n", &wan, "link", "set", &port, "master", "br0", "up"])?;
+        self.ip(&["-n", &ns, "addr", "add", cidr, "dev", ifname])?;
+        self.ip(&["-n", &ns, "link", "set", ifname, "up"])?;
+        Ok(())
+    }
+
+    /// Host `host` on a LAN behind router `router`, subnet `net`.0/24 (router .1, host .2).
+    fn lan(&self, host: &str, router: &str, net: &str) -> Result<(), NatLabError> {
+        let h = self.ns(host);
+        let r = self.ns(router);
+        self.ip(&[
+            "link", "add", "lan0", "netns", &r, "type", "veth", "peer", "name", "eth0", "netns", &h,
+        ])?;
+        self.ip(&[
+            "-n",
+            &r,
+            "addr",
+            "add",
+            &format!("{net}.1/24"),
+            "dev",
+            "lan0",
+        ])?;
+        self.ip(&["-n", &r, "link", "set", "lan0", "up"])?;
+        self.ip(&[
+            "-n",
+            &h,
+            "addr",
+            "add",
+            &format!("{net}.2/24"),
+            "dev",
+            "eth0",
+        ])?;
+        self.ip(&["-n", &h, "link", "set", "eth0", "up"])?;
+        self.ip(&[
+            "-n",
+            &h,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{net}.1"),
+        ])?;
+        self.in_ns(router, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        let mut masquerade = vec![
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            "wan0",
+            "-j",
+            "MASQUERADE",
+        ];
+        if self.kind == NatKind::PortRandomizing {
+            masquerade.push("--random-fully");
+        }
+        self.in_ns(router, "iptables", &masquerade)?;
+        let rules: [&[&str]; 4] = [
+            &["-A", "FORWARD", "-i", "lan0", "-o", "wan0", "-j", "ACCEPT"],
+            &[
+                "-A",
+                "FORWARD",
+                "-i",
+                "wan0",
+                "-o",
+                "lan0",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ],
+            &["-A", "FORWARD", "-i", "wan0", "-o", "lan0", "-j", "DROP"],
+            &[
+                "-A",
+                "INPUT",
+                "-i",
+                "wan0",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW",
+                "-j",
+                "DROP",
+            ],
+        ];
+        for rule in rules {
+            self.in_ns(router, "iptables", rule)?;
+        }
+        Ok(())
+    }
+
+    /// A command that runs `program` inside namespace `ns` (`ip netns exec NS program`).
+    pub fn command(&self, ns: &str, program: impl AsRef<Path>) -> Command {
+        netns_command(ns, program)
+    }
+
+    /// Runs `program args` in namespace `ns` and captures its output (any exit status).
+    pub fn exec(&self, ns: &str, program: &str, args: &[&str]) -> std::io::Result<Output> {
+        self.command(ns, program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+    }
+
+    fn teardown(&mut self) {
+        for role in ROLES.iter().rev() {
+            let ns = self.ns(role);
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for NatLab {
+    fn drop(&mut self) {
+        if self.up {
+            self.teardown();
+        }
+    }
+}
+
+/// `ip netns exec NS program` (the program replaces `ip`, so the child's pid is the program's).
+pub fn netns_command(ns: &str, program: impl AsRef<Path>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.arg("netns").arg("exec").arg(ns).arg(program.as_ref());
+    cmd
+}
+
+/// Deletes namespaces `iomlab-<tag>-<pid>-*` whose process no longer exists.
+fn remove_stale(tag: &str) {
+    let Ok(out) = run("ip", &["netns", "list"]) else {
+        return;
+    };
+    let prefix = format!("iomlab-{tag}-");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run("ip", &["netns", "del", name]);
+        }
+    }
+}
+
+/// A child process whose stdout and stderr lines are collected as they arrive. Killed on drop.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Child,
+    stdout: Arc<(Mutex<Vec<String>>, Condvar)>,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// Most stderr kept per process.
+const MAX_STDERR: usize = 1 << 20;
+
+impl Proc {
+    /// Spawns `cmd` (its stdio is replaced by pipes) under the name `name` (for messages).
+    pub fn spawn(name: &str, mut cmd: Command) -> std::io::Result<Proc> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stdout: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
+        let stderr: Arc<Mutex<String>> = Arc::default();
+        if let Some(out) = child.stdout.take() {
+            let sink = stdout.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    let (lines, cv) = &*sink;
+                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                    cv.notify_all();
+                }
+            });
+        }
+        if let Some(mut err) = child.stderr.take() {
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut s = sink.lock().unwrap_or_else(|e| e.into_inner());
+                    if s.len() < MAX_STDERR {
+                        s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                }
+            });
+        }
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `timeout` for a stdout line matching `pred` (earlier lines count too).
+    pub fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let (lines, cv) = &*self.stdout;
+        let mut guard = lines.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(line) = guard.iter().find(|l| pred(l)) {
+                return Some(line.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            guard = cv
+                .wait_timeout(guard, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    /// All stdout lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.stdout
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stdout and the tail of stderr, for assertion messages.
+    pub fn dump(&self) -> String {
+        let err = self.stderr();
+        let tail = err
+            .char_indices()
+            .rev()
+            .nth(8000)
+            .map_or(err.as_str(), |(i, _)| &err[i..]);
+        format!(
+            "--- {} stdout ---\n{}\n--- {} stderr (tail) ---\n{}",
+            self.name,
+            self.lines().join("\n"),
+            self.name,
+            tail
+        )
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Kills the process and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
