@@ -231,6 +231,12 @@ impl Docs {
                 let result = f(&mut guard)?;
                 let bytes = guard.save_incremental();
                 if bytes.is_empty() {
+                    if create_missing && this.inner.store.doc_meta(id.as_bytes())?.is_none() {
+                        // Nothing arrived for a document we don't have (say, a bad message):
+                        // don't let the empty placeholder pose as a stored document.
+                        drop(guard);
+                        lock(&this.inner.cache).docs.remove(&id);
+                    }
                     return Ok((result, None));
                 }
                 let heads = guard.heads();

@@ -1,5 +1,11 @@
 //! Real `iom` processes in temporary data dirs: start, stop (SIGTERM or SIGKILL), restart,
-//! and run CLI commands against them.
+//! and run CLI commands against them; plus a raw libp2p client ([`raw`]) for talking to a
+//! node's protocols directly, as a misbehaving or foreign peer would.
+//!
+//! Set `IOM_TEST_LOG` (default `info`) to change the nodes' log filter; a node's log is
+//! printed when a test panics while the node is alive.
+
+pub mod raw;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -9,10 +15,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
-/// Path of the `iom` binary, built once per test process if missing.
+/// Path of the `iom` binary, built once per test process if missing. When the `IOM_BIN`
+/// environment variable is set (benchmarks point it at `target/release/iom`), that binary is
+/// used as is and nothing is built.
 pub fn iom_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("IOM_BIN") {
+            return PathBuf::from(bin);
+        }
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let target = std::env::var("CARGO_TARGET_DIR")
             .map(PathBuf::from)
@@ -70,6 +81,149 @@ impl Node {
         })
     }
 
+    /// A fresh node whose `node run` gets extra environment (e.g. `IOM_FAULT`).
+    pub fn with_env(name: &str, env: &[(&str, &str)]) -> Result<Node> {
+        let mut n = Node::new(name)?;
+        n.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect();
+        Ok(n)
+    }
+
+    /// Stops (SIGTERM) and starts again.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.start()
+    }
+
+    /// `iom status --json`.
+    pub fn status(&self) -> Result<Value> {
+        self.json(&["status"])
+    }
+
+    /// The node's TCP listen addresses (from `status`).
+    pub fn listen_addrs(&self) -> Result<Vec<String>> {
+        Ok(self.status()?["listen"]
+            .as_array()
+            .ok_or_else(|| anyhow!("no listen addresses in status"))?
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// `iom devices --json` as a list of device objects.
+    pub fn devices(&self) -> Result<Vec<Value>> {
+        Ok(self.json(&["devices"])?["devices"]
+            .as_array()
+            .cloned()
+            .ok_or_else(|| anyhow!("no devices array"))?)
+    }
+
+    /// The `devices` entry for a device id, if listed.
+    pub fn device_entry(&self, device: &str) -> Result<Option<Value>> {
+        Ok(self
+            .devices()?
+            .into_iter()
+            .find(|d| d["device"].as_str() == Some(device)))
+    }
+
+    /// Whether `devices` shows `device` as trusted (listed, not revoked).
+    pub fn trusts(&self, device: &str) -> Result<bool> {
+        Ok(self
+            .device_entry(device)?
+            .is_some_and(|d| d["revoked"] == Value::Bool(false)))
+    }
+
+    /// Whether `devices` shows a live connection to `device`.
+    pub fn connected_to(&self, device: &str) -> Result<bool> {
+        Ok(self.device_entry(device)?.is_some_and(|d| {
+            matches!(d["connection"].as_str(), Some(c) if c != "offline" && c != "self")
+        }))
+    }
+
+    /// Runs a CLI command that must fail; returns `(exit code, stderr)`.
+    pub fn fail(&self, args: &[&str]) -> Result<(i32, String)> {
+        let out = self.try_cli(args)?;
+        if out.status.success() {
+            bail!(
+                "`iom {}` on {} succeeded but should have failed: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// A document's `(sorted heads, content)`, or `None` if the node does not have it.
+    pub fn doc_view(&self, id: &str) -> Result<Option<(Vec<String>, Value)>> {
+        let out = self.try_cli(&["doc", "get", id, "--json"])?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("no document") {
+                return Ok(None);
+            }
+            bail!("`doc get {id}` on {} failed: {err}", self.name);
+        }
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let mut heads: Vec<String> = v["heads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h.as_str().map(str::to_string))
+            .collect();
+        heads.sort();
+        Ok(Some((heads, v["content"].clone())))
+    }
+
+    /// Ids of the documents this node has.
+    pub fn doc_ids(&self) -> Result<Vec<String>> {
+        let mut ids: Vec<String> = self.json(&["doc", "list"])?["documents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["id"].as_str().map(str::to_string))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Hashes of the blobs this node lists.
+    pub fn blob_hashes(&self) -> Result<Vec<String>> {
+        Ok(self.json(&["blob", "list"])?["blobs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["hash"].as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// A client for the node's local API (HTTP over its unix socket).
+    pub fn api(&self) -> Result<iom_node::api::client::ApiClient> {
+        iom_node::api::client::ApiClient::new(&self.dir).map_err(|e| anyhow!("{e}"))
+    }
+
+    /// A field of `/proc/PID/status` in KiB (`VmHWM`, `VmRSS`), while running.
+    pub fn proc_kib(&self, field: &str) -> Option<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// Fails if the node's log shows a panic.
+    pub fn assert_no_panic(&self) -> Result<()> {
+        let log = self.log_text();
+        if log.contains("panicked") {
+            bail!("{} panicked; log:\n{log}", self.name);
+        }
+        Ok(())
+    }
+
     /// Starts `iom node run` and waits until its API answers.
     pub fn start(&mut self) -> Result<()> {
         if self.child.is_some() {
@@ -88,6 +242,8 @@ impl Node {
                 "IOM_LOG",
                 std::env::var("IOM_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .env("NO_COLOR", "1")
+            .env_remove("IOM_FAULT")
             .env_remove("ANTHROPIC_API_KEY")
             .stdout(Stdio::null())
             .stderr(log);
@@ -254,6 +410,70 @@ pub fn wait_until(
     ))
 }
 
+/// SHA-256 of a file, hex (by `sha256sum`, so the test does not trust our own hashing).
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    if !out.status.success() {
+        bail!("sha256sum {} failed", path.display());
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("no output from sha256sum"))
+}
+
+/// Writes `len` pseudo-random bytes (a fast xorshift stream, seeded) to `path`, streaming.
+pub fn random_file(path: &Path, len: u64, seed: u64) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut x = seed | 1;
+    let mut left = len;
+    let mut buf = [0u8; 8192];
+    while left > 0 {
+        for chunk in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// Waits until every node holds every document in `ids` with identical heads and content.
+pub fn wait_converged(nodes: &[&Node], ids: &[String], timeout: Duration) -> Result<()> {
+    let mut last = String::new();
+    let r = wait_until("documents to converge", timeout, || {
+        for id in ids {
+            let mut first: Option<(Vec<String>, Value)> = None;
+            for n in nodes {
+                let Some(v) = n.doc_view(id)? else {
+                    last = format!("{} does not have {id} yet", n.name);
+                    return Ok(false);
+                };
+                match &first {
+                    None => first = Some(v),
+                    Some(f) if *f != v => {
+                        last = format!(
+                            "{id}: {} has heads {:?}, {} has {:?} (content {} vs {})",
+                            nodes[0].name, f.0, n.name, v.0, f.1, v.1
+                        );
+                        return Ok(false);
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(true)
+    });
+    r.map_err(|e| anyhow!("{e}; last difference: {last}"))
+}
+
 /// Starts `n` nodes; the first creates the mesh and the others join it with invites.
 pub fn mesh(names: &[&str]) -> Result<Vec<Node>> {
     let mut nodes = Vec::new();
@@ -266,5 +486,31 @@ pub fn mesh(names: &[&str]) -> Result<Vec<Node>> {
         let code = nodes[0].invite(false)?;
         nodes[i].cli(&["join", &code])?;
     }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_mesh(&refs, Duration::from_secs(30))?;
     Ok(nodes)
+}
+
+/// Waits until every node trusts and is connected to every other node.
+pub fn wait_mesh(nodes: &[&Node], timeout: Duration) -> Result<()> {
+    let ids: Vec<String> = nodes
+        .iter()
+        .map(|n| n.device_id())
+        .collect::<Result<_>>()?;
+    let mut missing = String::new();
+    wait_until("every node to trust and reach every other", timeout, || {
+        for n in nodes {
+            for id in &ids {
+                if n.device_id()? == *id {
+                    continue;
+                }
+                if !n.trusts(id)? || !n.connected_to(id)? {
+                    missing = format!("{} does not trust or reach {id}", n.name);
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    })
+    .map_err(|e| anyhow!("{e}: {missing}"))
 }

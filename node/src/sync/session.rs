@@ -298,9 +298,17 @@ async fn run_inner(
     let _ = control_tx.try_send(SyncMsg::Certs {
         certs: ctx.trust.certs(),
     });
-    let _ = control_tx.try_send(SyncMsg::Addrs {
-        peers: known_addrs(ctx, peer),
-    });
+    if !ctx.config.fault_no_addr_sharing {
+        let _ = control_tx.try_send(SyncMsg::Addrs {
+            peers: known_addrs(ctx, peer),
+        });
+    }
+    if ctx.config.fault_garbage_sync
+        && let Some(msg) = garbage_doc_message(ctx)
+    {
+        tracing::warn!(%peer, "fault injection: sending a garbage sync message");
+        let _ = control_tx.try_send(msg);
+    }
     let root = ctx.docs.with_inventory(|i| i.root());
     let _ = control_tx.try_send(SyncMsg::Root { root });
     for have in super::blobs::announcements(ctx) {
@@ -379,6 +387,16 @@ async fn run_inner(
         let _ = ctx.store.state_put(&state_key(&peer, &doc), &st.encode());
     }
     result
+}
+
+/// Fault injection (`IOM_FAULT=garbage-sync`): an Automerge sync message for a real document
+/// whose bytes are not a sync message at all. The peer must disconnect us and change nothing.
+fn garbage_doc_message(ctx: &NodeCtx) -> Option<SyncMsg> {
+    let (doc, _) = ctx.docs.list().ok()?.into_iter().next()?;
+    Some(SyncMsg::Doc {
+        doc: *doc.as_bytes(),
+        msg: b"\x42\xde\xad\xbe\xef garbage, not an automerge sync message".to_vec(),
+    })
 }
 
 fn known_addrs(ctx: &NodeCtx, except: PeerId) -> Vec<PeerAddrs> {
