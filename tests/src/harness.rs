@@ -58,7 +58,8 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node with a fresh data dir, listening on loopback TCP, mDNS off.
+    /// A node with a fresh data dir, listening on loopback TCP, mDNS off. The port is chosen
+    /// now and kept across restarts, as a real device's port is, so peers can redial it.
     pub fn new(name: &str) -> Result<Node> {
         let tmp = tempfile::Builder::new()
             .prefix(&format!("iom-{name}-"))
@@ -72,7 +73,7 @@ impl Node {
             child: None,
             args: vec![
                 "--listen".into(),
-                "/ip4/127.0.0.1/tcp/0".into(),
+                format!("/ip4/127.0.0.1/tcp/{}", free_port()?),
                 "--no-mdns".into(),
                 "--name".into(),
                 name.into(),
@@ -137,9 +138,9 @@ impl Node {
 
     /// Whether `devices` shows a live connection to `device`.
     pub fn connected_to(&self, device: &str) -> Result<bool> {
-        Ok(self.device_entry(device)?.is_some_and(|d| {
-            matches!(d["connection"].as_str(), Some(c) if c != "offline" && c != "self")
-        }))
+        Ok(self.device_entry(device)?.is_some_and(
+            |d| matches!(d["connection"].as_str(), Some(c) if c != "offline" && c != "self"),
+        ))
     }
 
     /// Runs a CLI command that must fail; returns `(exit code, stderr)`.
@@ -375,9 +376,39 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
+        let tail = log_tail(&self.log_text(), 300);
         if std::thread::panicking() {
-            eprintln!("---- log of {} ----\n{}", self.name, self.log_text());
+            eprintln!("---- log of {} (last lines) ----\n{tail}", self.name);
+        } else {
+            DROPPED_LOGS.with(|l| l.borrow_mut().push((self.name.clone(), tail)));
         }
+    }
+}
+
+thread_local! {
+    /// Logs of nodes dropped in the current [`scenario`], shown if it fails.
+    static DROPPED_LOGS: std::cell::RefCell<Vec<(String, String)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn log_tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Runs a test body; if it returns an error, prints the logs of the nodes it used and panics
+/// with the error (so a failing test shows what the nodes were doing).
+pub fn scenario(body: impl FnOnce() -> Result<()>) {
+    DROPPED_LOGS.with(|l| l.borrow_mut().clear());
+    let started = Instant::now();
+    let result = body();
+    let logs = DROPPED_LOGS.with(|l| std::mem::take(&mut *l.borrow_mut()));
+    eprintln!("scenario took {:.1} s", started.elapsed().as_secs_f64());
+    if let Err(e) = result {
+        for (name, log) in logs {
+            eprintln!("---- log of {name} (last lines) ----\n{log}");
+        }
+        panic!("{e:#}");
     }
 }
 
@@ -408,6 +439,12 @@ pub fn wait_until(
     Err(anyhow!(
         "timed out after {timeout:?} waiting for {what} (last error: {last_err:?})"
     ))
+}
+
+/// A TCP port that is free on loopback right now.
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
 }
 
 /// SHA-256 of a file, hex (by `sha256sum`, so the test does not trust our own hashing).
@@ -493,10 +530,7 @@ pub fn mesh(names: &[&str]) -> Result<Vec<Node>> {
 
 /// Waits until every node trusts and is connected to every other node.
 pub fn wait_mesh(nodes: &[&Node], timeout: Duration) -> Result<()> {
-    let ids: Vec<String> = nodes
-        .iter()
-        .map(|n| n.device_id())
-        .collect::<Result<_>>()?;
+    let ids: Vec<String> = nodes.iter().map(|n| n.device_id()).collect::<Result<_>>()?;
     let mut missing = String::new();
     wait_until("every node to trust and reach every other", timeout, || {
         for n in nodes {

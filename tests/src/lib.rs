@@ -3,5 +3,8 @@
 //! # Layout
 //! - [`fake_anthropic`]: a fake Anthropic Messages API server (real HTTP and SSE) that the
 //!   real Claude client reaches through `ANTHROPIC_BASE_URL`.
+//! - [`harness`]: real `iom` processes in temporary data dirs.
 
 pub mod fake_anthropic;
+pub mod harness;
+pub mod natlab;

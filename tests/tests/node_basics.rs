@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use iom_tests::harness::{Node, random_file, sha256_file, wait_until};
+use iom_tests::harness::{Node, random_file, scenario, sha256_file, wait_until};
 use serde_json::Value;
 
 fn id_of(v: &Value) -> Result<String> {
@@ -16,13 +16,20 @@ fn id_of(v: &Value) -> Result<String> {
 }
 
 #[test]
-fn fresh_data_dir_status_docs_history_blobs_memory() -> Result<()> {
+fn fresh_data_dir_status_docs_history_blobs_memory() {
+    scenario(fresh_data_dir_status_docs_history_blobs_memory_body);
+}
+
+fn fresh_data_dir_status_docs_history_blobs_memory_body() -> Result<()> {
     let mut a = Node::new("a")?;
     // `node run` on an empty dir initialises it.
     assert!(!a.dir.join("keys").exists() || std::fs::read_dir(&a.dir)?.count() <= 1);
     a.start()?;
     let st = a.status()?;
-    assert!(st["device"].as_str().is_some_and(|d| d.starts_with("12D3")), "{st}");
+    assert!(
+        st["device"].as_str().is_some_and(|d| d.starts_with("12D3")),
+        "{st}"
+    );
     assert!(st["person"].as_str().is_some_and(|p| p.len() == 64), "{st}");
     assert_eq!(st["documents"], 0, "{st}");
     assert!(
@@ -97,13 +104,23 @@ fn fresh_data_dir_status_docs_history_blobs_memory() -> Result<()> {
 }
 
 #[test]
-fn second_node_on_same_data_dir_is_refused() -> Result<()> {
+fn second_node_on_same_data_dir_is_refused() {
+    scenario(second_node_on_same_data_dir_is_refused_body);
+}
+
+fn second_node_on_same_data_dir_is_refused_body() -> Result<()> {
     let mut a = Node::new("a")?;
     a.start()?;
     let out = std::process::Command::new(iom_tests::harness::iom_bin())
         .arg("--data-dir")
         .arg(&a.dir)
-        .args(["node", "run", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args([
+            "node",
+            "run",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
         .env("NO_COLOR", "1")
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
@@ -119,7 +136,11 @@ fn second_node_on_same_data_dir_is_refused() -> Result<()> {
 }
 
 #[test]
-fn cli_without_a_node_says_how_to_start_one() -> Result<()> {
+fn cli_without_a_node_says_how_to_start_one() {
+    scenario(cli_without_a_node_says_how_to_start_one_body);
+}
+
+fn cli_without_a_node_says_how_to_start_one_body() -> Result<()> {
     let a = Node::new("idle")?;
     let (code, err) = a.fail(&["doc", "list"])?;
     assert_eq!(code, 1, "{err}");
@@ -131,7 +152,11 @@ fn cli_without_a_node_says_how_to_start_one() -> Result<()> {
 }
 
 #[test]
-fn bad_input_gets_clear_errors_and_no_panic() -> Result<()> {
+fn bad_input_gets_clear_errors_and_no_panic() {
+    scenario(bad_input_gets_clear_errors_and_no_panic_body);
+}
+
+fn bad_input_gets_clear_errors_and_no_panic_body() -> Result<()> {
     let mut a = Node::new("a")?;
     a.start()?;
     let id = id_of(&a.json(&["doc", "new", "--content", r#"{"n":1}"#])?)?;
@@ -146,7 +171,11 @@ fn bad_input_gets_clear_errors_and_no_panic() -> Result<()> {
         ),
         (vec!["doc", "get", &id, "a..b"], 1, "bad path segment"),
         (vec!["doc", "put", &id, "", "1"], 1, "path"),
-        (vec!["doc", "put", &id, "n.x", "1"], 1, "not a map or a list"),
+        (
+            vec!["doc", "put", &id, "n.x", "1"],
+            1,
+            "not a map or a list",
+        ),
         (vec!["doc", "get", &id, "--at", "abc"], 1, "bad head"),
         (
             vec![
@@ -161,7 +190,11 @@ fn bad_input_gets_clear_errors_and_no_panic() -> Result<()> {
         ),
         (vec!["doc", "new", "--content", "{bad"], 2, "not JSON"),
         (vec!["doc", "new", "--content", "[1]"], 2, "JSON object"),
-        (vec!["doc", "new", "--kind", "nonsense"], 1, "expected one of"),
+        (
+            vec!["doc", "new", "--kind", "nonsense"],
+            1,
+            "expected one of",
+        ),
         // Invite codes.
         (vec!["join", "iom1garbage"], 1, "incomplete"),
         (vec!["join", "hello"], 1, "invite"),
@@ -178,7 +211,11 @@ fn bad_input_gets_clear_errors_and_no_panic() -> Result<()> {
             1,
             "blob",
         ),
-        (vec!["blob", "add", "/nonexistent/file"], 1, "/nonexistent/file"),
+        (
+            vec!["blob", "add", "/nonexistent/file"],
+            1,
+            "/nonexistent/file",
+        ),
         // Arguments.
         (vec!["frobnicate"], 2, "unrecognized subcommand"),
         (vec!["doc", "get"], 2, "required"),
@@ -186,7 +223,12 @@ fn bad_input_gets_clear_errors_and_no_panic() -> Result<()> {
     ];
     for (args, code, needle) in &cases {
         let (got, err) = a.fail(args)?;
-        assert_eq!(got, *code, "`iom {}` exit code; stderr: {err}", args.join(" "));
+        assert_eq!(
+            got,
+            *code,
+            "`iom {}` exit code; stderr: {err}",
+            args.join(" ")
+        );
         assert!(
             err.to_lowercase().contains(&needle.to_lowercase()),
             "`iom {}`: expected {needle:?} in: {err}",
@@ -237,7 +279,11 @@ fn bad_input_gets_clear_errors_and_no_panic() -> Result<()> {
 }
 
 #[test]
-fn invalid_config_is_refused_before_start() -> Result<()> {
+fn invalid_config_is_refused_before_start() {
+    scenario(invalid_config_is_refused_before_start_body);
+}
+
+fn invalid_config_is_refused_before_start_body() -> Result<()> {
     let mut a = Node::new("cfg")?;
     std::fs::write(a.dir.join("config.toml"), "nmae = \"x\"\n")?;
     let err = match a.start() {

@@ -64,6 +64,8 @@ struct EventLoop {
     backoff: HashMap<PeerId, Backoff>,
     relays: Vec<RelayState>,
     listen: Vec<Multiaddr>,
+    /// Trusted peers whose current addresses are stored for the next run.
+    persisted_addrs: std::collections::HashSet<PeerId>,
 }
 
 /// Builds the swarm, binds the listen addresses and spawns the event loop.
@@ -211,6 +213,7 @@ pub async fn start(
         backoff: HashMap::new(),
         relays,
         listen,
+        persisted_addrs: std::collections::HashSet::new(),
     };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -224,6 +227,7 @@ pub async fn start(
                 changed = el.trust_rx.changed() => {
                     if changed.is_err() { break; }
                     el.cut_revoked();
+                    el.persist_trusted_addrs();
                 }
                 _ = tick.tick() => el.on_tick(),
                 _ = shutdown.wait_for(|s| *s) => break,
@@ -417,13 +421,48 @@ impl EventLoop {
             e.addrs = usable.clone();
             changed
         };
-        if changed && self.is_trusted(&peer) {
-            let strings: Vec<String> = usable.iter().map(ToString::to_string).collect();
-            if let Ok(bytes) = serde_cbor::to_vec(&strings) {
-                let mut key = ADDR_PREFIX.to_vec();
-                key.extend_from_slice(&peer.to_bytes());
-                let _ = self.store.state_put(&key, &bytes);
+        if changed {
+            self.persisted_addrs.remove(&peer);
+        }
+        if self.is_trusted(&peer) {
+            self.persist_addrs(peer, &usable);
+        }
+    }
+
+    /// Stores a trusted peer's addresses for the next run (once per change of addresses).
+    fn persist_addrs(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
+        if addrs.is_empty() || self.persisted_addrs.contains(&peer) {
+            return;
+        }
+        let strings: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        if let Ok(bytes) = serde_cbor::to_vec(&strings) {
+            let mut key = ADDR_PREFIX.to_vec();
+            key.extend_from_slice(&peer.to_bytes());
+            if self.store.state_put(&key, &bytes).is_ok() {
+                self.persisted_addrs.insert(peer);
             }
+        }
+    }
+
+    /// After a trust change: a peer whose addresses we learned before it became trusted (a
+    /// device that just joined) has them stored now, so it is redialed after a restart.
+    fn persist_trusted_addrs(&mut self) {
+        let state = self.trust_state();
+        let todo: Vec<(PeerId, Vec<Multiaddr>)> = {
+            let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+            peers
+                .map
+                .iter()
+                .filter(|(p, e)| {
+                    !e.addrs.is_empty()
+                        && !self.persisted_addrs.contains(p)
+                        && device_of(p).is_some_and(|d| state.is_trusted(&d))
+                })
+                .map(|(p, e)| (*p, e.addrs.clone()))
+                .collect()
+        };
+        for (peer, addrs) in todo {
+            self.persist_addrs(peer, &addrs);
         }
     }
 

@@ -11,6 +11,8 @@ use iom_protocol::id::ContentId;
 use iom_protocol::keys::{DeviceKey, PersonKey};
 use iom_protocol::pair::{JoinRequest, JoinResponse, MAX_PAIR_MESSAGE_LEN};
 use iom_protocol::wire::{BlobRequest, BlobResponse, MAX_BLOB_FRAME, MAX_SYNC_FRAME, SyncMsg};
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, tcp, yamux};
 
 /// A foreign peer: its own person key and device key, a swarm on a private runtime.
@@ -34,7 +36,7 @@ fn random_seed() -> Result<[u8; 32]> {
 }
 
 impl RawPeer {
-    /// A peer that knows where `target` listens (`addrs`, multiaddr strings).
+    /// A peer connected to `target`, which listens on `addrs` (multiaddr strings).
     pub fn new(target: PeerId, addrs: &[String]) -> Result<RawPeer> {
         let device = DeviceKey::from_seed(random_seed()?);
         let person = PersonKey::from_seed(random_seed()?);
@@ -56,10 +58,32 @@ impl RawPeer {
                 .map_err(|e| anyhow!("behaviour: {e}"))?
                 .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
                 .build();
-            for a in addrs {
-                let addr: Multiaddr = a.parse().with_context(|| format!("bad address {a}"))?;
-                swarm.add_peer_address(target, addr);
-            }
+            let addrs = addrs
+                .iter()
+                .map(|a| {
+                    a.parse::<Multiaddr>()
+                        .with_context(|| format!("bad address {a}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            swarm
+                .dial(DialOpts::peer_id(target).addresses(addrs).build())
+                .map_err(|e| anyhow!("dialing {target}: {e}"))?;
+            let connected = async {
+                loop {
+                    match swarm.select_next_some().await {
+                        SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == target => {
+                            return Ok(());
+                        }
+                        SwarmEvent::OutgoingConnectionError { error, .. } => {
+                            return Err(anyhow!("cannot connect to {target}: {error}"));
+                        }
+                        _ => {}
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(20), connected)
+                .await
+                .map_err(|_| anyhow!("connecting to {target} timed out"))??;
             let control = swarm.behaviour().new_control();
             let peer_id = *swarm.local_peer_id();
             let task = tokio::spawn(async move {
@@ -150,6 +174,23 @@ impl RawPeer {
         let bytes = hello.encode().map_err(|e| anyhow!("{e}"))?;
         let answer = self.exchange(node, "/iom/sync/1", bytes, MAX_SYNC_FRAME)?;
         SyncMsg::decode(&answer).map_err(|e| anyhow!("undecodable sync answer: {e}"))
+    }
+
+    /// Pokes the agent on `/iom/agent/1` and returns the answer.
+    pub fn agent_notify(&self, node: PeerId) -> Result<iom_protocol::wire::AgentResponse> {
+        let req = iom_protocol::wire::AgentRequest::Notify {
+            doc: [0u8; 16],
+            request_id: "probe".into(),
+        };
+        let bytes = iom_protocol::frame::encode_message(&req).map_err(|e| anyhow!("{e}"))?;
+        let answer = self.exchange(
+            node,
+            "/iom/agent/1",
+            bytes,
+            iom_protocol::wire::MAX_AGENT_FRAME,
+        )?;
+        iom_protocol::frame::decode_message(&answer)
+            .map_err(|e| anyhow!("undecodable agent answer: {e}"))
     }
 
     /// Asks for a blob on `/iom/blob/1` and returns the first answer.
