@@ -142,7 +142,7 @@ fn await_line(
 
 /// Relay in the public namespace, A and B behind their NATs; A reserves, B dials A through
 /// the relay. Returns the processes.
-fn lab_run(lab: &NatLab, data: &Path) -> (Proc, Proc, Proc) {
+fn lab_run(lab: &NatLab, data: &Path, quic: bool) -> (Proc, Proc, Proc) {
     let relay_ns = lab.relay_ns();
     let (relay, relay_id, addrs) = start_relay(
         Some(&relay_ns),
@@ -160,7 +160,11 @@ fn lab_run(lab: &NatLab, data: &Path) -> (Proc, Proc, Proc) {
             .any(|a| a.starts_with("/ip4/10.99.0.1/tcp/4001/p2p/")),
         "relay advertises its listen address when there is no --external-addr: {addrs:?}"
     );
-    let relay_addr = format!("/ip4/10.99.0.1/tcp/4001/p2p/{relay_id}");
+    let relay_addr = if quic {
+        format!("/ip4/10.99.0.1/udp/4001/quic-v1/p2p/{relay_id}")
+    } else {
+        format!("/ip4/10.99.0.1/tcp/4001/p2p/{relay_id}")
+    };
     let a = probe(
         Some(&lab.a_ns()),
         "A",
@@ -218,14 +222,15 @@ fn lab_run(lab: &NatLab, data: &Path) -> (Proc, Proc, Proc) {
     (relay, a, b)
 }
 
-#[test]
-fn hole_punch_upgrades_to_direct_behind_masquerade() {
-    if !natlab::netns_available("hole_punch_upgrades_to_direct_behind_masquerade") {
+/// Hole punch through the relay with plain MASQUERADE: DCUtR succeeds and A and B get a
+/// direct NAT-to-NAT connection.
+fn hole_punch_direct(test: &str, tag: &str, quic: bool) {
+    if !natlab::netns_available(test) {
         return;
     }
-    let lab = NatLab::up("hp", NatKind::Masquerade).expect("NAT lab");
+    let lab = NatLab::up(tag, NatKind::Masquerade).expect("NAT lab");
     let data = tempfile::tempdir().expect("tempdir");
-    let (relay, a, b) = lab_run(&lab, data.path());
+    let (relay, a, b) = lab_run(&lab, data.path(), quic);
     let (a_id, b_id) = (peer_of(2), peer_of(3));
     // The reservation holder drives DCUtR; either side may report success.
     let ok = a
@@ -264,7 +269,26 @@ fn hole_punch_upgrades_to_direct_behind_masquerade() {
     for (v, nat) in [(&direct_a, "10.99.0.3"), (&direct_b, "10.99.0.2")] {
         let addr = v["addr"].as_str().unwrap_or_default();
         assert!(addr.contains(nat) && !addr.contains("p2p-circuit"), "{v}");
+        assert_eq!(addr.contains("quic-v1"), quic, "{v}");
     }
+}
+
+#[test]
+fn hole_punch_upgrades_to_direct_behind_masquerade() {
+    hole_punch_direct(
+        "hole_punch_upgrades_to_direct_behind_masquerade",
+        "hp",
+        false,
+    );
+}
+
+#[test]
+fn hole_punch_over_quic_upgrades_to_direct_behind_masquerade() {
+    hole_punch_direct(
+        "hole_punch_over_quic_upgrades_to_direct_behind_masquerade",
+        "hpq",
+        true,
+    );
 }
 
 #[test]
@@ -274,7 +298,7 @@ fn hole_punch_fails_behind_port_randomizing_nat_and_stays_relayed() {
     }
     let lab = NatLab::up("sym", NatKind::PortRandomizing).expect("NAT lab");
     let data = tempfile::tempdir().expect("tempdir");
-    let (relay, a, b) = lab_run(&lab, data.path());
+    let (relay, a, b) = lab_run(&lab, data.path(), false);
     let (a_id, b_id) = (peer_of(2), peer_of(3));
     // DCUtR reports failure on the reservation holder's side only, after 3 attempts.
     let failed = await_line(
