@@ -59,12 +59,75 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Ask the assistant (runs on the agent device; streams the answer).
+    Ask {
+        /// The prompt.
+        prompt: String,
+        /// Continue this conversation.
+        #[arg(long, short)]
+        conversation: Option<String>,
+        /// Return at once with the request id; don't wait for the answer.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Chat with the assistant interactively (one conversation; empty line or Ctrl-D ends).
+    Chat {
+        /// Continue this conversation.
+        #[arg(long, short)]
+        conversation: Option<String>,
+    },
+    /// Conversations with the assistant.
+    #[command(subcommand)]
+    Conversations(ConversationsCommand),
+    /// The agent role.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// The Docker sandbox for tool calls (works without a running node).
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
     /// List this mesh's devices, or revoke one.
     Devices {
         /// `revoke DEVICE`.
         #[command(subcommand)]
         command: Option<DevicesCommand>,
     },
+}
+
+/// `iom conversations ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConversationsCommand {
+    /// List conversations, newest first.
+    List,
+    /// Show a conversation.
+    Show {
+        /// Conversation id.
+        id: String,
+    },
+}
+
+/// `iom agent ...`.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Give the agent role to a device (by id or name).
+    Assign {
+        /// Device id or name.
+        device: String,
+    },
+    /// Who holds the role, and its state.
+    Status,
+}
+
+/// `iom sandbox ...`.
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Build the default sandbox image locally (no registry needed).
+    Build {
+        /// Import this root filesystem (a directory or a tar/tar.gz) instead of busybox.
+        #[arg(long, value_name = "DIR|TAR")]
+        rootfs: Option<std::path::PathBuf>,
+    },
+    /// Check the Docker set-up and say what to fix.
+    Check,
 }
 
 /// `iom devices ...`.

@@ -39,6 +39,8 @@ pub struct NodeCtx {
     pub sync: SyncManager,
     /// Blob replication.
     pub blobs: Blobs,
+    /// The agent runner (active while this device holds the role).
+    pub agent: crate::agent::runner::Agent,
     /// When the node started.
     pub started: Instant,
     /// Flips to `true` when the node is shutting down.
@@ -261,11 +263,14 @@ pub async fn run(
         net,
         sync: SyncManager::default(),
         blobs,
+        agent: crate::agent::runner::Agent::default(),
         started: Instant::now(),
         shutdown: shutdown_rx,
     });
     crate::pairing::spawn_server(ctx.clone());
     crate::sync::spawn(ctx.clone());
+    crate::agent::ask::spawn_server(ctx.clone());
+    crate::agent::runner::spawn(ctx.clone());
 
     let socket_path = data_dir.join("iom.sock");
     let listener = crate::api::bind_socket(&socket_path)

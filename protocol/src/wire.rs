@@ -199,6 +199,39 @@ impl BlobResponse {
     }
 }
 
+/// A request on `/iom/agent/1`: a device tells the agent that a conversation has a new
+/// request, so it runs at once rather than when the document arrives by sync.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AgentRequest {
+    /// A new request is waiting in a conversation.
+    Notify {
+        /// Conversation document id.
+        #[serde(with = "crate::cbor::bytes")]
+        doc: [u8; 16],
+        /// The request id.
+        request_id: String,
+    },
+}
+
+/// The agent's answer on `/iom/agent/1`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AgentResponse {
+    /// This device holds the agent role and will run the request.
+    Accepted {
+        /// Requests waiting or running on the agent.
+        queued: u32,
+    },
+    /// This device does not hold the agent role (any more).
+    NotAgent,
+    /// The request is refused (untrusted peer).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -6,6 +6,7 @@
 //! - [`routes`]: the router and its handlers.
 //! - [`client`]: the client the CLI (and tests) use.
 
+pub mod agent;
 pub mod client;
 pub mod error;
 pub mod mesh;

@@ -41,6 +41,7 @@ pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
         .route("/v1/memory", get(memory_show).put(memory_replace))
         .route("/v1/memory/append", post(memory_append))
         .merge(super::mesh::routes())
+        .merge(super::agent::routes())
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .with_state(ctx)
 }

@@ -329,10 +329,15 @@ async fn run_inner(
                         biased;
                         _ = stop.notified() => return Ok(()),
                         msg = control_rx.recv() => match msg {
-                            Some(m) => send(&mut wr, &m, &stats).await?,
+                            Some(m) => {
+                                tracing::debug!(%peer, "writer: control message");
+                                send(&mut wr, &m, &stats).await?;
+                                tracing::debug!(%peer, "writer: control message sent");
+                            }
                             None => return Ok(()),
                         },
                         doc = dirty.next() => {
+                            tracing::debug!(%peer, %doc, "writer: dirty");
                             let st = take_state(&ctx, &states, &peer, &doc);
                             let out = ctx.docs.read(doc, move |d| {
                                 let mut st = st;
@@ -342,6 +347,7 @@ async fn run_inner(
                             match out {
                                 Ok((m, st)) => {
                                     put_state(&ctx, &states, &peer, doc, st, false);
+                                    tracing::debug!(%peer, %doc, sent = m.is_some(), "generated");
                                     if let Some(msg) = m {
                                         send(&mut wr, &SyncMsg::Doc { doc: *doc.as_bytes(), msg }, &stats).await?;
                                     }
@@ -452,8 +458,10 @@ async fn read_loop(
                     })
                     .await?;
                 let (r, st) = r;
+                tracing::debug!(%peer, %doc, result = ?r, queued = dirty.len(), "received doc message");
                 put_state(ctx, states, &peer, doc, st, true);
                 if let Err(e) = r {
+                    let _ = ctx.docs.forget_unstored(doc);
                     return Err(SessionError::Peer(format!(
                         "bad sync message for {doc}: {e}"
                     )));
@@ -482,6 +490,7 @@ async fn read_loop(
                 }
             }
             SyncMsg::Root { root } => {
+                tracing::debug!(%peer, "root");
                 let ours = ctx.docs.with_inventory(|i| (i.root(), i.bucket_hashes()));
                 if ours.0 != root {
                     let digests: Vec<u8> = ours.1.concat();
@@ -509,6 +518,7 @@ async fn read_loop(
                 }
             }
             SyncMsg::Entries { buckets, records } => {
+                tracing::debug!(%peer, buckets = buckets.len(), records = records.len() / 48, "entries");
                 let theirs: Vec<(DocId, [u8; 32])> = records
                     .chunks_exact(48)
                     .filter_map(|r| {

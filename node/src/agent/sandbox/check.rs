@@ -15,7 +15,7 @@ use super::exec;
 use super::policy::{SandboxConfig, validate_mounts};
 
 /// One diagnostic line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CheckItem {
     /// What was checked.
     pub name: String,

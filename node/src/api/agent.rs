@@ -1,0 +1,185 @@
+//! Agent routes: ask, follow a request (SSE), conversations, the agent role.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::routing::{get, post};
+use futures::{Stream, StreamExt};
+use iom_crdt::{Conversation, DocKind, Interface};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use super::routes::parse_doc_id;
+use crate::agent::{ask, role, runner};
+use crate::node::NodeCtx;
+
+type Ctx = State<Arc<NodeCtx>>;
+
+/// Routes for the agent.
+pub fn routes() -> axum::Router<Arc<NodeCtx>> {
+    axum::Router::new()
+        .route("/v1/ask", post(ask_route))
+        .route("/v1/conversations", get(list))
+        .route("/v1/conversations/{id}", get(show))
+        .route("/v1/conversations/{id}/requests/{rid}/events", get(events))
+        .route("/v1/agent", get(status))
+        .route("/v1/agent/assign", post(assign))
+}
+
+/// Body of `POST /v1/ask`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AskBody {
+    /// The prompt.
+    pub prompt: String,
+    /// Existing conversation id.
+    #[serde(default)]
+    pub conversation: Option<String>,
+    /// Client-chosen request id (for deduplication of retries).
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// `cli` (default), `web`, `webhook` or `schedule`.
+    #[serde(default)]
+    pub interface: Option<String>,
+}
+
+/// Parses an interface name.
+pub fn parse_interface(text: Option<&str>) -> Result<Interface, ApiError> {
+    match text.unwrap_or("cli") {
+        "cli" => Ok(Interface::Cli),
+        "web" => Ok(Interface::Web),
+        "webhook" => Ok(Interface::Webhook),
+        "schedule" => Ok(Interface::Schedule),
+        other => Err(ApiError::bad_request(format!(
+            "unknown interface {other:?}: expected cli, web, webhook or schedule"
+        ))),
+    }
+}
+
+async fn ask_route(State(ctx): Ctx, Json(body): Json<AskBody>) -> Result<Json<Value>, ApiError> {
+    let conversation = body.conversation.as_deref().map(parse_doc_id).transpose()?;
+    let interface = parse_interface(body.interface.as_deref())?;
+    let asked = ask::ask(&ctx, &body.prompt, conversation, interface, body.request_id).await?;
+    Ok(Json(
+        serde_json::to_value(asked).map_err(|e| ApiError::internal(e.to_string()))?,
+    ))
+}
+
+async fn list(State(ctx): Ctx) -> Result<Json<Value>, ApiError> {
+    let mut items = Vec::new();
+    for (id, meta) in ctx.docs.list()? {
+        if meta.kind != DocKind::Conversation.name() {
+            continue;
+        }
+        let summary = ctx
+            .docs
+            .read(id, |d| {
+                Conversation::open(d).ok().map(|c| {
+                    let msgs = c.messages();
+                    let last = msgs
+                        .iter()
+                        .rev()
+                        .find_map(|m| m.status.map(|s| s.name().to_string()));
+                    (c.title(), msgs.len(), c.usage_totals(), last)
+                })
+            })
+            .await?;
+        if let Some((title, messages, usage, last_status)) = summary {
+            items.push(json!({
+                "id": id.to_string(),
+                "title": title,
+                "messages": messages,
+                "usage": usage,
+                "last_status": last_status,
+                "updated_at": meta.updated_at,
+            }));
+        }
+    }
+    items.sort_by_key(|v| std::cmp::Reverse(v["updated_at"].as_u64().unwrap_or(0)));
+    Ok(Json(json!({ "conversations": items })))
+}
+
+async fn show(State(ctx): Ctx, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_doc_id(&id)?;
+    Ok(Json(ask::conversation_json(&ctx, id).await?))
+}
+
+async fn events(
+    State(ctx): Ctx,
+    Path((id, rid)): Path<(String, String)>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let id = parse_doc_id(&id)?;
+    ctx.docs
+        .meta(id)?
+        .ok_or_else(|| ApiError::not_found(format!("no conversation {id} on this device")))?;
+    let stream = ask::follow(ctx.clone(), id, rid).map(|ev| {
+        let name = serde_json::to_value(&ev)
+            .ok()
+            .and_then(|v| v["type"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "event".into());
+        Ok(Event::default()
+            .event(name)
+            .json_data(&ev)
+            .unwrap_or_else(|_| Event::default().data("{}")))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The agent status as JSON.
+pub fn status_json(ctx: &NodeCtx) -> Value {
+    let state = ctx.trust.state();
+    let holder = role::holder(ctx);
+    let me = ctx.identity().device.id();
+    let (name, link) = match holder {
+        Some((d, _)) => (
+            state.devices.get(&d).map(|t| t.name.clone()),
+            if d == me {
+                "self".to_string()
+            } else {
+                ctx.net.link(&d.to_peer_id()).to_string()
+            },
+        ),
+        None => (None, "none".into()),
+    };
+    let this_is_agent = holder.is_some_and(|(d, _)| d == me);
+    let key = this_is_agent.then(|| {
+        crate::agent::claude::ApiKey::from_env_or_file(
+            ctx.config.api_key.clone(),
+            ctx.config.agent.key_file.as_deref(),
+        )
+        .map(|_| "configured".to_string())
+        .unwrap_or_else(|e| e.to_string())
+    });
+    json!({
+        "agent": holder.map(|(d, _)| d.to_string()),
+        "name": name,
+        "epoch": holder.map(|(_, e)| e),
+        "this_device": this_is_agent,
+        "connection": link,
+        "running": ctx.agent.running(),
+        "api_key": key,
+        "model": this_is_agent.then(|| ctx.config.agent.model.clone()),
+        "tokens_today": this_is_agent.then(|| runner::tokens_used_today(ctx)),
+        "daily_token_budget": this_is_agent.then_some(ctx.config.agent.daily_token_budget),
+    })
+}
+
+async fn status(State(ctx): Ctx) -> Json<Value> {
+    Json(status_json(&ctx))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssignBody {
+    device: String,
+}
+
+async fn assign(State(ctx): Ctx, Json(body): Json<AssignBody>) -> Result<Json<Value>, ApiError> {
+    let device = super::mesh::resolve_device(&ctx, &body.device)?;
+    let epoch = role::assign(&ctx, device).await?;
+    Ok(Json(json!({ "agent": device.to_string(), "epoch": epoch })))
+}
