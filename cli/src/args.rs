@@ -85,12 +85,23 @@ pub enum Command {
     /// The Docker sandbox for tool calls (works without a running node).
     #[command(subcommand)]
     Sandbox(SandboxCommand),
+    /// Run a relay node (on a cloud VM) that makes devices behind NAT reachable.
+    #[command(subcommand)]
+    Relay(RelayCommand),
     /// List this mesh's devices, or revoke one.
     Devices {
         /// `revoke DEVICE`.
         #[command(subcommand)]
         command: Option<DevicesCommand>,
     },
+}
+
+/// `iom relay ...`.
+#[derive(Debug, Subcommand)]
+pub enum RelayCommand {
+    /// Run the relay in the foreground until SIGINT/SIGTERM. Its data dir defaults to the
+    /// platform data dir plus `/relay` (a relay needs no device keys).
+    Run(crate::commands::relay::RelayRunArgs),
 }
 
 /// `iom conversations ...`.

@@ -6,6 +6,7 @@ mod doc;
 mod memory;
 mod mesh;
 mod node;
+pub mod relay;
 mod status;
 
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 use iom_node::api::client::ApiClient;
 
 use crate::Failure;
-use crate::args::{Cli, Command};
+use crate::args::{Cli, Command, RelayCommand};
 
 /// Global options every command sees.
 pub struct Global {
@@ -32,12 +33,17 @@ impl Global {
 
 /// Runs the parsed command.
 pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
-    let data_dir = cli.data_dir.unwrap_or_else(|| {
+    let default_dir = || {
         iom_node::config::default_data_dir(
             std::env::var("XDG_DATA_HOME").ok(),
             std::env::var("HOME").ok(),
         )
-    });
+    };
+    let relay_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| default_dir().join("relay"));
+    let data_dir = cli.data_dir.unwrap_or_else(default_dir);
     let g = Global {
         data_dir,
         json: cli.json,
@@ -61,5 +67,6 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Conversations(cmd) => agent::conversations(&g, cmd).await,
         Command::Agent(cmd) => agent::agent(&g, cmd).await,
         Command::Sandbox(cmd) => agent::sandbox(&g, cmd).await,
+        Command::Relay(RelayCommand::Run(args)) => Ok(relay::run(&relay_dir, g.json, args).await?),
     }
 }

@@ -44,10 +44,20 @@ struct Backoff {
     delay: Duration,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RelayAuth {
+    NotStarted,
+    InProgress,
+    Done,
+}
+
 struct RelayState {
     addr: Multiaddr,
     peer: PeerId,
     listener: Option<ListenerId>,
+    /// Proving our certificate to the relay (for long, large circuits) comes before the
+    /// reservation, because a relay connection's limits are fixed by its first relay stream.
+    auth: RelayAuth,
     next_try: Instant,
     delay: Duration,
 }
@@ -58,6 +68,10 @@ struct EventLoop {
     peers: Arc<RwLock<Peers>>,
     events: broadcast::Sender<NetEvent>,
     trust_rx: watch::Receiver<Arc<TrustState>>,
+    trust: Arc<TrustBook>,
+    local_device: Option<DeviceId>,
+    cmd_tx: mpsc::Sender<Command>,
+    control: libp2p_stream::Control,
     store: Store,
     pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, String>>>,
     pending_peer_dials: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId, String>>>>,
@@ -194,6 +208,7 @@ pub async fn start(
                 addr: addr.clone(),
                 peer,
                 listener: None,
+                auth: RelayAuth::NotStarted,
                 next_try: Instant::now(),
                 delay: Duration::from_secs(1),
             })
@@ -201,7 +216,12 @@ pub async fn start(
         .collect();
 
     let trust_rx = trust.subscribe();
+    let local_device = device_of(&local);
     let mut el = EventLoop {
+        local_device,
+        trust,
+        cmd_tx: cmd_tx.clone(),
+        control: control.clone(),
         swarm,
         cmd: cmd_rx,
         peers: peers.clone(),
@@ -323,6 +343,14 @@ impl EventLoop {
                 }
                 let _ = reply.send(addrs);
             }
+            Command::RelayAuthDone { relay } => {
+                for r in &mut self.relays {
+                    if r.peer == relay {
+                        r.auth = RelayAuth::Done;
+                        r.next_try = Instant::now();
+                    }
+                }
+            }
             Command::AddAddresses { peer, addrs } => {
                 for a in &addrs {
                     self.swarm.add_peer_address(peer, a.clone());
@@ -388,22 +416,61 @@ impl EventLoop {
             if has_listener || !due {
                 continue;
             }
-            let r = &mut self.relays[i];
-            r.next_try = now + r.delay;
-            r.delay = (r.delay * 2).min(Duration::from_secs(30));
+            let auth = self.relays[i].auth;
+            {
+                let r = &mut self.relays[i];
+                r.next_try = now + r.delay;
+                r.delay = (r.delay * 2).min(Duration::from_secs(30));
+            }
             if !connected {
-                let addr = r.addr.clone();
+                self.relays[i].auth = RelayAuth::NotStarted;
+                let addr = self.relays[i].addr.clone();
                 let _ = self
                     .swarm
                     .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
-            } else {
-                let circuit = r.addr.clone().with(Protocol::P2pCircuit);
+            } else if auth == RelayAuth::NotStarted {
+                self.relays[i].auth = RelayAuth::InProgress;
+                self.relays[i].next_try = now + Duration::from_secs(15);
+                self.spawn_relay_auth(peer);
+            } else if auth == RelayAuth::Done {
+                let circuit = self.relays[i].addr.clone().with(Protocol::P2pCircuit);
                 match self.swarm.listen_on(circuit) {
                     Ok(id) => self.relays[i].listener = Some(id),
                     Err(e) => tracing::warn!(relay = %peer, error = %e, "cannot reserve on relay"),
                 }
             }
         }
+    }
+
+    /// Proves our certificate chain to a relay, then lets the reservation go ahead (with the
+    /// large limits if the relay serves our person, with the default ones otherwise).
+    fn spawn_relay_auth(&self, relay: PeerId) {
+        let chain: Vec<Vec<u8>> = self
+            .local_device
+            .map(|d| self.trust.chain_for(&d))
+            .unwrap_or_default()
+            .iter()
+            .take(16)
+            .map(iom_protocol::cert::Certificate::to_bytes)
+            .collect();
+        let mut control = self.control.clone();
+        let tx = self.cmd_tx.clone();
+        tokio::spawn(async move {
+            match crate::relay::auth::authenticate_to_relay(&mut control, relay, chain).await {
+                Ok(reply) if reply.ok => {
+                    tracing::info!(%relay, "relay grants this device long, large circuits");
+                }
+                Ok(reply) => tracing::info!(
+                    %relay,
+                    reason = %reply.reason,
+                    "relay gives this device the default (small) circuits only"
+                ),
+                Err(e) => {
+                    tracing::info!(%relay, error = %e, "relay authentication failed; default limits")
+                }
+            }
+            let _ = tx.send(Command::RelayAuthDone { relay }).await;
+        });
     }
 
     fn remember_addrs(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
@@ -524,6 +591,12 @@ impl EventLoop {
             } => {
                 let n = self.peers().closed(peer_id, connection_id);
                 if n == 0 {
+                    for r in &mut self.relays {
+                        if r.peer == peer_id {
+                            // Limits belong to a connection: prove ourselves again next time.
+                            r.auth = RelayAuth::NotStarted;
+                        }
+                    }
                     let _ = self.events.send(NetEvent::Disconnected(peer_id));
                 }
             }

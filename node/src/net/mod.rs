@@ -58,6 +58,9 @@ pub(crate) enum Command {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
     },
+    RelayAuthDone {
+        relay: PeerId,
+    },
 }
 
 /// Network settings, validated.
