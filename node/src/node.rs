@@ -143,21 +143,19 @@ impl NodeCtx {
     /// The memory text.
     pub async fn memory_text(&self) -> Result<String, ApiError> {
         self.docs.create(DocKind::Memory).await?;
-        Ok(self
-            .docs
+        self.docs
             .read(DocId::MEMORY, |doc| {
                 iom_crdt::Memory::open(doc).map(|m| m.text())
             })
             .await?
-            .map_err(|e| ApiError::internal(e.to_string()))?)
+            .map_err(|e| ApiError::internal(e.to_string()))
     }
 
     /// Appends to (or replaces) the memory text; returns the new text.
     pub async fn memory_edit(&self, text: String, append: bool) -> Result<String, ApiError> {
         self.docs.create(DocKind::Memory).await?;
         let now = crate::time::now_secs() as i64;
-        Ok(self
-            .docs
+        self.docs
             .modify(DocId::MEMORY, Origin::Local, false, move |doc| {
                 let r = iom_crdt::Memory::open(&mut *doc).and_then(|mut m| {
                     if append {
@@ -170,7 +168,7 @@ impl NodeCtx {
                 Ok(r)
             })
             .await?
-            .map_err(|e| ApiError::bad_request(e.to_string()))?)
+            .map_err(|e| ApiError::bad_request(e.to_string()))
     }
 }
 
@@ -267,6 +265,14 @@ pub async fn run(
         started: Instant::now(),
         shutdown: shutdown_rx,
     });
+    let http_listener = match ctx.config.http {
+        Some(addr) => Some(
+            crate::http::bind(&ctx, addr)
+                .await
+                .map_err(|e| StartError::Other(e.to_string()))?,
+        ),
+        None => None,
+    };
     crate::pairing::spawn_server(ctx.clone());
     crate::sync::spawn(ctx.clone());
     crate::agent::ask::spawn_server(ctx.clone());
@@ -275,7 +281,12 @@ pub async fn run(
     let socket_path = data_dir.join("iom.sock");
     let listener = crate::api::bind_socket(&socket_path)
         .map_err(|e| StartError::Other(format!("cannot bind {}: {e}", socket_path.display())))?;
-    let router = crate::api::routes::router(ctx.clone());
+    let router = crate::api::routes::router(ctx.clone())
+        .merge(crate::api::tokens::routes(ctx.clone()))
+        .fallback(crate::http::errors::no_route)
+        .layer(axum::middleware::map_response(
+            crate::http::errors::json_errors,
+        ));
     let mut api_shutdown = ctx.shutdown.clone();
     let api = tokio::spawn(async move {
         let _ = axum::serve(listener, router)
@@ -285,6 +296,14 @@ pub async fn run(
             .await;
     });
 
+    let http_addr = http_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| format!(", http http://{a}/"))
+        .unwrap_or_default();
+    let http = http_listener.map(|l| crate::http::serve(ctx.clone(), l));
+    crate::schedule::spawn(ctx.clone());
+
     tracing::info!(
         device = %device,
         socket = %socket_path.display(),
@@ -292,14 +311,20 @@ pub async fn run(
         "node ready"
     );
     println!(
-        "iom node ready: device {device}, socket {}",
+        "iom node ready: device {device}, socket {}{http_addr}",
         socket_path.display()
     );
 
     shutdown.await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), api).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async move {
+        let _ = api.await;
+        if let Some(h) = http {
+            let _ = h.await;
+        }
+    })
+    .await;
     store
         .flush()
         .await

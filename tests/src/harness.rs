@@ -115,10 +115,10 @@ impl Node {
 
     /// `iom devices --json` as a list of device objects.
     pub fn devices(&self) -> Result<Vec<Value>> {
-        Ok(self.json(&["devices"])?["devices"]
+        self.json(&["devices"])?["devices"]
             .as_array()
             .cloned()
-            .ok_or_else(|| anyhow!("no devices array"))?)
+            .ok_or_else(|| anyhow!("no devices array"))
     }
 
     /// The `devices` entry for a device id, if listed.

@@ -12,6 +12,7 @@ use std::path::Path;
 
 pub use blobs::{BlobMeta, BlobWriter, CHUNK_SIZE};
 pub use docs::{DocMeta, StoredDoc};
+pub use objects::StoredObject;
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +49,18 @@ pub enum StoreError {
     /// A document was asked for that is not stored.
     #[error("document {0} is not stored here")]
     NoSuchDoc(String),
+    /// Reading or writing a blob chunk file failed.
+    #[error("blob chunk file {path}: {source}")]
+    ChunkFile {
+        /// The file.
+        path: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
 }
+
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
 
 /// The node's sled database and its trees.
 #[derive(Clone)]
@@ -56,7 +68,10 @@ pub struct Store {
     db: sled::Db,
     objects: sled::Tree,
     blobs: sled::Tree,
+    /// Chunks of blobs stored by earlier versions, inside sled (read-only fallback).
     blob_chunks: sled::Tree,
+    /// Directory of blob chunk files, one file per blob (see [`blobs`]).
+    chunk_dir: std::path::PathBuf,
     docs: sled::Tree,
     doc_chunks: sled::Tree,
     state: sled::Tree,
@@ -76,7 +91,13 @@ impl Store {
             .cache_capacity(cache_bytes)
             .flush_every_ms(Some(500))
             .open()?;
+        let chunk_dir = dir.join("chunks");
+        std::fs::create_dir_all(&chunk_dir).map_err(|source| StoreError::ChunkFile {
+            path: chunk_dir.display().to_string(),
+            source,
+        })?;
         Ok(Store {
+            chunk_dir,
             objects: db.open_tree("objects")?,
             blobs: db.open_tree("blobs")?,
             blob_chunks: db.open_tree("blob_chunks")?,
@@ -122,16 +143,23 @@ impl Store {
     }
 
     /// All state records under a key prefix.
-    pub fn state_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn state_scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
         self.state
             .scan_prefix(prefix)
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Into::into))
             .collect()
     }
 
-    /// Bytes used on disk by the database.
+    /// Bytes used on disk by the database and the blob chunk files.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        let chunks: u64 = std::fs::read_dir(&self.chunk_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        self.db.size_on_disk().unwrap_or(0) + chunks
     }
 }
 

@@ -4,6 +4,9 @@ use sha2::{Digest, Sha256};
 
 use super::{Store, StoreError};
 
+/// An object id and its bytes.
+pub type StoredObject = ([u8; 32], Vec<u8>);
+
 impl Store {
     /// Stores `bytes` under their SHA-256 and returns the id. Idempotent.
     pub fn put_object(&self, bytes: &[u8]) -> Result<[u8; 32], StoreError> {
@@ -27,7 +30,7 @@ impl Store {
     }
 
     /// Every stored object, verified.
-    pub fn objects(&self) -> Result<Vec<([u8; 32], Vec<u8>)>, StoreError> {
+    pub fn objects(&self) -> Result<Vec<StoredObject>, StoreError> {
         let mut out = Vec::new();
         for entry in self.objects.iter() {
             let (k, v) = entry?;
