@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it (`.ci/run` calls this script).
+#
+#   1. system packages the tests need (scripts/install-deps.sh, as root)
+#   2. formatting and lints (cargo fmt --check, clippy -D warnings on every target)
+#   3. purity: protocol/ and crdt/ must not depend on tokio
+#   4. every test with cargo-nextest (unit, property, fuzz smoke, real processes, real Docker,
+#      network namespaces); see .config/nextest.toml for grouping and timeouts
+#   5. a short coverage-guided fuzz run of each decoder, when cargo-fuzz and a nightly
+#      toolchain are installed (the stable fuzz smoke test in step 4 always runs)
+#
+# Tests that need Docker or root fail loudly when those are missing. Opt-outs, for machines
+# that truly lack them: IOM_SKIP_DOCKER=1, IOM_SKIP_NETNS=1 (each skipped test prints SKIPPED).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ "$(id -u)" -eq 0 ]; then
+    step "system packages"
+    scripts/install-deps.sh
+else
+    echo "not root: skipping scripts/install-deps.sh (install busybox-static, iptables, iproute2, chromium, chromium-driver yourself)"
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "purity of protocol/ and crdt/"
+for crate in iom-protocol iom-crdt; do
+    if cargo tree -p "$crate" -e normal -i tokio >/dev/null 2>&1; then
+        echo "$crate depends on tokio; it must stay free of I/O" >&2
+        exit 1
+    fi
+done
+echo "protocol/ and crdt/ have no tokio"
+
+step "build (debug) and sandbox image"
+cargo build -p iom-cli -p iom-tests --bins
+target/debug/iom sandbox build || echo "sandbox image not built (Docker unavailable?); Docker tests will say why"
+
+step "tests"
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+    echo "cargo-nextest not found; falling back to cargo test"
+    cargo test --workspace
+else
+    cargo nextest run --workspace --profile ci
+fi
+
+step "fuzzing (short runs)"
+if cargo +nightly fuzz --version >/dev/null 2>&1; then
+    for target in frame invite certificate; do
+        mkdir -p fuzz/corpus/"$target"
+        (cd fuzz && cargo +nightly fuzz run "$target" corpus/"$target" seeds/"$target" -- -max_total_time=10 -seed=1)
+    done
+else
+    echo "cargo-fuzz with a nightly toolchain is not installed: the coverage-guided runs are skipped;"
+    echo "the stable fuzz smoke test (protocol/tests/fuzz_smoke.rs) ran above with 20,000 inputs per decoder"
+fi
+echo "all checks passed"
