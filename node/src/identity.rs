@@ -2,8 +2,7 @@
 //! key `DATA/keys/person.pub`, and on the device that created the mesh, `DATA/keys/person.key`.
 //! Secret keys are written with mode 0600 in a 0700 directory.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use iom_protocol::keys::{DeviceKey, PersonId, PersonKey};
@@ -71,18 +70,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> IdentityError + '_ {
 }
 
 fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    Ok(())
+    crate::secret_file::write_secret(path, bytes).map_err(io(path))
 }
 
 fn read_32(path: &Path, secret: bool) -> Result<Option<[u8; 32]>, IdentityError> {

@@ -100,50 +100,38 @@ impl ApiClient {
         }
     }
 
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let mut req = self.http.request(method, format!("{BASE}{path}"));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| self.map_send(e))?;
+        Self::decode(resp).await
+    }
+
     /// `GET path` → JSON.
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{BASE}{path}"))
-            .send()
-            .await
-            .map_err(|e| self.map_send(e))?;
-        Self::decode(resp).await
+        self.call(reqwest::Method::GET, path, None).await
     }
 
     /// `POST path` with a JSON body → JSON.
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        let resp = self
-            .http
-            .post(format!("{BASE}{path}"))
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| self.map_send(e))?;
-        Self::decode(resp).await
+        self.call(reqwest::Method::POST, path, Some(body)).await
     }
 
     /// `PUT path` with a JSON body → JSON.
     pub async fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        let resp = self
-            .http
-            .put(format!("{BASE}{path}"))
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| self.map_send(e))?;
-        Self::decode(resp).await
+        self.call(reqwest::Method::PUT, path, Some(body)).await
     }
 
     /// `DELETE path` → JSON.
     pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
-        let resp = self
-            .http
-            .delete(format!("{BASE}{path}"))
-            .send()
-            .await
-            .map_err(|e| self.map_send(e))?;
-        Self::decode(resp).await
+        self.call(reqwest::Method::DELETE, path, None).await
     }
 
     /// `POST path` streaming a file as the body → JSON.

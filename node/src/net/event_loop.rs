@@ -143,28 +143,22 @@ pub async fn start(
                 reason,
                 ..
             }) if waiting.contains(&listener_id) => {
-                let idx = bound.iter().position(|b| *b == listener_id).unwrap_or(0);
-                return Err(NetStartError::Listen {
-                    addr: cfg
-                        .listen
-                        .get(idx)
-                        .cloned()
-                        .unwrap_or_else(Multiaddr::empty),
-                    reason: format!("{reason:?}"),
-                });
+                return Err(listen_failed(
+                    &bound,
+                    &cfg.listen,
+                    listener_id,
+                    format!("{reason:?}"),
+                ));
             }
             Ok(SwarmEvent::ListenerError { listener_id, error })
                 if waiting.contains(&listener_id) =>
             {
-                let idx = bound.iter().position(|b| *b == listener_id).unwrap_or(0);
-                return Err(NetStartError::Listen {
-                    addr: cfg
-                        .listen
-                        .get(idx)
-                        .cloned()
-                        .unwrap_or_else(Multiaddr::empty),
-                    reason: error.to_string(),
-                });
+                return Err(listen_failed(
+                    &bound,
+                    &cfg.listen,
+                    listener_id,
+                    error.to_string(),
+                ));
             }
             Ok(_) => {}
             Err(_) => break,
@@ -262,6 +256,20 @@ pub async fn start(
         events,
         local,
     })
+}
+
+/// The start-up error for a listener that failed to bind.
+fn listen_failed(
+    bound: &[ListenerId],
+    addrs: &[Multiaddr],
+    failed: ListenerId,
+    reason: String,
+) -> NetStartError {
+    let idx = bound.iter().position(|b| *b == failed).unwrap_or(0);
+    NetStartError::Listen {
+        addr: addrs.get(idx).cloned().unwrap_or_else(Multiaddr::empty),
+        reason,
+    }
 }
 
 fn device_of(peer: &PeerId) -> Option<DeviceId> {

@@ -2,8 +2,7 @@
 //! first run. The same data dir always gives the same `PeerId`, so the addresses users copy
 //! into `iom node run --relay` stay valid across restarts.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use libp2p::identity::Keypair;
@@ -58,18 +57,7 @@ pub fn load_or_create_relay_key(data_dir: &Path) -> Result<Keypair, RelayError> 
 }
 
 fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), RelayError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    Ok(())
+    crate::secret_file::write_secret(path, bytes).map_err(io_err(path))
 }
 
 #[cfg(test)]
