@@ -231,12 +231,6 @@ impl Docs {
                 let result = f(&mut guard)?;
                 let bytes = guard.save_incremental();
                 if bytes.is_empty() {
-                    if create_missing && this.inner.store.doc_meta(id.as_bytes())?.is_none() {
-                        // Nothing arrived for a document we don't have (say, a bad message):
-                        // don't let the empty placeholder pose as a stored document.
-                        drop(guard);
-                        lock(&this.inner.cache).docs.remove(&id);
-                    }
                     return Ok((result, None));
                 }
                 let heads = guard.heads();
@@ -267,6 +261,17 @@ impl Docs {
             self.announce(id, heads, origin);
         }
         Ok(result)
+    }
+
+    /// Drops the in-memory placeholder of a document that was never stored (one that
+    /// [`Docs::modify`] with `create_missing` started empty, when what arrived for it was bad),
+    /// so it does not pose as a stored, empty document.
+    pub fn forget_unstored(&self, id: DocId) -> Result<(), DocsError> {
+        let _guard = lock(&self.inner.load_lock);
+        if self.inner.store.doc_meta(id.as_bytes())?.is_none() {
+            lock(&self.inner.cache).docs.remove(&id);
+        }
+        Ok(())
     }
 
     fn spawn_compaction(&self, id: DocId) {
@@ -371,4 +376,22 @@ impl Docs {
 /// Change hashes as raw 32-byte arrays.
 pub fn heads_bytes(heads: &[ChangeHash]) -> Vec<[u8; 32]> {
     heads.iter().map(|h| h.0).collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_document_received_empty_stays_readable() {
+        let (_dir, store) = crate::store::temp_store();
+        let docs = Docs::new(store, vec![1; 40], 8).unwrap();
+        let id = DocId::from_bytes([9; 16]);
+        docs.modify(id, Origin::Local, true, |_| Ok(()))
+            .await
+            .unwrap();
+        let heads = docs.read(id, |d| d.heads()).await.unwrap();
+        assert!(heads.is_empty());
+    }
 }

@@ -4,6 +4,17 @@
 //! Chunks live under an internal number, not under the blob's hash, because a local add only
 //! learns the hash at the end. A blob becomes visible when its [`BlobMeta`] (length and the hash
 //! of every chunk) is written, after the whole-content hash was checked.
+//!
+//! The bytes live in plain files, one per blob (`db/chunks/<internal as 16 hex digits>`), chunk
+//! `i` at offset `i × CHUNK_SIZE`; only the metadata is in sled. sled keeps recently written
+//! values in memory well past its cache limit, so a 100 MiB blob in sled cost 100 MiB of RSS;
+//! files keep memory flat for any blob size. Every chunk is verified against its hash when
+//! read, so a torn or damaged file is detected, never served. The file is fsynced before the
+//! blob's metadata is written.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -33,12 +44,31 @@ fn chunk_key(internal: u64, index: u32) -> [u8; 12] {
     key
 }
 
+fn file_err(path: &std::path::Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::ChunkFile {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Byte offset of chunk `index`.
+fn chunk_offset(index: u32) -> u64 {
+    u64::from(index) * CHUNK_SIZE as u64
+}
+
+/// Length of chunk `index` of a blob of `len` bytes.
+fn chunk_len(len: u64, index: u32) -> usize {
+    len.saturating_sub(chunk_offset(index))
+        .min(CHUNK_SIZE as u64) as usize
+}
+
 /// Incremental writer for one blob. Feed bytes with [`BlobWriter::write`], then
 /// [`BlobWriter::finish`]. Dropping it without finishing leaves garbage chunks that
 /// [`Store::collect_blob_garbage`] removes.
 pub struct BlobWriter {
     store: Store,
     internal: u64,
+    file: Option<File>,
     buf: Vec<u8>,
     chunk_hashes: Vec<[u8; 32]>,
     whole: Sha256,
@@ -90,9 +120,14 @@ impl BlobWriter {
         self.whole.update(&self.buf);
         self.len += self.buf.len() as u64;
         self.chunk_hashes.push(Sha256::digest(&self.buf).into());
-        self.store
-            .blob_chunks
-            .insert(chunk_key(self.internal, index), self.buf.as_slice())?;
+        let path = self.store.chunk_path(self.internal);
+        let file = match self.file.take() {
+            Some(f) => f,
+            None => File::create(&path).map_err(file_err(&path))?,
+        };
+        file.write_all_at(&self.buf, chunk_offset(index))
+            .map_err(file_err(&path))?;
+        self.file = Some(file);
         self.buf.clear();
         Ok(())
     }
@@ -126,6 +161,15 @@ impl BlobWriter {
                 .remove_chunks(self.internal, self.chunk_hashes.len())?;
             return Ok((id, existing));
         }
+        if let Some(file) = self.file.take() {
+            let path = self.store.chunk_path(self.internal);
+            tokio::task::spawn_blocking(move || file.sync_all().map_err(file_err(&path)))
+                .await
+                .map_err(|e| StoreError::Decode {
+                    what: "blob",
+                    detail: e.to_string(),
+                })??;
+        }
         let meta = BlobMeta {
             internal: self.internal,
             len: self.len,
@@ -145,6 +189,7 @@ impl Store {
         Ok(BlobWriter {
             store: self.clone(),
             internal: self.db.generate_id()?,
+            file: None,
             buf: Vec::with_capacity(CHUNK_SIZE),
             chunk_hashes: Vec::new(),
             whole: Sha256::new(),
@@ -173,8 +218,7 @@ impl Store {
             .get(index as usize)
             .ok_or_else(|| StoreError::NoSuchBlob(hex::encode(id)))?;
         let bytes = self
-            .blob_chunks
-            .get(chunk_key(meta.internal, index))?
+            .read_chunk(meta.internal, index, chunk_len(meta.len, index))?
             .ok_or_else(|| StoreError::Corrupt {
                 id: hex::encode(id),
             })?;
@@ -184,7 +228,37 @@ impl Store {
                 id: hex::encode(id),
             });
         }
-        Ok(bytes.to_vec())
+        Ok(bytes)
+    }
+
+    fn chunk_path(&self, internal: u64) -> PathBuf {
+        self.chunk_dir.join(format!("{internal:016x}"))
+    }
+
+    /// Reads `len` bytes of chunk `index` (unverified); `None` if it is not there.
+    fn read_chunk(
+        &self,
+        internal: u64,
+        index: u32,
+        len: usize,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.chunk_path(internal);
+        match File::open(&path) {
+            Ok(file) => {
+                let mut buf = vec![0u8; len];
+                match file.read_exact_at(&mut buf, chunk_offset(index)) {
+                    Ok(()) => Ok(Some(buf)),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+                    Err(e) => Err(file_err(&path)(e)),
+                }
+            }
+            // Blobs stored by earlier versions keep their chunks in sled.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self
+                .blob_chunks
+                .get(chunk_key(internal, index))?
+                .map(|v| v.to_vec())),
+            Err(e) => Err(file_err(&path)(e)),
+        }
     }
 
     /// Every complete blob.
@@ -213,7 +287,15 @@ impl Store {
         index: u32,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
-        self.blob_chunks.insert(chunk_key(internal, index), bytes)?;
+        let path = self.chunk_path(internal);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(file_err(&path))?;
+        file.write_all_at(bytes, chunk_offset(index))
+            .map_err(file_err(&path))?;
         Ok(())
     }
 
@@ -235,8 +317,7 @@ impl Store {
             for (i, expected) in hashes.iter().enumerate() {
                 let index = u32::try_from(i).unwrap_or(u32::MAX);
                 let bytes = store
-                    .blob_chunks
-                    .get(chunk_key(internal, index))?
+                    .read_chunk(internal, index, chunk_len(len, index))?
                     .ok_or_else(|| StoreError::Corrupt {
                         id: hex::encode(id),
                     })?;
@@ -248,6 +329,10 @@ impl Store {
                 }
                 total += bytes.len() as u64;
                 h.update(&bytes);
+            }
+            let path = store.chunk_path(internal);
+            if let Ok(f) = File::open(&path) {
+                f.sync_all().map_err(file_err(&path))?;
             }
             Ok((h.finalize().into(), total))
         })
@@ -281,6 +366,12 @@ impl Store {
     }
 
     fn remove_chunks(&self, internal: u64, count: usize) -> Result<(), StoreError> {
+        let path = self.chunk_path(internal);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_err(&path)(e)),
+        }
         for index in 0..count {
             let index = u32::try_from(index).unwrap_or(u32::MAX);
             self.blob_chunks.remove(chunk_key(internal, index))?;
@@ -296,6 +387,18 @@ impl Store {
             live.insert(meta.internal);
         }
         let mut removed = 0;
+        let dir = std::fs::read_dir(&self.chunk_dir).map_err(file_err(&self.chunk_dir))?;
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let Some(internal) = name.to_str().and_then(|n| u64::from_str_radix(n, 16).ok()) else {
+                continue;
+            };
+            if !live.contains(&internal) {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(file_err(&path))?;
+                removed += 1;
+            }
+        }
         for entry in self.blob_chunks.iter() {
             let (k, _) = entry?;
             let Some(prefix) = k.get(..8) else { continue };
@@ -346,7 +449,7 @@ mod tests {
             Err(StoreError::HashMismatch { .. })
         ));
         assert!(store.blobs().unwrap().is_empty());
-        assert_eq!(store.blob_chunks.len(), 0);
+        assert_eq!(std::fs::read_dir(&store.chunk_dir).unwrap().count(), 0);
     }
 
     #[tokio::test]
@@ -355,10 +458,7 @@ mod tests {
         let mut w = store.blob_writer(None).unwrap();
         w.write(b"abc").unwrap();
         let (id, meta) = w.finish().await.unwrap();
-        store
-            .blob_chunks
-            .insert(chunk_key(meta.internal, 0), b"abd".as_slice())
-            .unwrap();
+        std::fs::write(store.chunk_path(meta.internal), b"abd").unwrap();
         assert!(matches!(
             store.blob_chunk(&id, &meta, 0),
             Err(StoreError::Corrupt { .. })

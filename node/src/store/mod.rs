@@ -109,8 +109,17 @@ impl Store {
     }
 
     /// Makes every write so far durable. Call before acknowledging a write.
+    ///
+    /// Runs sled's synchronous flush on the blocking pool: sled 0.34's `flush_async` deadlocks
+    /// when several flushes overlap (spacejam/sled#1308; seen in release builds, where every
+    /// node hung on its first document write).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| {
+                StoreError::Sled(sled::Error::Io(std::io::Error::other(e.to_string())))
+            })??;
         Ok(())
     }
 

@@ -166,8 +166,27 @@ pub async fn fetch_now(ctx: &Arc<NodeCtx>, id: ContentId) -> Result<(), FetchErr
     }
 }
 
+/// Removes chunk files left by adds and transfers that were interrupted and will not resume
+/// (transfers with a progress record are kept, to resume).
+fn collect_garbage(ctx: &NodeCtx) {
+    let keep: Vec<u64> = ctx
+        .store
+        .state_scan(PROGRESS_PREFIX.as_bytes())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(_, v)| serde_cbor::from_slice::<Progress>(&v).ok())
+        .map(|p| p.internal)
+        .collect();
+    match ctx.store.collect_blob_garbage(&keep) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "removed chunks of interrupted blob adds"),
+        Err(e) => tracing::warn!(error = %e, "cannot collect blob garbage"),
+    }
+}
+
 /// Starts the blob server and the two fetch workers (small blobs, large blobs).
 pub fn spawn(ctx: Arc<NodeCtx>) {
+    collect_garbage(&ctx);
     let mut control = ctx.net.control();
     if let Ok(mut incoming) = control.accept(BLOB_PROTOCOL) {
         let ctx2 = ctx.clone();
