@@ -88,11 +88,57 @@ pub enum Command {
     /// Run a relay node (on a cloud VM) that makes devices behind NAT reachable.
     #[command(subcommand)]
     Relay(RelayCommand),
+    /// Bearer tokens for the HTTP API (`iom node run --http`).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Prompts the agent runs on a schedule (cron, UTC).
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
     /// List this mesh's devices, or revoke one.
     Devices {
         /// `revoke DEVICE`.
         #[command(subcommand)]
         command: Option<DevicesCommand>,
+    },
+}
+
+/// `iom token ...`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token (printed once; only its hash is stored).
+    Create {
+        /// A name to recognise it by.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tokens (ids and names, never the tokens).
+    List,
+    /// Revoke a token by id (or unique name).
+    Revoke {
+        /// Token id or name.
+        id: String,
+    },
+}
+
+/// `iom schedule ...`.
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Add a schedule: `iom schedule add "0 9 * * Mon-Fri" "Plan my day"`.
+    Add {
+        /// Cron expression, five fields `MIN HOUR DAY MONTH WEEKDAY`, in UTC.
+        cron: String,
+        /// The prompt sent to the agent at each slot.
+        prompt: String,
+        /// Post into this conversation (default: a new conversation for this schedule).
+        #[arg(long, short)]
+        conversation: Option<String>,
+    },
+    /// List schedules with their next and last slots.
+    List,
+    /// Remove a schedule.
+    Remove {
+        /// Schedule id.
+        id: String,
     },
 }
 

@@ -7,7 +7,9 @@ mod memory;
 mod mesh;
 mod node;
 pub mod relay;
+mod schedule;
 mod status;
+mod token;
 
 use std::path::PathBuf;
 
@@ -67,6 +69,8 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Conversations(cmd) => agent::conversations(&g, cmd).await,
         Command::Agent(cmd) => agent::agent(&g, cmd).await,
         Command::Sandbox(cmd) => agent::sandbox(&g, cmd).await,
+        Command::Token(cmd) => token::run(&g, cmd).await,
+        Command::Schedule(cmd) => schedule::run(&g, cmd).await,
         Command::Relay(RelayCommand::Run(args)) => Ok(relay::run(&relay_dir, g.json, args).await?),
     }
 }

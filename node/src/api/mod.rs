@@ -11,6 +11,8 @@ pub mod client;
 pub mod error;
 pub mod mesh;
 pub mod routes;
+pub mod schedules;
+pub mod tokens;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -42,7 +42,11 @@ pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
         .route("/v1/memory/append", post(memory_append))
         .merge(super::mesh::routes())
         .merge(super::agent::routes())
+        .merge(super::schedules::routes())
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(axum::middleware::map_response(
+            crate::http::errors::json_errors,
+        ))
         .with_state(ctx)
 }
 

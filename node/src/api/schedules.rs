@@ -1,0 +1,168 @@
+//! Schedule routes (`/v1/schedules`): edit the synced schedules document from any device.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::routing::get;
+use iom_crdt::{DocId, DocKind, ScheduleView, Schedules};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use super::routes::parse_doc_id;
+use crate::docs::{DocsError, Origin};
+use crate::node::NodeCtx;
+use crate::schedule;
+
+type Ctx = State<Arc<NodeCtx>>;
+
+/// Longest scheduled prompt.
+const MAX_PROMPT: usize = 64 * 1024;
+
+/// Routes for schedules.
+pub fn routes() -> axum::Router<Arc<NodeCtx>> {
+    axum::Router::new()
+        .route("/v1/schedules", get(list).post(add))
+        .route("/v1/schedules/{id}", get(show).delete(remove))
+}
+
+/// Body of `POST /v1/schedules`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddBody {
+    /// Cron expression (UTC).
+    pub cron: String,
+    /// The prompt.
+    pub prompt: String,
+    /// Post into this conversation; absent: a new conversation for this schedule.
+    #[serde(default)]
+    pub conversation: Option<String>,
+}
+
+fn view_json(ctx: &NodeCtx, v: &ScheduleView, raw: Option<&Value>) -> Value {
+    let now = schedule::now(ctx);
+    let next = schedule::parse_cron(&v.cron)
+        .ok()
+        .and_then(|s| schedule::next_slot(&s, now));
+    let mut j = serde_json::to_value(v).unwrap_or_else(|_| json!({}));
+    j["next_slot"] = json!(next);
+    j["cron_error"] = json!(schedule::parse_cron(&v.cron).err());
+    j["missed_slots"] = raw
+        .and_then(|r| r.get("missed_slots").cloned())
+        .unwrap_or(json!(0));
+    j["last_missed_slot"] = raw
+        .and_then(|r| r.get("last_missed_slot").cloned())
+        .unwrap_or(Value::Null);
+    j
+}
+
+async fn read_all(ctx: &NodeCtx) -> Result<Vec<(ScheduleView, Value)>, ApiError> {
+    if ctx.docs.meta(DocId::SCHEDULES)?.is_none() {
+        return Ok(Vec::new());
+    }
+    Ok(ctx
+        .docs
+        .read(DocId::SCHEDULES, |d| {
+            let raw = d.to_json();
+            Schedules::open(d)
+                .map(|s| {
+                    s.list()
+                        .into_iter()
+                        .map(|v| {
+                            let r = raw[iom_crdt::schedules::FIELD_ENTRIES][&v.id].clone();
+                            (v, r)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .await?)
+}
+
+async fn list(State(ctx): Ctx) -> Result<Json<Value>, ApiError> {
+    let items: Vec<Value> = read_all(&ctx)
+        .await?
+        .iter()
+        .map(|(v, r)| view_json(&ctx, v, Some(r)))
+        .collect();
+    Ok(Json(
+        json!({ "schedules": items, "now": schedule::now(&ctx) }),
+    ))
+}
+
+async fn show(State(ctx): Ctx, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    read_all(&ctx)
+        .await?
+        .iter()
+        .find(|(v, _)| v.id == id)
+        .map(|(v, r)| Json(view_json(&ctx, v, Some(r))))
+        .ok_or_else(|| ApiError::not_found(format!("no schedule {id:?} (see `iom schedule list`)")))
+}
+
+async fn add(State(ctx): Ctx, Json(body): Json<AddBody>) -> Result<Json<Value>, ApiError> {
+    schedule::parse_cron(&body.cron).map_err(ApiError::bad_request)?;
+    let prompt = body.prompt.trim().to_string();
+    if prompt.is_empty() || prompt.len() > MAX_PROMPT {
+        return Err(ApiError::bad_request(format!(
+            "the prompt is 1 to {MAX_PROMPT} bytes"
+        )));
+    }
+    let conversation = match body.conversation.as_deref() {
+        Some(c) => {
+            let id = parse_doc_id(c)?;
+            let meta = ctx.docs.meta(id)?.ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "no conversation {id} on this device (see `iom conversations list`)"
+                ))
+            })?;
+            if meta.kind != DocKind::Conversation.name() {
+                return Err(ApiError::bad_request(format!(
+                    "{id} is a {} document, not a conversation",
+                    meta.kind
+                )));
+            }
+            id
+        }
+        None => schedule::new_conversation(&ctx, &prompt).await?,
+    };
+    ctx.docs.create(DocKind::Schedules).await?;
+    let id = format!("s{}", hex::encode(crate::time::random_bytes::<4>()));
+    let (sid, cron, conv) = (id.clone(), body.cron.trim().to_string(), conversation);
+    let now = schedule::now(&ctx);
+    ctx.docs
+        .modify(DocId::SCHEDULES, Origin::Local, false, move |d| {
+            Schedules::open(&mut *d)?
+                .add(&sid, &cron, &prompt, Some(&conv.to_string()), now)
+                .map_err(|e| DocsError::Internal(e.to_string()))
+        })
+        .await?;
+    let all = read_all(&ctx).await?;
+    let (v, r) = all
+        .iter()
+        .find(|(v, _)| v.id == id)
+        .ok_or_else(|| ApiError::internal("the new schedule is not readable"))?;
+    Ok(Json(view_json(&ctx, v, Some(r))))
+}
+
+async fn remove(State(ctx): Ctx, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    if ctx.docs.meta(DocId::SCHEDULES)?.is_none() {
+        return Err(ApiError::not_found(format!("no schedule {id:?}")));
+    }
+    let sid = id.clone();
+    let now = crate::time::now_secs() as i64;
+    let removed = ctx
+        .docs
+        .modify(DocId::SCHEDULES, Origin::Local, false, move |d| {
+            Schedules::open(&mut *d)?
+                .remove(&sid, now)
+                .map_err(|e| DocsError::Internal(e.to_string()))
+        })
+        .await?;
+    if !removed {
+        return Err(ApiError::not_found(format!(
+            "no schedule {id:?} (see `iom schedule list`)"
+        )));
+    }
+    Ok(Json(json!({ "id": id, "removed": true })))
+}

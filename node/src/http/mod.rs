@@ -1,0 +1,119 @@
+//! The HTTP listener (`iom node run --http IP:PORT` or `[http] listen`): the same API as the
+//! unix socket, with `Authorization: Bearer TOKEN` required on every `/v1` route, plus the
+//! webhook endpoint and the embedded web chat page.
+//!
+//! A bind to anything but loopback is refused while no token exists, so a node never exposes
+//! an API that nobody can use safely. Token management (`/v1/tokens`) is only on the unix
+//! socket: a leaked token cannot mint more tokens or revoke the others.
+//!
+//! # Layout
+//! - [`tokens`]: bearer tokens (hashes in the node's state).
+//! - [`errors`]: JSON errors for everything, including axum's own rejections.
+//! - [`webhook`]: `POST /v1/webhook` and durable callback delivery.
+//! - [`page`]: the web chat page (`GET /`), embedded in the binary.
+
+pub mod errors;
+pub mod page;
+pub mod tokens;
+pub mod webhook;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use tokio::task::JoinHandle;
+
+use crate::node::NodeCtx;
+
+/// Why the HTTP listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// A non-loopback bind without any token.
+    #[error(
+        "refusing to serve HTTP on {addr}: it is not a loopback address and no API token exists; \
+         create one first with `iom token create` (while the node runs without --http, or with \
+         --http 127.0.0.1:PORT), or listen on 127.0.0.1"
+    )]
+    NoToken {
+        /// The address asked for.
+        addr: SocketAddr,
+    },
+    /// The address could not be bound.
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The token store could not be read.
+    #[error("cannot read the API tokens: {0}")]
+    Tokens(#[from] tokens::TokenError),
+}
+
+/// Checks the bind policy and binds the listener (call before the node reports ready).
+pub async fn bind(ctx: &NodeCtx, addr: SocketAddr) -> Result<tokio::net::TcpListener, HttpError> {
+    if !addr.ip().is_loopback() && !tokens::any(&ctx.store)? {
+        return Err(HttpError::NoToken { addr });
+    }
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })
+}
+
+/// The HTTP router: the page (no token), and the API and webhook (token required).
+pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
+    let api = crate::api::routes::router(ctx.clone())
+        .merge(webhook::routes(ctx.clone()))
+        .layer(middleware::from_fn_with_state(ctx, require_token));
+    page::routes()
+        .merge(api)
+        .fallback(errors::no_route)
+        .layer(middleware::map_response(errors::json_errors))
+}
+
+/// Serves `listener` until the node shuts down; resumes pending webhook callbacks.
+pub fn serve(ctx: Arc<NodeCtx>, listener: tokio::net::TcpListener) -> JoinHandle<()> {
+    webhook::resume(&ctx);
+    let app = router(ctx.clone());
+    let mut shutdown = ctx.shutdown.clone();
+    tokio::spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "the HTTP listener stopped");
+        }
+    })
+}
+
+/// Middleware: a valid `Authorization: Bearer TOKEN` or 401.
+async fn require_token(State(ctx): State<Arc<NodeCtx>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let Some(token) = presented else {
+        return errors::unauthorized(
+            "missing `Authorization: Bearer TOKEN` (create a token with `iom token create`)",
+        );
+    };
+    match tokens::verify(&ctx.store, token) {
+        Ok(Some(_)) => next.run(req).await,
+        Ok(None) => errors::unauthorized("unknown or revoked token"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check a token");
+            errors::unauthorized("cannot check the token")
+        }
+    }
+}

@@ -1,0 +1,296 @@
+// The iom web chat page. Plain JS, no build step. API calls carry the bearer token kept in
+// localStorage; answers stream from the SSE events endpoint read with fetch (EventSource
+// cannot send an Authorization header).
+"use strict";
+
+const TOKEN_KEY = "iom.token";
+const $ = (id) => document.getElementById(id);
+const state = { token: localStorage.getItem(TOKEN_KEY) || "", current: null, streaming: 0 };
+
+class Unauthorized extends Error {}
+
+async function api(path, options = {}) {
+  const headers = { Authorization: "Bearer " + state.token };
+  if (options.body !== undefined) headers["Content-Type"] = "application/json";
+  const resp = await fetch(path, {
+    method: options.method || "GET",
+    headers,
+    body: options.body === undefined ? undefined : JSON.stringify(options.body),
+  });
+  if (resp.status === 401) {
+    showLogin("That token was refused; paste a valid one.");
+    throw new Unauthorized("unauthorized");
+  }
+  const body = await resp.json().catch(() => ({}));
+  if (!resp.ok) throw new Error(body.error ? body.error.message : resp.status + " " + resp.statusText);
+  return body;
+}
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined && text !== null) e.textContent = text;
+  return e;
+}
+
+function tokens(usage) {
+  if (!usage) return "";
+  const i = usage.input_tokens || 0, o = usage.output_tokens || 0;
+  return i || o ? `${i.toLocaleString()} in · ${o.toLocaleString()} out tokens` : "";
+}
+
+function showLogin(message) {
+  $("app").hidden = true;
+  $("login").hidden = false;
+  $("login-error").textContent = message || "";
+  $("token-input").focus();
+}
+
+async function connect() {
+  $("login").hidden = true;
+  $("app").hidden = false;
+  try {
+    await Promise.all([loadAgent(), loadConversations()]);
+  } catch (e) {
+    if (!(e instanceof Unauthorized)) $("chat-error").textContent = e.message;
+  }
+}
+
+async function loadAgent() {
+  const a = await api("/v1/agent");
+  $("agent").textContent = a.agent
+    ? `agent: ${a.name || a.agent.slice(0, 12)} (${a.connection})`
+    : "no agent assigned yet";
+}
+
+async function loadConversations() {
+  const { conversations } = await api("/v1/conversations");
+  const list = $("conversations");
+  list.replaceChildren();
+  for (const c of conversations) {
+    const li = el("li");
+    li.dataset.id = c.id;
+    if (c.id === state.current) li.classList.add("active");
+    li.append(el("span", "title", c.title || "(untitled)"));
+    const meta = [`${c.messages} messages`, tokens(c.usage)].filter(Boolean).join(" · ");
+    li.append(el("span", "muted", meta));
+    li.addEventListener("click", () => {
+      $("sidebar").classList.remove("open");
+      openConversation(c.id).catch(report);
+    });
+    list.append(li);
+  }
+}
+
+function newConversation() {
+  state.current = null;
+  $("conv-title").textContent = "New conversation";
+  $("conv-usage").textContent = "";
+  $("messages").replaceChildren();
+  for (const li of $("conversations").children) li.classList.remove("active");
+  $("sidebar").classList.remove("open");
+  $("prompt").focus();
+}
+
+async function openConversation(id) {
+  const c = await api(`/v1/conversations/${encodeURIComponent(id)}`);
+  state.current = id;
+  $("conv-title").textContent = c.title || "(untitled)";
+  $("conv-usage").textContent = tokens(c.usage);
+  for (const li of $("conversations").children) li.classList.toggle("active", li.dataset.id === id);
+  const box = $("messages");
+  box.replaceChildren();
+  const replies = new Map();
+  for (const m of c.messages) if (m.role === "assistant" && m.reply_to) replies.set(m.reply_to, m);
+  for (const m of c.messages) {
+    if (m.role !== "user") continue;
+    box.append(userBubble(m.text));
+    const reply = replies.get(m.request_id);
+    const bubble = assistantBubble();
+    box.append(bubble.root);
+    if (reply) {
+      for (const t of reply.tool_calls || []) {
+        const tool = bubble.addTool(t.name, t.input);
+        bubble.finishTool(tool, t.output, t.is_error);
+      }
+      bubble.setText(reply.text);
+      bubble.finish(reply.usage, m.error);
+    } else if (m.status === "failed") {
+      bubble.fail(m.error || "failed");
+    } else {
+      stream(id, m.request_id, bubble);
+    }
+  }
+  box.scrollTop = box.scrollHeight;
+}
+
+function userBubble(text) {
+  const li = el("li", "msg user");
+  li.append(el("div", "text", text));
+  return li;
+}
+
+function assistantBubble() {
+  const root = el("li", "msg assistant");
+  root.dataset.state = "pending";
+  const tools = el("ul", "tools");
+  const text = el("div", "text");
+  const meta = el("div", "meta muted");
+  root.append(tools, text, meta);
+  const scroll = () => { const b = $("messages"); b.scrollTop = b.scrollHeight; };
+  return {
+    root,
+    setStatus(s) { root.dataset.state = s; meta.textContent = s === "pending" ? "waiting for the agent…" : s + "…"; },
+    append(delta) { text.textContent += delta; scroll(); },
+    setText(t) { text.textContent = t; scroll(); },
+    addTool(name, input) {
+      const li = el("li", "tool");
+      li.dataset.state = "running";
+      const d = el("details");
+      d.append(el("summary", null, `⚙ ${name}`), el("pre", "input", input));
+      li.append(d);
+      tools.append(li);
+      scroll();
+      return li;
+    },
+    finishTool(li, output, isError) {
+      if (!li) return;
+      li.dataset.state = "done";
+      li.dataset.error = isError ? "true" : "false";
+      li.querySelector("details").append(el("pre", "output", output));
+    },
+    runningTool(name) {
+      return [...tools.querySelectorAll('.tool[data-state="running"]')]
+        .find((t) => t.querySelector("summary").textContent === `⚙ ${name}`);
+    },
+    finish(usage, note) {
+      root.dataset.state = "done";
+      meta.textContent = [tokens(usage), note].filter(Boolean).join(" · ");
+    },
+    fail(error) {
+      root.dataset.state = "failed";
+      meta.textContent = "";
+      meta.append(el("span", "error", "failed: " + error));
+    },
+  };
+}
+
+// Parses a text/event-stream and calls onEvent(name, data) for each event.
+async function readEvents(resp, onEvent) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true }).replace(/\r\n/g, "\n");
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let name = "message", data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) data += (data ? "\n" : "") + line.slice(5).replace(/^ /, "");
+      }
+      if (!data) continue;
+      let parsed;
+      try { parsed = JSON.parse(data); } catch { continue; }
+      if (onEvent(name, parsed) === false) { reader.cancel().catch(() => {}); return; }
+    }
+  }
+}
+
+async function stream(conversation, requestId, bubble) {
+  state.streaming++;
+  try {
+    const path = `/v1/conversations/${encodeURIComponent(conversation)}/requests/${encodeURIComponent(requestId)}/events`;
+    const resp = await fetch(path, { headers: { Authorization: "Bearer " + state.token } });
+    if (resp.status === 401) { showLogin("That token was refused; paste a valid one."); return; }
+    if (!resp.ok) {
+      const body = await resp.json().catch(() => ({}));
+      bubble.fail(body.error ? body.error.message : String(resp.status));
+      return;
+    }
+    let finished = false;
+    await readEvents(resp, (name, ev) => {
+      switch (name) {
+        case "status": bubble.setStatus(ev.status); break;
+        case "text": bubble.root.dataset.state = "running"; bubble.append(ev.delta); break;
+        case "tool_started": bubble.addTool(ev.name, ev.input); break;
+        case "tool_finished": bubble.finishTool(bubble.runningTool(ev.name), ev.output, ev.is_error); break;
+        case "retry": bubble.setStatus("retrying"); break;
+        case "done": bubble.setText(ev.text); bubble.finish(ev, ev.note); finished = true; return false;
+        case "failed": bubble.fail(ev.error); finished = true; return false;
+      }
+      return true;
+    });
+    if (!finished) bubble.fail("the event stream ended early; reload to see the answer");
+  } catch (e) {
+    bubble.fail(e.message);
+  } finally {
+    state.streaming--;
+    if (state.current === conversation) refreshUsage(conversation).catch(() => {});
+    loadConversations().catch(() => {});
+  }
+}
+
+async function refreshUsage(id) {
+  const c = await api(`/v1/conversations/${encodeURIComponent(id)}`);
+  if (state.current === id) $("conv-usage").textContent = tokens(c.usage);
+}
+
+async function send(event) {
+  event.preventDefault();
+  const prompt = $("prompt").value.trim();
+  if (!prompt) return;
+  $("send").disabled = true;
+  $("chat-error").textContent = "";
+  try {
+    const body = { prompt, interface: "web" };
+    if (state.current) body.conversation = state.current;
+    const asked = await api("/v1/ask", { method: "POST", body });
+    $("prompt").value = "";
+    if (!state.current) {
+      state.current = asked.conversation;
+      $("conv-title").textContent = prompt.slice(0, 60);
+    }
+    $("messages").append(userBubble(prompt));
+    const bubble = assistantBubble();
+    bubble.setStatus("pending");
+    if (asked.queued) bubble.root.querySelector(".meta").textContent = asked.note;
+    $("messages").append(bubble.root);
+    loadConversations().catch(() => {});
+    stream(asked.conversation, asked.request_id, bubble);
+  } catch (e) {
+    report(e);
+  } finally {
+    $("send").disabled = false;
+  }
+}
+
+function report(e) {
+  if (!(e instanceof Unauthorized)) $("chat-error").textContent = e.message;
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("login-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    state.token = $("token-input").value.trim();
+    localStorage.setItem(TOKEN_KEY, state.token);
+    connect();
+  });
+  $("forget-token").addEventListener("click", () => {
+    localStorage.removeItem(TOKEN_KEY);
+    state.token = "";
+    $("token-input").value = "";
+    showLogin("");
+  });
+  $("new-conv").addEventListener("click", newConversation);
+  $("composer").addEventListener("submit", send);
+  $("prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
+  });
+  $("toggle-list").addEventListener("click", () => $("sidebar").classList.toggle("open"));
+  if (state.token) connect(); else showLogin("");
+});

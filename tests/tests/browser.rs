@@ -1,0 +1,363 @@
+//! The web chat page in a real browser: headless Chromium (Debian's `chromium` and
+//! `chromium-driver`) driven over WebDriver with plain HTTP JSON calls. The page loads, takes
+//! a token, sends a message and shows the answer as it streams; screenshots (phone-sized and
+//! desktop-sized) are saved to `target/screenshots/`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
+use iom_tests::harness::{Node, free_port, scenario};
+use serde_json::{Value, json};
+
+const ELEMENT: &str = "element-6066-11e4-a23c-4ebfda9ae2e3";
+
+/// A chromedriver process and one browser session.
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+impl Browser {
+    async fn start(width: u32, height: u32) -> Result<Browser> {
+        let port = free_port()?;
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start chromedriver (install chromium and chromium-driver: scripts/install-deps.sh)")?;
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http.get(format!("{base}/status")).send().await.is_err() {
+            if Instant::now() > deadline {
+                bail!("chromedriver did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut b = Browser {
+            driver,
+            base,
+            session: String::new(),
+            http,
+        };
+        let caps = json!({ "capabilities": { "alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", format!("--window-size={width},{height}")],
+            },
+        }}});
+        let v = b.call("POST", "/session", caps).await?;
+        b.session = v["sessionId"]
+            .as_str()
+            .context("no session id")?
+            .to_string();
+        Ok(b)
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Value) -> Result<Value> {
+        let url = if path == "/session" {
+            format!("{}{path}", self.base)
+        } else {
+            format!("{}/session/{}{path}", self.base, self.session)
+        };
+        let req = match method {
+            "GET" => self.http.get(url),
+            "DELETE" => self.http.delete(url),
+            _ => self.http.post(url).json(&body),
+        };
+        let resp = req.send().await?;
+        let status = resp.status();
+        let v: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("webdriver {method} {path}: {status}: {v}");
+        }
+        Ok(v["value"].clone())
+    }
+
+    async fn goto(&self, url: &str) -> Result<()> {
+        self.call("POST", "/url", json!({ "url": url })).await?;
+        Ok(())
+    }
+
+    async fn find(&self, css: &str) -> Result<String> {
+        let v = self
+            .call(
+                "POST",
+                "/element",
+                json!({ "using": "css selector", "value": css }),
+            )
+            .await?;
+        Ok(v[ELEMENT]
+            .as_str()
+            .ok_or_else(|| anyhow!("no element {css}"))?
+            .to_string())
+    }
+
+    async fn type_into(&self, css: &str, text: &str) -> Result<()> {
+        let e = self.find(css).await?;
+        self.call(
+            "POST",
+            &format!("/element/{e}/value"),
+            json!({ "text": text }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn click(&self, css: &str) -> Result<()> {
+        let e = self.find(css).await?;
+        self.call("POST", &format!("/element/{e}/click"), json!({}))
+            .await?;
+        Ok(())
+    }
+
+    async fn js(&self, script: &str) -> Result<Value> {
+        self.call(
+            "POST",
+            "/execute/sync",
+            json!({ "script": script, "args": [] }),
+        )
+        .await
+    }
+
+    async fn wait_js(&self, what: &str, script: &str, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.js(script).await?;
+            if !v.is_null() && v != Value::Bool(false) {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn screenshot(&self, name: &str) -> Result<PathBuf> {
+        let v = self.call("GET", "/screenshot", Value::Null).await?;
+        let b64 = v.as_str().context("no screenshot data")?;
+        let dir = screenshots_dir();
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(name);
+        std::fs::write(&path, decode_base64(b64)?)?;
+        Ok(path)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.call("DELETE", "", Value::Null).await?;
+        Ok(())
+    }
+}
+
+fn screenshots_dir() -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("screenshots")
+}
+
+/// Standard base64 (the WebDriver screenshot encoding).
+fn decode_base64(text: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in text.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' | b'\n' | b'\r' => continue,
+            _ => bail!("bad base64 byte {c}"),
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Ok(out)
+}
+
+/// Records every length the answer text goes through, so the test can tell it streamed.
+const WATCH: &str = r#"
+window.__lengths = [];
+new MutationObserver(() => {
+  const t = document.querySelector('.msg.assistant:last-child .text');
+  if (t) window.__lengths.push(t.textContent.length);
+}).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+return true;
+"#;
+
+#[test]
+fn web_page_sends_and_streams() {
+    scenario(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
+        let mut node = Node::with_env(
+            "phone",
+            &[
+                ("ANTHROPIC_API_KEY", fake.api_key()),
+                ("ANTHROPIC_BASE_URL", fake.url()),
+            ],
+        )?;
+        let port = free_port()?;
+        node.args
+            .extend(["--http".to_string(), format!("127.0.0.1:{port}")]);
+        node.start()?;
+        let me = node.device_id()?;
+        node.cli(&["agent", "assign", &me])?;
+        let token = node.json(&["token", "create", "--name", "browser"])?["token"]
+            .as_str()
+            .context("no token")?
+            .to_string();
+        // A long prompt makes a long echo, streamed over a second or two.
+        let prompt = format!(
+            "Write me a short note about the mesh. {}",
+            "Every device syncs its documents. ".repeat(30)
+        );
+        let page = format!("http://127.0.0.1:{port}/");
+        rt.block_on(async {
+            let b = Browser::start(412, 860).await?;
+            b.goto(&page).await?;
+            // No token yet: the page asks for one.
+            b.wait_js(
+                "the token form",
+                "return !document.getElementById('login').hidden",
+                Duration::from_secs(10),
+            )
+            .await?;
+            b.screenshot("web-login-phone.png").await?;
+            // A wrong token is refused with a message.
+            b.type_into("#token-input", "iom_wrong").await?;
+            b.click("#token-save").await?;
+            b.wait_js(
+                "the refusal",
+                "return document.getElementById('login-error').textContent",
+                Duration::from_secs(10),
+            )
+            .await?;
+            b.js("document.getElementById('token-input').value = ''; return true").await?;
+            b.type_into("#token-input", &token).await?;
+            b.click("#token-save").await?;
+            b.wait_js(
+                "the chat",
+                "return !document.getElementById('app').hidden && \
+                 document.getElementById('agent').textContent.startsWith('agent:')",
+                Duration::from_secs(10),
+            )
+            .await?;
+            b.js(WATCH).await?;
+            b.type_into("#prompt", &prompt).await?;
+            b.click("#send").await?;
+            let text = b
+                .wait_js(
+                    "the streamed answer",
+                    "const m = document.querySelector('.msg.assistant:last-child'); \
+                     return m && m.dataset.state === 'done' && m.querySelector('.text').textContent",
+                    Duration::from_secs(60),
+                )
+                .await?;
+            let text = text.as_str().unwrap_or("").to_string();
+            assert!(text.starts_with("echo: Write me a short note"), "{text:.200}");
+            let lengths: Vec<u64> = b
+                .js("return window.__lengths")
+                .await?
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(Value::as_u64)
+                .collect();
+            let partial: std::collections::BTreeSet<u64> = lengths
+                .iter()
+                .copied()
+                .filter(|l| *l > 0 && (*l as usize) < text.chars().count())
+                .collect();
+            assert!(
+                partial.len() >= 2,
+                "the answer did not stream (lengths seen: {lengths:?})"
+            );
+            // Usage is shown per message and for the conversation; the list shows it too.
+            let meta = b
+                .wait_js(
+                    "usage",
+                    "const u = document.getElementById('conv-usage').textContent; \
+                     const m = document.querySelector('.msg.assistant:last-child .meta').textContent; \
+                     return u.includes('tokens') && m.includes('tokens') && [m, u]",
+                    Duration::from_secs(10),
+                )
+                .await?;
+            assert!(meta.to_string().contains(" in · "), "{meta}");
+            b.wait_js(
+                "the conversation in the list",
+                "return document.querySelectorAll('#conversations li').length === 1",
+                Duration::from_secs(10),
+            )
+            .await?;
+            let shot = b.screenshot("web-chat-phone.png").await?;
+            assert!(std::fs::metadata(&shot)?.len() > 5_000, "tiny screenshot");
+            // No horizontal overflow on a phone-sized screen.
+            let overflow = b
+                .js("return document.documentElement.scrollWidth > window.innerWidth + 1")
+                .await?;
+            assert_eq!(overflow, Value::Bool(false), "the page scrolls sideways on a phone");
+            b.close().await?;
+
+            // Desktop: the token is remembered; the list and the conversation reload.
+            let d = Browser::start(1280, 800).await?;
+            d.goto(&page).await?;
+            d.js(&format!(
+                "localStorage.setItem('iom.token', {}); location.reload(); return true",
+                serde_json::to_string(&token)?
+            ))
+            .await?;
+            d.wait_js(
+                "the list",
+                "return document.querySelectorAll('#conversations li').length === 1",
+                Duration::from_secs(10),
+            )
+            .await?;
+            d.click("#conversations li").await?;
+            d.wait_js(
+                "the old answer",
+                "const m = document.querySelector('.msg.assistant .text'); \
+                 return m && m.textContent.startsWith('echo:')",
+                Duration::from_secs(10),
+            )
+            .await?;
+            d.screenshot("web-chat-desktop.png").await?;
+            d.close().await?;
+            anyhow::Ok(())
+        })?;
+        // The page's request went through the web interface.
+        let convs = node.json(&["conversations", "list"])?;
+        let id = convs["conversations"][0]["id"]
+            .as_str()
+            .context("no conversation")?
+            .to_string();
+        let c = node.json(&["conversations", "show", &id])?;
+        assert_eq!(c["messages"][0]["interface"], "web", "{c}");
+        node.assert_no_panic()
+    });
+}

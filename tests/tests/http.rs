@@ -1,0 +1,459 @@
+//! The HTTP listener against real `iom` processes: bearer tokens, JSON errors, body limits, the
+//! loopback-only rule without tokens, and webhooks with a real callback receiver that fails
+//! twice before it accepts.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use axum::http::StatusCode;
+use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
+use iom_tests::harness::{Node, free_port, scenario, wait_until};
+use serde_json::{Value, json};
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// A node serving HTTP on a fresh loopback port; returns it with the base URL.
+fn http_node(name: &str, env: &[(&str, &str)]) -> Result<(Node, String)> {
+    let mut n = Node::with_env(name, env)?;
+    let port = free_port()?;
+    n.args
+        .extend(["--http".to_string(), format!("127.0.0.1:{port}")]);
+    n.start()?;
+    Ok((n, format!("http://127.0.0.1:{port}")))
+}
+
+fn token(n: &Node, name: &str) -> Result<(String, String)> {
+    let t = n.json(&["token", "create", "--name", name])?;
+    Ok((
+        t["token"].as_str().context("no token")?.to_string(),
+        t["id"].as_str().context("no id")?.to_string(),
+    ))
+}
+
+/// Sends a request and returns `(status, JSON body)`; the body must be JSON.
+async fn call(req: reqwest::RequestBuilder) -> Result<(StatusCode, Value)> {
+    let resp = req.send().await?;
+    let status = StatusCode::from_u16(resp.status().as_u16())?;
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let text = resp.text().await?;
+    if !ct.starts_with("application/json") {
+        bail!("{status}: content-type {ct:?}, body {text:?}");
+    }
+    Ok((status, serde_json::from_str(&text)?))
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+#[test]
+fn auth_and_clear_json_errors() {
+    scenario(|| {
+        let rt = runtime()?;
+        let (node, base) = http_node("web", &[])?;
+        let (good, id) = token(&node, "tests")?;
+        let http = reqwest::Client::new();
+        rt.block_on(async {
+            let url = |p: &str| format!("{base}{p}");
+            // No token, a made-up token, a good token.
+            let (s, v) = call(http.get(url("/v1/status"))).await?;
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+            assert_eq!(code(&v), "unauthorized");
+            let (s, _) = call(
+                http.get(url("/v1/status"))
+                    .bearer_auth("iom_0000000000000000000000000000000000000000000000"),
+            )
+            .await?;
+            assert_eq!(s, StatusCode::UNAUTHORIZED);
+            let (s, _) = call(
+                http.get(url("/v1/status"))
+                    .header("authorization", "Basic eDp5"),
+            )
+            .await?;
+            assert_eq!(s, StatusCode::UNAUTHORIZED);
+            let (s, v) = call(http.get(url("/v1/status")).bearer_auth(&good)).await?;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            assert_eq!(v["name"], "web");
+            // Every error is JSON with a stable code.
+            let post = |p: &str| http.post(url(p)).bearer_auth(&good);
+            let (s, v) = call(
+                post("/v1/ask")
+                    .header("content-type", "application/json")
+                    .body("{\"prompt\": "),
+            )
+            .await?;
+            assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_json"), "{v}");
+            let (s, v) = call(post("/v1/ask").json(&json!({ "promt": "typo" }))).await?;
+            assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_json"), "{v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("promt"),
+                "{v}"
+            );
+            let (s, v) = call(post("/v1/ask").body("{\"prompt\":\"hi\"}")).await?;
+            assert_eq!(
+                (s, code(&v)),
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+                "{v}"
+            );
+            let big = json!({ "prompt": "x".repeat(2 << 20) });
+            let (s, v) = call(post("/v1/ask").json(&big)).await?;
+            assert_eq!(
+                (s, code(&v)),
+                (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+                "{v}"
+            );
+            let (s, v) = call(post("/v1/webhook").json(&json!({
+                "user": "u", "message": "m".repeat(2 << 20)
+            })))
+            .await?;
+            assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+            let unknown = "00112233445566778899aabbccddeeff";
+            let (s, v) = call(
+                http.get(url(&format!("/v1/conversations/{unknown}")))
+                    .bearer_auth(&good),
+            )
+            .await?;
+            assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"), "{v}");
+            let (s, v) =
+                call(post("/v1/ask").json(&json!({ "prompt": "hi", "conversation": unknown })))
+                    .await?;
+            assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"), "{v}");
+            let (s, v) = call(
+                http.get(url(&format!(
+                    "/v1/conversations/{unknown}/requests/r1/events"
+                )))
+                .bearer_auth(&good),
+            )
+            .await?;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+            let (s, v) = call(
+                http.get(url("/v1/conversations/not-an-id"))
+                    .bearer_auth(&good),
+            )
+            .await?;
+            assert_eq!(
+                (s, code(&v)),
+                (StatusCode::BAD_REQUEST, "bad_request"),
+                "{v}"
+            );
+            let (s, v) = call(http.get(url("/v1/schedules/nope")).bearer_auth(&good)).await?;
+            assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+            let (s, v) = call(http.delete(url("/v1/status")).bearer_auth(&good)).await?;
+            assert_eq!(
+                (s, code(&v)),
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+                "{v}"
+            );
+            let (s, v) = call(http.get(url("/v1/no-such-route")).bearer_auth(&good)).await?;
+            assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"), "{v}");
+            // Token management is only on the unix socket.
+            let (s, _) = call(http.get(url("/v1/tokens")).bearer_auth(&good)).await?;
+            assert_eq!(s, StatusCode::NOT_FOUND);
+            // Bad webhook input.
+            let (s, v) = call(post("/v1/webhook").json(&json!({
+                "user": "u", "message": "hi", "callback_url": "file:///etc/passwd"
+            })))
+            .await?;
+            assert_eq!(
+                (s, code(&v)),
+                (StatusCode::BAD_REQUEST, "bad_request"),
+                "{v}"
+            );
+            // The page and the OpenAPI file load without a token.
+            let page = http.get(url("/")).send().await?;
+            assert_eq!(page.status().as_u16(), 200);
+            assert!(page.text().await?.contains("<script src=\"/app.js\""));
+            let spec = http.get(url("/openapi.yaml")).send().await?.text().await?;
+            assert!(spec.contains("openapi: 3.1"), "{spec:.200}");
+            anyhow::Ok(())
+        })?;
+        // A revoked token stops working at once.
+        let list = node.json(&["token", "list"])?;
+        assert!(
+            !list.to_string().contains(&good),
+            "token list shows a secret: {list}"
+        );
+        node.cli(&["token", "revoke", &id])?;
+        let (s, _) = rt.block_on(call(
+            http.get(format!("{base}/v1/status")).bearer_auth(&good),
+        ))?;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        let (code_, err) = node.fail(&["token", "revoke", &id])?;
+        assert_eq!(code_, 1);
+        assert!(err.contains("no token"), "{err}");
+        node.assert_no_panic()
+    });
+}
+
+#[test]
+fn non_loopback_bind_needs_a_token() {
+    scenario(|| {
+        let mut n = Node::new("exposed")?;
+        let port = free_port()?;
+        n.args
+            .extend(["--http".to_string(), format!("0.0.0.0:{port}")]);
+        let e = n
+            .start()
+            .err()
+            .ok_or_else(|| anyhow!("started without a token"))?;
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("not a loopback address and no API token exists"),
+            "{text}"
+        );
+        // With a token (created while serving only the socket), the same bind works.
+        n.args.truncate(n.args.len() - 2);
+        n.start()?;
+        let (t, _) = token(&n, "lan")?;
+        n.stop()?;
+        n.args
+            .extend(["--http".to_string(), format!("0.0.0.0:{port}")]);
+        n.start()?;
+        let rt = runtime()?;
+        let (s, v) = rt.block_on(call(
+            reqwest::Client::new()
+                .get(format!("http://127.0.0.1:{port}/v1/status"))
+                .bearer_auth(&t),
+        ))?;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        Ok(())
+    });
+}
+
+/// A callback receiver: answers 500 to the first `fail_first` POSTs, then 200; records bodies.
+struct Receiver {
+    url: String,
+    seen: Arc<Mutex<Vec<(u16, Value, Option<String>)>>>,
+}
+
+async fn receiver(fail_first: usize) -> Result<Receiver> {
+    use axum::extract::State;
+    type Seen = Arc<Mutex<Vec<(u16, Value, Option<String>)>>>;
+    let seen: Seen = Arc::default();
+    let app =
+        axum::Router::new()
+            .route(
+                "/hook",
+                axum::routing::post(
+                    move |State(seen): State<Seen>,
+                          headers: axum::http::HeaderMap,
+                          body: String| async move {
+                        let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+                        let status = if s.len() < fail_first { 500 } else { 200 };
+                        let v = serde_json::from_str(&body).unwrap_or(Value::String(body));
+                        let rid = headers
+                            .get("x-iom-request-id")
+                            .and_then(|h| h.to_str().ok())
+                            .map(str::to_string);
+                        s.push((status, v, rid));
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+                    },
+                ),
+            )
+            .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(Receiver {
+        url: format!("http://{addr}/hook"),
+        seen,
+    })
+}
+
+#[test]
+fn webhook_round_trip_with_failing_callback() {
+    scenario(|| {
+        let rt = runtime()?;
+        let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
+        let rx = rt.block_on(receiver(2))?;
+        let (node, base) = http_node(
+            "hooks",
+            &[
+                ("ANTHROPIC_API_KEY", fake.api_key()),
+                ("ANTHROPIC_BASE_URL", fake.url()),
+            ],
+        )?;
+        let me = node.device_id()?;
+        node.cli(&["agent", "assign", &me])?;
+        let (t, _) = token(&node, "hooks")?;
+        let http = reqwest::Client::new();
+        let started = std::time::Instant::now();
+        let (s, accepted) = rt.block_on(call(
+            http.post(format!("{base}/v1/webhook"))
+                .bearer_auth(&t)
+                .json(&json!({
+                    "user": "alice@example.com",
+                    "message": "What is on my list?",
+                    "context": { "ticket": 42 },
+                    "callback_url": rx.url,
+                })),
+        ))?;
+        assert_eq!(s, StatusCode::ACCEPTED, "{accepted}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the webhook did not answer at once"
+        );
+        let rid = accepted["request_id"]
+            .as_str()
+            .context("no request_id")?
+            .to_string();
+        let conv = accepted["conversation"]
+            .as_str()
+            .context("no conversation")?
+            .to_string();
+
+        // Two refused deliveries (500), then one accepted, with backoff between them.
+        wait_until(
+            "the callback to be accepted",
+            Duration::from_secs(60),
+            || {
+                let seen = rx.seen.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(seen.iter().any(|(s, _, _)| *s == 200))
+            },
+        )?;
+        let seen = rx.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(
+            seen.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(),
+            [500, 500, 200],
+            "deliveries: {seen:?}"
+        );
+        let (_, body, header) = &seen[2];
+        assert_eq!(body["request_id"], rid.as_str());
+        assert_eq!(body["conversation"], conv.as_str());
+        assert_eq!(body["status"], "done", "{body}");
+        let text = body["text"].as_str().unwrap_or("");
+        assert!(text.starts_with("echo: What is on my list?"), "{text}");
+        assert!(
+            text.contains("\"ticket\": 42"),
+            "context not in the prompt: {text}"
+        );
+        assert!(
+            body["usage"]["input_tokens"].as_u64().unwrap_or(0) > 0,
+            "{body}"
+        );
+        assert!(
+            body["usage"]["output_tokens"].as_u64().unwrap_or(0) > 0,
+            "{body}"
+        );
+        assert_eq!(header.as_deref(), Some(rid.as_str()));
+        // Every attempt carried the same answer.
+        assert_eq!(seen[0].1, seen[2].1);
+
+        // The request is in the user's conversation like any other.
+        let c = node.json(&["conversations", "show", &conv])?;
+        let msgs = c["messages"].as_array().context("no messages")?;
+        let req = msgs
+            .iter()
+            .find(|m| m["request_id"] == rid.as_str())
+            .context("request not in the conversation")?;
+        assert_eq!(req["interface"], "webhook");
+        assert_eq!(req["status"], "done");
+        assert!(
+            msgs.iter()
+                .any(|m| m["reply_to"] == rid.as_str() && m["role"] == "assistant")
+        );
+        assert_eq!(c["title"], "webhook: alice@example.com");
+
+        // The same user lands in the same conversation; another user gets their own.
+        let (_, again) = rt.block_on(call(
+            http.post(format!("{base}/v1/webhook"))
+                .bearer_auth(&t)
+                .json(&json!({ "user": "alice@example.com", "message": "And now?" })),
+        ))?;
+        assert_eq!(again["conversation"], conv.as_str());
+        let (_, other) = rt.block_on(call(
+            http.post(format!("{base}/v1/webhook"))
+                .bearer_auth(&t)
+                .json(&json!({ "user": "bob", "message": "Hi" })),
+        ))?;
+        assert_ne!(other["conversation"], conv.as_str());
+        node.assert_no_panic()
+    });
+}
+
+#[test]
+fn webhook_callback_resumes_after_restart() {
+    scenario(|| {
+        let rt = runtime()?;
+        let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
+        // The receiver is down at first: its port is reserved but nothing listens.
+        let (mut node, base) = http_node(
+            "resume",
+            &[
+                ("ANTHROPIC_API_KEY", fake.api_key()),
+                ("ANTHROPIC_BASE_URL", fake.url()),
+            ],
+        )?;
+        let me = node.device_id()?;
+        node.cli(&["agent", "assign", &me])?;
+        let (t, _) = token(&node, "resume")?;
+        let port = free_port()?;
+        let (s, accepted) = rt.block_on(call(
+            reqwest::Client::new()
+                .post(format!("{base}/v1/webhook"))
+                .bearer_auth(&t)
+                .json(&json!({
+                    "user": "carol", "message": "Remember this",
+                    "callback_url": format!("http://127.0.0.1:{port}/hook"),
+                })),
+        ))?;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        let rid = accepted["request_id"]
+            .as_str()
+            .context("no id")?
+            .to_string();
+        // Let the first attempt fail, then stop the node mid-retry.
+        wait_until("a failed attempt", Duration::from_secs(30), || {
+            Ok(node.log_text().contains("webhook callback failed"))
+        })?;
+        node.stop()?;
+        // The receiver comes up; the restarted node delivers the pending callback.
+        let seen = rt.block_on(async {
+            let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+            let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+            let s2 = seen.clone();
+            let app = axum::Router::new().route(
+                "/hook",
+                axum::routing::post(move |body: String| {
+                    let s2 = s2.clone();
+                    async move {
+                        s2.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(serde_json::from_str(&body).unwrap_or(Value::Null));
+                        StatusCode::OK
+                    }
+                }),
+            );
+            tokio::spawn(async move {
+                let _ = axum::serve(l, app).await;
+            });
+            anyhow::Ok(seen)
+        })?;
+        node.start()?;
+        wait_until("the resumed callback", Duration::from_secs(60), || {
+            Ok(!seen.lock().unwrap_or_else(|e| e.into_inner()).is_empty())
+        })?;
+        let got = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["request_id"], rid.as_str());
+        assert_eq!(got[0]["status"], "done");
+        assert!(node.log_text().contains("resuming a webhook callback"));
+        Ok(())
+    });
+}
