@@ -99,7 +99,7 @@ impl NodeCtx {
             "disk_bytes": self.store.size_on_disk(),
             "listen": self.net.listen_addrs().await.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "peers": self.peers_json(),
-            "sync": self.sync.progress(),
+            "sync": self.sync.progress(&self.blobs),
             "blob_transfers": self.blobs.active().iter().map(|(id, done, total)| json!({
                 "blob": id.to_string(), "chunks_done": done, "chunks_total": total,
             })).collect::<Vec<_>>(),

@@ -263,18 +263,6 @@ fn partition_and_heal_with_restarts_converges_every_round_body() -> Result<()> {
     Ok(())
 }
 
-fn blob_progress(n: &Node) -> Result<Option<(u64, u64)>> {
-    let st = n.status()?;
-    Ok(st["blob_transfers"].as_array().and_then(|t| {
-        t.first().map(|t| {
-            (
-                t["chunks_done"].as_u64().unwrap_or(0),
-                t["chunks_total"].as_u64().unwrap_or(0),
-            )
-        })
-    }))
-}
-
 /// 100 MiB from A reaches B and C intact; C is killed mid-transfer and resumes where it
 /// stopped; the receivers' peak RSS does not grow by anything like the blob's size.
 #[test]
@@ -303,15 +291,39 @@ fn large_blob_arrives_intact_resumes_and_memory_stays_flat_body() -> Result<()> 
     nodes[0].cli(&["blob", "add", src.to_str().unwrap_or_default()])?;
     eprintln!("added in {:.1} s", t0.elapsed().as_secs_f64());
 
-    // C: wait until the transfer is under way, then kill it mid-transfer.
+    // C: wait until the transfer is under way (polled over the API, in-process, to be quick),
+    // then kill it mid-transfer.
+    let api_c = nodes[2].api()?;
+    let rt = tokio::runtime::Runtime::new()?;
     let mut cut_at = (0, 0);
-    wait_until("C's transfer to pass 20%", Duration::from_secs(60), || {
-        if let Some((done, total)) = blob_progress(&nodes[2])? {
-            cut_at = (done, total);
-            return Ok(total > 0 && done * 5 > total);
+    wait_until("C's transfer to get going", Duration::from_secs(60), || {
+        let st = rt
+            .block_on(api_c.get("/v1/status"))
+            .map_err(|e| anyhow!("{e}"))?;
+        if let Some(t) = st["blob_transfers"].as_array().and_then(|t| t.first()) {
+            cut_at = (
+                t["chunks_done"].as_u64().unwrap_or(0),
+                t["chunks_total"].as_u64().unwrap_or(0),
+            );
+            return Ok(cut_at.1 > 0 && cut_at.0 >= 20);
+        }
+        if st["blobs"].as_u64().unwrap_or(0) > 0 {
+            bail!("C received the whole blob before it could be cut");
         }
         Ok(false)
     })?;
+    // B's status shows the bytes it still expects from A.
+    let ida = nodes[0].device_id()?;
+    let st = nodes[1].status()?;
+    let from_a = st["sync"]
+        .as_array()
+        .and_then(|s| s.iter().find(|p| p["device"] == ida.as_str()).cloned())
+        .ok_or_else(|| anyhow!("B's status has no sync entry for A: {st}"))?;
+    let b_has = nodes[1].blob_hashes()?.contains(&hash);
+    assert!(
+        b_has || from_a["bytes_pending"] == SIZE,
+        "B's sync progress for A mid-transfer: {from_a}"
+    );
     nodes[2].kill();
     eprintln!("killed C at chunk {}/{}", cut_at.0, cut_at.1);
     if cut_at.0 >= cut_at.1 {
@@ -334,6 +346,12 @@ fn large_blob_arrives_intact_resumes_and_memory_stays_flat_body() -> Result<()> 
         let hwm = n.proc_kib("VmHWM").unwrap_or(0);
         let base = if i == 2 { hwm_c_restart } else { hwm_before[i] };
         eprintln!("{}: VmHWM {base} -> {hwm} KiB", n.name);
+        wait_until("bytes_pending to drop to 0", Duration::from_secs(5), || {
+            let st = n.status()?;
+            Ok(st["sync"]
+                .as_array()
+                .is_some_and(|s| s.iter().all(|p| p["bytes_pending"] == 0)))
+        })?;
         assert!(
             hwm.saturating_sub(base) < SIZE / 1024 / 3,
             "{}'s peak RSS grew by {} KiB receiving a {} KiB blob",

@@ -122,6 +122,16 @@ impl Blobs {
             .collect()
     }
 
+    /// Bytes of blobs that `peer` announced and that are not here yet.
+    pub fn pending_bytes_from(&self, peer: &PeerId) -> u64 {
+        self.state()
+            .wanted
+            .values()
+            .filter(|(_, peers)| peers.contains(peer))
+            .map(|(l, _)| *l)
+            .sum()
+    }
+
     /// Bytes announced by peers and not yet here.
     pub fn pending_bytes(&self) -> u64 {
         self.state().wanted.values().map(|(l, _)| *l).sum()

@@ -99,14 +99,17 @@ impl SyncManager {
         }
     }
 
-    /// Per-peer progress for `iom status`.
-    pub fn progress(&self) -> Vec<Value> {
+    /// Per-peer progress for `iom status`: documents waiting to be sent to the peer
+    /// (`docs_behind`), bytes of blobs it announced that are not here yet (`bytes_pending`),
+    /// and traffic so far.
+    pub fn progress(&self, blobs: &blobs::Blobs) -> Vec<Value> {
         self.sessions()
             .values()
             .map(|s| {
                 json!({
                     "device": s.peer.to_string(),
                     "docs_behind": s.dirty.len(),
+                    "bytes_pending": blobs.pending_bytes_from(&s.peer),
                     "docs_received": s.stats.docs_received.load(std::sync::atomic::Ordering::Relaxed),
                     "bytes_in": s.stats.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
                     "bytes_out": s.stats.bytes_out.load(std::sync::atomic::Ordering::Relaxed),
