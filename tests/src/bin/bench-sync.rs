@@ -1,0 +1,463 @@
+//! Benchmarks of sync between two nodes on loopback (issue 4), each beside a reference measured
+//! in the same run:
+//!
+//! - `live`: propagation of one small change from A to B, p50 and p99 over `CHANGES` changes
+//!   (write on A through the API, poll B's API every 1 ms; raw, nothing subtracted);
+//! - `cold`: cold sync of `DOCS` documents × 10 changes to an empty peer that joins A's mesh,
+//!   until B's document list (ids and heads) equals A's, beside in-process Automerge sync of the
+//!   same documents (`iom_crdt::sync` between two in-memory replicas);
+//!   then `reconnect`: B stops, one document changes on A, B starts: bytes (B's `status`
+//!   `sync[].bytes_in + bytes_out`) and time until B has the change;
+//! - `blob`: a `BLOB_MIB` MiB blob transfer from A to B in MB/s, beside a raw libp2p stream
+//!   (TCP + noise + yamux, the node's transport) pushing the same number of bytes in-process.
+//!
+//! Run (after `cargo build --release -p iom-cli -p iom-tests --bins`):
+//! `target/release/bench-sync [live] [cold] [blob] [raw]` (no argument: all). Knobs: `DOCS`,
+//! `CHANGES`, `BLOB_MIB`, `LOADED_DOCS` (the nodes' `storage.loaded_docs`), `IOM_TEST_LOG`
+//! (the nodes' log filter, default `info`).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use iom_crdt::sync::{PeerDocState, generate, receive};
+use iom_crdt::{DocKind, Document};
+use iom_node::api::client::ApiClient;
+use iom_tests::harness::{Node, iom_bin, mesh, wait_until};
+use serde_json::{Value, json};
+
+mod bench_common;
+use bench_common::*;
+
+fn main() -> Result<()> {
+    let bin = use_release_bin()?;
+    print_machine(&bin);
+    let rt = runtime()?;
+    let mut blob_rate = None;
+    if wants("live") || wants("blob") {
+        let nodes = mesh(&["a", "b"])?;
+        wait_session(&rt, &nodes[0], &nodes[1])?;
+        if wants("live") {
+            live(&rt, &nodes[0], &nodes[1])?;
+        }
+        if wants("blob") {
+            blob_rate = Some(blob(&rt, &nodes[0], &nodes[1])?);
+        }
+    }
+    if wants("blob") || wants("raw") {
+        let raw = raw_libp2p(&rt)?;
+        if let Some(node) = blob_rate {
+            println!(
+                "blob: node transfer / raw libp2p stream = {:.2} (target >= 0.50)",
+                node / raw
+            );
+        }
+    }
+    if wants("cold") {
+        cold_and_reconnect(&rt)?;
+    }
+    Ok(())
+}
+
+/// Waits until both nodes report a sync session with each other.
+fn wait_session(rt: &tokio::runtime::Runtime, a: &Node, b: &Node) -> Result<()> {
+    let (ca, cb) = (ApiClient::new(&a.dir)?, ApiClient::new(&b.dir)?);
+    wait_until("sync session", Duration::from_secs(30), || {
+        let sa = rt.block_on(ca.get("/v1/status"))?;
+        let sb = rt.block_on(cb.get("/v1/status"))?;
+        Ok(sa["sync"].as_array().is_some_and(|s| !s.is_empty())
+            && sb["sync"].as_array().is_some_and(|s| !s.is_empty()))
+    })
+}
+
+fn live(rt: &tokio::runtime::Runtime, a: &Node, b: &Node) -> Result<()> {
+    let changes = param("CHANGES", 200);
+    let (ca, cb) = (ApiClient::new(&a.dir)?, ApiClient::new(&b.dir)?);
+    let id = rt.block_on(ca.post("/v1/docs", &json!({ "content": { "n": -1 } })))?["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no id"))?
+        .to_string();
+    let path = format!("/v1/docs/{id}?path=n");
+    wait_until("the document on B", Duration::from_secs(30), || {
+        Ok(rt.block_on(cb.get(&path)).is_ok())
+    })?;
+    let mut total = Vec::new();
+    let mut put = Vec::new();
+    for i in 0..changes + 10 {
+        let t0 = Instant::now();
+        rt.block_on(ca.put(
+            &format!("/v1/docs/{id}"),
+            &json!({ "path": "n", "value": i }),
+        ))?;
+        let acked = t0.elapsed();
+        loop {
+            if let Ok(v) = rt.block_on(cb.get(&path))
+                && v["content"] == json!(i)
+            {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("change {i} did not reach B in 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let took = t0.elapsed();
+        // The first ten are warm-up.
+        if i >= 10 {
+            total.push(ms(took));
+            put.push(ms(acked));
+        }
+    }
+    println!(
+        "live: {changes} changes A→B: propagation (PUT on A until B's API returns it) p50 {:.2} ms, p99 {:.2} ms (target p50 < 5 ms)",
+        percentile(&mut total, 50.0),
+        percentile(&mut total, 99.0)
+    );
+    println!(
+        "live: reference, the durable PUT on A alone: p50 {:.2} ms, p99 {:.2} ms",
+        percentile(&mut put, 50.0),
+        percentile(&mut put, 99.0)
+    );
+    Ok(())
+}
+
+/// Returns the transfer rate in MB/s.
+fn blob(rt: &tokio::runtime::Runtime, a: &Node, b: &Node) -> Result<f64> {
+    let mib = param("BLOB_MIB", 1024);
+    let bytes = (mib as u64) << 20;
+    let file = a.dir.join("big.bin");
+    random_file(&file, mib)?;
+    let (add_took, out) = time_cmd(
+        Command::new(iom_bin())
+            .arg("--data-dir")
+            .arg(&a.dir)
+            .args(["--json", "blob", "add"])
+            .arg(&file),
+    )?;
+    let t_added = Instant::now();
+    std::fs::remove_file(&file)?;
+    let hash = serde_json::from_str::<Value>(&out)?["hash"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no hash: {out}"))?
+        .to_string();
+    // B fetches announced large blobs in the background; wait until it is stored there.
+    let cb = ApiClient::new(&b.dir)?;
+    let mut first_progress = None;
+    loop {
+        let list = rt.block_on(cb.get("/v1/blobs"))?;
+        if list["blobs"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x["hash"].as_str() == Some(hash.as_str())))
+        {
+            break;
+        }
+        if first_progress.is_none() {
+            let st = rt.block_on(cb.get("/v1/status"))?;
+            if st["blob_transfers"]
+                .as_array()
+                .is_some_and(|t| !t.is_empty())
+            {
+                first_progress = Some(t_added.elapsed());
+            }
+        }
+        if t_added.elapsed() > Duration::from_secs(600) {
+            bail!("blob did not arrive on B in 600 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = t_added.elapsed();
+    let rate = bytes as f64 / 1e6 / took.as_secs_f64();
+    println!(
+        "blob: iom blob add {mib} MiB on A: {:.0} ms ({:.0} MB/s)",
+        ms(add_took),
+        bytes as f64 / 1e6 / add_took.as_secs_f64()
+    );
+    println!(
+        "blob: A→B transfer of {mib} MiB (add finished on A until B lists it): {:.0} ms = {rate:.0} MB/s (B showed progress after {:.0} ms)",
+        ms(took),
+        ms(first_progress.unwrap_or_default())
+    );
+    Ok(rate)
+}
+
+/// Two in-process libp2p swarms on loopback with the node's transport (TCP + noise + yamux,
+/// default configs, nodelay) and `libp2p-stream`; pushes `BLOB_MIB` MiB over one stream.
+/// Returns the rate in MB/s.
+fn raw_libp2p(rt: &tokio::runtime::Runtime) -> Result<f64> {
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{Multiaddr, StreamProtocol, noise, tcp, yamux};
+    let mib = param("BLOB_MIB", 1024);
+    let total = (mib as u64) << 20;
+    let proto = StreamProtocol::new("/iom-bench/raw/1");
+    let (took, got) = rt.block_on(async move {
+        let build = || -> Result<libp2p::Swarm<libp2p_stream::Behaviour>> {
+            Ok(libp2p::SwarmBuilder::with_new_identity()
+                .with_tokio()
+                .with_tcp(
+                    tcp::Config::default().nodelay(true),
+                    noise::Config::new,
+                    yamux::Config::default,
+                )?
+                .with_behaviour(|_| libp2p_stream::Behaviour::new())?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+                .build())
+        };
+        let mut sink = build()?;
+        let mut source = build()?;
+        let sink_id = *sink.local_peer_id();
+        sink.listen_on("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>()?)?;
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = sink.select_next_some().await {
+                break address;
+            }
+        };
+        let mut incoming = sink
+            .behaviour()
+            .new_control()
+            .accept(proto.clone())
+            .map_err(|e| anyhow!("{e}"))?;
+        let mut control = source.behaviour().new_control();
+        source.dial(addr.with(libp2p::multiaddr::Protocol::P2p(sink_id)))?;
+        let drive_sink = tokio::spawn(async move {
+            loop {
+                sink.select_next_some().await;
+            }
+        });
+        let drive_source = tokio::spawn(async move {
+            loop {
+                source.select_next_some().await;
+            }
+        });
+        let reader = tokio::spawn(async move {
+            let (_, mut stream) = incoming.next().await.ok_or_else(|| anyhow!("no stream"))?;
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0u64;
+            loop {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+            }
+            Ok::<_, anyhow::Error>((got, Instant::now()))
+        });
+        let mut stream = control
+            .open_stream(sink_id, proto)
+            .await
+            .map_err(|e| anyhow!("open stream: {e}"))?;
+        let chunk = vec![0x5au8; 256 * 1024];
+        let t0 = Instant::now();
+        let mut sent = 0u64;
+        while sent < total {
+            stream.write_all(&chunk).await?;
+            sent += chunk.len() as u64;
+        }
+        stream.close().await?;
+        let (got, end) = reader.await??;
+        drive_sink.abort();
+        drive_source.abort();
+        Ok::<_, anyhow::Error>((end - t0, got))
+    })?;
+    if got != total {
+        bail!("raw stream delivered {got} of {total} bytes");
+    }
+    let rate = total as f64 / 1e6 / took.as_secs_f64();
+    println!(
+        "raw: libp2p stream (TCP+noise+yamux, loopback, in-process) push of {mib} MiB: {:.0} ms = {rate:.0} MB/s",
+        ms(took)
+    );
+    Ok(rate)
+}
+
+/// The `n`-th bulk document built in process the way `POST /v1/docs` builds it: a generic
+/// document plus one change per content field.
+fn build_doc(actor: &[u8], i: usize, fields: usize) -> Result<Document> {
+    let mut d = Document::new(DocKind::Generic, actor, 1_700_000_000)?;
+    if let Value::Object(m) = bulk_content(i, fields) {
+        for (k, v) in m {
+            d.put_json(&k, v, "initial content", 1_700_000_000)?;
+        }
+    }
+    Ok(d)
+}
+
+/// In-process reference: syncs every document to an empty replica with `iom_crdt::sync`.
+/// Returns (pure sync time, sync + save of the receiver's bytes).
+fn in_process_sync(count: usize, fields: usize) -> Result<(Duration, Duration)> {
+    let actor_a = iom_crdt::actor_for(&[1; 32], [1; 8]);
+    let actor_b = iom_crdt::actor_for(&[2; 32], [2; 8]);
+    let docs: Vec<Document> = (0..count)
+        .map(|i| build_doc(&actor_a, i, fields))
+        .collect::<Result<_>>()?;
+    let run = |save: bool| -> Result<Duration> {
+        let t0 = Instant::now();
+        for a in &docs {
+            let mut b = Document::empty(&actor_b)?;
+            let (mut sa, mut sb) = (PeerDocState::new(), PeerDocState::new());
+            let mut a_side = Document::load(&a.snapshot(), &actor_a)?;
+            loop {
+                let ab = generate(&a_side, &mut sa);
+                if let Some(m) = &ab {
+                    receive(&mut b, &mut sb, m)?;
+                }
+                let ba = generate(&b, &mut sb);
+                if let Some(m) = &ba {
+                    receive(&mut a_side, &mut sa, m)?;
+                }
+                if ab.is_none() && ba.is_none() {
+                    break;
+                }
+            }
+            if b.heads() != a.heads() {
+                bail!("in-process sync did not converge");
+            }
+            if save {
+                std::hint::black_box(b.save_incremental());
+            }
+        }
+        Ok(t0.elapsed())
+    };
+    // The snapshot/load of A's side is part of both runs (the node loads from disk too).
+    let pure = run(false)?;
+    let saved = run(true)?;
+    Ok((pure, saved))
+}
+
+fn cold_and_reconnect(rt: &tokio::runtime::Runtime) -> Result<()> {
+    let count = param("DOCS", 10_000);
+    let fields = 9; // 1 + 9 = 10 changes per document
+    let mut a = Node::new("cold-a")?;
+    configure(&a)?;
+    a.start()?;
+    let t0 = Instant::now();
+    let ids = create_docs(rt, &a.dir, count, fields, 8)?;
+    println!(
+        "cold: created {count} documents × 10 changes on A through the API in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let ca = ApiClient::new(&a.dir)?;
+    let want = doc_heads(rt, &ca)?;
+    // The reference runs before and after the node measurement (the machine is shared).
+    let before = in_process_sync(count, fields)?;
+
+    let mut b = Node::new("cold-b")?;
+    configure(&b)?;
+    b.start()?;
+    let cb = ApiClient::new(&b.dir)?;
+    let code = a.invite(false)?;
+    let t0 = Instant::now();
+    b.cli(&["join", &code])?;
+    let joined = t0.elapsed();
+    loop {
+        let n = rt.block_on(cb.get("/v1/status"))?["documents"]
+            .as_u64()
+            .unwrap_or(0) as usize;
+        if n >= want.len() {
+            let theirs = doc_heads(rt, &cb)?;
+            let ours = doc_heads(rt, &ca)?;
+            if theirs == ours {
+                break;
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(3600) {
+            bail!("cold sync did not converge in an hour");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cold = t0.elapsed();
+    let after = in_process_sync(count, fields)?;
+    let pure = before.0.min(after.0);
+    let saved = before.1.min(after.1);
+    println!(
+        "cold: {count} documents × 10 changes to an empty peer: converged {:.0} ms after `iom join` started (join itself {:.0} ms)",
+        ms(cold),
+        ms(joined)
+    );
+    println!(
+        "cold: reference in-process iom_crdt::sync of the same documents: {:.0} ms before, {:.0} ms after the node run (with the receiver's save_incremental: {:.0} / {:.0} ms); the faster is used",
+        ms(before.0),
+        ms(after.0),
+        ms(before.1),
+        ms(after.1)
+    );
+    println!(
+        "cold: ratio node/in-process = {:.1}x (target <= 2x); against sync+save {:.1}x",
+        cold.as_secs_f64() / pure.as_secs_f64(),
+        cold.as_secs_f64() / saved.as_secs_f64()
+    );
+
+    // Reconnect: everything is in sync; B stops, one document changes on A, B starts.
+    std::thread::sleep(Duration::from_secs(3));
+    b.stop()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let changed = ids.first().context("no documents")?;
+    rt.block_on(ca.put(
+        &format!("/v1/docs/{changed}"),
+        &json!({ "path": "f0", "value": "changed while B was away" }),
+    ))?;
+    let (proc_b, up) = spawn_timed(rt, &b)?;
+    let t_up = Instant::now();
+    let path = format!("/v1/docs/{changed}?path=f0");
+    let mut session_up = None;
+    loop {
+        if session_up.is_none() {
+            let st = rt.block_on(cb.get("/v1/status"))?;
+            if st["sync"].as_array().is_some_and(|s| !s.is_empty()) {
+                session_up = Some(t_up.elapsed());
+            }
+        }
+        if let Ok(v) = rt.block_on(cb.get(&path))
+            && v["content"] == json!("changed while B was away")
+        {
+            break;
+        }
+        if t_up.elapsed() > Duration::from_secs(60) {
+            bail!("the change did not reach B within 60 s of its restart");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let converged = t_up.elapsed();
+    let bytes_at = sync_bytes(rt, &cb)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let bytes_later = sync_bytes(rt, &cb)?;
+    let session_up = session_up.unwrap_or(converged);
+    println!(
+        "reconnect: B start-up {:.0} ms; from B's API up: sync session seen at {:.0} ms, change on B at {:.0} ms, i.e. {:.0} ms after the session was seen (target < 50 ms)",
+        ms(up),
+        ms(session_up),
+        ms(converged),
+        ms(converged.saturating_sub(session_up))
+    );
+    println!(
+        "reconnect: bytes on B's session (in + out): {} at convergence, {} two seconds later (target < 65536)",
+        bytes_at, bytes_later
+    );
+    proc_b.stop()?;
+    a.stop()?;
+    Ok(())
+}
+
+/// With `LOADED_DOCS` set, writes `[storage] loaded_docs` (documents kept in memory, default
+/// 128) to the node's `config.toml`, to see what the document cache costs.
+fn configure(node: &Node) -> Result<()> {
+    if let Ok(n) = std::env::var("LOADED_DOCS") {
+        let n: usize = n.parse().context("LOADED_DOCS must be a number")?;
+        std::fs::write(
+            node.dir.join("config.toml"),
+            format!("[storage]\nloaded_docs = {n}\n"),
+        )?;
+        println!("cold: {}: storage.loaded_docs = {n}", node.name);
+    }
+    Ok(())
+}
+
+fn sync_bytes(rt: &tokio::runtime::Runtime, c: &ApiClient) -> Result<u64> {
+    let st = rt.block_on(c.get("/v1/status"))?;
+    Ok(st["sync"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s["bytes_in"].as_u64().unwrap_or(0) + s["bytes_out"].as_u64().unwrap_or(0))
+        .sum())
+}
