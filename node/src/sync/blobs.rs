@@ -321,6 +321,12 @@ async fn next_response(s: &mut libp2p::Stream) -> Result<BlobResponse, FromError
     }
 }
 
+fn done_key(progress_key: &[u8]) -> Vec<u8> {
+    let mut k = progress_key.to_vec();
+    k.extend_from_slice(b"/done");
+    k
+}
+
 fn progress_key(id: &ContentId) -> Vec<u8> {
     format!("{PROGRESS_PREFIX}{id}").into_bytes()
 }
@@ -385,6 +391,12 @@ async fn fetch_from(ctx: &NodeCtx, id: ContentId, peer: PeerId) -> Result<(), Fr
         .store
         .state_get(&key)?
         .and_then(|b| serde_cbor::from_slice(&b).ok());
+    if let Some(p) = progress.as_mut()
+        && let Some(done) = ctx.store.state_get(&done_key(&key))?
+        && let Ok(done) = <[u8; 4]>::try_from(done.as_slice())
+    {
+        p.done = u32::from_be_bytes(done);
+    }
     let from_chunk = progress.as_ref().map_or(0, |p| p.done);
     if from_chunk > 0 {
         tracing::info!(blob = %id, from_chunk, "resuming blob transfer");
@@ -426,12 +438,19 @@ async fn fetch_from(ctx: &NodeCtx, id: ContentId, peer: PeerId) -> Result<(), Fr
     }
     let mut p = match progress {
         Some(p) => p,
-        None => Progress {
-            internal: ctx.store.new_blob_internal()?,
-            done: 0,
-            len,
-            hashes: hashes.clone(),
-        },
+        None => {
+            let p = Progress {
+                internal: ctx.store.new_blob_internal()?,
+                done: 0,
+                len,
+                hashes: hashes.clone(),
+            };
+            if let Ok(b) = serde_cbor::to_vec(&p) {
+                ctx.store.state_put(&key, &b)?;
+            }
+            ctx.store.state_remove(&done_key(&key))?;
+            p
+        }
     };
     ctx.blobs.state().active.insert(id, (p.done, count));
     while p.done < count {
@@ -454,9 +473,9 @@ async fn fetch_from(ctx: &NodeCtx, id: ContentId, peer: PeerId) -> Result<(), Fr
         }
         ctx.store.put_received_chunk(p.internal, index, &bytes)?;
         p.done += 1;
-        if let Ok(b) = serde_cbor::to_vec(&p) {
-            ctx.store.state_put(&key, &b)?;
-        }
+        // The record (with every chunk hash) is written once; per chunk only the count.
+        ctx.store
+            .state_put(&done_key(&key), &p.done.to_be_bytes())?;
         ctx.blobs.state().active.insert(id, (p.done, count));
     }
     let chunk_hashes: Vec<[u8; 32]> = hashes
@@ -468,6 +487,7 @@ async fn fetch_from(ctx: &NodeCtx, id: ContentId, peer: PeerId) -> Result<(), Fr
         .publish_received_blob(*id.as_bytes(), p.internal, len, chunk_hashes)
         .await;
     ctx.store.state_remove(&key)?;
+    ctx.store.state_remove(&done_key(&key))?;
     match published {
         Ok(_) => {
             tracing::info!(blob = %id, len, "blob received");
