@@ -12,7 +12,7 @@ use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
 use iom_tests::harness::{Node, free_port, scenario};
 use serde_json::{Value, json};
 
-const ELEMENT: &str = "element-6066-11e4-a23c-4ebfda9ae2e3";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// A chromedriver process and one browser session.
 struct Browser {
@@ -53,13 +53,20 @@ impl Browser {
             session: String::new(),
             http,
         };
+        let mut options = json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", format!("--window-size={width},{height}")],
+        });
+        if width < 500 {
+            // Headless windows are at least 500 px wide: emulate the phone's screen instead.
+            options["mobileEmulation"] = json!({ "deviceMetrics": {
+                "width": width, "height": height, "pixelRatio": 2, "touch": true,
+            }});
+        }
         let caps = json!({ "capabilities": { "alwaysMatch": {
             "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": "/usr/bin/chromium",
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", format!("--window-size={width},{height}")],
-            },
+            "goog:chromeOptions": options,
         }}});
         let v = b.call("POST", "/session", caps).await?;
         b.session = v["sessionId"]
@@ -104,7 +111,7 @@ impl Browser {
             .await?;
         Ok(v[ELEMENT]
             .as_str()
-            .ok_or_else(|| anyhow!("no element {css}"))?
+            .ok_or_else(|| anyhow!("no element {css}: {v}"))?
             .to_string())
     }
 
@@ -238,7 +245,7 @@ fn web_page_sends_and_streams() {
         );
         let page = format!("http://127.0.0.1:{port}/");
         rt.block_on(async {
-            let b = Browser::start(412, 860).await?;
+            let b = Browser::start(390, 844).await?;
             b.goto(&page).await?;
             // No token yet: the page asks for one.
             b.wait_js(

@@ -234,15 +234,17 @@ fn non_loopback_bind_needs_a_token() {
     });
 }
 
+/// What the receiver saw: `(status it answered, body, x-iom-request-id)` per POST.
+type Seen = Arc<Mutex<Vec<(u16, Value, Option<String>)>>>;
+
 /// A callback receiver: answers 500 to the first `fail_first` POSTs, then 200; records bodies.
 struct Receiver {
     url: String,
-    seen: Arc<Mutex<Vec<(u16, Value, Option<String>)>>>,
+    seen: Seen,
 }
 
 async fn receiver(fail_first: usize) -> Result<Receiver> {
     use axum::extract::State;
-    type Seen = Arc<Mutex<Vec<(u16, Value, Option<String>)>>>;
     let seen: Seen = Arc::default();
     let app =
         axum::Router::new()

@@ -41,6 +41,7 @@ function tokens(usage) {
 
 function showLogin(message) {
   $("app").hidden = true;
+  $("toggle-list").hidden = true;
   $("login").hidden = false;
   $("login-error").textContent = message || "";
   $("token-input").focus();
@@ -49,6 +50,7 @@ function showLogin(message) {
 async function connect() {
   $("login").hidden = true;
   $("app").hidden = false;
+  $("toggle-list").hidden = false;
   try {
     await Promise.all([loadAgent(), loadConversations()]);
   } catch (e) {
