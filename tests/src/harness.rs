@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
-/// Path of the `iom` binary, built once per test process if missing. When the `IOM_BIN`
+/// Path of the `iom` binary: built (if out of date) once per test process, then pinned. When the `IOM_BIN`
 /// environment variable is set (benchmarks point it at `target/release/iom`), that binary is
 /// used as is and nothing is built.
 pub fn iom_bin() -> &'static Path {
@@ -37,8 +37,30 @@ pub fn iom_bin() -> &'static Path {
             Ok(s) if s.success() => {}
             other => panic!("building the iom binary failed: {other:?}"),
         }
-        bin
+        pin_binary(&target, &bin).unwrap_or(bin)
     })
+}
+
+/// Other builds in the same target dir may replace `target/debug/iom` while tests run; a
+/// hard link keeps this test process on the binary it built. Links of finished test
+/// processes are removed.
+fn pin_binary(target: &Path, bin: &Path) -> Option<PathBuf> {
+    let dir = target.join("debug/iom-test-pins");
+    std::fs::create_dir_all(&dir).ok()?;
+    for entry in std::fs::read_dir(&dir).ok()?.flatten() {
+        let alive = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("iom-"))
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let pinned = dir.join(format!("iom-{}", std::process::id()));
+    let _ = std::fs::remove_file(&pinned);
+    std::fs::hard_link(bin, &pinned).ok()?;
+    Some(pinned)
 }
 
 /// One node: a data dir and, while running, its process.
