@@ -213,6 +213,62 @@ new MutationObserver(() => {
 return true;
 "#;
 
+/// Notes whether a tool call was ever seen in the `running` state.
+const WATCH_TOOLS: &str = r#"
+window.__toolRunning = false;
+new MutationObserver(() => {
+  if (document.querySelector('.msg.assistant:last-child .tool[data-state="running"]'))
+    window.__toolRunning = true;
+}).observe(document.getElementById('messages'), {subtree: true, childList: true, attributes: true});
+return true;
+"#;
+
+/// Whether Docker and the sandbox image are ready (building the image if needed). Without
+/// Docker the tool-call part is skipped only when `IOM_SKIP_DOCKER=1`.
+fn docker_ready(data_dir: &std::path::Path) -> bool {
+    let engine = Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let skip = std::env::var("IOM_SKIP_DOCKER").as_deref() == Ok("1");
+    if !engine {
+        assert!(
+            skip,
+            "Docker is not reachable; set IOM_SKIP_DOCKER=1 to skip the tool-call part"
+        );
+        eprintln!("SKIPPED tool-call part (IOM_SKIP_DOCKER=1)");
+        return false;
+    }
+    let have = Command::new("docker")
+        .args(["image", "inspect", "iom-sandbox:1"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        let out = Command::new(iom_tests::harness::iom_bin())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["sandbox", "build"])
+            .output();
+        assert!(
+            out.as_ref().is_ok_and(|o| o.status.success()),
+            "`iom sandbox build` failed: {out:?}"
+        );
+    }
+    true
+}
+
+/// Removes the sandbox containers of a node.
+fn remove_containers(device: &str) {
+    let ids = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=iom.node={device}")])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for id in ids.split_whitespace() {
+        let _ = Command::new("docker").args(["rm", "-f", id]).output();
+    }
+}
+
 #[test]
 fn web_page_sends_and_streams() {
     scenario(|| {
@@ -322,6 +378,38 @@ fn web_page_sends_and_streams() {
                 Duration::from_secs(10),
             )
             .await?;
+            if docker_ready(&node.dir) {
+                // A tool call (run in the Docker sandbox) shows up while it runs, with its output.
+                b.js(WATCH_TOOLS).await?;
+                let directive = format!(
+                    "[[tool bash {}]]",
+                    json!({ "command": "sleep 1; echo hello from the sandbox" })
+                );
+                b.type_into("#prompt", &format!("List it. {directive}")).await?;
+                b.click("#send").await?;
+                b.wait_js(
+                    "the answer after the tool call",
+                    "const all = document.querySelectorAll('.msg.assistant'); \
+                     return all.length === 2 && all[1].dataset.state === 'done'",
+                    Duration::from_secs(120),
+                )
+                .await?;
+                let tool = b
+                    .js("const t = document.querySelector('.msg.assistant:last-child .tool'); \
+                         return t && [t.dataset.state, t.querySelector('summary').textContent, \
+                                      t.querySelector('.output').textContent, window.__toolRunning]")
+                    .await?;
+                assert_eq!(tool[0], "done", "{tool}");
+                assert!(tool[1].as_str().unwrap_or("").contains("bash"), "{tool}");
+                assert!(
+                    tool[2].as_str().unwrap_or("").contains("hello from the sandbox"),
+                    "{tool}"
+                );
+                assert_eq!(tool[3], true, "the tool call was not shown while it ran: {tool}");
+                b.js("document.querySelector('.msg.assistant:last-child details').open = true; \
+                      return true")
+                    .await?;
+            }
             let shot = b.screenshot("web-chat-phone.png").await?;
             assert!(std::fs::metadata(&shot)?.len() > 5_000, "tiny screenshot");
             // No horizontal overflow on a phone-sized screen.
@@ -365,6 +453,8 @@ fn web_page_sends_and_streams() {
             .to_string();
         let c = node.json(&["conversations", "show", &id])?;
         assert_eq!(c["messages"][0]["interface"], "web", "{c}");
+        node.stop()?;
+        remove_containers(&me);
         node.assert_no_panic()
     });
 }
