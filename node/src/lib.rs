@@ -14,8 +14,6 @@
 //! - [`api`]: the local API (unix socket, HTTP) and its client.
 //! - [`http`]: the HTTP listener (bearer tokens, webhooks, the web chat page).
 //! - [`schedule`]: the scheduler (cron prompts fired once per slot by the agent).
-//! - [`http`]: the HTTP listener (bearer tokens, webhooks, the web chat page).
-//! - [`schedule`]: the scheduler (cron prompts fired once per slot by the agent).
 //! - [`agent`]: the Claude client, the Docker sandbox and the request runner.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -24,14 +22,12 @@ pub mod api;
 pub mod config;
 pub mod docs;
 pub mod http;
-pub mod http;
 pub mod identity;
 pub mod lock;
 pub mod net;
 pub mod node;
 pub mod pairing;
 pub mod relay;
-pub mod schedule;
 pub mod schedule;
 pub mod secret_file;
 pub mod store;
