@@ -16,6 +16,12 @@
 //! deletes its namespaces on drop, and [`NatLab::up`] first deletes leftovers of the same tag
 //! whose process is gone (a crashed run).
 //!
+//! [`LabRelay`] runs `iom relay run` in the relay's namespace (its key is made before it starts,
+//! so its address is known up front, and it can be killed and started again with the same
+//! PeerId); [`LabNode`] runs `iom node run` in a host's namespace while the CLI talks to it from
+//! the host (its API is a unix socket in the data dir); [`established_tcp`] reads the kernel's
+//! TCP connections in a namespace, to check what a node claims against its sockets.
+//!
 //! Needs root, `ip` (iproute2) and `iptables`. Tests call [`netns_available`] first: it panics
 //! with a clear message when they are missing, unless `IOM_SKIP_NETNS=1` is set, in which case
 //! it prints a `SKIPPED` line and the test returns.
@@ -521,6 +527,325 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP connection seen by the kernel in a namespace (`ss`): local and remote `IP:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpConn {
+    /// Local address.
+    pub local: std::net::SocketAddr,
+    /// Remote address.
+    pub remote: std::net::SocketAddr,
+}
+
+/// The established TCP connections in namespace `ns`, as the kernel sees them
+/// (`ip netns exec NS ss -Htn state established`). This asserts what a node's status claims
+/// against the sockets themselves.
+pub fn established_tcp(ns: &str) -> Result<Vec<TcpConn>, NatLabError> {
+    let out = run(
+        "ip",
+        &["netns", "exec", ns, "ss", "-Htn", "state", "established"],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // Recv-Q Send-Q Local Peer (with `state established`, no State column).
+            let n = cols.len();
+            if n < 4 {
+                return None;
+            }
+            Some(TcpConn {
+                local: cols[n - 2].parse().ok()?,
+                remote: cols[n - 1].parse().ok()?,
+            })
+        })
+        .collect())
+}
+
+/// `iom relay run` in a lab namespace, with a stable data dir so that it can be killed and
+/// started again with the same PeerId.
+#[derive(Debug)]
+pub struct LabRelay {
+    ns: String,
+    data_dir: PathBuf,
+    flags: Vec<String>,
+    proc: Option<Proc>,
+    /// Logs of earlier runs (stderr), kept across restarts.
+    old_logs: String,
+    /// The relay's PeerId.
+    pub peer_id: String,
+}
+
+/// The relay's TCP port in the lab.
+pub const RELAY_PORT: u16 = 4001;
+
+impl LabRelay {
+    /// Prepares a relay in namespace `ns` with data dir `data_dir`, listening on TCP
+    /// [`RELAY_IP`]:[`RELAY_PORT`] with rate limits off plus `extra` flags (e.g.
+    /// `--allow-person P`). The key is created now, so the PeerId is known before the relay
+    /// runs ([`addr`](Self::addr) can go into nodes' `--relay` first).
+    pub fn new(ns: &str, data_dir: &Path, extra: &[&str]) -> anyhow::Result<LabRelay> {
+        std::fs::create_dir_all(data_dir)?;
+        let key = iom_node::relay::load_or_create_relay_key(data_dir)
+            .map_err(|e| anyhow::anyhow!("relay key: {e}"))?;
+        let mut flags: Vec<String> = vec![
+            "--listen".into(),
+            format!("/ip4/{RELAY_IP}/tcp/{RELAY_PORT}"),
+            "--no-rate-limits".into(),
+        ];
+        flags.extend(extra.iter().map(|s| (*s).to_string()));
+        Ok(LabRelay {
+            ns: ns.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            flags,
+            proc: None,
+            old_logs: String::new(),
+            peer_id: key.public().to_peer_id().to_string(),
+        })
+    }
+
+    /// Adds `iom relay run` flags for the next [`start`](Self::start).
+    pub fn push_flags(&mut self, extra: &[&str]) {
+        self.flags.extend(extra.iter().map(|s| (*s).to_string()));
+    }
+
+    /// The address nodes pass to `--relay`.
+    pub fn addr(&self) -> String {
+        format!("/ip4/{RELAY_IP}/tcp/{RELAY_PORT}/p2p/{}", self.peer_id)
+    }
+
+    /// Starts the relay and waits for its address line; checks the PeerId is the stable one.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.proc.is_none(), "relay already running");
+        let mut cmd = netns_command(&self.ns, crate::harness::iom_bin());
+        cmd.arg("--json")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["relay", "run"])
+            .args(&self.flags)
+            .env(
+                "IOM_LOG",
+                std::env::var("IOM_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1");
+        let proc = Proc::spawn("relay", cmd)?;
+        let line = proc.wait_line(Duration::from_secs(30), |l| l.contains("\"peer_id\""));
+        let Some(line) = line else {
+            let dump = proc.dump();
+            anyhow::bail!("the relay printed no address line\n{dump}");
+        };
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        anyhow::ensure!(
+            v["peer_id"].as_str() == Some(self.peer_id.as_str()),
+            "relay came up as {} but its key says {}",
+            v["peer_id"],
+            self.peer_id
+        );
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// SIGKILLs the relay (a crash: no goodbye to anyone).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+            self.old_logs.push_str(&p.stderr());
+        }
+    }
+
+    /// The relay's log (stderr) over all its runs.
+    pub fn log(&self) -> String {
+        let mut log = self.old_logs.clone();
+        if let Some(p) = &self.proc {
+            log.push_str(&p.stderr());
+        }
+        log
+    }
+
+    /// Whether the relay process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(|p| !p.exited())
+    }
+}
+
+impl Drop for LabRelay {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let all: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "---- log of relay (last lines) ----\n{}",
+                all[all.len().saturating_sub(200)..].join("\n")
+            );
+        }
+    }
+}
+
+/// The TCP port nodes listen on inside their namespaces.
+pub const NODE_PORT: u16 = 4100;
+
+/// An `iom node run` inside a lab namespace. The CLI runs on the host against the node's data
+/// dir (the local API is a unix socket in the data dir, which network namespaces do not
+/// separate), so every [`Node`](crate::harness::Node) helper works through `Deref`.
+pub struct LabNode {
+    node: crate::harness::Node,
+    ns: String,
+    child: Option<Child>,
+}
+
+impl std::fmt::Debug for LabNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LabNode")
+            .field("name", &self.node.name)
+            .field("ns", &self.ns)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for LabNode {
+    type Target = crate::harness::Node;
+    fn deref(&self) -> &crate::harness::Node {
+        &self.node
+    }
+}
+
+impl LabNode {
+    /// A node named `name` in namespace `ns`, listening on TCP `ip`:[`NODE_PORT`], mDNS off,
+    /// reserving on each relay in `relays`. Not started.
+    pub fn new(name: &str, ns: &str, ip: Ipv4Addr, relays: &[String]) -> anyhow::Result<LabNode> {
+        let mut node = crate::harness::Node::new(name)?;
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            format!("/ip4/{ip}/tcp/{NODE_PORT}"),
+            "--no-mdns".into(),
+            "--name".into(),
+            name.into(),
+        ];
+        for r in relays {
+            args.push("--relay".into());
+            args.push(r.clone());
+        }
+        node.args = args;
+        Ok(LabNode {
+            node,
+            ns: ns.to_string(),
+            child: None,
+        })
+    }
+
+    /// The namespace the node runs in.
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+
+    /// Starts `iom node run` in the namespace and waits until its API answers.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "{} already running", self.node.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.node.log)?;
+        let mut cmd = netns_command(&self.ns, crate::harness::iom_bin());
+        cmd.arg("--data-dir")
+            .arg(&self.node.dir)
+            .args(["node", "run"])
+            .args(&self.node.args)
+            .env(
+                "IOM_LOG",
+                std::env::var("IOM_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .env_remove("IOM_FAULT")
+            .env_remove("ANTHROPIC_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let mut child = cmd.spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!(
+                    "{} exited at start ({status}); log:\n{}",
+                    self.node.name,
+                    self.node.log_text()
+                );
+            }
+            if self
+                .node
+                .try_cli(&["status", "--json"])
+                .is_ok_and(|o| o.status.success())
+            {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!(
+                    "{} did not come up; log:\n{}",
+                    self.node.name,
+                    self.node.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The node's process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILLs the node.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The addresses in `iom status --json` `listen`.
+    pub fn listen(&self) -> anyhow::Result<Vec<String>> {
+        self.node.listen_addrs()
+    }
+
+    /// The node's relay circuit addresses (`.../p2p-circuit`) in `status`.
+    pub fn circuit_addrs(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .listen()?
+            .into_iter()
+            .filter(|a| a.contains("/p2p-circuit"))
+            .collect())
+    }
+
+    /// `peers[]` of `iom status --json` for `device`: (`connection`, `connections`).
+    pub fn peer_link(&self, device: &str) -> anyhow::Result<Option<(String, u64)>> {
+        let status = self.node.status()?;
+        Ok(status["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["device"].as_str() == Some(device))
+            .map(|p| {
+                (
+                    p["connection"].as_str().unwrap_or_default().to_string(),
+                    p["connections"].as_u64().unwrap_or(0),
+                )
+            }))
+    }
+
+    /// The kernel's established TCP connections in the node's namespace.
+    pub fn tcp_conns(&self) -> anyhow::Result<Vec<TcpConn>> {
+        established_tcp(&self.ns).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+impl Drop for LabNode {
     fn drop(&mut self) {
         self.kill();
     }

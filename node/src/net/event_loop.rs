@@ -1,6 +1,23 @@
 //! The task that owns the swarm: it applies commands, tracks connections in the peer table,
 //! cuts revoked devices off within a second of learning of the revocation, reconnects to known
 //! trusted devices with backoff, and keeps relay reservations alive.
+//!
+//! # Relays and hole punching
+//!
+//! - On every new connection to a relay the node first proves its certificate chain
+//!   (`/iom/relay-auth/1`), then reserves: the relay fixes a connection's circuit limits at its
+//!   first relay stream. A device that joins a mesh while connected to a relay (it had no
+//!   certificate when it authenticated) reconnects to the relay once to prove the new one.
+//! - Circuits through our relays are not redialed before that proof is done.
+//! - DCUtR's punch candidates are the addresses the relay observes (identify emits them);
+//!   they are *not* confirmed as external addresses: the swarm drops candidates that are
+//!   already confirmed, which would leave DCUtR with nothing to send.
+//! - Once a direct connection to a peer has been up for [`RETIRE_RELAYED_AFTER`], its relayed
+//!   connections are closed (streams pick a peer's connections at random, and relayed circuits
+//!   are small), and [`NetEvent::Connected`] is sent again so sessions reopen on the direct one.
+//! - DCUtR reports a failed punch on one side only, so each side runs its own timer: after
+//!   [`HOLE_PUNCH_TIMEOUT`] with only relayed connections to a peer, it logs that it stays
+//!   relayed (the link in `iom status` says `relayed`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -22,6 +39,28 @@ use crate::store::Store;
 use crate::trust::TrustBook;
 
 const ADDR_PREFIX: &[u8] = b"addr/";
+
+/// How long a direct connection must have been up before the relayed connections to the same
+/// peer are closed.
+pub const RETIRE_RELAYED_AFTER: Duration = Duration::from_secs(2);
+
+/// How long a peer may be reachable only through a relay before this side gives up waiting
+/// for a hole punch (DCUtR tells only one side that it failed).
+pub const HOLE_PUNCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// When to announce a peer again after its relayed connections closed in favour of a direct
+/// one (see [`NetEvent::Connected`]).
+const REANNOUNCE_AFTER: [Duration; 4] = [
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+    Duration::from_secs(8),
+    Duration::from_secs(20),
+];
+
+/// After a device that had no certificate when it authenticated to a relay becomes trusted:
+/// how long to wait before reconnecting to the relay to prove the certificate (the pairing
+/// that made it trusted may still run over a circuit through that relay).
+const REAUTH_DELAY: Duration = Duration::from_secs(3);
 
 /// Why the network could not start.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +97,12 @@ struct RelayState {
     /// Proving our certificate to the relay (for long, large circuits) comes before the
     /// reservation, because a relay connection's limits are fixed by its first relay stream.
     auth: RelayAuth,
+    /// The certificate chain of the last proof (empty before it).
+    sent_chain: Vec<Vec<u8>>,
+    /// Whether the relay granted the large limits on the current connection.
+    granted: bool,
+    /// When to drop the relay connection to prove a certificate we got since.
+    reauth_at: Option<Instant>,
     next_try: Instant,
     delay: Duration,
 }
@@ -80,6 +125,11 @@ struct EventLoop {
     listen: Vec<Multiaddr>,
     /// Trusted peers whose current addresses are stored for the next run.
     persisted_addrs: std::collections::HashSet<PeerId>,
+    /// Peers reachable only through a relay, since when (for [`HOLE_PUNCH_TIMEOUT`]).
+    relayed_only_since: HashMap<PeerId, Instant>,
+    /// Peers whose relayed connections were replaced by a direct one: when to announce them
+    /// again (soonest last) so that sessions which ran over the relayed connections reopen.
+    reannounce: HashMap<PeerId, Vec<Instant>>,
 }
 
 /// Builds the swarm, binds the listen addresses and spawns the event loop.
@@ -203,6 +253,9 @@ pub async fn start(
                 peer,
                 listener: None,
                 auth: RelayAuth::NotStarted,
+                sent_chain: Vec::new(),
+                granted: false,
+                reauth_at: None,
                 next_try: Instant::now(),
                 delay: Duration::from_secs(1),
             })
@@ -228,6 +281,8 @@ pub async fn start(
         relays,
         listen,
         persisted_addrs: std::collections::HashSet::new(),
+        relayed_only_since: HashMap::new(),
+        reannounce: HashMap::new(),
     };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -242,6 +297,7 @@ pub async fn start(
                     if changed.is_err() { break; }
                     el.cut_revoked();
                     el.persist_trusted_addrs();
+                    el.schedule_relay_reauth();
                 }
                 _ = tick.tick() => el.on_tick(),
                 _ = shutdown.wait_for(|s| *s) => break,
@@ -351,13 +407,16 @@ impl EventLoop {
                 }
                 let _ = reply.send(addrs);
             }
-            Command::RelayAuthDone { relay } => {
+            Command::RelayAuthDone { relay, granted } => {
                 for r in &mut self.relays {
-                    if r.peer == relay {
+                    if r.peer == relay && r.auth == RelayAuth::InProgress {
                         r.auth = RelayAuth::Done;
+                        r.granted = granted;
                         r.next_try = Instant::now();
                     }
                 }
+                // A certificate may have arrived while the proof was under way.
+                self.schedule_relay_reauth();
             }
             Command::AddAddresses { peer, addrs } => {
                 for a in &addrs {
@@ -397,6 +456,21 @@ impl EventLoop {
                 .collect()
         };
         for (peer, addrs) in candidates {
+            // Not through one of our relays before we proved our certificate to it: the
+            // circuit would fix that relay connection at the small limits.
+            let addrs: Vec<Multiaddr> = addrs
+                .into_iter()
+                .filter(|a| {
+                    circuit_relay(a).is_none_or(|relay| {
+                        self.relays
+                            .iter()
+                            .all(|r| r.peer != relay || r.auth == RelayAuth::Done)
+                    })
+                })
+                .collect();
+            if addrs.is_empty() {
+                continue;
+            }
             let b = self.backoff.entry(peer).or_insert(Backoff {
                 next: now,
                 delay: Duration::from_millis(500),
@@ -409,6 +483,25 @@ impl EventLoop {
             let _ = self
                 .swarm
                 .dial(DialOpts::peer_id(peer).addresses(addrs).build());
+        }
+        self.retire_relayed(now);
+        self.hole_punch_timers(now);
+        self.reannounce_due(now);
+        // A certificate to prove: start over with the relay (see `schedule_relay_reauth`).
+        for r in &mut self.relays {
+            if r.reauth_at.is_some_and(|at| at <= now) {
+                r.reauth_at = None;
+                if self.swarm.is_connected(&r.peer) {
+                    tracing::info!(
+                        relay = %r.peer,
+                        "reconnecting to the relay to prove this device's new certificate"
+                    );
+                    r.auth = RelayAuth::NotStarted;
+                    r.next_try = now;
+                    r.delay = Duration::from_secs(1);
+                    let _ = self.swarm.disconnect_peer_id(r.peer);
+                }
+            }
         }
         // Keep relay connections and reservations up.
         for i in 0..self.relays.len() {
@@ -437,9 +530,7 @@ impl EventLoop {
                     .swarm
                     .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
             } else if auth == RelayAuth::NotStarted {
-                self.relays[i].auth = RelayAuth::InProgress;
-                self.relays[i].next_try = now + Duration::from_secs(15);
-                self.spawn_relay_auth(peer);
+                self.start_relay_auth(i);
             } else if auth == RelayAuth::Done {
                 let circuit = self.relays[i].addr.clone().with(Protocol::P2pCircuit);
                 match self.swarm.listen_on(circuit) {
@@ -450,35 +541,117 @@ impl EventLoop {
         }
     }
 
-    /// Proves our certificate chain to a relay, then lets the reservation go ahead (with the
-    /// large limits if the relay serves our person, with the default ones otherwise).
-    fn spawn_relay_auth(&self, relay: PeerId) {
-        let chain: Vec<Vec<u8>> = self
-            .local_device
+    /// Our certificate chain, as sent to relays (at most 16 certificates).
+    fn own_chain(&self) -> Vec<Vec<u8>> {
+        self.local_device
             .map(|d| self.trust.chain_for(&d))
             .unwrap_or_default()
             .iter()
             .take(16)
             .map(iom_protocol::cert::Certificate::to_bytes)
-            .collect();
-        let mut control = self.control.clone();
-        let tx = self.cmd_tx.clone();
-        tokio::spawn(async move {
-            match crate::relay::auth::authenticate_to_relay(&mut control, relay, chain).await {
-                Ok(reply) if reply.ok => {
-                    tracing::info!(%relay, "relay grants this device long, large circuits");
-                }
-                Ok(reply) => tracing::info!(
-                    %relay,
-                    reason = %reply.reason,
-                    "relay gives this device the default (small) circuits only"
-                ),
-                Err(e) => {
-                    tracing::info!(%relay, error = %e, "relay authentication failed; default limits")
-                }
+            .collect()
+    }
+
+    /// Starts proving our certificate to relay `i` (on its current connection).
+    fn start_relay_auth(&mut self, i: usize) {
+        let chain = self.own_chain();
+        let Some(r) = self.relays.get_mut(i) else {
+            return;
+        };
+        r.auth = RelayAuth::InProgress;
+        r.granted = false;
+        r.sent_chain = chain.clone();
+        r.next_try = Instant::now() + Duration::from_secs(15);
+        spawn_relay_auth(self.control.clone(), self.cmd_tx.clone(), r.peer, chain);
+    }
+
+    /// After a trust change: a relay that refused the large limits to a certificate chain we
+    /// no longer have (this device just joined a mesh: before, its chain led to a person of
+    /// its own, or there was none) gets a fresh connection and a proof of the new chain,
+    /// because limits are fixed per connection. Once per change of our chain.
+    fn schedule_relay_reauth(&mut self) {
+        let chain = self.own_chain();
+        if chain.is_empty() {
+            return;
+        }
+        for r in &mut self.relays {
+            if r.auth == RelayAuth::Done
+                && !r.granted
+                && r.sent_chain != chain
+                && r.reauth_at.is_none()
+            {
+                r.reauth_at = Some(Instant::now() + REAUTH_DELAY);
             }
-            let _ = tx.send(Command::RelayAuthDone { relay }).await;
+        }
+    }
+
+    /// Closes relayed connections to peers that have had a direct connection for a while.
+    fn retire_relayed(&mut self, now: Instant) {
+        let close: Vec<(PeerId, ConnectionId)> = {
+            let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+            peers
+                .map
+                .iter()
+                .filter(|(_, e)| {
+                    e.conns.values().any(|c| {
+                        !c.relayed && now.saturating_duration_since(c.since) >= RETIRE_RELAYED_AFTER
+                    })
+                })
+                .flat_map(|(p, e)| {
+                    e.conns
+                        .iter()
+                        .filter(|(_, c)| c.relayed)
+                        .map(move |(id, _)| (*p, *id))
+                })
+                .collect()
+        };
+        for (peer, id) in close {
+            if self.swarm.close_connection(id) {
+                tracing::info!(%peer, "direct connection is up; closing the relayed one");
+            }
+        }
+    }
+
+    /// Our own hole punch timeout (see [`HOLE_PUNCH_TIMEOUT`]).
+    fn hole_punch_timers(&mut self, now: Instant) {
+        let expired: Vec<PeerId> = self
+            .relayed_only_since
+            .iter()
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= HOLE_PUNCH_TIMEOUT)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in expired {
+            self.relayed_only_since.remove(&peer);
+            let link = self
+                .peers
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .link(&peer);
+            if link == super::Link::Relayed {
+                tracing::info!(
+                    %peer,
+                    secs = HOLE_PUNCH_TIMEOUT.as_secs(),
+                    "no direct connection after the hole punch timeout; staying relayed"
+                );
+            }
+        }
+    }
+
+    /// Announces peers whose relayed connections were replaced by a direct one.
+    fn reannounce_due(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        self.reannounce.retain(|peer, times| {
+            if times.last().is_some_and(|at| *at <= now) {
+                times.pop();
+                due.push(*peer);
+            }
+            !times.is_empty()
         });
+        for peer in due {
+            if self.swarm.is_connected(&peer) {
+                let _ = self.events.send(NetEvent::Connected(peer));
+            }
+        }
     }
 
     fn remember_addrs(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
@@ -583,22 +756,62 @@ impl EventLoop {
                 if n == 1 {
                     let _ = self.events.send(NetEvent::Connected(peer_id));
                 } else if !relayed && !had_direct {
+                    tracing::info!(
+                        peer = %peer_id,
+                        addr = %endpoint.get_remote_address(),
+                        "direct connection to a relayed peer"
+                    );
                     let _ = self.events.send(NetEvent::Direct(peer_id));
                 }
-                for r in &mut self.relays {
+                if relayed && !had_direct {
+                    self.relayed_only_since
+                        .entry(peer_id)
+                        .or_insert_with(Instant::now);
+                } else if !relayed {
+                    self.relayed_only_since.remove(&peer_id);
+                }
+                let mut auth_now = None;
+                for (i, r) in self.relays.iter_mut().enumerate() {
                     if r.peer == peer_id {
                         r.next_try = Instant::now();
                         r.delay = Duration::from_secs(1);
+                        if r.auth == RelayAuth::NotStarted {
+                            auth_now = Some(i);
+                        }
                     }
+                }
+                // Prove our certificate before anything else uses the relay connection.
+                if let Some(i) = auth_now {
+                    self.start_relay_auth(i);
                 }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
+                endpoint,
                 ..
             } => {
                 let n = self.peers().closed(peer_id, connection_id);
+                if endpoint.is_relayed() && n > 0 {
+                    let link = self
+                        .peers
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .link(&peer_id);
+                    if link == super::Link::Direct {
+                        // Sessions that ran over the relayed connection end once they notice
+                        // (it can take a second or more): announce the peer a few times; a
+                        // session that is still up makes the announcement a no-op.
+                        let now = Instant::now();
+                        self.reannounce.insert(
+                            peer_id,
+                            REANNOUNCE_AFTER.iter().rev().map(|d| now + *d).collect(),
+                        );
+                    }
+                }
                 if n == 0 {
+                    self.relayed_only_since.remove(&peer_id);
+                    self.reannounce.remove(&peer_id);
                     for r in &mut self.relays {
                         if r.peer == peer_id {
                             // Limits belong to a connection: prove ourselves again next time.
@@ -647,8 +860,10 @@ impl EventLoop {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 let is_relay = self.relays.iter().any(|r| r.peer == peer_id);
                 if is_relay {
-                    // The relay tells us how the internet sees us: a candidate for hole punching.
-                    self.swarm.add_external_address(info.observed_addr.clone());
+                    // The relay tells us how the internet sees us. identify hands it to DCUtR
+                    // as a punch candidate; confirming it as an external address here would
+                    // make the swarm drop that candidate (it skips confirmed addresses).
+                    tracing::debug!(observed = %info.observed_addr, "the relay observes us at");
                     return;
                 }
                 self.remember_addrs(peer_id, info.listen_addrs);
@@ -702,5 +917,72 @@ impl EventLoop {
             },
             _ => {}
         }
+    }
+}
+
+/// Proves `chain` to `relay` over `/iom/relay-auth/1`, then reports back so the reservation
+/// can go ahead (with the large limits if the relay serves our person, with the default ones
+/// otherwise).
+fn spawn_relay_auth(
+    mut control: libp2p_stream::Control,
+    tx: mpsc::Sender<Command>,
+    relay: PeerId,
+    chain: Vec<Vec<u8>>,
+) {
+    tokio::spawn(async move {
+        let granted = match crate::relay::auth::authenticate_to_relay(&mut control, relay, chain)
+            .await
+        {
+            Ok(reply) if reply.ok => {
+                tracing::info!(%relay, "relay grants this device long, large circuits");
+                true
+            }
+            Ok(reply) => {
+                tracing::info!(
+                    %relay,
+                    reason = %reply.reason,
+                    "relay gives this device the default (small) circuits only"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::info!(%relay, error = %e, "relay authentication failed; default limits");
+                false
+            }
+        };
+        let _ = tx.send(Command::RelayAuthDone { relay, granted }).await;
+    });
+}
+
+/// The relay a circuit address goes through (`.../p2p/RELAY/p2p-circuit/...`).
+fn circuit_relay(addr: &Multiaddr) -> Option<PeerId> {
+    let mut relay = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(id) => relay = Some(id),
+            Protocol::P2pCircuit => return relay,
+            _ => {}
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn circuit_relay_is_the_peer_before_p2p_circuit() {
+        let relay = PeerId::random();
+        let target = PeerId::random();
+        let addr: Multiaddr =
+            format!("/ip4/10.0.0.1/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{target}")
+                .parse()
+                .expect("valid multiaddr");
+        assert_eq!(circuit_relay(&addr), Some(relay));
+        let direct: Multiaddr = format!("/ip4/10.0.0.1/tcp/4001/p2p/{target}")
+            .parse()
+            .expect("valid multiaddr");
+        assert_eq!(circuit_relay(&direct), None);
     }
 }

@@ -24,9 +24,15 @@ pub enum FramedError {
 }
 
 impl FramedError {
-    /// Whether the peer is to blame (a protocol violation, not a broken connection).
+    /// Whether the peer is to blame (a protocol violation, not a broken connection). A
+    /// stream that ends in the middle of a frame is what a dropped connection or a relay
+    /// circuit cut at its data limit looks like, so it is not the peer's fault.
     pub fn is_peer_fault(&self) -> bool {
-        matches!(self, FramedError::Frame(_) | FramedError::Decode(_))
+        match self {
+            FramedError::Frame(FrameError::Truncated { .. }) => false,
+            FramedError::Frame(_) | FramedError::Decode(_) => true,
+            FramedError::Io(_) | FramedError::Encode(_) => false,
+        }
     }
 }
 
@@ -100,4 +106,25 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     io.write_all(payload).await?;
     io.flush().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stream_cut_mid_frame_is_not_the_peers_fault() {
+        // Header says 10 bytes, 3 arrive, then the stream ends (a dropped connection).
+        let mut bytes: &[u8] = &[0, 0, 0, 10, 1, 2, 3];
+        let err = read_frame(&mut bytes, 1024).await.err();
+        assert!(
+            matches!(err, Some(FramedError::Frame(FrameError::Truncated { .. }))),
+            "{err:?}"
+        );
+        assert!(!err.is_some_and(|e| e.is_peer_fault()));
+        // An oversized length prefix is.
+        let mut bytes: &[u8] = &[0xff, 0, 0, 0];
+        let err = read_frame(&mut bytes, 1024).await.err();
+        assert!(err.is_some_and(|e| e.is_peer_fault()));
+    }
 }

@@ -32,7 +32,9 @@ pub const AGENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/iom/agent/1");
 /// Something that happened on the network.
 #[derive(Debug, Clone)]
 pub enum NetEvent {
-    /// The first connection to a peer opened.
+    /// A peer became reachable on a new path: its first connection opened, or its relayed
+    /// connections were just replaced by a direct one (sessions that ran over them ended, so
+    /// open them again).
     Connected(PeerId),
     /// The last connection to a peer closed.
     Disconnected(PeerId),
@@ -60,6 +62,8 @@ pub(crate) enum Command {
     },
     RelayAuthDone {
         relay: PeerId,
+        /// The relay gave us the large limits.
+        granted: bool,
     },
 }
 
