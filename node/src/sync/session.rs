@@ -322,6 +322,7 @@ async fn run_inner(
         let dirty = dirty.clone();
         let stats = stats.clone();
         let stop = stop.clone();
+        let closed = closed.clone();
         tokio::spawn(async move {
             let r: Result<(), SessionError> = async {
                 loop {
@@ -362,6 +363,11 @@ async fn run_inner(
             .await;
             if let Err(e) = &r {
                 tracing::debug!(%peer, error = %e, "sync writer stopped");
+                // End the session: the reader may never see the end of a stream whose
+                // connection we closed ourselves (yamux does not wake readers on a graceful
+                // local close), and a session that looks alive blocks a new one.
+                closed.store(true, Ordering::Relaxed);
+                stop.notify_one();
             }
             let _ = futures::AsyncWriteExt::close(&mut wr).await;
             r
