@@ -84,8 +84,8 @@ impl Node {
     /// now and kept across restarts, as a real device's port is, so peers can redial it.
     pub fn new(name: &str) -> Result<Node> {
         let tmp = tempfile::Builder::new()
-            .prefix(&format!("iom-{name}-"))
-            .tempdir()?;
+            .prefix(&format!("{name}-"))
+            .tempdir_in(test_data_root()?)?;
         let dir = tmp.path().to_path_buf();
         Ok(Node {
             name: name.into(),
@@ -255,7 +255,8 @@ impl Node {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.log)?;
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
         let mut cmd = Command::new(iom_bin());
         cmd.arg("--data-dir")
             .arg(&self.dir)
@@ -461,6 +462,18 @@ pub fn wait_until(
     Err(anyhow!(
         "timed out after {timeout:?} waiting for {what} (last error: {last_err:?})"
     ))
+}
+
+/// Where nodes' data dirs are made: under the target dir, not the shared `/tmp` (which other
+/// tools on a shared machine may clean under our feet).
+fn test_data_root() -> Result<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let dir = target.join("iom-test-data");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// A TCP port that is free on loopback right now.

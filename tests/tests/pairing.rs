@@ -228,7 +228,7 @@ fn foreign_person_is_refused_every_protocol_but_pairing() {
 }
 
 fn foreign_person_is_refused_every_protocol_but_pairing_body() -> Result<()> {
-    let a = started("a")?;
+    let mut a = started("a")?;
     let f = a.dir.join("secret.txt");
     std::fs::write(&f, b"not for strangers")?;
     let hash = a.json(&["blob", "add", f.to_str().unwrap_or_default()])?["hash"]
@@ -267,6 +267,26 @@ fn foreign_person_is_refused_every_protocol_but_pairing_body() -> Result<()> {
         JoinResponse::Rejected(JoinRejection::UnknownInvite) => {}
         other => bail!("pairing answered with {other:?}"),
     }
+    // Bad frames: an oversized length prefix, a truncated frame and CBOR garbage. The node
+    // ends the stream and stays healthy.
+    let oversized = vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+    let truncated = vec![0, 0, 0, 100, 1, 2, 3];
+    let garbage = vec![0, 0, 0, 5, 0xde, 0xad, 0xbe, 0xef, 0x00];
+    for (proto, bytes) in [
+        ("/iom/pair/1", oversized),
+        ("/iom/pair/1", garbage.clone()),
+        ("/iom/sync/1", garbage),
+        ("/iom/pair/1", truncated),
+    ] {
+        let raw = RawPeer::new(id.to_peer_id(), &a.listen_addrs()?)?;
+        let answer = raw.send_garbage(id.to_peer_id(), proto, bytes)?;
+        assert!(
+            answer.is_empty(),
+            "{proto} answered garbage with {answer:?}"
+        );
+    }
+    assert!(a.is_running());
+    a.status()?;
     // The refusals are logged, and nothing was given away.
     let log = a.log_text();
     assert!(log.contains("refused untrusted peer"), "log:\n{log}");

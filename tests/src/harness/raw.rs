@@ -157,6 +157,35 @@ impl RawPeer {
         })
     }
 
+    /// Opens `protocol`, writes raw `bytes` (a bad frame) and waits for the node to end the
+    /// stream. Returns the bytes the node sent back before closing (normally none).
+    pub fn send_garbage(
+        &self,
+        peer: PeerId,
+        protocol: &'static str,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let mut control = self.control.clone();
+        self.rt.block_on(async move {
+            let mut stream = tokio::time::timeout(
+                Duration::from_secs(20),
+                control.open_stream(peer, StreamProtocol::new(protocol)),
+            )
+            .await
+            .map_err(|_| anyhow!("opening {protocol} timed out"))?
+            .map_err(|e| anyhow!("opening {protocol}: {e}"))?;
+            stream.write_all(&bytes).await?;
+            stream.flush().await?;
+            let mut back = Vec::new();
+            // The node must end the stream (or the connection) on its own.
+            match tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut back)).await
+            {
+                Ok(_) => Ok(back),
+                Err(_) => bail!("the node kept a {protocol} stream open after garbage"),
+            }
+        })
+    }
+
     /// Sends a join request on `/iom/pair/1` and returns the answer.
     pub fn join(&self, inviter: PeerId, request: &JoinRequest) -> Result<JoinResponse> {
         let bytes = request.encode().map_err(|e| anyhow!("{e}"))?;
