@@ -738,6 +738,12 @@ impl LabNode {
         })
     }
 
+    /// Sets an environment variable for the next [`start`](Self::start) (e.g. `IOM_LOG`).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.node.env.retain(|(k, _)| k != key);
+        self.node.env.push((key.to_string(), value.to_string()));
+    }
+
     /// The namespace the node runs in.
     pub fn ns(&self) -> &str {
         &self.ns
@@ -765,6 +771,9 @@ impl LabNode {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        for (k, v) in &self.node.env {
+            cmd.env(k, v);
+        }
         let mut child = cmd.spawn()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
