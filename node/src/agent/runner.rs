@@ -42,7 +42,11 @@ pub struct Agent {
     busy_conversations: Mutex<HashSet<DocId>>,
     rate: Mutex<HashMap<String, VecDeque<Instant>>>,
     slots: Semaphore,
-    sandbox: tokio::sync::OnceCell<Result<Arc<Sandbox>, String>>,
+    /// Connected on first use; a failed connection is not kept, so the next tool call tries
+    /// again (Docker may have been started, or the error is shown again, fresh).
+    sandbox: tokio::sync::Mutex<Option<Arc<Sandbox>>>,
+    /// Stops the sandbox's idle reaper and removes its containers.
+    reaper_stop: tokio_util::sync::CancellationToken,
     scan_tx: mpsc::Sender<DocId>,
     scan_rx: Mutex<Option<mpsc::Receiver<DocId>>>,
 }
@@ -61,7 +65,8 @@ impl Default for Agent {
             busy_conversations: Mutex::default(),
             rate: Mutex::default(),
             slots: Semaphore::new(MAX_CONCURRENT),
-            sandbox: tokio::sync::OnceCell::new(),
+            sandbox: tokio::sync::Mutex::new(None),
+            reaper_stop: tokio_util::sync::CancellationToken::new(),
             scan_tx,
             scan_rx: Mutex::new(Some(scan_rx)),
         }
@@ -83,27 +88,45 @@ impl Agent {
         lock(&self.running).len()
     }
 
-    /// The sandbox, connected on first use.
+    /// The sandbox, connected on first use (then orphans of an earlier run are reaped and the
+    /// idle reaper starts).
     async fn sandbox(&self, ctx: &NodeCtx) -> Result<Arc<Sandbox>, String> {
-        self.sandbox
-            .get_or_init(|| async {
-                let sb = Sandbox::connect(
-                    ctx.config.sandbox.clone(),
-                    ctx.config.data_dir.clone(),
-                    ctx.device_id(),
-                )
-                .await
-                .map_err(|e| {
-                    format!("the tool sandbox is unavailable: {e} (run `iom sandbox check`)")
-                })?;
-                let sb = Arc::new(sb);
-                if let Err(e) = sb.reap_orphans().await {
-                    tracing::warn!(error = %e, "could not reap orphaned containers");
-                }
-                Ok(sb)
-            })
-            .await
-            .clone()
+        let mut slot = self.sandbox.lock().await;
+        if let Some(sb) = slot.as_ref() {
+            return Ok(sb.clone());
+        }
+        let sb = Sandbox::connect(
+            ctx.config.sandbox.clone(),
+            ctx.config.data_dir.clone(),
+            ctx.device_id(),
+        )
+        .await
+        .map_err(|e| format!("the tool sandbox is unavailable: {e} (run `iom sandbox check`)"))?;
+        let sb = Arc::new(sb);
+        if let Err(e) = sb.reap_orphans().await {
+            tracing::warn!(error = %e, "could not reap orphaned containers");
+        }
+        // Idle containers are removed after `idle_timeout_secs`; all of them when the node
+        // shuts down.
+        let stop = self.reaper_stop.clone();
+        let mut shutdown = ctx.shutdown.clone();
+        tokio::spawn(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+            stop.cancel();
+        });
+        drop(sb.clone().spawn_reaper(self.reaper_stop.clone()));
+        *slot = Some(sb.clone());
+        Ok(sb)
+    }
+
+    /// Removes every sandbox container of this node (for a clean shutdown; the next start
+    /// reaps whatever is left anyway).
+    pub async fn stop(&self) {
+        self.reaper_stop.cancel();
+        let sb = self.sandbox.lock().await.clone();
+        if let Some(sb) = sb {
+            sb.shutdown().await;
+        }
     }
 }
 
@@ -146,6 +169,13 @@ pub fn spawn(ctx: Arc<NodeCtx>) {
                     Some(epoch) => {
                         tracing::info!(epoch, "this device now holds the agent role");
                         scan_all(&c);
+                        // Connect to Docker now rather than on the first tool call.
+                        let c2 = c.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = c2.agent.sandbox(&c2).await {
+                                tracing::warn!(error = %e, "sandbox not ready");
+                            }
+                        });
                     }
                     None => {
                         tracing::info!("this device no longer holds the agent role; not claiming")
@@ -410,7 +440,13 @@ async fn run_request(ctx: &Arc<NodeCtx>, doc: DocId, req: MessageView) {
         let rid = rid.clone();
         tokio::spawn(async move {
             let mut last = String::new();
-            while tick_rx.recv().await.is_some() {
+            // A tick that arrived while throttling: write once more when the pause ends.
+            let mut pending = false;
+            loop {
+                if !pending && tick_rx.recv().await.is_none() {
+                    return;
+                }
+                pending = false;
                 let json = lock(&progress).to_json();
                 if json != last {
                     let (rid, j) = (rid.clone(), json.clone());
@@ -426,7 +462,19 @@ async fn run_request(ctx: &Arc<NodeCtx>, doc: DocId, req: MessageView) {
                         .await;
                     last = json;
                 }
-                tokio::time::sleep(PROGRESS_EVERY).await;
+                // Throttle, but stop at once when the run ends (the answer replaces the
+                // progress, so waiting out the pause would only delay it).
+                let pause = tokio::time::sleep(PROGRESS_EVERY);
+                tokio::pin!(pause);
+                loop {
+                    tokio::select! {
+                        () = &mut pause => break,
+                        tick = tick_rx.recv() => match tick {
+                            Some(()) => pending = true,
+                            None => return,
+                        },
+                    }
+                }
             }
         })
     };

@@ -154,14 +154,16 @@ impl Sandbox {
         Ok(self.data_dir.join("workspaces").join(conversation_id))
     }
 
-    /// The container name used for a conversation: `iom-<node short>-<conversation>`.
+    /// The container name used for a conversation: `iom-<node short>-<conversation>`, where
+    /// the short form is the last 12 characters of the node id (device ids all begin with the
+    /// same `12D3KooW`, so their tails are what tells two nodes on one engine apart).
     pub fn container_name(&self, conversation_id: &str) -> String {
-        let short: String = self
+        let alnum: Vec<char> = self
             .node_id
             .chars()
             .filter(|c| c.is_ascii_alphanumeric())
-            .take(12)
             .collect();
+        let short: String = alnum[alnum.len().saturating_sub(12)..].iter().collect();
         format!("iom-{short}-{conversation_id}")
     }
 

@@ -50,6 +50,7 @@ pub struct SandboxConfig {
     /// A conversation's container is removed after this many idle seconds (default 600).
     pub idle_timeout_secs: u64,
     /// Host directories under which extra mounts may live (default: none, so no extra mounts).
+    /// A leading `~` is the home directory of the user running the node.
     pub allowed_roots: Vec<PathBuf>,
     /// File or directory names refused in mounts. A pattern matches a path component that equals
     /// it or starts with it followed by a dot (`.env` matches `.env.local`, `id_rsa` matches
@@ -83,7 +84,7 @@ impl Default for SandboxConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MountSpec {
-    /// Host path (file or directory).
+    /// Host path (file or directory); a leading `~` is the node user's home directory.
     pub host: PathBuf,
     /// Absolute path inside the container.
     pub container: PathBuf,
@@ -195,6 +196,19 @@ pub fn validate_mounts(
     cfg: &SandboxConfig,
     data_dir: &Path,
 ) -> Result<Vec<ResolvedMount>, MountError> {
+    // `~` in config means the node user's home directory, as in a shell.
+    let cfg = &SandboxConfig {
+        allowed_roots: cfg.allowed_roots.iter().map(|r| expand_home(r)).collect(),
+        mounts: cfg
+            .mounts
+            .iter()
+            .map(|m| MountSpec {
+                host: expand_home(&m.host),
+                ..m.clone()
+            })
+            .collect(),
+        ..cfg.clone()
+    };
     let roots: Vec<PathBuf> = cfg
         .allowed_roots
         .iter()
@@ -371,6 +385,17 @@ fn scan_for_blocked(dir: &Path, patterns: &[String]) -> Result<(), MountError> {
     Ok(())
 }
 
+/// Replaces a leading `~` component with `$HOME` (unchanged when `HOME` is unset or empty).
+fn expand_home(p: &Path) -> PathBuf {
+    let Ok(rest) = p.strip_prefix("~") else {
+        return p.to_path_buf();
+    };
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => PathBuf::from(home).join(rest),
+        None => p.to_path_buf(),
+    }
+}
+
 /// Makes a path absolute against the current directory, without touching the filesystem.
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
@@ -480,6 +505,18 @@ mod tests {
             validate_mounts(&c, &f.data),
             Err(MountError::NotAllowed { .. })
         ));
+    }
+
+    #[test]
+    fn a_leading_tilde_is_the_home_directory() {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let expanded = expand_home(Path::new("~/.ssh"));
+        match home.filter(|h| !h.as_os_str().is_empty()) {
+            Some(h) => assert_eq!(expanded, h.join(".ssh")),
+            None => assert_eq!(expanded, Path::new("~/.ssh")),
+        }
+        assert_eq!(expand_home(Path::new("/a/~/b")), Path::new("/a/~/b"));
+        assert_eq!(expand_home(Path::new("~other/x")), Path::new("~other/x"));
     }
 
     #[test]
