@@ -325,6 +325,8 @@ pub async fn run(
         }
     })
     .await;
+    // Remove this node's tool containers before the process ends.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), ctx.agent.stop()).await;
     store
         .flush()
         .await

@@ -107,7 +107,11 @@ enum SessionError {
     Docs(#[from] DocsError),
 }
 
-type States = Arc<Mutex<HashMap<DocId, PeerDocState>>>;
+/// Per-document sync state with this peer. Each state has its own lock, held by the writer
+/// (generate) and the reader (receive) for the whole operation, inside the document's lock, so
+/// neither can work from a stale copy and overwrite the other's update.
+type SharedState = Arc<Mutex<PeerDocState>>;
+type States = Arc<Mutex<HashMap<DocId, SharedState>>>;
 
 fn state_key(peer: &PeerId, doc: &DocId) -> Vec<u8> {
     let mut k = b"ps/".to_vec();
@@ -117,33 +121,25 @@ fn state_key(peer: &PeerId, doc: &DocId) -> Vec<u8> {
     k
 }
 
-fn take_state(ctx: &NodeCtx, states: &States, peer: &PeerId, doc: &DocId) -> PeerDocState {
-    if let Some(s) = states.lock().unwrap_or_else(|e| e.into_inner()).remove(doc) {
-        return s;
-    }
-    ctx.store
-        .state_get(&state_key(peer, doc))
-        .ok()
-        .flatten()
-        .and_then(|b| PeerDocState::decode(&b).ok())
-        .unwrap_or_default()
+/// The state for `doc`, loaded from the store the first time this session needs it.
+fn state_for(ctx: &NodeCtx, states: &States, peer: &PeerId, doc: &DocId) -> SharedState {
+    let mut map = states.lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(*doc)
+        .or_insert_with(|| {
+            let st = ctx
+                .store
+                .state_get(&state_key(peer, doc))
+                .ok()
+                .flatten()
+                .and_then(|b| PeerDocState::decode(&b).ok())
+                .unwrap_or_default();
+            Arc::new(Mutex::new(st))
+        })
+        .clone()
 }
 
-fn put_state(
-    ctx: &NodeCtx,
-    states: &States,
-    peer: &PeerId,
-    doc: DocId,
-    st: PeerDocState,
-    persist: bool,
-) {
-    if persist {
-        let _ = ctx.store.state_put(&state_key(peer, &doc), &st.encode());
-    }
-    states
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(doc, st);
+fn lock_state(st: &SharedState) -> std::sync::MutexGuard<'_, PeerDocState> {
+    st.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn send(
@@ -339,15 +335,10 @@ async fn run_inner(
                         },
                         doc = dirty.next() => {
                             tracing::debug!(%peer, %doc, "writer: dirty");
-                            let st = take_state(&ctx, &states, &peer, &doc);
-                            let out = ctx.docs.read(doc, move |d| {
-                                let mut st = st;
-                                let m = generate(d, &mut st);
-                                (m, st)
-                            }).await;
+                            let st = state_for(&ctx, &states, &peer, &doc);
+                            let out = ctx.docs.read(doc, move |d| generate(d, &mut lock_state(&st))).await;
                             match out {
-                                Ok((m, st)) => {
-                                    put_state(&ctx, &states, &peer, doc, st, false);
+                                Ok(m) => {
                                     tracing::debug!(%peer, %doc, sent = m.is_some(), "generated");
                                     if let Some(msg) = m {
                                         send(&mut wr, &SyncMsg::Doc { doc: *doc.as_bytes(), msg }, &stats).await?;
@@ -390,13 +381,14 @@ async fn run_inner(
     writer.abort();
     ctx.sync.unregister(peer, id);
     // Persist what each side is known to have, so a reconnect costs only what changed.
-    let all: Vec<(DocId, PeerDocState)> = states
+    let all: Vec<(DocId, SharedState)> = states
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .drain()
         .collect();
     for (doc, st) in all {
-        let _ = ctx.store.state_put(&state_key(&peer, &doc), &st.encode());
+        let bytes = lock_state(&st).encode();
+        let _ = ctx.store.state_put(&state_key(&peer, &doc), &bytes);
     }
     result
 }
@@ -454,18 +446,17 @@ async fn read_loop(
         match msg {
             SyncMsg::Doc { doc, msg } => {
                 let doc = DocId::from_bytes(doc);
-                let st = take_state(ctx, states, &peer, &doc);
-                let r = ctx
+                let st = state_for(ctx, states, &peer, &doc);
+                let (r, encoded) = ctx
                     .docs
                     .modify(doc, Origin::Peer(peer), true, move |d| {
-                        let mut st = st;
+                        let mut st = lock_state(&st);
                         let r = receive(d, &mut st, &msg);
-                        Ok((r, st))
+                        Ok((r, st.encode()))
                     })
                     .await?;
-                let (r, st) = r;
                 tracing::debug!(%peer, %doc, result = ?r, queued = dirty.len(), "received doc message");
-                put_state(ctx, states, &peer, doc, st, true);
+                let _ = ctx.store.state_put(&state_key(&peer, &doc), &encoded);
                 if let Err(e) = r {
                     let _ = ctx.docs.forget_unstored(doc);
                     return Err(SessionError::Peer(format!(
