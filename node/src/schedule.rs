@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use iom_crdt::{Conversation, DocId, DocKind, Interface, ScheduleView, Schedules};
+use iom_crdt::{Conversation, DocId, Interface, ScheduleView, Schedules};
 use serde_json::json;
 
 use crate::agent::{ask, role};
@@ -212,18 +212,7 @@ async fn target(ctx: &Arc<NodeCtx>, view: &ScheduleView) -> Result<Option<DocId>
 
 /// Creates the conversation a schedule posts into.
 pub async fn new_conversation(ctx: &NodeCtx, prompt: &str) -> Result<DocId, DocsError> {
-    let id = ctx.docs.create(DocKind::Conversation).await?;
-    let title: String = format!("⏰ {prompt}").chars().take(60).collect();
-    let now = crate::time::now_secs() as i64;
-    ctx.docs
-        .modify(id, Origin::Local, false, move |d| {
-            Conversation::open(&mut *d)
-                .map_err(DocsError::from)?
-                .set_title(&title, now)
-                .map_err(|e| DocsError::Internal(e.to_string()))
-        })
-        .await?;
-    Ok(id)
+    crate::agent::ask::new_conversation(ctx, &format!("⏰ {prompt}")).await
 }
 
 /// Re-asks the last slot recorded under this epoch if its request is missing (the agent

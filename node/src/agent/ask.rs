@@ -59,34 +59,8 @@ pub async fn ask(
         )));
     }
     let doc = match conversation {
-        Some(id) => {
-            let meta = ctx.docs.meta(id)?.ok_or_else(|| {
-                ApiError::not_found(format!(
-                    "no conversation {id} on this device (see `iom conversations list`)"
-                ))
-            })?;
-            if meta.kind != DocKind::Conversation.name() {
-                return Err(ApiError::bad_request(format!(
-                    "{id} is a {} document, not a conversation",
-                    meta.kind
-                )));
-            }
-            id
-        }
-        None => {
-            let id = ctx.docs.create(DocKind::Conversation).await?;
-            let title: String = prompt.chars().take(60).collect();
-            let now = crate::time::now_secs() as i64;
-            ctx.docs
-                .modify(id, Origin::Local, false, move |d| {
-                    Conversation::open(&mut *d)
-                        .map_err(DocsError::from)?
-                        .set_title(&title, now)
-                        .map_err(|e| DocsError::Internal(e.to_string()))
-                })
-                .await?;
-            id
-        }
+        Some(id) => existing_conversation(ctx, id)?,
+        None => new_conversation(ctx, prompt).await?,
     };
     let rid = request_id.unwrap_or_else(|| hex::encode(crate::time::random_bytes::<12>()));
     if rid.is_empty() || rid.len() > 128 {
@@ -154,6 +128,38 @@ pub async fn ask(
         queued,
         note,
     })
+}
+
+/// Checks that `id` is a conversation stored on this device.
+pub fn existing_conversation(ctx: &NodeCtx, id: DocId) -> Result<DocId, ApiError> {
+    let meta = ctx.docs.meta(id)?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no conversation {id} on this device (see `iom conversations list`)"
+        ))
+    })?;
+    if meta.kind != DocKind::Conversation.name() {
+        return Err(ApiError::bad_request(format!(
+            "{id} is a {} document, not a conversation",
+            meta.kind
+        )));
+    }
+    Ok(id)
+}
+
+/// Creates a conversation titled after (the start of) `title`.
+pub async fn new_conversation(ctx: &NodeCtx, title: &str) -> Result<DocId, DocsError> {
+    let id = ctx.docs.create(DocKind::Conversation).await?;
+    let title: String = title.chars().take(60).collect();
+    let now = crate::time::now_secs() as i64;
+    ctx.docs
+        .modify(id, Origin::Local, false, move |d| {
+            Conversation::open(&mut *d)
+                .map_err(DocsError::from)?
+                .set_title(&title, now)
+                .map_err(|e| DocsError::Internal(e.to_string()))
+        })
+        .await?;
+    Ok(id)
 }
 
 /// Tells the agent about a request (best effort: sync delivers it anyway).

@@ -109,21 +109,7 @@ async fn add(State(ctx): Ctx, Json(body): Json<AddBody>) -> Result<Json<Value>, 
         )));
     }
     let conversation = match body.conversation.as_deref() {
-        Some(c) => {
-            let id = parse_doc_id(c)?;
-            let meta = ctx.docs.meta(id)?.ok_or_else(|| {
-                ApiError::not_found(format!(
-                    "no conversation {id} on this device (see `iom conversations list`)"
-                ))
-            })?;
-            if meta.kind != DocKind::Conversation.name() {
-                return Err(ApiError::bad_request(format!(
-                    "{id} is a {} document, not a conversation",
-                    meta.kind
-                )));
-            }
-            id
-        }
+        Some(c) => crate::agent::ask::existing_conversation(&ctx, parse_doc_id(c)?)?,
         None => schedule::new_conversation(&ctx, &prompt).await?,
     };
     ctx.docs.create(DocKind::Schedules).await?;
