@@ -247,17 +247,9 @@ impl Node {
         Ok(())
     }
 
-    /// Starts `iom node run` and waits until its API answers.
-    pub fn start(&mut self) -> Result<()> {
-        if self.child.is_some() {
-            bail!("{} already running", self.name);
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .with_context(|| format!("opening {}", self.log.display()))?;
-        let mut cmd = Command::new(iom_bin());
+    /// Adds `--data-dir DIR node run ARGS`, the node's environment and its log to `cmd` (the
+    /// `iom` binary, possibly wrapped, e.g. in `ip netns exec`).
+    pub fn configure_run(&self, cmd: &mut Command, log: std::fs::File) {
         cmd.arg("--data-dir")
             .arg(&self.dir)
             .args(["node", "run"])
@@ -269,11 +261,26 @@ impl Node {
             .env("NO_COLOR", "1")
             .env_remove("IOM_FAULT")
             .env_remove("ANTHROPIC_API_KEY")
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+    }
+
+    /// Starts `iom node run` and waits until its API answers.
+    pub fn start(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("{} already running", self.name);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        let mut cmd = Command::new(iom_bin());
+        self.configure_run(&mut cmd, log);
         self.child = Some(cmd.spawn().context("spawning iom node run")?);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -757,23 +757,7 @@ impl LabNode {
             .append(true)
             .open(&self.node.log)?;
         let mut cmd = netns_command(&self.ns, crate::harness::iom_bin());
-        cmd.arg("--data-dir")
-            .arg(&self.node.dir)
-            .args(["node", "run"])
-            .args(&self.node.args)
-            .env(
-                "IOM_LOG",
-                std::env::var("IOM_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env("NO_COLOR", "1")
-            .env_remove("IOM_FAULT")
-            .env_remove("ANTHROPIC_API_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in &self.node.env {
-            cmd.env(k, v);
-        }
+        self.node.configure_run(&mut cmd, log);
         let mut child = cmd.spawn()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

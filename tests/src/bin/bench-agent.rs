@@ -16,14 +16,15 @@
 //!
 //! Uses `target/release/iom` (or `IOM_BIN`).
 
-use std::path::PathBuf;
+mod bench_common;
+
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use iom_node::api::client::ApiClient;
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
-use iom_tests::harness::{Node, iom_bin, wait_mesh, wait_until};
+use iom_tests::harness::{Node, wait_mesh, wait_until};
 use serde_json::json;
 
 const IMAGE: &str = "iom-sandbox:1";
@@ -61,29 +62,6 @@ fn parse_args() -> Result<Opts> {
         bail!("counts must be at least 1");
     }
     Ok(o)
-}
-
-/// Points the harness at the release binary unless `IOM_BIN` is set.
-fn release_bin() -> Result<PathBuf> {
-    if std::env::var_os("IOM_BIN").is_none() {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| root.join("target"));
-        #[allow(unsafe_code)]
-        // SAFETY: called at the start of main, before any other thread exists.
-        unsafe {
-            std::env::set_var("IOM_BIN", target.join("release/iom"));
-        }
-    }
-    let bin = iom_bin().to_path_buf();
-    if !bin.exists() {
-        bail!(
-            "{} is missing; build it with `cargo build --release -p iom-cli`",
-            bin.display()
-        );
-    }
-    Ok(bin)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -220,7 +198,7 @@ fn containers_of(device: &str) -> Vec<String> {
 
 fn run() -> Result<()> {
     let opts = parse_args()?;
-    let bin = release_bin()?;
+    let bin = bench_common::use_release_bin()?;
     let check = Command::new("docker")
         .args(["image", "inspect", IMAGE])
         .output()
