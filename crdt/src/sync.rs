@@ -84,6 +84,37 @@ impl PeerDocState {
     pub fn their_heads(&self) -> Option<&[ChangeHash]> {
         self.0.their_heads.as_deref()
     }
+
+    /// The state of both sides right after one of them sent the other a whole document whose
+    /// heads are `heads` (an iom snapshot transfer, which replaces the sync protocol's rounds
+    /// for a document the peer did not have). Both sides know the other holds exactly `heads`
+    /// and nothing else of this document, so [`generate`] stays silent until something
+    /// changes, and the next change travels in one message.
+    ///
+    /// Only use it for what is known to be true: if the peer ends up holding more (a
+    /// concurrent change), the normal exchange corrects it, at the cost of a round trip.
+    pub fn after_snapshot(heads: &[ChangeHash]) -> PeerDocState {
+        let mut heads = heads.to_vec();
+        heads.sort_unstable();
+        PeerDocState(am_sync::State {
+            shared_heads: heads.clone(),
+            last_sent_heads: heads.clone(),
+            their_heads: Some(heads.clone()),
+            their_need: Some(Vec::new()),
+            their_have: Some(vec![am_sync::Have {
+                last_sync: heads,
+                bloom: am_sync::BloomFilter::default(),
+            }]),
+            have_responded: true,
+            // Every iom node runs this Automerge: the peer speaks the current messages.
+            their_capabilities: Some(vec![
+                am_sync::Capability::MessageV1,
+                am_sync::Capability::MessageV2,
+                am_sync::Capability::SyncReset,
+            ]),
+            ..am_sync::State::default()
+        })
+    }
 }
 
 /// The next message to send to the peer, or `None` if there is nothing to send now.

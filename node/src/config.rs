@@ -182,6 +182,9 @@ pub struct Config {
     pub fault_corrupt_blob_chunks: bool,
     /// Fault injection for tests (`IOM_FAULT=garbage-sync`): send garbage sync messages.
     pub fault_garbage_sync: bool,
+    /// Fault injection for tests (`IOM_FAULT=garbage-snapshot`): send a whole document that
+    /// is not an Automerge document.
+    pub fault_garbage_snapshot: bool,
     /// Fault injection for tests (`IOM_FAULT=no-addr-sharing`): do not tell peers where other
     /// devices are (`SyncMsg::Addrs`), so a chain A–B–C stays a chain.
     pub fault_no_addr_sharing: bool,
@@ -315,6 +318,7 @@ impl RawConfig {
             clock_offset_secs: o.clock_offset_secs.unwrap_or(0),
             fault_corrupt_blob_chunks: o.faults.iter().any(|f| f == "corrupt-blob-chunks"),
             fault_garbage_sync: o.faults.iter().any(|f| f == "garbage-sync"),
+            fault_garbage_snapshot: o.faults.iter().any(|f| f == "garbage-snapshot"),
             fault_no_addr_sharing: o.faults.iter().any(|f| f == "no-addr-sharing"),
         })
     }

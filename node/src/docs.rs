@@ -13,7 +13,7 @@ use iom_crdt::{DocId, DocKind, Document, DocumentError, Inventory};
 use libp2p::PeerId;
 use tokio::sync::broadcast;
 
-use crate::store::{DocMeta, Store, StoreError};
+use crate::store::{ChunkWrite, DocMeta, Store, StoreError};
 
 /// Chunks on top of a snapshot before a compaction is started.
 const COMPACT_AFTER_CHUNKS: u64 = 64;
@@ -66,6 +66,19 @@ pub enum DocsError {
 
 type Shared = Arc<Mutex<Document>>;
 
+/// A document's heads and metadata right after a write.
+type Stored = (Vec<ChangeHash>, DocMeta);
+/// A received document that did not load, and why.
+type Rejected = (DocId, String);
+
+/// A received whole document that was stored.
+struct AppliedSnapshot {
+    id: DocId,
+    stored: Stored,
+    /// It was not here before (else it was merged into what was).
+    new: bool,
+}
+
 struct Cache {
     docs: HashMap<DocId, (Shared, u64)>,
     tick: u64,
@@ -104,7 +117,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Docs {
     /// Starts the service over `store`. `actor` is this process's Automerge actor id.
     pub fn new(store: Store, actor: Vec<u8>, capacity: usize) -> Result<Docs, DocsError> {
-        let (changes, _) = broadcast::channel(1024);
+        // Big enough for the documents of a few snapshot batches, so a cold sync does not make
+        // subscribers lag (which costs an inventory round with every peer).
+        let (changes, _) = broadcast::channel(8192);
         let mut inventory = Inventory::new();
         for (id, meta) in store.doc_metas()? {
             let heads: Vec<ChangeHash> = meta.heads.iter().map(|h| ChangeHash(*h)).collect();
@@ -223,35 +238,7 @@ impl Docs {
     {
         let this = self.clone();
         let (result, changed) = self
-            .blocking(move || {
-                let doc = this
-                    .load(id, create_missing)?
-                    .ok_or(DocsError::NotFound(id))?;
-                let mut guard = lock(&doc);
-                let result = f(&mut guard)?;
-                let bytes = guard.save_incremental();
-                if bytes.is_empty() {
-                    return Ok((result, None));
-                }
-                let heads = guard.heads();
-                let kind = guard.kind_name().unwrap_or_else(|| "generic".into());
-                let meta = match this.inner.store.doc_meta(id.as_bytes())? {
-                    // First persistence of a document received by sync: a full snapshot.
-                    None => this.inner.store.append_doc_chunk(
-                        id.as_bytes(),
-                        &kind,
-                        &guard.snapshot(),
-                        heads_bytes(&heads),
-                    )?,
-                    Some(_) => this.inner.store.append_doc_chunk(
-                        id.as_bytes(),
-                        &kind,
-                        &bytes,
-                        heads_bytes(&heads),
-                    )?,
-                };
-                Ok((result, Some((heads, meta))))
-            })
+            .blocking(move || this.modify_blocking(id, create_missing, f))
             .await?;
         if let Some((heads, meta)) = changed {
             // A local write is acknowledged only once it is on disk. A change received from a
@@ -268,6 +255,189 @@ impl Docs {
             self.announce(id, heads, origin);
         }
         Ok(result)
+    }
+
+    /// The blocking part of [`Docs::modify`]: runs `f`, stores what it changed, and returns
+    /// the new heads and metadata when something changed (not yet flushed or announced).
+    fn modify_blocking<R, F>(
+        &self,
+        id: DocId,
+        create_missing: bool,
+        f: F,
+    ) -> Result<(R, Option<Stored>), DocsError>
+    where
+        F: FnOnce(&mut Document) -> Result<R, DocsError>,
+    {
+        let doc = self
+            .load(id, create_missing)?
+            .ok_or(DocsError::NotFound(id))?;
+        let mut guard = lock(&doc);
+        let result = f(&mut guard)?;
+        let bytes = guard.save_incremental();
+        if bytes.is_empty() {
+            return Ok((result, None));
+        }
+        let heads = guard.heads();
+        let kind = guard.kind_name().unwrap_or_else(|| "generic".into());
+        let store = &self.inner.store;
+        let meta = match store.doc_meta(id.as_bytes())? {
+            // First persistence of a document received by sync: a full snapshot.
+            None => store.append_doc_chunk(
+                id.as_bytes(),
+                &kind,
+                &guard.snapshot(),
+                heads_bytes(&heads),
+            )?,
+            Some(_) => store.append_doc_chunk(id.as_bytes(), &kind, &bytes, heads_bytes(&heads))?,
+        };
+        Ok((result, Some((heads, meta))))
+    }
+
+    /// Whole stored documents for a peer that has none of them: each document's stored chunks
+    /// concatenated (loadable as one), with its heads, read from the store without loading
+    /// them into Automerge. Documents bigger than `max_bytes` (and ones deleted meanwhile) come
+    /// back in the second list, to be synced the usual way.
+    pub async fn snapshots(
+        &self,
+        ids: Vec<DocId>,
+        max_bytes: usize,
+    ) -> Result<(Vec<Snapshot>, Vec<DocId>), DocsError> {
+        let this = self.clone();
+        self.blocking(move || {
+            let mut out = Vec::with_capacity(ids.len());
+            let mut other = Vec::new();
+            for id in ids {
+                let stored = match this.inner.store.load_doc(id.as_bytes()) {
+                    Ok(stored) => stored,
+                    Err(StoreError::NoSuchDoc(_)) => {
+                        other.push(id);
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if stored.chunks.iter().map(Vec::len).sum::<usize>() > max_bytes {
+                    other.push(id);
+                    continue;
+                }
+                out.push(Snapshot {
+                    id,
+                    bytes: stored.chunks.concat(),
+                    heads: stored.meta.heads.iter().map(|h| ChangeHash(*h)).collect(),
+                });
+            }
+            Ok((out, other))
+        })
+        .await
+    }
+
+    /// Stores whole documents received from `peer` ([`Docs::snapshots`] on its side). Each
+    /// one is loaded first, which verifies every change hash. A document that is new here is
+    /// stored as received, all of them in one transaction; one that exists (or is being
+    /// received another way) is merged into it. Every document that changed is announced.
+    ///
+    /// Stops at the first document that does not load and reports it in
+    /// [`SnapshotsApplied::rejected`]; the ones before it are kept.
+    pub async fn receive_snapshots(
+        &self,
+        peer: PeerId,
+        snapshots: Vec<(DocId, Vec<u8>)>,
+    ) -> Result<SnapshotsApplied, DocsError> {
+        let this = self.clone();
+        let (applied, rejected) = self
+            .blocking(move || this.receive_snapshots_blocking(snapshots))
+            .await?;
+        let mut out = SnapshotsApplied {
+            rejected,
+            ..SnapshotsApplied::default()
+        };
+        for AppliedSnapshot {
+            id,
+            stored: (heads, meta),
+            new,
+        } in applied
+        {
+            if meta.pending_chunks() >= COMPACT_AFTER_CHUNKS {
+                self.spawn_compaction(id);
+            }
+            if new {
+                out.new.push((id, heads.clone()));
+            } else {
+                out.merged.push(id);
+            }
+            self.announce(id, heads, Origin::Peer(peer));
+        }
+        Ok(out)
+    }
+
+    /// The blocking part of [`Docs::receive_snapshots`]: what was stored (id, heads and
+    /// metadata, and whether the document is new here), and the first rejected document.
+    fn receive_snapshots_blocking(
+        &self,
+        snapshots: Vec<(DocId, Vec<u8>)>,
+    ) -> Result<(Vec<AppliedSnapshot>, Option<Rejected>), DocsError> {
+        let mut rejected = None;
+        let mut loaded = Vec::with_capacity(snapshots.len());
+        for (id, bytes) in snapshots {
+            match Document::load(&bytes, &self.inner.actor) {
+                Ok(doc) => loaded.push((id, doc, bytes)),
+                Err(e) => {
+                    rejected = Some((id, e.to_string()));
+                    break;
+                }
+            }
+        }
+        let mut applied = Vec::with_capacity(loaded.len());
+        let mut merge = Vec::new();
+        {
+            // New documents: stored as received, in one transaction, and cached. The load
+            // lock keeps a concurrent load or creation of the same id out meanwhile.
+            let _guard = lock(&self.inner.load_lock);
+            let mut fresh = Vec::with_capacity(loaded.len());
+            for (id, doc, bytes) in loaded {
+                let known = lock(&self.inner.cache).docs.contains_key(&id)
+                    || self.inner.store.doc_meta(id.as_bytes())?.is_some();
+                if known {
+                    merge.push((id, bytes));
+                } else {
+                    let kind = doc.kind_name().unwrap_or_else(|| "generic".into());
+                    fresh.push((id, doc, bytes, kind));
+                }
+            }
+            let writes: Vec<ChunkWrite<'_>> = fresh
+                .iter()
+                .map(|(id, doc, bytes, kind)| ChunkWrite {
+                    id: *id.as_bytes(),
+                    kind,
+                    bytes,
+                    heads: heads_bytes(&doc.heads()),
+                })
+                .collect();
+            let metas = self.inner.store.append_doc_chunks(&writes)?;
+            drop(writes);
+            for ((id, doc, _, _), meta) in fresh.into_iter().zip(metas) {
+                applied.push(AppliedSnapshot {
+                    id,
+                    stored: (doc.heads(), meta),
+                    new: true,
+                });
+                self.insert_cached(id, Arc::new(Mutex::new(doc)));
+            }
+        }
+        for (id, bytes) in merge {
+            let ((), changed) = self.modify_blocking(id, true, move |d| {
+                d.load_incremental(&bytes)
+                    .map(drop)
+                    .map_err(DocsError::from)
+            })?;
+            if let Some(stored) = changed {
+                applied.push(AppliedSnapshot {
+                    id,
+                    stored,
+                    new: false,
+                });
+            }
+        }
+        Ok((applied, rejected))
     }
 
     /// Drops the in-memory placeholder of a document that was never stored (one that
@@ -378,6 +548,28 @@ impl Docs {
         self.insert_cached(id, shared.clone());
         Ok(Some(shared))
     }
+}
+
+/// One whole stored document, from [`Docs::snapshots`].
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The document.
+    pub id: DocId,
+    /// Its stored chunks, concatenated.
+    pub bytes: Vec<u8>,
+    /// Its heads.
+    pub heads: Vec<ChangeHash>,
+}
+
+/// What [`Docs::receive_snapshots`] did.
+#[derive(Debug, Default)]
+pub struct SnapshotsApplied {
+    /// Documents that were new here, with their heads (exactly the sender's).
+    pub new: Vec<(DocId, Vec<ChangeHash>)>,
+    /// Documents that existed here and gained changes by the merge.
+    pub merged: Vec<DocId>,
+    /// The first document that did not load, and why; none after it was looked at.
+    pub rejected: Option<Rejected>,
 }
 
 /// Change hashes as raw 32-byte arrays.

@@ -19,6 +19,8 @@ pub const MAX_BLOB_FRAME: usize = 1024 * 1024;
 pub const MAX_AGENT_FRAME: usize = 1024 * 1024;
 /// Most blob announcements in one message.
 pub const MAX_BLOB_ANNOUNCE: usize = 4096;
+/// Most documents in one [`SyncMsg::Snapshots`] message.
+pub const MAX_SNAPSHOTS: usize = 1024;
 /// Most addresses announced per peer.
 pub const MAX_PEER_ADDRS: usize = 16;
 /// Version of the sync protocol spoken by this build.
@@ -85,6 +87,14 @@ pub enum SyncMsg {
         #[serde(with = "crate::cbor::bytes")]
         msg: Vec<u8>,
     },
+    /// Whole documents the receiver does not have at all (its inventory entries showed it),
+    /// sent instead of running the Automerge sync rounds for each: the bytes are the sender's
+    /// stored chunks (a saved document, possibly followed by incremental saves), which the
+    /// receiver loads, verifying every change hash.
+    Snapshots {
+        /// At most [`MAX_SNAPSHOTS`] documents.
+        docs: Vec<DocSnapshot>,
+    },
     /// Blobs the sender holds: `(id, length)`.
     Blobs {
         /// Announced blobs.
@@ -110,6 +120,10 @@ impl SyncMsg {
             SyncMsg::Entries { records, .. } if records.len() % 48 != 0 => {
                 bad("entry records are not 48-byte aligned".into())
             }
+            SyncMsg::Snapshots { docs } if docs.len() > MAX_SNAPSHOTS => bad(format!(
+                "{} document snapshots in one message, at most {MAX_SNAPSHOTS}",
+                docs.len()
+            )),
             SyncMsg::Blobs { have } if have.len() > MAX_BLOB_ANNOUNCE => bad(format!(
                 "{} blob announcements, at most {MAX_BLOB_ANNOUNCE}",
                 have.len()
@@ -125,6 +139,17 @@ impl SyncMsg {
             _ => Ok(msg),
         }
     }
+}
+
+/// One whole document in [`SyncMsg::Snapshots`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DocSnapshot {
+    /// Document id.
+    #[serde(with = "crate::cbor::bytes")]
+    pub doc: [u8; 16],
+    /// The document's bytes, loadable with `automerge::Automerge::load`.
+    #[serde(with = "crate::cbor::bytes")]
+    pub bytes: Vec<u8>,
 }
 
 /// Addresses of one peer.
@@ -260,5 +285,17 @@ mod tests {
             SyncMsg::decode(&m.encode().unwrap()).unwrap(),
             SyncMsg::Doc { .. }
         ));
+        let snapshot = |i: usize| DocSnapshot {
+            doc: [i as u8; 16],
+            bytes: vec![0x85, 0x6f],
+        };
+        let m = SyncMsg::Snapshots {
+            docs: (0..MAX_SNAPSHOTS).map(snapshot).collect(),
+        };
+        assert!(SyncMsg::decode(&m.encode().unwrap()).is_ok());
+        let m = SyncMsg::Snapshots {
+            docs: (0..=MAX_SNAPSHOTS).map(snapshot).collect(),
+        };
+        assert!(SyncMsg::decode(&m.encode().unwrap()).is_err());
     }
 }

@@ -2,11 +2,17 @@
 //! and run CLI commands against them; plus a raw libp2p client ([`raw`]) for talking to a
 //! node's protocols directly, as a misbehaving or foreign peer would.
 //!
-//! Set `IOM_TEST_LOG` (default `info`) to change the nodes' log filter; a node's log is
-//! printed when a test panics while the node is alive.
+//! Set `IOM_TEST_LOG` (default [`DEFAULT_NODE_LOG`]) to change the nodes' log filter; a node's
+//! log is printed when a test panics while the node is alive.
 
 pub mod raw;
 
+/// The nodes' log filter unless `IOM_TEST_LOG` says otherwise: everything at `info`, except
+/// Automerge, whose `#[instrument]`ed load functions open an info span per document load
+/// (about a tenth of a cold sync's CPU when formatted).
+pub const DEFAULT_NODE_LOG: &str = "info,automerge=warn";
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -215,6 +221,11 @@ impl Node {
         Ok(ids)
     }
 
+    /// Every document this node has, with its sorted heads (`iom doc list`).
+    pub fn doc_heads(&self) -> Result<BTreeMap<String, Vec<String>>> {
+        Ok(heads_by_doc(&self.json(&["doc", "list"])?))
+    }
+
     /// Hashes of the blobs this node lists.
     pub fn blob_hashes(&self) -> Result<Vec<String>> {
         Ok(self.json(&["blob", "list"])?["blobs"]
@@ -256,7 +267,7 @@ impl Node {
             .args(&self.args)
             .env(
                 "IOM_LOG",
-                std::env::var("IOM_TEST_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("IOM_TEST_LOG").unwrap_or_else(|_| DEFAULT_NODE_LOG.into()),
             )
             .env("NO_COLOR", "1")
             .env_remove("IOM_FAULT")
@@ -522,6 +533,24 @@ pub fn random_file(path: &Path, len: u64, seed: u64) -> Result<()> {
     }
     f.flush()?;
     Ok(())
+}
+
+/// The documents of a document list (`iom doc list --json`, `GET /v1/docs`) with their
+/// sorted heads.
+pub fn heads_by_doc(list: &Value) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for d in list["documents"].as_array().into_iter().flatten() {
+        let id = d["id"].as_str().unwrap_or_default().to_string();
+        let mut heads: Vec<String> = d["heads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h.as_str().map(String::from))
+            .collect();
+        heads.sort();
+        out.insert(id, heads);
+    }
+    out
 }
 
 /// Waits until every node holds every document in `ids` with identical heads and content.

@@ -388,16 +388,107 @@ fn large_blob_arrives_intact_resumes_and_memory_stays_flat_body() -> Result<()> 
     Ok(())
 }
 
+/// A device that joins a mesh with many documents receives them whole (snapshots, not the
+/// Automerge sync rounds per document), and afterwards edits on either side travel live, also
+/// after a restart (the state both sides recorded for the snapshot is right).
+#[test]
+fn a_new_device_receives_documents_whole_and_then_syncs_live() {
+    scenario(a_new_device_receives_documents_whole_body);
+}
+
+fn a_new_device_receives_documents_whole_body() -> Result<()> {
+    const DOCS: usize = 150;
+    let mut a = Node::new("a")?;
+    a.start()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let api = a.api()?;
+    let mut ids = Vec::new();
+    for i in 0..DOCS {
+        let content = serde_json::json!({ "n": i, "title": format!("doc {i}"), "body": "x" });
+        let r = rt.block_on(api.post("/v1/docs", &serde_json::json!({ "content": content })))?;
+        ids.push(
+            r["id"]
+                .as_str()
+                .ok_or_else(|| anyhow!("no id in {r}"))?
+                .to_string(),
+        );
+    }
+    let mut b = Node::new("b")?;
+    b.start()?;
+    b.cli(&["join", &a.invite(false)?])?;
+    wait_until("B to hold A's documents", Duration::from_secs(60), || {
+        let (ha, hb) = (a.doc_heads()?, b.doc_heads()?);
+        Ok(ids
+            .iter()
+            .all(|id| ha.contains_key(id) && ha.get(id) == hb.get(id)))
+    })?;
+    let a_id = a.device_id()?;
+    let sync = b.status()?["sync"].clone();
+    let with_a = sync
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["device"] == a_id.as_str())
+        .cloned()
+        .ok_or_else(|| anyhow!("no sync session with A in B's status: {sync}"))?;
+    let whole = with_a["snapshots_received"].as_u64().unwrap_or(0);
+    let rounds = with_a["docs_received"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        whole >= DOCS as u64,
+        "only {whole} documents arrived whole: {with_a}"
+    );
+    // Only the documents both had (memory, settings) went through Automerge sync rounds.
+    assert!(
+        rounds < 20,
+        "{rounds} Automerge sync messages for a cold sync: {with_a}"
+    );
+
+    // Live both ways, on documents that arrived whole.
+    a.cli(&["doc", "put", &ids[0], "from_a", "1"])?;
+    b.cli(&["doc", "put", &ids[1], "from_b", "2"])?;
+    wait_converged(&[&a, &b], &ids[..2], Duration::from_secs(20))?;
+    assert_eq!(
+        b.doc_view(&ids[0])?.map(|v| v.1["from_a"].clone()),
+        Some(1.into())
+    );
+    assert_eq!(
+        a.doc_view(&ids[1])?.map(|v| v.1["from_b"].clone()),
+        Some(2.into())
+    );
+
+    // After a restart (the recorded sync state is what was persisted).
+    b.stop()?;
+    a.cli(&["doc", "put", &ids[2], "while_b_was_away", "3"])?;
+    b.start()?;
+    wait_converged(&[&a, &b], &ids[..3], Duration::from_secs(30))?;
+    assert_eq!(
+        b.doc_view(&ids[2])?
+            .map(|v| v.1["while_b_was_away"].clone()),
+        Some(3.into())
+    );
+    a.assert_no_panic()?;
+    b.assert_no_panic()
+}
+
 /// A peer that sends a garbage sync message is disconnected; nothing is corrupted.
 #[test]
 fn garbage_sync_peer_is_disconnected_and_corrupts_nothing() {
-    scenario(garbage_sync_peer_is_disconnected_and_corrupts_nothing_body);
+    scenario(|| garbage_peer_is_disconnected("garbage-sync", "bad sync message"));
 }
 
-fn garbage_sync_peer_is_disconnected_and_corrupts_nothing_body() -> Result<()> {
+/// A peer that sends a "whole document" that is not one is disconnected; the document does
+/// not appear, and nothing is corrupted.
+#[test]
+fn garbage_snapshot_peer_is_disconnected_and_corrupts_nothing() {
+    scenario(|| garbage_peer_is_disconnected("garbage-snapshot", "bad snapshot of"));
+}
+
+fn garbage_peer_is_disconnected(fault: &str, reason: &str) -> Result<()> {
     let mut a = Node::new("a")?;
     a.start()?;
-    let mut g = Node::with_env("g", &[("IOM_FAULT", "garbage-sync")])?;
+    let mut g = Node::new("g")?;
     g.start()?;
     let doc = new_doc(&a, r#"{"precious":"data"}"#)?;
     a.cli(&["doc", "put", &doc, "more", "1"])?;
@@ -409,7 +500,8 @@ fn garbage_sync_peer_is_disconnected_and_corrupts_nothing_body() -> Result<()> {
     )?;
     let before = a.doc_view(&doc)?;
     let list_before = a.doc_ids()?;
-    // On every new session G now sends garbage for a document both hold.
+    // From its restart on, G sends garbage on every session.
+    g.env.push(("IOM_FAULT".into(), fault.into()));
     g.restart()?;
     wait_until(
         "A to disconnect G for garbage",
@@ -421,7 +513,7 @@ fn garbage_sync_peer_is_disconnected_and_corrupts_nothing_body() -> Result<()> {
         .lines()
         .find(|l| l.contains("disconnecting misbehaving peer"))
         .unwrap_or_default();
-    assert!(line.contains("bad sync message"), "{line}");
+    assert!(line.contains(reason), "{line}");
     assert_eq!(a.doc_view(&doc)?, before, "the document changed");
     assert_eq!(a.doc_ids()?, list_before, "the document list changed");
     a.cli(&["doc", "put", &doc, "still", "writable"])?;

@@ -419,3 +419,53 @@ proptest! {
         let _ = receive(&mut b, &mut sb, &msg);
     }
 }
+
+/// A document with ten changes, as the cold-sync benchmark builds them.
+fn ten_change_doc(n: u8) -> Document {
+    let mut d = Document::new(DocKind::Generic, &actor(n), 1).expect("new");
+    for i in 0..9 {
+        d.put_json(&format!("f{i}"), json!(i), "edit", 2 + i)
+            .expect("put");
+    }
+    d
+}
+
+#[test]
+fn after_a_snapshot_both_sides_are_silent_and_the_next_change_takes_one_message() {
+    let mut a = ten_change_doc(1);
+    let mut b = Document::load(&a.snapshot(), &actor(2)).expect("load snapshot");
+    let mut sa = PeerDocState::after_snapshot(&a.heads());
+    let mut sb = PeerDocState::after_snapshot(&b.heads());
+    assert!(generate(&a, &mut sa).is_none(), "a has nothing to say");
+    assert!(generate(&b, &mut sb).is_none(), "b has nothing to say");
+
+    a.put_json("later", json!("news"), "edit", 100)
+        .expect("put");
+    let msg = generate(&a, &mut sa).expect("a pushes its change");
+    let outcome = receive(&mut b, &mut sb, &msg).expect("b applies it");
+    assert!(outcome.changed);
+    assert_converged(&[&a, &b]);
+    // The rest is acknowledgement only; the replicas settle.
+    sync_pair(&mut a, &mut sa, &mut b, &mut sb);
+    assert_converged(&[&a, &b]);
+}
+
+#[test]
+fn a_snapshot_state_that_claims_too_much_still_converges() {
+    // A believes B got the snapshot, but B never did (the connection broke).
+    let mut a = ten_change_doc(1);
+    let mut b = Document::empty(&actor(2)).expect("b");
+    let mut sa = PeerDocState::after_snapshot(&a.heads());
+    let mut sb = PeerDocState::new();
+    a.put_json("later", json!(1), "edit", 100).expect("put");
+    sync_pair(&mut a, &mut sa, &mut b, &mut sb);
+    assert_converged(&[&a, &b]);
+
+    // And when it is persisted and restored (a new session), too.
+    let mut a = ten_change_doc(3);
+    let mut b = Document::empty(&actor(4)).expect("b");
+    let mut sa =
+        PeerDocState::decode(&PeerDocState::after_snapshot(&a.heads()).encode()).expect("decode");
+    sync_pair(&mut a, &mut sa, &mut b, &mut PeerDocState::new());
+    assert_converged(&[&a, &b]);
+}

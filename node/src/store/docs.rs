@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 use super::{Store, StoreError, decode_err};
 
@@ -32,6 +32,19 @@ impl DocMeta {
     }
 }
 
+/// One chunk to append with [`Store::append_doc_chunks`].
+#[derive(Debug, Clone)]
+pub struct ChunkWrite<'a> {
+    /// The document.
+    pub id: [u8; 16],
+    /// Its kind name (recorded when the document is new here).
+    pub kind: &'a str,
+    /// A full save for a new document, an incremental save otherwise.
+    pub bytes: &'a [u8],
+    /// The document's heads after this chunk.
+    pub heads: Vec<[u8; 32]>,
+}
+
 /// A document's stored bytes: the snapshot first, then the incremental chunks in order.
 #[derive(Debug, Clone)]
 pub struct StoredDoc {
@@ -57,6 +70,43 @@ fn tx_err(e: TransactionError<StoreError>) -> StoreError {
 
 fn encode_meta(meta: &DocMeta) -> Result<Vec<u8>, StoreError> {
     serde_cbor::to_vec(meta).map_err(decode_err("doc meta"))
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+/// One append inside a transaction over the `docs` and `doc_chunks` trees.
+fn append_in(
+    docs: &TransactionalTree,
+    chunks: &TransactionalTree,
+    w: &ChunkWrite<'_>,
+    now: u64,
+) -> TxResult<DocMeta> {
+    let id = &w.id;
+    let meta = match docs.get(id)? {
+        Some(b) => {
+            let mut meta: DocMeta = serde_cbor::from_slice(&b)
+                .map_err(|e| ConflictableTransactionError::Abort(decode_err("doc meta")(e)))?;
+            chunks.insert(&chunk_key(id, meta.next_seq)[..], w.bytes)?;
+            meta.next_seq += 1;
+            meta.heads.clone_from(&w.heads);
+            meta.updated_at = now;
+            meta
+        }
+        None => {
+            chunks.insert(&chunk_key(id, 0)[..], w.bytes)?;
+            DocMeta {
+                kind: w.kind.to_string(),
+                snapshot_seq: 0,
+                next_seq: 1,
+                heads: w.heads.clone(),
+                created_at: now,
+                updated_at: now,
+            }
+        }
+    };
+    let encoded = encode_meta(&meta).map_err(ConflictableTransactionError::Abort)?;
+    docs.insert(&id[..], encoded)?;
+    Ok(meta)
 }
 
 impl Store {
@@ -98,35 +148,28 @@ impl Store {
         bytes: &[u8],
         heads: Vec<[u8; 32]>,
     ) -> Result<DocMeta, StoreError> {
+        let write = ChunkWrite {
+            id: *id,
+            kind,
+            bytes,
+            heads,
+        };
+        let now = crate::time::now_secs();
+        (&self.docs, &self.doc_chunks)
+            .transaction(|(docs, chunks)| append_in(docs, chunks, &write, now))
+            .map_err(tx_err)
+    }
+
+    /// [`Store::append_doc_chunk`] for many documents in one transaction (one sled write
+    /// lock, not one per document). Returns each document's new metadata, in order.
+    pub fn append_doc_chunks(&self, writes: &[ChunkWrite<'_>]) -> Result<Vec<DocMeta>, StoreError> {
         let now = crate::time::now_secs();
         (&self.docs, &self.doc_chunks)
             .transaction(|(docs, chunks)| {
-                let meta = match docs.get(id)? {
-                    Some(b) => {
-                        let mut meta: DocMeta = serde_cbor::from_slice(&b).map_err(|e| {
-                            ConflictableTransactionError::Abort(decode_err("doc meta")(e))
-                        })?;
-                        chunks.insert(&chunk_key(id, meta.next_seq)[..], bytes)?;
-                        meta.next_seq += 1;
-                        meta.heads = heads.clone();
-                        meta.updated_at = now;
-                        meta
-                    }
-                    None => {
-                        chunks.insert(&chunk_key(id, 0)[..], bytes)?;
-                        DocMeta {
-                            kind: kind.to_string(),
-                            snapshot_seq: 0,
-                            next_seq: 1,
-                            heads: heads.clone(),
-                            created_at: now,
-                            updated_at: now,
-                        }
-                    }
-                };
-                let encoded = encode_meta(&meta).map_err(ConflictableTransactionError::Abort)?;
-                docs.insert(&id[..], encoded)?;
-                Ok(meta)
+                writes
+                    .iter()
+                    .map(|w| append_in(docs, chunks, w, now))
+                    .collect()
             })
             .map_err(tx_err)
     }

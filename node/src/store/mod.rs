@@ -11,7 +11,7 @@ mod objects;
 use std::path::Path;
 
 pub use blobs::{BlobMeta, BlobWriter, CHUNK_SIZE};
-pub use docs::{DocMeta, StoredDoc};
+pub use docs::{ChunkWrite, DocMeta, StoredDoc};
 pub use objects::StoredObject;
 
 /// Errors from the store.

@@ -85,10 +85,13 @@ impl SyncManager {
         self.sessions().get(peer).is_some_and(|s| !s.is_closed())
     }
 
-    /// Marks a document dirty in every session (it changed).
-    pub fn mark_dirty_everywhere(&self, doc: iom_crdt::DocId) {
+    /// Marks a document dirty in every session (it changed), except the session with the peer
+    /// the change came from: that session answers what it received by itself.
+    pub fn mark_dirty_everywhere(&self, doc: iom_crdt::DocId, except: Option<PeerId>) {
         for s in self.sessions().values() {
-            s.dirty.mark(doc);
+            if Some(s.peer) != except {
+                s.dirty.mark(doc);
+            }
         }
     }
 
@@ -108,9 +111,10 @@ impl SyncManager {
             .map(|s| {
                 json!({
                     "device": s.peer.to_string(),
-                    "docs_behind": s.dirty.len(),
+                    "docs_behind": s.dirty.len() + s.snapshots.len(),
                     "bytes_pending": blobs.pending_bytes_from(&s.peer),
                     "docs_received": s.stats.docs_received.load(std::sync::atomic::Ordering::Relaxed),
+                    "snapshots_received": s.stats.snapshots_received.load(std::sync::atomic::Ordering::Relaxed),
                     "bytes_in": s.stats.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
                     "bytes_out": s.stats.bytes_out.load(std::sync::atomic::Ordering::Relaxed),
                 })
@@ -173,7 +177,13 @@ pub fn spawn(ctx: Arc<NodeCtx>) {
     tokio::spawn(async move {
         loop {
             match changes.recv().await {
-                Ok(ch) => ctx2.sync.mark_dirty_everywhere(ch.id),
+                Ok(ch) => {
+                    let from = match ch.origin {
+                        crate::docs::Origin::Peer(p) => Some(p),
+                        crate::docs::Origin::Local => None,
+                    };
+                    ctx2.sync.mark_dirty_everywhere(ch.id, from);
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     // Too many changes at once: fall back to comparing inventories.
                     let root = ctx2.docs.with_inventory(|i| i.root());

@@ -10,7 +10,9 @@ use futures::io::{ReadHalf, WriteHalf};
 use iom_crdt::DocId;
 use iom_crdt::sync::{PeerDocState, generate, receive};
 use iom_protocol::keys::DeviceId;
-use iom_protocol::wire::{MAX_SYNC_FRAME, PeerAddrs, SYNC_VERSION, SyncMsg};
+use iom_protocol::wire::{
+    DocSnapshot, MAX_SNAPSHOTS, MAX_SYNC_FRAME, PeerAddrs, SYNC_VERSION, SyncMsg,
+};
 use libp2p::{PeerId, Stream};
 use tokio::sync::{Notify, mpsc};
 
@@ -47,19 +49,31 @@ impl Dirty {
         self.len() == 0
     }
 
-    async fn next(&self) -> DocId {
+    /// Waits for at least one document and takes up to `max` of them, oldest first.
+    async fn next_batch(&self, max: usize) -> Vec<DocId> {
         loop {
             {
                 let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(doc) = g.0.pop_front() {
-                    g.1.remove(&doc);
-                    return doc;
+                if !g.0.is_empty() {
+                    let n = g.0.len().min(max.max(1));
+                    let batch: Vec<DocId> = g.0.drain(..n).collect();
+                    for doc in &batch {
+                        g.1.remove(doc);
+                    }
+                    return batch;
                 }
             }
             self.notify.notified().await;
         }
     }
 }
+
+/// Documents read from the store per batch of snapshots.
+const SNAPSHOT_BATCH: usize = 256;
+/// A document bigger than this is synced the usual way instead of as a snapshot.
+const MAX_SNAPSHOT_DOC: usize = 4 * 1024 * 1024;
+/// A `Snapshots` message is sent once it holds this many bytes.
+const SNAPSHOT_FRAME_BYTES: usize = 512 * 1024;
 
 /// Traffic counters of a session.
 #[derive(Debug, Default)]
@@ -70,6 +84,8 @@ pub struct Stats {
     pub bytes_out: AtomicU64,
     /// Automerge messages received.
     pub docs_received: AtomicU64,
+    /// Whole documents received (snapshots, for documents this node did not have).
+    pub snapshots_received: AtomicU64,
 }
 
 /// The manager's view of a running session.
@@ -78,6 +94,8 @@ pub(crate) struct SessionHandle {
     pub(crate) initiator: PeerId,
     pub(crate) id: u64,
     pub(crate) dirty: Arc<Dirty>,
+    /// Documents the peer has none of, waiting to be sent whole.
+    pub(crate) snapshots: Arc<Dirty>,
     pub(crate) control: mpsc::Sender<SyncMsg>,
     pub(crate) stats: Arc<Stats>,
     closed: Arc<AtomicBool>,
@@ -140,6 +158,59 @@ fn state_for(ctx: &NodeCtx, states: &States, peer: &PeerId, doc: &DocId) -> Shar
 
 fn lock_state(st: &SharedState) -> std::sync::MutexGuard<'_, PeerDocState> {
     st.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Replaces the state for `doc` (under its lock, so a concurrent user sees old or new).
+fn set_state(states: &States, doc: DocId, state: PeerDocState) {
+    let mut map = states.lock().unwrap_or_else(|e| e.into_inner());
+    match map.get(&doc) {
+        Some(st) => *lock_state(st) = state,
+        None => {
+            map.insert(doc, Arc::new(Mutex::new(state)));
+        }
+    }
+}
+
+/// Whether this session has exchanged anything about `doc` yet.
+fn has_state(states: &States, doc: &DocId) -> bool {
+    states
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains_key(doc)
+}
+
+/// Sends `ids` whole (documents the peer has none of), in messages of about
+/// [`SNAPSHOT_FRAME_BYTES`]. Documents too big for that, or gone, go to `dirty` instead.
+async fn send_snapshots(
+    ctx: &NodeCtx,
+    wr: &mut WriteHalf<Stream>,
+    ids: Vec<DocId>,
+    states: &States,
+    dirty: &Dirty,
+    stats: &Stats,
+) -> Result<(), SessionError> {
+    let (snaps, other) = ctx.docs.snapshots(ids, MAX_SNAPSHOT_DOC).await?;
+    for doc in other {
+        dirty.mark(doc);
+    }
+    let mut frame: Vec<DocSnapshot> = Vec::new();
+    let mut size = 0;
+    let count = snaps.len();
+    for (i, snap) in snaps.into_iter().enumerate() {
+        // Both sides will hold exactly these heads: later changes travel in one message.
+        set_state(states, snap.id, PeerDocState::after_snapshot(&snap.heads));
+        size += snap.bytes.len();
+        frame.push(DocSnapshot {
+            doc: *snap.id.as_bytes(),
+            bytes: snap.bytes,
+        });
+        if size >= SNAPSHOT_FRAME_BYTES || frame.len() == MAX_SNAPSHOTS || i + 1 == count {
+            let docs = std::mem::take(&mut frame);
+            size = 0;
+            send(wr, &SyncMsg::Snapshots { docs }, stats).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn send(
@@ -271,6 +342,7 @@ async fn run_inner(
 
     let (control_tx, mut control_rx) = mpsc::channel::<SyncMsg>(64);
     let dirty = Arc::new(Dirty::default());
+    let snapshots = Arc::new(Dirty::default());
     let closed = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(Notify::new());
     let id = ctx.sync.next_id();
@@ -279,6 +351,7 @@ async fn run_inner(
         initiator: if initiator { ctx.net.local } else { peer },
         id,
         dirty: dirty.clone(),
+        snapshots: snapshots.clone(),
         control: control_tx.clone(),
         stats: stats.clone(),
         closed: closed.clone(),
@@ -305,6 +378,15 @@ async fn run_inner(
         tracing::warn!(%peer, "fault injection: sending a garbage sync message");
         let _ = control_tx.try_send(msg);
     }
+    if ctx.config.fault_garbage_snapshot {
+        tracing::warn!(%peer, "fault injection: sending a garbage document snapshot");
+        let _ = control_tx.try_send(SyncMsg::Snapshots {
+            docs: vec![DocSnapshot {
+                doc: crate::time::random_bytes::<16>(),
+                bytes: b"\x85\x6f\x4a\x83 garbage, not an automerge document".to_vec(),
+            }],
+        });
+    }
     let root = ctx.docs.with_inventory(|i| i.root());
     let _ = control_tx.try_send(SyncMsg::Root { root });
     for have in super::blobs::announcements(ctx) {
@@ -316,6 +398,7 @@ async fn run_inner(
         let ctx = ctx.clone();
         let states = states.clone();
         let dirty = dirty.clone();
+        let snapshots = snapshots.clone();
         let stats = stats.clone();
         let stop = stop.clone();
         let closed = closed.clone();
@@ -333,7 +416,7 @@ async fn run_inner(
                             }
                             None => return Ok(()),
                         },
-                        doc = dirty.next() => {
+                        batch = dirty.next_batch(1) => for doc in batch {
                             tracing::debug!(%peer, %doc, "writer: dirty");
                             let st = state_for(&ctx, &states, &peer, &doc);
                             let out = ctx.docs.read(doc, move |d| generate(d, &mut lock_state(&st))).await;
@@ -347,6 +430,10 @@ async fn run_inner(
                                 Err(DocsError::NotFound(_)) => {}
                                 Err(e) => return Err(e.into()),
                             }
+                        },
+                        ids = snapshots.next_batch(SNAPSHOT_BATCH) => {
+                            tracing::debug!(%peer, docs = ids.len(), "writer: snapshots");
+                            send_snapshots(&ctx, &mut wr, ids, &states, &dirty, &stats).await?;
                         }
                     }
                 }
@@ -371,6 +458,7 @@ async fn run_inner(
         &mut rd,
         &control_tx,
         &dirty,
+        &snapshots,
         &states,
         &stats,
         &stop,
@@ -433,6 +521,7 @@ async fn read_loop(
     rd: &mut ReadHalf<Stream>,
     control: &mpsc::Sender<SyncMsg>,
     dirty: &Arc<Dirty>,
+    snapshots: &Dirty,
     states: &States,
     stats: &Arc<Stats>,
     stop: &Notify,
@@ -465,6 +554,28 @@ async fn read_loop(
                 }
                 stats.docs_received.fetch_add(1, Ordering::Relaxed);
                 dirty.mark(doc);
+            }
+            SyncMsg::Snapshots { docs } => {
+                let count = docs.len();
+                let docs = docs
+                    .into_iter()
+                    .map(|s| (DocId::from_bytes(s.doc), s.bytes))
+                    .collect();
+                let applied = ctx.docs.receive_snapshots(peer, docs).await?;
+                tracing::debug!(%peer, count, new = applied.new.len(), merged = applied.merged.len(), "received snapshots");
+                for (doc, heads) in &applied.new {
+                    set_state(states, *doc, PeerDocState::after_snapshot(heads));
+                }
+                // Merged into what was here: the usual exchange settles the rest.
+                for doc in applied.merged {
+                    dirty.mark(doc);
+                }
+                stats
+                    .snapshots_received
+                    .fetch_add(count as u64, Ordering::Relaxed);
+                if let Some((doc, e)) = applied.rejected {
+                    return Err(SessionError::Peer(format!("bad snapshot of {doc}: {e}")));
+                }
             }
             SyncMsg::Certs { certs } => {
                 let _ = ctx.trust.add(certs).await;
@@ -528,9 +639,17 @@ async fn read_loop(
                     .docs
                     .with_inventory(|i| buckets.iter().flat_map(|b| i.entries_in(*b)).collect());
                 let have: HashSet<DocId> = ours.iter().map(|(d, _)| *d).collect();
+                let their_docs: HashSet<DocId> = theirs.iter().map(|(d, _)| *d).collect();
                 for doc in iom_crdt::inventory::diff_entries(&ours, &theirs) {
-                    if have.contains(&doc) {
+                    if !have.contains(&doc) {
+                        continue;
+                    }
+                    // A document the peer has none of travels whole, unless this session
+                    // already exchanged something about it.
+                    if their_docs.contains(&doc) || has_state(states, &doc) {
                         dirty.mark(doc);
+                    } else {
+                        snapshots.mark(doc);
                     }
                 }
             }

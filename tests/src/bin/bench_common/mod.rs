@@ -223,20 +223,9 @@ pub fn doc_heads(
     rt: &tokio::runtime::Runtime,
     client: &ApiClient,
 ) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
-    let list = rt.block_on(client.get("/v1/docs"))?;
-    let mut out = std::collections::BTreeMap::new();
-    for d in list["documents"].as_array().into_iter().flatten() {
-        let id = d["id"].as_str().unwrap_or_default().to_string();
-        let mut heads: Vec<String> = d["heads"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|h| h.as_str().map(String::from))
-            .collect();
-        heads.sort();
-        out.insert(id, heads);
-    }
-    Ok(out)
+    Ok(iom_tests::harness::heads_by_doc(
+        &rt.block_on(client.get("/v1/docs"))?,
+    ))
 }
 
 /// Writes `mib` MiB of pseudo-random bytes (xorshift; not compressible) to `path`.
