@@ -388,6 +388,66 @@ fn large_blob_arrives_intact_resumes_and_memory_stays_flat_body() -> Result<()> 
     Ok(())
 }
 
+/// The sender of a large blob goes away mid-transfer and comes back: the receiver, which keeps
+/// running, picks the transfer up again by itself, from where it stopped.
+#[test]
+fn blob_transfer_resumes_when_the_sender_returns() {
+    scenario(blob_transfer_resumes_when_the_sender_returns_body);
+}
+
+fn blob_transfer_resumes_when_the_sender_returns_body() -> Result<()> {
+    const SIZE: u64 = 64 * 1024 * 1024;
+    let mut nodes = mesh(&["a", "b"])?;
+    let src = nodes[0].dir.join("big.bin");
+    random_file(&src, SIZE, 7)?;
+    let hash = sha256_file(&src)?;
+    nodes[0].cli(&["blob", "add", src.to_str().unwrap_or_default()])?;
+    let pid_b = nodes[1].pid();
+    let api_b = nodes[1].api()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut cut_at = (0, 0);
+    wait_until("B's transfer to get going", Duration::from_secs(60), || {
+        let st = rt
+            .block_on(api_b.get("/v1/status"))
+            .map_err(|e| anyhow!("{e}"))?;
+        if let Some(t) = st["blob_transfers"].as_array().and_then(|t| t.first()) {
+            cut_at = (
+                t["chunks_done"].as_u64().unwrap_or(0),
+                t["chunks_total"].as_u64().unwrap_or(0),
+            );
+            return Ok(cut_at.1 > 0 && cut_at.0 >= 8);
+        }
+        if st["blobs"].as_u64().unwrap_or(0) > 0 {
+            bail!("B received the whole blob before it could be cut");
+        }
+        Ok(false)
+    })?;
+    nodes[0].kill();
+    eprintln!("killed the sender at chunk {}/{}", cut_at.0, cut_at.1);
+    if nodes[1].blob_hashes()?.contains(&hash) {
+        bail!("B finished before the sender could be cut: {cut_at:?}");
+    }
+    std::thread::sleep(Duration::from_secs(2)); // B notices and gives up on this attempt
+    nodes[0].start()?;
+    wait_until("B to hold the blob", Duration::from_secs(90), || {
+        Ok(nodes[1].blob_hashes()?.contains(&hash))
+    })?;
+    assert_eq!(nodes[1].pid(), pid_b, "B was restarted");
+    let log = nodes[1].log_text();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resuming blob transfer"))
+        .ok_or_else(|| anyhow!("B did not resume; log:\n{log}"))?;
+    assert!(!resumed.contains("from_chunk=0 "), "{resumed}");
+    let out = nodes[1].dir.join("out.bin");
+    nodes[1].cli(&["blob", "get", &hash, "-o", out.to_str().unwrap_or_default()])?;
+    assert_eq!(sha256_file(&out)?, hash);
+    for n in &nodes {
+        n.assert_no_panic()?;
+    }
+    Ok(())
+}
+
 /// A device that joins a mesh with many documents receives them whole (snapshots, not the
 /// Automerge sync rounds per document), and afterwards edits on either side travel live, also
 /// after a restart (the state both sides recorded for the snapshot is right).

@@ -44,7 +44,7 @@ fn chunk_key(internal: u64, index: u32) -> [u8; 12] {
     key
 }
 
-fn file_err(path: &std::path::Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+pub(super) fn file_err(path: &std::path::Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::ChunkFile {
         path: path.display().to_string(),
         source,
@@ -52,12 +52,12 @@ fn file_err(path: &std::path::Path) -> impl Fn(std::io::Error) -> StoreError + '
 }
 
 /// Byte offset of chunk `index`.
-fn chunk_offset(index: u32) -> u64 {
+pub(super) fn chunk_offset(index: u32) -> u64 {
     u64::from(index) * CHUNK_SIZE as u64
 }
 
 /// Length of chunk `index` of a blob of `len` bytes.
-fn chunk_len(len: u64, index: u32) -> usize {
+pub(super) fn chunk_len(len: u64, index: u32) -> usize {
     len.saturating_sub(chunk_offset(index))
         .min(CHUNK_SIZE as u64) as usize
 }
@@ -231,7 +231,7 @@ impl Store {
         Ok(bytes)
     }
 
-    fn chunk_path(&self, internal: u64) -> PathBuf {
+    pub(super) fn chunk_path(&self, internal: u64) -> PathBuf {
         self.chunk_dir.join(format!("{internal:016x}"))
     }
 
@@ -280,92 +280,12 @@ impl Store {
         Ok(self.db.generate_id()?)
     }
 
-    /// Stores one received chunk (already verified against its manifest hash).
-    pub fn put_received_chunk(
-        &self,
-        internal: u64,
-        index: u32,
-        bytes: &[u8],
-    ) -> Result<(), StoreError> {
-        let path = self.chunk_path(internal);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(file_err(&path))?;
-        file.write_all_at(bytes, chunk_offset(index))
-            .map_err(file_err(&path))?;
-        Ok(())
-    }
-
-    /// Publishes a received blob after checking the whole-content hash over its stored chunks,
-    /// streaming (never holding the blob in memory). On mismatch the chunks are removed.
-    pub async fn publish_received_blob(
-        &self,
-        id: [u8; 32],
-        internal: u64,
-        len: u64,
-        chunk_hashes: Vec<[u8; 32]>,
-    ) -> Result<BlobMeta, StoreError> {
-        let store = self.clone();
-        let count = chunk_hashes.len();
-        let hashes = chunk_hashes.clone();
-        let whole = tokio::task::spawn_blocking(move || -> Result<([u8; 32], u64), StoreError> {
-            let mut h = Sha256::new();
-            let mut total = 0u64;
-            for (i, expected) in hashes.iter().enumerate() {
-                let index = u32::try_from(i).unwrap_or(u32::MAX);
-                let bytes = store
-                    .read_chunk(internal, index, chunk_len(len, index))?
-                    .ok_or_else(|| StoreError::Corrupt {
-                        id: hex::encode(id),
-                    })?;
-                let actual: [u8; 32] = Sha256::digest(&bytes).into();
-                if &actual != expected {
-                    return Err(StoreError::Corrupt {
-                        id: hex::encode(id),
-                    });
-                }
-                total += bytes.len() as u64;
-                h.update(&bytes);
-            }
-            let path = store.chunk_path(internal);
-            if let Ok(f) = File::open(&path) {
-                f.sync_all().map_err(file_err(&path))?;
-            }
-            Ok((h.finalize().into(), total))
-        })
-        .await
-        .map_err(|e| StoreError::Decode {
-            what: "blob",
-            detail: e.to_string(),
-        })??;
-        if whole.0 != id || whole.1 != len {
-            self.remove_chunks(internal, count)?;
-            return Err(StoreError::HashMismatch {
-                expected: hex::encode(id),
-                actual: hex::encode(whole.0),
-            });
-        }
-        let meta = BlobMeta {
-            internal,
-            len,
-            chunk_hashes,
-            stored_at: crate::time::now_secs(),
-        };
-        let bytes = serde_cbor::to_vec(&meta).map_err(decode_err("blob meta"))?;
-        self.blobs.insert(id, bytes)?;
-        self.flush().await?;
-        Ok(meta)
-    }
-
     /// Removes the chunks of an abandoned transfer.
     pub fn discard_chunks(&self, internal: u64, count: usize) -> Result<(), StoreError> {
         self.remove_chunks(internal, count)
     }
 
-    fn remove_chunks(&self, internal: u64, count: usize) -> Result<(), StoreError> {
+    pub(super) fn remove_chunks(&self, internal: u64, count: usize) -> Result<(), StoreError> {
         let path = self.chunk_path(internal);
         match std::fs::remove_file(&path) {
             Ok(()) => {}

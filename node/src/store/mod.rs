@@ -7,12 +7,14 @@
 mod blobs;
 mod docs;
 mod objects;
+mod received;
 
 use std::path::Path;
 
 pub use blobs::{BlobMeta, BlobWriter, CHUNK_SIZE};
 pub use docs::{ChunkWrite, DocMeta, StoredDoc};
 pub use objects::StoredObject;
+pub use received::{BlobReceiver, chunk_count};
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@
 //! flat for any size; the whole-content hash is checked before the blob becomes visible.
 //! Progress is recorded per chunk, so a broken transfer resumes where it stopped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,13 +17,13 @@ use iom_protocol::keys::DeviceId;
 use iom_protocol::wire::{BlobRequest, BlobResponse, MAX_BLOB_ANNOUNCE, MAX_BLOB_FRAME, SyncMsg};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use super::gate::Verdict;
 use crate::net::BLOB_PROTOCOL;
 use crate::net::framed::{read_frame, read_msg, write_frame};
 use crate::node::NodeCtx;
+use crate::store::{BlobReceiver, CHUNK_SIZE, StoreError, chunk_count};
 
 /// Blobs up to this size are fetched as soon as they are announced.
 pub const EAGER_LIMIT: u64 = 1 << 20;
@@ -57,6 +57,10 @@ struct State {
     waiters: HashMap<ContentId, Vec<oneshot::Sender<Result<(), String>>>>,
     /// Blob being fetched → chunks done / total.
     active: HashMap<ContentId, (u32, u32)>,
+    /// Blobs in a fetch queue or being fetched (each at most once).
+    queued: HashSet<ContentId>,
+    /// Failed fetches in a row, per blob (for the retry back-off).
+    failures: HashMap<ContentId, u32>,
 }
 
 /// The blob replication service.
@@ -93,24 +97,64 @@ impl Blobs {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A peer announced a blob.
+    /// A peer announced a blob. Unless it is queued or being fetched already, it is queued:
+    /// a new announcement (a new peer, or one that reconnected) is also when a transfer that
+    /// failed before is tried again.
     pub fn want(&self, id: ContentId, len: u64, peer: PeerId) {
         let mut st = self.state();
         let entry = st.wanted.entry(id).or_insert((len, Vec::new()));
-        if entry.1.contains(&peer) {
+        if !entry.1.contains(&peer) {
+            entry.1.push(peer);
+        }
+        let len = entry.0;
+        if st.queued.insert(id) {
+            drop(st);
+            self.enqueue(id, len);
+        }
+    }
+
+    /// Puts a blob (already marked queued) in its fetch queue.
+    fn enqueue(&self, id: ContentId, len: u64) {
+        let q = if len <= EAGER_LIMIT {
+            &self.small
+        } else {
+            &self.large
+        };
+        if q.try_send(id).is_err() {
+            // Full: the next announcement queues it again.
+            self.state().queued.remove(&id);
+        }
+    }
+
+    /// After a fetch: forgets the failures of a blob that arrived; for one that did not, tries
+    /// again after a back-off (1 s, doubling to 64 s) if a device that announced it is still
+    /// connected. If none is, the next announcement (on reconnect) queues it.
+    fn fetched(&self, ctx: &Arc<NodeCtx>, id: ContentId, done: bool) {
+        let mut st = self.state();
+        st.queued.remove(&id);
+        if done {
+            st.failures.remove(&id);
             return;
         }
-        entry.1.push(peer);
-        let first = entry.1.len() == 1;
+        let failures = st.failures.entry(id).or_insert(0);
+        *failures += 1;
+        let delay = Duration::from_secs(1 << (*failures - 1).min(6));
         drop(st);
-        if first {
-            let q = if len <= EAGER_LIMIT {
-                &self.small
-            } else {
-                &self.large
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let connected = ctx.net.connected_peers();
+            let mut st = ctx.blobs.state();
+            let Some((len, peers)) = st.wanted.get(&id) else {
+                return;
             };
-            let _ = q.try_send(id);
-        }
+            let len = *len;
+            if peers.iter().any(|p| connected.contains(p)) && st.queued.insert(id) {
+                drop(st);
+                tracing::debug!(blob = %id, ?delay, "retrying blob fetch");
+                ctx.blobs.enqueue(id, len);
+            }
+        });
     }
 
     /// Transfers in progress: `(blob, chunks done, chunks total)`.
@@ -231,13 +275,18 @@ pub fn spawn(ctx: Arc<NodeCtx>) {
                     .get(&id)
                     .map(|(_, p)| p.clone())
                     .unwrap_or_default();
-                match fetch(&ctx, id, &peers).await {
-                    Ok(true) => {}
+                let done = match fetch(&ctx, id, &peers).await {
+                    Ok(true) => true,
                     Ok(false) => {
-                        tracing::debug!(blob = %id, "blob not available from any peer yet")
+                        tracing::debug!(blob = %id, "blob not available from any peer yet");
+                        false
                     }
-                    Err(e) => tracing::warn!(blob = %id, error = %e, "blob fetch failed"),
-                }
+                    Err(e) => {
+                        tracing::warn!(blob = %id, error = %e, "blob fetch failed");
+                        false
+                    }
+                };
+                ctx.blobs.fetched(&ctx, id, done);
             }
         });
     }
@@ -283,14 +332,22 @@ async fn serve(ctx: &NodeCtx, peer: PeerId, mut stream: libp2p::Stream) -> Resul
     .await?;
     let count = meta.chunk_hashes.len() as u32;
     let meta = Arc::new(meta);
-    for index in from_chunk..count {
+    // Read (and verify) the next chunk while this one is being sent.
+    let read = |index: u32| {
         let store = ctx.store.clone();
         let m = meta.clone();
-        let mut bytes =
-            tokio::task::spawn_blocking(move || store.blob_chunk(id.as_bytes(), &m, index))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || store.blob_chunk(id.as_bytes(), &m, index))
+    };
+    let mut next = (from_chunk < count).then(|| read(from_chunk));
+    for index in from_chunk..count {
+        let Some(pending) = next.take() else { break };
+        let mut bytes = pending
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if index + 1 < count {
+            next = Some(read(index + 1));
+        }
         if ctx.blobs.corrupt_chunks
             && let Some(b) = bytes.first_mut()
         {
@@ -385,19 +442,65 @@ impl From<crate::store::StoreError> for FromError {
     }
 }
 
-async fn fetch_from(ctx: &NodeCtx, id: ContentId, peer: PeerId) -> Result<(), FromError> {
-    let key = progress_key(&id);
+/// Chunks received from the network and not yet verified and written; the network keeps
+/// reading while the disk side works.
+const RECEIVE_AHEAD: usize = 8;
+
+/// The manifest a transfer is following, persisted once so a transfer can resume.
+fn load_progress(ctx: &NodeCtx, key: &[u8]) -> Result<Option<Progress>, FromError> {
     let mut progress: Option<Progress> = ctx
         .store
-        .state_get(&key)?
+        .state_get(key)?
         .and_then(|b| serde_cbor::from_slice(&b).ok());
     if let Some(p) = progress.as_mut()
-        && let Some(done) = ctx.store.state_get(&done_key(&key))?
+        && let Some(done) = ctx.store.state_get(&done_key(key))?
         && let Ok(done) = <[u8; 4]>::try_from(done.as_slice())
     {
         p.done = u32::from_be_bytes(done);
     }
-    let from_chunk = progress.as_ref().map_or(0, |p| p.done);
+    Ok(progress)
+}
+
+fn chunk_hashes(hashes: &[u8]) -> Vec<[u8; 32]> {
+    hashes
+        .chunks_exact(32)
+        .filter_map(|c| <[u8; 32]>::try_from(c).ok())
+        .collect()
+}
+
+/// Opens (or resumes) the receiver for `p` on the blocking pool.
+async fn open_receiver(
+    ctx: &NodeCtx,
+    id: ContentId,
+    p: &Progress,
+) -> Result<BlobReceiver, FromError> {
+    let store = ctx.store.clone();
+    let (internal, len, hashes, done) = (p.internal, p.len, chunk_hashes(&p.hashes), p.done);
+    tokio::task::spawn_blocking(move || {
+        store.receive_blob(*id.as_bytes(), internal, len, hashes, done)
+    })
+    .await
+    .map_err(|e| FromError::Other(e.to_string()))?
+    .map_err(FromError::Store)
+}
+
+async fn fetch_from(ctx: &Arc<NodeCtx>, id: ContentId, peer: PeerId) -> Result<(), FromError> {
+    let key = progress_key(&id);
+    let mut progress = load_progress(ctx, &key)?;
+    // Resuming: the chunks on disk are verified again first; go on after the last good one.
+    let mut receiver = match &progress {
+        Some(p) => match open_receiver(ctx, id, p).await {
+            Ok(r) => Some(r),
+            Err(_) => {
+                ctx.store.discard_chunks(p.internal, p.done as usize)?;
+                ctx.store.state_remove(&key)?;
+                progress = None;
+                None
+            }
+        },
+        None => None,
+    };
+    let from_chunk = receiver.as_ref().map_or(0, BlobReceiver::done);
     if from_chunk > 0 {
         tracing::info!(blob = %id, from_chunk, "resuming blob transfer");
     }
@@ -411,89 +514,116 @@ async fn fetch_from(ctx: &NodeCtx, id: ContentId, peer: PeerId) -> Result<(), Fr
     write_frame(&mut stream, &req, 4096)
         .await
         .map_err(|e| FromError::Other(e.to_string()))?;
-    let (len, hashes) = match next_response(&mut stream).await? {
+    let (len, chunk_size, hashes) = match next_response(&mut stream).await? {
         BlobResponse::Manifest {
-            len, chunk_hashes, ..
-        } => (len, chunk_hashes),
+            len,
+            chunk_size,
+            chunk_hashes,
+        } => (len, chunk_size, chunk_hashes),
         BlobResponse::NotFound => return Err(FromError::Other("peer does not have it".into())),
         BlobResponse::Refused { reason } => return Err(FromError::Other(reason)),
         _ => return Err(FromError::PeerFault("expected a manifest".into())),
     };
-    let count = u32::try_from(hashes.len() / 32)
-        .map_err(|_| FromError::PeerFault("too many chunks".into()))?;
-    if len > u64::from(count) * MAX_BLOB_FRAME as u64 || (len > 0 && count == 0) {
-        return Err(FromError::PeerFault(
-            "manifest does not fit the length".into(),
-        ));
+    if chunk_size as usize != CHUNK_SIZE
+        || hashes.len() % 32 != 0
+        || (hashes.len() / 32) as u64 != chunk_count(len)
+    {
+        return Err(FromError::PeerFault(format!(
+            "manifest does not fit: {len} bytes, chunks of {chunk_size}, {} hash bytes",
+            hashes.len()
+        )));
     }
     // A different manifest than the one we resumed: start over.
     if let Some(p) = &progress
         && (p.hashes != hashes || p.len != len)
     {
         ctx.store.discard_chunks(p.internal, p.done as usize)?;
-        progress = None;
-        if from_chunk > 0 {
-            return Err(FromError::Other("manifest changed; restarting".into()));
-        }
+        ctx.store.state_remove(&key)?;
+        return Err(FromError::Other("manifest changed; restarting".into()));
     }
-    let mut p = match progress {
-        Some(p) => p,
+    let receiver = match receiver.take() {
+        Some(r) => r,
         None => {
             let p = Progress {
                 internal: ctx.store.new_blob_internal()?,
                 done: 0,
                 len,
-                hashes: hashes.clone(),
+                hashes,
             };
             if let Ok(b) = serde_cbor::to_vec(&p) {
                 ctx.store.state_put(&key, &b)?;
             }
             ctx.store.state_remove(&done_key(&key))?;
-            p
+            open_receiver(ctx, id, &p).await?
         }
     };
-    ctx.blobs.state().active.insert(id, (p.done, count));
-    while p.done < count {
-        let (index, bytes) = match next_response(&mut stream).await? {
-            BlobResponse::Chunk { index, bytes } => (index, bytes),
-            _ => return Err(FromError::PeerFault("expected a chunk".into())),
-        };
-        if index != p.done {
-            return Err(FromError::PeerFault(format!(
-                "chunk {index} out of order, expected {}",
-                p.done
-            )));
+    let count = receiver.count();
+    ctx.blobs.state().active.insert(id, (from_chunk, count));
+
+    // The network side reads chunks and checks their order; the disk side (a blocking thread)
+    // verifies each against its hash, writes it and records progress, a few chunks behind.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(RECEIVE_AHEAD);
+    let disk = {
+        let ctx = ctx.clone();
+        let done_key = done_key(&key);
+        let mut receiver = receiver;
+        tokio::task::spawn_blocking(move || -> Result<BlobReceiver, FromError> {
+            while let Some(bytes) = rx.blocking_recv() {
+                let index = receiver.done();
+                match receiver.put(&bytes) {
+                    Ok(()) => {}
+                    Err(StoreError::HashMismatch { .. }) => {
+                        return Err(FromError::PeerFault(format!(
+                            "chunk {index} does not match its hash"
+                        )));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                // The manifest was recorded once; per chunk only the count.
+                ctx.store
+                    .state_put(&done_key, &receiver.done().to_be_bytes())?;
+                ctx.blobs
+                    .state()
+                    .active
+                    .insert(id, (receiver.done(), receiver.count()));
+            }
+            Ok(receiver)
+        })
+    };
+    let network = async {
+        for expected in from_chunk..count {
+            match next_response(&mut stream).await? {
+                BlobResponse::Chunk { index, bytes } if index == expected => {
+                    if tx.send(bytes).await.is_err() {
+                        break; // the disk side stopped; its error says why
+                    }
+                }
+                BlobResponse::Chunk { index, .. } => {
+                    return Err(FromError::PeerFault(format!(
+                        "chunk {index} out of order, expected {expected}"
+                    )));
+                }
+                _ => return Err(FromError::PeerFault("expected a chunk".into())),
+            }
         }
-        let at = index as usize * 32;
-        let actual: [u8; 32] = Sha256::digest(&bytes).into();
-        if hashes.get(at..at + 32) != Some(&actual[..]) {
-            return Err(FromError::PeerFault(format!(
-                "chunk {index} does not match its hash"
-            )));
-        }
-        ctx.store.put_received_chunk(p.internal, index, &bytes)?;
-        p.done += 1;
-        // The record (with every chunk hash) is written once; per chunk only the count.
-        ctx.store
-            .state_put(&done_key(&key), &p.done.to_be_bytes())?;
-        ctx.blobs.state().active.insert(id, (p.done, count));
+        Ok(())
     }
-    let chunk_hashes: Vec<[u8; 32]> = hashes
-        .chunks_exact(32)
-        .filter_map(|c| <[u8; 32]>::try_from(c).ok())
-        .collect();
-    let published = ctx
-        .store
-        .publish_received_blob(*id.as_bytes(), p.internal, len, chunk_hashes)
-        .await;
+    .await;
+    drop(tx);
+    let receiver = disk.await.map_err(|e| FromError::Other(e.to_string()))??;
+    network?;
+    let published = tokio::task::spawn_blocking(move || receiver.finish())
+        .await
+        .map_err(|e| FromError::Other(e.to_string()))?;
     ctx.store.state_remove(&key)?;
     ctx.store.state_remove(&done_key(&key))?;
     match published {
         Ok(_) => {
+            ctx.store.flush().await?;
             tracing::info!(blob = %id, len, "blob received");
             Ok(())
         }
-        Err(crate::store::StoreError::HashMismatch { .. }) => {
+        Err(StoreError::HashMismatch { .. }) => {
             Err(FromError::PeerFault("whole-content hash mismatch".into()))
         }
         Err(e) => Err(e.into()),
