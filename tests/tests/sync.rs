@@ -270,6 +270,38 @@ fn large_blob_arrives_intact_resumes_and_memory_stays_flat() {
     scenario(large_blob_arrives_intact_resumes_and_memory_stays_flat_body);
 }
 
+/// Waits until `node` has received at least `chunks` chunks of a blob transfer (polled over
+/// the API, in-process, to be quick); returns `(chunks done, chunks total)` then.
+fn transfer_under_way(node: &Node, chunks: u64) -> Result<(u64, u64)> {
+    let api = node.api()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut at = (0, 0);
+    wait_until(
+        &format!("{}'s transfer to get going", node.name),
+        Duration::from_secs(60),
+        || {
+            let st = rt
+                .block_on(api.get("/v1/status"))
+                .map_err(|e| anyhow!("{e}"))?;
+            if let Some(t) = st["blob_transfers"].as_array().and_then(|t| t.first()) {
+                at = (
+                    t["chunks_done"].as_u64().unwrap_or(0),
+                    t["chunks_total"].as_u64().unwrap_or(0),
+                );
+                return Ok(at.1 > 0 && at.0 >= chunks);
+            }
+            if st["blobs"].as_u64().unwrap_or(0) > 0 {
+                bail!(
+                    "{} received the whole blob before it could be cut",
+                    node.name
+                );
+            }
+            Ok(false)
+        },
+    )?;
+    Ok(at)
+}
+
 fn large_blob_arrives_intact_resumes_and_memory_stays_flat_body() -> Result<()> {
     const SIZE: u64 = 100 * 1024 * 1024;
     let t_setup = Instant::now();
@@ -291,27 +323,8 @@ fn large_blob_arrives_intact_resumes_and_memory_stays_flat_body() -> Result<()> 
     nodes[0].cli(&["blob", "add", src.to_str().unwrap_or_default()])?;
     eprintln!("added in {:.1} s", t0.elapsed().as_secs_f64());
 
-    // C: wait until the transfer is under way (polled over the API, in-process, to be quick),
-    // then kill it mid-transfer.
-    let api_c = nodes[2].api()?;
-    let rt = tokio::runtime::Runtime::new()?;
-    let mut cut_at = (0, 0);
-    wait_until("C's transfer to get going", Duration::from_secs(60), || {
-        let st = rt
-            .block_on(api_c.get("/v1/status"))
-            .map_err(|e| anyhow!("{e}"))?;
-        if let Some(t) = st["blob_transfers"].as_array().and_then(|t| t.first()) {
-            cut_at = (
-                t["chunks_done"].as_u64().unwrap_or(0),
-                t["chunks_total"].as_u64().unwrap_or(0),
-            );
-            return Ok(cut_at.1 > 0 && cut_at.0 >= 20);
-        }
-        if st["blobs"].as_u64().unwrap_or(0) > 0 {
-            bail!("C received the whole blob before it could be cut");
-        }
-        Ok(false)
-    })?;
+    // C: wait until the transfer is under way, then kill it mid-transfer.
+    let cut_at = transfer_under_way(&nodes[2], 20)?;
     // B's status shows the bytes it still expects from A.
     let ida = nodes[0].device_id()?;
     let st = nodes[1].status()?;
@@ -403,25 +416,7 @@ fn blob_transfer_resumes_when_the_sender_returns_body() -> Result<()> {
     let hash = sha256_file(&src)?;
     nodes[0].cli(&["blob", "add", src.to_str().unwrap_or_default()])?;
     let pid_b = nodes[1].pid();
-    let api_b = nodes[1].api()?;
-    let rt = tokio::runtime::Runtime::new()?;
-    let mut cut_at = (0, 0);
-    wait_until("B's transfer to get going", Duration::from_secs(60), || {
-        let st = rt
-            .block_on(api_b.get("/v1/status"))
-            .map_err(|e| anyhow!("{e}"))?;
-        if let Some(t) = st["blob_transfers"].as_array().and_then(|t| t.first()) {
-            cut_at = (
-                t["chunks_done"].as_u64().unwrap_or(0),
-                t["chunks_total"].as_u64().unwrap_or(0),
-            );
-            return Ok(cut_at.1 > 0 && cut_at.0 >= 8);
-        }
-        if st["blobs"].as_u64().unwrap_or(0) > 0 {
-            bail!("B received the whole blob before it could be cut");
-        }
-        Ok(false)
-    })?;
+    let cut_at = transfer_under_way(&nodes[1], 8)?;
     nodes[0].kill();
     eprintln!("killed the sender at chunk {}/{}", cut_at.0, cut_at.1);
     if nodes[1].blob_hashes()?.contains(&hash) {

@@ -570,7 +570,7 @@ async fn fetch_from(ctx: &Arc<NodeCtx>, id: ContentId, peer: PeerId) -> Result<(
         tokio::task::spawn_blocking(move || -> Result<BlobReceiver, FromError> {
             while let Some(bytes) = rx.blocking_recv() {
                 let index = receiver.done();
-                match receiver.put(&bytes) {
+                match receiver.put(bytes) {
                     Ok(()) => {}
                     Err(StoreError::HashMismatch { .. }) => {
                         return Err(FromError::PeerFault(format!(
@@ -581,11 +581,11 @@ async fn fetch_from(ctx: &Arc<NodeCtx>, id: ContentId, peer: PeerId) -> Result<(
                 }
                 // The manifest was recorded once; per chunk only the count.
                 ctx.store
-                    .state_put(&done_key, &receiver.done().to_be_bytes())?;
+                    .state_put(&done_key, &receiver.written().to_be_bytes())?;
                 ctx.blobs
                     .state()
                     .active
-                    .insert(id, (receiver.done(), receiver.count()));
+                    .insert(id, (receiver.written(), receiver.count()));
             }
             Ok(receiver)
         })
@@ -611,7 +611,11 @@ async fn fetch_from(ctx: &Arc<NodeCtx>, id: ContentId, peer: PeerId) -> Result<(
     .await;
     drop(tx);
     let receiver = disk.await.map_err(|e| FromError::Other(e.to_string()))??;
-    network?;
+    if let Err(e) = network {
+        // Dropping the receiver waits for its writer: not on this thread.
+        tokio::task::spawn_blocking(move || drop(receiver));
+        return Err(e);
+    }
     let published = tokio::task::spawn_blocking(move || receiver.finish())
         .await
         .map_err(|e| FromError::Other(e.to_string()))?;
