@@ -14,7 +14,7 @@
 //! Run (after `cargo build --release -p iom-cli -p iom-tests --bins`):
 //! `target/release/bench-sync [live] [cold] [blob] [raw]` (no argument: all). Knobs: `DOCS`,
 //! `CHANGES`, `BLOB_MIB`, `LOADED_DOCS` (the nodes' `storage.loaded_docs`), `IOM_TEST_LOG`
-//! (the nodes' log filter, default `info`).
+//! (the nodes' log filter, default `info,automerge=warn`).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
