@@ -35,7 +35,7 @@ use automerge::{AutomergeError, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Valu
 use serde::{Deserialize, Serialize};
 
 use crate::document::{Document, DocumentError};
-use crate::fields;
+use crate::fields::{self, MapFields};
 use crate::kind::DocKind;
 
 /// Root field: the conversation title.
@@ -270,11 +270,9 @@ impl<D: Borrow<Document>> Conversation<D> {
         let Some(list) = fields::object(doc, &ROOT, FIELD_MESSAGES, ObjType::List) else {
             return Vec::new();
         };
-        (0..doc.length(&list))
-            .filter_map(|i| {
-                let obj = fields::object_at(doc, &list, i, ObjType::Map)?;
-                read_message(doc, &obj, i)
-            })
+        fields::maps_in(doc, &list, ..)
+            .into_iter()
+            .filter_map(|(i, obj)| read_message(doc, &obj, i))
             .collect()
     }
 
@@ -312,11 +310,26 @@ impl<D: Borrow<Document>> Conversation<D> {
             .collect()
     }
 
-    /// The replies to a request, in order.
+    /// The replies to a request, in order. Only the messages after the request are read: a
+    /// reply is always inserted after its request, and list order keeps that in every merge.
     pub fn replies_to(&self, request_id: &str) -> Vec<MessageView> {
-        self.messages()
+        let doc = self.document().automerge();
+        let (Some(list), Some((_, at))) = (
+            fields::object(doc, &ROOT, FIELD_MESSAGES, ObjType::List),
+            find_request_obj(doc, request_id),
+        ) else {
+            return Vec::new();
+        };
+        fields::maps_in(doc, &list, at + 1..)
             .into_iter()
-            .filter(|m| m.role == Role::Assistant && m.reply_to.as_deref() == Some(request_id))
+            .filter_map(|(i, obj)| {
+                // One field decides; only replies are read whole.
+                if fields::string(doc, &obj, "reply_to").as_deref() != Some(request_id) {
+                    return None;
+                }
+                read_message(doc, &obj, i)
+            })
+            .filter(|m| m.role == Role::Assistant)
             .collect()
     }
 
@@ -568,14 +581,19 @@ fn messages_list(tx: &mut Transaction<'_>) -> Result<ObjId, AutomergeError> {
     }
 }
 
+/// The map and index of request `request_id`. Searched from the end: the request being worked
+/// on is nearly always one of the last messages, so this does not grow with the conversation.
 fn find_request_obj<R: ReadDoc>(doc: &R, request_id: &str) -> Option<(ObjId, usize)> {
     let list = fields::object(doc, &ROOT, FIELD_MESSAGES, ObjType::List)?;
-    (0..doc.length(&list)).find_map(|i| {
-        let obj = fields::object_at(doc, &list, i, ObjType::Map)?;
-        let is_request = fields::string(doc, &obj, "role").as_deref() == Some(Role::User.name())
-            && fields::string(doc, &obj, "request_id").as_deref() == Some(request_id);
-        is_request.then_some((obj, i))
-    })
+    fields::maps_in(doc, &list, ..)
+        .into_iter()
+        .rev()
+        .find_map(|(i, obj)| {
+            let is_request = fields::string(doc, &obj, "role").as_deref()
+                == Some(Role::User.name())
+                && fields::string(doc, &obj, "request_id").as_deref() == Some(request_id);
+            is_request.then_some((obj, i))
+        })
 }
 
 fn read_usage<R: ReadDoc>(doc: &R, obj: &ObjId) -> UsageView {
@@ -586,23 +604,29 @@ fn read_usage<R: ReadDoc>(doc: &R, obj: &ObjId) -> UsageView {
 }
 
 fn read_message<R: ReadDoc>(doc: &R, obj: &ObjId, index: usize) -> Option<MessageView> {
-    let parse = |k: &str| fields::string(doc, obj, k);
-    let claimed_by = fields::object(doc, obj, "claimed_by", ObjType::Map).and_then(|c| {
+    let f = MapFields::read(doc, obj);
+    let parse = |k: &str| f.string(doc, k);
+    let claimed_by = f.object("claimed_by", ObjType::Map).and_then(|c| {
+        let c = MapFields::read(doc, &c);
         Some(ClaimView {
-            device: fields::string(doc, &c, "device")?,
-            epoch: fields::uint(doc, &c, "epoch")?,
+            device: c.string(doc, "device")?,
+            epoch: c.uint("epoch")?,
         })
     });
-    let tool_calls = fields::object(doc, obj, "tool_calls", ObjType::List)
+    let tool_calls = f
+        .object("tool_calls", ObjType::List)
         .map(|list| {
             (0..doc.length(&list))
                 .filter_map(|i| fields::object_at(doc, &list, i, ObjType::Map))
-                .map(|c| ToolCallView {
-                    id: fields::string(doc, &c, "id").unwrap_or_default(),
-                    name: fields::string(doc, &c, "name").unwrap_or_default(),
-                    input: fields::string(doc, &c, "input").unwrap_or_default(),
-                    output: fields::string(doc, &c, "output").unwrap_or_default(),
-                    is_error: fields::boolean(doc, &c, "is_error").unwrap_or(false),
+                .map(|c| {
+                    let c = MapFields::read(doc, &c);
+                    ToolCallView {
+                        id: c.string(doc, "id").unwrap_or_default(),
+                        name: c.string(doc, "name").unwrap_or_default(),
+                        input: c.string(doc, "input").unwrap_or_default(),
+                        output: c.string(doc, "output").unwrap_or_default(),
+                        is_error: c.boolean("is_error").unwrap_or(false),
+                    }
                 })
                 .collect()
         })
@@ -616,12 +640,12 @@ fn read_message<R: ReadDoc>(doc: &R, obj: &ObjId, index: usize) -> Option<Messag
         error: parse("error"),
         interface: parse("interface").and_then(|s| s.parse().ok()),
         device: parse("device"),
-        created_at: fields::int(doc, obj, "created_at"),
+        created_at: f.int("created_at"),
         request_id: parse("request_id"),
         claimed_by,
         reply_to: parse("reply_to"),
         tool_calls,
-        usage: fields::object(doc, obj, "usage", ObjType::Map).map(|u| read_usage(doc, &u)),
+        usage: f.object("usage", ObjType::Map).map(|u| read_usage(doc, &u)),
         progress: parse("progress"),
     })
 }
@@ -724,6 +748,42 @@ mod tests {
         // Views serialize for the local API.
         let j = serde_json::to_value(c.requests()).expect("json");
         assert_eq!(j[0]["status"], "done");
+    }
+
+    #[test]
+    fn replies_are_found_for_old_and_new_requests_also_after_a_merge() {
+        let mut a = conv();
+        let mut c = Conversation::open(&mut a).expect("open");
+        for i in 0..5 {
+            let rid = format!("r{i}");
+            c.append_request(&rid, "q", Interface::Cli, "laptop", 100 + i)
+                .expect("ask");
+            c.append_assistant(&rid, "a", &[], UsageView::default(), "server", 100 + i)
+                .expect("reply");
+        }
+        // A second device appends a reply to an old request and a new request, concurrently
+        // with a reply to r4 here.
+        let mut b = Document::load(&a.save(), &actor_for(&[2; 32], [2; 8])).expect("copy");
+        let mut cb = Conversation::open(&mut b).expect("open");
+        cb.append_assistant("r1", "late", &[], UsageView::default(), "other", 200)
+            .expect("late reply");
+        cb.append_request("r5", "q", Interface::Web, "phone", 201)
+            .expect("new request");
+        let mut ca = Conversation::open(&mut a).expect("open");
+        ca.append_assistant("r4", "second", &[], UsageView::default(), "server", 202)
+            .expect("reply");
+        a.load_incremental(&b.save()).expect("merge");
+        let c = Conversation::open(&a).expect("open");
+        let texts =
+            |rid: &str| -> Vec<String> { c.replies_to(rid).into_iter().map(|m| m.text).collect() };
+        assert_eq!(texts("r0"), ["a"]);
+        assert_eq!(texts("r1"), ["a", "late"]);
+        assert_eq!(texts("r4"), ["a", "second"]);
+        assert!(texts("r5").is_empty());
+        assert!(texts("nope").is_empty());
+        assert_eq!(c.find_request("r0").map(|m| m.index), Some(0));
+        assert!(c.find_request("r5").is_some());
+        assert_eq!(c.requests().len(), 6);
     }
 
     #[test]
