@@ -140,6 +140,17 @@ pub enum ScheduleCommand {
         /// Schedule id.
         id: String,
     },
+    /// Stop a schedule from firing, keeping it (and its history) for later.
+    Disable {
+        /// Schedule id.
+        id: String,
+    },
+    /// Let a disabled schedule fire again, from its next slot (slots missed while it was
+    /// disabled do not fire).
+    Enable {
+        /// Schedule id.
+        id: String,
+    },
 }
 
 /// `iom relay ...`.

@@ -1,7 +1,9 @@
 //! The schedules document, at [`crate::DocId::SCHEDULES`].
 //!
 //! Layout: root `entries` is a map from schedule id to
-//! `{cron, prompt, conversation?, enabled, created_at, last_fired_slot?, last_fired_epoch?}`.
+//! `{cron, prompt, conversation?, enabled, enabled_at?, created_at, last_fired_slot?,
+//! last_fired_epoch?}`. `enabled_at` is written when a schedule is enabled again: slots before
+//! it (while it was off) are neither fired nor counted as missed.
 //! Cron syntax is checked by the scheduler in `node/`, not here.
 //!
 //! `last_fired_slot` (the scheduled time, unix seconds, of the last run) makes firing
@@ -66,6 +68,9 @@ pub struct ScheduleView {
     pub last_fired_epoch: Option<u64>,
     /// Unix seconds.
     pub created_at: Option<i64>,
+    /// Unix seconds of the last time it was enabled again after being disabled.
+    #[serde(default)]
+    pub enabled_at: Option<i64>,
 }
 
 /// Typed access to the schedules document. Wraps `&Document` (read) or `&mut Document`.
@@ -159,6 +164,9 @@ impl<D: BorrowMut<Document>> Schedules<D> {
             .borrow_mut()
             .change(&format!("{verb} schedule {id}"), now, |tx| {
                 tx.put(&entry, "enabled", enabled)?;
+                if enabled {
+                    tx.put(&entry, "enabled_at", now)?;
+                }
                 Ok(())
             })
     }
@@ -214,6 +222,7 @@ fn read_entry<R: ReadDoc>(doc: &R, entries: &ObjId, id: &str) -> Option<Schedule
         last_fired_slot: fields::int(doc, &e, "last_fired_slot"),
         last_fired_epoch: fields::uint(doc, &e, "last_fired_epoch"),
         created_at: fields::int(doc, &e, "created_at"),
+        enabled_at: fields::int(doc, &e, "enabled_at"),
     })
 }
 
@@ -267,6 +276,10 @@ mod tests {
 
         s.set_enabled("weekly", false, 14).expect("disable");
         assert!(!s.get("weekly").expect("weekly").enabled);
+        s.set_enabled("weekly", true, 15).expect("enable");
+        let w = s.get("weekly").expect("weekly");
+        assert!(w.enabled);
+        assert_eq!(w.enabled_at, Some(15));
         assert!(s.remove("weekly", 15).expect("remove"));
         assert!(!s.remove("weekly", 15).expect("remove again"));
         assert!(matches!(

@@ -86,12 +86,14 @@ pub struct Due {
 }
 
 /// What to fire for a schedule at `now`: the most recent slot after the last fired one (or
-/// after creation), with the count of older ones skipped.
+/// after creation, or after it was last enabled again), with the count of older ones skipped.
+/// Slots that passed while the schedule was disabled are neither fired nor counted.
 pub fn due(view: &ScheduleView, schedule: &cron::Schedule, now: i64) -> Option<Due> {
     if !view.enabled {
         return None;
     }
     let floor = view.last_fired_slot.or(view.created_at)?;
+    let floor = view.enabled_at.map_or(floor, |e| floor.max(e));
     let slot = latest_slot(schedule, now)?;
     if slot <= floor {
         return None;
@@ -353,6 +355,7 @@ mod tests {
             last_fired_slot: last,
             last_fired_epoch: last.map(|_| 1),
             created_at: Some(created),
+            enabled_at: None,
         }
     }
 
@@ -402,5 +405,18 @@ mod tests {
         let mut off = view(630, None);
         off.enabled = false;
         assert_eq!(due(&off, &s, 10_000), None);
+        // Enabled again at 9,990 after being off since 660: the slots in between neither fire
+        // nor count as missed; the next one does.
+        let mut back = view(630, Some(660));
+        back.enabled_at = Some(9_990);
+        assert_eq!(due(&back, &s, 9_995), None);
+        assert_eq!(
+            due(&back, &s, 10_025),
+            Some(Due {
+                slot: 10_020,
+                missed: 0,
+                last_missed: None
+            })
+        );
     }
 }

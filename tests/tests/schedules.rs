@@ -192,3 +192,69 @@ fn every_minute_fires_once_per_slot_across_restart_and_handover() {
         b.assert_no_panic()
     });
 }
+
+/// A disabled schedule does not fire; enabled again, it fires from its next slot only: the
+/// slots that passed while it was off neither fire nor count as missed.
+#[test]
+fn a_disabled_schedule_skips_its_slots_and_resumes_at_the_next_one() {
+    scenario(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
+        let env = [
+            ("ANTHROPIC_API_KEY", fake.api_key()),
+            ("ANTHROPIC_BASE_URL", fake.url()),
+        ];
+        let mut a = Node::with_env("sched-off", &env)?;
+        a.start()?;
+        let a_id = a.device_id()?;
+        a.cli(&["agent", "assign", &a_id])?;
+        let added = a.json(&["schedule", "add", "* * * * *", "minute report"])?;
+        let id = added["id"].as_str().context("no id")?.to_string();
+        let conv = added["conversation"]
+            .as_str()
+            .context("no conversation")?
+            .to_string();
+        let off = a.json(&["schedule", "disable", &id])?;
+        assert_eq!(off["enabled"], false, "{off}");
+        // (A real minute boundary may have passed between add and disable.)
+        let fired_before = sched_requests(&a, &conv)?.len();
+
+        // Three minutes later, still disabled: nothing fires.
+        a.stop()?;
+        set_offset(&mut a, 180);
+        a.start()?;
+        std::thread::sleep(Duration::from_secs(4));
+        assert_eq!(sched_requests(&a, &conv)?.len(), fired_before);
+        assert_eq!(a.log_text().matches("schedule fired").count(), fired_before);
+
+        // Enabled again: the slots it missed while off do not fire.
+        let on = a.json(&["schedule", "enable", &id])?;
+        assert_eq!(on["enabled"], true, "{on}");
+        let enabled_at = on["enabled_at"].as_i64().context("no enabled_at")?;
+        std::thread::sleep(Duration::from_secs(3));
+        let reqs = assert_once_per_slot(&sched_requests(&a, &conv)?, &id)?;
+        // Only a slot after `enabled_at` may have fired (a real minute boundary).
+        assert!(
+            reqs[fired_before..].iter().all(|s| *s > enabled_at),
+            "fired {reqs:?}, enabled at {enabled_at}"
+        );
+
+        // A minute later: the next slot fires, and no slot is counted as missed.
+        a.stop()?;
+        set_offset(&mut a, 240);
+        a.start()?;
+        let slot = wait_fired(&a, &id, &conv, enabled_at + 1, 1)?;
+        assert!(slot > enabled_at);
+        let view = schedule(&a, &id)?;
+        assert_eq!(view["missed_slots"], 0, "{view}");
+        assert_once_per_slot(&sched_requests(&a, &conv)?, &id)?;
+        // Unknown ids are a clear error.
+        let (code, err) = a.fail(&["schedule", "disable", "nope"])?;
+        assert_eq!(code, 1);
+        assert!(err.contains("no schedule"), "{err}");
+        a.assert_no_panic()
+    });
+}

@@ -1,4 +1,4 @@
-//! `iom schedule add|list|remove`: prompts the agent runs on a cron schedule.
+//! `iom schedule add|list|remove|enable|disable`: prompts the agent runs on a cron schedule.
 
 use serde_json::{Value, json};
 
@@ -68,6 +68,32 @@ pub async fn run(g: &Global, cmd: ScheduleCommand) -> Result<(), Failure> {
             } else {
                 println!("removed schedule {}", output::s(&r, "id"));
             }
+        }
+        ScheduleCommand::Enable { id } => toggle(g, &c, &id, true).await?,
+        ScheduleCommand::Disable { id } => toggle(g, &c, &id, false).await?,
+    }
+    Ok(())
+}
+
+async fn toggle(
+    g: &Global,
+    c: &iom_node::api::client::ApiClient,
+    id: &str,
+    enabled: bool,
+) -> Result<(), Failure> {
+    let r = c
+        .put(
+            &format!("/v1/schedules/{}/enabled", encode(id)),
+            &json!({ "enabled": enabled }),
+        )
+        .await?;
+    if g.json {
+        output::json(&r);
+    } else {
+        let verb = if enabled { "enabled" } else { "disabled" };
+        println!("schedule {} {verb}", output::s(&r, "id"));
+        if enabled {
+            print_next(&r);
         }
     }
     Ok(())

@@ -195,12 +195,42 @@ async fn doc_log(State(ctx): Ctx, Path(id): Path<String>) -> ApiResult {
     Ok(Json(json!({ "id": id.to_string(), "changes": log })))
 }
 
+/// Pieces of an upload waiting for the writer thread.
+const UPLOAD_AHEAD: usize = 16;
+
+/// Stores an uploaded blob. Hashing and writing run on a blocking thread, a few pieces behind
+/// the network, never on the async workers.
 async fn blob_add(State(ctx): Ctx, body: Body) -> ApiResult {
     let mut writer = ctx.store.blob_writer(None)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(UPLOAD_AHEAD);
+    let disk = tokio::task::spawn_blocking(move || {
+        while let Some(piece) = rx.blocking_recv() {
+            writer.write(&piece)?;
+        }
+        Ok::<_, crate::store::StoreError>(writer)
+    });
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
-        writer.write(&chunk)?;
+    let mut interrupted = None;
+    while let Some(piece) = stream.next().await {
+        match piece {
+            Ok(piece) => {
+                if tx.send(piece).await.is_err() {
+                    break; // the writer failed; its error is returned below
+                }
+            }
+            Err(e) => {
+                interrupted = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let writer = disk
+        .await
+        .map_err(|e| ApiError::internal(format!("blob writer: {e}")))??;
+    if let Some(e) = interrupted {
+        // The chunks written so far are garbage-collected at the next start.
+        return Err(ApiError::bad_request(format!("upload interrupted: {e}")));
     }
     let (id, meta) = writer.finish().await?;
     ctx.blob_added(id, meta.len);

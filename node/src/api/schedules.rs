@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::routing::get;
+use axum::routing::{get, put};
+use iom_crdt::schedules::ScheduleError;
 use iom_crdt::{DocId, DocKind, ScheduleView, Schedules};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -25,6 +26,15 @@ pub fn routes() -> axum::Router<Arc<NodeCtx>> {
     axum::Router::new()
         .route("/v1/schedules", get(list).post(add))
         .route("/v1/schedules/{id}", get(show).delete(remove))
+        .route("/v1/schedules/{id}/enabled", put(set_enabled))
+}
+
+/// Body of `PUT /v1/schedules/{id}/enabled`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnabledBody {
+    /// Whether the schedule fires.
+    pub enabled: bool,
 }
 
 /// Body of `POST /v1/schedules`.
@@ -97,7 +107,7 @@ async fn show(State(ctx): Ctx, Path(id): Path<String>) -> Result<Json<Value>, Ap
         .iter()
         .find(|(v, _)| v.id == id)
         .map(|(v, r)| Json(view_json(&ctx, v, Some(r))))
-        .ok_or_else(|| ApiError::not_found(format!("no schedule {id:?} (see `iom schedule list`)")))
+        .ok_or_else(|| no_such(&id))
 }
 
 async fn add(State(ctx): Ctx, Json(body): Json<AddBody>) -> Result<Json<Value>, ApiError> {
@@ -131,24 +141,59 @@ async fn add(State(ctx): Ctx, Json(body): Json<AddBody>) -> Result<Json<Value>, 
     Ok(Json(view_json(&ctx, v, Some(r))))
 }
 
-async fn remove(State(ctx): Ctx, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+fn no_such(id: &str) -> ApiError {
+    ApiError::not_found(format!("no schedule {id:?} (see `iom schedule list`)"))
+}
+
+/// Runs `f` on the schedules document (a local, durable change); `Ok(None)` when there is no
+/// schedule `id`.
+async fn edit<R, F>(ctx: &NodeCtx, id: &str, f: F) -> Result<Option<R>, ApiError>
+where
+    F: FnOnce(
+            &mut Schedules<&mut iom_crdt::Document>,
+            &str,
+            i64,
+        ) -> Result<Option<R>, ScheduleError>
+        + Send
+        + 'static,
+    R: Send + 'static,
+{
     if ctx.docs.meta(DocId::SCHEDULES)?.is_none() {
-        return Err(ApiError::not_found(format!("no schedule {id:?}")));
+        return Ok(None);
     }
-    let sid = id.clone();
-    let now = crate::time::now_secs() as i64;
-    let removed = ctx
+    let sid = id.to_string();
+    let now = schedule::now(ctx);
+    Ok(ctx
         .docs
         .modify(DocId::SCHEDULES, Origin::Local, false, move |d| {
-            Schedules::open(&mut *d)?
-                .remove(&sid, now)
-                .map_err(|e| DocsError::Internal(e.to_string()))
+            let mut s = Schedules::open(&mut *d)?;
+            match f(&mut s, &sid, now) {
+                Err(ScheduleError::NotFound(_)) => Ok(None),
+                r => r.map_err(|e| DocsError::Internal(e.to_string())),
+            }
         })
-        .await?;
-    if !removed {
-        return Err(ApiError::not_found(format!(
-            "no schedule {id:?} (see `iom schedule list`)"
-        )));
-    }
+        .await?)
+}
+
+async fn remove(State(ctx): Ctx, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    edit(&ctx, &id, |s, id, now| Ok(s.remove(id, now)?.then_some(())))
+        .await?
+        .ok_or_else(|| no_such(&id))?;
     Ok(Json(json!({ "id": id, "removed": true })))
+}
+
+/// Enables or disables a schedule (from any device; the change syncs like any other). A
+/// disabled schedule keeps its history and fires again from the next slot once enabled.
+async fn set_enabled(
+    State(ctx): Ctx,
+    Path(id): Path<String>,
+    Json(body): Json<EnabledBody>,
+) -> Result<Json<Value>, ApiError> {
+    let enabled = body.enabled;
+    edit(&ctx, &id, move |s, id, now| {
+        s.set_enabled(id, enabled, now).map(Some)
+    })
+    .await?
+    .ok_or_else(|| no_such(&id))?;
+    show(State(ctx), Path(id)).await
 }
