@@ -94,11 +94,31 @@ pub enum Command {
     /// Prompts the agent runs on a schedule (cron, UTC).
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// Webhook answers posted to callback URLs: which are pending or given up; retry or drop.
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
     /// List this mesh's devices, or revoke one.
     Devices {
         /// `revoke DEVICE`.
         #[command(subcommand)]
         command: Option<DevicesCommand>,
+    },
+}
+
+/// `iom webhook ...`.
+#[derive(Debug, Subcommand)]
+pub enum WebhookCommand {
+    /// Callbacks still being delivered, and the ones given up after every attempt failed.
+    Callbacks,
+    /// Deliver a given-up callback again (a fresh set of attempts).
+    Retry {
+        /// The request id (`wh-…`).
+        request_id: String,
+    },
+    /// Forget a given-up callback.
+    Drop {
+        /// The request id (`wh-…`).
+        request_id: String,
     },
 }
 

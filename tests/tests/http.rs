@@ -28,6 +28,22 @@ fn http_node(name: &str, env: &[(&str, &str)]) -> Result<(Node, String)> {
     Ok((n, format!("http://127.0.0.1:{port}")))
 }
 
+/// An HTTP node that holds the agent role, talking to `fake`; returns it with the base URL
+/// and a token.
+fn agent_http_node(fake: &FakeAnthropic, name: &str) -> Result<(Node, String, String)> {
+    let (node, base) = http_node(
+        name,
+        &[
+            ("ANTHROPIC_API_KEY", fake.api_key()),
+            ("ANTHROPIC_BASE_URL", fake.url()),
+        ],
+    )?;
+    let me = node.device_id()?;
+    node.cli(&["agent", "assign", &me])?;
+    let (t, _) = token(&node, name)?;
+    Ok((node, base, t))
+}
+
 fn token(n: &Node, name: &str) -> Result<(String, String)> {
     let t = n.json(&["token", "create", "--name", name])?;
     Ok((
@@ -284,16 +300,7 @@ fn webhook_round_trip_with_failing_callback() {
         let rt = runtime()?;
         let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
         let rx = rt.block_on(receiver(2))?;
-        let (node, base) = http_node(
-            "hooks",
-            &[
-                ("ANTHROPIC_API_KEY", fake.api_key()),
-                ("ANTHROPIC_BASE_URL", fake.url()),
-            ],
-        )?;
-        let me = node.device_id()?;
-        node.cli(&["agent", "assign", &me])?;
-        let (t, _) = token(&node, "hooks")?;
+        let (node, base, t) = agent_http_node(&fake, "hooks")?;
         let http = reqwest::Client::new();
         let started = std::time::Instant::now();
         let (s, accepted) = rt.block_on(call(
@@ -395,16 +402,7 @@ fn webhook_callback_resumes_after_restart() {
         let rt = runtime()?;
         let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
         // The receiver is down at first: its port is reserved but nothing listens.
-        let (mut node, base) = http_node(
-            "resume",
-            &[
-                ("ANTHROPIC_API_KEY", fake.api_key()),
-                ("ANTHROPIC_BASE_URL", fake.url()),
-            ],
-        )?;
-        let me = node.device_id()?;
-        node.cli(&["agent", "assign", &me])?;
-        let (t, _) = token(&node, "resume")?;
+        let (mut node, base, t) = agent_http_node(&fake, "resume")?;
         let port = free_port()?;
         let (s, accepted) = rt.block_on(call(
             reqwest::Client::new()
@@ -457,5 +455,84 @@ fn webhook_callback_resumes_after_restart() {
         assert_eq!(got[0]["status"], "done");
         assert!(node.log_text().contains("resuming a webhook callback"));
         Ok(())
+    });
+}
+
+/// A callback whose receiver refuses every attempt is given up but kept: `iom webhook
+/// callbacks` shows it with the last error, a restart does not resume it, `iom webhook retry`
+/// delivers it, and unknown ids are clear errors.
+#[test]
+fn a_given_up_callback_is_listed_and_can_be_retried() {
+    scenario(|| {
+        let rt = runtime()?;
+        let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
+        let max = iom_node::http::webhook::MAX_ATTEMPTS as usize;
+        let rx = rt.block_on(receiver(max))?; // every attempt of the first round fails
+        let (mut node, base, t) = agent_http_node(&fake, "giveup")?;
+        let (s, accepted) = rt.block_on(call(
+            reqwest::Client::new()
+                .post(format!("{base}/v1/webhook"))
+                .bearer_auth(&t)
+                .json(&json!({ "user": "dave", "message": "Ping", "callback_url": rx.url })),
+        ))?;
+        assert_eq!(s, StatusCode::ACCEPTED, "{accepted}");
+        let rid = accepted["request_id"]
+            .as_str()
+            .context("no id")?
+            .to_string();
+        let failed = |node: &Node| -> Result<Option<Value>> {
+            Ok(node.json(&["webhook", "callbacks"])?["callbacks"]
+                .as_array()
+                .and_then(|l| l.iter().find(|c| c["request_id"] == rid.as_str()).cloned())
+                .filter(|c| c["state"] == "failed"))
+        };
+        wait_until(
+            "the callback to be given up",
+            Duration::from_secs(60),
+            || Ok(failed(&node)?.is_some()),
+        )?;
+        let cb = failed(&node)?.context("not listed")?;
+        assert_eq!(cb["attempts"], max, "{cb}");
+        assert!(
+            cb["last_error"].as_str().unwrap_or("").contains("500"),
+            "{cb}"
+        );
+        assert_eq!(rx.seen.lock().unwrap_or_else(|e| e.into_inner()).len(), max);
+        let text = node.cli(&["webhook", "callbacks"])?;
+        assert!(text.contains(&rid) && text.contains("failed"), "{text}");
+
+        // A restart does not start it again by itself.
+        node.restart()?;
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(rx.seen.lock().unwrap_or_else(|e| e.into_inner()).len(), max);
+        assert!(
+            failed(&node)?.is_some(),
+            "the record was lost in the restart"
+        );
+
+        // Retried by hand: delivered (the receiver accepts from now on), and the record goes.
+        node.cli(&["webhook", "retry", &rid])?;
+        wait_until("the retried callback", Duration::from_secs(30), || {
+            let seen = rx.seen.lock().unwrap_or_else(|e| e.into_inner());
+            Ok(seen.iter().any(|(s, _, _)| *s == 200))
+        })?;
+        let seen = rx.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(seen.len(), max + 1, "{seen:?}");
+        assert_eq!(seen[max].1["request_id"], rid.as_str());
+        assert_eq!(seen[max].1["status"], "done");
+        wait_until("the record to go", Duration::from_secs(10), || {
+            Ok(node.json(&["webhook", "callbacks"])?["callbacks"]
+                .as_array()
+                .is_some_and(Vec::is_empty))
+        })?;
+        for args in [
+            ["webhook", "retry", "wh-nope"],
+            ["webhook", "drop", "wh-nope"],
+        ] {
+            let (code, err) = node.fail(&args)?;
+            assert_eq!(code, 1, "{args:?}");
+            assert!(err.contains("no webhook callback"), "{err}");
+        }
+        node.assert_no_panic()
     });
 }

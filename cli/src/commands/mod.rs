@@ -10,6 +10,7 @@ pub mod relay;
 mod schedule;
 mod status;
 mod token;
+mod webhook;
 
 use std::path::PathBuf;
 
@@ -71,6 +72,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Sandbox(cmd) => agent::sandbox(&g, cmd).await,
         Command::Token(cmd) => token::run(&g, cmd).await,
         Command::Schedule(cmd) => schedule::run(&g, cmd).await,
+        Command::Webhook(cmd) => webhook::run(&g, cmd).await,
         Command::Relay(RelayCommand::Run(args)) => Ok(relay::run(&relay_dir, g.json, args).await?),
     }
 }

@@ -43,6 +43,7 @@ pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
         .merge(super::mesh::routes())
         .merge(super::agent::routes())
         .merge(super::schedules::routes())
+        .merge(super::callbacks::routes())
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(axum::middleware::map_response(
             crate::http::errors::json_errors,

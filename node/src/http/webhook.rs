@@ -65,6 +65,24 @@ pub struct PendingCallback {
     pub url: String,
     /// Attempts made so far.
     pub attempts: u32,
+    /// Why the last attempt failed (an HTTP status or a transport error).
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Unix seconds when delivery was given up after [`MAX_ATTEMPTS`]; the record is kept
+    /// (see `iom webhook callbacks`) until it is retried or dropped.
+    #[serde(default)]
+    pub gave_up_at: Option<u64>,
+}
+
+impl PendingCallback {
+    /// `pending` while deliveries are being attempted, `failed` once given up.
+    pub fn state(&self) -> &'static str {
+        if self.gave_up_at.is_some() {
+            "failed"
+        } else {
+            "pending"
+        }
+    }
 }
 
 /// The webhook route (the caller adds the token check).
@@ -128,6 +146,8 @@ async fn webhook(
             conversation: conversation.to_string(),
             url,
             attempts: 0,
+            last_error: None,
+            gave_up_at: None,
         };
         save(&ctx, &pending).await?;
         spawn_delivery(ctx.clone(), pending);
@@ -171,7 +191,7 @@ async fn user_conversation(ctx: &Arc<NodeCtx>, user: &str) -> Result<DocId, ApiE
     Ok(id)
 }
 
-async fn save(ctx: &NodeCtx, p: &PendingCallback) -> Result<(), ApiError> {
+pub(crate) async fn save(ctx: &NodeCtx, p: &PendingCallback) -> Result<(), ApiError> {
     let bytes = serde_json::to_vec(p).map_err(|e| ApiError::internal(e.to_string()))?;
     ctx.store.state_put(
         format!("{PENDING_PREFIX}{}", p.request_id).as_bytes(),
@@ -181,7 +201,7 @@ async fn save(ctx: &NodeCtx, p: &PendingCallback) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn forget(ctx: &NodeCtx, rid: &str) {
+pub(crate) async fn forget(ctx: &NodeCtx, rid: &str) {
     let _ = ctx
         .store
         .state_remove(format!("{PENDING_PREFIX}{rid}").as_bytes());
@@ -199,6 +219,7 @@ pub fn resume(ctx: &Arc<NodeCtx>) {
     };
     for (_, v) in rows {
         match serde_json::from_slice::<PendingCallback>(&v) {
+            Ok(p) if p.gave_up_at.is_some() => {} // waits for `iom webhook retry`
             Ok(p) => {
                 tracing::info!(request = %p.request_id, attempts = p.attempts, "resuming a webhook callback");
                 spawn_delivery(ctx.clone(), p);
@@ -213,7 +234,25 @@ pub fn backoff(attempts: u32) -> Duration {
     FIRST_BACKOFF.saturating_mul(1 << attempts.saturating_sub(1).min(6))
 }
 
-fn spawn_delivery(ctx: Arc<NodeCtx>, p: PendingCallback) {
+/// Every callback record: pending deliveries and the ones given up.
+pub fn callbacks(ctx: &NodeCtx) -> Result<Vec<PendingCallback>, ApiError> {
+    Ok(ctx
+        .store
+        .state_scan(PENDING_PREFIX.as_bytes())?
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+        .collect())
+}
+
+/// One callback record.
+pub fn callback(ctx: &NodeCtx, rid: &str) -> Result<Option<PendingCallback>, ApiError> {
+    Ok(ctx
+        .store
+        .state_get(format!("{PENDING_PREFIX}{rid}").as_bytes())?
+        .and_then(|v| serde_json::from_slice(&v).ok()))
+}
+
+pub(crate) fn spawn_delivery(ctx: Arc<NodeCtx>, p: PendingCallback) {
     let mut shutdown = ctx.shutdown.clone();
     tokio::spawn(async move {
         tokio::select! {
@@ -285,17 +324,25 @@ async fn deliver(ctx: Arc<NodeCtx>, mut p: PendingCallback) {
             }
             Ok(r) => {
                 tracing::info!(request = %p.request_id, attempt = p.attempts, status = %r.status(), "webhook callback refused; will retry");
+                p.last_error = Some(format!("the receiver answered {}", r.status()));
             }
             Err(e) => {
                 tracing::info!(request = %p.request_id, attempt = p.attempts, error = %e, "webhook callback failed; will retry");
+                p.last_error = Some(format!("cannot reach the receiver: {e}"));
             }
+        }
+        if p.attempts >= MAX_ATTEMPTS {
+            p.gave_up_at = Some(crate::time::now_secs());
         }
         if save(&ctx, &p).await.is_err() {
             tracing::warn!(request = %p.request_id, "cannot record a callback attempt");
         }
     }
-    tracing::warn!(request = %p.request_id, url = %p.url, attempts = p.attempts, "giving up on a webhook callback");
-    forget(&ctx, &p.request_id).await;
+    tracing::warn!(
+        request = %p.request_id, url = %p.url, attempts = p.attempts,
+        "giving up on a webhook callback (kept: `iom webhook callbacks`, `iom webhook retry {}`)",
+        p.request_id
+    );
 }
 
 #[cfg(test)]
