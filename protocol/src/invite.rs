@@ -64,8 +64,9 @@ pub enum InviteError {
         /// The character.
         ch: char,
     },
-    /// The code is shorter than its contents say: part of it was not copied.
-    #[error("the invite code is incomplete; copy the whole code")]
+    /// The code is shorter than its contents say: part of it was not copied. (A typo that hits
+    /// a length inside the payload looks the same, so the message names both.)
+    #[error("the invite code is incomplete (or has a typo); copy the whole code again")]
     Truncated,
     /// The checksum does not match: a typo or a damaged code.
     #[error("the invite code has a typo (checksum mismatch); copy it again")]
