@@ -52,7 +52,7 @@ fi
 
 step "fuzzing (short runs)"
 if cargo +nightly fuzz --version >/dev/null 2>&1; then
-    for target in frame invite certificate; do
+    for target in frame invite certificate wire; do
         mkdir -p fuzz/corpus/"$target"
         (cd fuzz && cargo +nightly fuzz run "$target" corpus/"$target" seeds/"$target" -- -max_total_time=10 -seed=1)
     done

@@ -5,7 +5,7 @@
 
 use iom_protocol::cert::{CertBody, Certificate};
 use iom_protocol::frame::encode_frame;
-use iom_protocol::fuzzing::{fuzz_certificate, fuzz_frame, fuzz_invite};
+use iom_protocol::fuzzing::{fuzz_certificate, fuzz_frame, fuzz_invite, fuzz_wire};
 use iom_protocol::invite::{Invite, pair_proof};
 use iom_protocol::keys::{DeviceKey, PersonKey};
 use iom_protocol::pair::{JoinRejection, JoinRequest, JoinResponse};
@@ -177,6 +177,83 @@ fn frame_seeds() -> Vec<Vec<u8>> {
         .collect()
 }
 
+fn wire_seeds() -> Vec<Vec<u8>> {
+    use iom_protocol::frame::encode_message;
+    use iom_protocol::id::ContentId;
+    use iom_protocol::wire::{
+        AgentRequest, AgentResponse, BlobRequest, BlobResponse, DocSnapshot, PeerAddrs, SyncMsg,
+    };
+    let sync = [
+        SyncMsg::Hello {
+            version: 1,
+            person: person().id(),
+            chain: certificates(),
+        },
+        SyncMsg::Refused {
+            reason: "not trusted".into(),
+        },
+        SyncMsg::Addrs {
+            peers: vec![PeerAddrs {
+                peer: vec![0, 36, 8, 1],
+                addrs: vec!["/ip4/10.0.0.2/tcp/4001".into()],
+            }],
+        },
+        SyncMsg::Root { root: [7; 32] },
+        SyncMsg::Entries {
+            buckets: vec![1, 2],
+            records: vec![3; 96],
+        },
+        SyncMsg::Doc {
+            doc: [4; 16],
+            msg: vec![0x42, 0, 1, 2],
+        },
+        SyncMsg::Snapshots {
+            docs: vec![DocSnapshot {
+                doc: [5; 16],
+                bytes: vec![0x85, 0x6f, 0x4a, 0x83, 1, 2, 3],
+            }],
+        },
+        SyncMsg::Blobs {
+            have: vec![(ContentId::from_bytes([6; 32]), 1 << 20)],
+        },
+    ];
+    let blob = [
+        BlobResponse::Manifest {
+            len: 300_000,
+            chunk_size: 262_144,
+            chunk_hashes: vec![8; 64],
+        },
+        BlobResponse::Chunk {
+            index: 1,
+            bytes: vec![9; 40],
+        },
+        BlobResponse::NotFound,
+    ];
+    let mut seeds: Vec<Vec<u8>> = sync.iter().map(|m| m.encode().unwrap()).collect();
+    seeds.extend(blob.iter().map(|m| m.encode().unwrap()));
+    seeds.push(
+        encode_message(&BlobRequest::Get {
+            id: ContentId::from_bytes([6; 32]),
+            from_chunk: 3,
+        })
+        .unwrap(),
+    );
+    seeds.push(
+        encode_message(&AgentRequest::Notify {
+            doc: [4; 16],
+            request_id: "r1".into(),
+        })
+        .unwrap(),
+    );
+    seeds.push(encode_message(&AgentResponse::Accepted { queued: 2 }).unwrap());
+    seeds
+}
+
+#[test]
+fn smoke_fuzz_wire() {
+    run(0x5eed_0004, &wire_seeds(), fuzz_wire);
+}
+
 #[test]
 fn smoke_fuzz_certificate() {
     run(0x5eed_0001, &certificate_seeds(), fuzz_certificate);
@@ -202,6 +279,7 @@ fn write_fuzz_seeds() {
         ("certificate", certificate_seeds()),
         ("invite", invite_seeds()),
         ("frame", frame_seeds()),
+        ("wire", wire_seeds()),
     ] {
         let dir = root.join(target);
         std::fs::create_dir_all(&dir).unwrap();
