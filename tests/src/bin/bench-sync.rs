@@ -8,6 +8,9 @@
 //!   same documents (`iom_crdt::sync` between two in-memory replicas);
 //!   then `reconnect`: B stops, one document changes on A, B starts: bytes (B's `status`
 //!   `sync[].bytes_in + bytes_out`) and time until B has the change;
+//!   then `catch-up`: B stops, `CATCHUP` documents (default 1,000) change on A, B starts: time
+//!   from B's API up until its document list equals A's, beside in-process Automerge sync of
+//!   one new change per document between replicas that restore their persisted sync states;
 //! - `blob`: a `BLOB_MIB` MiB blob transfer from A to B in MB/s, beside a raw libp2p stream
 //!   (TCP + noise + yamux, the node's transport) pushing the same number of bytes in-process.
 //!
@@ -434,9 +437,88 @@ fn cold_and_reconnect(rt: &tokio::runtime::Runtime) -> Result<()> {
         "reconnect: bytes on B's session (in + out): {} at convergence, {} two seconds later (target < 65536)",
         bytes_at, bytes_later
     );
+
+    // Catch-up: B was away while A changed many documents.
+    proc_b.stop()?;
+    let n = param("CATCHUP", 1000).min(ids.len());
+    let body = json!({ "path": "f1", "value": "changed during catch-up" });
+    rt.block_on(async {
+        for batch in ids[..n].chunks(8) {
+            let paths: Vec<String> = batch.iter().map(|id| format!("/v1/docs/{id}")).collect();
+            let puts = paths.iter().map(|p| ca.put(p, &body));
+            for r in futures::future::join_all(puts).await {
+                r?;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let want = doc_heads(rt, &ca)?;
+    let (proc_b, _) = spawn_timed(rt, &b)?;
+    let t_up = Instant::now();
+    while doc_heads(rt, &cb)? != want {
+        if t_up.elapsed() > Duration::from_secs(600) {
+            bail!("B did not catch up within 600 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let caught_up = t_up.elapsed();
+    let reference = in_process_catchup(n, fields)?;
+    println!(
+        "catch-up: {n} documents changed while B was away: B equal to A {:.0} ms after its API was up; reference in-process sync of one change per document from persisted states: {:.0} ms; ratio {:.1}x",
+        ms(caught_up),
+        ms(reference),
+        caught_up.as_secs_f64() / reference.as_secs_f64()
+    );
     proc_b.stop()?;
     a.stop()?;
     Ok(())
+}
+
+/// In-process reference for the catch-up: replicas in sync with persisted states, one new
+/// change per document on A, then each state is restored (a new session) and synced.
+fn in_process_catchup(count: usize, fields: usize) -> Result<Duration> {
+    let actor_a = iom_crdt::actor_for(&[1; 32], [1; 8]);
+    let actor_b = iom_crdt::actor_for(&[2; 32], [2; 8]);
+    let sync = |a: &mut Document,
+                sa: &mut PeerDocState,
+                b: &mut Document,
+                sb: &mut PeerDocState|
+     -> Result<()> {
+        loop {
+            let ab = generate(a, sa);
+            if let Some(m) = &ab {
+                receive(b, sb, m)?;
+            }
+            let ba = generate(b, sb);
+            if let Some(m) = &ba {
+                receive(a, sa, m)?;
+            }
+            if ab.is_none() && ba.is_none() {
+                return Ok(());
+            }
+        }
+    };
+    let mut pairs = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut a = build_doc(&actor_a, i, fields)?;
+        let mut b = Document::load(&a.snapshot(), &actor_b)?;
+        let (mut sa, mut sb) = (PeerDocState::new(), PeerDocState::new());
+        sync(&mut a, &mut sa, &mut b, &mut sb)?;
+        a.put_json(
+            "f1",
+            json!("changed during catch-up"),
+            "edit",
+            1_700_000_100,
+        )?;
+        pairs.push((a, sa.encode(), b, sb.encode()));
+    }
+    let t0 = Instant::now();
+    for (a, sa, b, sb) in &mut pairs {
+        let (mut sa, mut sb) = (PeerDocState::decode(sa)?, PeerDocState::decode(sb)?);
+        sync(a, &mut sa, b, &mut sb)?;
+        std::hint::black_box(b.save_incremental());
+    }
+    Ok(t0.elapsed())
 }
 
 /// With `LOADED_DOCS` set, writes `[storage] loaded_docs` (documents kept in memory, default
