@@ -85,6 +85,26 @@ impl PeerDocState {
         self.0.their_heads.as_deref()
     }
 
+    /// Restores a persisted state for a new session, assuming the peer still holds exactly the
+    /// heads both had in common ([`PeerDocState::shared_heads`]). Automerge's own restore
+    /// ([`PeerDocState::decode`]) knows nothing of the peer, so the first message of a session
+    /// carries no changes and a change made while apart takes four messages (heads, need,
+    /// changes, acknowledgement); with this assumption the first message carries the changes
+    /// since the shared heads, and the other side's reply settles it. If the peer has more
+    /// (from a third device) it sends that; if it has less (it lost data) it answers with a
+    /// reset and the exchange starts over, as Automerge intends.
+    pub fn resume(bytes: &[u8]) -> Result<PeerDocState, SyncError> {
+        let mut st = PeerDocState::decode(bytes)?;
+        let shared = st.0.shared_heads.clone();
+        st.0.their_need = Some(Vec::new());
+        st.0.their_have = Some(vec![am_sync::Have {
+            last_sync: shared,
+            bloom: am_sync::BloomFilter::default(),
+        }]);
+        st.0.their_capabilities = Some(current_capabilities());
+        Ok(st)
+    }
+
     /// The state of both sides right after one of them sent the other a whole document whose
     /// heads are `heads` (an iom snapshot transfer, which replaces the sync protocol's rounds
     /// for a document the peer did not have). Both sides know the other holds exactly `heads`
@@ -106,15 +126,19 @@ impl PeerDocState {
                 bloom: am_sync::BloomFilter::default(),
             }]),
             have_responded: true,
-            // Every iom node runs this Automerge: the peer speaks the current messages.
-            their_capabilities: Some(vec![
-                am_sync::Capability::MessageV1,
-                am_sync::Capability::MessageV2,
-                am_sync::Capability::SyncReset,
-            ]),
+            their_capabilities: Some(current_capabilities()),
             ..am_sync::State::default()
         })
     }
+}
+
+/// Every iom node runs this Automerge: a peer speaks the current messages.
+fn current_capabilities() -> Vec<am_sync::Capability> {
+    vec![
+        am_sync::Capability::MessageV1,
+        am_sync::Capability::MessageV2,
+        am_sync::Capability::SyncReset,
+    ]
 }
 
 /// The next message to send to the peer, or `None` if there is nothing to send now.

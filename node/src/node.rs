@@ -95,7 +95,9 @@ impl NodeCtx {
             "pid": std::process::id(),
             "version": env!("CARGO_PKG_VERSION"),
             "documents": self.store.doc_count(),
-            "blobs": self.store.blobs().map(|b| b.len()).unwrap_or(0),
+            // Equal on two devices exactly when they hold the same documents at the same heads.
+            "inventory_root": hex::encode(self.docs.with_inventory(|i| i.root())),
+            "blobs": self.store.blob_count(),
             "disk_bytes": self.store.size_on_disk(),
             "listen": self.net.listen_addrs().await.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "peers": self.peers_json(),

@@ -18,7 +18,11 @@ pub async fn status(g: &Global) -> Result<(), Failure> {
     );
     println!("person:    {}", output::s(&st, "person"));
     println!("data dir:  {}", output::s(&st, "data_dir"));
-    println!("documents: {}", st["documents"]);
+    println!(
+        "documents: {} (inventory {:.12}: equal on devices that are in sync)",
+        st["documents"],
+        output::s(&st, "inventory_root")
+    );
     if let Some(addrs) = st.get("listen").and_then(|v| v.as_array()) {
         println!("listening:");
         for a in addrs {

@@ -261,6 +261,11 @@ impl Store {
         }
     }
 
+    /// How many complete blobs are stored (without reading their metadata).
+    pub fn blob_count(&self) -> usize {
+        self.blobs.len()
+    }
+
     /// Every complete blob.
     pub fn blobs(&self) -> Result<Vec<([u8; 32], BlobMeta)>, StoreError> {
         let mut out = Vec::new();

@@ -149,7 +149,7 @@ fn state_for(ctx: &NodeCtx, states: &States, peer: &PeerId, doc: &DocId) -> Shar
                 .state_get(&state_key(peer, doc))
                 .ok()
                 .flatten()
-                .and_then(|b| PeerDocState::decode(&b).ok())
+                .and_then(|b| PeerDocState::resume(&b).ok())
                 .unwrap_or_default();
             Arc::new(Mutex::new(st))
         })
