@@ -5,7 +5,6 @@
 //!
 //! All Automerge work runs on the blocking pool, never on the async executor's threads.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use automerge::ChangeHash;
@@ -13,6 +12,7 @@ use iom_crdt::{DocId, DocKind, Document, DocumentError, Inventory};
 use libp2p::PeerId;
 use tokio::sync::broadcast;
 
+use crate::doc_cache::LruCache;
 use crate::store::{ChunkWrite, DocMeta, Store, StoreError};
 
 /// Chunks on top of a snapshot before a compaction is started.
@@ -79,16 +79,10 @@ struct AppliedSnapshot {
     new: bool,
 }
 
-struct Cache {
-    docs: HashMap<DocId, (Shared, u64)>,
-    tick: u64,
-}
-
 struct Inner {
     store: Store,
     actor: Vec<u8>,
-    capacity: usize,
-    cache: Mutex<Cache>,
+    cache: Mutex<LruCache<DocId, Mutex<Document>>>,
     changes: broadcast::Sender<DocChanged>,
     /// Serialises loads so that one document is never loaded twice concurrently.
     load_lock: Mutex<()>,
@@ -129,11 +123,7 @@ impl Docs {
             inner: Arc::new(Inner {
                 store,
                 actor,
-                capacity: capacity.max(1),
-                cache: Mutex::new(Cache {
-                    docs: HashMap::new(),
-                    tick: 0,
-                }),
+                cache: Mutex::new(LruCache::new(capacity)),
                 changes,
                 load_lock: Mutex::new(()),
                 inventory: Mutex::new(inventory),
@@ -394,7 +384,7 @@ impl Docs {
             let _guard = lock(&self.inner.load_lock);
             let mut fresh = Vec::with_capacity(loaded.len());
             for (id, doc, bytes) in loaded {
-                let known = lock(&self.inner.cache).docs.contains_key(&id)
+                let known = lock(&self.inner.cache).contains(&id)
                     || self.inner.store.doc_meta(id.as_bytes())?.is_some();
                 if known {
                     merge.push((id, bytes));
@@ -446,7 +436,7 @@ impl Docs {
     pub fn forget_unstored(&self, id: DocId) -> Result<(), DocsError> {
         let _guard = lock(&self.inner.load_lock);
         if self.inner.store.doc_meta(id.as_bytes())?.is_none() {
-            lock(&self.inner.cache).docs.remove(&id);
+            lock(&self.inner.cache).remove(&id);
         }
         Ok(())
     }
@@ -485,39 +475,17 @@ impl Docs {
     }
 
     fn insert_cached(&self, id: DocId, doc: Shared) {
-        let mut cache = lock(&self.inner.cache);
-        cache.tick += 1;
-        let tick = cache.tick;
-        cache.docs.insert(id, (doc, tick));
-        if cache.docs.len() > self.inner.capacity {
-            // Evict the least recently used document that nobody is using right now. A document
-            // in use is never evicted, so one document is never loaded twice.
-            let victim = cache
-                .docs
-                .iter()
-                .filter(|(_, (d, _))| Arc::strong_count(d) == 1)
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(k, _)| *k);
-            if let Some(v) = victim {
-                cache.docs.remove(&v);
-            }
-        }
+        lock(&self.inner.cache).insert(id, doc);
     }
 
     /// Loads a document into the cache (blocking).
     fn load(&self, id: DocId, create_missing: bool) -> Result<Option<Shared>, DocsError> {
-        {
-            let mut cache = lock(&self.inner.cache);
-            cache.tick += 1;
-            let tick = cache.tick;
-            if let Some((doc, t)) = cache.docs.get_mut(&id) {
-                *t = tick;
-                return Ok(Some(doc.clone()));
-            }
+        if let Some(doc) = lock(&self.inner.cache).get(&id) {
+            return Ok(Some(doc));
         }
         let _guard = lock(&self.inner.load_lock);
-        if let Some((doc, _)) = lock(&self.inner.cache).docs.get(&id) {
-            return Ok(Some(doc.clone()));
+        if let Some(doc) = lock(&self.inner.cache).get(&id) {
+            return Ok(Some(doc));
         }
         let doc = match self.inner.store.load_doc(id.as_bytes()) {
             Ok(stored) => {

@@ -20,6 +20,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+mod doc_cache;
 pub mod docs;
 pub mod http;
 pub mod identity;

@@ -39,7 +39,10 @@ fn acknowledged_writes_survive_sigkill_body() -> Result<()> {
         .ok_or_else(|| anyhow!("no id"))?
         .to_string();
     let big = node.dir.join("big.bin");
-    random_file(&big, 24 * 1024 * 1024, 99)?;
+    // Big enough that an upload is still running when the plug is pulled (uploads run at a few
+    // hundred MB/s).
+    const BIG: u64 = 96 * 1024 * 1024;
+    random_file(&big, BIG, 99)?;
     let big_hash = sha256_file(&big)?;
     let rt = tokio::runtime::Runtime::new()?;
     let acked = Arc::new(Mutex::new(Acked::default()));
@@ -88,7 +91,7 @@ fn acknowledged_writes_survive_sigkill_body() -> Result<()> {
                 }
             }));
         }
-        // Every third cycle an upload of a 24 MiB blob is under way too.
+        // Every third cycle an upload of the big blob is under way too.
         let blob_task = (cycle % 3 == 1).then(|| {
             let (api, acked, big) = (api.clone(), acked.clone(), big.clone());
             rt.spawn(async move {
@@ -162,7 +165,7 @@ fn acknowledged_writes_survive_sigkill_body() -> Result<()> {
             .cloned()
             .unwrap_or_default();
         for b in &blobs {
-            if b["hash"] != big_hash.as_str() || b["len"] != 24 * 1024 * 1024 {
+            if b["hash"] != big_hash.as_str() || b["len"] != BIG {
                 bail!("cycle {cycle}: a partial or unknown blob is visible: {b}");
             }
         }

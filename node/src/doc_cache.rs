@@ -1,0 +1,127 @@
+//! The bounded set of documents kept loaded, least recently used first out. A document that
+//! someone is using right now (its `Arc` is shared) is never evicted, so a document is never
+//! loaded twice at once; the cache may then hold more than its capacity for a while.
+//!
+//! Every operation is O(log n): recency is kept in an ordered map beside the documents, so
+//! eviction does not scan the cache (it used to, which made a large `storage.loaded_docs` cost
+//! more than it saved).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// A cache of shared values by key.
+#[derive(Debug)]
+pub(crate) struct LruCache<K, V> {
+    entries: HashMap<K, (Arc<V>, u64)>,
+    order: BTreeMap<u64, K>,
+    tick: u64,
+    capacity: usize,
+}
+
+impl<K: Copy + Eq + std::hash::Hash, V> LruCache<K, V> {
+    /// An empty cache for at least one value.
+    pub(crate) fn new(capacity: usize) -> Self {
+        LruCache {
+            entries: HashMap::new(),
+            order: BTreeMap::new(),
+            tick: 0,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The value for `key`, marked as just used.
+    pub(crate) fn get(&mut self, key: &K) -> Option<Arc<V>> {
+        self.tick += 1;
+        let tick = self.tick;
+        let (value, t) = self.entries.get_mut(key)?;
+        self.order.remove(t);
+        *t = tick;
+        self.order.insert(tick, *key);
+        Some(value.clone())
+    }
+
+    /// Whether `key` is cached (without marking it used).
+    pub(crate) fn contains(&self, key: &K) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// Caches `value` as just used, then evicts least recently used values that nobody else
+    /// holds until the cache is within its capacity (or only values in use are left).
+    pub(crate) fn insert(&mut self, key: K, value: Arc<V>) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some((_, old)) = self.entries.insert(key, (value, tick)) {
+            self.order.remove(&old);
+        }
+        self.order.insert(tick, key);
+        if self.entries.len() <= self.capacity {
+            return;
+        }
+        let mut in_use = Vec::new();
+        while self.entries.len() > self.capacity {
+            let Some((t, k)) = self.order.pop_first() else {
+                break;
+            };
+            let free = self
+                .entries
+                .get(&k)
+                .is_some_and(|(v, _)| Arc::strong_count(v) == 1);
+            if free && k != key {
+                self.entries.remove(&k);
+            } else {
+                in_use.push((t, k));
+            }
+        }
+        // Values in use keep their place in the order.
+        self.order.extend(in_use);
+    }
+
+    /// Drops `key`.
+    pub(crate) fn remove(&mut self, key: &K) {
+        if let Some((_, t)) = self.entries.remove(key) {
+            self.order.remove(&t);
+        }
+    }
+
+    /// How many values are cached.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn least_recently_used_goes_first_and_values_in_use_stay() {
+        let mut c: LruCache<u32, String> = LruCache::new(2);
+        c.insert(1, Arc::new("one".into()));
+        c.insert(2, Arc::new("two".into()));
+        assert!(c.get(&1).is_some()); // 2 is now the oldest
+        c.insert(3, Arc::new("three".into()));
+        assert!(c.contains(&1) && c.contains(&3) && !c.contains(&2));
+
+        // 1 is the oldest but someone holds it: 3 goes instead.
+        let held = c.get(&1);
+        let _ = c.get(&3);
+        let _ = c.get(&1);
+        c.insert(4, Arc::new("four".into()));
+        assert!(c.contains(&1) && c.contains(&4) && !c.contains(&3));
+        assert_eq!(c.len(), 2);
+
+        // Everything in use: the cache grows past its capacity rather than evict.
+        let four = c.get(&4);
+        c.insert(5, Arc::new("five".into()));
+        let five = c.get(&5);
+        c.insert(6, Arc::new("six".into()));
+        assert!(c.contains(&1) && c.contains(&4) && c.contains(&5) && c.contains(&6));
+        drop((held, four, five));
+        c.insert(7, Arc::new("seven".into()));
+        assert_eq!(c.len(), 2, "back within capacity once released");
+        assert!(c.contains(&7));
+        c.remove(&7);
+        assert!(!c.contains(&7));
+    }
+}
