@@ -118,16 +118,17 @@ impl std::fmt::Debug for BlobReceiver {
 
 impl Store {
     /// Starts receiving blob `id` (`len` bytes, one hash per chunk) into the chunk file of
-    /// `internal`, or resumes it: the first `done` chunks are expected on disk from an earlier
-    /// attempt and are verified again; the receiver continues after the last good one (see
-    /// [`BlobReceiver::done`]). Blocking.
+    /// `internal`, or resumes it: the chunks an earlier attempt left in the file are verified
+    /// again, and the receiver continues after the last good one (see [`BlobReceiver::done`]).
+    /// The file is the truth, not a recorded count: the count may be older than the file (it
+    /// is not flushed per chunk), and the file may have lost unsynced chunks in a crash.
+    /// Blocking.
     pub fn receive_blob(
         &self,
         id: [u8; 32],
         internal: u64,
         len: u64,
         chunk_hashes: Vec<[u8; 32]>,
-        done: u32,
     ) -> Result<BlobReceiver, StoreError> {
         if chunk_hashes.len() as u64 != chunk_count(len) {
             return Err(StoreError::Decode {
@@ -157,7 +158,7 @@ impl Store {
             writer: None,
         };
         let mut buf = Vec::new();
-        while r.done < done.min(r.count()) {
+        while r.done < r.count() {
             buf.resize(chunk_len(len, r.done), 0);
             match file.read_exact_at(&mut buf, chunk_offset(r.done)) {
                 Ok(()) => {}
@@ -312,13 +313,13 @@ mod tests {
         let chunks: Vec<&[u8]> = data.chunks(CHUNK_SIZE).collect();
         let internal = store.new_blob_internal().unwrap();
         let mut r = store
-            .receive_blob(id, internal, data.len() as u64, hashes.clone(), 0)
+            .receive_blob(id, internal, data.len() as u64, hashes.clone())
             .unwrap();
         r.put(chunks[0].to_vec()).unwrap();
         r.put(chunks[1].to_vec()).unwrap();
         drop(r); // the connection broke
         let mut r = store
-            .receive_blob(id, internal, data.len() as u64, hashes, 2)
+            .receive_blob(id, internal, data.len() as u64, hashes)
             .unwrap();
         assert_eq!(r.done(), 2, "the two chunks on disk are kept");
         r.put(chunks[2].to_vec()).unwrap();
@@ -337,7 +338,7 @@ mod tests {
         let (data, id, hashes) = blob(CHUNK_SIZE * 2);
         let internal = store.new_blob_internal().unwrap();
         let mut r = store
-            .receive_blob(id, internal, data.len() as u64, hashes.clone(), 0)
+            .receive_blob(id, internal, data.len() as u64, hashes.clone())
             .unwrap();
         r.put(data[..CHUNK_SIZE].to_vec()).unwrap();
         r.put(data[CHUNK_SIZE..].to_vec()).unwrap();
@@ -347,7 +348,7 @@ mod tests {
         bytes[CHUNK_SIZE + 9] ^= 1;
         std::fs::write(&path, bytes).unwrap();
         let r = store
-            .receive_blob(id, internal, data.len() as u64, hashes, 2)
+            .receive_blob(id, internal, data.len() as u64, hashes)
             .unwrap();
         assert_eq!(r.done(), 1, "resumes at the damaged chunk");
     }
@@ -360,11 +361,11 @@ mod tests {
         // A manifest whose chunk count does not fit the length.
         assert!(
             store
-                .receive_blob(id, internal, 100 + CHUNK_SIZE as u64, hashes.clone(), 0)
+                .receive_blob(id, internal, 100 + CHUNK_SIZE as u64, hashes.clone())
                 .is_err()
         );
         let mut r = store
-            .receive_blob(id, internal, 100, hashes.clone(), 0)
+            .receive_blob(id, internal, 100, hashes.clone())
             .unwrap();
         assert!(matches!(
             r.put(b"not the chunk".to_vec()),
@@ -372,9 +373,7 @@ mod tests {
         ));
         assert_eq!(r.done(), 0);
         // Chunks that match their hashes but not the blob id (a lying manifest).
-        let mut r = store
-            .receive_blob([9; 32], internal, 100, hashes, 0)
-            .unwrap();
+        let mut r = store.receive_blob([9; 32], internal, 100, hashes).unwrap();
         r.put(data.clone()).unwrap();
         assert!(matches!(r.finish(), Err(StoreError::HashMismatch { .. })));
         assert!(store.blob_meta(&[9; 32]).unwrap().is_none());

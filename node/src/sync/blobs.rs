@@ -475,13 +475,11 @@ async fn open_receiver(
     p: &Progress,
 ) -> Result<BlobReceiver, FromError> {
     let store = ctx.store.clone();
-    let (internal, len, hashes, done) = (p.internal, p.len, chunk_hashes(&p.hashes), p.done);
-    tokio::task::spawn_blocking(move || {
-        store.receive_blob(*id.as_bytes(), internal, len, hashes, done)
-    })
-    .await
-    .map_err(|e| FromError::Other(e.to_string()))?
-    .map_err(FromError::Store)
+    let (internal, len, hashes) = (p.internal, p.len, chunk_hashes(&p.hashes));
+    tokio::task::spawn_blocking(move || store.receive_blob(*id.as_bytes(), internal, len, hashes))
+        .await
+        .map_err(|e| FromError::Other(e.to_string()))?
+        .map_err(FromError::Store)
 }
 
 async fn fetch_from(ctx: &Arc<NodeCtx>, id: ContentId, peer: PeerId) -> Result<(), FromError> {
@@ -554,6 +552,10 @@ async fn fetch_from(ctx: &Arc<NodeCtx>, id: ContentId, peer: PeerId) -> Result<(
                 ctx.store.state_put(&key, &b)?;
             }
             ctx.store.state_remove(&done_key(&key))?;
+            // Durable before the first chunk lands: without it a crash would leave a chunk
+            // file nobody claims, removed as garbage at the next start, and the transfer would
+            // start over instead of resuming.
+            ctx.store.flush().await?;
             open_receiver(ctx, id, &p).await?
         }
     };
