@@ -169,6 +169,10 @@ fn chain_converges_through_the_middle_node_body() -> Result<()> {
 
     let from_a = new_doc(&a, r#"{"from":"a"}"#)?;
     let from_c = new_doc(&c, r#"{"from":"c"}"#)?;
+    // C's document reaches A through B; then A edits it.
+    wait_until("C's document to reach A", Duration::from_secs(20), || {
+        Ok(a.doc_view(&from_c)?.is_some())
+    })?;
     a.cli(&["doc", "put", &from_c, "a_was_here", "true"])?;
     let docs = vec![from_a.clone(), from_c.clone()];
     wait_converged(&[&a, &b, &c], &docs, Duration::from_secs(30))?;
