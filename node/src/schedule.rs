@@ -241,22 +241,38 @@ async fn recover(
         })
         .await
         .unwrap_or(false);
-    if !present {
+    if present {
+        state.verified.insert((view.id.clone(), slot));
+    } else {
         tracing::info!(schedule = %view.id, slot, "re-asking a slot whose request is missing");
-        if let Err(e) = ask::ask(
-            ctx,
-            &view.prompt,
-            Some(conversation),
-            Interface::Schedule,
-            Some(rid),
-        )
-        .await
-        {
-            tracing::warn!(schedule = %view.id, slot, error = %e.message, "cannot ask");
-            return;
-        }
+        ask_slot(ctx, view, conversation, slot, state).await;
     }
-    state.verified.insert((view.id.clone(), slot));
+}
+
+/// Asks a slot's prompt (with the slot's request id, so asking twice is harmless) and records
+/// the slot as verified once the request is in the conversation.
+async fn ask_slot(
+    ctx: &Arc<NodeCtx>,
+    view: &ScheduleView,
+    conversation: DocId,
+    slot: i64,
+    state: &mut State,
+) {
+    let rid = request_id(&view.id, slot);
+    match ask::ask(
+        ctx,
+        &view.prompt,
+        Some(conversation),
+        Interface::Schedule,
+        Some(rid),
+    )
+    .await
+    {
+        Ok(_) => {
+            state.verified.insert((view.id.clone(), slot));
+        }
+        Err(e) => tracing::warn!(schedule = %view.id, slot, error = %e.message, "cannot ask"),
+    }
 }
 
 async fn fire(
@@ -320,23 +336,7 @@ async fn fire(
         tracing::info!(schedule = %view.id, slot = d.slot, missed, "skipped missed slots (policy: fire only the most recent)");
     }
     tracing::info!(schedule = %view.id, slot = d.slot, epoch, "schedule fired");
-    let rid = request_id(&view.id, d.slot);
-    match ask::ask(
-        ctx,
-        &view.prompt,
-        Some(conversation),
-        Interface::Schedule,
-        Some(rid),
-    )
-    .await
-    {
-        Ok(_) => {
-            state.verified.insert((view.id.clone(), d.slot));
-        }
-        Err(e) => {
-            tracing::warn!(schedule = %view.id, slot = d.slot, error = %e.message, "cannot ask")
-        }
-    }
+    ask_slot(ctx, view, conversation, d.slot, state).await;
     Ok(())
 }
 

@@ -212,6 +212,14 @@ impl FakeAnthropic {
         &self.shared.cfg.api_key
     }
 
+    /// The environment that points a node at this server.
+    pub fn node_env(&self) -> [(&'static str, &str); 2] {
+        [
+            ("ANTHROPIC_API_KEY", self.api_key()),
+            ("ANTHROPIC_BASE_URL", self.url()),
+        ]
+    }
+
     /// Every request received so far (also rejected ones), oldest first.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.lock().requests.iter().cloned().collect()

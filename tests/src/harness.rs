@@ -535,6 +535,20 @@ pub fn random_file(path: &Path, len: u64, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// Ids of the containers (running or not) labelled as belonging to node `device`.
+pub fn containers_of(device: &str) -> Vec<String> {
+    Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=iom.node={device}")])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The documents of a document list (`iom doc list --json`, `GET /v1/docs`) with their
 /// sorted heads.
 pub fn heads_by_doc(list: &Value) -> BTreeMap<String, Vec<String>> {
@@ -551,6 +565,14 @@ pub fn heads_by_doc(list: &Value) -> BTreeMap<String, Vec<String>> {
         out.insert(id, heads);
     }
     out
+}
+
+/// A two-thread runtime for a test's in-process servers (the fake Messages API, receivers).
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 /// Waits until every node holds every document in `ids` with identical heads and content.

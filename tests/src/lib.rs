@@ -8,3 +8,4 @@
 pub mod fake_anthropic;
 pub mod harness;
 pub mod natlab;
+pub mod natlab_mesh;

@@ -13,8 +13,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use iom_node::api::client::SseEvents;
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig, RecordedRequest, Scripted};
-use iom_tests::harness::{Node, iom_bin, scenario, wait_mesh, wait_until};
+use iom_tests::harness::{Node, containers_of, iom_bin, scenario, wait_mesh, wait_until};
 use serde_json::{Value, json};
 
 const IMAGE: &str = "iom-sandbox:1";
@@ -175,20 +176,6 @@ impl Drop for Reap {
     }
 }
 
-/// Ids of the containers (running or not) labelled as belonging to node `device`.
-fn containers_of(device: &str) -> Vec<String> {
-    Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=iom.node={device}")])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// A node that will hold the agent role: the fake's key and URL in its environment (and only
 /// in its environment), `config` as its `config.toml`.
 fn agent_node(name: &str, fake: Option<&Fake>, config: &str) -> Result<Node> {
@@ -336,7 +323,7 @@ fn events(node: &Node, conversation: &str, rid: &str) -> Result<Vec<Value>> {
             ))
             .await
             .map_err(|e| anyhow!("{e}"))?;
-        let mut buf = String::new();
+        let mut sse = SseEvents::default();
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -347,14 +334,8 @@ fn events(node: &Node, conversation: &str, rid: &str) -> Result<Vec<Value>> {
             let Some(chunk) = chunk else {
                 bail!("event stream ended before done/failed: {out:?}");
             };
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
-                let data: String = block
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data:"))
-                    .map(str::trim_start)
-                    .collect();
+            sse.push(&chunk);
+            while let Some(data) = sse.next_data() {
                 let Ok(ev) = serde_json::from_str::<Value>(&data) else {
                     continue;
                 };

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
-use iom_tests::harness::{Node, free_port, scenario};
+use iom_tests::harness::{Node, free_port, runtime, scenario};
 use serde_json::{Value, json};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -272,18 +272,9 @@ fn remove_containers(device: &str) {
 #[test]
 fn web_page_sends_and_streams() {
     scenario(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
+        let rt = runtime()?;
         let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
-        let mut node = Node::with_env(
-            "phone",
-            &[
-                ("ANTHROPIC_API_KEY", fake.api_key()),
-                ("ANTHROPIC_BASE_URL", fake.url()),
-            ],
-        )?;
+        let mut node = Node::with_env("phone", &fake.node_env())?;
         let port = free_port()?;
         node.args
             .extend(["--http".to_string(), format!("127.0.0.1:{port}")]);

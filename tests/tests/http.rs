@@ -8,15 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use axum::http::StatusCode;
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
-use iom_tests::harness::{Node, free_port, scenario, wait_until};
+use iom_tests::harness::{Node, free_port, runtime, scenario, wait_until};
 use serde_json::{Value, json};
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?)
-}
 
 /// A node serving HTTP on a fresh loopback port; returns it with the base URL.
 fn http_node(name: &str, env: &[(&str, &str)]) -> Result<(Node, String)> {
@@ -31,13 +24,7 @@ fn http_node(name: &str, env: &[(&str, &str)]) -> Result<(Node, String)> {
 /// An HTTP node that holds the agent role, talking to `fake`; returns it with the base URL
 /// and a token.
 fn agent_http_node(fake: &FakeAnthropic, name: &str) -> Result<(Node, String, String)> {
-    let (node, base) = http_node(
-        name,
-        &[
-            ("ANTHROPIC_API_KEY", fake.api_key()),
-            ("ANTHROPIC_BASE_URL", fake.url()),
-        ],
-    )?;
+    let (node, base) = http_node(name, &fake.node_env())?;
     let me = node.device_id()?;
     node.cli(&["agent", "assign", &me])?;
     let (t, _) = token(&node, name)?;

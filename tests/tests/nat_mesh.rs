@@ -16,111 +16,16 @@
 //!
 //! Needs root (namespaces, iptables); see `natlab::netns_available`.
 
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, ensure};
-use iom_protocol::invite::Invite;
-use iom_tests::harness::{random_file, scenario, sha256_file, wait_mesh, wait_until};
-use iom_tests::natlab::{
-    self, HOST_A_IP, HOST_B_IP, LabNode, LabRelay, NAT_A_IP, NAT_B_IP, NODE_PORT, NatKind, NatLab,
-    RELAY_IP,
-};
+use iom_tests::harness::{random_file, scenario, sha256_file, wait_until};
+use iom_tests::natlab::{self, LabNode, NAT_A_IP, NAT_B_IP, NatKind, RELAY_IP};
+use iom_tests::natlab_mesh::{Allow, Mesh, direct_socket, paired};
 
 /// More than the relay's default circuit limit (128 KiB).
 const BIG: u64 = 1024 * 1024;
-
-/// Whose devices the relay serves with long, large circuits.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Allow {
-    Nobody,
-    APerson,
-    SomeoneElse,
-}
-
-/// The lab, the relay and two paired nodes.
-struct Mesh {
-    // Field order is drop order: nodes and relay die before their namespaces go.
-    a: LabNode,
-    b: LabNode,
-    relay: LabRelay,
-    a_id: String,
-    b_id: String,
-    tmp: tempfile::TempDir,
-    _lab: NatLab,
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Builds the lab, starts the relay and A, checks A's invite carries its circuit address,
-/// starts B, joins B with the invite and waits until both trust and reach each other.
-fn paired(tag: &str, kind: NatKind, allow: Allow) -> Result<Mesh> {
-    let lab = NatLab::up(tag, kind).map_err(|e| anyhow!("{e}"))?;
-    let tmp = tempfile::tempdir()?;
-    let mut relay = LabRelay::new(&lab.relay_ns(), &tmp.path().join("relay"), &[])?;
-    let relay_addr = relay.addr();
-    let mut a = LabNode::new(
-        "a",
-        &lab.a_ns(),
-        HOST_A_IP,
-        std::slice::from_ref(&relay_addr),
-    )?;
-    a.start()?;
-    let person = a.status()?["person"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no person in status"))?
-        .to_string();
-    match allow {
-        Allow::Nobody => {}
-        Allow::APerson => relay.push_flags(&["--allow-person", &person]),
-        Allow::SomeoneElse => {
-            let other = iom_protocol::keys::PersonKey::from_seed([42; 32]).id();
-            ensure!(other.to_string() != person);
-            relay.push_flags(&["--allow-person", &other.to_string()]);
-        }
-    }
-    relay.start()?;
-
-    // A reserves a slot: its circuit address shows in `listen`, and the invite carries it.
-    wait_until("A's relay circuit address", Duration::from_secs(30), || {
-        Ok(!a.circuit_addrs()?.is_empty())
-    })?;
-    let code = a.invite(false)?;
-    let invite = Invite::parse(&code, now_secs()).map_err(|e| anyhow!("{e}"))?;
-    ensure!(
-        invite.addrs.iter().any(|x| x.contains("/p2p-circuit")
-            && x.starts_with(&format!("/ip4/{RELAY_IP}/tcp/"))
-            && x.contains(&relay.peer_id)),
-        "the invite carries A's circuit address through the relay: {:?}",
-        invite.addrs
-    );
-
-    let mut b = LabNode::new("b", &lab.b_ns(), HOST_B_IP, &[relay_addr])?;
-    b.start()?;
-    wait_until("B's relay circuit address", Duration::from_secs(30), || {
-        Ok(!b.circuit_addrs()?.is_empty())
-    })?;
-    let t0 = Instant::now();
-    b.cli(&["join", &code])?;
-    wait_mesh(&[&a, &b], Duration::from_secs(60))?;
-    eprintln!("[{tag}] joined through the relay in {:?}", t0.elapsed());
-    let (a_id, b_id) = (a.device_id()?, b.device_id()?);
-    Ok(Mesh {
-        a,
-        b,
-        relay,
-        a_id,
-        b_id,
-        tmp,
-        _lab: lab,
-    })
-}
 
 fn new_doc(n: &LabNode, content: &str) -> Result<String> {
     n.json(&["doc", "new", "--content", content])?["id"]
@@ -173,14 +78,6 @@ fn blob_arrives(to: &LabNode, dir: &Path, hash: &str, sha: &str, timeout: Durati
 
 /// A TCP connection between the two hosts' NAT addresses in `node`'s namespace: local end
 /// the node's own listen port (port reuse), remote end the other NAT's public address.
-fn direct_socket(node: &LabNode, other_nat: Ipv4Addr) -> Result<Option<String>> {
-    Ok(node
-        .tcp_conns()?
-        .into_iter()
-        .find(|c| c.remote.ip() == other_nat && c.local.port() == NODE_PORT)
-        .map(|c| format!("{} -> {}", c.local, c.remote)))
-}
-
 fn relay_socket(node: &LabNode) -> Result<bool> {
     Ok(node
         .tcp_conns()?
@@ -194,7 +91,7 @@ fn pairing_sync_and_hole_punch_across_two_nats() {
         return;
     }
     scenario(|| {
-        let m = paired("mesh-hp", NatKind::Masquerade, Allow::Nobody)?;
+        let m = paired("mesh-hp", NatKind::Masquerade, Allow::Nobody, None)?;
         let took = sync_both_ways(&m, "first", Duration::from_secs(30))?;
         eprintln!("documents synced both ways in {took:?}");
 
@@ -271,20 +168,9 @@ fn port_randomizing_nat_stays_relayed_and_allowed_person_syncs_through_relay_res
         return;
     }
     scenario(|| {
-        let mut m = paired("mesh-sym", NatKind::PortRandomizing, Allow::APerson)?;
-        // B had no certificate of A's person when it first proved itself to the relay; once
-        // it has joined, it reconnects to the relay to prove the new one and gets the large
+        // `paired` waits for B to prove its new certificate to the relay: B gets the large
         // limits too (whichever side dials the circuit, its limits are the dialer's).
-        wait_until(
-            "B's proof of its new certificate",
-            Duration::from_secs(30),
-            || {
-                Ok(m.b
-                    .log_text()
-                    .contains("relay grants this device long, large circuits"))
-            },
-        )?;
-        wait_mesh(&[&m.a, &m.b], Duration::from_secs(60))?;
+        let mut m = paired("mesh-sym", NatKind::PortRandomizing, Allow::APerson, None)?;
         let took = sync_both_ways(&m, "first", Duration::from_secs(30))?;
         eprintln!("documents synced both ways in {took:?}");
 
@@ -370,7 +256,12 @@ fn port_randomizing_nat_for_a_person_not_allowed_gets_only_default_limits() {
         return;
     }
     scenario(|| {
-        let m = paired("mesh-deny", NatKind::PortRandomizing, Allow::SomeoneElse)?;
+        let m = paired(
+            "mesh-deny",
+            NatKind::PortRandomizing,
+            Allow::SomeoneElse,
+            None,
+        )?;
         // Small documents fit in the default circuit.
         let took = sync_both_ways(&m, "first", Duration::from_secs(30))?;
         eprintln!("documents synced both ways in {took:?}");

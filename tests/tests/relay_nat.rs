@@ -96,6 +96,27 @@ fn start_relay(ns: Option<&str>, data_dir: &Path, flags: &[&str]) -> (Proc, Stri
     (relay, peer_id, addrs)
 }
 
+/// A probe (device `seed`, optionally proving `chain` to the relay) that dials `remote`
+/// through the relay without hole punching and pushes `push` bytes over the circuit.
+fn push_probe(
+    name: &str,
+    relay_addr: &str,
+    remote: &str,
+    seed: u8,
+    chain: Option<&str>,
+    push: &str,
+) -> Proc {
+    let seed = seed_hex(seed);
+    let mut args = vec![
+        "dial", "--relay", relay_addr, "--remote", remote, "--seed", &seed,
+    ];
+    if let Some(chain) = chain {
+        args.extend(["--chain", chain]);
+    }
+    args.extend(["--push", push, "--no-dcutr"]);
+    probe(None, name, &args)
+}
+
 fn probe(ns: Option<&str>, name: &str, args: &[&str]) -> Proc {
     let cmd = match ns {
         Some(ns) => {
@@ -421,24 +442,7 @@ fn allowed_devices_get_large_circuits_and_others_are_cut_at_the_default_limit() 
     // B: device 3 of the same person pushes 1 MiB through the circuit.
     let b_chain = chain_file(dir.path(), "b.chain", &[device_cert(&person, 3)]);
     let b_chain = b_chain.display().to_string();
-    let b = probe(
-        None,
-        "B",
-        &[
-            "dial",
-            "--relay",
-            &relay_addr,
-            "--remote",
-            &a_id,
-            "--seed",
-            &seed_hex(3),
-            "--chain",
-            &b_chain,
-            "--push",
-            &push_arg,
-            "--no-dcutr",
-        ],
-    );
+    let b = push_probe("B", &relay_addr, &a_id, 3, Some(&b_chain), &push_arg);
     let auth = await_line(&b, 30, "B's auth", |v| v["event"] == "auth", &[&relay]);
     assert_eq!(auth["ok"], true, "{auth}");
     let pushed = await_line(&b, 60, "B's push", |v| v["event"] == "push", &[&a, &relay]);
@@ -454,24 +458,7 @@ fn allowed_devices_get_large_circuits_and_others_are_cut_at_the_default_limit() 
     // keeps the default 128 KiB limit.
     let c_chain = chain_file(dir.path(), "c.chain", &[device_cert(&stranger_person, 4)]);
     let c_chain = c_chain.display().to_string();
-    let c = probe(
-        None,
-        "C",
-        &[
-            "dial",
-            "--relay",
-            &relay_addr,
-            "--remote",
-            &a_id,
-            "--seed",
-            &seed_hex(4),
-            "--chain",
-            &c_chain,
-            "--push",
-            &push_arg,
-            "--no-dcutr",
-        ],
-    );
+    let c = push_probe("C", &relay_addr, &a_id, 4, Some(&c_chain), &push_arg);
     let auth = await_line(&c, 30, "C's auth", |v| v["event"] == "auth", &[&relay]);
     assert_eq!(auth["ok"], false, "{auth}");
     let pushed = await_line(&c, 60, "C's push", |v| v["event"] == "push", &[&a, &relay]);
@@ -490,22 +477,7 @@ fn allowed_devices_get_large_circuits_and_others_are_cut_at_the_default_limit() 
     );
 
     // D: no auth at all, same result.
-    let d = probe(
-        None,
-        "D",
-        &[
-            "dial",
-            "--relay",
-            &relay_addr,
-            "--remote",
-            &a_id,
-            "--seed",
-            &seed_hex(5),
-            "--push",
-            &push_arg,
-            "--no-dcutr",
-        ],
-    );
+    let d = push_probe("D", &relay_addr, &a_id, 5, None, &push_arg);
     let pushed = await_line(&d, 60, "D's push", |v| v["event"] == "push", &[&a, &relay]);
     assert_eq!(
         pushed["ok"], false,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
-use iom_tests::harness::{Node, scenario, wait_mesh, wait_until};
+use iom_tests::harness::{Node, runtime, scenario, wait_mesh, wait_until};
 use serde_json::Value;
 
 const OFFSET: &str = "IOM_CLOCK_OFFSET_SECS";
@@ -14,6 +14,28 @@ const OFFSET: &str = "IOM_CLOCK_OFFSET_SECS";
 fn set_offset(n: &mut Node, secs: i64) {
     n.env.retain(|(k, _)| k != OFFSET);
     n.env.push((OFFSET.into(), secs.to_string()));
+}
+
+/// A started node that holds the agent role, with `env` (the fake Messages API's).
+fn agent_node(name: &str, env: &[(&str, &str)]) -> Result<Node> {
+    let mut n = Node::with_env(name, env)?;
+    n.start()?;
+    let me = n.device_id()?;
+    n.cli(&["agent", "assign", &me])?;
+    Ok(n)
+}
+
+/// Adds an every-minute schedule on `n`: its id, its conversation and its creation time.
+fn add_minute_schedule(n: &Node) -> Result<(String, String, i64)> {
+    let added = n.json(&["schedule", "add", "* * * * *", "minute report"])?;
+    Ok((
+        added["id"].as_str().context("no id")?.to_string(),
+        added["conversation"]
+            .as_str()
+            .context("no conversation")?
+            .to_string(),
+        added["created_at"].as_i64().context("no created_at")?,
+    ))
 }
 
 fn schedule(n: &Node, id: &str) -> Result<Value> {
@@ -89,26 +111,11 @@ fn wait_fired(n: &Node, id: &str, conv: &str, min: i64, epoch: u64) -> Result<i6
 #[test]
 fn every_minute_fires_once_per_slot_across_restart_and_handover() {
     scenario(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
+        let rt = runtime()?;
         let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
-        let env = [
-            ("ANTHROPIC_API_KEY", fake.api_key()),
-            ("ANTHROPIC_BASE_URL", fake.url()),
-        ];
-        let mut a = Node::with_env("sched-a", &env)?;
-        a.start()?;
-        let a_id = a.device_id()?;
-        a.cli(&["agent", "assign", &a_id])?;
-        let added = a.json(&["schedule", "add", "* * * * *", "minute report"])?;
-        let id = added["id"].as_str().context("no id")?.to_string();
-        let conv = added["conversation"]
-            .as_str()
-            .context("no conversation")?
-            .to_string();
-        let created = added["created_at"].as_i64().context("no created_at")?;
+        let env = fake.node_env();
+        let mut a = agent_node("sched-a", &env)?;
+        let (id, conv, created) = add_minute_schedule(&a)?;
 
         // Two minutes later: the agent was "down" for at least two slots. Only the most
         // recent one fires; the older ones are recorded as missed.
@@ -198,25 +205,11 @@ fn every_minute_fires_once_per_slot_across_restart_and_handover() {
 #[test]
 fn a_disabled_schedule_skips_its_slots_and_resumes_at_the_next_one() {
     scenario(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
+        let rt = runtime()?;
         let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
-        let env = [
-            ("ANTHROPIC_API_KEY", fake.api_key()),
-            ("ANTHROPIC_BASE_URL", fake.url()),
-        ];
-        let mut a = Node::with_env("sched-off", &env)?;
-        a.start()?;
-        let a_id = a.device_id()?;
-        a.cli(&["agent", "assign", &a_id])?;
-        let added = a.json(&["schedule", "add", "* * * * *", "minute report"])?;
-        let id = added["id"].as_str().context("no id")?.to_string();
-        let conv = added["conversation"]
-            .as_str()
-            .context("no conversation")?
-            .to_string();
+        let env = fake.node_env();
+        let mut a = agent_node("sched-off", &env)?;
+        let (id, conv, _) = add_minute_schedule(&a)?;
         let off = a.json(&["schedule", "disable", &id])?;
         assert_eq!(off["enabled"], false, "{off}");
         // (A real minute boundary may have passed between add and disable.)

@@ -4,7 +4,7 @@ use std::io::{BufRead, Write};
 
 use anyhow::Context;
 use futures::StreamExt;
-use iom_node::api::client::ApiClient;
+use iom_node::api::client::{ApiClient, SseEvents};
 use serde_json::{Value, json};
 
 use super::Global;
@@ -63,23 +63,13 @@ async fn ask_once(
         .get_raw(&format!("/v1/conversations/{conv}/requests/{rid}/events"))
         .await?;
     let mut stream = resp.bytes_stream();
-    let mut buf = String::new();
+    let mut sse = SseEvents::default();
     let mut last: Option<Value> = None;
     let mut out = std::io::stdout();
     'outer: while let Some(chunk) = stream.next().await {
         let chunk = chunk.context("the event stream broke off")?;
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let data: String = block
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(str::trim_start)
-                .collect::<Vec<_>>()
-                .join("\n");
-            if data.is_empty() {
-                continue;
-            }
+        sse.push(&chunk);
+        while let Some(data) = sse.next_data() {
             let Ok(ev) = serde_json::from_str::<Value>(&data) else {
                 continue;
             };

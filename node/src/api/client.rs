@@ -165,3 +165,54 @@ impl ApiClient {
         }
     }
 }
+
+/// Splits a `text/event-stream` body into the data of its events as the bytes arrive (a chunk
+/// may end anywhere, even inside a character).
+#[derive(Debug, Default)]
+pub struct SseEvents {
+    buf: Vec<u8>,
+}
+
+impl SseEvents {
+    /// Adds bytes received.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The data of the next complete event (its `data:` lines joined by newlines); events
+    /// without data (comments, keep-alives) are skipped.
+    pub fn next_data(&mut self) -> Option<String> {
+        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+            let data = String::from_utf8_lossy(&block)
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim_start)
+                .collect::<Vec<_>>()
+                .join("\n");
+            if !data.is_empty() {
+                return Some(data);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SseEvents;
+
+    #[test]
+    fn events_split_anywhere_come_out_whole() {
+        let body = ": keep-alive\n\ndata: {\"t\":\"é\"}\n\ndata: a\ndata: b\n\n".as_bytes();
+        let mut sse = SseEvents::default();
+        let mut got = Vec::new();
+        for piece in body.chunks(3) {
+            sse.push(piece);
+            while let Some(d) = sse.next_data() {
+                got.push(d);
+            }
+        }
+        assert_eq!(got, ["{\"t\":\"é\"}", "a\nb"]);
+    }
+}

@@ -170,20 +170,38 @@ impl BlobWriter {
                     detail: e.to_string(),
                 })??;
         }
-        let meta = BlobMeta {
-            internal: self.internal,
-            len: self.len,
-            chunk_hashes: std::mem::take(&mut self.chunk_hashes),
-            stored_at: crate::time::now_secs(),
-        };
-        let bytes = serde_cbor::to_vec(&meta).map_err(decode_err("blob meta"))?;
-        self.store.blobs.insert(id, bytes)?;
+        let meta = self.store.publish_blob(
+            id,
+            self.internal,
+            self.len,
+            std::mem::take(&mut self.chunk_hashes),
+        )?;
         self.store.flush().await?;
         Ok((id, meta))
     }
 }
 
 impl Store {
+    /// Makes a blob visible: records its metadata (its chunk file is already synced). Durable
+    /// after the next [`Store::flush`].
+    pub(super) fn publish_blob(
+        &self,
+        id: [u8; 32],
+        internal: u64,
+        len: u64,
+        chunk_hashes: Vec<[u8; 32]>,
+    ) -> Result<BlobMeta, StoreError> {
+        let meta = BlobMeta {
+            internal,
+            len,
+            chunk_hashes,
+            stored_at: crate::time::now_secs(),
+        };
+        let bytes = serde_cbor::to_vec(&meta).map_err(decode_err("blob meta"))?;
+        self.blobs.insert(id, bytes)?;
+        Ok(meta)
+    }
+
     /// Starts writing a new blob. With `expected`, [`BlobWriter::finish`] refuses other content.
     pub fn blob_writer(&self, expected: Option<[u8; 32]>) -> Result<BlobWriter, StoreError> {
         Ok(BlobWriter {
@@ -259,6 +277,11 @@ impl Store {
                 .map(|v| v.to_vec())),
             Err(e) => Err(file_err(&path)(e)),
         }
+    }
+
+    /// Whether blob `id` is stored complete (without reading its metadata).
+    pub fn has_blob(&self, id: &[u8; 32]) -> Result<bool, StoreError> {
+        Ok(self.blobs.contains_key(id)?)
     }
 
     /// How many complete blobs are stored (without reading their metadata).

@@ -6,8 +6,7 @@
 //!
 //! Hashing and writing are two stages: [`BlobReceiver::put`] verifies on the caller's thread
 //! and hands the chunk to a writer thread of its own (copying into the page cache is the other
-//! half of the cost), a few chunks behind. Only verified chunks are ever written, and
-//! [`BlobReceiver::written`] is what may be recorded as progress.
+//! half of the cost), a few chunks behind. Only verified chunks are ever written.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -19,7 +18,7 @@ use std::thread::JoinHandle;
 use sha2::{Digest, Sha256};
 
 use super::blobs::{BlobMeta, CHUNK_SIZE, chunk_len, chunk_offset, file_err};
-use super::{Store, StoreError, decode_err};
+use super::{Store, StoreError};
 
 /// How many chunks a blob of `len` bytes has.
 pub fn chunk_count(len: u64) -> u64 {
@@ -193,7 +192,7 @@ impl BlobReceiver {
     }
 
     /// Chunks verified and written to the file so far (at most [`WRITE_BEHIND`] fewer than
-    /// [`BlobReceiver::done`]): what a resume may count on.
+    /// [`BlobReceiver::done`]): the progress to show.
     pub fn written(&self) -> u32 {
         self.writer
             .as_ref()
@@ -278,15 +277,12 @@ impl BlobReceiver {
         }
         let path = self.store.chunk_path(self.internal);
         file.sync_all().map_err(file_err(&path))?;
-        let meta = BlobMeta {
-            internal: self.internal,
-            len: self.len,
-            chunk_hashes: std::mem::take(&mut self.chunk_hashes),
-            stored_at: crate::time::now_secs(),
-        };
-        let bytes = serde_cbor::to_vec(&meta).map_err(decode_err("blob meta"))?;
-        self.store.blobs.insert(self.id, bytes)?;
-        Ok(meta)
+        self.store.publish_blob(
+            self.id,
+            self.internal,
+            self.len,
+            std::mem::take(&mut self.chunk_hashes),
+        )
     }
 }
 

@@ -5,7 +5,8 @@
 //! background, or at once when someone asks for them (`iom blob get`). Every chunk is checked
 //! against the manifest's chunk hash as it arrives and written straight to disk, so memory stays
 //! flat for any size; the whole-content hash is checked before the blob becomes visible.
-//! Progress is recorded per chunk, so a broken transfer resumes where it stopped.
+//! A transfer's manifest is recorded (durably) before its first chunk, so a broken transfer
+//! resumes where its chunk file stops; the chunks there are verified again first.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -29,10 +30,11 @@ use crate::store::{BlobReceiver, CHUNK_SIZE, StoreError, chunk_count};
 pub const EAGER_LIMIT: u64 = 1 << 20;
 const PROGRESS_PREFIX: &str = "bp/";
 
+/// A transfer in progress: its chunk file and the manifest it follows. How far it got is read
+/// from the chunk file itself when it resumes (every chunk there is verified again).
 #[derive(Debug, Serialize, Deserialize)]
 struct Progress {
     internal: u64,
-    done: u32,
     len: u64,
     #[serde(with = "iom_protocol::cbor::bytes")]
     hashes: Vec<u8>,
@@ -378,12 +380,6 @@ async fn next_response(s: &mut libp2p::Stream) -> Result<BlobResponse, FromError
     }
 }
 
-fn done_key(progress_key: &[u8]) -> Vec<u8> {
-    let mut k = progress_key.to_vec();
-    k.extend_from_slice(b"/done");
-    k
-}
-
 fn progress_key(id: &ContentId) -> Vec<u8> {
     format!("{PROGRESS_PREFIX}{id}").into_bytes()
 }
@@ -448,17 +444,10 @@ const RECEIVE_AHEAD: usize = 8;
 
 /// The manifest a transfer is following, persisted once so a transfer can resume.
 fn load_progress(ctx: &NodeCtx, key: &[u8]) -> Result<Option<Progress>, FromError> {
-    let mut progress: Option<Progress> = ctx
+    Ok(ctx
         .store
         .state_get(key)?
-        .and_then(|b| serde_cbor::from_slice(&b).ok());
-    if let Some(p) = progress.as_mut()
-        && let Some(done) = ctx.store.state_get(&done_key(key))?
-        && let Ok(done) = <[u8; 4]>::try_from(done.as_slice())
-    {
-        p.done = u32::from_be_bytes(done);
-    }
-    Ok(progress)
+        .and_then(|b| serde_cbor::from_slice(&b).ok()))
 }
 
 fn chunk_hashes(hashes: &[u8]) -> Vec<[u8; 32]> {
@@ -490,7 +479,7 @@ async fn fetch_from(ctx: &Arc<NodeCtx>, id: ContentId, peer: PeerId) -> Result<(
         Some(p) => match open_receiver(ctx, id, p).await {
             Ok(r) => Some(r),
             Err(_) => {
-                ctx.store.discard_chunks(p.internal, p.done as usize)?;
+                ctx.store.discard_chunks(p.internal, p.hashes.len() / 32)?;
                 ctx.store.state_remove(&key)?;
                 progress = None;
                 None
@@ -535,7 +524,7 @@ async fn fetch_from(ctx: &Arc<NodeCtx>, id: ContentId, peer: PeerId) -> Result<(
     if let Some(p) = &progress
         && (p.hashes != hashes || p.len != len)
     {
-        ctx.store.discard_chunks(p.internal, p.done as usize)?;
+        ctx.store.discard_chunks(p.internal, p.hashes.len() / 32)?;
         ctx.store.state_remove(&key)?;
         return Err(FromError::Other("manifest changed; restarting".into()));
     }
@@ -544,14 +533,12 @@ async fn fetch_from(ctx: &Arc<NodeCtx>, id: ContentId, peer: PeerId) -> Result<(
         None => {
             let p = Progress {
                 internal: ctx.store.new_blob_internal()?,
-                done: 0,
                 len,
                 hashes,
             };
             if let Ok(b) = serde_cbor::to_vec(&p) {
                 ctx.store.state_put(&key, &b)?;
             }
-            ctx.store.state_remove(&done_key(&key))?;
             // Durable before the first chunk lands: without it a crash would leave a chunk
             // file nobody claims, removed as garbage at the next start, and the transfer would
             // start over instead of resuming.
@@ -567,7 +554,6 @@ async fn fetch_from(ctx: &Arc<NodeCtx>, id: ContentId, peer: PeerId) -> Result<(
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(RECEIVE_AHEAD);
     let disk = {
         let ctx = ctx.clone();
-        let done_key = done_key(&key);
         let mut receiver = receiver;
         tokio::task::spawn_blocking(move || -> Result<BlobReceiver, FromError> {
             while let Some(bytes) = rx.blocking_recv() {
@@ -581,9 +567,6 @@ async fn fetch_from(ctx: &Arc<NodeCtx>, id: ContentId, peer: PeerId) -> Result<(
                     }
                     Err(e) => return Err(e.into()),
                 }
-                // The manifest was recorded once; per chunk only the count.
-                ctx.store
-                    .state_put(&done_key, &receiver.written().to_be_bytes())?;
                 ctx.blobs
                     .state()
                     .active
@@ -622,7 +605,6 @@ async fn fetch_from(ctx: &Arc<NodeCtx>, id: ContentId, peer: PeerId) -> Result<(
         .await
         .map_err(|e| FromError::Other(e.to_string()))?;
     ctx.store.state_remove(&key)?;
-    ctx.store.state_remove(&done_key(&key))?;
     match published {
         Ok(_) => {
             ctx.store.flush().await?;

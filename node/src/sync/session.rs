@@ -654,8 +654,13 @@ async fn read_loop(
                 }
             }
             SyncMsg::Blobs { have } => {
+                // Every session announces every blob; only the ones not here are wanted (the
+                // fetch queues are bounded, and held blobs would crowd them).
                 for (id, len) in have {
-                    ctx.blobs.want(id, len, peer);
+                    // (A storage error: want it anyway; the fetch reports the error.)
+                    if !matches!(ctx.store.has_blob(id.as_bytes()), Ok(true)) {
+                        ctx.blobs.want(id, len, peer);
+                    }
                 }
             }
             SyncMsg::Hello { .. } | SyncMsg::Refused { .. } => {

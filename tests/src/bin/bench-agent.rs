@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use iom_node::api::client::ApiClient;
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
-use iom_tests::harness::{Node, wait_mesh, wait_until};
+use iom_tests::harness::{Node, containers_of, wait_mesh, wait_until};
 use serde_json::json;
 
 const IMAGE: &str = "iom-sandbox:1";
@@ -181,19 +181,6 @@ fn docker_run_true() -> Result<Duration> {
         );
     }
     Ok(t.elapsed())
-}
-
-fn containers_of(device: &str) -> Vec<String> {
-    Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=iom.node={device}")])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn run() -> Result<()> {

@@ -16,85 +16,19 @@
 //! `target/release/bench-nat [punch] [throughput]` (no argument: both). The relay's memory with
 //! 1,000 reservations is measured by `target/release/relay-bench`.
 
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
-use iom_tests::harness::{random_file, wait_mesh, wait_until};
-use iom_tests::natlab::{
-    self, HOST_A_IP, HOST_B_IP, LabNode, LabRelay, NAT_A_IP, NAT_B_IP, NODE_PORT, NatKind, NatLab,
-};
+use iom_tests::harness::{random_file, wait_until};
+use iom_tests::natlab::{self, LabNode, NAT_A_IP, NAT_B_IP, NatKind};
+use iom_tests::natlab_mesh::{Allow, Mesh, direct_socket, paired};
 
 mod bench_common;
 use bench_common::{param, percentile, print_machine, use_release_bin, wants};
 
-/// The lab, the relay and two paired nodes.
-struct Mesh {
-    a: LabNode,
-    b: LabNode,
-    relay: LabRelay,
-    a_id: String,
-    b_id: String,
-    tmp: tempfile::TempDir,
-    _lab: NatLab,
-}
-
-/// Builds the lab and pairs B with A through the relay; `allow_a` makes the relay serve A's
-/// person with long, large circuits.
-fn paired(tag: &str, kind: NatKind, allow_a: bool) -> Result<Mesh> {
-    let lab = NatLab::up(tag, kind).map_err(|e| anyhow!("{e}"))?;
-    let tmp = tempfile::tempdir()?;
-    let mut relay = LabRelay::new(&lab.relay_ns(), &tmp.path().join("relay"), &[])?;
-    let relay_addr = relay.addr();
-    let log = "info,iom_node::net::event_loop=debug";
-    let mut a = LabNode::new(
-        "a",
-        &lab.a_ns(),
-        HOST_A_IP,
-        std::slice::from_ref(&relay_addr),
-    )?;
-    a.set_env("IOM_LOG", log);
-    a.start()?;
-    if allow_a {
-        let person = a.status()?["person"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no person"))?
-            .to_string();
-        relay.push_flags(&["--allow-person", &person]);
-    }
-    relay.start()?;
-    wait_until("A's circuit address", Duration::from_secs(30), || {
-        Ok(!a.circuit_addrs()?.is_empty())
-    })?;
-    let code = a.invite(false)?;
-    let mut b = LabNode::new("b", &lab.b_ns(), HOST_B_IP, &[relay_addr])?;
-    b.set_env("IOM_LOG", log);
-    b.start()?;
-    wait_until("B's circuit address", Duration::from_secs(30), || {
-        Ok(!b.circuit_addrs()?.is_empty())
-    })?;
-    b.cli(&["join", &code])?;
-    wait_mesh(&[&a, &b], Duration::from_secs(60))?;
-    if allow_a {
-        // B proves its new certificate on a fresh relay connection after joining.
-        wait_until("B's relay proof", Duration::from_secs(30), || {
-            Ok(b.log_text()
-                .contains("relay grants this device long, large circuits"))
-        })?;
-        wait_mesh(&[&a, &b], Duration::from_secs(60))?;
-    }
-    let (a_id, b_id) = (a.device_id()?, b.device_id()?);
-    Ok(Mesh {
-        a,
-        b,
-        relay,
-        a_id,
-        b_id,
-        tmp,
-        _lab: lab,
-    })
-}
+/// The nodes' log filter: the event loop's debug lines carry the connection events timed here.
+const LOG: &str = "info,iom_node::net::event_loop=debug";
 
 /// Seconds since midnight of a log line's RFC 3339 timestamp (`2026-11-21T13:47:24.191453Z`),
 /// after stripping terminal colour codes.
@@ -154,7 +88,7 @@ fn relayed_to_direct(log: &str, peer: &str) -> Option<f64> {
 
 fn punch(runs: usize) -> Result<()> {
     println!("## punch: relayed -> direct (DCUtR), {runs} runs");
-    let mut m = paired("bn-punch", NatKind::Masquerade, false)?;
+    let mut m = paired("bn-punch", NatKind::Masquerade, Allow::Nobody, Some(LOG))?;
     let mut times = Vec::new();
     for run in 0..runs {
         let before = m.b.log_text().len();
@@ -190,14 +124,6 @@ fn punch(runs: usize) -> Result<()> {
     let min = sorted.first().copied().unwrap_or(f64::NAN);
     println!("punch: p50 {p50:.1} ms, min {min:.1} ms, max {max:.1} ms over {runs} runs");
     Ok(())
-}
-
-fn direct_socket(node: &LabNode, other_nat: Ipv4Addr) -> Result<Option<String>> {
-    Ok(node
-        .tcp_conns()?
-        .into_iter()
-        .find(|c| c.remote.ip() == other_nat && c.local.port() == NODE_PORT)
-        .map(|c| format!("{} -> {}", c.local, c.remote)))
 }
 
 /// Seconds from `blob add` on `from` to the blob listed on `to`.
@@ -239,7 +165,7 @@ fn both_ways(m: &Mesh, mib: usize, reps: usize, seed: u64) -> Result<(f64, f64)>
 fn throughput(mib: usize, reps: usize) -> Result<()> {
     println!("## throughput: {mib} MiB blob each way, median of {reps}");
     let direct = {
-        let m = paired("bn-direct", NatKind::Masquerade, false)?;
+        let m = paired("bn-direct", NatKind::Masquerade, Allow::Nobody, Some(LOG))?;
         wait_until(
             "the relayed connection to retire",
             Duration::from_secs(30),
@@ -257,7 +183,12 @@ fn throughput(mib: usize, reps: usize) -> Result<()> {
         (ab + ba) / 2.0
     };
     let relayed = {
-        let m = paired("bn-relayed", NatKind::PortRandomizing, true)?;
+        let m = paired(
+            "bn-relayed",
+            NatKind::PortRandomizing,
+            Allow::APerson,
+            Some(LOG),
+        )?;
         let (ab, ba) = both_ways(&m, mib, reps, 200)?;
         let link = m.a.peer_link(&m.b_id)?;
         if link.as_ref().is_none_or(|(c, _)| c != "relayed") {

@@ -129,13 +129,7 @@ impl RawPeer {
     ) -> Result<Vec<u8>> {
         let mut control = self.control.clone();
         self.rt.block_on(async move {
-            let mut stream = tokio::time::timeout(
-                Duration::from_secs(20),
-                control.open_stream(peer, StreamProtocol::new(protocol)),
-            )
-            .await
-            .map_err(|_| anyhow!("opening {protocol} timed out"))?
-            .map_err(|e| anyhow!("opening {protocol}: {e}"))?;
+            let mut stream = open(&mut control, peer, protocol).await?;
             let len = u32::try_from(request.len())?;
             stream.write_all(&len.to_be_bytes()).await?;
             stream.write_all(&request).await?;
@@ -167,13 +161,7 @@ impl RawPeer {
     ) -> Result<Vec<u8>> {
         let mut control = self.control.clone();
         self.rt.block_on(async move {
-            let mut stream = tokio::time::timeout(
-                Duration::from_secs(20),
-                control.open_stream(peer, StreamProtocol::new(protocol)),
-            )
-            .await
-            .map_err(|_| anyhow!("opening {protocol} timed out"))?
-            .map_err(|e| anyhow!("opening {protocol}: {e}"))?;
+            let mut stream = open(&mut control, peer, protocol).await?;
             stream.write_all(&bytes).await?;
             stream.flush().await?;
             let mut back = Vec::new();
@@ -229,4 +217,19 @@ impl RawPeer {
         let answer = self.exchange(node, "/iom/blob/1", bytes, MAX_BLOB_FRAME)?;
         BlobResponse::decode(&answer).map_err(|e| anyhow!("undecodable blob answer: {e}"))
     }
+}
+
+/// Opens `protocol` to `peer`, within 20 s.
+async fn open(
+    control: &mut libp2p_stream::Control,
+    peer: PeerId,
+    protocol: &'static str,
+) -> Result<libp2p::Stream> {
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        control.open_stream(peer, StreamProtocol::new(protocol)),
+    )
+    .await
+    .map_err(|_| anyhow!("opening {protocol} timed out"))?
+    .map_err(|e| anyhow!("opening {protocol}: {e}"))
 }
