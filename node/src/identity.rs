@@ -5,7 +5,10 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use iom_protocol::keys::{DeviceKey, PersonId, PersonKey};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use iom_protocol::cert::{CertBody, CertError, Certificate};
+use iom_protocol::keys::{DeviceId, DeviceKey, PersonId, PersonKey};
 
 use crate::time::random_bytes;
 
@@ -173,6 +176,81 @@ impl Identity {
         self.person = person;
         self.person_key = None;
         Ok(())
+    }
+}
+
+/// Signs `body` with the person key when one is given, else with the device key (an admin
+/// device certifies on the person's behalf). The one place certificates are issued.
+pub fn issue(
+    body: CertBody,
+    person_key: Option<&PersonKey>,
+    device: &DeviceKey,
+) -> Result<Certificate, CertError> {
+    match person_key {
+        Some(key) => Certificate::issue_by_person(body, key),
+        None => Certificate::issue_by_device(body, device),
+    }
+}
+
+/// This device's keys, shared by the services of a running node. The device key never
+/// changes; the person changes once, when the device joins another mesh.
+#[derive(Clone)]
+pub struct SharedIdentity {
+    inner: Arc<RwLock<Identity>>,
+    data_dir: Arc<Path>,
+}
+
+impl std::fmt::Debug for SharedIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.read().fmt(f)
+    }
+}
+
+impl SharedIdentity {
+    /// Shares `identity`, whose files live in `data_dir`.
+    pub fn new(identity: Identity, data_dir: &Path) -> SharedIdentity {
+        SharedIdentity {
+            inner: Arc::new(RwLock::new(identity)),
+            data_dir: data_dir.into(),
+        }
+    }
+
+    /// The keys, read-locked (hold the guard briefly).
+    pub fn read(&self) -> RwLockReadGuard<'_, Identity> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> DeviceId {
+        self.read().device.id()
+    }
+
+    /// This device's id as a libp2p PeerId.
+    pub fn peer_id(&self) -> libp2p::PeerId {
+        self.device_id().to_peer_id()
+    }
+
+    /// The person this device belongs to.
+    pub fn person(&self) -> PersonId {
+        self.read().person
+    }
+
+    /// Whether this device holds the person key.
+    pub fn holds_person_key(&self) -> bool {
+        self.read().person_key.is_some()
+    }
+
+    /// Issues a certificate with the person key if this device holds it, else with the
+    /// device key.
+    pub fn issue(&self, body: CertBody) -> Result<Certificate, CertError> {
+        let id = self.read();
+        issue(body, id.person_key.as_ref(), &id.device)
+    }
+
+    /// Switches this device to another person's mesh (after a join), on disk and here.
+    pub fn adopt_person(&self, person: PersonId) -> Result<(), IdentityError> {
+        let mut id = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        id.adopt_person(&self.data_dir, person)
     }
 }
 

@@ -3,7 +3,7 @@
 //! down cleanly on SIGINT/SIGTERM.
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use iom_crdt::{DocId, DocKind};
@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::api::ApiError;
 use crate::config::Config;
 use crate::docs::{Docs, Origin};
-use crate::identity::Identity;
+use crate::identity::{Identity, SharedIdentity};
 use crate::lock::DataDirLock;
 use crate::net::Net;
 use crate::store::Store;
@@ -26,7 +26,7 @@ pub struct NodeCtx {
     /// Validated configuration.
     pub config: Config,
     /// This device's keys (the person can change once, on join).
-    pub identity: RwLock<Identity>,
+    pub identity: SharedIdentity,
     /// The sled store.
     pub store: Store,
     /// The document service.
@@ -56,12 +56,12 @@ impl std::fmt::Debug for NodeCtx {
 impl NodeCtx {
     /// The device id (libp2p PeerId string).
     pub fn device_id(&self) -> String {
-        read(&self.identity).device.id().to_string()
+        self.identity.device_id().to_string()
     }
 
     /// This device's keys.
     pub fn identity(&self) -> std::sync::RwLockReadGuard<'_, Identity> {
-        read(&self.identity)
+        self.identity.read()
     }
 
     /// Switches this device to another person's mesh (after a join).
@@ -69,8 +69,7 @@ impl NodeCtx {
         &self,
         person: iom_protocol::keys::PersonId,
     ) -> Result<(), crate::identity::IdentityError> {
-        let mut id = self.identity.write().unwrap_or_else(|e| e.into_inner());
-        id.adopt_person(&self.config.data_dir, person)?;
+        self.identity.adopt_person(person)?;
         self.trust.set_person(person);
         Ok(())
     }
@@ -78,7 +77,7 @@ impl NodeCtx {
     /// The `iom status` document.
     pub async fn status_json(&self) -> Value {
         let (device, person, holds_person_key) = {
-            let id = read(&self.identity);
+            let id = self.identity.read();
             (
                 id.device.id().to_string(),
                 id.person.to_string(),
@@ -174,10 +173,6 @@ impl NodeCtx {
     }
 }
 
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -256,7 +251,7 @@ pub async fn run(
     let blobs = Blobs::new(config.fault_corrupt_blob_chunks);
     let ctx = Arc::new(NodeCtx {
         config,
-        identity: RwLock::new(identity),
+        identity: SharedIdentity::new(identity, &data_dir),
         store: store.clone(),
         docs,
         trust,
@@ -358,7 +353,7 @@ async fn ensure_self_certificate(
         admin: true,
         issued_at: crate::time::now_secs(),
     };
-    let cert = iom_protocol::cert::Certificate::issue_by_person(body, person_key)
+    let cert = crate::identity::issue(body, Some(person_key), &identity.device)
         .map_err(|e| StartError::Other(format!("cannot certify this device: {e}")))?;
     trust
         .add(vec![cert])

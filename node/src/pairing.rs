@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use iom_protocol::cert::{CertBody, Certificate};
+use iom_protocol::cert::CertBody;
 use iom_protocol::invite::{Invite, pair_proof, verify_pair_proof};
 use iom_protocol::keys::DeviceId;
 use iom_protocol::pair::{JoinRejection, JoinRequest, JoinResponse, MAX_PAIR_MESSAGE_LEN};
@@ -340,13 +340,9 @@ async fn admit(
         admin: record.admin,
         issued_at: crate::time::now_secs(),
     };
-    let cert = match signer {
-        Some(seed) => {
-            Certificate::issue_by_person(body, &iom_protocol::keys::PersonKey::from_seed(seed))
-        }
-        None => Certificate::issue_by_device(body, &ctx.identity().device),
-    }
-    .map_err(|_| JoinRejection::BadProof)?;
+    let person_key = signer.map(iom_protocol::keys::PersonKey::from_seed);
+    let cert = crate::identity::issue(body, person_key.as_ref(), &ctx.identity().device)
+        .map_err(|_| JoinRejection::BadProof)?;
     ctx.trust
         .add(vec![cert.clone()])
         .await

@@ -2,7 +2,7 @@
 //! agent-role certificate with an epoch; the valid one with the highest epoch wins
 //! ([`iom_protocol::trust`]), so assigning the role again simply issues a higher epoch.
 
-use iom_protocol::cert::{CertBody, Certificate};
+use iom_protocol::cert::CertBody;
 use iom_protocol::keys::{DeviceId, PersonKey};
 
 use crate::api::ApiError;
@@ -36,11 +36,10 @@ pub async fn assign(ctx: &NodeCtx, device: DeviceId) -> Result<u64, ApiError> {
         epoch,
         issued_at: crate::time::now_secs(),
     };
-    let cert = match person_key {
-        Some(seed) => Certificate::issue_by_person(body, &PersonKey::from_seed(seed)),
-        None => Certificate::issue_by_device(body, &ctx.identity().device),
-    }
-    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let cert = ctx
+        .identity
+        .issue(body)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     ctx.trust.add(vec![cert]).await?;
     Ok(epoch)
 }

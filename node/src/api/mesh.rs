@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
-use iom_protocol::cert::{CertBody, Certificate};
+use iom_protocol::cert::CertBody;
 use iom_protocol::keys::DeviceId;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -212,13 +212,10 @@ async fn revoke(State(ctx): Ctx, Path(device): Path<String>) -> Result<Json<Valu
         reason: "revoked with `iom devices revoke`".into(),
         issued_at: crate::time::now_secs(),
     };
-    let cert = match person_key {
-        Some(seed) => {
-            Certificate::issue_by_person(body, &iom_protocol::keys::PersonKey::from_seed(seed))
-        }
-        None => Certificate::issue_by_device(body, &ctx.identity().device),
-    }
-    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let cert = ctx
+        .identity
+        .issue(body)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     ctx.trust.add(vec![cert]).await?;
     let after = ctx.trust.state();
     // Devices that were trusted only through the revoked one lose trust too.
