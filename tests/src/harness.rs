@@ -110,6 +110,48 @@ impl Node {
         })
     }
 
+    /// A node on a copy of a data dir from a `.tar.gz` fixture in `tests/fixtures/` (made by an
+    /// older build; tar keeps the keys' 0600 modes), the member `dir` of the archive. It listens
+    /// on `port` (0: a free one).
+    pub fn from_fixture(name: &str, archive: &str, dir: &str, port: u16) -> Result<Node> {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir_in(test_data_root()?)?;
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(archive);
+        let out = Command::new("tar")
+            .arg("xzf")
+            .arg(&path)
+            .arg("-C")
+            .arg(tmp.path())
+            .arg(dir)
+            .output()
+            .context("running tar")?;
+        if !out.status.success() {
+            bail!(
+                "cannot unpack {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let data = tmp.path().join(dir);
+        let port = if port == 0 { free_port()? } else { port };
+        Ok(Node {
+            name: name.into(),
+            log: tmp.path().join(format!("{dir}.log")),
+            dir: data,
+            _tmp: Some(tmp),
+            child: None,
+            args: vec![
+                "--listen".into(),
+                format!("/ip4/127.0.0.1/tcp/{port}"),
+                "--no-mdns".into(),
+            ],
+            env: Vec::new(),
+        })
+    }
+
     /// A fresh node whose `node run` gets extra environment (e.g. `IOM_FAULT`).
     pub fn with_env(name: &str, env: &[(&str, &str)]) -> Result<Node> {
         let mut n = Node::new(name)?;

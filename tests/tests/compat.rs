@@ -1,0 +1,97 @@
+//! Data dirs written by an older build open and sync with this one.
+//!
+//! `tests/fixtures/datadirs-19d953e.tar.gz` holds two data dirs made by the build of commit
+//! 19d953e (before the services refactor): `fixture-a`, the first device of a mesh (person key,
+//! four documents of its own: a generic one, memory, schedules and a schedule's conversation;
+//! one 300,000-byte blob), and `fixture-b` ("laptop"), which joined it with an invite and
+//! created a fifth document. Both were stopped with SIGINT after syncing, so they hold each
+//! other's certificates, stored addresses and per-peer sync states. `fixture-a` listened on
+//! 127.0.0.1:33745, the address `fixture-b` stored; a restarted A listens there again so B
+//! redials it as it would after an upgrade.
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, ensure};
+use iom_tests::harness::{Node, scenario, wait_converged, wait_mesh, wait_until};
+
+const ARCHIVE: &str = "datadirs-19d953e.tar.gz";
+const FIXTURE_A_PORT: u16 = 33745;
+const GROCERIES: &str = "5e2b738a83d829c71d5f1071df4cda4e";
+const LAPTOP_DOC: &str = "20acab61b9f81819d00b449bdbb80379";
+const BLOB: &str = "e64a33bd23987c949961d7ab6a3114532a46d1c5a99a518fd47c5f16ae9a059e";
+
+#[test]
+fn a_data_dir_from_the_previous_build_opens_and_syncs() {
+    scenario(body);
+}
+
+fn body() -> Result<()> {
+    let mut a = Node::from_fixture("a", ARCHIVE, "fixture-a", FIXTURE_A_PORT)?;
+    a.start()?;
+    let status = a.status()?;
+    ensure!(
+        status["documents"] == 5,
+        "documents: {}",
+        status["documents"]
+    );
+    ensure!(status["blobs"] == 1, "blobs: {}", status["blobs"]);
+    ensure!(status["holds_person_key"] == true);
+    let (_, groceries) = a
+        .doc_view(GROCERIES)?
+        .ok_or_else(|| anyhow!("groceries document missing"))?;
+    ensure!(
+        groceries["items"] == serde_json::json!(["tea", "rice"]),
+        "{groceries}"
+    );
+    ensure!(
+        a.cli(&["memory", "show"])?
+            .contains("I prefer short answers.")
+    );
+    ensure!(
+        a.cli(&["schedule", "list"])?
+            .contains("What is on my calendar today?")
+    );
+    let laptop = a
+        .devices()?
+        .into_iter()
+        .find(|d| d["name"] == "laptop")
+        .ok_or_else(|| anyhow!("the laptop's certificate is gone"))?;
+    ensure!(laptop["revoked"] == false);
+
+    // The old laptop redials A at its stored address and both are in sync.
+    let mut b = Node::from_fixture("b", ARCHIVE, "fixture-b", 0)?;
+    b.start()?;
+    wait_mesh(&[&a, &b], Duration::from_secs(30))?;
+    let fresh = a.cli(&[
+        "doc",
+        "new",
+        "--content",
+        r#"{"title":"after the upgrade"}"#,
+    ])?;
+    let fresh = fresh.trim().to_string();
+    wait_converged(
+        &[&a, &b],
+        &[GROCERIES.into(), LAPTOP_DOC.into(), fresh.clone()],
+        Duration::from_secs(30),
+    )?;
+
+    // A new device joins the upgraded mesh and receives everything, the blob included.
+    let mut c = Node::new("c")?;
+    c.start()?;
+    c.cli(&["join", &a.invite(false)?])?;
+    wait_mesh(&[&a, &b, &c], Duration::from_secs(30))?;
+    wait_converged(
+        &[&a, &b, &c],
+        &[GROCERIES.into(), LAPTOP_DOC.into(), fresh],
+        Duration::from_secs(30),
+    )?;
+    wait_until(
+        "the blob to reach the new device",
+        Duration::from_secs(30),
+        || Ok(c.blob_hashes()?.iter().any(|h| h == BLOB)),
+    )?;
+    for n in [&a, &b, &c] {
+        n.assert_no_panic()?;
+    }
+    Ok(())
+}
