@@ -33,5 +33,8 @@ pub mod schedule;
 pub mod secret_file;
 pub mod store;
 pub mod sync;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod testkit;
 pub mod time;
 pub mod trust;

@@ -4,18 +4,21 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use iom_crdt::{DocId, DocKind};
 use serde_json::{Value, json};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::api::ApiError;
 use crate::config::Config;
 use crate::docs::{Docs, Origin};
 use crate::identity::{Identity, SharedIdentity};
 use crate::lock::DataDirLock;
-use crate::net::Net;
+use crate::net::{Net, TransportKind};
+use crate::pairing::Pairing;
 use crate::store::Store;
 use crate::sync::SyncManager;
 use crate::sync::blobs::Blobs;
@@ -35,6 +38,8 @@ pub struct NodeCtx {
     pub trust: Arc<TrustBook>,
     /// The network.
     pub net: Net,
+    /// Invites and joins.
+    pub pairing: Arc<Pairing>,
     /// Sync sessions.
     pub sync: SyncManager,
     /// Blob replication.
@@ -62,16 +67,6 @@ impl NodeCtx {
     /// This device's keys.
     pub fn identity(&self) -> std::sync::RwLockReadGuard<'_, Identity> {
         self.identity.read()
-    }
-
-    /// Switches this device to another person's mesh (after a join).
-    pub fn adopt_person(
-        &self,
-        person: iom_protocol::keys::PersonId,
-    ) -> Result<(), crate::identity::IdentityError> {
-        self.identity.adopt_person(person)?;
-        self.trust.set_person(person);
-        Ok(())
     }
 
     /// The `iom status` document.
@@ -205,64 +200,152 @@ pub fn init_data_dir(data_dir: &Path) -> Result<bool, StartError> {
     Ok(Identity::create(data_dir)?.is_some())
 }
 
-/// Runs a node until `shutdown` resolves.
+/// A started node: its services, their tasks, and the data-dir lock. Built by
+/// [`Node::start`]; [`run`] adds the local API and the HTTP listener around it, and in-process
+/// tests use it directly (with [`TransportKind::Memory`], no port is bound).
+pub struct Node {
+    ctx: Arc<NodeCtx>,
+    /// Every long-running task of the node's services.
+    tasks: JoinSet<()>,
+    cancel: CancellationToken,
+    shutdown_tx: watch::Sender<bool>,
+    _lock: DataDirLock,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("device", &self.ctx.identity.device_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Locks the data dir, loads keys and config, opens the store and starts every service
+    /// (network, pairing, sync, agent, scheduler). The local API is not served.
+    pub async fn start(config: Config, transport: TransportKind) -> Result<Node, StartError> {
+        let data_dir = config.data_dir.clone();
+        init_data_dir(&data_dir)?;
+        let lock = DataDirLock::acquire(&data_dir)?;
+        let identity = Identity::load(&data_dir)?;
+        let device = identity.device.id();
+        let db_dir = data_dir.join("db");
+        let store_error = |source| StartError::Store {
+            dir: db_dir.display().to_string(),
+            source,
+        };
+        let store = Store::open(&db_dir, config.storage.cache_mb << 20).map_err(store_error)?;
+        let actor = iom_crdt::actor_for(device.as_bytes(), crate::time::random_bytes::<8>());
+        let docs = Docs::new(store.clone(), actor, config.storage.loaded_docs)
+            .map_err(|e| StartError::Other(format!("cannot read the document index: {e}")))?;
+        let trust = Arc::new(TrustBook::load(store.clone(), identity.person).map_err(store_error)?);
+        ensure_self_certificate(&identity, &trust, &config.name).await?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let net = crate::net::event_loop::start(
+            &identity.device,
+            crate::net::NetConfig {
+                listen: config.listen.clone(),
+                relays: config.relays.clone(),
+                mdns: config.mdns,
+                transport,
+            },
+            trust.clone(),
+            store.clone(),
+            shutdown_rx.clone(),
+        )
+        .await
+        .map_err(|e| StartError::Other(e.to_string()))?;
+        let identity = SharedIdentity::new(identity, &data_dir);
+        let pairing = Pairing::new(
+            identity.clone(),
+            trust.clone(),
+            store.clone(),
+            net.clone(),
+            config.name.clone(),
+        );
+        let blobs = Blobs::new(config.fault_corrupt_blob_chunks);
+        let ctx = Arc::new(NodeCtx {
+            config,
+            identity,
+            store,
+            docs,
+            trust,
+            net,
+            pairing,
+            sync: SyncManager::default(),
+            blobs,
+            agent: crate::agent::runner::Agent::default(),
+            started: Instant::now(),
+            shutdown: shutdown_rx,
+        });
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        ctx.pairing.start(&mut tasks, cancel.clone());
+        crate::sync::spawn(ctx.clone());
+        crate::agent::ask::spawn_server(ctx.clone());
+        crate::agent::runner::spawn(ctx.clone());
+        crate::schedule::spawn(ctx.clone());
+        Ok(Node {
+            ctx,
+            tasks,
+            cancel,
+            shutdown_tx,
+            _lock: lock,
+        })
+    }
+
+    /// The whole node, for the API and for tests.
+    pub fn ctx(&self) -> &Arc<NodeCtx> {
+        &self.ctx
+    }
+
+    /// A token cancelled when the node stops.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stops every service (waiting up to 5 s for their tasks), removes this node's tool
+    /// containers and flushes the store.
+    pub async fn stop(mut self) -> Result<(), StartError> {
+        self.cancel.cancel();
+        let _ = self.shutdown_tx.send(true);
+        let tasks = &mut self.tasks;
+        if tokio::time::timeout(Duration::from_secs(5), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                left = self.tasks.len(),
+                "tasks did not stop within 5 s; aborting them"
+            );
+            self.tasks.shutdown().await;
+        }
+        // Remove this node's tool containers before the process ends.
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.ctx.agent.stop()).await;
+        self.ctx
+            .store
+            .flush()
+            .await
+            .map_err(|e| StartError::Other(format!("final flush failed: {e}")))
+    }
+}
+
+/// Runs a node until `shutdown` resolves: [`Node::start`], then the local API on the unix
+/// socket and, if configured, the HTTP listener.
 pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
     let data_dir = config.data_dir.clone();
-    init_data_dir(&data_dir)?;
-    let _lock = DataDirLock::acquire(&data_dir)?;
-    let identity = Identity::load(&data_dir)?;
-    let device = identity.device.id();
+    let http_addr = config.http;
+    let node = Node::start(config, TransportKind::Os).await?;
+    let ctx = node.ctx().clone();
+    let device = ctx.identity.device_id();
     let span = tracing::info_span!("node", id = %device);
     let _enter = span.enter();
-    let db_dir = data_dir.join("db");
-    let store = Store::open(&db_dir, config.storage.cache_mb << 20).map_err(|source| {
-        StartError::Store {
-            dir: db_dir.display().to_string(),
-            source,
-        }
-    })?;
-    let actor = iom_crdt::actor_for(device.as_bytes(), crate::time::random_bytes::<8>());
-    let docs = Docs::new(store.clone(), actor, config.storage.loaded_docs)
-        .map_err(|e| StartError::Other(format!("cannot read the document index: {e}")))?;
-    let trust = Arc::new(
-        TrustBook::load(store.clone(), identity.person).map_err(|source| StartError::Store {
-            dir: db_dir.display().to_string(),
-            source,
-        })?,
-    );
-    ensure_self_certificate(&identity, &trust, &config.name).await?;
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let net = crate::net::event_loop::start(
-        &identity.device,
-        crate::net::NetConfig {
-            listen: config.listen.clone(),
-            relays: config.relays.clone(),
-            mdns: config.mdns,
-        },
-        trust.clone(),
-        store.clone(),
-        shutdown_rx.clone(),
-    )
-    .await
-    .map_err(|e| StartError::Other(e.to_string()))?;
-    let blobs = Blobs::new(config.fault_corrupt_blob_chunks);
-    let ctx = Arc::new(NodeCtx {
-        config,
-        identity: SharedIdentity::new(identity, &data_dir),
-        store: store.clone(),
-        docs,
-        trust,
-        net,
-        sync: SyncManager::default(),
-        blobs,
-        agent: crate::agent::runner::Agent::default(),
-        started: Instant::now(),
-        shutdown: shutdown_rx,
-    });
-    let http_listener = match ctx.config.http {
+    let http_listener = match http_addr {
         Some(addr) => Some(
             crate::http::bind(&ctx, addr)
                 .await
@@ -270,10 +353,6 @@ pub async fn run(
         ),
         None => None,
     };
-    crate::pairing::spawn_server(ctx.clone());
-    crate::sync::spawn(ctx.clone());
-    crate::agent::ask::spawn_server(ctx.clone());
-    crate::agent::runner::spawn(ctx.clone());
 
     let socket_path = data_dir.join("iom.sock");
     let listener = crate::api::bind_socket(&socket_path)
@@ -284,12 +363,10 @@ pub async fn run(
         .layer(axum::middleware::map_response(
             crate::http::errors::json_errors,
         ));
-    let mut api_shutdown = ctx.shutdown.clone();
+    let api_cancel = node.shutdown_token();
     let api = tokio::spawn(async move {
         let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = api_shutdown.wait_for(|s| *s).await;
-            })
+            .with_graceful_shutdown(api_cancel.cancelled_owned())
             .await;
     });
 
@@ -299,12 +376,11 @@ pub async fn run(
         .map(|a| format!(", http http://{a}/"))
         .unwrap_or_default();
     let http = http_listener.map(|l| crate::http::serve(ctx.clone(), l));
-    crate::schedule::spawn(ctx.clone());
 
     tracing::info!(
         device = %device,
         socket = %socket_path.display(),
-        documents = store.doc_count(),
+        documents = ctx.store.doc_count(),
         "node ready"
     );
     println!(
@@ -314,20 +390,16 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!("shutting down");
-    let _ = shutdown_tx.send(true);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async move {
+    node.shutdown_token().cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async move {
         let _ = api.await;
         if let Some(h) = http {
             let _ = h.await;
         }
     })
     .await;
-    // Remove this node's tool containers before the process ends.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), ctx.agent.stop()).await;
-    store
-        .flush()
-        .await
-        .map_err(|e| StartError::Other(format!("final flush failed: {e}")))?;
+    drop(ctx);
+    node.stop().await?;
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
 }

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::ApiError;
 use crate::node::NodeCtx;
-use crate::pairing::{self, PairError};
+use crate::pairing::PairError;
 
 type Ctx = State<Arc<NodeCtx>>;
 
@@ -75,7 +75,10 @@ async fn invite(State(ctx): Ctx, Json(body): Json<InviteBody>) -> Result<Json<Va
             "ttl must be between 1 second and 7 days",
         ));
     }
-    let inv = pairing::create_invite(&ctx, Duration::from_secs(body.ttl_secs), body.admin).await?;
+    let inv = ctx
+        .pairing
+        .create_invite(Duration::from_secs(body.ttl_secs), body.admin)
+        .await?;
     let code = inv
         .encode()
         .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -97,7 +100,7 @@ struct JoinBody {
 }
 
 async fn join(State(ctx): Ctx, Json(body): Json<JoinBody>) -> Result<Json<Value>, ApiError> {
-    let inviter = pairing::join(&ctx, body.code.trim(), body.name).await?;
+    let inviter = ctx.pairing.join(body.code.trim(), body.name).await?;
     Ok(Json(json!({
         "joined": true,
         "person": ctx.trust.person().to_string(),

@@ -34,7 +34,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns, noise, relay, tcp, yamux}
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::behaviour::{Behaviour, BehaviourEvent};
-use super::{Command, Net, NetConfig, NetEvent, Peers};
+use super::{Command, Net, NetConfig, NetEvent, Peers, TransportKind};
 use crate::store::Store;
 use crate::trust::TrustBook;
 
@@ -132,17 +132,12 @@ struct EventLoop {
     reannounce: HashMap<PeerId, Vec<Instant>>,
 }
 
-/// Builds the swarm, binds the listen addresses and spawns the event loop.
-pub async fn start(
-    key: &DeviceKey,
-    cfg: NetConfig,
-    trust: Arc<TrustBook>,
-    store: Store,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<Net, NetStartError> {
-    let keypair = key.to_libp2p_keypair();
-    let mdns_on = cfg.mdns;
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+/// The swarm of a real node: TCP, QUIC, DNS and the relay client.
+fn build_os_swarm(
+    keypair: libp2p::identity::Keypair,
+    mdns_on: bool,
+) -> Result<Swarm<Behaviour>, NetStartError> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
@@ -161,7 +156,54 @@ pub async fn start(
         })
         .map_err(|e| NetStartError::Build(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
-        .build();
+        .build())
+}
+
+/// The swarm of an in-process test node: the memory transport with the same Noise and yamux
+/// upgrades, and the same behaviour (mDNS off).
+fn build_memory_swarm(
+    keypair: libp2p::identity::Keypair,
+) -> Result<Swarm<Behaviour>, NetStartError> {
+    use libp2p::Transport as _;
+    use libp2p::core::transport::MemoryTransport;
+    use libp2p::core::upgrade::Version;
+    Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_other_transport(|key| {
+            let noise = noise::Config::new(key)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+            Ok(MemoryTransport::default()
+                .upgrade(Version::V1)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default())
+                .boxed())
+        })
+        .map_err(|e| NetStartError::Build(e.to_string()))?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| NetStartError::Build(e.to_string()))?
+        .with_behaviour(|key, relay_client| {
+            Behaviour::new(key, relay_client, false)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
+        .map_err(|e| NetStartError::Build(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+        .build())
+}
+
+/// Builds the swarm, binds the listen addresses and spawns the event loop.
+pub async fn start(
+    key: &DeviceKey,
+    cfg: NetConfig,
+    trust: Arc<TrustBook>,
+    store: Store,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Net, NetStartError> {
+    let keypair = key.to_libp2p_keypair();
+    let mdns_on = cfg.mdns;
+    let mut swarm = match cfg.transport {
+        TransportKind::Os => build_os_swarm(keypair, mdns_on)?,
+        TransportKind::Memory => build_memory_swarm(keypair)?,
+    };
 
     let mut bound = Vec::new();
     for addr in &cfg.listen {

@@ -76,6 +76,19 @@ pub struct NetConfig {
     pub relays: Vec<Multiaddr>,
     /// mDNS on or off.
     pub mdns: bool,
+    /// Which transports carry connections.
+    pub transport: TransportKind,
+}
+
+/// The transports a node's swarm uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TransportKind {
+    /// TCP and QUIC over the OS's sockets, DNS, and circuits through relays.
+    #[default]
+    Os,
+    /// libp2p's in-process memory transport (`/memory/N` addresses), for tests that run
+    /// several nodes in one process without binding ports.
+    Memory,
 }
 
 /// Handle to the network; cheap to clone.
