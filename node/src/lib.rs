@@ -10,6 +10,7 @@
 //! - [`net`]: the libp2p event loop and its handle.
 //! - [`trust`]: certificates and their evaluation.
 //! - [`pairing`]: invites and joining.
+//! - [`devices`]: finding and revoking devices.
 //! - [`sync`]: document and blob sync between trusted devices.
 //! - [`api`]: the local API (unix socket, HTTP) and its client.
 //! - [`http`]: the HTTP listener (bearer tokens, webhooks, the web chat page).
@@ -20,6 +21,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod devices;
 mod doc_cache;
 pub mod docs;
 pub mod http;

@@ -241,6 +241,7 @@ impl Node {
         let trust = Arc::new(TrustBook::load(store.clone(), identity.person).map_err(store_error)?);
         ensure_self_certificate(&identity, &trust, &config.name).await?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
         let net = crate::net::event_loop::start(
             &identity.device,
             crate::net::NetConfig {
@@ -252,6 +253,7 @@ impl Node {
             trust.clone(),
             store.clone(),
             shutdown_rx.clone(),
+            &mut tasks,
         )
         .await
         .map_err(|e| StartError::Other(e.to_string()))?;
@@ -279,7 +281,6 @@ impl Node {
             shutdown: shutdown_rx,
         });
         let cancel = CancellationToken::new();
-        let mut tasks = JoinSet::new();
         ctx.pairing.start(&mut tasks, cancel.clone());
         crate::sync::spawn(ctx.clone());
         crate::agent::ask::spawn_server(ctx.clone());

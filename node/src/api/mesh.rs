@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::ApiError;
+use crate::devices::{Devices, ResolveError, RevokeError};
 use crate::node::NodeCtx;
 use crate::pairing::PairError;
 
@@ -161,76 +162,36 @@ async fn devices(State(ctx): Ctx) -> Json<Value> {
 
 /// Finds a device by id, or by a unique name or id prefix.
 pub fn resolve_device(ctx: &NodeCtx, text: &str) -> Result<DeviceId, ApiError> {
-    if let Ok(id) = text.parse::<DeviceId>() {
-        return Ok(id);
-    }
-    let state = ctx.trust.state();
-    let matches: Vec<DeviceId> = state
-        .devices
-        .iter()
-        .filter(|(id, d)| d.name == text || id.to_string().starts_with(text))
-        .map(|(id, _)| *id)
-        .collect();
-    match matches.as_slice() {
-        [one] => Ok(*one),
-        [] => Err(ApiError::not_found(format!(
-            "no trusted device named or starting with {text:?} (see `iom devices`)"
-        ))),
-        _ => Err(ApiError::bad_request(format!(
-            "{text:?} matches {} devices; use the full device id",
-            matches.len()
-        ))),
+    crate::devices::resolve(&ctx.trust.state(), text).map_err(|e| match e {
+        ResolveError::NotFound(_) => ApiError::not_found(e.to_string()),
+        ResolveError::Ambiguous { .. } => ApiError::bad_request(e.to_string()),
+    })
+}
+
+impl From<RevokeError> for ApiError {
+    fn from(e: RevokeError) -> ApiError {
+        match &e {
+            RevokeError::NotAdmin => ApiError::forbidden(e.to_string()),
+            RevokeError::Itself => ApiError::bad_request(e.to_string()),
+            RevokeError::Sign(_) => ApiError::internal(e.to_string()),
+            RevokeError::Store(_) => ApiError::storage(e.to_string()),
+        }
     }
 }
 
 async fn revoke(State(ctx): Ctx, Path(device): Path<String>) -> Result<Json<Value>, ApiError> {
     let target = resolve_device(&ctx, &device)?;
-    let (me, person, person_key) = {
-        let id = ctx.identity();
-        (
-            id.device.id(),
-            id.person,
-            id.person_key.as_ref().map(|k| k.seed()),
-        )
-    };
-    let state = ctx.trust.state();
-    if person_key.is_none() && !state.is_admin(&me) {
-        return Err(ApiError::forbidden(
-            "only an admin device can revoke devices; run this on an admin device",
-        ));
-    }
-    if target == me {
-        return Err(ApiError::bad_request(
-            "a device cannot revoke itself; revoke it from another admin device",
-        ));
-    }
-    if state.is_revoked(&target) {
+    let done = Devices::new(ctx.identity.clone(), ctx.trust.clone())
+        .revoke(target, crate::time::now_secs())
+        .await?;
+    if done.already {
         return Ok(Json(
             json!({ "device": target.to_string(), "revoked": true, "already": true }),
         ));
     }
-    let body = CertBody::Revocation {
-        person,
-        device: target,
-        reason: "revoked with `iom devices revoke`".into(),
-        issued_at: crate::time::now_secs(),
-    };
-    let cert = ctx
-        .identity
-        .issue(body)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    ctx.trust.add(vec![cert]).await?;
-    let after = ctx.trust.state();
-    // Devices that were trusted only through the revoked one lose trust too.
-    let lost: Vec<String> = state
-        .devices
-        .keys()
-        .filter(|d| **d != target && !after.is_trusted(d))
-        .map(ToString::to_string)
-        .collect();
     Ok(Json(json!({
         "device": target.to_string(),
         "revoked": true,
-        "also_untrusted": lost,
+        "also_untrusted": done.also_untrusted.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })))
 }

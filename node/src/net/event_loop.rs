@@ -32,6 +32,7 @@ use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns, noise, relay, tcp, yamux};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
 
 use super::behaviour::{Behaviour, BehaviourEvent};
 use super::{Command, Net, NetConfig, NetEvent, Peers, TransportKind};
@@ -130,6 +131,8 @@ struct EventLoop {
     /// Peers whose relayed connections were replaced by a direct one: when to announce them
     /// again (soonest last) so that sessions which ran over the relayed connections reopen.
     reannounce: HashMap<PeerId, Vec<Instant>>,
+    /// Proofs of our certificate to relays in progress (aborted with the loop).
+    relay_auths: JoinSet<()>,
 }
 
 /// The swarm of a real node: TCP, QUIC, DNS and the relay client.
@@ -190,13 +193,15 @@ fn build_memory_swarm(
         .build())
 }
 
-/// Builds the swarm, binds the listen addresses and spawns the event loop.
+/// Builds the swarm, binds the listen addresses and spawns the event loop into `tasks` (it
+/// ends when `shutdown` turns true or every [`Net`] handle is gone).
 pub async fn start(
     key: &DeviceKey,
     cfg: NetConfig,
     trust: Arc<TrustBook>,
     store: Store,
     mut shutdown: watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
 ) -> Result<Net, NetStartError> {
     let keypair = key.to_libp2p_keypair();
     let mdns_on = cfg.mdns;
@@ -325,12 +330,14 @@ pub async fn start(
         persisted_addrs: std::collections::HashSet::new(),
         relayed_only_since: HashMap::new(),
         reannounce: HashMap::new(),
+        relay_auths: JoinSet::new(),
     };
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 ev = el.swarm.select_next_some() => el.on_swarm(ev),
+                Some(_) = el.relay_auths.join_next(), if !el.relay_auths.is_empty() => {}
                 cmd = el.cmd.recv() => match cmd {
                     Some(c) => el.on_command(c),
                     None => break,
@@ -604,7 +611,13 @@ impl EventLoop {
         r.granted = false;
         r.sent_chain = chain.clone();
         r.next_try = Instant::now() + Duration::from_secs(15);
-        spawn_relay_auth(self.control.clone(), self.cmd_tx.clone(), r.peer, chain);
+        spawn_relay_auth(
+            &mut self.relay_auths,
+            self.control.clone(),
+            self.cmd_tx.clone(),
+            r.peer,
+            chain,
+        );
     }
 
     /// After a trust change: a relay that refused the large limits to a certificate chain we
@@ -966,12 +979,13 @@ impl EventLoop {
 /// can go ahead (with the large limits if the relay serves our person, with the default ones
 /// otherwise).
 fn spawn_relay_auth(
+    tasks: &mut JoinSet<()>,
     mut control: libp2p_stream::Control,
     tx: mpsc::Sender<Command>,
     relay: PeerId,
     chain: Vec<Vec<u8>>,
 ) {
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let granted = match crate::relay::auth::authenticate_to_relay(&mut control, relay, chain)
             .await
         {
