@@ -136,9 +136,18 @@ impl Docs {
         f(&lock(&self.inner.inventory))
     }
 
+    /// Tells subscribers that `id` changed. The inventory is updated before, while the
+    /// document is still locked (see [`Docs::record_heads`]).
     fn announce(&self, id: DocId, heads: Vec<ChangeHash>, origin: Origin) {
-        lock(&self.inner.inventory).update(id, &heads);
         let _ = self.inner.changes.send(DocChanged { id, heads, origin });
+    }
+
+    /// Records `id`'s new heads in the inventory. Called while the document's lock is held (or
+    /// before the document is visible), so concurrent changes record their heads in the order
+    /// they were made: recording after an await (a flush) let an older change's heads
+    /// overwrite a newer one's, and two devices in sync then reported different roots.
+    fn record_heads(&self, id: DocId, heads: &[ChangeHash]) {
+        lock(&self.inner.inventory).update(id, heads);
     }
 
     /// The store underneath.
@@ -187,6 +196,7 @@ impl Docs {
             this.inner
                 .store
                 .append_doc_chunk(id.as_bytes(), kind.name(), &bytes, heads)?;
+            this.record_heads(id, &doc.heads());
             this.insert_cached(id, Arc::new(Mutex::new(doc)));
             Ok(())
         })
@@ -280,6 +290,7 @@ impl Docs {
             )?,
             Some(_) => store.append_doc_chunk(id.as_bytes(), &kind, &bytes, heads_bytes(&heads))?,
         };
+        self.record_heads(id, &heads);
         Ok((result, Some((heads, meta))))
     }
 
@@ -405,6 +416,7 @@ impl Docs {
             let metas = self.inner.store.append_doc_chunks(&writes)?;
             drop(writes);
             for ((id, doc, _, _), meta) in fresh.into_iter().zip(metas) {
+                self.record_heads(id, &doc.heads());
                 applied.push(AppliedSnapshot {
                     id,
                     stored: (doc.heads(), meta),

@@ -31,6 +31,9 @@ pub mod net;
 pub mod node;
 pub mod pairing;
 pub mod relay;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod scenarios;
 pub mod schedule;
 pub mod secret_file;
 pub mod store;

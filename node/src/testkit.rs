@@ -25,6 +25,11 @@ pub(crate) struct TestNode {
 impl TestNode {
     /// A fresh node (new keys: the first device of its own mesh until it joins another).
     pub(crate) async fn new(name: &str) -> TestNode {
+        TestNode::new_with(name, |_| {}).await
+    }
+
+    /// A fresh node whose configuration `tweak` adjusts first.
+    pub(crate) async fn new_with(name: &str, tweak: impl FnOnce(&mut Config)) -> TestNode {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = RawConfig::default()
             .validate(
@@ -37,6 +42,7 @@ impl TestNode {
             )
             .expect("default config is valid");
         config.listen = vec![memory_addr()];
+        tweak(&mut config);
         let node = Node::start(config.clone(), TransportKind::Memory)
             .await
             .expect("node starts");
