@@ -147,9 +147,11 @@ pub struct Overrides {
     pub api_key: Option<String>,
     /// `ANTHROPIC_BASE_URL`.
     pub base_url: Option<String>,
-    /// `IOM_CLOCK_OFFSET_SECS`: seconds added to the wall clock (schedule tests).
+    /// `IOM_CLOCK_OFFSET_SECS`: seconds added to the wall clock (schedule tests). Ignored
+    /// unless [`TEST_HOOKS`].
     pub clock_offset_secs: Option<i64>,
-    /// `IOM_FAULT`: comma-separated fault injections for tests.
+    /// `IOM_FAULT`: comma-separated fault injections for tests ([`KNOWN_FAULTS`]). Ignored
+    /// unless [`TEST_HOOKS`].
     pub faults: Vec<String>,
 }
 
@@ -176,7 +178,7 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     /// Storage settings.
     pub storage: StorageConfig,
-    /// Seconds added to the wall clock (tests of schedules).
+    /// Seconds added to the wall clock (tests of schedules); always 0 without [`TEST_HOOKS`].
     pub clock_offset_secs: i64,
     /// Fault injection for tests (`IOM_FAULT=corrupt-blob-chunks`): serve corrupted chunks.
     pub fault_corrupt_blob_chunks: bool,
@@ -208,6 +210,14 @@ pub enum ConfigError {
         path: PathBuf,
         /// What the parser said (names the line and key).
         message: String,
+    },
+    /// An address is unparsable.
+    #[error("invalid {field}: {source}")]
+    Address {
+        /// Which setting (`listen address`, `relay address`).
+        field: &'static str,
+        /// Why.
+        source: AddrError,
     },
     /// A value is out of range or unparsable.
     #[error("invalid {field}: {message}")]
@@ -258,7 +268,12 @@ impl RawConfig {
         };
         let listen = listen_raw
             .iter()
-            .map(|a| parse_listen_addr(a).map_err(|m| invalid("listen address", m)))
+            .map(|a| {
+                parse_listen_addr(a).map_err(|source| ConfigError::Address {
+                    field: "listen address",
+                    source,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let relays_raw = if o.relays.is_empty() {
             self.network.relays
@@ -267,7 +282,12 @@ impl RawConfig {
         };
         let relays = relays_raw
             .iter()
-            .map(|a| parse_relay_addr(a).map_err(|m| invalid("relay address", m)))
+            .map(|a| {
+                parse_relay_addr(a).map_err(|source| ConfigError::Address {
+                    field: "relay address",
+                    source,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let http = o
             .http
@@ -304,6 +324,7 @@ impl RawConfig {
         if self.storage.loaded_docs == 0 {
             return Err(invalid("storage.loaded_docs", "must be at least 1".into()));
         }
+        let hooks = TestHooks::from_overrides(o.clock_offset_secs, o.faults)?;
         Ok(Config {
             data_dir,
             name,
@@ -315,17 +336,52 @@ impl RawConfig {
             api_key: o.api_key.filter(|k| !k.trim().is_empty()),
             sandbox: self.sandbox,
             storage: self.storage,
-            clock_offset_secs: o.clock_offset_secs.unwrap_or(0),
-            fault_corrupt_blob_chunks: o.faults.iter().any(|f| f == "corrupt-blob-chunks"),
-            fault_garbage_sync: o.faults.iter().any(|f| f == "garbage-sync"),
-            fault_garbage_snapshot: o.faults.iter().any(|f| f == "garbage-snapshot"),
-            fault_no_addr_sharing: o.faults.iter().any(|f| f == "no-addr-sharing"),
+            clock_offset_secs: hooks.clock_offset_secs,
+            fault_corrupt_blob_chunks: hooks.has("corrupt-blob-chunks"),
+            fault_garbage_sync: hooks.has("garbage-sync"),
+            fault_garbage_snapshot: hooks.has("garbage-snapshot"),
+            fault_no_addr_sharing: hooks.has("no-addr-sharing"),
         })
     }
 }
 
+/// Why an address in the configuration was refused. The messages name the text as written.
+#[derive(Debug, thiserror::Error)]
+pub enum AddrError {
+    /// An `IP:PORT` shorthand that does not make a multiaddr.
+    #[error("{text:?}: {source}")]
+    Shorthand {
+        /// The address as written.
+        text: String,
+        /// What the multiaddr parser said.
+        source: libp2p::multiaddr::Error,
+    },
+    /// Not a multiaddr (nor `IP:PORT`).
+    #[error("{text:?}: {source} (expected a multiaddr like /ip4/0.0.0.0/tcp/4646)")]
+    Listen {
+        /// The address as written.
+        text: String,
+        /// What the multiaddr parser said.
+        source: libp2p::multiaddr::Error,
+    },
+    /// A relay address that is not a multiaddr.
+    #[error("{text:?}: {source} (expected /ip4/IP/tcp/PORT/p2p/RELAY_ID)")]
+    Relay {
+        /// The address as written.
+        text: String,
+        /// What the multiaddr parser said.
+        source: libp2p::multiaddr::Error,
+    },
+    /// A relay address that does not name the relay's peer id.
+    #[error("{text:?}: must end with /p2p/RELAY_ID (see `iom relay run`)")]
+    RelayWithoutPeerId {
+        /// The address as written.
+        text: String,
+    },
+}
+
 /// Parses a listen address. Accepts a multiaddr, or `IP:PORT` as a shorthand for TCP.
-pub fn parse_listen_addr(text: &str) -> Result<Multiaddr, String> {
+pub fn parse_listen_addr(text: &str) -> Result<Multiaddr, AddrError> {
     if let Ok(sock) = text.parse::<SocketAddr>() {
         let ip = match sock.ip() {
             std::net::IpAddr::V4(ip) => format!("/ip4/{ip}"),
@@ -333,26 +389,80 @@ pub fn parse_listen_addr(text: &str) -> Result<Multiaddr, String> {
         };
         return format!("{ip}/tcp/{}", sock.port())
             .parse()
-            .map_err(|e| format!("{text:?}: {e}"));
+            .map_err(|source| AddrError::Shorthand {
+                text: text.into(),
+                source,
+            });
     }
     text.parse::<Multiaddr>()
-        .map_err(|e| format!("{text:?}: {e} (expected a multiaddr like /ip4/0.0.0.0/tcp/4646)"))
+        .map_err(|source| AddrError::Listen {
+            text: text.into(),
+            source,
+        })
 }
 
 /// Parses a relay address, which must name the relay's peer id.
-pub fn parse_relay_addr(text: &str) -> Result<Multiaddr, String> {
-    let addr: Multiaddr = text
-        .parse()
-        .map_err(|e| format!("{text:?}: {e} (expected /ip4/IP/tcp/PORT/p2p/RELAY_ID)"))?;
+pub fn parse_relay_addr(text: &str) -> Result<Multiaddr, AddrError> {
+    let addr: Multiaddr = text.parse().map_err(|source| AddrError::Relay {
+        text: text.into(),
+        source,
+    })?;
     if !addr
         .iter()
         .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
     {
-        return Err(format!(
-            "{text:?}: must end with /p2p/RELAY_ID (see `iom relay run`)"
-        ));
+        return Err(AddrError::RelayWithoutPeerId { text: text.into() });
     }
     Ok(addr)
+}
+
+/// Whether this build honours the test hooks (`IOM_FAULT`, `IOM_CLOCK_OFFSET_SECS`): true only
+/// with the `test-hooks` cargo feature, which the shipped binary is built without.
+pub const TEST_HOOKS: bool = cfg!(feature = "test-hooks");
+
+/// The fault injections a `test-hooks` build knows (`IOM_FAULT`, comma-separated).
+pub const KNOWN_FAULTS: &[&str] = &[
+    "corrupt-blob-chunks",
+    "garbage-sync",
+    "garbage-snapshot",
+    "no-addr-sharing",
+];
+
+/// The test hooks after the build has had its say: empty unless [`TEST_HOOKS`].
+struct TestHooks {
+    clock_offset_secs: i64,
+    faults: Vec<String>,
+}
+
+impl TestHooks {
+    fn from_overrides(offset: Option<i64>, faults: Vec<String>) -> Result<TestHooks, ConfigError> {
+        let faults: Vec<String> = faults.into_iter().filter(|f| !f.is_empty()).collect();
+        if !TEST_HOOKS {
+            if offset.is_some() || !faults.is_empty() {
+                tracing::warn!(
+                    "IOM_FAULT and IOM_CLOCK_OFFSET_SECS are test hooks; this build ignores them"
+                );
+            }
+            return Ok(TestHooks {
+                clock_offset_secs: 0,
+                faults: Vec::new(),
+            });
+        }
+        if let Some(unknown) = faults.iter().find(|f| !KNOWN_FAULTS.contains(&f.as_str())) {
+            return Err(ConfigError::Invalid {
+                field: "IOM_FAULT".into(),
+                message: format!("{unknown:?}: expected one of {}", KNOWN_FAULTS.join(", ")),
+            });
+        }
+        Ok(TestHooks {
+            clock_offset_secs: offset.unwrap_or(0),
+            faults,
+        })
+    }
+
+    fn has(&self, fault: &str) -> bool {
+        self.faults.iter().any(|f| f == fault)
+    }
 }
 
 fn default_device_name() -> String {
