@@ -37,7 +37,14 @@ pub fn iom_bin() -> &'static Path {
         let bin = target.join("debug/iom");
         let status = Command::new(env!("CARGO"))
             // The test hooks (`IOM_FAULT`, `IOM_CLOCK_OFFSET_SECS`) exist only with this feature.
-            .args(["build", "-q", "-p", "iom-cli", "--features", "iom-cli/test-hooks"])
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "iom-cli",
+                "--features",
+                "iom-cli/test-hooks",
+            ])
             .current_dir(&root)
             .status();
         match status {
