@@ -59,9 +59,21 @@ pub enum DocsError {
         /// What automerge said.
         detail: String,
     },
-    /// A worker thread died.
+    /// A conversation edit failed (no such request, or an Automerge error).
     #[error("internal error: {0}")]
-    Internal(String),
+    Conversation(#[from] iom_crdt::ConversationError),
+    /// A schedules edit failed.
+    #[error("internal error: {0}")]
+    Schedule(#[from] iom_crdt::ScheduleError),
+    /// A settings edit failed.
+    #[error("internal error: {0}")]
+    Settings(#[from] iom_crdt::SettingsError),
+    /// A JSON path edit failed (a bad path, a reserved field, too deep a value).
+    #[error("internal error: {0}")]
+    Path(#[from] iom_crdt::PathError),
+    /// The blocking task that ran the operation panicked or was cancelled.
+    #[error("internal error: {0}")]
+    Join(#[from] tokio::task::JoinError),
 }
 
 type Shared = Arc<Mutex<Document>>;
@@ -469,9 +481,7 @@ impl Docs {
         F: FnOnce() -> Result<R, DocsError> + Send + 'static,
         R: Send + 'static,
     {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| DocsError::Internal(e.to_string()))?
+        tokio::task::spawn_blocking(f).await?
     }
 
     fn insert_cached(&self, id: DocId, doc: Shared) {

@@ -107,7 +107,7 @@ async fn doc_new(State(ctx): Ctx, body: Option<Json<NewDoc>>) -> ApiResult {
             .modify(id, Origin::Local, false, move |doc| {
                 for (k, v) in fields {
                     doc.put_json(&k, v, "initial content", now)
-                        .map_err(|e| crate::docs::DocsError::Internal(e.to_string()))?;
+                        .map_err(crate::docs::DocsError::from)?;
                 }
                 Ok(())
             })

@@ -115,25 +115,51 @@ pub async fn authenticate_to_relay(
         .map_err(|_| RelayAuthError::Timeout)?
 }
 
+/// Why a relay refused a certificate chain (the text goes back to the device as the reply's
+/// `reason`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainRefusal {
+    /// More than [`MAX_CHAIN_CERTS`] certificates.
+    #[error("chain has {0} certificates (max {MAX_CHAIN_CERTS})")]
+    TooLong(usize),
+    /// The connection's PeerId is not an ed25519 device id.
+    #[error("{0}")]
+    NotADevice(iom_protocol::keys::KeyError),
+    /// A certificate does not decode (or its signature is wrong).
+    #[error("certificate {index}: {source}")]
+    BadCertificate {
+        /// Its place in the chain.
+        index: usize,
+        /// Why.
+        source: iom_protocol::cert::CertError,
+    },
+    /// The chain says this device is revoked.
+    #[error("this device is revoked")]
+    Revoked,
+    /// The chain does not reach a person the relay serves.
+    #[error(
+        "the certificates do not make this device a trusted device of a person this relay serves"
+    )]
+    NotTrusted,
+}
+
 /// Checks that `chain` makes `peer` a trusted, non-revoked device of one of `allowed`.
-/// Returns the person, or a human-readable reason for refusing.
+/// Returns the person, or why it refuses.
 pub fn verify_chain(
     peer: &PeerId,
     chain: &[Vec<u8>],
     allowed: &[PersonId],
-) -> Result<PersonId, String> {
+) -> Result<PersonId, ChainRefusal> {
     if chain.len() > MAX_CHAIN_CERTS {
-        return Err(format!(
-            "chain has {} certificates (max {MAX_CHAIN_CERTS})",
-            chain.len()
-        ));
+        return Err(ChainRefusal::TooLong(chain.len()));
     }
-    let device = DeviceId::from_peer_id(peer).map_err(|e| e.to_string())?;
+    let device = DeviceId::from_peer_id(peer).map_err(ChainRefusal::NotADevice)?;
     let certs = chain
         .iter()
         .enumerate()
-        .map(|(i, bytes)| {
-            Certificate::from_bytes(bytes).map_err(|e| format!("certificate {i}: {e}"))
+        .map(|(index, bytes)| {
+            Certificate::from_bytes(bytes)
+                .map_err(|source| ChainRefusal::BadCertificate { index, source })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut revoked = false;
@@ -145,9 +171,9 @@ pub fn verify_chain(
         revoked |= state.is_revoked(&device);
     }
     if revoked {
-        Err("this device is revoked".into())
+        Err(ChainRefusal::Revoked)
     } else {
-        Err("the certificates do not make this device a trusted device of a person this relay serves".into())
+        Err(ChainRefusal::NotTrusted)
     }
 }
 
@@ -218,7 +244,7 @@ fn decide(peer: PeerId, payload: &[u8], allowed: &[PersonId], allow: &AllowList)
                 refuse("the relay's list of allowed devices is full".into())
             }
         }
-        Err(reason) => refuse(reason),
+        Err(reason) => refuse(reason.to_string()),
     }
 }
 
@@ -311,11 +337,14 @@ mod tests {
         .to_bytes();
         let peer = laptop.id().to_peer_id();
         let err = verify_chain(&peer, &[root.clone(), revocation], &[person.id()]).unwrap_err();
-        assert!(err.contains("revoked"), "{err}");
+        assert_eq!(err, ChainRefusal::Revoked);
         let err = verify_chain(&peer, &[b"junk".to_vec()], &[person.id()]).unwrap_err();
-        assert!(err.contains("certificate 0"), "{err}");
+        assert!(err.to_string().contains("certificate 0"), "{err}");
         let many = vec![root; MAX_CHAIN_CERTS + 1];
-        assert!(verify_chain(&peer, &many, &[person.id()]).is_err());
+        assert_eq!(
+            verify_chain(&peer, &many, &[person.id()]),
+            Err(ChainRefusal::TooLong(MAX_CHAIN_CERTS + 1))
+        );
     }
 
     #[test]

@@ -113,10 +113,8 @@ impl BlobWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let index = u32::try_from(self.chunk_hashes.len()).map_err(|_| StoreError::Decode {
-            what: "blob",
-            detail: "too many chunks".into(),
-        })?;
+        let index =
+            u32::try_from(self.chunk_hashes.len()).map_err(|_| StoreError::TooManyChunks)?;
         self.whole.update(&self.buf);
         self.len += self.buf.len() as u64;
         self.chunk_hashes.push(Sha256::digest(&self.buf).into());
@@ -163,12 +161,7 @@ impl BlobWriter {
         }
         if let Some(file) = self.file.take() {
             let path = self.store.chunk_path(self.internal);
-            tokio::task::spawn_blocking(move || file.sync_all().map_err(file_err(&path)))
-                .await
-                .map_err(|e| StoreError::Decode {
-                    what: "blob",
-                    detail: e.to_string(),
-                })??;
+            tokio::task::spawn_blocking(move || file.sync_all().map_err(file_err(&path))).await??;
         }
         let meta = self.store.publish_blob(
             id,

@@ -37,14 +37,47 @@ pub enum StoreError {
         /// The hash of the bytes actually given.
         actual: String,
     },
-    /// A record on disk could not be decoded.
-    #[error("stored record {what} is unreadable: {detail}")]
+    /// A record on disk could not be decoded (or encoded).
+    #[error("stored record {what} is unreadable: {source}")]
     Decode {
         /// Which record.
         what: &'static str,
-        /// Decoder message.
-        detail: String,
+        /// What the CBOR codec said.
+        source: serde_cbor::Error,
     },
+    /// A blob manifest whose chunk hashes do not fit its length.
+    #[error("blob manifest: {hashes} chunk hashes for {len} bytes in chunks of {CHUNK_SIZE}")]
+    BadManifest {
+        /// Chunk hashes given.
+        hashes: usize,
+        /// The blob's length.
+        len: u64,
+    },
+    /// A chunk was offered past the end of a blob.
+    #[error("blob chunk {index} is past the end of a blob of {count} chunks")]
+    ExtraChunk {
+        /// The chunk's index.
+        index: u32,
+        /// Chunks in the blob.
+        count: u32,
+    },
+    /// A received blob was finished before all of its chunks arrived.
+    #[error("blob finished after {done} of {count} chunks")]
+    Incomplete {
+        /// Chunks received.
+        done: u32,
+        /// Chunks in the blob.
+        count: u32,
+    },
+    /// A blob has more chunks than a manifest can name.
+    #[error("blob has too many chunks")]
+    TooManyChunks,
+    /// The thread writing a received blob's chunks stopped (panicked, or was stopped before).
+    #[error("the blob writer thread stopped")]
+    WriterStopped,
+    /// A blocking task of the store panicked or was cancelled.
+    #[error("storage error: {0}")]
+    Join(#[from] tokio::task::JoinError),
     /// A blob was asked for that is not (completely) stored.
     #[error("blob {0} is not stored here")]
     NoSuchBlob(String),
@@ -117,11 +150,7 @@ impl Store {
     /// node hung on its first document write).
     pub async fn flush(&self) -> Result<(), StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| {
-                StoreError::Sled(sled::Error::Io(std::io::Error::other(e.to_string())))
-            })??;
+        tokio::task::spawn_blocking(move || db.flush()).await??;
         Ok(())
     }
 
@@ -175,10 +204,7 @@ impl Store {
 }
 
 fn decode_err(what: &'static str) -> impl Fn(serde_cbor::Error) -> StoreError {
-    move |e| StoreError::Decode {
-        what,
-        detail: e.to_string(),
-    }
+    move |source| StoreError::Decode { what, source }
 }
 
 #[cfg(test)]

@@ -98,10 +98,7 @@ impl Writer {
     /// Stops the thread after it wrote everything handed to it; the file, or its error.
     fn join(self) -> Result<File, StoreError> {
         drop(self.chunks);
-        self.thread.join().map_err(|_| StoreError::Decode {
-            what: "blob",
-            detail: "the blob writer thread panicked".into(),
-        })?
+        self.thread.join().map_err(|_| StoreError::WriterStopped)?
     }
 }
 
@@ -130,12 +127,9 @@ impl Store {
         chunk_hashes: Vec<[u8; 32]>,
     ) -> Result<BlobReceiver, StoreError> {
         if chunk_hashes.len() as u64 != chunk_count(len) {
-            return Err(StoreError::Decode {
-                what: "blob manifest",
-                detail: format!(
-                    "{} chunk hashes for {len} bytes in chunks of {CHUNK_SIZE}",
-                    chunk_hashes.len()
-                ),
+            return Err(StoreError::BadManifest {
+                hashes: chunk_hashes.len(),
+                len,
             });
         }
         let path = self.chunk_path(internal);
@@ -210,9 +204,9 @@ impl BlobReceiver {
     /// a write error comes back from here or from [`BlobReceiver::finish`].
     pub fn put(&mut self, bytes: Vec<u8>) -> Result<(), StoreError> {
         let Some(expected) = self.chunk_hashes.get(self.done as usize) else {
-            return Err(StoreError::Decode {
-                what: "blob chunk",
-                detail: format!("chunk {} of a blob of {}", self.done, self.count()),
+            return Err(StoreError::ExtraChunk {
+                index: self.done,
+                count: self.count(),
             });
         };
         let actual: [u8; 32] = Sha256::digest(&bytes).into();
@@ -232,10 +226,7 @@ impl BlobReceiver {
             // The writer stopped: say why.
             return match self.writer.take().map(Writer::join) {
                 Some(Err(e)) => Err(e),
-                _ => Err(StoreError::Decode {
-                    what: "blob",
-                    detail: "the blob writer stopped".into(),
-                }),
+                _ => Err(StoreError::WriterStopped),
             };
         }
         self.done += 1;
@@ -249,16 +240,13 @@ impl BlobReceiver {
         let file = match self.writer.take() {
             Some(w) => w.join()?,
             None => {
-                return Err(StoreError::Decode {
-                    what: "blob",
-                    detail: "the blob writer stopped".into(),
-                });
+                return Err(StoreError::WriterStopped);
             }
         };
         if self.done != self.count() {
-            return Err(StoreError::Decode {
-                what: "blob",
-                detail: format!("finished after {} of {} chunks", self.done, self.count()),
+            return Err(StoreError::Incomplete {
+                done: self.done,
+                count: self.count(),
             });
         }
         let actual: [u8; 32] = std::mem::take(&mut self.whole).finalize().into();
