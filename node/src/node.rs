@@ -18,7 +18,7 @@ use crate::lock::DataDirLock;
 use crate::net::Net;
 use crate::store::Store;
 use crate::sync::SyncManager;
-use crate::sync::blobs::Blobs;
+use crate::sync::blobs::{Blobs, BlobsConfig};
 use crate::trust::TrustBook;
 
 /// State shared by every service of a running node.
@@ -38,7 +38,7 @@ pub struct NodeCtx {
     /// Sync sessions.
     pub sync: SyncManager,
     /// Blob replication.
-    pub blobs: Blobs,
+    pub blobs: Arc<Blobs>,
     /// The agent runner (active while this device holds the role).
     pub agent: crate::agent::runner::Agent,
     /// When the node started.
@@ -248,7 +248,17 @@ pub async fn run(
     )
     .await
     .map_err(|e| StartError::Other(e.to_string()))?;
-    let blobs = Blobs::new(config.fault_corrupt_blob_chunks);
+    let sync = SyncManager::default();
+    let blobs = Arc::new(Blobs::new(
+        store.clone(),
+        net.clone(),
+        trust.clone(),
+        sync.gate.clone(),
+        BlobsConfig {
+            corrupt_chunks: config.fault_corrupt_blob_chunks,
+            ..BlobsConfig::default()
+        },
+    ));
     let ctx = Arc::new(NodeCtx {
         config,
         identity: SharedIdentity::new(identity, &data_dir),
@@ -256,7 +266,7 @@ pub async fn run(
         docs,
         trust,
         net,
-        sync: SyncManager::default(),
+        sync,
         blobs,
         agent: crate::agent::runner::Agent::default(),
         started: Instant::now(),
@@ -272,6 +282,8 @@ pub async fn run(
     };
     crate::pairing::spawn_server(ctx.clone());
     crate::sync::spawn(ctx.clone());
+    forward_blob_arrivals(&ctx);
+    ctx.blobs.start();
     crate::agent::ask::spawn_server(ctx.clone());
     crate::agent::runner::spawn(ctx.clone());
 
@@ -322,6 +334,7 @@ pub async fn run(
         }
     })
     .await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), ctx.blobs.shutdown()).await;
     // Remove this node's tool containers before the process ends.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), ctx.agent.stop()).await;
     store
@@ -330,6 +343,23 @@ pub async fn run(
         .map_err(|e| StartError::Other(format!("final flush failed: {e}")))?;
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// Blobs that arrive by transfer are announced to every peer's session.
+fn forward_blob_arrivals(ctx: &Arc<NodeCtx>) {
+    let mut arrivals = ctx.blobs.arrivals();
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        loop {
+            match arrivals.recv().await {
+                Ok((id, len)) => ctx.sync.broadcast(iom_protocol::wire::SyncMsg::Blobs {
+                    have: vec![(id, len)],
+                }),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
 }
 
 /// The first device of a mesh certifies itself (as an admin) with the person key. A device

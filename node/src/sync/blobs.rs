@@ -1,4 +1,4 @@
-//! Blobs between trusted peers over `/iom/blob/1`.
+//! Blobs between trusted peers over `/iom/blob/1`: the [`Blobs`] service.
 //!
 //! Peers announce the blobs they hold in their sync session. Small blobs (up to
 //! [`EAGER_LIMIT`]) are fetched at once; larger ones are fetched one at a time in the
@@ -7,28 +7,121 @@
 //! flat for any size; the whole-content hash is checked before the blob becomes visible.
 //! A transfer's manifest is recorded (durably) before its first chunk, so a broken transfer
 //! resumes where its chunk file stops; the chunks there are verified again first.
+//!
+//! The service is built from what it uses: the [`Store`], the network (behind [`BlobNet`], so
+//! tests run transfers over in-memory streams), the [`TrustBook`] (who may fetch from us) and
+//! the refusal [`Gate`]. It owns its tasks (the server, two fetch workers, retry timers) and
+//! stops them in [`Blobs::shutdown`]. Blobs that arrive are announced on
+//! [`Blobs::arrivals`] for the sync side to pass on to every peer.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{AsyncWriteExt, StreamExt};
+use futures::stream::BoxStream;
+use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
+use iom_protocol::frame::{DecodeError, EncodeError};
 use iom_protocol::id::ContentId;
 use iom_protocol::keys::DeviceId;
-use iom_protocol::wire::{BlobRequest, BlobResponse, MAX_BLOB_ANNOUNCE, MAX_BLOB_FRAME, SyncMsg};
+use iom_protocol::wire::{BlobRequest, BlobResponse, MAX_BLOB_ANNOUNCE, MAX_BLOB_FRAME};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinError;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::gate::Verdict;
-use crate::net::BLOB_PROTOCOL;
-use crate::net::framed::{read_frame, read_msg, write_frame};
-use crate::node::NodeCtx;
-use crate::store::{BlobReceiver, CHUNK_SIZE, StoreError, chunk_count};
+use super::gate::{Gate, Verdict};
+use crate::net::framed::{FramedError, read_frame, read_msg, write_frame};
+use crate::net::{BLOB_PROTOCOL, Net, NetError};
+use crate::store::{BlobReceiver, CHUNK_SIZE, Store, StoreError, chunk_count};
+use crate::trust::TrustBook;
 
 /// Blobs up to this size are fetched as soon as they are announced.
 pub const EAGER_LIMIT: u64 = 1 << 20;
 const PROGRESS_PREFIX: &str = "bp/";
+/// The largest request frame.
+const MAX_REQUEST_FRAME: usize = 4096;
+/// Chunks received from the network and not yet verified and written; the network keeps
+/// reading while the disk side works.
+const RECEIVE_AHEAD: usize = 8;
+/// Arrivals kept for a slow subscriber; one that lags misses some (its peers learn of those
+/// blobs in their next session).
+const ARRIVALS_LEN: usize = 4096;
+/// Failed fetches in a row after which the back-off stops growing (1 s << 6 = 64 s).
+const MAX_BACKOFF_DOUBLINGS: u32 = 6;
+
+/// The network as the blob service uses it. [`Net`] in production; in tests, in-memory
+/// streams.
+pub trait BlobNet: Send + Sync + 'static {
+    /// A `/iom/blob/1` stream.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Peers connected now.
+    fn connected_peers(&self) -> Vec<PeerId>;
+    /// Opens a `/iom/blob/1` stream to `peer`.
+    fn open_blob_stream(
+        &self,
+        peer: PeerId,
+    ) -> impl Future<Output = Result<Self::Stream, NetError>> + Send;
+    /// Closes every connection to `peer` (it sent bad data, or keeps knocking).
+    fn disconnect_peer(&self, peer: PeerId) -> impl Future<Output = ()> + Send;
+    /// The `/iom/blob/1` streams peers open to us; `None` if they cannot be accepted (already
+    /// accepted elsewhere).
+    fn accept_blob_streams(&self) -> Option<BoxStream<'static, (PeerId, Self::Stream)>>;
+}
+
+impl BlobNet for Net {
+    type Stream = libp2p::Stream;
+
+    fn connected_peers(&self) -> Vec<PeerId> {
+        Net::connected_peers(self)
+    }
+
+    fn open_blob_stream(
+        &self,
+        peer: PeerId,
+    ) -> impl Future<Output = Result<libp2p::Stream, NetError>> + Send {
+        self.open(peer, BLOB_PROTOCOL)
+    }
+
+    fn disconnect_peer(&self, peer: PeerId) -> impl Future<Output = ()> + Send {
+        self.disconnect(peer)
+    }
+
+    fn accept_blob_streams(&self) -> Option<BoxStream<'static, (PeerId, libp2p::Stream)>> {
+        match self.control().accept(BLOB_PROTOCOL) {
+            Ok(incoming) => Some(incoming.boxed()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot accept /iom/blob/1 streams");
+                None
+            }
+        }
+    }
+}
+
+/// Settings of the blob service.
+#[derive(Debug, Clone)]
+pub struct BlobsConfig {
+    /// Fault injection for tests (`IOM_FAULT=corrupt-blob-chunks`): serve chunks with flipped
+    /// bytes.
+    pub corrupt_chunks: bool,
+    /// How long a fetch waits for the peer's next response.
+    pub response_timeout: Duration,
+    /// Blobs waiting in each fetch queue (small, large); an announcement that finds its queue
+    /// full is dropped and queued again by the next one.
+    pub queue_len: usize,
+}
+
+impl Default for BlobsConfig {
+    fn default() -> Self {
+        BlobsConfig {
+            corrupt_chunks: false,
+            response_timeout: Duration::from_secs(30),
+            queue_len: 4096,
+        }
+    }
+}
 
 /// A transfer in progress: its chunk file and the manifest it follows. How far it got is read
 /// from the chunk file itself when it resumes (every chunk there is verified again).
@@ -42,22 +135,137 @@ struct Progress {
 
 /// Why a fetch failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FetchError {
     /// No connected peer has the blob.
     #[error("no connected device has blob {0}")]
-    Unavailable(String),
+    Unavailable(ContentId),
     /// Storage failed.
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] StoreError),
+}
+
+/// How a peer broke `/iom/blob/1`. The peer is disconnected; nothing it sent is kept.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerFault {
+    /// A bad frame (over the limit, or undecodable).
+    #[error(transparent)]
+    Frame(FramedError),
+    /// A response that does not decode.
+    #[error("undecodable response: {0}")]
+    Decode(DecodeError),
+    /// Something other than a manifest (or a refusal) came first.
+    #[error("expected a manifest")]
+    ExpectedManifest,
+    /// Something other than a chunk came after the manifest.
+    #[error("expected a chunk")]
+    ExpectedChunk,
+    /// The manifest's hashes do not fit its length, or the chunk size is not ours.
+    #[error("manifest does not fit: {len} bytes, chunks of {chunk_size}, {hash_bytes} hash bytes")]
+    BadManifest {
+        /// The length it gave.
+        len: u64,
+        /// The chunk size it gave.
+        chunk_size: u32,
+        /// Bytes of chunk hashes it gave.
+        hash_bytes: usize,
+    },
+    /// A chunk that does not match the manifest's hash (or length).
+    #[error("chunk {0} does not match its hash")]
+    ChunkHash(u32),
+    /// A chunk out of order.
+    #[error("chunk {index} out of order, expected {expected}")]
+    ChunkOrder {
+        /// The index it sent.
+        index: u32,
+        /// The index expected.
+        expected: u32,
+    },
+    /// Every chunk matched, the whole content did not.
+    #[error("whole-content hash mismatch")]
+    WholeHash,
+}
+
+/// Why a transfer from one peer failed (the fetch then tries the next peer).
+#[derive(Debug, thiserror::Error)]
+enum TransferError {
+    /// The peer is at fault.
+    #[error("peer fault: {0}")]
+    Peer(#[from] PeerFault),
+    /// The stream could not be opened.
+    #[error(transparent)]
+    Net(Box<NetError>),
+    /// The stream broke (not the peer's fault: a dropped connection looks like this).
+    #[error("stream: {0}")]
+    Stream(FramedError),
+    /// No response within [`BlobsConfig::response_timeout`].
+    #[error("timed out")]
+    TimedOut,
+    /// The stream ended before the transfer did.
+    #[error("stream closed")]
+    Closed,
+    /// The peer does not hold the blob.
+    #[error("peer does not have it")]
+    NotFound,
+    /// The peer refused us.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The peer's manifest is not the one the resumed transfer follows.
+    #[error("manifest changed; restarting")]
+    ManifestChanged,
+    /// We could not encode the request (a bug).
+    #[error("cannot encode the request: {0}")]
+    Encode(serde_cbor::Error),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A blocking task panicked.
+    #[error("a blocking task failed: {0}")]
+    Join(#[from] JoinError),
+}
+
+impl From<NetError> for TransferError {
+    fn from(e: NetError) -> TransferError {
+        TransferError::Net(Box::new(e))
+    }
+}
+
+impl TransferError {
+    fn framed(e: FramedError) -> TransferError {
+        if e.is_peer_fault() {
+            TransferError::Peer(PeerFault::Frame(e))
+        } else {
+            TransferError::Stream(e)
+        }
+    }
+}
+
+/// Why serving a request ended early.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Reading the request or writing a response failed.
+    #[error(transparent)]
+    Framed(#[from] FramedError),
+    /// A response does not encode (a bug).
+    #[error("cannot encode a response: {0}")]
+    Encode(#[from] EncodeError),
+    /// Storage failed (a chunk no longer matches its hash, for one).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A blocking task panicked.
+    #[error("a blocking task failed: {0}")]
+    Join(#[from] JoinError),
 }
 
 #[derive(Default)]
 struct State {
     /// Wanted blob → (length, peers that announced it).
     wanted: HashMap<ContentId, (u64, Vec<PeerId>)>,
-    /// Callers waiting for a blob.
-    waiters: HashMap<ContentId, Vec<oneshot::Sender<Result<(), String>>>>,
-    /// Blob being fetched → chunks done / total.
+    /// Callers waiting for a transfer someone else runs: told whether the blob arrived.
+    waiters: HashMap<ContentId, Vec<oneshot::Sender<bool>>>,
+    /// Blob being fetched → chunks done / total (one transfer per blob at a time).
     active: HashMap<ContentId, (u32, u32)>,
     /// Blobs in a fetch queue or being fetched (each at most once).
     queued: HashSet<ContentId>,
@@ -65,38 +273,164 @@ struct State {
     failures: HashMap<ContentId, u32>,
 }
 
-/// The blob replication service.
-pub struct Blobs {
-    state: Mutex<State>,
-    small: mpsc::Sender<ContentId>,
-    large: mpsc::Sender<ContentId>,
-    queues: Mutex<Option<(mpsc::Receiver<ContentId>, mpsc::Receiver<ContentId>)>>,
-    /// Fault injection for tests: serve chunks with flipped bytes.
-    pub corrupt_chunks: bool,
+type SharedState = Arc<Mutex<State>>;
+
+fn lock(state: &SharedState) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl std::fmt::Debug for Blobs {
+type Queues = (mpsc::Receiver<ContentId>, mpsc::Receiver<ContentId>);
+
+/// The blob replication service (see the module docs).
+pub struct Blobs<N: BlobNet = Net> {
+    store: Store,
+    net: N,
+    trust: Arc<TrustBook>,
+    gate: Arc<Gate>,
+    config: BlobsConfig,
+    state: SharedState,
+    small: mpsc::Sender<ContentId>,
+    large: mpsc::Sender<ContentId>,
+    queues: Mutex<Option<Queues>>,
+    arrivals: broadcast::Sender<(ContentId, u64)>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl<N: BlobNet> std::fmt::Debug for Blobs<N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Blobs").finish_non_exhaustive()
     }
 }
 
-impl Blobs {
-    /// A new service (workers start in [`spawn`]).
-    pub fn new(corrupt_chunks: bool) -> Blobs {
-        let (small, small_rx) = mpsc::channel(4096);
-        let (large, large_rx) = mpsc::channel(4096);
+/// Marks a blob's transfer as running; when dropped (finished, failed or cancelled) it clears
+/// the mark and tells the callers who waited for it.
+struct InFlight<'a> {
+    state: &'a SharedState,
+    id: ContentId,
+    done: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let waiters = {
+            let mut st = lock(self.state);
+            st.active.remove(&self.id);
+            if self.done {
+                st.wanted.remove(&self.id);
+            }
+            st.waiters.remove(&self.id).unwrap_or_default()
+        };
+        for w in waiters {
+            let _ = w.send(self.done);
+        }
+    }
+}
+
+impl<N: BlobNet> Blobs<N> {
+    /// A new service; nothing runs until [`Blobs::start`].
+    pub fn new(
+        store: Store,
+        net: N,
+        trust: Arc<TrustBook>,
+        gate: Arc<Gate>,
+        config: BlobsConfig,
+    ) -> Blobs<N> {
+        let (small, small_rx) = mpsc::channel(config.queue_len.max(1));
+        let (large, large_rx) = mpsc::channel(config.queue_len.max(1));
+        let (arrivals, _) = broadcast::channel(ARRIVALS_LEN);
         Blobs {
-            state: Mutex::default(),
+            store,
+            net,
+            trust,
+            gate,
+            config,
+            state: SharedState::default(),
             small,
             large,
             queues: Mutex::new(Some((small_rx, large_rx))),
-            corrupt_chunks,
+            arrivals,
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
         }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
+    }
+
+    /// Blobs that arrived here by transfer, with their lengths, for the sync side to announce
+    /// to every peer.
+    pub fn arrivals(&self) -> broadcast::Receiver<(ContentId, u64)> {
+        self.arrivals.subscribe()
+    }
+
+    /// Runs `fut` as one of this service's tasks, until it ends or the service stops.
+    fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            stop.run_until_cancelled(fut).await;
+        });
+    }
+
+    /// Starts the blob server and the two fetch workers (small blobs, large blobs), after
+    /// removing chunk files that no transfer will resume. Starting twice starts nothing new.
+    pub fn start(self: &Arc<Self>) {
+        let Some((small, large)) = self.queues.lock().unwrap_or_else(|e| e.into_inner()).take()
+        else {
+            return;
+        };
+        self.collect_garbage();
+        if let Some(mut incoming) = self.net.accept_blob_streams() {
+            let this = self.clone();
+            self.spawn(async move {
+                while let Some((peer, stream)) = incoming.next().await {
+                    let server = this.clone();
+                    this.spawn(async move {
+                        if let Err(e) = server.serve(peer, stream).await {
+                            tracing::debug!(%peer, error = %e, "blob request ended");
+                        }
+                    });
+                }
+            });
+        }
+        for mut rx in [small, large] {
+            let this = self.clone();
+            self.spawn(async move {
+                while let Some(id) = rx.recv().await {
+                    let peers = this.announcers(&id);
+                    let done = match this.fetch(id, &peers).await {
+                        Ok(true) => true,
+                        Ok(false) => {
+                            tracing::debug!(blob = %id, "blob not available from any peer yet");
+                            false
+                        }
+                        Err(e) => {
+                            tracing::warn!(blob = %id, error = %e, "blob fetch failed");
+                            false
+                        }
+                    };
+                    this.fetched(id, done);
+                }
+            });
+        }
+    }
+
+    /// Stops every task of the service (server, workers, retry timers) and waits for them.
+    /// A transfer cut off here resumes at the next start.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Peers that announced `id`.
+    fn announcers(&self, id: &ContentId) -> Vec<PeerId> {
+        self.state()
+            .wanted
+            .get(id)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_default()
     }
 
     /// A peer announced a blob. Unless it is queued or being fetched already, it is queued:
@@ -128,10 +462,16 @@ impl Blobs {
         }
     }
 
+    /// The back-off before retrying a blob that failed `failures` times in a row: 1 s,
+    /// doubling to 64 s.
+    pub fn backoff(failures: u32) -> Duration {
+        Duration::from_secs(1 << failures.saturating_sub(1).min(MAX_BACKOFF_DOUBLINGS))
+    }
+
     /// After a fetch: forgets the failures of a blob that arrived; for one that did not, tries
-    /// again after a back-off (1 s, doubling to 64 s) if a device that announced it is still
+    /// again after a back-off ([`Blobs::backoff`]) if a device that announced it is still
     /// connected. If none is, the next announcement (on reconnect) queues it.
-    fn fetched(&self, ctx: &Arc<NodeCtx>, id: ContentId, done: bool) {
+    fn fetched(self: &Arc<Self>, id: ContentId, done: bool) {
         let mut st = self.state();
         st.queued.remove(&id);
         if done {
@@ -140,13 +480,13 @@ impl Blobs {
         }
         let failures = st.failures.entry(id).or_insert(0);
         *failures += 1;
-        let delay = Duration::from_secs(1 << (*failures - 1).min(6));
+        let delay = Self::backoff(*failures);
         drop(st);
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
+        let this = self.clone();
+        self.spawn(async move {
             tokio::time::sleep(delay).await;
-            let connected = ctx.net.connected_peers();
-            let mut st = ctx.blobs.state();
+            let connected = this.net.connected_peers();
+            let mut st = this.state();
             let Some((len, peers)) = st.wanted.get(&id) else {
                 return;
             };
@@ -154,7 +494,7 @@ impl Blobs {
             if peers.iter().any(|p| connected.contains(p)) && st.queued.insert(id) {
                 drop(st);
                 tracing::debug!(blob = %id, ?delay, "retrying blob fetch");
-                ctx.blobs.enqueue(id, len);
+                this.enqueue(id, len);
             }
         });
     }
@@ -182,11 +522,348 @@ impl Blobs {
     pub fn pending_bytes(&self) -> u64 {
         self.state().wanted.values().map(|(l, _)| *l).sum()
     }
+
+    /// Announcements of every local blob, in messages of at most [`MAX_BLOB_ANNOUNCE`].
+    pub fn announcements(&self) -> Vec<Vec<(ContentId, u64)>> {
+        announcements(&self.store)
+    }
+
+    /// Fetches a blob now (from any connected device that announced it, or any connected
+    /// trusted device), waiting for the transfer.
+    pub async fn fetch_now(&self, id: ContentId) -> Result<(), FetchError> {
+        if self.store.blob_meta(id.as_bytes())?.is_some() {
+            return Ok(());
+        }
+        let mut peers = self.announcers(&id);
+        let trusted = self.trust.state();
+        for p in self.net.connected_peers() {
+            if !peers.contains(&p)
+                && DeviceId::from_peer_id(&p).is_ok_and(|d| trusted.is_trusted(&d))
+            {
+                peers.push(p);
+            }
+        }
+        if self.fetch(id, &peers).await? {
+            Ok(())
+        } else {
+            Err(FetchError::Unavailable(id))
+        }
+    }
+
+    /// Removes chunk files left by adds and transfers that were interrupted and will not resume
+    /// (transfers with a progress record are kept, to resume).
+    fn collect_garbage(&self) {
+        let keep: Vec<u64> = self
+            .store
+            .state_scan(PROGRESS_PREFIX.as_bytes())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(_, v)| serde_cbor::from_slice::<Progress>(&v).ok())
+            .map(|p| p.internal)
+            .collect();
+        match self.store.collect_blob_garbage(&keep) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed chunks of interrupted blob adds"),
+            Err(e) => tracing::warn!(error = %e, "cannot collect blob garbage"),
+        }
+    }
+
+    /// Answers one `/iom/blob/1` request from `peer`: a refusal if it is not trusted, else the
+    /// manifest and the chunks from the one asked for.
+    pub async fn serve<S>(&self, peer: PeerId, mut stream: S) -> Result<(), ServeError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let req: Option<BlobRequest> = read_msg(&mut stream, MAX_REQUEST_FRAME).await?;
+        let Some(BlobRequest::Get { id, from_chunk }) = req else {
+            return Ok(());
+        };
+        let trusted =
+            DeviceId::from_peer_id(&peer).is_ok_and(|d| self.trust.state().is_trusted(&d));
+        if !trusted {
+            let reason = "not trusted: /iom/blob/1 is only for devices of this person".to_string();
+            send(
+                &mut stream,
+                &BlobResponse::Refused {
+                    reason: reason.clone(),
+                },
+            )
+            .await?;
+            if self.gate.refuse(peer, "/iom/blob/1", &reason) == Verdict::Disconnect {
+                self.net.disconnect_peer(peer).await;
+            }
+            return Ok(());
+        }
+        let Some(meta) = self.store.blob_meta(id.as_bytes())? else {
+            return send(&mut stream, &BlobResponse::NotFound).await;
+        };
+        send(
+            &mut stream,
+            &BlobResponse::Manifest {
+                len: meta.len,
+                chunk_size: CHUNK_SIZE as u32,
+                chunk_hashes: meta.chunk_hashes.concat(),
+            },
+        )
+        .await?;
+        let count = meta.chunk_hashes.len() as u32;
+        let meta = Arc::new(meta);
+        // Read (and verify) the next chunk while this one is being sent.
+        let read = |index: u32| {
+            let store = self.store.clone();
+            let m = meta.clone();
+            tokio::task::spawn_blocking(move || store.blob_chunk(id.as_bytes(), &m, index))
+        };
+        let mut next = (from_chunk < count).then(|| read(from_chunk));
+        for index in from_chunk..count {
+            let Some(pending) = next.take() else { break };
+            let mut bytes = pending.await??;
+            if index + 1 < count {
+                next = Some(read(index + 1));
+            }
+            if self.config.corrupt_chunks
+                && let Some(b) = bytes.first_mut()
+            {
+                *b ^= 0xff;
+            }
+            send(&mut stream, &BlobResponse::Chunk { index, bytes }).await?;
+        }
+        let _ = stream.close().await;
+        Ok(())
+    }
+
+    /// Fetches `id`, trying each peer in turn; returns whether the blob is now stored. One
+    /// transfer per blob runs at a time: a second caller waits for the first one's outcome.
+    async fn fetch(&self, id: ContentId, peers: &[PeerId]) -> Result<bool, FetchError> {
+        let waiter = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            match st.active.entry(id) {
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    let (tx, rx) = oneshot::channel();
+                    st.waiters.entry(id).or_default().push(tx);
+                    Some(rx)
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert((0, 0));
+                    None
+                }
+            }
+        };
+        if let Some(rx) = waiter {
+            // The transfer's owner went away without an answer only if it was cancelled.
+            return Ok(rx.await.unwrap_or(false));
+        }
+        let mut flight = InFlight {
+            state: &self.state,
+            id,
+            done: false,
+        };
+        for peer in peers {
+            if self.store.blob_meta(id.as_bytes())?.is_some() {
+                break;
+            }
+            match self.fetch_from(id, *peer).await {
+                Ok(()) => break,
+                Err(TransferError::Peer(fault)) => {
+                    tracing::warn!(%peer, blob = %id, reason = %fault, "peer sent bad blob data; disconnecting");
+                    self.net.disconnect_peer(*peer).await;
+                }
+                Err(TransferError::Store(e)) => return Err(e.into()),
+                Err(reason) => {
+                    tracing::debug!(%peer, blob = %id, %reason, "blob fetch from peer failed");
+                }
+            }
+        }
+        let arrived = self.store.blob_meta(id.as_bytes())?;
+        flight.done = arrived.is_some();
+        drop(flight);
+        match arrived {
+            Some(meta) => {
+                let _ = self.arrivals.send((id, meta.len));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn next_response<S>(&self, s: &mut S) -> Result<BlobResponse, TransferError>
+    where
+        S: AsyncRead + Unpin,
+    {
+        match tokio::time::timeout(self.config.response_timeout, read_frame(s, MAX_BLOB_FRAME))
+            .await
+        {
+            Err(_) => Err(TransferError::TimedOut),
+            Ok(Err(e)) => Err(TransferError::framed(e)),
+            Ok(Ok(None)) => Err(TransferError::Closed),
+            Ok(Ok(Some(b))) => BlobResponse::decode(&b).map_err(|e| PeerFault::Decode(e).into()),
+        }
+    }
+
+    /// The manifest a transfer is following, persisted once so a transfer can resume.
+    fn load_progress(&self, key: &[u8]) -> Result<Option<Progress>, StoreError> {
+        Ok(self
+            .store
+            .state_get(key)?
+            .and_then(|b| serde_cbor::from_slice(&b).ok()))
+    }
+
+    /// Opens (or resumes) the receiver for `p` on the blocking pool.
+    async fn open_receiver(
+        &self,
+        id: ContentId,
+        p: &Progress,
+    ) -> Result<BlobReceiver, TransferError> {
+        let store = self.store.clone();
+        let (internal, len, hashes) = (p.internal, p.len, chunk_hashes(&p.hashes));
+        Ok(tokio::task::spawn_blocking(move || {
+            store.receive_blob(*id.as_bytes(), internal, len, hashes)
+        })
+        .await??)
+    }
+
+    async fn fetch_from(&self, id: ContentId, peer: PeerId) -> Result<(), TransferError> {
+        let key = progress_key(&id);
+        let mut progress = self.load_progress(&key)?;
+        // Resuming: the chunks on disk are verified again first; go on after the last good one.
+        let mut receiver = match &progress {
+            Some(p) => match self.open_receiver(id, p).await {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    self.store.discard_chunks(p.internal, p.hashes.len() / 32)?;
+                    self.store.state_remove(&key)?;
+                    progress = None;
+                    None
+                }
+            },
+            None => None,
+        };
+        let from_chunk = receiver.as_ref().map_or(0, BlobReceiver::done);
+        if from_chunk > 0 {
+            tracing::info!(blob = %id, from_chunk, "resuming blob transfer");
+        }
+        let mut stream = self.net.open_blob_stream(peer).await?;
+        let req = serde_cbor::to_vec(&BlobRequest::Get { id, from_chunk })
+            .map_err(TransferError::Encode)?;
+        write_frame(&mut stream, &req, MAX_REQUEST_FRAME)
+            .await
+            .map_err(TransferError::framed)?;
+        let (len, chunk_size, hashes) = match self.next_response(&mut stream).await? {
+            BlobResponse::Manifest {
+                len,
+                chunk_size,
+                chunk_hashes,
+            } => (len, chunk_size, chunk_hashes),
+            BlobResponse::NotFound => return Err(TransferError::NotFound),
+            BlobResponse::Refused { reason } => return Err(TransferError::Refused(reason)),
+            _ => return Err(PeerFault::ExpectedManifest.into()),
+        };
+        if chunk_size as usize != CHUNK_SIZE
+            || hashes.len() % 32 != 0
+            || (hashes.len() / 32) as u64 != chunk_count(len)
+        {
+            return Err(PeerFault::BadManifest {
+                len,
+                chunk_size,
+                hash_bytes: hashes.len(),
+            }
+            .into());
+        }
+        // A different manifest than the one we resumed: start over.
+        if let Some(p) = &progress
+            && (p.hashes != hashes || p.len != len)
+        {
+            self.store.discard_chunks(p.internal, p.hashes.len() / 32)?;
+            self.store.state_remove(&key)?;
+            return Err(TransferError::ManifestChanged);
+        }
+        let receiver = match receiver.take() {
+            Some(r) => r,
+            None => {
+                let p = Progress {
+                    internal: self.store.new_blob_internal()?,
+                    len,
+                    hashes,
+                };
+                if let Ok(b) = serde_cbor::to_vec(&p) {
+                    self.store.state_put(&key, &b)?;
+                }
+                // Durable before the first chunk lands: without it a crash would leave a chunk
+                // file nobody claims, removed as garbage at the next start, and the transfer
+                // would start over instead of resuming.
+                self.store.flush().await?;
+                self.open_receiver(id, &p).await?
+            }
+        };
+        let count = receiver.count();
+        self.state().active.insert(id, (from_chunk, count));
+
+        // The network side reads chunks and checks their order; the disk side (a blocking
+        // thread) verifies each against its hash, writes it and records progress, a few chunks
+        // behind.
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(RECEIVE_AHEAD);
+        let disk = {
+            let state = self.state.clone();
+            let mut receiver = receiver;
+            tokio::task::spawn_blocking(move || -> Result<BlobReceiver, TransferError> {
+                while let Some(bytes) = rx.blocking_recv() {
+                    let index = receiver.done();
+                    match receiver.put(bytes) {
+                        Ok(()) => {}
+                        Err(StoreError::HashMismatch { .. }) => {
+                            return Err(PeerFault::ChunkHash(index).into());
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    lock(&state)
+                        .active
+                        .insert(id, (receiver.written(), receiver.count()));
+                }
+                Ok(receiver)
+            })
+        };
+        let network = async {
+            for expected in from_chunk..count {
+                match self.next_response(&mut stream).await? {
+                    BlobResponse::Chunk { index, bytes } if index == expected => {
+                        if tx.send(bytes).await.is_err() {
+                            break; // the disk side stopped; its error says why
+                        }
+                    }
+                    BlobResponse::Chunk { index, .. } => {
+                        return Err(PeerFault::ChunkOrder { index, expected }.into());
+                    }
+                    _ => return Err(PeerFault::ExpectedChunk.into()),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        drop(tx);
+        let receiver = disk.await??;
+        if let Err(e) = network {
+            // Dropping the receiver waits for its writer: not on this thread.
+            tokio::task::spawn_blocking(move || drop(receiver));
+            return Err(e);
+        }
+        let published = tokio::task::spawn_blocking(move || receiver.finish()).await?;
+        self.store.state_remove(&key)?;
+        match published {
+            Ok(_) => {
+                self.store.flush().await?;
+                tracing::info!(blob = %id, len, "blob received");
+                Ok(())
+            }
+            Err(StoreError::HashMismatch { .. }) => Err(PeerFault::WholeHash.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
-/// Announcements of every local blob, in messages of at most [`MAX_BLOB_ANNOUNCE`].
-pub fn announcements(ctx: &NodeCtx) -> Vec<Vec<(ContentId, u64)>> {
-    let Ok(blobs) = ctx.store.blobs() else {
+/// Announcements of every blob in `store`, in messages of at most [`MAX_BLOB_ANNOUNCE`].
+pub fn announcements(store: &Store) -> Vec<Vec<(ContentId, u64)>> {
+    let Ok(blobs) = store.blobs() else {
         return Vec::new();
     };
     let all: Vec<(ContentId, u64)> = blobs
@@ -196,258 +873,17 @@ pub fn announcements(ctx: &NodeCtx) -> Vec<Vec<(ContentId, u64)>> {
     all.chunks(MAX_BLOB_ANNOUNCE).map(<[_]>::to_vec).collect()
 }
 
-/// Fetches a blob now (from any connected device that announced it, or any connected
-/// trusted device), waiting for the transfer.
-pub async fn fetch_now(ctx: &Arc<NodeCtx>, id: ContentId) -> Result<(), FetchError> {
-    if ctx.store.blob_meta(id.as_bytes())?.is_some() {
-        return Ok(());
-    }
-    let mut peers: Vec<PeerId> = ctx
-        .blobs
-        .state()
-        .wanted
-        .get(&id)
-        .map(|(_, p)| p.clone())
-        .unwrap_or_default();
-    let trusted = ctx.trust.state();
-    for p in ctx.net.connected_peers() {
-        if !peers.contains(&p) && DeviceId::from_peer_id(&p).is_ok_and(|d| trusted.is_trusted(&d)) {
-            peers.push(p);
-        }
-    }
-    if fetch(ctx, id, &peers).await? {
-        Ok(())
-    } else {
-        Err(FetchError::Unavailable(id.to_string()))
-    }
-}
-
-/// Removes chunk files left by adds and transfers that were interrupted and will not resume
-/// (transfers with a progress record are kept, to resume).
-fn collect_garbage(ctx: &NodeCtx) {
-    let keep: Vec<u64> = ctx
-        .store
-        .state_scan(PROGRESS_PREFIX.as_bytes())
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|(_, v)| serde_cbor::from_slice::<Progress>(&v).ok())
-        .map(|p| p.internal)
-        .collect();
-    match ctx.store.collect_blob_garbage(&keep) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(removed = n, "removed chunks of interrupted blob adds"),
-        Err(e) => tracing::warn!(error = %e, "cannot collect blob garbage"),
-    }
-}
-
-/// Starts the blob server and the two fetch workers (small blobs, large blobs).
-pub fn spawn(ctx: Arc<NodeCtx>) {
-    collect_garbage(&ctx);
-    let mut control = ctx.net.control();
-    if let Ok(mut incoming) = control.accept(BLOB_PROTOCOL) {
-        let ctx2 = ctx.clone();
-        tokio::spawn(async move {
-            while let Some((peer, stream)) = incoming.next().await {
-                let ctx = ctx2.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = serve(&ctx, peer, stream).await {
-                        tracing::debug!(%peer, error = %e, "blob request ended");
-                    }
-                });
-            }
-        });
-    }
-    let Some((small, large)) = ctx
-        .blobs
-        .queues
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-    else {
-        return;
-    };
-    for mut rx in [small, large] {
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            while let Some(id) = rx.recv().await {
-                let peers = ctx
-                    .blobs
-                    .state()
-                    .wanted
-                    .get(&id)
-                    .map(|(_, p)| p.clone())
-                    .unwrap_or_default();
-                let done = match fetch(&ctx, id, &peers).await {
-                    Ok(true) => true,
-                    Ok(false) => {
-                        tracing::debug!(blob = %id, "blob not available from any peer yet");
-                        false
-                    }
-                    Err(e) => {
-                        tracing::warn!(blob = %id, error = %e, "blob fetch failed");
-                        false
-                    }
-                };
-                ctx.blobs.fetched(&ctx, id, done);
-            }
-        });
-    }
-}
-
-async fn serve(ctx: &NodeCtx, peer: PeerId, mut stream: libp2p::Stream) -> Result<(), String> {
-    let req: Option<BlobRequest> = read_msg(&mut stream, 4096)
-        .await
-        .map_err(|e| e.to_string())?;
-    let Some(BlobRequest::Get { id, from_chunk }) = req else {
-        return Ok(());
-    };
-    let trusted = DeviceId::from_peer_id(&peer).is_ok_and(|d| ctx.trust.state().is_trusted(&d));
-    if !trusted {
-        let reason = "not trusted: /iom/blob/1 is only for devices of this person".to_string();
-        send(
-            &mut stream,
-            &BlobResponse::Refused {
-                reason: reason.clone(),
-            },
-        )
-        .await?;
-        if ctx.sync.gate.refuse(peer, "/iom/blob/1", &reason) == Verdict::Disconnect {
-            ctx.net.disconnect(peer).await;
-        }
-        return Ok(());
-    }
-    let Some(meta) = ctx
-        .store
-        .blob_meta(id.as_bytes())
-        .map_err(|e| e.to_string())?
-    else {
-        return send(&mut stream, &BlobResponse::NotFound).await;
-    };
-    send(
-        &mut stream,
-        &BlobResponse::Manifest {
-            len: meta.len,
-            chunk_size: crate::store::CHUNK_SIZE as u32,
-            chunk_hashes: meta.chunk_hashes.concat(),
-        },
-    )
-    .await?;
-    let count = meta.chunk_hashes.len() as u32;
-    let meta = Arc::new(meta);
-    // Read (and verify) the next chunk while this one is being sent.
-    let read = |index: u32| {
-        let store = ctx.store.clone();
-        let m = meta.clone();
-        tokio::task::spawn_blocking(move || store.blob_chunk(id.as_bytes(), &m, index))
-    };
-    let mut next = (from_chunk < count).then(|| read(from_chunk));
-    for index in from_chunk..count {
-        let Some(pending) = next.take() else { break };
-        let mut bytes = pending
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        if index + 1 < count {
-            next = Some(read(index + 1));
-        }
-        if ctx.blobs.corrupt_chunks
-            && let Some(b) = bytes.first_mut()
-        {
-            *b ^= 0xff;
-        }
-        send(&mut stream, &BlobResponse::Chunk { index, bytes }).await?;
-    }
-    let _ = stream.close().await;
+async fn send<S>(stream: &mut S, msg: &BlobResponse) -> Result<(), ServeError>
+where
+    S: AsyncWrite + Unpin,
+{
+    let bytes = msg.encode()?;
+    write_frame(stream, &bytes, MAX_BLOB_FRAME).await?;
     Ok(())
-}
-
-async fn send(stream: &mut libp2p::Stream, msg: &BlobResponse) -> Result<(), String> {
-    let bytes = msg.encode().map_err(|e| e.to_string())?;
-    write_frame(stream, &bytes, MAX_BLOB_FRAME)
-        .await
-        .map_err(|e| e.to_string())
-}
-
-async fn next_response(s: &mut libp2p::Stream) -> Result<BlobResponse, FromError> {
-    match tokio::time::timeout(Duration::from_secs(30), read_frame(s, MAX_BLOB_FRAME)).await {
-        Err(_) => Err(FromError::Other("timed out".into())),
-        Ok(Err(e)) if e.is_peer_fault() => Err(FromError::PeerFault(e.to_string())),
-        Ok(Err(e)) => Err(FromError::Other(e.to_string())),
-        Ok(Ok(None)) => Err(FromError::Other("stream closed".into())),
-        Ok(Ok(Some(b))) => {
-            BlobResponse::decode(&b).map_err(|e| FromError::PeerFault(e.to_string()))
-        }
-    }
 }
 
 fn progress_key(id: &ContentId) -> Vec<u8> {
     format!("{PROGRESS_PREFIX}{id}").into_bytes()
-}
-
-/// Tries each peer in turn. Returns whether the blob is now stored.
-async fn fetch(ctx: &Arc<NodeCtx>, id: ContentId, peers: &[PeerId]) -> Result<bool, FetchError> {
-    for peer in peers {
-        if ctx.store.blob_meta(id.as_bytes())?.is_some() {
-            break;
-        }
-        match fetch_from(ctx, id, *peer).await {
-            Ok(()) => break,
-            Err(FromError::PeerFault(reason)) => {
-                tracing::warn!(%peer, blob = %id, %reason, "peer sent bad blob data; disconnecting");
-                ctx.net.disconnect(*peer).await;
-            }
-            Err(FromError::Other(reason)) => {
-                tracing::debug!(%peer, blob = %id, %reason, "blob fetch from peer failed");
-            }
-            Err(FromError::Store(e)) => return Err(e.into()),
-        }
-    }
-    ctx.blobs.state().active.remove(&id);
-    let done = ctx.store.blob_meta(id.as_bytes())?.is_some();
-    let mut st = ctx.blobs.state();
-    let len = st.wanted.get(&id).map(|(l, _)| *l);
-    if done {
-        st.wanted.remove(&id);
-    }
-    let waiters = if done {
-        st.waiters.remove(&id).unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    drop(st);
-    for w in waiters {
-        let _ = w.send(Ok(()));
-    }
-    if done && let Some(len) = len {
-        ctx.sync.broadcast(SyncMsg::Blobs {
-            have: vec![(id, len)],
-        });
-    }
-    Ok(done)
-}
-
-enum FromError {
-    PeerFault(String),
-    Other(String),
-    Store(crate::store::StoreError),
-}
-
-impl From<crate::store::StoreError> for FromError {
-    fn from(e: crate::store::StoreError) -> FromError {
-        FromError::Store(e)
-    }
-}
-
-/// Chunks received from the network and not yet verified and written; the network keeps
-/// reading while the disk side works.
-const RECEIVE_AHEAD: usize = 8;
-
-/// The manifest a transfer is following, persisted once so a transfer can resume.
-fn load_progress(ctx: &NodeCtx, key: &[u8]) -> Result<Option<Progress>, FromError> {
-    Ok(ctx
-        .store
-        .state_get(key)?
-        .and_then(|b| serde_cbor::from_slice(&b).ok()))
 }
 
 fn chunk_hashes(hashes: &[u8]) -> Vec<[u8; 32]> {
@@ -455,165 +891,4 @@ fn chunk_hashes(hashes: &[u8]) -> Vec<[u8; 32]> {
         .chunks_exact(32)
         .filter_map(|c| <[u8; 32]>::try_from(c).ok())
         .collect()
-}
-
-/// Opens (or resumes) the receiver for `p` on the blocking pool.
-async fn open_receiver(
-    ctx: &NodeCtx,
-    id: ContentId,
-    p: &Progress,
-) -> Result<BlobReceiver, FromError> {
-    let store = ctx.store.clone();
-    let (internal, len, hashes) = (p.internal, p.len, chunk_hashes(&p.hashes));
-    tokio::task::spawn_blocking(move || store.receive_blob(*id.as_bytes(), internal, len, hashes))
-        .await
-        .map_err(|e| FromError::Other(e.to_string()))?
-        .map_err(FromError::Store)
-}
-
-async fn fetch_from(ctx: &Arc<NodeCtx>, id: ContentId, peer: PeerId) -> Result<(), FromError> {
-    let key = progress_key(&id);
-    let mut progress = load_progress(ctx, &key)?;
-    // Resuming: the chunks on disk are verified again first; go on after the last good one.
-    let mut receiver = match &progress {
-        Some(p) => match open_receiver(ctx, id, p).await {
-            Ok(r) => Some(r),
-            Err(_) => {
-                ctx.store.discard_chunks(p.internal, p.hashes.len() / 32)?;
-                ctx.store.state_remove(&key)?;
-                progress = None;
-                None
-            }
-        },
-        None => None,
-    };
-    let from_chunk = receiver.as_ref().map_or(0, BlobReceiver::done);
-    if from_chunk > 0 {
-        tracing::info!(blob = %id, from_chunk, "resuming blob transfer");
-    }
-    let mut stream = ctx
-        .net
-        .open(peer, BLOB_PROTOCOL)
-        .await
-        .map_err(|e| FromError::Other(e.to_string()))?;
-    let req = serde_cbor::to_vec(&BlobRequest::Get { id, from_chunk })
-        .map_err(|e| FromError::Other(e.to_string()))?;
-    write_frame(&mut stream, &req, 4096)
-        .await
-        .map_err(|e| FromError::Other(e.to_string()))?;
-    let (len, chunk_size, hashes) = match next_response(&mut stream).await? {
-        BlobResponse::Manifest {
-            len,
-            chunk_size,
-            chunk_hashes,
-        } => (len, chunk_size, chunk_hashes),
-        BlobResponse::NotFound => return Err(FromError::Other("peer does not have it".into())),
-        BlobResponse::Refused { reason } => return Err(FromError::Other(reason)),
-        _ => return Err(FromError::PeerFault("expected a manifest".into())),
-    };
-    if chunk_size as usize != CHUNK_SIZE
-        || hashes.len() % 32 != 0
-        || (hashes.len() / 32) as u64 != chunk_count(len)
-    {
-        return Err(FromError::PeerFault(format!(
-            "manifest does not fit: {len} bytes, chunks of {chunk_size}, {} hash bytes",
-            hashes.len()
-        )));
-    }
-    // A different manifest than the one we resumed: start over.
-    if let Some(p) = &progress
-        && (p.hashes != hashes || p.len != len)
-    {
-        ctx.store.discard_chunks(p.internal, p.hashes.len() / 32)?;
-        ctx.store.state_remove(&key)?;
-        return Err(FromError::Other("manifest changed; restarting".into()));
-    }
-    let receiver = match receiver.take() {
-        Some(r) => r,
-        None => {
-            let p = Progress {
-                internal: ctx.store.new_blob_internal()?,
-                len,
-                hashes,
-            };
-            if let Ok(b) = serde_cbor::to_vec(&p) {
-                ctx.store.state_put(&key, &b)?;
-            }
-            // Durable before the first chunk lands: without it a crash would leave a chunk
-            // file nobody claims, removed as garbage at the next start, and the transfer would
-            // start over instead of resuming.
-            ctx.store.flush().await?;
-            open_receiver(ctx, id, &p).await?
-        }
-    };
-    let count = receiver.count();
-    ctx.blobs.state().active.insert(id, (from_chunk, count));
-
-    // The network side reads chunks and checks their order; the disk side (a blocking thread)
-    // verifies each against its hash, writes it and records progress, a few chunks behind.
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(RECEIVE_AHEAD);
-    let disk = {
-        let ctx = ctx.clone();
-        let mut receiver = receiver;
-        tokio::task::spawn_blocking(move || -> Result<BlobReceiver, FromError> {
-            while let Some(bytes) = rx.blocking_recv() {
-                let index = receiver.done();
-                match receiver.put(bytes) {
-                    Ok(()) => {}
-                    Err(StoreError::HashMismatch { .. }) => {
-                        return Err(FromError::PeerFault(format!(
-                            "chunk {index} does not match its hash"
-                        )));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-                ctx.blobs
-                    .state()
-                    .active
-                    .insert(id, (receiver.written(), receiver.count()));
-            }
-            Ok(receiver)
-        })
-    };
-    let network = async {
-        for expected in from_chunk..count {
-            match next_response(&mut stream).await? {
-                BlobResponse::Chunk { index, bytes } if index == expected => {
-                    if tx.send(bytes).await.is_err() {
-                        break; // the disk side stopped; its error says why
-                    }
-                }
-                BlobResponse::Chunk { index, .. } => {
-                    return Err(FromError::PeerFault(format!(
-                        "chunk {index} out of order, expected {expected}"
-                    )));
-                }
-                _ => return Err(FromError::PeerFault("expected a chunk".into())),
-            }
-        }
-        Ok(())
-    }
-    .await;
-    drop(tx);
-    let receiver = disk.await.map_err(|e| FromError::Other(e.to_string()))??;
-    if let Err(e) = network {
-        // Dropping the receiver waits for its writer: not on this thread.
-        tokio::task::spawn_blocking(move || drop(receiver));
-        return Err(e);
-    }
-    let published = tokio::task::spawn_blocking(move || receiver.finish())
-        .await
-        .map_err(|e| FromError::Other(e.to_string()))?;
-    ctx.store.state_remove(&key)?;
-    match published {
-        Ok(_) => {
-            ctx.store.flush().await?;
-            tracing::info!(blob = %id, len, "blob received");
-            Ok(())
-        }
-        Err(StoreError::HashMismatch { .. }) => {
-            Err(FromError::PeerFault("whole-content hash mismatch".into()))
-        }
-        Err(e) => Err(e.into()),
-    }
 }
