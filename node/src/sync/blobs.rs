@@ -843,8 +843,9 @@ impl<N: BlobNet> Blobs<N> {
         drop(tx);
         let receiver = disk.await??;
         if let Err(e) = network {
-            // Dropping the receiver waits for its writer: not on this thread.
-            tokio::task::spawn_blocking(move || drop(receiver));
+            // Dropping the receiver waits for its writer: not on this thread. Waited for, so a
+            // retry finds every chunk that arrived on disk.
+            tokio::task::spawn_blocking(move || drop(receiver)).await?;
             return Err(e);
         }
         let published = tokio::task::spawn_blocking(move || receiver.finish()).await?;
@@ -891,4 +892,865 @@ fn chunk_hashes(hashes: &[u8]) -> Vec<[u8; 32]> {
         .chunks_exact(32)
         .filter_map(|c| <[u8; 32]>::try_from(c).ok())
         .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::future::BoxFuture;
+    use iom_protocol::cert::{CertBody, Certificate};
+    use iom_protocol::keys::{DeviceKey, PersonKey};
+    use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+
+    use super::*;
+
+    type Duplex = Compat<tokio::io::DuplexStream>;
+    type Handler = Arc<dyn Fn(Duplex) -> BoxFuture<'static, ()> + Send + Sync>;
+
+    /// A network of in-memory streams: each open runs the handler registered for the peer.
+    #[derive(Default)]
+    struct FakeNet {
+        connected: Mutex<Vec<PeerId>>,
+        handlers: Mutex<HashMap<PeerId, Handler>>,
+        opens: AtomicUsize,
+        disconnected: Mutex<Vec<PeerId>>,
+    }
+
+    impl BlobNet for Arc<FakeNet> {
+        type Stream = Duplex;
+
+        fn connected_peers(&self) -> Vec<PeerId> {
+            self.connected.lock().unwrap().clone()
+        }
+
+        fn open_blob_stream(
+            &self,
+            peer: PeerId,
+        ) -> impl Future<Output = Result<Duplex, NetError>> + Send {
+            self.opens.fetch_add(1, Ordering::SeqCst);
+            let handler = self.handlers.lock().unwrap().get(&peer).cloned();
+            async move {
+                let Some(handler) = handler else {
+                    return Err(NetError::Stream {
+                        peer,
+                        protocol: BLOB_PROTOCOL.to_string(),
+                        reason: "not connected".into(),
+                    });
+                };
+                let (ours, theirs) = tokio::io::duplex(64 * 1024);
+                tokio::spawn(handler(theirs.compat()));
+                Ok(ours.compat())
+            }
+        }
+
+        fn disconnect_peer(&self, peer: PeerId) -> impl Future<Output = ()> + Send {
+            self.disconnected.lock().unwrap().push(peer);
+            async {}
+        }
+
+        fn accept_blob_streams(&self) -> Option<BoxStream<'static, (PeerId, Duplex)>> {
+            None
+        }
+    }
+
+    fn person() -> PersonKey {
+        PersonKey::from_seed([1; 32])
+    }
+
+    fn device(seed: u8) -> DeviceKey {
+        DeviceKey::from_seed([seed; 32])
+    }
+
+    fn device_cert(seed: u8) -> Certificate {
+        let body = CertBody::Device {
+            person: person().id(),
+            device: device(seed).id(),
+            name: format!("d{seed}"),
+            admin: false,
+            issued_at: 1,
+        };
+        Certificate::issue_by_person(body, &person()).unwrap()
+    }
+
+    /// One device: a store, a trust book trusting `trusted`, and its blob service.
+    struct Side {
+        _dir: tempfile::TempDir,
+        store: Store,
+        net: Arc<FakeNet>,
+        blobs: Arc<Blobs<Arc<FakeNet>>>,
+        peer: PeerId,
+    }
+
+    async fn side(seed: u8, trusted: &[u8], config: BlobsConfig) -> Side {
+        let (dir, store) = crate::store::temp_store();
+        let trust = Arc::new(TrustBook::load(store.clone(), person().id()).unwrap());
+        trust
+            .add(trusted.iter().map(|s| device_cert(*s)).collect())
+            .await
+            .unwrap();
+        let net = Arc::new(FakeNet::default());
+        let blobs = Arc::new(Blobs::new(
+            store.clone(),
+            net.clone(),
+            trust,
+            Arc::new(Gate::default()),
+            config,
+        ));
+        Side {
+            _dir: dir,
+            store,
+            net,
+            blobs,
+            peer: device(seed).id().to_peer_id(),
+        }
+    }
+
+    /// A client (device 2) and a server (device 3) that trust each other.
+    async fn pair() -> (Side, Side) {
+        let client = side(2, &[2, 3], BlobsConfig::default()).await;
+        let server = side(3, &[2, 3], BlobsConfig::default()).await;
+        connect(&client, &server);
+        (client, server)
+    }
+
+    /// `client` reaches `server`'s real blob server.
+    fn connect(client: &Side, server: &Side) {
+        let blobs = server.blobs.clone();
+        let from = client.peer;
+        let handler: Handler = Arc::new(move |s| {
+            let blobs = blobs.clone();
+            Box::pin(async move {
+                let _ = blobs.serve(from, s).await;
+            })
+        });
+        connect_with(client, server.peer, handler);
+    }
+
+    fn connect_with(client: &Side, peer: PeerId, handler: Handler) {
+        client.net.handlers.lock().unwrap().insert(peer, handler);
+        client.net.connected.lock().unwrap().push(peer);
+    }
+
+    fn content(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    async fn add_blob(store: &Store, len: usize) -> (ContentId, Vec<u8>) {
+        let bytes = content(len);
+        let mut w = store.blob_writer(None).unwrap();
+        w.write(&bytes).unwrap();
+        let (id, _) = w.finish().await.unwrap();
+        (ContentId::from_bytes(id), bytes)
+    }
+
+    fn read_blob(store: &Store, id: &ContentId) -> Option<Vec<u8>> {
+        let meta = store.blob_meta(id.as_bytes()).unwrap()?;
+        let mut out = Vec::new();
+        for i in 0..meta.chunk_hashes.len() as u32 {
+            out.extend(store.blob_chunk(id.as_bytes(), &meta, i).unwrap());
+        }
+        Some(out)
+    }
+
+    /// How a fake server misbehaves.
+    #[derive(Clone, Copy)]
+    enum Fake {
+        /// Serves honestly.
+        Honest,
+        /// Closes the stream after this many chunks.
+        CutAfter(u32),
+        /// Numbers chunks one too high.
+        OutOfOrder,
+        /// A manifest with one hash too many.
+        BadManifest,
+        /// A chunk where the manifest should be.
+        ChunkFirst,
+        /// Reads the request and never answers.
+        Silent,
+    }
+
+    /// A server over `store` that behaves as `how` says and records the `from_chunk` of
+    /// every request.
+    fn fake_server(store: &Store, how: Fake, asked: &Arc<Mutex<Vec<u32>>>) -> Handler {
+        let (store, asked) = (store.clone(), asked.clone());
+        Arc::new(move |mut s: Duplex| {
+            let (store, asked) = (store.clone(), asked.clone());
+            Box::pin(async move {
+                let Ok(Some(BlobRequest::Get { id, from_chunk })) =
+                    read_msg::<BlobRequest, _>(&mut s, MAX_REQUEST_FRAME).await
+                else {
+                    return;
+                };
+                asked.lock().unwrap().push(from_chunk);
+                let meta = store.blob_meta(id.as_bytes()).unwrap().unwrap();
+                let count = meta.chunk_hashes.len() as u32;
+                let manifest = match how {
+                    Fake::Silent => return futures::future::pending().await,
+                    Fake::ChunkFirst => BlobResponse::Chunk {
+                        index: 0,
+                        bytes: vec![1],
+                    },
+                    Fake::BadManifest => BlobResponse::Manifest {
+                        len: meta.len,
+                        chunk_size: CHUNK_SIZE as u32,
+                        chunk_hashes: vec![0; 32 * (count as usize + 1)],
+                    },
+                    _ => BlobResponse::Manifest {
+                        len: meta.len,
+                        chunk_size: CHUNK_SIZE as u32,
+                        chunk_hashes: meta.chunk_hashes.concat(),
+                    },
+                };
+                if send(&mut s, &manifest).await.is_err() {
+                    return;
+                }
+                for index in from_chunk..count {
+                    if matches!(how, Fake::CutAfter(n) if index >= n) {
+                        return;
+                    }
+                    let bytes = store.blob_chunk(id.as_bytes(), &meta, index).unwrap();
+                    let index = if matches!(how, Fake::OutOfOrder) {
+                        index + 1
+                    } else {
+                        index
+                    };
+                    if send(&mut s, &BlobResponse::Chunk { index, bytes })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                let _ = s.close().await;
+            })
+        })
+    }
+
+    fn queues(b: &Blobs<Arc<FakeNet>>) -> Queues {
+        b.queues.lock().unwrap().take().unwrap()
+    }
+
+    fn blob_id(n: u8) -> ContentId {
+        ContentId::from_bytes([n; 32])
+    }
+
+    #[tokio::test]
+    async fn want_queues_each_blob_once_and_records_every_announcer() {
+        let s = side(2, &[], BlobsConfig::default()).await;
+        let (mut small, mut large) = queues(&s.blobs);
+        let (a, b) = (device(5).id().to_peer_id(), device(6).id().to_peer_id());
+        s.blobs.want(blob_id(1), 100, a);
+        s.blobs.want(blob_id(1), 100, b);
+        s.blobs.want(blob_id(1), 100, b);
+        s.blobs.want(blob_id(2), 50, b);
+        assert_eq!(small.try_recv().unwrap(), blob_id(1));
+        assert_eq!(small.try_recv().unwrap(), blob_id(2));
+        assert!(small.try_recv().is_err(), "each blob is queued once");
+        assert!(large.try_recv().is_err());
+        assert_eq!(s.blobs.announcers(&blob_id(1)), vec![a, b]);
+        assert_eq!(s.blobs.pending_bytes(), 150);
+        assert_eq!(s.blobs.pending_bytes_from(&a), 100);
+        assert_eq!(s.blobs.pending_bytes_from(&b), 150);
+        let stranger = device(7).id().to_peer_id();
+        assert_eq!(s.blobs.pending_bytes_from(&stranger), 0);
+    }
+
+    #[tokio::test]
+    async fn blobs_over_the_eager_limit_go_to_the_background_queue() {
+        let s = side(2, &[], BlobsConfig::default()).await;
+        let (mut small, mut large) = queues(&s.blobs);
+        let peer = device(5).id().to_peer_id();
+        s.blobs.want(blob_id(1), EAGER_LIMIT, peer);
+        s.blobs.want(blob_id(2), EAGER_LIMIT + 1, peer);
+        assert_eq!(small.try_recv().unwrap(), blob_id(1));
+        assert_eq!(large.try_recv().unwrap(), blob_id(2));
+        assert!(small.try_recv().is_err() && large.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn an_announcement_that_finds_its_queue_full_is_queued_by_the_next() {
+        let config = BlobsConfig {
+            queue_len: 1,
+            ..BlobsConfig::default()
+        };
+        let s = side(2, &[], config).await;
+        let (mut small, _large) = queues(&s.blobs);
+        let peer = device(5).id().to_peer_id();
+        s.blobs.want(blob_id(1), 10, peer);
+        s.blobs.want(blob_id(2), 10, peer); // the queue is full
+        assert!(!s.blobs.state().queued.contains(&blob_id(2)));
+        assert_eq!(small.try_recv().unwrap(), blob_id(1));
+        s.blobs.want(blob_id(2), 10, peer);
+        assert_eq!(small.try_recv().unwrap(), blob_id(2));
+        // Still wanted meanwhile: its bytes count as pending.
+        assert_eq!(s.blobs.pending_bytes(), 20);
+    }
+
+    #[test]
+    fn the_backoff_doubles_from_one_second_to_64() {
+        let secs: Vec<u64> = (1..=9)
+            .map(|f| Blobs::<Net>::backoff(f).as_secs())
+            .collect();
+        assert_eq!(secs, vec![1, 2, 4, 8, 16, 32, 64, 64, 64]);
+        assert_eq!(Blobs::<Net>::backoff(u32::MAX).as_secs(), 64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_fetch_is_retried_after_the_backoff_while_an_announcer_is_connected() {
+        let s = side(2, &[], BlobsConfig::default()).await;
+        let (mut small, _large) = queues(&s.blobs);
+        let peer = device(5).id().to_peer_id();
+        s.net.connected.lock().unwrap().push(peer);
+        s.blobs.want(blob_id(1), 10, peer);
+        assert_eq!(small.try_recv().unwrap(), blob_id(1));
+
+        s.blobs.fetched(blob_id(1), false);
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        assert!(small.try_recv().is_err(), "not before one second");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(small.try_recv().unwrap(), blob_id(1));
+
+        // The second failure in a row waits two seconds.
+        s.blobs.fetched(blob_id(1), false);
+        tokio::time::sleep(Duration::from_millis(1999)).await;
+        assert!(small.try_recv().is_err(), "not before two seconds");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(small.try_recv().unwrap(), blob_id(1));
+        assert_eq!(s.blobs.state().failures.get(&blob_id(1)), Some(&2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_connected_announcer_only_the_next_announcement_retries() {
+        let s = side(2, &[], BlobsConfig::default()).await;
+        let (mut small, _large) = queues(&s.blobs);
+        let peer = device(5).id().to_peer_id();
+        s.blobs.want(blob_id(1), 10, peer);
+        assert_eq!(small.try_recv().unwrap(), blob_id(1));
+        s.blobs.fetched(blob_id(1), false);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(small.try_recv().is_err(), "nobody who has it is connected");
+        assert!(!s.blobs.state().queued.contains(&blob_id(1)));
+        // It reconnects and announces again.
+        s.blobs.want(blob_id(1), 10, peer);
+        assert_eq!(small.try_recv().unwrap(), blob_id(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blob_that_arrived_forgets_its_failures_and_is_not_retried() {
+        let s = side(2, &[], BlobsConfig::default()).await;
+        let (mut small, _large) = queues(&s.blobs);
+        let peer = device(5).id().to_peer_id();
+        s.net.connected.lock().unwrap().push(peer);
+        s.blobs.want(blob_id(1), 10, peer);
+        let _ = small.try_recv();
+        s.blobs.fetched(blob_id(1), false);
+        tokio::time::sleep(Duration::from_millis(1001)).await;
+        assert_eq!(small.try_recv().unwrap(), blob_id(1));
+        s.blobs.fetched(blob_id(1), true);
+        assert!(s.blobs.state().failures.is_empty());
+        assert!(s.blobs.state().queued.is_empty());
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(small.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_blob_travels_whole_across_chunks_and_is_announced() {
+        let (client, server) = pair().await;
+        let (id, bytes) = add_blob(&server.store, 2 * CHUNK_SIZE + CHUNK_SIZE / 2).await;
+        let mut arrivals = client.blobs.arrivals();
+        client.blobs.want(id, bytes.len() as u64, server.peer);
+        assert_eq!(client.blobs.pending_bytes(), bytes.len() as u64);
+        assert!(client.blobs.fetch(id, &[server.peer]).await.unwrap());
+        assert_eq!(read_blob(&client.store, &id).unwrap(), bytes);
+        assert_eq!(arrivals.try_recv().unwrap(), (id, bytes.len() as u64));
+        assert_eq!(client.blobs.pending_bytes(), 0, "no longer wanted");
+        assert!(client.blobs.active().is_empty());
+        assert!(
+            client
+                .store
+                .state_get(&progress_key(&id))
+                .unwrap()
+                .is_none()
+        );
+        assert!(client.net.disconnected.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_empty_blob_travels_too() {
+        let (client, server) = pair().await;
+        let (id, _) = add_blob(&server.store, 0).await;
+        assert!(client.blobs.fetch(id, &[server.peer]).await.unwrap());
+        assert_eq!(read_blob(&client.store, &id).unwrap(), Vec::<u8>::new());
+    }
+
+    #[tokio::test]
+    async fn fetch_now_asks_connected_trusted_devices_that_never_announced_it() {
+        let (client, server) = pair().await;
+        let (id, bytes) = add_blob(&server.store, 1000).await;
+        client.blobs.fetch_now(id).await.unwrap();
+        assert_eq!(read_blob(&client.store, &id).unwrap(), bytes);
+    }
+
+    #[tokio::test]
+    async fn fetch_now_skips_connected_devices_that_are_not_trusted() {
+        // The client trusts only itself: the connected server is a stranger to it.
+        let client = side(2, &[2], BlobsConfig::default()).await;
+        let server = side(3, &[2, 3], BlobsConfig::default()).await;
+        connect(&client, &server);
+        let (id, _) = add_blob(&server.store, 1000).await;
+        let err = client.blobs.fetch_now(id).await.unwrap_err();
+        assert!(
+            matches!(err, FetchError::Unavailable(i) if i == id),
+            "{err}"
+        );
+        assert_eq!(client.net.opens.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn fetch_now_of_a_blob_held_opens_nothing() {
+        let (client, _server) = pair().await;
+        let (id, _) = add_blob(&client.store, 1000).await;
+        client.blobs.fetch_now(id).await.unwrap();
+        assert_eq!(client.net.opens.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn fetch_now_without_a_peer_that_has_it_is_unavailable() {
+        let (client, _server) = pair().await;
+        let err = client.blobs.fetch_now(blob_id(9)).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("no connected device has blob {}", blob_id(9))
+        );
+        assert!(
+            client.net.disconnected.lock().unwrap().is_empty(),
+            "not having a blob is not a fault"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_untrusted_peer_is_refused_and_disconnected_when_it_keeps_knocking() {
+        let client = side(2, &[2, 3], BlobsConfig::default()).await;
+        let server = side(3, &[3], BlobsConfig::default()).await; // does not trust the client
+        connect(&client, &server);
+        let (id, _) = add_blob(&server.store, 1000).await;
+        for _ in 0..super::super::gate::MAX_REFUSALS_PER_MINUTE {
+            assert!(!client.blobs.fetch(id, &[server.peer]).await.unwrap());
+        }
+        assert!(server.net.disconnected.lock().unwrap().is_empty());
+        assert!(!client.blobs.fetch(id, &[server.peer]).await.unwrap());
+        assert_eq!(*server.net.disconnected.lock().unwrap(), vec![client.peer]);
+        assert!(
+            client.net.disconnected.lock().unwrap().is_empty(),
+            "a refusal is not the server's fault"
+        );
+        assert!(client.store.blob_meta(id.as_bytes()).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn corrupted_chunks_disconnect_the_sender_and_nothing_is_kept() {
+        let client = side(2, &[2, 3], BlobsConfig::default()).await;
+        let config = BlobsConfig {
+            corrupt_chunks: true,
+            ..BlobsConfig::default()
+        };
+        let server = side(3, &[2, 3], config).await;
+        connect(&client, &server);
+        let (id, _) = add_blob(&server.store, CHUNK_SIZE + 10).await;
+        assert!(!client.blobs.fetch(id, &[server.peer]).await.unwrap());
+        assert_eq!(*client.net.disconnected.lock().unwrap(), vec![server.peer]);
+        assert!(client.store.blob_meta(id.as_bytes()).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn after_a_bad_peer_the_next_one_is_tried() {
+        let client = side(2, &[2, 3, 4], BlobsConfig::default()).await;
+        let bad = side(
+            3,
+            &[2, 3],
+            BlobsConfig {
+                corrupt_chunks: true,
+                ..BlobsConfig::default()
+            },
+        )
+        .await;
+        let good = side(4, &[2, 4], BlobsConfig::default()).await;
+        connect(&client, &bad);
+        connect(&client, &good);
+        let (id, bytes) = add_blob(&bad.store, 3000).await;
+        add_blob(&good.store, 3000).await;
+        assert!(
+            client
+                .blobs
+                .fetch(id, &[bad.peer, good.peer])
+                .await
+                .unwrap()
+        );
+        assert_eq!(read_blob(&client.store, &id).unwrap(), bytes);
+        assert_eq!(*client.net.disconnected.lock().unwrap(), vec![bad.peer]);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_lacks_the_blob_or_cannot_be_reached_is_not_blamed() {
+        let (client, server) = pair().await;
+        let stranger = device(9).id().to_peer_id(); // no handler: opening fails
+        assert!(
+            !client
+                .blobs
+                .fetch(blob_id(1), &[stranger, server.peer])
+                .await
+                .unwrap()
+        );
+        assert_eq!(client.net.opens.load(Ordering::SeqCst), 2);
+        assert!(client.net.disconnected.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_broken_transfer_resumes_after_the_chunks_on_disk() {
+        let client = side(2, &[2, 3], BlobsConfig::default()).await;
+        let server = side(3, &[2, 3], BlobsConfig::default()).await;
+        let (id, bytes) = add_blob(&server.store, 3 * CHUNK_SIZE + 1).await;
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        connect_with(
+            &client,
+            server.peer,
+            fake_server(&server.store, Fake::CutAfter(2), &asked),
+        );
+        assert!(!client.blobs.fetch(id, &[server.peer]).await.unwrap());
+        assert!(client.store.blob_meta(id.as_bytes()).unwrap().is_none());
+        assert!(
+            client
+                .store
+                .state_get(&progress_key(&id))
+                .unwrap()
+                .is_some(),
+            "the manifest is kept to resume"
+        );
+        assert!(client.net.disconnected.lock().unwrap().is_empty());
+
+        connect_with(
+            &client,
+            server.peer,
+            fake_server(&server.store, Fake::Honest, &asked),
+        );
+        assert!(client.blobs.fetch(id, &[server.peer]).await.unwrap());
+        assert_eq!(*asked.lock().unwrap(), vec![0, 2], "resumed at chunk 2");
+        assert_eq!(read_blob(&client.store, &id).unwrap(), bytes);
+        assert!(
+            client
+                .store
+                .state_get(&progress_key(&id))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resumed_transfer_whose_manifest_changed_starts_over() {
+        let client = side(2, &[2, 3], BlobsConfig::default()).await;
+        let server = side(3, &[2, 3], BlobsConfig::default()).await;
+        let (id, bytes) = add_blob(&server.store, 2 * CHUNK_SIZE + 1).await;
+        // A progress record for a manifest the server does not have (a different length).
+        let p = Progress {
+            internal: client.store.new_blob_internal().unwrap(),
+            len: 5,
+            hashes: vec![7; 32],
+        };
+        client
+            .store
+            .state_put(&progress_key(&id), &serde_cbor::to_vec(&p).unwrap())
+            .unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        connect_with(
+            &client,
+            server.peer,
+            fake_server(&server.store, Fake::Honest, &asked),
+        );
+        let err = client.blobs.fetch_from(id, server.peer).await.unwrap_err();
+        assert!(matches!(err, TransferError::ManifestChanged), "{err}");
+        assert!(
+            client
+                .store
+                .state_get(&progress_key(&id))
+                .unwrap()
+                .is_none()
+        );
+        // The next attempt starts from the beginning and succeeds.
+        assert!(client.blobs.fetch(id, &[server.peer]).await.unwrap());
+        assert_eq!(read_blob(&client.store, &id).unwrap(), bytes);
+        assert_eq!(*asked.lock().unwrap(), vec![0, 0]);
+    }
+
+    async fn fault_of(how: Fake) -> TransferError {
+        let client = side(2, &[2, 3], BlobsConfig::default()).await;
+        let server = side(3, &[2, 3], BlobsConfig::default()).await;
+        let (id, _) = add_blob(&server.store, 2 * CHUNK_SIZE + 1).await;
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        connect_with(
+            &client,
+            server.peer,
+            fake_server(&server.store, how, &asked),
+        );
+        let err = client.blobs.fetch_from(id, server.peer).await.unwrap_err();
+        assert!(client.store.blob_meta(id.as_bytes()).unwrap().is_none());
+        err
+    }
+
+    #[tokio::test]
+    async fn chunks_out_of_order_are_the_peers_fault() {
+        let err = fault_of(Fake::OutOfOrder).await;
+        assert!(
+            matches!(
+                err,
+                TransferError::Peer(PeerFault::ChunkOrder {
+                    index: 1,
+                    expected: 0
+                })
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_manifest_that_does_not_fit_its_length_is_the_peers_fault() {
+        let err = fault_of(Fake::BadManifest).await;
+        assert!(
+            matches!(
+                err,
+                TransferError::Peer(PeerFault::BadManifest {
+                    hash_bytes: 128,
+                    ..
+                })
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_before_the_manifest_is_the_peers_fault() {
+        let err = fault_of(Fake::ChunkFirst).await;
+        assert!(
+            matches!(err, TransferError::Peer(PeerFault::ExpectedManifest)),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_times_out_without_blame() {
+        let client = side(
+            2,
+            &[2, 3],
+            BlobsConfig {
+                response_timeout: Duration::from_millis(50),
+                ..BlobsConfig::default()
+            },
+        )
+        .await;
+        let server = side(3, &[2, 3], BlobsConfig::default()).await;
+        let (id, _) = add_blob(&server.store, 10).await;
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        connect_with(
+            &client,
+            server.peer,
+            fake_server(&server.store, Fake::Silent, &asked),
+        );
+        let err = client.blobs.fetch_from(id, server.peer).await.unwrap_err();
+        assert!(matches!(err, TransferError::TimedOut), "{err}");
+        assert!(!client.blobs.fetch(id, &[server.peer]).await.unwrap());
+        assert!(client.net.disconnected.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn concurrent_fetches_of_one_blob_share_one_transfer() {
+        let (client, server) = pair().await;
+        let (id, bytes) = add_blob(&server.store, CHUNK_SIZE * 2).await;
+        let peers = [server.peer];
+        let (a, b) = tokio::join!(
+            client.blobs.fetch(id, &peers),
+            client.blobs.fetch(id, &peers)
+        );
+        assert!(a.unwrap() && b.unwrap());
+        assert_eq!(client.net.opens.load(Ordering::SeqCst), 1);
+        assert_eq!(read_blob(&client.store, &id).unwrap(), bytes);
+        assert!(client.blobs.state().waiters.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_transfer_releases_the_callers_waiting_for_it() {
+        let client = side(2, &[2, 3], BlobsConfig::default()).await;
+        let server = side(3, &[2, 3], BlobsConfig::default()).await;
+        let (id, _) = add_blob(&server.store, 10).await;
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        connect_with(
+            &client,
+            server.peer,
+            fake_server(&server.store, Fake::Silent, &asked),
+        );
+        let peers = [server.peer];
+        let mut first = Box::pin(client.blobs.fetch(id, &peers));
+        assert!(futures::poll!(&mut first).is_pending());
+        let mut second = Box::pin(client.blobs.fetch(id, &peers));
+        assert!(futures::poll!(&mut second).is_pending());
+        assert_eq!(client.blobs.active().len(), 1);
+        drop(first);
+        assert!(!second.await.unwrap(), "the transfer it waited for is gone");
+        assert!(client.blobs.active().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_server_sends_the_manifest_then_the_chunks_from_the_one_asked_for() {
+        let server = side(3, &[2, 3], BlobsConfig::default()).await;
+        let (id, bytes) = add_blob(&server.store, 3 * CHUNK_SIZE).await;
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let task = {
+            let blobs = server.blobs.clone();
+            let from = device(2).id().to_peer_id();
+            tokio::spawn(async move { blobs.serve(from, theirs.compat()).await })
+        };
+        let mut s = ours.compat();
+        let req = serde_cbor::to_vec(&BlobRequest::Get { id, from_chunk: 1 }).unwrap();
+        write_frame(&mut s, &req, MAX_REQUEST_FRAME).await.unwrap();
+        let mut got = Vec::new();
+        while let Some(frame) = read_frame(&mut s, MAX_BLOB_FRAME).await.unwrap() {
+            got.push(BlobResponse::decode(&frame).unwrap());
+        }
+        task.await.unwrap().unwrap();
+        assert_eq!(got.len(), 3, "a manifest and chunks 1 and 2");
+        let BlobResponse::Manifest {
+            len, chunk_hashes, ..
+        } = &got[0]
+        else {
+            panic!("expected a manifest first: {:?}", got[0]);
+        };
+        assert_eq!(*len, bytes.len() as u64);
+        assert_eq!(chunk_hashes.len(), 3 * 32);
+        for (i, r) in got[1..].iter().enumerate() {
+            let BlobResponse::Chunk { index, bytes: b } = r else {
+                panic!("expected a chunk: {r:?}");
+            };
+            let index = *index as usize;
+            assert_eq!(index, i + 1);
+            assert_eq!(b[..], bytes[index * CHUNK_SIZE..(index + 1) * CHUNK_SIZE]);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_server_answers_not_found_for_a_blob_it_lacks() {
+        let server = side(3, &[2, 3], BlobsConfig::default()).await;
+        let (ours, theirs) = tokio::io::duplex(4096);
+        let blobs = server.blobs.clone();
+        let from = device(2).id().to_peer_id();
+        let task = tokio::spawn(async move { blobs.serve(from, theirs.compat()).await });
+        let mut s = ours.compat();
+        let req = serde_cbor::to_vec(&BlobRequest::Get {
+            id: blob_id(4),
+            from_chunk: 0,
+        })
+        .unwrap();
+        write_frame(&mut s, &req, MAX_REQUEST_FRAME).await.unwrap();
+        let frame = read_frame(&mut s, MAX_BLOB_FRAME).await.unwrap().unwrap();
+        assert!(matches!(
+            BlobResponse::decode(&frame).unwrap(),
+            BlobResponse::NotFound
+        ));
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn announcements_name_every_stored_blob_with_its_length() {
+        let s = side(2, &[], BlobsConfig::default()).await;
+        assert!(s.blobs.announcements().iter().all(Vec::is_empty));
+        let (a, _) = add_blob(&s.store, 10).await;
+        let (b, _) = add_blob(&s.store, CHUNK_SIZE + 3).await;
+        let mut all: Vec<_> = s.blobs.announcements().concat();
+        all.sort();
+        let mut expected = vec![(a, 10), (b, CHUNK_SIZE as u64 + 3)];
+        expected.sort();
+        assert_eq!(all, expected);
+        assert_eq!(s.blobs.announcements().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn started_workers_fetch_announced_blobs_and_shutdown_stops_them() {
+        let (client, server) = pair().await;
+        let (id, bytes) = add_blob(&server.store, 5000).await;
+        let mut arrivals = client.blobs.arrivals();
+        client.blobs.start();
+        client.blobs.want(id, bytes.len() as u64, server.peer);
+        let arrived = tokio::time::timeout(Duration::from_secs(10), arrivals.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(arrived, (id, 5000));
+        assert_eq!(read_blob(&client.store, &id).unwrap(), bytes);
+        tokio::time::timeout(Duration::from_secs(10), client.blobs.shutdown())
+            .await
+            .unwrap();
+        assert!(client.blobs.tasks.is_empty(), "every task ended");
+    }
+
+    #[tokio::test]
+    async fn shutdown_cuts_a_transfer_that_hangs() {
+        let client = side(2, &[2, 3], BlobsConfig::default()).await;
+        let server = side(3, &[2, 3], BlobsConfig::default()).await;
+        let (id, _) = add_blob(&server.store, 10).await;
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        connect_with(
+            &client,
+            server.peer,
+            fake_server(&server.store, Fake::Silent, &asked),
+        );
+        client.blobs.start();
+        client.blobs.want(id, 10, server.peer);
+        while asked.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(client.blobs.active().len(), 1);
+        tokio::time::timeout(Duration::from_secs(10), client.blobs.shutdown())
+            .await
+            .unwrap();
+        assert!(client.blobs.active().is_empty());
+    }
+
+    #[tokio::test]
+    async fn garbage_collection_keeps_chunks_of_transfers_that_will_resume() {
+        let client = side(2, &[2, 3], BlobsConfig::default()).await;
+        let server = side(3, &[2, 3], BlobsConfig::default()).await;
+        let (id, bytes) = add_blob(&server.store, 2 * CHUNK_SIZE + 1).await;
+        // An interrupted local add leaves a chunk file nobody claims.
+        let mut orphan = client.store.blob_writer(None).unwrap();
+        orphan.write(&content(CHUNK_SIZE + 1)).unwrap();
+        drop(orphan);
+        // An interrupted transfer leaves one that will resume.
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        connect_with(
+            &client,
+            server.peer,
+            fake_server(&server.store, Fake::CutAfter(1), &asked),
+        );
+        assert!(!client.blobs.fetch(id, &[server.peer]).await.unwrap());
+        client.blobs.collect_garbage();
+        let p: Progress =
+            serde_cbor::from_slice(&client.store.state_get(&progress_key(&id)).unwrap().unwrap())
+                .unwrap();
+        assert_eq!(
+            client.store.collect_blob_garbage(&[p.internal]).unwrap(),
+            0,
+            "the orphan is gone already"
+        );
+        connect_with(
+            &client,
+            server.peer,
+            fake_server(&server.store, Fake::Honest, &asked),
+        );
+        assert!(client.blobs.fetch(id, &[server.peer]).await.unwrap());
+        assert_eq!(
+            *asked.lock().unwrap(),
+            vec![0, 1],
+            "the kept chunk was used"
+        );
+        assert_eq!(read_blob(&client.store, &id).unwrap(), bytes);
+    }
 }
