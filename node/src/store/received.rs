@@ -363,4 +363,77 @@ mod tests {
         assert!(store.blob_meta(&[9; 32]).unwrap().is_none());
         assert!(!store.chunk_path(internal).exists());
     }
+
+    #[test]
+    fn typed_errors_name_what_went_wrong() {
+        let (_dir, store) = temp_store();
+        let (data, id, hashes) = blob(CHUNK_SIZE + 1);
+        let internal = store.new_blob_internal().unwrap();
+        let err = store
+            .receive_blob(id, internal, data.len() as u64, vec![hashes[0]])
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::BadManifest { hashes: 1, .. }),
+            "{err}"
+        );
+        // Finishing before the last chunk.
+        let mut r = store
+            .receive_blob(id, internal, data.len() as u64, hashes.clone())
+            .unwrap();
+        r.put(data[..CHUNK_SIZE].to_vec()).unwrap();
+        assert!(matches!(
+            r.finish(),
+            Err(StoreError::Incomplete { done: 1, count: 2 })
+        ));
+        // A chunk past the end.
+        let mut r = store
+            .receive_blob(id, internal, data.len() as u64, hashes)
+            .unwrap();
+        r.put(data[CHUNK_SIZE..].to_vec()).unwrap();
+        assert_eq!(r.done(), 2);
+        assert!(matches!(
+            r.put(vec![0]),
+            Err(StoreError::ExtraChunk { index: 2, count: 2 })
+        ));
+        assert!(r.finish().is_ok(), "the blob itself is whole");
+    }
+
+    #[test]
+    fn a_chunk_of_the_wrong_length_is_refused_even_with_the_right_hash_prefix() {
+        let (_dir, store) = temp_store();
+        let (data, id, hashes) = blob(CHUNK_SIZE + 10);
+        let internal = store.new_blob_internal().unwrap();
+        let mut r = store
+            .receive_blob(id, internal, data.len() as u64, hashes)
+            .unwrap();
+        let mut long = data[..CHUNK_SIZE].to_vec();
+        long.push(0);
+        assert!(matches!(r.put(long), Err(StoreError::HashMismatch { .. })));
+        assert_eq!(r.done(), 0);
+        assert_eq!(r.count(), 2);
+        assert_eq!(chunk_count(0), 0);
+        assert_eq!(chunk_count(1), 1);
+        assert_eq!(chunk_count(CHUNK_SIZE as u64), 1);
+        assert_eq!(chunk_count(CHUNK_SIZE as u64 + 1), 2);
+    }
+
+    #[test]
+    fn a_blob_that_arrived_another_way_meanwhile_is_kept_once() {
+        let (_dir, store) = temp_store();
+        let (data, id, hashes) = blob(50);
+        let first = store.new_blob_internal().unwrap();
+        let second = store.new_blob_internal().unwrap();
+        let mut a = store.receive_blob(id, first, 50, hashes.clone()).unwrap();
+        let mut b = store.receive_blob(id, second, 50, hashes).unwrap();
+        a.put(data.clone()).unwrap();
+        b.put(data).unwrap();
+        let kept = a.finish().unwrap();
+        let again = b.finish().unwrap();
+        assert_eq!(again.internal, kept.internal);
+        assert!(
+            !store.chunk_path(second).exists(),
+            "the second copy is removed"
+        );
+        assert_eq!(store.blob_count(), 1);
+    }
 }
