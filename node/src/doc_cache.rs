@@ -91,6 +91,7 @@ impl<K: Copy + Eq + std::hash::Hash, V> LruCache<K, V> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
