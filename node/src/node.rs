@@ -282,8 +282,10 @@ pub async fn run(
     };
     crate::pairing::spawn_server(ctx.clone());
     crate::sync::spawn(ctx.clone());
-    forward_blob_arrivals(&ctx);
-    ctx.blobs.start();
+    let blob_shutdown = tokio_util::sync::CancellationToken::new();
+    let mut blob_tasks = tokio::task::JoinSet::new();
+    forward_blob_arrivals(&ctx, &mut blob_tasks, blob_shutdown.clone());
+    ctx.blobs.start(&mut blob_tasks, blob_shutdown.clone());
     crate::agent::ask::spawn_server(ctx.clone());
     crate::agent::runner::spawn(ctx.clone());
 
@@ -334,7 +336,8 @@ pub async fn run(
         }
     })
     .await;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), ctx.blobs.shutdown()).await;
+    blob_shutdown.cancel();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), blob_tasks.join_all()).await;
     // Remove this node's tool containers before the process ends.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), ctx.agent.stop()).await;
     store
@@ -345,18 +348,27 @@ pub async fn run(
     Ok(())
 }
 
-/// Blobs that arrive by transfer are announced to every peer's session.
-fn forward_blob_arrivals(ctx: &Arc<NodeCtx>) {
+/// Blobs that arrive by transfer are announced to every peer's session, until `shutdown`.
+fn forward_blob_arrivals(
+    ctx: &Arc<NodeCtx>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
     let mut arrivals = ctx.blobs.arrivals();
     let ctx = ctx.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
-            match arrivals.recv().await {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = arrivals.recv() => next,
+            };
+            match next {
                 Ok((id, len)) => ctx.sync.broadcast(iom_protocol::wire::SyncMsg::Blobs {
                     have: vec![(id, len)],
                 }),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => break,
             }
         }
     });

@@ -10,9 +10,10 @@
 //!
 //! The service is built from what it uses: the [`Store`], the network (behind [`BlobNet`], so
 //! tests run transfers over in-memory streams), the [`TrustBook`] (who may fetch from us) and
-//! the refusal [`Gate`]. It owns its tasks (the server, two fetch workers, retry timers) and
-//! stops them in [`Blobs::shutdown`]. Blobs that arrive are announced on
-//! [`Blobs::arrivals`] for the sync side to pass on to every peer.
+//! the refusal [`Gate`]. It owns its tasks (the server, the transfers it serves, two fetch
+//! workers, retry timers) in a task tracker, and stops them when the token given to
+//! [`Blobs::start`] is cancelled (or at [`Blobs::shutdown`]). Blobs that arrive are announced
+//! on [`Blobs::arrivals`] for the sync side to pass on to every peer.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -28,7 +29,7 @@ use iom_protocol::wire::{BlobRequest, BlobResponse, MAX_BLOB_ANNOUNCE, MAX_BLOB_
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tokio::task::JoinError;
+use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -374,11 +375,29 @@ impl<N: BlobNet> Blobs<N> {
     }
 
     /// Starts the blob server and the two fetch workers (small blobs, large blobs), after
-    /// removing chunk files that no transfer will resume. Starting twice starts nothing new.
-    pub fn start(self: &Arc<Self>) {
+    /// removing chunk files that no transfer will resume. The service's own tasks (these, the
+    /// transfers they serve and the retry timers) run until `shutdown` is cancelled; one task
+    /// in `tasks` waits for that and then for all of them, so joining `tasks` joins the
+    /// service. Starting twice starts nothing new.
+    pub fn start(self: &Arc<Self>, tasks: &mut JoinSet<()>, shutdown: CancellationToken) {
+        if !self.start_tasks() {
+            return;
+        }
+        let this = self.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = this.stop.cancelled() => {}
+            }
+            this.shutdown().await;
+        });
+    }
+
+    /// Spawns the service's long-running tasks; false if they run already.
+    fn start_tasks(self: &Arc<Self>) -> bool {
         let Some((small, large)) = self.queues.lock().unwrap_or_else(|e| e.into_inner()).take()
         else {
-            return;
+            return false;
         };
         self.collect_garbage();
         if let Some(mut incoming) = self.net.accept_blob_streams() {
@@ -414,6 +433,7 @@ impl<N: BlobNet> Blobs<N> {
                 }
             });
         }
+        true
     }
 
     /// Stops every task of the service (server, workers, retry timers) and waits for them.
@@ -1677,7 +1697,10 @@ mod tests {
         let (client, server) = pair().await;
         let (id, bytes) = add_blob(&server.store, 5000).await;
         let mut arrivals = client.blobs.arrivals();
-        client.blobs.start();
+        let (mut tasks, shutdown) = (JoinSet::new(), CancellationToken::new());
+        client.blobs.start(&mut tasks, shutdown.clone());
+        client.blobs.start(&mut tasks, shutdown.clone()); // a second start starts nothing
+        assert_eq!(tasks.len(), 1);
         client.blobs.want(id, bytes.len() as u64, server.peer);
         let arrived = tokio::time::timeout(Duration::from_secs(10), arrivals.recv())
             .await
@@ -1685,10 +1708,14 @@ mod tests {
             .unwrap();
         assert_eq!(arrived, (id, 5000));
         assert_eq!(read_blob(&client.store, &id).unwrap(), bytes);
-        tokio::time::timeout(Duration::from_secs(10), client.blobs.shutdown())
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), tasks.join_all())
             .await
             .unwrap();
-        assert!(client.blobs.tasks.is_empty(), "every task ended");
+        assert!(
+            client.blobs.tasks.is_empty(),
+            "every task of the service ended"
+        );
     }
 
     #[tokio::test]
@@ -1702,7 +1729,8 @@ mod tests {
             server.peer,
             fake_server(&server.store, Fake::Silent, &asked),
         );
-        client.blobs.start();
+        let mut tasks = JoinSet::new();
+        client.blobs.start(&mut tasks, CancellationToken::new());
         client.blobs.want(id, 10, server.peer);
         while asked.lock().unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1712,6 +1740,10 @@ mod tests {
             .await
             .unwrap();
         assert!(client.blobs.active().is_empty());
+        // The supervising task in the caller's set ends with it.
+        tokio::time::timeout(Duration::from_secs(10), tasks.join_all())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
