@@ -39,7 +39,9 @@ done
 echo "protocol/ and crdt/ have no tokio"
 
 step "build (debug) and sandbox image"
-cargo build -p iom-cli -p iom-tests --bins
+# test-hooks: IOM_FAULT and IOM_CLOCK_OFFSET_SECS exist only in test builds (nextest's build gets
+# the feature through iom-tests' dependency on iom-node).
+cargo build -p iom-cli -p iom-tests --bins --features iom-cli/test-hooks
 target/debug/iom sandbox build || echo "sandbox image not built (Docker unavailable?); Docker tests will say why"
 
 step "tests"

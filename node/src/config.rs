@@ -147,9 +147,11 @@ pub struct Overrides {
     pub api_key: Option<String>,
     /// `ANTHROPIC_BASE_URL`.
     pub base_url: Option<String>,
-    /// `IOM_CLOCK_OFFSET_SECS`: seconds added to the wall clock (schedule tests).
+    /// `IOM_CLOCK_OFFSET_SECS`: seconds added to the wall clock (schedule tests). Ignored
+    /// unless [`TEST_HOOKS`].
     pub clock_offset_secs: Option<i64>,
-    /// `IOM_FAULT`: comma-separated fault injections for tests.
+    /// `IOM_FAULT`: comma-separated fault injections for tests ([`KNOWN_FAULTS`]). Ignored
+    /// unless [`TEST_HOOKS`].
     pub faults: Vec<String>,
 }
 
@@ -176,7 +178,7 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     /// Storage settings.
     pub storage: StorageConfig,
-    /// Seconds added to the wall clock (tests of schedules).
+    /// Seconds added to the wall clock (tests of schedules); always 0 without [`TEST_HOOKS`].
     pub clock_offset_secs: i64,
     /// Fault injection for tests (`IOM_FAULT=corrupt-blob-chunks`): serve corrupted chunks.
     pub fault_corrupt_blob_chunks: bool,
@@ -208,6 +210,14 @@ pub enum ConfigError {
         path: PathBuf,
         /// What the parser said (names the line and key).
         message: String,
+    },
+    /// An address is unparsable.
+    #[error("invalid {field}: {source}")]
+    Address {
+        /// Which setting (`listen address`, `relay address`).
+        field: &'static str,
+        /// Why.
+        source: AddrError,
     },
     /// A value is out of range or unparsable.
     #[error("invalid {field}: {message}")]
@@ -258,7 +268,12 @@ impl RawConfig {
         };
         let listen = listen_raw
             .iter()
-            .map(|a| parse_listen_addr(a).map_err(|m| invalid("listen address", m)))
+            .map(|a| {
+                parse_listen_addr(a).map_err(|source| ConfigError::Address {
+                    field: "listen address",
+                    source,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let relays_raw = if o.relays.is_empty() {
             self.network.relays
@@ -267,7 +282,12 @@ impl RawConfig {
         };
         let relays = relays_raw
             .iter()
-            .map(|a| parse_relay_addr(a).map_err(|m| invalid("relay address", m)))
+            .map(|a| {
+                parse_relay_addr(a).map_err(|source| ConfigError::Address {
+                    field: "relay address",
+                    source,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let http = o
             .http
@@ -304,6 +324,7 @@ impl RawConfig {
         if self.storage.loaded_docs == 0 {
             return Err(invalid("storage.loaded_docs", "must be at least 1".into()));
         }
+        let hooks = TestHooks::from_overrides(o.clock_offset_secs, o.faults)?;
         Ok(Config {
             data_dir,
             name,
@@ -315,17 +336,52 @@ impl RawConfig {
             api_key: o.api_key.filter(|k| !k.trim().is_empty()),
             sandbox: self.sandbox,
             storage: self.storage,
-            clock_offset_secs: o.clock_offset_secs.unwrap_or(0),
-            fault_corrupt_blob_chunks: o.faults.iter().any(|f| f == "corrupt-blob-chunks"),
-            fault_garbage_sync: o.faults.iter().any(|f| f == "garbage-sync"),
-            fault_garbage_snapshot: o.faults.iter().any(|f| f == "garbage-snapshot"),
-            fault_no_addr_sharing: o.faults.iter().any(|f| f == "no-addr-sharing"),
+            clock_offset_secs: hooks.clock_offset_secs,
+            fault_corrupt_blob_chunks: hooks.has("corrupt-blob-chunks"),
+            fault_garbage_sync: hooks.has("garbage-sync"),
+            fault_garbage_snapshot: hooks.has("garbage-snapshot"),
+            fault_no_addr_sharing: hooks.has("no-addr-sharing"),
         })
     }
 }
 
+/// Why an address in the configuration was refused. The messages name the text as written.
+#[derive(Debug, thiserror::Error)]
+pub enum AddrError {
+    /// An `IP:PORT` shorthand that does not make a multiaddr.
+    #[error("{text:?}: {source}")]
+    Shorthand {
+        /// The address as written.
+        text: String,
+        /// What the multiaddr parser said.
+        source: libp2p::multiaddr::Error,
+    },
+    /// Not a multiaddr (nor `IP:PORT`).
+    #[error("{text:?}: {source} (expected a multiaddr like /ip4/0.0.0.0/tcp/4646)")]
+    Listen {
+        /// The address as written.
+        text: String,
+        /// What the multiaddr parser said.
+        source: libp2p::multiaddr::Error,
+    },
+    /// A relay address that is not a multiaddr.
+    #[error("{text:?}: {source} (expected /ip4/IP/tcp/PORT/p2p/RELAY_ID)")]
+    Relay {
+        /// The address as written.
+        text: String,
+        /// What the multiaddr parser said.
+        source: libp2p::multiaddr::Error,
+    },
+    /// A relay address that does not name the relay's peer id.
+    #[error("{text:?}: must end with /p2p/RELAY_ID (see `iom relay run`)")]
+    RelayWithoutPeerId {
+        /// The address as written.
+        text: String,
+    },
+}
+
 /// Parses a listen address. Accepts a multiaddr, or `IP:PORT` as a shorthand for TCP.
-pub fn parse_listen_addr(text: &str) -> Result<Multiaddr, String> {
+pub fn parse_listen_addr(text: &str) -> Result<Multiaddr, AddrError> {
     if let Ok(sock) = text.parse::<SocketAddr>() {
         let ip = match sock.ip() {
             std::net::IpAddr::V4(ip) => format!("/ip4/{ip}"),
@@ -333,26 +389,80 @@ pub fn parse_listen_addr(text: &str) -> Result<Multiaddr, String> {
         };
         return format!("{ip}/tcp/{}", sock.port())
             .parse()
-            .map_err(|e| format!("{text:?}: {e}"));
+            .map_err(|source| AddrError::Shorthand {
+                text: text.into(),
+                source,
+            });
     }
     text.parse::<Multiaddr>()
-        .map_err(|e| format!("{text:?}: {e} (expected a multiaddr like /ip4/0.0.0.0/tcp/4646)"))
+        .map_err(|source| AddrError::Listen {
+            text: text.into(),
+            source,
+        })
 }
 
 /// Parses a relay address, which must name the relay's peer id.
-pub fn parse_relay_addr(text: &str) -> Result<Multiaddr, String> {
-    let addr: Multiaddr = text
-        .parse()
-        .map_err(|e| format!("{text:?}: {e} (expected /ip4/IP/tcp/PORT/p2p/RELAY_ID)"))?;
+pub fn parse_relay_addr(text: &str) -> Result<Multiaddr, AddrError> {
+    let addr: Multiaddr = text.parse().map_err(|source| AddrError::Relay {
+        text: text.into(),
+        source,
+    })?;
     if !addr
         .iter()
         .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
     {
-        return Err(format!(
-            "{text:?}: must end with /p2p/RELAY_ID (see `iom relay run`)"
-        ));
+        return Err(AddrError::RelayWithoutPeerId { text: text.into() });
     }
     Ok(addr)
+}
+
+/// Whether this build honours the test hooks (`IOM_FAULT`, `IOM_CLOCK_OFFSET_SECS`): true only
+/// with the `test-hooks` cargo feature, which the shipped binary is built without.
+pub const TEST_HOOKS: bool = cfg!(feature = "test-hooks");
+
+/// The fault injections a `test-hooks` build knows (`IOM_FAULT`, comma-separated).
+pub const KNOWN_FAULTS: &[&str] = &[
+    "corrupt-blob-chunks",
+    "garbage-sync",
+    "garbage-snapshot",
+    "no-addr-sharing",
+];
+
+/// The test hooks after the build has had its say: empty unless [`TEST_HOOKS`].
+struct TestHooks {
+    clock_offset_secs: i64,
+    faults: Vec<String>,
+}
+
+impl TestHooks {
+    fn from_overrides(offset: Option<i64>, faults: Vec<String>) -> Result<TestHooks, ConfigError> {
+        let faults: Vec<String> = faults.into_iter().filter(|f| !f.is_empty()).collect();
+        if !TEST_HOOKS {
+            if offset.is_some() || !faults.is_empty() {
+                tracing::warn!(
+                    "IOM_FAULT and IOM_CLOCK_OFFSET_SECS are test hooks; this build ignores them"
+                );
+            }
+            return Ok(TestHooks {
+                clock_offset_secs: 0,
+                faults: Vec::new(),
+            });
+        }
+        if let Some(unknown) = faults.iter().find(|f| !KNOWN_FAULTS.contains(&f.as_str())) {
+            return Err(ConfigError::Invalid {
+                field: "IOM_FAULT".into(),
+                message: format!("{unknown:?}: expected one of {}", KNOWN_FAULTS.join(", ")),
+            });
+        }
+        Ok(TestHooks {
+            clock_offset_secs: offset.unwrap_or(0),
+            faults,
+        })
+    }
+
+    fn has(&self, fault: &str) -> bool {
+        self.faults.iter().any(|f| f == fault)
+    }
 }
 
 fn default_device_name() -> String {
@@ -423,6 +533,312 @@ mod tests {
         assert_eq!(
             parse_listen_addr("127.0.0.1:0").unwrap().to_string(),
             "/ip4/127.0.0.1/tcp/0"
+        );
+    }
+
+    fn validate(raw: RawConfig, o: Overrides) -> Result<Config, ConfigError> {
+        raw.validate("/tmp/x".into(), o)
+    }
+
+    fn invalid_field(e: ConfigError) -> String {
+        match e {
+            ConfigError::Invalid { field, .. } => field,
+            ConfigError::Address { field, .. } => field.to_string(),
+            other => panic!("not a value error: {other}"),
+        }
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = r#"
+            name = "laptop"
+            [network]
+            listen = ["/ip4/0.0.0.0/tcp/4646", "/ip4/0.0.0.0/udp/4646/quic-v1"]
+            relays = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"]
+            mdns = true
+            [http]
+            listen = "127.0.0.1:8080"
+            [agent]
+            model = "claude-sonnet-4-5"
+            [sandbox]
+            memory_mb = 256
+        "#;
+        let raw: RawConfig = toml::from_str(text).unwrap();
+        let c = validate(raw, Overrides::default()).unwrap();
+        assert_eq!(c.name, "laptop");
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.relays.len(), 1);
+        assert_eq!(c.http, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(c.agent.model, "claude-sonnet-4-5");
+    }
+
+    #[test]
+    fn a_name_must_be_1_to_64_printable_characters() {
+        for bad in ["", &"x".repeat(65), "tab\there"] {
+            let o = Overrides {
+                name: Some(bad.to_string()),
+                ..Default::default()
+            };
+            let e = validate(RawConfig::default(), o).unwrap_err();
+            assert_eq!(invalid_field(e), "name");
+        }
+        let raw = RawConfig {
+            name: Some("file".into()),
+            ..Default::default()
+        };
+        let o = Overrides {
+            name: Some("flag".into()),
+            ..Default::default()
+        };
+        assert_eq!(validate(raw.clone(), o).unwrap().name, "flag", "flags win");
+        assert_eq!(validate(raw, Overrides::default()).unwrap().name, "file");
+    }
+
+    #[test]
+    fn listen_addresses_from_flags_replace_the_file() {
+        let raw = RawConfig {
+            network: RawNetwork {
+                listen: Some(vec!["/ip4/127.0.0.1/tcp/1".into()]),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = validate(raw.clone(), Overrides::default()).unwrap();
+        assert_eq!(c.listen, vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()]);
+        let o = Overrides {
+            listen: vec!["[::1]:7".into(), "/ip4/0.0.0.0/udp/9/quic-v1".into()],
+            ..Default::default()
+        };
+        let c = validate(raw, o).unwrap();
+        assert_eq!(
+            c.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            vec!["/ip6/::1/tcp/7", "/ip4/0.0.0.0/udp/9/quic-v1"]
+        );
+    }
+
+    #[test]
+    fn address_errors_are_typed_and_keep_their_messages() {
+        let e = parse_listen_addr("nope").unwrap_err();
+        assert!(matches!(&e, AddrError::Listen { text, .. } if text == "nope"));
+        assert!(
+            e.to_string()
+                .contains("(expected a multiaddr like /ip4/0.0.0.0/tcp/4646)"),
+            "{e}"
+        );
+        let e = parse_relay_addr("/ip4/1.2.3.4/tcp/1").unwrap_err();
+        assert!(matches!(e, AddrError::RelayWithoutPeerId { .. }));
+        assert_eq!(
+            e.to_string(),
+            "\"/ip4/1.2.3.4/tcp/1\": must end with /p2p/RELAY_ID (see `iom relay run`)"
+        );
+        let e = parse_relay_addr("relay.example").unwrap_err();
+        assert!(matches!(e, AddrError::Relay { .. }));
+        assert!(
+            e.to_string().contains("/ip4/IP/tcp/PORT/p2p/RELAY_ID"),
+            "{e}"
+        );
+        let o = Overrides {
+            relays: vec!["relay.example".into()],
+            ..Default::default()
+        };
+        let e = validate(RawConfig::default(), o).unwrap_err();
+        assert!(e.to_string().starts_with("invalid relay address: "), "{e}");
+    }
+
+    #[test]
+    fn relays_from_flags_replace_the_file() {
+        let id = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+        let raw = RawConfig {
+            network: RawNetwork {
+                relays: vec![format!("/ip4/10.0.0.1/tcp/4001/p2p/{id}")],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(
+            validate(raw.clone(), Overrides::default())
+                .unwrap()
+                .relays
+                .len(),
+            1
+        );
+        let o = Overrides {
+            relays: vec![
+                format!("/ip4/10.0.0.2/tcp/4001/p2p/{id}"),
+                format!("/ip4/10.0.0.3/udp/4001/quic-v1/p2p/{id}"),
+            ],
+            ..Default::default()
+        };
+        let c = validate(raw, o).unwrap();
+        assert_eq!(c.relays.len(), 2);
+        assert!(c.relays[0].to_string().starts_with("/ip4/10.0.0.2/"));
+    }
+
+    #[test]
+    fn the_http_address_is_ip_and_port_and_the_flag_wins() {
+        let raw = RawConfig {
+            http: RawHttp {
+                listen: Some("127.0.0.1:8080".into()),
+            },
+            ..Default::default()
+        };
+        let c = validate(raw.clone(), Overrides::default()).unwrap();
+        assert_eq!(c.http.unwrap().port(), 8080);
+        let o = Overrides {
+            http: Some("0.0.0.0:9".into()),
+            ..Default::default()
+        };
+        assert_eq!(validate(raw, o).unwrap().http.unwrap().port(), 9);
+        let o = Overrides {
+            http: Some("localhost:80".into()),
+            ..Default::default()
+        };
+        let e = validate(RawConfig::default(), o).unwrap_err();
+        assert!(e.to_string().contains("(expected IP:PORT)"), "{e}");
+        assert_eq!(invalid_field(e), "http address");
+    }
+
+    #[test]
+    fn agent_settings_are_checked() {
+        let with = |f: fn(&mut AgentConfig)| {
+            let mut raw = RawConfig::default();
+            f(&mut raw.agent);
+            validate(raw, Overrides::default())
+        };
+        assert_eq!(
+            invalid_field(with(|a| a.max_turns = 0).unwrap_err()),
+            "agent"
+        );
+        assert_eq!(
+            invalid_field(with(|a| a.max_tokens = 0).unwrap_err()),
+            "agent"
+        );
+        assert_eq!(
+            invalid_field(with(|a| a.on_interrupted = "ignore".into()).unwrap_err()),
+            "agent.on_interrupted"
+        );
+        assert_eq!(
+            with(|a| a.on_interrupted = "retry".into())
+                .unwrap()
+                .agent
+                .on_interrupted,
+            "retry"
+        );
+        assert_eq!(
+            invalid_field(with(|a| a.base_url = Some("ftp://x".into())).unwrap_err()),
+            "agent.base_url"
+        );
+    }
+
+    #[test]
+    fn the_base_url_from_the_environment_wins_and_is_checked() {
+        let mut raw = RawConfig::default();
+        raw.agent.base_url = Some("https://file.example".into());
+        let o = Overrides {
+            base_url: Some("http://127.0.0.1:9999".into()),
+            ..Default::default()
+        };
+        let c = validate(raw, o).unwrap();
+        assert_eq!(c.agent.base_url.as_deref(), Some("http://127.0.0.1:9999"));
+        let o = Overrides {
+            base_url: Some("127.0.0.1:9999".into()),
+            ..Default::default()
+        };
+        let e = validate(RawConfig::default(), o).unwrap_err();
+        assert_eq!(invalid_field(e), "agent.base_url");
+    }
+
+    #[test]
+    fn at_least_one_document_stays_loaded() {
+        let mut raw = RawConfig::default();
+        raw.storage.loaded_docs = 0;
+        let e = validate(raw, Overrides::default()).unwrap_err();
+        assert_eq!(invalid_field(e), "storage.loaded_docs");
+    }
+
+    #[test]
+    fn mdns_is_off_by_file_or_by_flag_and_a_blank_api_key_is_none() {
+        let mut raw = RawConfig::default();
+        raw.network.mdns = Some(false);
+        assert!(!validate(raw, Overrides::default()).unwrap().mdns);
+        let o = Overrides {
+            no_mdns: true,
+            api_key: Some("  ".into()),
+            ..Default::default()
+        };
+        let c = validate(RawConfig::default(), o).unwrap();
+        assert!(!c.mdns);
+        assert_eq!(c.api_key, None);
+        let o = Overrides {
+            api_key: Some("sk-1".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            validate(RawConfig::default(), o)
+                .unwrap()
+                .api_key
+                .as_deref(),
+            Some("sk-1")
+        );
+    }
+
+    #[test]
+    fn test_hooks_are_honoured_only_in_builds_with_the_feature() {
+        let o = Overrides {
+            clock_offset_secs: Some(3600),
+            faults: vec!["garbage-sync".into(), "no-addr-sharing".into(), "".into()],
+            ..Default::default()
+        };
+        let c = validate(RawConfig::default(), o).unwrap();
+        assert_eq!(c.clock_offset_secs, if TEST_HOOKS { 3600 } else { 0 });
+        assert_eq!(c.fault_garbage_sync, TEST_HOOKS);
+        assert_eq!(c.fault_no_addr_sharing, TEST_HOOKS);
+        assert!(!c.fault_corrupt_blob_chunks && !c.fault_garbage_snapshot);
+        let o = Overrides {
+            faults: vec!["explode".into()],
+            ..Default::default()
+        };
+        let r = validate(RawConfig::default(), o);
+        if TEST_HOOKS {
+            let e = r.unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("expected one of corrupt-blob-chunks"),
+                "{e}"
+            );
+        } else {
+            assert!(r.is_ok(), "ignored without the feature");
+        }
+    }
+
+    #[test]
+    fn loading_a_missing_file_is_empty_and_an_unreadable_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = RawConfig::load(dir.path()).unwrap();
+        assert!(raw.name.is_none() && raw.network.listen.is_none());
+        std::fs::create_dir(dir.path().join("config.toml")).unwrap();
+        let e = RawConfig::load(dir.path()).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.toml"), "name = 3\n").unwrap();
+        let e = RawConfig::load(dir.path()).unwrap_err();
+        assert!(matches!(&e, ConfigError::Parse { path, .. } if path.ends_with("config.toml")));
+    }
+
+    #[test]
+    fn the_default_data_dir_follows_xdg_then_home() {
+        assert_eq!(
+            default_data_dir(Some("/x".into()), Some("/home/u".into())),
+            PathBuf::from("/x/iom")
+        );
+        assert_eq!(
+            default_data_dir(Some(String::new()), Some("/home/u".into())),
+            PathBuf::from("/home/u/.local/share/iom")
+        );
+        assert_eq!(default_data_dir(None, None), PathBuf::from(".iom"));
+        assert_eq!(
+            default_data_dir(None, Some(String::new())),
+            PathBuf::from(".iom")
         );
     }
 }

@@ -91,6 +91,7 @@ impl<K: Copy + Eq + std::hash::Hash, V> LruCache<K, V> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -123,5 +124,70 @@ mod tests {
         assert!(c.contains(&7));
         c.remove(&7);
         assert!(!c.contains(&7));
+    }
+
+    #[test]
+    fn a_capacity_of_zero_still_holds_one_value() {
+        let mut c: LruCache<u32, u32> = LruCache::new(0);
+        c.insert(1, Arc::new(1));
+        assert_eq!(c.len(), 1);
+        c.insert(2, Arc::new(2));
+        assert_eq!(c.len(), 1);
+        assert!(c.contains(&2) && !c.contains(&1));
+    }
+
+    #[test]
+    fn inserting_a_key_again_replaces_its_value_and_refreshes_it() {
+        let mut c: LruCache<u32, &str> = LruCache::new(2);
+        c.insert(1, Arc::new("old"));
+        c.insert(2, Arc::new("two"));
+        c.insert(1, Arc::new("new")); // 2 is now the oldest
+        assert_eq!(c.len(), 2);
+        assert_eq!(*c.get(&1).unwrap(), "new");
+        c.insert(3, Arc::new("three"));
+        assert!(c.contains(&1) && c.contains(&3) && !c.contains(&2));
+        assert_eq!(
+            c.order.len(),
+            c.entries.len(),
+            "one recency entry per value"
+        );
+    }
+
+    #[test]
+    fn contains_does_not_count_as_use() {
+        let mut c: LruCache<u32, u32> = LruCache::new(2);
+        c.insert(1, Arc::new(1));
+        c.insert(2, Arc::new(2));
+        assert!(c.contains(&1));
+        c.insert(3, Arc::new(3));
+        assert!(!c.contains(&1), "1 was still the least recently used");
+        assert!(c.get(&1).is_none());
+    }
+
+    #[test]
+    fn the_value_just_inserted_is_never_the_one_evicted() {
+        let mut c: LruCache<u32, u32> = LruCache::new(1);
+        let held = {
+            c.insert(1, Arc::new(1));
+            c.get(&1).unwrap()
+        };
+        // 1 is held elsewhere, so inserting 2 leaves both; then 1 is released.
+        c.insert(2, Arc::new(2));
+        assert_eq!(c.len(), 2);
+        drop(held);
+        c.insert(3, Arc::new(3));
+        assert_eq!(c.len(), 1);
+        assert!(c.contains(&3));
+    }
+
+    #[test]
+    fn removing_an_absent_key_is_harmless() {
+        let mut c: LruCache<u32, u32> = LruCache::new(2);
+        c.remove(&5);
+        c.insert(1, Arc::new(1));
+        c.remove(&1);
+        c.remove(&1);
+        assert_eq!(c.len(), 0);
+        assert!(c.order.is_empty());
     }
 }

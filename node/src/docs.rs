@@ -59,9 +59,21 @@ pub enum DocsError {
         /// What automerge said.
         detail: String,
     },
-    /// A worker thread died.
+    /// A conversation edit failed (no such request, or an Automerge error).
     #[error("internal error: {0}")]
-    Internal(String),
+    Conversation(#[from] iom_crdt::ConversationError),
+    /// A schedules edit failed.
+    #[error("internal error: {0}")]
+    Schedule(#[from] iom_crdt::ScheduleError),
+    /// A settings edit failed.
+    #[error("internal error: {0}")]
+    Settings(#[from] iom_crdt::SettingsError),
+    /// A JSON path edit failed (a bad path, a reserved field, too deep a value).
+    #[error("internal error: {0}")]
+    Path(#[from] iom_crdt::PathError),
+    /// The blocking task that ran the operation panicked or was cancelled.
+    #[error("internal error: {0}")]
+    Join(#[from] tokio::task::JoinError),
 }
 
 type Shared = Arc<Mutex<Document>>;
@@ -481,9 +493,7 @@ impl Docs {
         F: FnOnce() -> Result<R, DocsError> + Send + 'static,
         R: Send + 'static,
     {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| DocsError::Internal(e.to_string()))?
+        tokio::task::spawn_blocking(f).await?
     }
 
     fn insert_cached(&self, id: DocId, doc: Shared) {
@@ -572,5 +582,352 @@ mod tests {
             .unwrap();
         let heads = docs.read(id, |d| d.heads()).await.unwrap();
         assert!(heads.is_empty());
+    }
+
+    use std::time::Duration;
+
+    use iom_crdt::PathError;
+    use serde_json::json;
+
+    fn actor(n: u8) -> Vec<u8> {
+        iom_crdt::actor_for(&[n; 32], [n; 8])
+    }
+
+    fn docs(store: &Store, n: u8) -> Docs {
+        Docs::new(store.clone(), actor(n), 8).unwrap()
+    }
+
+    async fn put(docs: &Docs, id: DocId, path: &str, value: serde_json::Value) {
+        let path = path.to_string();
+        docs.modify(id, Origin::Local, false, move |d| {
+            d.put_json(&path, value, "test edit", 1)
+                .map_err(DocsError::from)
+        })
+        .await
+        .unwrap();
+    }
+
+    async fn get(docs: &Docs, id: DocId, path: &str) -> Option<serde_json::Value> {
+        let path = path.to_string();
+        docs.read(id, move |d| d.get_json(&path).unwrap())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_created_document_is_stored_readable_and_announced() {
+        let (_dir, store) = crate::store::temp_store();
+        let docs = docs(&store, 1);
+        let mut changes = docs.subscribe();
+        let id = docs.create(DocKind::Generic).await.unwrap();
+        let meta = docs.meta(id).unwrap().unwrap();
+        assert_eq!(meta.kind, "generic");
+        let change = changes.try_recv().unwrap();
+        assert_eq!(change.id, id);
+        assert_eq!(change.origin, Origin::Local);
+        assert_eq!(heads_bytes(&change.heads), meta.heads);
+        let kind = docs.read(id, |d| d.kind()).await.unwrap();
+        assert_eq!(kind, Some(DocKind::Generic));
+        assert_eq!(docs.list().unwrap().len(), 1);
+        assert!(docs.with_inventory(|i| i.digest_of(&id).is_some()));
+    }
+
+    #[tokio::test]
+    async fn singletons_keep_their_well_known_id_and_are_created_once() {
+        let (_dir, store) = crate::store::temp_store();
+        let docs = docs(&store, 1);
+        let a = docs.create(DocKind::Memory).await.unwrap();
+        let mut changes = docs.subscribe();
+        let b = docs.create(DocKind::Memory).await.unwrap();
+        assert_eq!(a, DocId::MEMORY);
+        assert_eq!(a, b);
+        assert_eq!(docs.list().unwrap().len(), 1);
+        assert!(changes.try_recv().is_err(), "nothing new to announce");
+    }
+
+    #[tokio::test]
+    async fn a_change_is_stored_as_a_chunk_and_announced_with_its_origin() {
+        let (_dir, store) = crate::store::temp_store();
+        let docs = docs(&store, 1);
+        let id = docs.create(DocKind::Generic).await.unwrap();
+        let before = docs.meta(id).unwrap().unwrap();
+        let root_before = docs.with_inventory(|i| i.root());
+        let mut changes = docs.subscribe();
+        put(&docs, id, "note", json!("hello")).await;
+        assert_eq!(get(&docs, id, "note").await, Some(json!("hello")));
+        let after = docs.meta(id).unwrap().unwrap();
+        assert_eq!(after.next_seq, before.next_seq + 1, "one incremental chunk");
+        assert_ne!(after.heads, before.heads);
+        assert_ne!(docs.with_inventory(|i| i.root()), root_before);
+        let change = changes.try_recv().unwrap();
+        assert_eq!((change.id, change.origin), (id, Origin::Local));
+
+        let peer = PeerId::random();
+        docs.modify(id, Origin::Peer(peer), false, |d| {
+            d.put_json("from", json!("peer"), "peer edit", 2)
+                .map_err(DocsError::from)
+        })
+        .await
+        .unwrap();
+        assert_eq!(changes.try_recv().unwrap().origin, Origin::Peer(peer));
+    }
+
+    #[tokio::test]
+    async fn a_modification_that_changes_nothing_stores_and_announces_nothing() {
+        let (_dir, store) = crate::store::temp_store();
+        let docs = docs(&store, 1);
+        let id = docs.create(DocKind::Generic).await.unwrap();
+        let before = docs.meta(id).unwrap().unwrap();
+        let mut changes = docs.subscribe();
+        let answer = docs
+            .modify(id, Origin::Local, false, |d| Ok(d.heads().len()))
+            .await
+            .unwrap();
+        assert_eq!(answer, 1);
+        assert_eq!(docs.meta(id).unwrap().unwrap(), before);
+        assert!(changes.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn an_unknown_document_is_not_found_unless_asked_to_create_it() {
+        let (_dir, store) = crate::store::temp_store();
+        let docs = docs(&store, 1);
+        let id = DocId::from_bytes([7; 16]);
+        let err = docs.read(id, |_| ()).await.unwrap_err();
+        assert!(matches!(err, DocsError::NotFound(i) if i == id));
+        assert!(err.to_string().contains("see `iom doc list`"), "{err}");
+        let err = docs
+            .modify(id, Origin::Local, false, |_| Ok(()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DocsError::NotFound(_)));
+        // Created empty to receive it: the first change stores a whole snapshot.
+        docs.modify(id, Origin::Local, true, |d| {
+            d.put_json("x", json!(1), "first", 1)
+                .map_err(DocsError::from)
+        })
+        .await
+        .unwrap();
+        let stored = store.load_doc(id.as_bytes()).unwrap();
+        assert_eq!(stored.meta.kind, "generic");
+        assert_eq!(stored.chunks.len(), 1);
+        let loaded = Document::load(&stored.chunks[0], &actor(2)).unwrap();
+        assert_eq!(loaded.get_json("x").unwrap(), Some(json!(1)));
+    }
+
+    #[tokio::test]
+    async fn an_error_inside_a_modification_is_returned_typed() {
+        let (_dir, store) = crate::store::temp_store();
+        let docs = docs(&store, 1);
+        let id = docs.create(DocKind::Generic).await.unwrap();
+        let err = docs
+            .modify(id, Origin::Local, false, |d| {
+                d.put_json("", json!(1), "bad", 1).map_err(DocsError::from)
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, DocsError::Path(PathError::EmptyPath)),
+            "{err}"
+        );
+        assert!(
+            err.to_string().starts_with("internal error: empty path"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn changes_survive_a_restart_and_the_inventory_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let (id, root) = {
+            let store = Store::open(&path, 1 << 20).unwrap();
+            let docs = docs(&store, 1);
+            let id = docs.create(DocKind::Generic).await.unwrap();
+            put(&docs, id, "note", json!({"a": [1, 2]})).await;
+            docs.create(DocKind::Settings).await.unwrap();
+            (id, docs.with_inventory(|i| i.root()))
+        };
+        let store = Store::open(&path, 1 << 20).unwrap();
+        let docs = docs(&store, 2);
+        assert_eq!(docs.with_inventory(|i| i.root()), root);
+        assert_eq!(docs.with_inventory(Inventory::len), 2);
+        assert_eq!(get(&docs, id, "note.a").await, Some(json!([1, 2])));
+    }
+
+    #[tokio::test]
+    async fn documents_evicted_from_the_cache_load_again_from_the_store() {
+        let (_dir, store) = crate::store::temp_store();
+        let docs = Docs::new(store.clone(), actor(1), 1).unwrap();
+        let a = docs.create(DocKind::Generic).await.unwrap();
+        let b = docs.create(DocKind::Generic).await.unwrap();
+        put(&docs, a, "n", json!("a")).await;
+        put(&docs, b, "n", json!("b")).await;
+        for _ in 0..3 {
+            assert_eq!(get(&docs, a, "n").await, Some(json!("a")));
+            assert_eq!(get(&docs, b, "n").await, Some(json!("b")));
+        }
+        assert_eq!(
+            lock(&docs.inner.cache).len(),
+            1,
+            "the cache stays at its capacity"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_document_whose_bytes_do_not_load_is_named() {
+        let (_dir, store) = crate::store::temp_store();
+        let id = DocId::from_bytes([5; 16]);
+        store
+            .append_doc_chunk(id.as_bytes(), "generic", b"not automerge", vec![])
+            .unwrap();
+        let docs = docs(&store, 1);
+        let err = docs.read(id, |_| ()).await.unwrap_err();
+        assert!(
+            matches!(err, DocsError::Unloadable { id: i, .. } if i == id),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn many_changes_are_compacted_into_one_snapshot() {
+        let (_dir, store) = crate::store::temp_store();
+        let docs = docs(&store, 1);
+        let id = docs.create(DocKind::Generic).await.unwrap();
+        for i in 0..COMPACT_AFTER_CHUNKS {
+            put(&docs, id, "count", json!(i)).await;
+        }
+        let compacted = async {
+            loop {
+                let meta = docs.meta(id).unwrap().unwrap();
+                if meta.pending_chunks() < COMPACT_AFTER_CHUNKS {
+                    return meta;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let meta = tokio::time::timeout(Duration::from_secs(10), compacted)
+            .await
+            .unwrap();
+        assert!(meta.snapshot_seq > 0);
+        let stored = store.load_doc(id.as_bytes()).unwrap();
+        assert!(stored.chunks.len() < COMPACT_AFTER_CHUNKS as usize);
+        // Still the same document, loaded fresh.
+        let fresh = Docs::new(store.clone(), actor(2), 8).unwrap();
+        assert_eq!(
+            get(&fresh, id, "count").await,
+            Some(json!(COMPACT_AFTER_CHUNKS - 1))
+        );
+    }
+
+    #[tokio::test]
+    async fn whole_documents_travel_to_a_peer_that_has_none() {
+        let (_a_dir, a_store) = crate::store::temp_store();
+        let (_b_dir, b_store) = crate::store::temp_store();
+        let (a, b) = (docs(&a_store, 1), docs(&b_store, 2));
+        let x = a.create(DocKind::Generic).await.unwrap();
+        put(&a, x, "n", json!("x")).await;
+        let y = a.create(DocKind::Generic).await.unwrap();
+        let big = a.create(DocKind::Generic).await.unwrap();
+        put(&a, big, "n", json!("y".repeat(4000))).await;
+        let missing = DocId::from_bytes([9; 16]);
+        let (snapshots, other) = a.snapshots(vec![x, y, big, missing], 2000).await.unwrap();
+        assert_eq!(
+            snapshots.iter().map(|s| s.id).collect::<Vec<_>>(),
+            vec![x, y]
+        );
+        assert_eq!(other, vec![big, missing], "too big, and not here");
+
+        let mut changes = b.subscribe();
+        let peer = PeerId::random();
+        let applied = b
+            .receive_snapshots(
+                peer,
+                snapshots.iter().map(|s| (s.id, s.bytes.clone())).collect(),
+            )
+            .await
+            .unwrap();
+        assert!(applied.rejected.is_none());
+        assert!(applied.merged.is_empty());
+        assert_eq!(applied.new.len(), 2);
+        for s in &snapshots {
+            let heads = b.read(s.id, |d| d.heads()).await.unwrap();
+            assert_eq!(heads, s.heads, "exactly the sender's heads");
+            assert_eq!(changes.try_recv().unwrap().origin, Origin::Peer(peer));
+        }
+        assert_eq!(get(&b, x, "n").await, Some(json!("x")));
+        assert_eq!(
+            b_store.load_doc(x.as_bytes()).unwrap().chunks.concat(),
+            snapshots[0].bytes,
+            "stored as received"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_of_a_document_held_here_is_merged() {
+        let (_a_dir, a_store) = crate::store::temp_store();
+        let (_b_dir, b_store) = crate::store::temp_store();
+        let (a, b) = (docs(&a_store, 1), docs(&b_store, 2));
+        let id = a.create(DocKind::Generic).await.unwrap();
+        let (snap, _) = a.snapshots(vec![id], usize::MAX).await.unwrap();
+        b.receive_snapshots(PeerId::random(), vec![(id, snap[0].bytes.clone())])
+            .await
+            .unwrap();
+        put(&a, id, "from_a", json!(1)).await;
+        put(&b, id, "from_b", json!(2)).await;
+        let (snap, _) = a.snapshots(vec![id], usize::MAX).await.unwrap();
+        let applied = b
+            .receive_snapshots(PeerId::random(), vec![(id, snap[0].bytes.clone())])
+            .await
+            .unwrap();
+        assert_eq!(applied.merged, vec![id]);
+        assert!(applied.new.is_empty());
+        assert_eq!(get(&b, id, "from_a").await, Some(json!(1)));
+        assert_eq!(get(&b, id, "from_b").await, Some(json!(2)));
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_that_does_not_load_stops_the_batch_and_keeps_what_came_before() {
+        let (_a_dir, a_store) = crate::store::temp_store();
+        let (_b_dir, b_store) = crate::store::temp_store();
+        let (a, b) = (docs(&a_store, 1), docs(&b_store, 2));
+        let x = a.create(DocKind::Generic).await.unwrap();
+        let z = a.create(DocKind::Generic).await.unwrap();
+        let (snaps, _) = a.snapshots(vec![x, z], usize::MAX).await.unwrap();
+        let bad = DocId::from_bytes([6; 16]);
+        let batch = vec![
+            (x, snaps[0].bytes.clone()),
+            (bad, b"garbage".to_vec()),
+            (z, snaps[1].bytes.clone()),
+        ];
+        let applied = b.receive_snapshots(PeerId::random(), batch).await.unwrap();
+        assert_eq!(applied.new.len(), 1);
+        assert_eq!(applied.rejected.as_ref().map(|r| r.0), Some(bad));
+        assert!(b.meta(x).unwrap().is_some());
+        assert!(b.meta(bad).unwrap().is_none());
+        assert!(
+            b.meta(z).unwrap().is_none(),
+            "nothing after it is looked at"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unstored_placeholder_is_forgotten_and_a_stored_document_is_not() {
+        let (_dir, store) = crate::store::temp_store();
+        let docs = docs(&store, 1);
+        let ghost = DocId::from_bytes([3; 16]);
+        docs.modify(ghost, Origin::Local, true, |_| Ok(()))
+            .await
+            .unwrap();
+        assert!(docs.read(ghost, |_| ()).await.is_ok(), "cached, empty");
+        assert!(docs.meta(ghost).unwrap().is_none(), "but not stored");
+        docs.forget_unstored(ghost).unwrap();
+        assert!(matches!(
+            docs.read(ghost, |_| ()).await,
+            Err(DocsError::NotFound(_))
+        ));
+        let real = docs.create(DocKind::Generic).await.unwrap();
+        docs.forget_unstored(real).unwrap();
+        assert!(docs.read(real, |_| ()).await.is_ok());
     }
 }

@@ -88,4 +88,47 @@ mod tests {
         assert!(msg.contains("already running"), "{msg}");
         assert!(msg.contains(&std::process::id().to_string()), "{msg}");
     }
+
+    #[test]
+    fn the_lock_is_released_on_drop_and_records_the_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = DataDirLock::acquire(dir.path()).unwrap();
+        let pid = std::fs::read_to_string(dir.path().join("node.lock")).unwrap();
+        assert_eq!(pid, std::process::id().to_string());
+        drop(held);
+        let again = DataDirLock::acquire(dir.path()).unwrap();
+        drop(again);
+    }
+
+    #[test]
+    fn a_stale_pid_from_a_crashed_node_is_replaced_not_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("node.lock"), "99999999999").unwrap();
+        let _held = DataDirLock::acquire(dir.path()).unwrap();
+        let pid = std::fs::read_to_string(dir.path().join("node.lock")).unwrap();
+        assert_eq!(pid, std::process::id().to_string());
+    }
+
+    #[test]
+    fn a_holder_that_wrote_no_pid_is_reported_as_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::create(dir.path().join("node.lock")).unwrap();
+        file.try_lock().unwrap();
+        let err = DataDirLock::acquire(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, LockError::Held { pid, .. } if pid == "unknown"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_data_dir_is_an_io_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = DataDirLock::acquire(&missing).unwrap_err();
+        assert!(
+            matches!(&err, LockError::Io { path, .. } if path == &missing.join("node.lock")),
+            "{err}"
+        );
+    }
 }

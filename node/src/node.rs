@@ -21,7 +21,7 @@ use crate::net::{Net, TransportKind};
 use crate::pairing::Pairing;
 use crate::store::Store;
 use crate::sync::SyncManager;
-use crate::sync::blobs::Blobs;
+use crate::sync::blobs::{Blobs, BlobsConfig};
 use crate::trust::TrustBook;
 
 /// State shared by every service of a running node.
@@ -43,7 +43,7 @@ pub struct NodeCtx {
     /// Sync sessions.
     pub sync: SyncManager,
     /// Blob replication.
-    pub blobs: Blobs,
+    pub blobs: Arc<Blobs>,
     /// The agent runner (active while this device holds the role).
     pub agent: crate::agent::runner::Agent,
     /// When the node started.
@@ -265,7 +265,17 @@ impl Node {
             net.clone(),
             config.name.clone(),
         );
-        let blobs = Blobs::new(config.fault_corrupt_blob_chunks);
+        let sync = SyncManager::default();
+        let blobs = Arc::new(Blobs::new(
+            store.clone(),
+            net.clone(),
+            trust.clone(),
+            sync.gate.clone(),
+            BlobsConfig {
+                corrupt_chunks: config.fault_corrupt_blob_chunks,
+                ..BlobsConfig::default()
+            },
+        ));
         let ctx = Arc::new(NodeCtx {
             config,
             identity,
@@ -274,7 +284,7 @@ impl Node {
             trust,
             net,
             pairing,
-            sync: SyncManager::default(),
+            sync,
             blobs,
             agent: crate::agent::runner::Agent::default(),
             started: Instant::now(),
@@ -282,6 +292,8 @@ impl Node {
         });
         let cancel = CancellationToken::new();
         ctx.pairing.start(&mut tasks, cancel.clone());
+        forward_blob_arrivals(&ctx, &mut tasks, cancel.clone());
+        ctx.blobs.start(&mut tasks, cancel.clone());
         crate::sync::spawn(ctx.clone());
         crate::agent::ask::spawn_server(ctx.clone());
         crate::agent::runner::spawn(ctx.clone());
@@ -403,6 +415,32 @@ pub async fn run(
     node.stop().await?;
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// Blobs that arrive by transfer are announced to every peer's session, until `shutdown`.
+fn forward_blob_arrivals(
+    ctx: &Arc<NodeCtx>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut arrivals = ctx.blobs.arrivals();
+    let ctx = ctx.clone();
+    tasks.spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = arrivals.recv() => next,
+            };
+            match next {
+                Ok((id, len)) => ctx.sync.broadcast(iom_protocol::wire::SyncMsg::Blobs {
+                    have: vec![(id, len)],
+                }),
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => break,
+            }
+        }
+    });
 }
 
 /// The first device of a mesh certifies itself (as an admin) with the person key. A device

@@ -206,7 +206,7 @@ async fn target(ctx: &Arc<NodeCtx>, view: &ScheduleView) -> Result<Option<DocId>
                 &format!("schedule {sid}: conversation"),
                 now,
             )
-            .map_err(|e| DocsError::Internal(e.to_string()))
+            .map_err(DocsError::from)
         })
         .await?;
     Ok(Some(id))
@@ -297,7 +297,7 @@ async fn fire(
             }
             let marked = s
                 .mark_fired(&id, d.slot, epoch, now)
-                .map_err(|e| DocsError::Internal(e.to_string()))?;
+                .map_err(DocsError::from)?;
             if !marked || d.missed == 0 || id.contains('.') {
                 return Ok((marked, 0));
             }
@@ -316,7 +316,7 @@ async fn fire(
                     &format!("schedule {id}: last missed slot"),
                     now,
                 )
-                .map_err(|e| DocsError::Internal(e.to_string()))?;
+                .map_err(DocsError::from)?;
             }
             doc.put_json(
                 &format!("{entries}.{id}.missed_slots"),
@@ -324,7 +324,7 @@ async fn fire(
                 &format!("schedule {id}: {} missed slot(s) skipped", d.missed),
                 now,
             )
-            .map_err(|e| DocsError::Internal(e.to_string()))?;
+            .map_err(DocsError::from)?;
             Ok((true, d.missed))
         })
         .await?;

@@ -27,3 +27,22 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     getrandom::fill(&mut buf).expect("the operating system's random source failed");
     buf
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_and_milliseconds_agree() {
+        let (s, ms) = (now_secs(), now_millis());
+        assert!(s > 1_600_000_000, "after 2020");
+        assert!(ms / 1000 >= s && ms / 1000 <= s + 1);
+    }
+
+    #[test]
+    fn random_bytes_differ_between_calls() {
+        let (a, b) = (random_bytes::<16>(), random_bytes::<16>());
+        assert_ne!(a, b);
+        assert_eq!(random_bytes::<0>(), [0u8; 0]);
+    }
+}

@@ -146,3 +146,180 @@ impl TrustBook {
         self.tx.send_replace(Arc::new(state));
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use iom_protocol::keys::{DeviceKey, PersonKey};
+
+    use super::*;
+
+    fn person(n: u8) -> PersonKey {
+        PersonKey::from_seed([n; 32])
+    }
+
+    fn device(n: u8) -> DeviceKey {
+        DeviceKey::from_seed([n; 32])
+    }
+
+    fn by_person(p: &PersonKey, d: u8, admin: bool) -> Certificate {
+        let body = CertBody::Device {
+            person: p.id(),
+            device: device(d).id(),
+            name: format!("d{d}"),
+            admin,
+            issued_at: 1,
+        };
+        Certificate::issue_by_person(body, p).unwrap()
+    }
+
+    fn by_device(p: &PersonKey, signer: u8, d: u8) -> Certificate {
+        let body = CertBody::Device {
+            person: p.id(),
+            device: device(d).id(),
+            name: format!("d{d}"),
+            admin: false,
+            issued_at: 2,
+        };
+        Certificate::issue_by_device(body, &device(signer)).unwrap()
+    }
+
+    fn revocation(p: &PersonKey, d: u8) -> Certificate {
+        let body = CertBody::Revocation {
+            person: p.id(),
+            device: device(d).id(),
+            reason: "lost".into(),
+            issued_at: 3,
+        };
+        Certificate::issue_by_person(body, p).unwrap()
+    }
+
+    fn book(p: &PersonKey) -> (tempfile::TempDir, Store, TrustBook) {
+        let (dir, store) = crate::store::temp_store();
+        let book = TrustBook::load(store.clone(), p.id()).unwrap();
+        (dir, store, book)
+    }
+
+    #[tokio::test]
+    async fn added_certificates_are_stored_evaluated_and_watched() {
+        let p = person(1);
+        let (_dir, store, book) = book(&p);
+        let mut watch = book.subscribe();
+        assert!(!book.state().is_trusted(&device(2).id()));
+        let cert = by_person(&p, 2, true);
+        assert!(book.add(vec![cert.clone()]).await.unwrap());
+        assert!(book.state().is_trusted(&device(2).id()));
+        assert!(watch.has_changed().unwrap());
+        assert!(watch.borrow_and_update().is_trusted(&device(2).id()));
+        assert!(store.has_object(cert.id().as_bytes()).unwrap());
+        assert_eq!(book.cert_ids(), vec![cert.id()]);
+        assert_eq!(book.certs(), vec![cert]);
+    }
+
+    #[tokio::test]
+    async fn known_duplicate_and_foreign_certificates_teach_nothing() {
+        let p = person(1);
+        let (_dir, store, book) = book(&p);
+        let cert = by_person(&p, 2, true);
+        // Twice in one batch: stored once.
+        assert!(book.add(vec![cert.clone(), cert.clone()]).await.unwrap());
+        assert_eq!(book.certs().len(), 1);
+        let watch = book.subscribe();
+        assert!(!book.add(vec![cert]).await.unwrap(), "already known");
+        // A certificate of another person's mesh is dropped.
+        let other = by_person(&person(9), 3, true);
+        assert!(!book.add(vec![other.clone()]).await.unwrap());
+        assert!(!store.has_object(other.id().as_bytes()).unwrap());
+        assert!(!watch.has_changed().unwrap(), "no re-evaluation announced");
+    }
+
+    #[tokio::test]
+    async fn loading_evaluates_stored_certificates_and_skips_other_objects() {
+        let p = person(1);
+        let (_dir, store, book) = book(&p);
+        book.add(vec![by_person(&p, 2, true)]).await.unwrap();
+        store.put_object(b"not a certificate").unwrap();
+        let again = TrustBook::load(store.clone(), p.id()).unwrap();
+        assert!(again.state().is_trusted(&device(2).id()));
+        assert_eq!(again.certs().len(), 1);
+        assert_eq!(again.person(), p.id());
+    }
+
+    #[tokio::test]
+    async fn a_revocation_wins_whatever_the_arrival_order() {
+        let p = person(1);
+        let (_a, _sa, first) = book(&p);
+        first.add(vec![by_person(&p, 2, true)]).await.unwrap();
+        first.add(vec![revocation(&p, 2)]).await.unwrap();
+        let (_b, _sb, second) = book(&p);
+        second.add(vec![revocation(&p, 2)]).await.unwrap();
+        second.add(vec![by_person(&p, 2, true)]).await.unwrap();
+        for book in [first, second] {
+            let state = book.state();
+            assert!(!state.is_trusted(&device(2).id()));
+            assert!(state.is_revoked(&device(2).id()));
+        }
+    }
+
+    #[tokio::test]
+    async fn devices_certified_by_a_revoked_admin_lose_trust() {
+        let p = person(1);
+        let (_dir, _store, book) = book(&p);
+        book.add(vec![by_person(&p, 2, true), by_device(&p, 2, 3)])
+            .await
+            .unwrap();
+        assert!(book.state().is_trusted(&device(3).id()));
+        book.add(vec![revocation(&p, 2)]).await.unwrap();
+        assert!(!book.state().is_trusted(&device(3).id()));
+    }
+
+    #[tokio::test]
+    async fn a_chain_runs_from_the_device_through_the_admins_that_signed() {
+        let p = person(1);
+        let (_dir, _store, book) = book(&p);
+        let root = by_person(&p, 2, true);
+        let phone = by_device(&p, 2, 3);
+        let unrelated = by_person(&p, 4, false);
+        book.add(vec![root.clone(), phone.clone(), unrelated])
+            .await
+            .unwrap();
+        let mut chain: Vec<ContentId> = book
+            .chain_for(&device(3).id())
+            .iter()
+            .map(Certificate::id)
+            .collect();
+        chain.sort();
+        let mut expected = vec![root.id(), phone.id()];
+        expected.sort();
+        assert_eq!(chain, expected);
+        assert_eq!(book.chain_for(&device(2).id()), vec![root]);
+        assert!(book.chain_for(&device(8).id()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_chain_with_a_cycle_ends() {
+        let p = person(1);
+        let (_dir, _store, book) = book(&p);
+        // 2 and 3 certify each other (neither chain reaches the person key).
+        book.add(vec![by_device(&p, 2, 3), by_device(&p, 3, 2)])
+            .await
+            .unwrap();
+        assert_eq!(book.chain_for(&device(3).id()).len(), 2);
+        assert!(!book.state().is_trusted(&device(3).id()));
+    }
+
+    #[tokio::test]
+    async fn switching_person_re_evaluates_and_notifies() {
+        let (a, b) = (person(1), person(2));
+        let (_dir, _store, book) = book(&a);
+        book.add(vec![by_person(&a, 3, true)]).await.unwrap();
+        let watch = book.subscribe();
+        book.set_person(b.id());
+        assert_eq!(book.person(), b.id());
+        assert!(watch.has_changed().unwrap());
+        assert!(!book.state().is_trusted(&device(3).id()));
+        // Certificates of the new person are accepted now.
+        assert!(book.add(vec![by_person(&b, 4, true)]).await.unwrap());
+        assert!(book.state().is_trusted(&device(4).id()));
+    }
+}

@@ -36,7 +36,15 @@ pub fn iom_bin() -> &'static Path {
             .unwrap_or_else(|_| root.join("target"));
         let bin = target.join("debug/iom");
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "iom-cli"])
+            // The test hooks (`IOM_FAULT`, `IOM_CLOCK_OFFSET_SECS`) exist only with this feature.
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "iom-cli",
+                "--features",
+                "iom-cli/test-hooks",
+            ])
             .current_dir(&root)
             .status();
         match status {

@@ -25,7 +25,7 @@ fn iom_binary() -> PathBuf {
     let iom = dir.join("iom");
     if !iom.exists() {
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "-p", "iom-cli"])
+            .args(["build", "-p", "iom-cli", "--features", "iom-cli/test-hooks"])
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .status()
             .expect("running cargo build -p iom-cli");

@@ -49,6 +49,7 @@ pub async fn run(g: &Global, cmd: NodeCommand) -> Result<(), Failure> {
 
 fn load_config(g: &Global, a: NodeRunArgs) -> Result<iom_node::config::Config, Failure> {
     let raw = RawConfig::load(&g.data_dir).map_err(|e| Failure::Usage(e.into()))?;
+    let (clock_offset_secs, faults) = test_hooks_from_env()?;
     let overrides = Overrides {
         name: a.name,
         listen: a.listen,
@@ -57,15 +58,34 @@ fn load_config(g: &Global, a: NodeRunArgs) -> Result<iom_node::config::Config, F
         no_mdns: a.no_mdns,
         api_key: std::env::var("ANTHROPIC_API_KEY").ok(),
         base_url: std::env::var("ANTHROPIC_BASE_URL").ok(),
-        clock_offset_secs: std::env::var("IOM_CLOCK_OFFSET_SECS")
-            .ok()
-            .map(|v| v.parse::<i64>())
-            .transpose()
-            .map_err(|e| Failure::Usage(anyhow::anyhow!("IOM_CLOCK_OFFSET_SECS: {e}")))?,
-        faults: std::env::var("IOM_FAULT")
-            .map(|v| v.split(',').map(|f| f.trim().to_string()).collect())
-            .unwrap_or_default(),
+        clock_offset_secs,
+        faults,
     };
     raw.validate(g.data_dir.clone(), overrides)
         .map_err(|e| Failure::Usage(e.into()))
+}
+
+/// `IOM_CLOCK_OFFSET_SECS` and `IOM_FAULT`, read only when the node library is built with its
+/// `test-hooks` feature (`--features iom-cli/test-hooks`); the shipped binary warns and
+/// ignores them.
+fn test_hooks_from_env() -> Result<(Option<i64>, Vec<String>), Failure> {
+    let offset = std::env::var("IOM_CLOCK_OFFSET_SECS").ok();
+    let fault = std::env::var("IOM_FAULT").ok();
+    if !iom_node::config::TEST_HOOKS {
+        if offset.is_some() || fault.is_some() {
+            tracing::warn!(
+                "IOM_FAULT and IOM_CLOCK_OFFSET_SECS are test hooks; this build ignores them \
+                 (build with --features iom-cli/test-hooks)"
+            );
+        }
+        return Ok((None, Vec::new()));
+    }
+    let offset = offset
+        .map(|v| v.parse::<i64>())
+        .transpose()
+        .map_err(|e| Failure::Usage(anyhow::anyhow!("IOM_CLOCK_OFFSET_SECS: {e}")))?;
+    let faults = fault
+        .map(|v| v.split(',').map(|f| f.trim().to_string()).collect())
+        .unwrap_or_default();
+    Ok((offset, faults))
 }

@@ -74,7 +74,7 @@ pub async fn ask(
             Conversation::open(&mut *d)
                 .map_err(DocsError::from)?
                 .append_request(&r, &p, interface, &me, now)
-                .map_err(|e| DocsError::Internal(e.to_string()))
+                .map_err(DocsError::from)
         })
         .await?;
     let holder = role::holder(ctx);
@@ -156,7 +156,7 @@ pub async fn new_conversation(ctx: &NodeCtx, title: &str) -> Result<DocId, DocsE
             Conversation::open(&mut *d)
                 .map_err(DocsError::from)?
                 .set_title(&title, now)
-                .map_err(|e| DocsError::Internal(e.to_string()))
+                .map_err(DocsError::from)
         })
         .await?;
     Ok(id)

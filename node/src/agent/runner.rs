@@ -368,7 +368,7 @@ async fn set_status(ctx: &NodeCtx, doc: DocId, rid: &str, status: Status, error:
             Conversation::open(&mut *d)
                 .map_err(DocsError::from)?
                 .set_status(&rid, status, error.as_deref(), now)
-                .map_err(|e| DocsError::Internal(e.to_string()))
+                .map_err(DocsError::from)
         })
         .await;
     if let Err(e) = r {
@@ -393,7 +393,7 @@ async fn run_request(ctx: &Arc<NodeCtx>, doc: DocId, req: MessageView) {
             Conversation::open(&mut *d)
                 .map_err(DocsError::from)?
                 .claim(&rid2, &me2, epoch, now)
-                .map_err(|e| DocsError::Internal(e.to_string()))
+                .map_err(DocsError::from)
         })
         .await;
     match claim {
@@ -457,7 +457,7 @@ async fn run_request(ctx: &Arc<NodeCtx>, doc: DocId, req: MessageView) {
                             Conversation::open(&mut *d)
                                 .map_err(DocsError::from)?
                                 .set_progress(&rid, &j, now)
-                                .map_err(|e| DocsError::Internal(e.to_string()))
+                                .map_err(DocsError::from)
                         })
                         .await;
                     last = json;
@@ -572,7 +572,7 @@ async fn run_request(ctx: &Arc<NodeCtx>, doc: DocId, req: MessageView) {
                 .docs
                 .modify(doc, Origin::Local, false, move |d| {
                     let mut c = Conversation::open(&mut *d).map_err(DocsError::from)?;
-                    let e = |e: iom_crdt::ConversationError| DocsError::Internal(e.to_string());
+                    let e = <DocsError as From<iom_crdt::ConversationError>>::from;
                     c.append_assistant(&rid2, &text, &calls, usage, &me2, now)
                         .map_err(e)?;
                     c.add_usage(usage.input_tokens, usage.output_tokens, now)

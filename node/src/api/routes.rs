@@ -107,7 +107,7 @@ async fn doc_new(State(ctx): Ctx, body: Option<Json<NewDoc>>) -> ApiResult {
             .modify(id, Origin::Local, false, move |doc| {
                 for (k, v) in fields {
                     doc.put_json(&k, v, "initial content", now)
-                        .map_err(|e| crate::docs::DocsError::Internal(e.to_string()))?;
+                        .map_err(crate::docs::DocsError::from)?;
                 }
                 Ok(())
             })
@@ -262,7 +262,8 @@ async fn blob_get(State(ctx): Ctx, Path(hash): Path<String>) -> ApiResult<Respon
     let id = parse_hash(&hash)?;
     if ctx.store.blob_meta(&id)?.is_none() {
         // Not here yet: fetch it from a connected device that has it.
-        crate::sync::blobs::fetch_now(&ctx, iom_protocol::id::ContentId::from_bytes(id))
+        ctx.blobs
+            .fetch_now(iom_protocol::id::ContentId::from_bytes(id))
             .await
             .map_err(|e| ApiError::not_found(format!("blob {hash} is not on this device: {e}")))?;
     }

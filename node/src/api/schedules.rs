@@ -130,7 +130,7 @@ async fn add(State(ctx): Ctx, Json(body): Json<AddBody>) -> Result<Json<Value>, 
         .modify(DocId::SCHEDULES, Origin::Local, false, move |d| {
             Schedules::open(&mut *d)?
                 .add(&sid, &cron, &prompt, Some(&conv.to_string()), now)
-                .map_err(|e| DocsError::Internal(e.to_string()))
+                .map_err(DocsError::from)
         })
         .await?;
     let all = read_all(&ctx).await?;
@@ -169,7 +169,7 @@ where
             let mut s = Schedules::open(&mut *d)?;
             match f(&mut s, &sid, now) {
                 Err(ScheduleError::NotFound(_)) => Ok(None),
-                r => r.map_err(|e| DocsError::Internal(e.to_string())),
+                r => r.map_err(DocsError::from),
             }
         })
         .await?)

@@ -182,7 +182,7 @@ async fn user_conversation(ctx: &Arc<NodeCtx>, user: &str) -> Result<DocId, ApiE
             iom_crdt::Conversation::open(&mut *d)
                 .map_err(crate::docs::DocsError::from)?
                 .set_title(&title, now)
-                .map_err(|e| crate::docs::DocsError::Internal(e.to_string()))
+                .map_err(crate::docs::DocsError::from)
         })
         .await?;
     ctx.store

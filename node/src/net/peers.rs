@@ -126,3 +126,93 @@ impl Peers {
             .collect()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use libp2p::core::Endpoint;
+    use libp2p::core::transport::PortUse;
+
+    use super::*;
+
+    fn dialed(addr: &str) -> ConnectedPoint {
+        ConnectedPoint::Dialer {
+            address: addr.parse().unwrap(),
+            role_override: Endpoint::Dialer,
+            port_use: PortUse::Reuse,
+        }
+    }
+
+    fn accepted(local: &str) -> ConnectedPoint {
+        ConnectedPoint::Listener {
+            local_addr: local.parse().unwrap(),
+            send_back_addr: "/ip4/10.0.0.9/tcp/5555".parse().unwrap(),
+        }
+    }
+
+    const CIRCUIT: &str = "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit";
+
+    #[test]
+    fn a_peer_is_direct_while_any_connection_is_direct() {
+        let mut peers = Peers::default();
+        let p = PeerId::random();
+        assert_eq!(peers.link(&p), Link::Offline);
+        let (c1, c2) = (
+            ConnectionId::new_unchecked(1),
+            ConnectionId::new_unchecked(2),
+        );
+        assert_eq!(peers.connected(p, c1, &dialed(CIRCUIT)), 1);
+        assert_eq!(peers.link(&p), Link::Relayed);
+        assert_eq!(peers.connected(p, c2, &dialed("/ip4/10.0.0.2/tcp/4646")), 2);
+        assert_eq!(peers.link(&p), Link::Direct, "the hole punch worked");
+        assert_eq!(peers.closed(p, c2), 1);
+        assert_eq!(peers.link(&p), Link::Relayed);
+        assert_eq!(peers.closed(p, c1), 0);
+        assert_eq!(peers.link(&p), Link::Offline);
+        assert!(peers.map[&p].last_seen > 0, "remembered after it left");
+    }
+
+    #[test]
+    fn connections_record_direction_and_address() {
+        let mut peers = Peers::default();
+        let p = PeerId::random();
+        let c = ConnectionId::new_unchecked(7);
+        peers.connected(p, c, &accepted("/ip4/0.0.0.0/tcp/4646"));
+        let conn = &peers.map[&p].conns[&c];
+        assert!(!conn.outbound && !conn.relayed);
+        assert_eq!(conn.addr.to_string(), "/ip4/10.0.0.9/tcp/5555");
+        let relayed_in = ConnectionId::new_unchecked(8);
+        peers.connected(p, relayed_in, &accepted(CIRCUIT));
+        assert!(peers.map[&p].conns[&relayed_in].relayed);
+    }
+
+    #[test]
+    fn only_peers_with_open_connections_are_connected() {
+        let mut peers = Peers::default();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let c = ConnectionId::new_unchecked(1);
+        peers.connected(a, c, &dialed("/ip4/10.0.0.1/tcp/1"));
+        peers.connected(
+            b,
+            ConnectionId::new_unchecked(2),
+            &dialed("/ip4/10.0.0.2/tcp/1"),
+        );
+        peers.closed(b, ConnectionId::new_unchecked(2));
+        assert_eq!(peers.connected_peers(), vec![a]);
+        // A close for a peer never seen, or a connection never opened, changes nothing.
+        assert_eq!(peers.closed(PeerId::random(), c), 0);
+        assert_eq!(peers.closed(a, ConnectionId::new_unchecked(99)), 1);
+    }
+
+    #[test]
+    fn links_print_and_serialise_in_lowercase() {
+        for (link, text) in [
+            (Link::Direct, "direct"),
+            (Link::Relayed, "relayed"),
+            (Link::Offline, "offline"),
+        ] {
+            assert_eq!(link.to_string(), text);
+            assert_eq!(serde_json::to_value(link).unwrap(), text);
+        }
+    }
+}

@@ -61,3 +61,30 @@ impl AllowList {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use iom_protocol::keys::PersonKey;
+
+    use super::*;
+
+    #[test]
+    fn peers_are_remembered_with_their_person_and_shared_by_clones() {
+        let list = AllowList::new();
+        assert!(list.is_empty());
+        let (a, b) = (
+            PersonKey::from_seed([1; 32]).id(),
+            PersonKey::from_seed([2; 32]).id(),
+        );
+        let peer = PeerId::random();
+        let clone = list.clone();
+        assert!(clone.insert(peer, a));
+        assert!(list.contains(&peer));
+        assert_eq!(list.person_of(&peer), Some(a));
+        // Authenticating again (for another person) replaces the entry.
+        assert!(list.insert(peer, b));
+        assert_eq!(list.person_of(&peer), Some(b));
+        assert_eq!(list.len(), 1);
+        assert_eq!(list.person_of(&PeerId::random()), None);
+    }
+}

@@ -19,11 +19,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use iom_protocol::cert::Certificate;
 use iom_protocol::keys::{DeviceId, PersonId};
 use iom_protocol::trust;
-use libp2p::{PeerId, Stream, StreamProtocol};
+use libp2p::{PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 
 use super::AllowList;
@@ -115,25 +115,51 @@ pub async fn authenticate_to_relay(
         .map_err(|_| RelayAuthError::Timeout)?
 }
 
+/// Why a relay refused a certificate chain (the text goes back to the device as the reply's
+/// `reason`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainRefusal {
+    /// More than [`MAX_CHAIN_CERTS`] certificates.
+    #[error("chain has {0} certificates (max {MAX_CHAIN_CERTS})")]
+    TooLong(usize),
+    /// The connection's PeerId is not an ed25519 device id.
+    #[error("{0}")]
+    NotADevice(iom_protocol::keys::KeyError),
+    /// A certificate does not decode (or its signature is wrong).
+    #[error("certificate {index}: {source}")]
+    BadCertificate {
+        /// Its place in the chain.
+        index: usize,
+        /// Why.
+        source: iom_protocol::cert::CertError,
+    },
+    /// The chain says this device is revoked.
+    #[error("this device is revoked")]
+    Revoked,
+    /// The chain does not reach a person the relay serves.
+    #[error(
+        "the certificates do not make this device a trusted device of a person this relay serves"
+    )]
+    NotTrusted,
+}
+
 /// Checks that `chain` makes `peer` a trusted, non-revoked device of one of `allowed`.
-/// Returns the person, or a human-readable reason for refusing.
+/// Returns the person, or why it refuses.
 pub fn verify_chain(
     peer: &PeerId,
     chain: &[Vec<u8>],
     allowed: &[PersonId],
-) -> Result<PersonId, String> {
+) -> Result<PersonId, ChainRefusal> {
     if chain.len() > MAX_CHAIN_CERTS {
-        return Err(format!(
-            "chain has {} certificates (max {MAX_CHAIN_CERTS})",
-            chain.len()
-        ));
+        return Err(ChainRefusal::TooLong(chain.len()));
     }
-    let device = DeviceId::from_peer_id(peer).map_err(|e| e.to_string())?;
+    let device = DeviceId::from_peer_id(peer).map_err(ChainRefusal::NotADevice)?;
     let certs = chain
         .iter()
         .enumerate()
-        .map(|(i, bytes)| {
-            Certificate::from_bytes(bytes).map_err(|e| format!("certificate {i}: {e}"))
+        .map(|(index, bytes)| {
+            Certificate::from_bytes(bytes)
+                .map_err(|source| ChainRefusal::BadCertificate { index, source })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut revoked = false;
@@ -145,9 +171,9 @@ pub fn verify_chain(
         revoked |= state.is_revoked(&device);
     }
     if revoked {
-        Err("this device is revoked".into())
+        Err(ChainRefusal::Revoked)
     } else {
-        Err("the certificates do not make this device a trusted device of a person this relay serves".into())
+        Err(ChainRefusal::NotTrusted)
     }
 }
 
@@ -180,9 +206,9 @@ pub async fn serve_auth(
     }
 }
 
-async fn answer(
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     peer: PeerId,
-    mut stream: Stream,
+    mut stream: S,
     allowed: &[PersonId],
     allow: &AllowList,
 ) -> Result<RelayAuthReply, std::io::Error> {
@@ -218,18 +244,18 @@ fn decide(peer: PeerId, payload: &[u8], allowed: &[PersonId], allow: &AllowList)
                 refuse("the relay's list of allowed devices is full".into())
             }
         }
-        Err(reason) => refuse(reason),
+        Err(reason) => refuse(reason.to_string()),
     }
 }
 
-async fn write_frame(stream: &mut Stream, payload: &[u8]) -> std::io::Result<()> {
+async fn write_frame<S: AsyncWrite + Unpin>(stream: &mut S, payload: &[u8]) -> std::io::Result<()> {
     let len = u32::try_from(payload.len()).map_err(std::io::Error::other)?;
     stream.write_all(&len.to_be_bytes()).await?;
     stream.write_all(payload).await?;
     stream.flush().await
 }
 
-async fn read_frame(stream: &mut Stream, max: usize) -> std::io::Result<Vec<u8>> {
+async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S, max: usize) -> std::io::Result<Vec<u8>> {
     let mut header = [0u8; 4];
     stream.read_exact(&mut header).await?;
     let len = iom_protocol::frame::parse_len(header, max)
@@ -311,11 +337,14 @@ mod tests {
         .to_bytes();
         let peer = laptop.id().to_peer_id();
         let err = verify_chain(&peer, &[root.clone(), revocation], &[person.id()]).unwrap_err();
-        assert!(err.contains("revoked"), "{err}");
+        assert_eq!(err, ChainRefusal::Revoked);
         let err = verify_chain(&peer, &[b"junk".to_vec()], &[person.id()]).unwrap_err();
-        assert!(err.contains("certificate 0"), "{err}");
+        assert!(err.to_string().contains("certificate 0"), "{err}");
         let many = vec![root; MAX_CHAIN_CERTS + 1];
-        assert!(verify_chain(&peer, &many, &[person.id()]).is_err());
+        assert_eq!(
+            verify_chain(&peer, &many, &[person.id()]),
+            Err(ChainRefusal::TooLong(MAX_CHAIN_CERTS + 1))
+        );
     }
 
     #[test]
@@ -332,5 +361,114 @@ mod tests {
         let other = DeviceKey::from_seed([5; 32]).id().to_peer_id();
         let reply = decide(other, b"\xff\x00", &[person.id()], &allow);
         assert!(!reply.ok);
+    }
+
+    /// Runs [`answer`] over an in-memory stream: sends `request` as one frame (or `raw` bytes
+    /// as they are), returns the relay's reply.
+    async fn exchange(
+        peer: PeerId,
+        raw: Vec<u8>,
+        allowed: Vec<PersonId>,
+        allow: &AllowList,
+    ) -> RelayAuthReply {
+        use tokio_util::compat::TokioAsyncReadCompatExt;
+        let (ours, theirs) = tokio::io::duplex(128 * 1024);
+        let allow2 = allow.clone();
+        let relay =
+            tokio::spawn(async move { answer(peer, theirs.compat(), &allowed, &allow2).await });
+        let mut s = ours.compat();
+        s.write_all(&raw).await.unwrap();
+        let reply = read_frame(&mut s, MAX_REPLY_LEN).await.unwrap();
+        let from_relay = relay.await.unwrap().unwrap();
+        let reply: RelayAuthReply = serde_cbor::from_slice(&reply).unwrap();
+        assert_eq!(reply, from_relay, "the relay logs what it sent");
+        reply
+    }
+
+    fn framed(payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[tokio::test]
+    async fn the_relay_answers_a_good_chain_over_the_stream_and_remembers_the_device() {
+        let person = PersonKey::from_seed([1; 32]);
+        let laptop = DeviceKey::from_seed([2; 32]);
+        let payload =
+            serde_cbor::to_vec(&vec![CertBytes(device_cert(&person, &laptop, true))]).unwrap();
+        let allow = AllowList::new();
+        let peer = laptop.id().to_peer_id();
+        let reply = exchange(peer, framed(&payload), vec![person.id()], &allow).await;
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(reply.reason, format!("device of person {}", person.id()));
+        assert!(allow.contains(&peer));
+    }
+
+    #[tokio::test]
+    async fn an_oversized_request_is_refused_with_a_reason() {
+        let peer = DeviceKey::from_seed([2; 32]).id().to_peer_id();
+        let allow = AllowList::new();
+        let header = ((MAX_REQUEST_LEN + 1) as u32).to_be_bytes().to_vec();
+        let reply = exchange(peer, header, vec![], &allow).await;
+        assert!(!reply.ok);
+        assert!(!reply.reason.is_empty());
+        assert!(allow.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_request_that_is_not_a_list_of_certificates_is_refused() {
+        let peer = DeviceKey::from_seed([2; 32]).id().to_peer_id();
+        let allow = AllowList::new();
+        let reply = exchange(peer, framed(b"\x01"), vec![], &allow).await;
+        assert!(!reply.ok);
+        assert!(
+            reply.reason.starts_with("not a CBOR list of certificates"),
+            "{reply:?}"
+        );
+    }
+
+    #[test]
+    fn a_full_allow_list_refuses_new_devices_but_not_known_ones() {
+        let person = PersonKey::from_seed([1; 32]);
+        let laptop = DeviceKey::from_seed([2; 32]);
+        let allow = AllowList::new();
+        for _ in 0..crate::relay::allow::MAX_ALLOWED_PEERS {
+            assert!(allow.insert(PeerId::random(), person.id()));
+        }
+        let payload =
+            serde_cbor::to_vec(&vec![CertBytes(device_cert(&person, &laptop, true))]).unwrap();
+        let reply = decide(laptop.id().to_peer_id(), &payload, &[person.id()], &allow);
+        assert!(!reply.ok);
+        assert_eq!(reply.reason, "the relay's list of allowed devices is full");
+    }
+
+    #[test]
+    fn a_peer_id_that_is_not_a_device_key_is_refused() {
+        let person = PersonKey::from_seed([1; 32]);
+        let rsa_like = PeerId::random();
+        let err = verify_chain(&rsa_like, &[], &[person.id()]).unwrap_err();
+        assert!(matches!(err, ChainRefusal::NotADevice(_)), "{err}");
+        // An empty chain for a real device: simply not trusted.
+        let device = DeviceKey::from_seed([2; 32]).id().to_peer_id();
+        assert_eq!(
+            verify_chain(&device, &[], &[person.id()]),
+            Err(ChainRefusal::NotTrusted)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chain_too_large_to_send_is_refused_before_any_stream_is_opened() {
+        // No swarm behind the control: the size check must come first.
+        let behaviour = libp2p_stream::Behaviour::new();
+        let mut control = behaviour.new_control();
+        let chain = vec![vec![0u8; 10]; MAX_CHAIN_CERTS + 1];
+        let err = authenticate_to_relay(&mut control, PeerId::random(), chain)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RelayAuthError::ChainTooLarge { certs, .. } if certs == MAX_CHAIN_CERTS + 1),
+            "{err}"
+        );
     }
 }

@@ -168,4 +168,74 @@ mod tests {
         assert!(l.try_next(friend, &addr, now));
         assert!(l.try_next(friend, &addr, now));
     }
+
+    #[test]
+    fn a_bucket_refills_in_proportion_to_the_time_passed_up_to_its_burst() {
+        let mut b = TokenBuckets::new(rate(3, 10));
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(b.try_take(1u8, t0));
+        }
+        assert!(!b.try_take(1u8, t0));
+        // Half an interval: half a token, not enough.
+        assert!(!b.try_take(1u8, t0 + Duration::from_secs(5)));
+        // The other half: one token.
+        assert!(b.try_take(1u8, t0 + Duration::from_secs(10)));
+        assert!(!b.try_take(1u8, t0 + Duration::from_secs(10)));
+        // A long idle time refills to the burst, not beyond.
+        let later = t0 + Duration::from_secs(1000);
+        for _ in 0..3 {
+            assert!(b.try_take(1u8, later));
+        }
+        assert!(!b.try_take(1u8, later));
+    }
+
+    #[test]
+    fn full_buckets_are_pruned_and_busy_ones_are_kept() {
+        let mut b = TokenBuckets::new(rate(1, 60));
+        let t0 = Instant::now();
+        for k in 0..PRUNE_AT as u32 {
+            assert!(b.try_take(k, t0));
+        }
+        assert_eq!(b.buckets.len(), PRUNE_AT);
+        // Much later every bucket is full again: all pruned, the new key gets a fresh one.
+        assert!(b.try_take(u32::MAX, t0 + Duration::from_secs(3600)));
+        assert_eq!(b.buckets.len(), 1);
+        // A drained bucket survives pruning, so pruning never resets a limit.
+        let mut b = TokenBuckets::new(rate(1, 60));
+        assert!(b.try_take(0u32, t0));
+        for k in 1..PRUNE_AT as u32 {
+            b.try_take(k, t0 + Duration::from_secs(3600));
+        }
+        assert!(!b.try_take(0u32, t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn per_peer_limits_count_each_peer_and_addresses_without_an_ip_are_not_limited() {
+        let mut by_peer = Limiter::new(Key::Peer, rate(1, 60), AllowList::new());
+        let a = DeviceKey::from_seed([2; 32]).id().to_peer_id();
+        let b = DeviceKey::from_seed([3; 32]).id().to_peer_id();
+        let addr: Multiaddr = "/ip4/10.0.0.1/tcp/1".parse().unwrap();
+        let other_addr: Multiaddr = "/ip4/10.0.0.2/tcp/1".parse().unwrap();
+        let now = Instant::now();
+        assert!(by_peer.try_next(a, &addr, now));
+        assert!(
+            !by_peer.try_next(a, &other_addr, now),
+            "same peer, other IP"
+        );
+        assert!(by_peer.try_next(b, &addr, now));
+
+        let mut by_ip = Limiter::new(Key::Ip, rate(1, 60), AllowList::new());
+        let no_ip: Multiaddr = "/dns4/relay.example/tcp/1".parse().unwrap();
+        for _ in 0..5 {
+            assert!(by_ip.try_next(a, &no_ip, now));
+        }
+        let v6: Multiaddr = "/ip6/::1/tcp/1".parse().unwrap();
+        assert!(by_ip.try_next(a, &v6, now));
+        assert!(
+            !by_ip.try_next(b, &v6, now),
+            "IPv6 addresses are limited too"
+        );
+        assert_eq!(ip_of(&v6), Some("::1".parse().unwrap()));
+    }
 }

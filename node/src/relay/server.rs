@@ -522,3 +522,32 @@ pub fn with_peer_id(addr: Multiaddr, peer: PeerId) -> Multiaddr {
         addr.with(Protocol::P2p(peer))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_get_the_relay_peer_id_once() {
+        let peer = PeerId::random();
+        let addr: Multiaddr = "/ip4/1.2.3.4/tcp/4001".parse().unwrap();
+        let with = with_peer_id(addr.clone(), peer);
+        assert_eq!(with, addr.with(Protocol::P2p(peer)));
+        assert_eq!(
+            with_peer_id(with.clone(), PeerId::random()),
+            with,
+            "unchanged"
+        );
+    }
+
+    #[test]
+    fn loopback_addresses_are_recognised() {
+        let yes: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        let yes6: Multiaddr = "/ip6/::1/udp/1/quic-v1".parse().unwrap();
+        let no: Multiaddr = "/ip4/192.168.1.2/tcp/1".parse().unwrap();
+        let name: Multiaddr = "/dns4/localhost/tcp/1".parse().unwrap();
+        assert!(is_loopback(&yes) && is_loopback(&yes6));
+        assert!(!is_loopback(&no) && !is_loopback(&name));
+    }
+}

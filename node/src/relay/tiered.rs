@@ -359,3 +359,55 @@ impl<H: ConnectionHandler> ConnectionHandler for TierHandler<H> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use iom_protocol::keys::{DeviceKey, PersonKey};
+
+    use super::*;
+
+    fn handler(allow: &AllowList) -> (PeerId, TierHandler<&'static str>) {
+        let peer = DeviceKey::from_seed([2; 32]).id().to_peer_id();
+        (
+            peer,
+            TierHandler::new(peer, "open", "allowed", allow.clone()),
+        )
+    }
+
+    #[test]
+    fn a_connection_starts_open_with_both_handlers() {
+        let (_, mut h) = handler(&AllowList::new());
+        assert_eq!(h.tier(), Tier::Open);
+        assert_eq!(h.handler_for(Tier::Open).copied(), Some("open"));
+        assert_eq!(h.handler_for(Tier::Allowed).copied(), Some("allowed"));
+        assert_eq!(h.each().count(), 2);
+    }
+
+    #[test]
+    fn an_allowed_peer_gets_the_allowed_handler_at_its_first_relay_stream() {
+        let allow = AllowList::new();
+        let (peer, mut h) = handler(&allow);
+        allow.insert(peer, PersonKey::from_seed([1; 32]).id());
+        h.lock();
+        assert_eq!(h.tier(), Tier::Allowed);
+        assert_eq!(h.handler_for(Tier::Allowed).copied(), Some("allowed"));
+        assert_eq!(h.handler_for(Tier::Open), None, "the other one is gone");
+        assert_eq!(h.each().map(|x| *x).collect::<Vec<_>>(), vec!["allowed"]);
+    }
+
+    #[test]
+    fn the_tier_is_final_once_locked() {
+        let allow = AllowList::new();
+        let (peer, mut h) = handler(&allow);
+        h.lock(); // used the relay before authenticating
+        assert_eq!(h.tier(), Tier::Open);
+        allow.insert(peer, PersonKey::from_seed([1; 32]).id());
+        h.lock();
+        assert_eq!(
+            h.tier(),
+            Tier::Open,
+            "authenticating later does not upgrade it"
+        );
+        assert_eq!(h.each().map(|x| *x).collect::<Vec<_>>(), vec!["open"]);
+    }
+}

@@ -113,10 +113,8 @@ impl BlobWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let index = u32::try_from(self.chunk_hashes.len()).map_err(|_| StoreError::Decode {
-            what: "blob",
-            detail: "too many chunks".into(),
-        })?;
+        let index =
+            u32::try_from(self.chunk_hashes.len()).map_err(|_| StoreError::TooManyChunks)?;
         self.whole.update(&self.buf);
         self.len += self.buf.len() as u64;
         self.chunk_hashes.push(Sha256::digest(&self.buf).into());
@@ -163,12 +161,7 @@ impl BlobWriter {
         }
         if let Some(file) = self.file.take() {
             let path = self.store.chunk_path(self.internal);
-            tokio::task::spawn_blocking(move || file.sync_all().map_err(file_err(&path)))
-                .await
-                .map_err(|e| StoreError::Decode {
-                    what: "blob",
-                    detail: e.to_string(),
-                })??;
+            tokio::task::spawn_blocking(move || file.sync_all().map_err(file_err(&path))).await??;
         }
         let meta = self.store.publish_blob(
             id,
@@ -411,5 +404,137 @@ mod tests {
             store.blob_chunk(&id, &meta, 0),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    async fn add(store: &Store, data: &[u8]) -> ([u8; 32], BlobMeta) {
+        let mut w = store.blob_writer(None).unwrap();
+        w.write(data).unwrap();
+        w.finish().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_same_content_added_twice_is_one_blob() {
+        let (_dir, store) = temp_store();
+        let data = vec![3u8; CHUNK_SIZE + 5];
+        let (a, first) = add(&store, &data).await;
+        let (b, second) = add(&store, &data).await;
+        assert_eq!(a, b);
+        assert_eq!(first.internal, second.internal, "the first copy is kept");
+        assert_eq!(store.blob_count(), 1);
+        assert!(store.has_blob(&a).unwrap());
+        assert_eq!(
+            std::fs::read_dir(&store.chunk_dir).unwrap().count(),
+            1,
+            "the second copy's chunks are removed"
+        );
+    }
+
+    #[tokio::test]
+    async fn whole_chunks_and_pieces_make_the_same_blob() {
+        let (_dir, store) = temp_store();
+        let data: Vec<u8> = (0..CHUNK_SIZE * 2 + 1).map(|i| (i % 13) as u8).collect();
+        let mut w = store.blob_writer(None).unwrap();
+        w.write_chunk(&data[..CHUNK_SIZE]).unwrap();
+        w.write(&data[CHUNK_SIZE..CHUNK_SIZE + 10]).unwrap();
+        // A whole chunk after a partial one is split at the chunk boundary.
+        w.write_chunk(&data[CHUNK_SIZE + 10..]).unwrap();
+        assert_eq!(w.len(), data.len() as u64);
+        assert!(!w.is_empty());
+        let (id, meta) = w.finish().await.unwrap();
+        assert_eq!(id, <[u8; 32]>::from(Sha256::digest(&data)));
+        assert_eq!(meta.chunk_hashes.len(), 3);
+        assert_eq!(
+            store.blob_chunk(&id, &meta, 2).unwrap(),
+            vec![data[data.len() - 1]]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_past_the_end_is_not_there() {
+        let (_dir, store) = temp_store();
+        let (id, meta) = add(&store, b"small").await;
+        assert!(matches!(
+            store.blob_chunk(&id, &meta, 1),
+            Err(StoreError::NoSuchBlob(_))
+        ));
+        assert_eq!(store.blob_meta(&[0; 32]).unwrap().map(|m| m.len), None);
+    }
+
+    #[tokio::test]
+    async fn blobs_lists_every_complete_blob() {
+        let (_dir, store) = temp_store();
+        let (a, _) = add(&store, b"one").await;
+        let (b, _) = add(&store, &vec![1u8; CHUNK_SIZE * 2]).await;
+        // An add that never finished is not a blob.
+        let mut unfinished = store.blob_writer(None).unwrap();
+        unfinished.write(&vec![2u8; CHUNK_SIZE]).unwrap();
+        drop(unfinished);
+        let mut listed: Vec<(Vec<u8>, u64)> = store
+            .blobs()
+            .unwrap()
+            .into_iter()
+            .map(|(id, m)| (id.to_vec(), m.len))
+            .collect();
+        listed.sort();
+        let mut expected = vec![(a.to_vec(), 3), (b.to_vec(), 2 * CHUNK_SIZE as u64)];
+        expected.sort();
+        assert_eq!(listed, expected);
+    }
+
+    #[tokio::test]
+    async fn garbage_collection_removes_unclaimed_chunk_files_only() {
+        let (_dir, store) = temp_store();
+        let (id, meta) = add(&store, &vec![4u8; CHUNK_SIZE + 1]).await;
+        let mut orphan = store.blob_writer(None).unwrap();
+        orphan.write(&vec![5u8; CHUNK_SIZE]).unwrap();
+        drop(orphan);
+        let mut kept = store.blob_writer(None).unwrap();
+        kept.write(&vec![6u8; CHUNK_SIZE]).unwrap();
+        let kept_internal = kept.internal;
+        drop(kept);
+        // A file whose name is not an internal number is not ours to judge.
+        std::fs::write(store.chunk_dir.join("README"), b"x").unwrap();
+        assert_eq!(store.collect_blob_garbage(&[kept_internal]).unwrap(), 1);
+        assert!(store.chunk_path(kept_internal).exists());
+        assert!(store.chunk_dir.join("README").exists());
+        assert_eq!(store.blob_chunk(&id, &meta, 1).unwrap(), vec![4u8]);
+        assert_eq!(store.collect_blob_garbage(&[kept_internal]).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn blobs_stored_in_sled_by_earlier_versions_are_still_read() {
+        let (_dir, store) = temp_store();
+        let data = vec![8u8; CHUNK_SIZE + 2];
+        let hashes: Vec<[u8; 32]> = data
+            .chunks(CHUNK_SIZE)
+            .map(|c| Sha256::digest(c).into())
+            .collect();
+        let internal = store.new_blob_internal().unwrap();
+        for (i, c) in data.chunks(CHUNK_SIZE).enumerate() {
+            store
+                .blob_chunks
+                .insert(chunk_key(internal, i as u32), c)
+                .unwrap();
+        }
+        let id: [u8; 32] = Sha256::digest(&data).into();
+        let meta = store
+            .publish_blob(id, internal, data.len() as u64, hashes)
+            .unwrap();
+        let mut back = store.blob_chunk(&id, &meta, 0).unwrap();
+        back.extend(store.blob_chunk(&id, &meta, 1).unwrap());
+        assert_eq!(back, data);
+        // And discarding them removes the sled chunks too.
+        store.discard_chunks(internal, 2).unwrap();
+        assert!(store.blob_chunks.is_empty());
+    }
+
+    #[test]
+    fn chunk_lengths_and_offsets() {
+        let len = 2 * CHUNK_SIZE as u64 + 7;
+        assert_eq!(chunk_offset(2), 2 * CHUNK_SIZE as u64);
+        assert_eq!(chunk_len(len, 0), CHUNK_SIZE);
+        assert_eq!(chunk_len(len, 2), 7);
+        assert_eq!(chunk_len(len, 3), 0);
+        assert_eq!(chunk_key(1, 2), [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2]);
     }
 }

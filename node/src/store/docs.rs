@@ -230,7 +230,8 @@ impl Store {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use crate::store::temp_store;
+    use super::*;
+    use crate::store::{StoreError, temp_store};
 
     #[test]
     fn append_load_compact() {
@@ -262,5 +263,105 @@ mod tests {
             vec![b"snap+c1".to_vec(), b"c2".to_vec(), b"c3".to_vec()]
         );
         assert_eq!(store.doc_chunks.len(), 3);
+    }
+
+    #[test]
+    fn many_documents_are_appended_in_one_transaction_in_order() {
+        let (_dir, store) = temp_store();
+        store
+            .append_doc_chunk(&[1; 16], "memory", b"s1", vec![[1; 32]])
+            .unwrap();
+        let writes = [
+            ChunkWrite {
+                id: [1; 16],
+                kind: "ignored for a known document",
+                bytes: b"c1",
+                heads: vec![[2; 32]],
+            },
+            ChunkWrite {
+                id: [2; 16],
+                kind: "conversation",
+                bytes: b"s2",
+                heads: vec![[3; 32], [4; 32]],
+            },
+        ];
+        let metas = store.append_doc_chunks(&writes).unwrap();
+        assert_eq!(metas.len(), 2);
+        assert_eq!(metas[0].kind, "memory", "the kind is recorded once");
+        assert_eq!((metas[0].snapshot_seq, metas[0].next_seq), (0, 2));
+        assert_eq!(metas[0].pending_chunks(), 1);
+        assert_eq!(metas[1].kind, "conversation");
+        assert_eq!(metas[1].heads, vec![[3; 32], [4; 32]]);
+        assert_eq!(metas[1].pending_chunks(), 0);
+        assert_eq!(store.doc_count(), 2);
+        let mut all = store.doc_metas().unwrap();
+        all.sort_by_key(|(id, _)| *id);
+        assert_eq!(all[0], ([1; 16], metas[0].clone()));
+        assert_eq!(all[1], ([2; 16], metas[1].clone()));
+        assert_eq!(
+            store.load_doc(&[1; 16]).unwrap().chunks,
+            vec![b"s1".to_vec(), b"c1".to_vec()]
+        );
+    }
+
+    #[test]
+    fn a_missing_document_is_named() {
+        let (_dir, store) = temp_store();
+        let err = store.load_doc(&[0xab; 16]).unwrap_err();
+        assert!(matches!(&err, StoreError::NoSuchDoc(id) if id == &"ab".repeat(16)));
+        assert_eq!(store.doc_meta(&[0xab; 16]).unwrap(), None);
+    }
+
+    #[test]
+    fn compaction_outside_the_chunks_is_a_no_op() {
+        let (_dir, store) = temp_store();
+        let id = [3u8; 16];
+        for (i, b) in [b"s", b"a", b"b"].iter().enumerate() {
+            store
+                .append_doc_chunk(&id, "generic", *b, vec![[i as u8; 32]])
+                .unwrap();
+        }
+        // Covers only the snapshot itself, or more than was written: nothing happens.
+        store.compact_doc(&id, b"X", 1).unwrap();
+        store.compact_doc(&id, b"X", 4).unwrap();
+        // An unknown document: nothing happens either.
+        store.compact_doc(&[4; 16], b"X", 2).unwrap();
+        assert_eq!(
+            store.load_doc(&id).unwrap().chunks,
+            vec![b"s".to_vec(), b"a".to_vec(), b"b".to_vec()]
+        );
+        // Covering everything leaves just the new snapshot.
+        store.compact_doc(&id, b"sab", 3).unwrap();
+        let doc = store.load_doc(&id).unwrap();
+        assert_eq!(doc.chunks, vec![b"sab".to_vec()]);
+        assert_eq!(doc.meta.pending_chunks(), 0);
+        assert_eq!(store.doc_chunks.len(), 1, "the covered chunks are gone");
+    }
+
+    #[test]
+    fn a_doc_meta_written_by_earlier_versions_still_decodes() {
+        // The stored shape: a CBOR map with these field names (data dirs stay readable).
+        use serde_cbor::Value;
+        let heads = Value::Array(vec![Value::Array(vec![Value::Integer(7); 32])]);
+        let record = Value::Map(
+            [
+                ("kind", Value::Text("memory".into())),
+                ("snapshot_seq", Value::Integer(2)),
+                ("next_seq", Value::Integer(5)),
+                ("heads", heads),
+                ("created_at", Value::Integer(100)),
+                ("updated_at", Value::Integer(200)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (Value::Text(k.into()), v))
+            .collect(),
+        );
+        let bytes = serde_cbor::to_vec(&record).unwrap();
+        let meta: DocMeta = serde_cbor::from_slice(&bytes).unwrap();
+        assert_eq!(meta.heads, vec![[7; 32]]);
+        assert_eq!(meta.pending_chunks(), 2);
+        // And it is written back in the same shape.
+        let again: Value = serde_cbor::from_slice(&encode_meta(&meta).unwrap()).unwrap();
+        assert_eq!(again, record);
     }
 }

@@ -37,14 +37,47 @@ pub enum StoreError {
         /// The hash of the bytes actually given.
         actual: String,
     },
-    /// A record on disk could not be decoded.
-    #[error("stored record {what} is unreadable: {detail}")]
+    /// A record on disk could not be decoded (or encoded).
+    #[error("stored record {what} is unreadable: {source}")]
     Decode {
         /// Which record.
         what: &'static str,
-        /// Decoder message.
-        detail: String,
+        /// What the CBOR codec said.
+        source: serde_cbor::Error,
     },
+    /// A blob manifest whose chunk hashes do not fit its length.
+    #[error("blob manifest: {hashes} chunk hashes for {len} bytes in chunks of {CHUNK_SIZE}")]
+    BadManifest {
+        /// Chunk hashes given.
+        hashes: usize,
+        /// The blob's length.
+        len: u64,
+    },
+    /// A chunk was offered past the end of a blob.
+    #[error("blob chunk {index} is past the end of a blob of {count} chunks")]
+    ExtraChunk {
+        /// The chunk's index.
+        index: u32,
+        /// Chunks in the blob.
+        count: u32,
+    },
+    /// A received blob was finished before all of its chunks arrived.
+    #[error("blob finished after {done} of {count} chunks")]
+    Incomplete {
+        /// Chunks received.
+        done: u32,
+        /// Chunks in the blob.
+        count: u32,
+    },
+    /// A blob has more chunks than a manifest can name.
+    #[error("blob has too many chunks")]
+    TooManyChunks,
+    /// The thread writing a received blob's chunks stopped (panicked, or was stopped before).
+    #[error("the blob writer thread stopped")]
+    WriterStopped,
+    /// A blocking task of the store panicked or was cancelled.
+    #[error("storage error: {0}")]
+    Join(#[from] tokio::task::JoinError),
     /// A blob was asked for that is not (completely) stored.
     #[error("blob {0} is not stored here")]
     NoSuchBlob(String),
@@ -117,11 +150,7 @@ impl Store {
     /// node hung on its first document write).
     pub async fn flush(&self) -> Result<(), StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| {
-                StoreError::Sled(sled::Error::Io(std::io::Error::other(e.to_string())))
-            })??;
+        tokio::task::spawn_blocking(move || db.flush()).await??;
         Ok(())
     }
 
@@ -175,10 +204,7 @@ impl Store {
 }
 
 fn decode_err(what: &'static str) -> impl Fn(serde_cbor::Error) -> StoreError {
-    move |e| StoreError::Decode {
-        what,
-        detail: e.to_string(),
-    }
+    move |source| StoreError::Decode { what, source }
 }
 
 #[cfg(test)]
@@ -188,4 +214,124 @@ pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
     #[allow(clippy::unwrap_used)]
     let store = Store::open(&dir.path().join("db"), 8 << 20).unwrap();
     (dir, store)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_records_round_trip_and_scan_by_prefix() {
+        let (_dir, store) = temp_store();
+        store.state_put(b"peer/a", b"1").unwrap();
+        store.state_put(b"peer/b", b"2").unwrap();
+        store.state_put(b"token/x", b"3").unwrap();
+        assert_eq!(store.state_get(b"peer/a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(store.state_get(b"peer/c").unwrap(), None);
+        let scanned = store.state_scan(b"peer/").unwrap();
+        assert_eq!(
+            scanned,
+            vec![
+                (b"peer/a".to_vec(), b"1".to_vec()),
+                (b"peer/b".to_vec(), b"2".to_vec())
+            ]
+        );
+        store.state_remove(b"peer/a").unwrap();
+        assert_eq!(store.state_get(b"peer/a").unwrap(), None);
+        assert_eq!(store.state_scan(b"peer/").unwrap().len(), 1);
+        // Removing what is not there is fine.
+        store.state_remove(b"nothing").unwrap();
+    }
+
+    #[test]
+    fn state_cas_swaps_only_from_the_expected_value() {
+        let (_dir, store) = temp_store();
+        // Insert where nothing is.
+        assert!(store.state_cas(b"k", None, Some(b"v1".to_vec())).unwrap());
+        // Not from nothing any more.
+        assert!(!store.state_cas(b"k", None, Some(b"v2".to_vec())).unwrap());
+        // From the wrong value.
+        assert!(
+            !store
+                .state_cas(b"k", Some(b"v0"), Some(b"v2".to_vec()))
+                .unwrap()
+        );
+        assert_eq!(store.state_get(b"k").unwrap(), Some(b"v1".to_vec()));
+        assert!(
+            store
+                .state_cas(b"k", Some(b"v1"), Some(b"v2".to_vec()))
+                .unwrap()
+        );
+        // To nothing: removes.
+        assert!(store.state_cas(b"k", Some(b"v2"), None).unwrap());
+        assert_eq!(store.state_get(b"k").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn flushed_writes_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let (object, blob) = {
+            let store = Store::open(&path, 1 << 20).unwrap();
+            let object = store.put_object(b"certificate bytes").unwrap();
+            store
+                .append_doc_chunk(&[4; 16], "memory", b"snapshot", vec![[9; 32]])
+                .unwrap();
+            store.state_put(b"ps/peer", b"state").unwrap();
+            let mut w = store.blob_writer(None).unwrap();
+            w.write(&vec![5u8; CHUNK_SIZE + 1]).unwrap();
+            let (blob, _) = w.finish().await.unwrap();
+            store.flush().await.unwrap();
+            (object, blob)
+        };
+        let store = Store::open(&path, 1 << 20).unwrap();
+        assert_eq!(
+            store.object(&object).unwrap().unwrap(),
+            b"certificate bytes"
+        );
+        let doc = store.load_doc(&[4; 16]).unwrap();
+        assert_eq!(doc.meta.kind, "memory");
+        assert_eq!(doc.chunks, vec![b"snapshot".to_vec()]);
+        assert_eq!(
+            store.state_get(b"ps/peer").unwrap(),
+            Some(b"state".to_vec())
+        );
+        let meta = store.blob_meta(&blob).unwrap().unwrap();
+        assert_eq!(meta.len, CHUNK_SIZE as u64 + 1);
+        assert_eq!(store.blob_chunk(&blob, &meta, 1).unwrap(), vec![5u8]);
+    }
+
+    #[tokio::test]
+    async fn size_on_disk_counts_blob_chunk_files() {
+        let (_dir, store) = temp_store();
+        let before = store.size_on_disk();
+        let mut w = store.blob_writer(None).unwrap();
+        w.write(&vec![1u8; 2 * CHUNK_SIZE]).unwrap();
+        w.finish().await.unwrap();
+        assert!(store.size_on_disk() >= before + 2 * CHUNK_SIZE as u64);
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_is_named() {
+        let (_dir, store) = temp_store();
+        store
+            .docs
+            .insert([1u8; 16], b"\xff\xff".as_slice())
+            .unwrap();
+        let err = store.doc_meta(&[1; 16]).unwrap_err();
+        assert!(matches!(
+            err,
+            StoreError::Decode {
+                what: "doc meta",
+                ..
+            }
+        ));
+        assert!(
+            err.to_string()
+                .starts_with("stored record doc meta is unreadable"),
+            "{err}"
+        );
+        assert!(store.doc_metas().is_err(), "listing reports it too");
+    }
 }

@@ -70,4 +70,29 @@ mod tests {
             Err(crate::store::StoreError::Corrupt { .. })
         ));
     }
+
+    #[test]
+    fn objects_are_addressed_by_their_hash_and_stored_once() {
+        use sha2::{Digest, Sha256};
+        let (_dir, store) = temp_store();
+        let id = store.put_object(b"cert").unwrap();
+        assert_eq!(id, <[u8; 32]>::from(Sha256::digest(b"cert")));
+        assert_eq!(store.put_object(b"cert").unwrap(), id, "idempotent");
+        assert_eq!(store.objects().unwrap().len(), 1);
+        assert!(store.has_object(&id).unwrap());
+        assert!(!store.has_object(&[0; 32]).unwrap());
+        assert_eq!(store.object(&[0; 32]).unwrap(), None);
+    }
+
+    #[test]
+    fn listing_skips_corrupt_objects_and_keeps_the_rest() {
+        let (_dir, store) = temp_store();
+        let good = store.put_object(b"good").unwrap();
+        let bad = store.put_object(b"bad").unwrap();
+        store.objects.insert(bad, b"tampered".as_slice()).unwrap();
+        // A key that is not an id at all.
+        store.objects.insert(b"short", b"x".as_slice()).unwrap();
+        let all = store.objects().unwrap();
+        assert_eq!(all, vec![(good, b"good".to_vec())]);
+    }
 }

@@ -98,10 +98,7 @@ impl Writer {
     /// Stops the thread after it wrote everything handed to it; the file, or its error.
     fn join(self) -> Result<File, StoreError> {
         drop(self.chunks);
-        self.thread.join().map_err(|_| StoreError::Decode {
-            what: "blob",
-            detail: "the blob writer thread panicked".into(),
-        })?
+        self.thread.join().map_err(|_| StoreError::WriterStopped)?
     }
 }
 
@@ -130,12 +127,9 @@ impl Store {
         chunk_hashes: Vec<[u8; 32]>,
     ) -> Result<BlobReceiver, StoreError> {
         if chunk_hashes.len() as u64 != chunk_count(len) {
-            return Err(StoreError::Decode {
-                what: "blob manifest",
-                detail: format!(
-                    "{} chunk hashes for {len} bytes in chunks of {CHUNK_SIZE}",
-                    chunk_hashes.len()
-                ),
+            return Err(StoreError::BadManifest {
+                hashes: chunk_hashes.len(),
+                len,
             });
         }
         let path = self.chunk_path(internal);
@@ -210,9 +204,9 @@ impl BlobReceiver {
     /// a write error comes back from here or from [`BlobReceiver::finish`].
     pub fn put(&mut self, bytes: Vec<u8>) -> Result<(), StoreError> {
         let Some(expected) = self.chunk_hashes.get(self.done as usize) else {
-            return Err(StoreError::Decode {
-                what: "blob chunk",
-                detail: format!("chunk {} of a blob of {}", self.done, self.count()),
+            return Err(StoreError::ExtraChunk {
+                index: self.done,
+                count: self.count(),
             });
         };
         let actual: [u8; 32] = Sha256::digest(&bytes).into();
@@ -232,10 +226,7 @@ impl BlobReceiver {
             // The writer stopped: say why.
             return match self.writer.take().map(Writer::join) {
                 Some(Err(e)) => Err(e),
-                _ => Err(StoreError::Decode {
-                    what: "blob",
-                    detail: "the blob writer stopped".into(),
-                }),
+                _ => Err(StoreError::WriterStopped),
             };
         }
         self.done += 1;
@@ -249,16 +240,13 @@ impl BlobReceiver {
         let file = match self.writer.take() {
             Some(w) => w.join()?,
             None => {
-                return Err(StoreError::Decode {
-                    what: "blob",
-                    detail: "the blob writer stopped".into(),
-                });
+                return Err(StoreError::WriterStopped);
             }
         };
         if self.done != self.count() {
-            return Err(StoreError::Decode {
-                what: "blob",
-                detail: format!("finished after {} of {} chunks", self.done, self.count()),
+            return Err(StoreError::Incomplete {
+                done: self.done,
+                count: self.count(),
             });
         }
         let actual: [u8; 32] = std::mem::take(&mut self.whole).finalize().into();
@@ -374,5 +362,78 @@ mod tests {
         assert!(matches!(r.finish(), Err(StoreError::HashMismatch { .. })));
         assert!(store.blob_meta(&[9; 32]).unwrap().is_none());
         assert!(!store.chunk_path(internal).exists());
+    }
+
+    #[test]
+    fn typed_errors_name_what_went_wrong() {
+        let (_dir, store) = temp_store();
+        let (data, id, hashes) = blob(CHUNK_SIZE + 1);
+        let internal = store.new_blob_internal().unwrap();
+        let err = store
+            .receive_blob(id, internal, data.len() as u64, vec![hashes[0]])
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::BadManifest { hashes: 1, .. }),
+            "{err}"
+        );
+        // Finishing before the last chunk.
+        let mut r = store
+            .receive_blob(id, internal, data.len() as u64, hashes.clone())
+            .unwrap();
+        r.put(data[..CHUNK_SIZE].to_vec()).unwrap();
+        assert!(matches!(
+            r.finish(),
+            Err(StoreError::Incomplete { done: 1, count: 2 })
+        ));
+        // A chunk past the end.
+        let mut r = store
+            .receive_blob(id, internal, data.len() as u64, hashes)
+            .unwrap();
+        r.put(data[CHUNK_SIZE..].to_vec()).unwrap();
+        assert_eq!(r.done(), 2);
+        assert!(matches!(
+            r.put(vec![0]),
+            Err(StoreError::ExtraChunk { index: 2, count: 2 })
+        ));
+        assert!(r.finish().is_ok(), "the blob itself is whole");
+    }
+
+    #[test]
+    fn a_chunk_of_the_wrong_length_is_refused_even_with_the_right_hash_prefix() {
+        let (_dir, store) = temp_store();
+        let (data, id, hashes) = blob(CHUNK_SIZE + 10);
+        let internal = store.new_blob_internal().unwrap();
+        let mut r = store
+            .receive_blob(id, internal, data.len() as u64, hashes)
+            .unwrap();
+        let mut long = data[..CHUNK_SIZE].to_vec();
+        long.push(0);
+        assert!(matches!(r.put(long), Err(StoreError::HashMismatch { .. })));
+        assert_eq!(r.done(), 0);
+        assert_eq!(r.count(), 2);
+        assert_eq!(chunk_count(0), 0);
+        assert_eq!(chunk_count(1), 1);
+        assert_eq!(chunk_count(CHUNK_SIZE as u64), 1);
+        assert_eq!(chunk_count(CHUNK_SIZE as u64 + 1), 2);
+    }
+
+    #[test]
+    fn a_blob_that_arrived_another_way_meanwhile_is_kept_once() {
+        let (_dir, store) = temp_store();
+        let (data, id, hashes) = blob(50);
+        let first = store.new_blob_internal().unwrap();
+        let second = store.new_blob_internal().unwrap();
+        let mut a = store.receive_blob(id, first, 50, hashes.clone()).unwrap();
+        let mut b = store.receive_blob(id, second, 50, hashes).unwrap();
+        a.put(data.clone()).unwrap();
+        b.put(data).unwrap();
+        let kept = a.finish().unwrap();
+        let again = b.finish().unwrap();
+        assert_eq!(again.internal, kept.internal);
+        assert!(
+            !store.chunk_path(second).exists(),
+            "the second copy is removed"
+        );
+        assert_eq!(store.blob_count(), 1);
     }
 }

@@ -35,8 +35,8 @@ use session::SessionHandle;
 pub struct SyncManager {
     sessions: Mutex<HashMap<PeerId, SessionHandle>>,
     next_id: std::sync::atomic::AtomicU64,
-    /// Refusal accounting for untrusted peers.
-    pub gate: gate::Gate,
+    /// Refusal accounting for untrusted peers (shared with the blob service).
+    pub gate: Arc<gate::Gate>,
 }
 
 impl std::fmt::Debug for SyncManager {
@@ -194,7 +194,6 @@ pub fn spawn(ctx: Arc<NodeCtx>) {
             }
         }
     });
-    blobs::spawn(ctx);
 }
 
 fn maybe_open(ctx: &Arc<NodeCtx>, peer: PeerId) {

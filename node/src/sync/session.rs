@@ -389,7 +389,7 @@ async fn run_inner(
     }
     let root = ctx.docs.with_inventory(|i| i.root());
     let _ = control_tx.try_send(SyncMsg::Root { root });
-    for have in super::blobs::announcements(ctx) {
+    for have in ctx.blobs.announcements() {
         let _ = control_tx.send(SyncMsg::Blobs { have }).await;
     }
 
