@@ -17,7 +17,6 @@ use crate::identity::{Identity, SharedIdentity};
 use crate::lock::DataDirLock;
 use crate::net::Net;
 use crate::store::Store;
-use crate::sync::SyncManager;
 use crate::sync::blobs::Blobs;
 use crate::trust::TrustBook;
 
@@ -36,9 +35,9 @@ pub struct NodeCtx {
     /// The network.
     pub net: Net,
     /// Sync sessions.
-    pub sync: SyncManager,
+    pub sync: Arc<crate::sync::Manager>,
     /// Blob replication.
-    pub blobs: Blobs,
+    pub blobs: Arc<Blobs>,
     /// The agent runner (active while this device holds the role).
     pub agent: crate::agent::runner::Agent,
     /// When the node started.
@@ -100,7 +99,7 @@ impl NodeCtx {
             "disk_bytes": self.store.size_on_disk(),
             "listen": self.net.listen_addrs().await.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "peers": self.peers_json(),
-            "sync": self.sync.progress(&self.blobs),
+            "sync": self.sync.progress(),
             "blob_transfers": self.blobs.active().iter().map(|(id, done, total)| json!({
                 "blob": id.to_string(), "chunks_done": done, "chunks_total": total,
             })).collect::<Vec<_>>(),
@@ -248,7 +247,21 @@ pub async fn run(
     )
     .await
     .map_err(|e| StartError::Other(e.to_string()))?;
-    let blobs = Blobs::new(config.fault_corrupt_blob_chunks);
+    let blobs = Arc::new(Blobs::new(config.fault_corrupt_blob_chunks));
+    let sync = Arc::new(crate::sync::Manager::new(
+        docs.clone(),
+        trust.clone(),
+        net.clone(),
+        store.clone(),
+        Arc::new(crate::sync::StoreBlobs::new(store.clone(), blobs.clone())),
+        Arc::new(crate::sync::gate::Gate::default()),
+        crate::sync::SyncConfig {
+            share_addrs: !config.fault_no_addr_sharing,
+            fault_garbage_sync: config.fault_garbage_sync,
+            fault_garbage_snapshot: config.fault_garbage_snapshot,
+            ..crate::sync::SyncConfig::default()
+        },
+    ));
     let ctx = Arc::new(NodeCtx {
         config,
         identity: SharedIdentity::new(identity, &data_dir),
@@ -256,7 +269,7 @@ pub async fn run(
         docs,
         trust,
         net,
-        sync: SyncManager::default(),
+        sync,
         blobs,
         agent: crate::agent::runner::Agent::default(),
         started: Instant::now(),
@@ -271,7 +284,9 @@ pub async fn run(
         None => None,
     };
     crate::pairing::spawn_server(ctx.clone());
-    crate::sync::spawn(ctx.clone());
+    let sync_stop = tokio_util::sync::CancellationToken::new();
+    ctx.sync.start(sync_stop.clone());
+    crate::sync::blobs::spawn(ctx.clone());
     crate::agent::ask::spawn_server(ctx.clone());
     crate::agent::runner::spawn(ctx.clone());
 
@@ -315,6 +330,8 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
+    sync_stop.cancel();
+    ctx.sync.shutdown().await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async move {
         let _ = api.await;
         if let Some(h) = http {

@@ -288,6 +288,11 @@ impl<H> CheckHello<H> {
         &self.theirs
     }
 
+    /// The peer's `Hello` payload, to take what the check consumes (its certificates).
+    pub fn hello_mut(&mut self) -> &mut H {
+        &mut self.theirs
+    }
+
     /// Which side we are.
     pub fn role(&self) -> Role {
         self.role

@@ -1,0 +1,203 @@
+//! The manager's pieces: the session registry (one session per peer, the preferred initiator),
+//! who opens, and what broadcasts and live pushes queue in each session.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use iom_crdt::Inventory;
+use iom_crdt::session::Transmit;
+
+use super::session::SessionHandle;
+use super::*;
+
+fn handle(peer: PeerId, initiator: PeerId, id: u64) -> SessionHandle {
+    SessionHandle::for_test(peer, initiator, id)
+}
+
+/// Everything the session would send now (Automerge documents by id).
+fn drain(h: &SessionHandle) -> Vec<String> {
+    let inv = Inventory::new();
+    let mut out = Vec::new();
+    loop {
+        let next = h.shared.lock().poll_transmit(&inv);
+        let Some(t) = next else { break };
+        out.push(match t {
+            Transmit::Send(m) => m.name().to_string(),
+            Transmit::Generate { doc, state } => {
+                // Nothing to say; hand the state back as the writer does.
+                let st = state.unwrap_or_default();
+                assert!(h.shared.lock().generated(doc, st, None).unwrap().is_empty());
+                format!("generate {doc}")
+            }
+            Transmit::LoadSnapshots { .. } => "snapshots".into(),
+        });
+    }
+    out
+}
+
+fn peers() -> (PeerId, PeerId) {
+    let (a, b) = (PeerId::random(), PeerId::random());
+    if a < b { (a, b) } else { (b, a) }
+}
+
+#[test]
+fn one_session_per_peer_and_the_lower_peers_session_wins() {
+    let (low, high) = peers();
+    // We are `low`; the peer is `high`. Our own outbound session is the preferred one.
+    let reg = Registry::default();
+    let theirs = handle(high, high, 1);
+    assert!(reg.register(low, theirs.clone()));
+    let ours = handle(high, low, 2);
+    assert!(
+        reg.register(low, ours.clone()),
+        "the preferred initiator replaces"
+    );
+    assert!(theirs.is_closed(), "the replaced session is closed");
+    assert!(
+        !reg.register(low, handle(high, high, 3)),
+        "and is not replaced back"
+    );
+    assert!(
+        !reg.register(low, handle(high, low, 4)),
+        "nor by a second equivalent one"
+    );
+    assert!(reg.has_session(&high));
+    assert_eq!(reg.handles().len(), 1);
+    assert_eq!(reg.handles()[0].id, 2);
+}
+
+#[test]
+fn a_closed_session_is_replaced_and_unregistering_spares_newer_ones() {
+    let (low, high) = peers();
+    let reg = Registry::default();
+    let first = handle(low, low, 1);
+    assert!(reg.register(high, first.clone()));
+    first.close();
+    assert!(!reg.has_session(&low));
+    let second = handle(low, high, 2);
+    assert!(
+        reg.register(high, second),
+        "a closed session does not block a new one"
+    );
+    reg.unregister(low, 1); // the old session ends late
+    assert!(reg.has_session(&low));
+    reg.unregister(low, 2);
+    assert!(!reg.has_session(&low));
+    assert!(reg.handles().is_empty());
+}
+
+#[test]
+fn ids_are_unique_and_close_all_closes_every_session() {
+    let reg = Registry::default();
+    let ids: std::collections::HashSet<u64> = (0..100).map(|_| reg.next_id()).collect();
+    assert_eq!(ids.len(), 100);
+    let local = PeerId::random();
+    let hs: Vec<_> = (0..3).map(|i| handle(PeerId::random(), local, i)).collect();
+    for h in &hs {
+        assert!(reg.register(local, h.clone()));
+    }
+    reg.close_all();
+    assert!(hs.iter().all(SessionHandle::is_closed));
+}
+
+#[test]
+fn the_lower_peer_opens_at_once_the_higher_after_the_grace() {
+    let (low, high) = peers();
+    let grace = Duration::from_millis(750);
+    assert_eq!(open_delay(low, high, grace), Duration::ZERO);
+    assert_eq!(open_delay(high, low, grace), grace);
+}
+
+#[test]
+fn a_change_is_pushed_to_every_session_but_the_one_it_came_from() {
+    let reg = Registry::default();
+    let local = PeerId::random();
+    let (from, other) = (PeerId::random(), PeerId::random());
+    let (hf, ho) = (handle(from, local, 1), handle(other, local, 2));
+    reg.register(local, hf.clone());
+    reg.register(local, ho.clone());
+    let doc = DocId::from_bytes([1; 16]);
+    mark_dirty_everywhere(&reg, doc, Some(from));
+    assert!(drain(&hf).is_empty());
+    assert_eq!(drain(&ho), vec![format!("generate {doc}")]);
+    // A local change goes everywhere, once per session however often it is marked.
+    mark_dirty_everywhere(&reg, doc, None);
+    mark_dirty_everywhere(&reg, doc, None);
+    assert_eq!(drain(&hf).len(), 1);
+    assert_eq!(drain(&ho).len(), 1);
+}
+
+#[test]
+fn broadcasts_are_queued_not_dropped_and_certificate_sets_supersede() {
+    let reg = Registry::default();
+    let local = PeerId::random();
+    let h = handle(PeerId::random(), local, 1);
+    reg.register(local, h.clone());
+    for _ in 0..1000 {
+        broadcast(&reg, &SyncMsg::Certs { certs: vec![] });
+    }
+    for i in 0..500u32 {
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        broadcast(
+            &reg,
+            &SyncMsg::Blobs {
+                have: vec![(ContentId::from_bytes(id), 1)],
+            },
+        );
+    }
+    broadcast(&reg, &SyncMsg::Root { root: [0; 32] });
+    broadcast(&reg, &SyncMsg::Root { root: [1; 32] });
+    let sent = drain(&h);
+    assert_eq!(sent.iter().filter(|m| *m == "Other").count(), 1 + 500);
+    assert_eq!(sent.iter().filter(|m| *m == "Root").count(), 1);
+}
+
+#[test]
+fn progress_reports_backlog_and_blob_bytes_per_peer() {
+    struct Pending;
+    impl BlobHandle for Pending {
+        fn announcements(&self) -> Vec<Vec<(ContentId, u64)>> {
+            Vec::new()
+        }
+        fn has(&self, _: &ContentId) -> bool {
+            false
+        }
+        fn want(&self, _: ContentId, _: u64, _: PeerId) {}
+        fn pending_bytes_from(&self, _: &PeerId) -> u64 {
+            4096
+        }
+    }
+    let reg = Registry::default();
+    let local = PeerId::random();
+    let peer = PeerId::random();
+    let h = handle(peer, local, 1);
+    reg.register(local, h.clone());
+    for i in 0..3 {
+        h.mark_dirty(DocId::from_bytes([i; 16]));
+    }
+    h.shared
+        .stats
+        .bytes_in
+        .store(10, std::sync::atomic::Ordering::Relaxed);
+    let p = progress(&reg, &Pending);
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0]["device"], peer.to_string());
+    assert_eq!(p[0]["docs_behind"], 3);
+    assert_eq!(p[0]["bytes_pending"], 4096);
+    assert_eq!(p[0]["bytes_in"], 10);
+    assert_eq!(p[0]["snapshots_received"], 0);
+}
+
+#[tokio::test]
+async fn blobs_as_sessions_see_them_come_from_the_store_in_bounded_messages() {
+    let (_dir, store) = crate::store::temp_store();
+    let blobs = StoreBlobs::new(store, Arc::new(blobs::Blobs::new(false)));
+    assert!(blobs.announcements().is_empty());
+    assert!(!blobs.has(&ContentId::from_bytes([1; 32])));
+    let peer = PeerId::random();
+    blobs.want(ContentId::from_bytes([1; 32]), 100, peer);
+    assert_eq!(blobs.pending_bytes_from(&peer), 100);
+    assert_eq!(blobs.pending_bytes_from(&PeerId::random()), 0);
+}
