@@ -109,8 +109,10 @@ impl Manager {
     pub fn start(self: &Arc<Self>, shutdown: CancellationToken) {
         let stop = self.deps.shutdown.clone();
         self.spawn(async move {
-            shutdown.cancelled().await;
-            stop.cancel();
+            tokio::select! {
+                _ = shutdown.cancelled() => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
         });
         self.accept_sessions();
         self.open_on_connect();

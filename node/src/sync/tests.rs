@@ -201,3 +201,147 @@ async fn blobs_as_sessions_see_them_come_from_the_store_in_bounded_messages() {
     assert_eq!(blobs.pending_bytes_from(&peer), 100);
     assert_eq!(blobs.pending_bytes_from(&PeerId::random()), 0);
 }
+
+mod two_nodes {
+    //! Two managers over real libp2p (TCP on 127.0.0.1, in this process).
+
+    use iom_protocol::cert::{CertBody, Certificate};
+    use iom_protocol::keys::{DeviceKey, PersonKey};
+
+    use super::*;
+
+    struct TestNode {
+        _dir: tempfile::TempDir,
+        docs: Docs,
+        net: Net,
+        sync: Arc<Manager>,
+        _net_stop: tokio::sync::watch::Sender<bool>,
+    }
+
+    fn cert(person: &PersonKey, device: &DeviceKey) -> Certificate {
+        Certificate::issue_by_person(
+            CertBody::Device {
+                person: person.id(),
+                device: device.id(),
+                name: "test device".into(),
+                admin: true,
+                issued_at: 1,
+            },
+            person,
+        )
+        .unwrap()
+    }
+
+    async fn start(n: u8, person: &PersonKey, devices: &[DeviceKey]) -> TestNode {
+        let (dir, store) = crate::store::temp_store();
+        let key = &devices[usize::from(n)];
+        let docs = Docs::new(
+            store.clone(),
+            iom_crdt::actor_for(key.id().as_bytes(), [n; 8]),
+            64,
+        )
+        .unwrap();
+        let trust = Arc::new(TrustBook::load(store.clone(), person.id()).unwrap());
+        trust
+            .add(devices.iter().map(|d| cert(person, d)).collect())
+            .await
+            .unwrap();
+        let (net_stop, net_stop_rx) = tokio::sync::watch::channel(false);
+        let net = crate::net::event_loop::start(
+            key,
+            crate::net::NetConfig {
+                listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+                relays: Vec::new(),
+                mdns: false,
+            },
+            trust.clone(),
+            store.clone(),
+            net_stop_rx,
+        )
+        .await
+        .unwrap();
+        let blobs = Arc::new(StoreBlobs::new(
+            store.clone(),
+            Arc::new(blobs::Blobs::new(false)),
+        ));
+        let sync = Arc::new(Manager::new(
+            docs.clone(),
+            trust,
+            net.clone(),
+            store,
+            blobs,
+            Arc::default(),
+            SyncConfig::default(),
+        ));
+        sync.start(CancellationToken::new());
+        TestNode {
+            _dir: dir,
+            docs,
+            net,
+            sync,
+            _net_stop: net_stop,
+        }
+    }
+
+    async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
+        for _ in 0..1000 {
+            if f().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    async fn heads(docs: &Docs, doc: DocId) -> Option<Vec<iom_crdt::ChangeHash>> {
+        docs.read(doc, |d| d.heads()).await.ok()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn managers_open_a_session_on_connect_push_changes_and_shut_down() {
+        let person = PersonKey::from_seed([1; 32]);
+        let devices = [DeviceKey::from_seed([2; 32]), DeviceKey::from_seed([3; 32])];
+        let a = start(0, &person, &devices).await;
+        let b = start(1, &person, &devices).await;
+        let doc = a.docs.create(iom_crdt::DocKind::Generic).await.unwrap();
+        let addrs = b.net.listen_addrs().await;
+        a.net.dial(Some(b.net.local), addrs).await.unwrap();
+        until("a session on both sides", async || {
+            a.sync.has_session(&b.net.local) && b.sync.has_session(&a.net.local)
+        })
+        .await;
+        until("b to hold a's document", async || {
+            heads(&b.docs, doc).await == heads(&a.docs, doc).await
+        })
+        .await;
+        // A live change on b reaches a without any inventory round.
+        b.docs
+            .modify(doc, Origin::Local, false, |d| {
+                Ok(d.put_json("from_b", serde_json::json!(true), "edit", 2))
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        until("a to hold b's change", async || {
+            heads(&a.docs, doc).await == heads(&b.docs, doc).await
+        })
+        .await;
+        let progress = a.sync.progress();
+        assert_eq!(progress.len(), 1);
+        assert_eq!(progress[0]["device"], b.net.local.to_string());
+        // Shutdown ends every task it owns, sessions included, without needing the grace period.
+        let started = std::time::Instant::now();
+        a.sync.shutdown().await;
+        assert!(
+            started.elapsed() < SHUTDOWN_GRACE,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!a.sync.has_session(&b.net.local));
+        until("b to see the session end", async || {
+            !b.sync.has_session(&a.net.local)
+        })
+        .await;
+        b.sync.shutdown().await;
+    }
+}
