@@ -4,7 +4,7 @@
 //! # States
 //!
 //! ```text
-//!   ExpectHello ──Hello (same version)──▶ CheckHello ──admit──▶ Established ──error/close──▶ (dropped)
+//!   ExpectHello ──Hello (same version)──▶ CheckHello ──admit──▶ Established ──error──▶ closed
 //!        │                                    │
 //!        └── anything else: refused ──────────┴── refuse: Refused sent
 //! ```
@@ -46,6 +46,44 @@
 //! The session is generic over the payload of `Hello` (`H`: identity and certificates) and over
 //! the messages it passes through untouched (`E`: certificates, addresses, blob announcements),
 //! which keeps this crate free of the wire types.
+//!
+//! ```
+//! use iom_crdt::session::{Action, Config, ExpectHello, Msg, Transmit};
+//! use iom_crdt::{DocId, DocKind, Document, Inventory, sync};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // The handshake: `a` opens, `b` admits `a`, `a` admits `b`.
+//! let (a, hello) = ExpectHello::initiate::<()>(Config::default(), "a");
+//! let b = ExpectHello::accept(Config::default(), "b").handle(hello);
+//! let mut b = b.map_err(|e| e.error)?.admit::<()>();
+//! let (inv_a, inv_b) = (Inventory::new(), Inventory::new());
+//! let Some(Transmit::Send(reply)) = b.poll_transmit(&inv_b) else { unreachable!() };
+//! let mut a = a.handle(reply).map_err(|e| e.error)?.admit::<()>();
+//!
+//! // A document changed on `a`: the writer generates for it when the stream can take it.
+//! let doc = DocId::from_bytes([1; 16]);
+//! let mut on_a = Document::new(DocKind::Generic, b"device-a", 1)?;
+//! on_a.put_json("greeting", "hi".into(), "say hi", 2)?;
+//! a.mark_dirty(doc);
+//! let Some(Transmit::Generate { doc: d, state }) = a.poll_transmit(&inv_a) else {
+//!     unreachable!()
+//! };
+//! let mut state = state.unwrap_or_default(); // nothing persisted yet
+//! let msg = sync::generate(&on_a, &mut state);
+//! a.generated(d, state, msg)?;
+//! let Some(Transmit::Send(msg)) = a.poll_transmit(&inv_a) else { unreachable!() };
+//!
+//! // `b` receives it: the action says which document to apply it to, with which state.
+//! let mut on_b = Document::empty(b"device-b")?;
+//! for action in b.handle(msg, &inv_b)? {
+//!     if let Action::Receive { doc, msg, state } = action {
+//!         let mut state = state.unwrap_or_default();
+//!         let outcome = sync::receive(&mut on_b, &mut state, &msg);
+//!         b.received(doc, state, outcome)?; // then: persist, and answer
+//!     }
+//! }
+//! assert!(matches!(b.poll_transmit(&inv_b), Some(Transmit::Generate { .. })));
+//! # Ok(()) }
+//! ```
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 

@@ -701,7 +701,9 @@ proptest! {
         };
         let is_good_hello = matches!(msg, Msg::Hello { version: 1, .. });
         match state.handle(msg) {
-            Ok(check) => prop_assert!(is_good_hello, "only a v1 Hello is accepted, got {}", check.hello()),
+            Ok(check) => {
+                prop_assert!(is_good_hello, "only a v1 Hello is accepted, got {}", check.hello());
+            }
             Err(HandshakeError { reply, error }) => {
                 prop_assert!(!is_good_hello);
                 prop_assert!(!error.to_string().is_empty());
@@ -828,7 +830,8 @@ fn any_op() -> impl Strategy<Value = Op> {
         3 => (0usize..5, 0usize..8, any::<u8>()).prop_map(|(p, d, v)| Op::Edit(p, d, v)),
         2 => (0usize..5, 0usize..5).prop_map(|(a, b)| Op::Connect(a, b)),
         1 => (0usize..5, 0usize..5).prop_map(|(a, b)| Op::Disconnect(a, b)),
-        1 => (0usize..5, any::<bool>()).prop_map(|(peer, keep_states)| Op::Restart { peer, keep_states }),
+        1 => (0usize..5, any::<bool>())
+            .prop_map(|(peer, keep_states)| Op::Restart { peer, keep_states }),
         6 => (0usize..16, any::<bool>()).prop_map(|(l, d)| Op::Transmit(l, d)),
         6 => (0usize..16, any::<bool>()).prop_map(|(l, d)| Op::Deliver(l, d)),
     ]

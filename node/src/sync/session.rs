@@ -841,7 +841,8 @@ impl Driver {
                 Action::StoreSnapshots { docs } => {
                     let count = docs.len() as u64;
                     let applied = self.deps.docs.receive_snapshots(self.peer, docs).await?;
-                    tracing::debug!(peer = %self.peer, count, new = applied.new.len(), merged = applied.merged.len(), "received snapshots");
+                    let (new, merged) = (applied.new.len(), applied.merged.len());
+                    tracing::debug!(peer = %self.peer, count, new, merged, "received snapshots");
                     self.shared
                         .stats
                         .snapshots_received
@@ -858,7 +859,8 @@ impl Driver {
                         .store
                         .state_put(&state_key(&self.peer, &doc), &state)
                     {
-                        tracing::warn!(peer = %self.peer, %doc, error = %e, "cannot persist a sync state");
+                        let peer = self.peer;
+                        tracing::warn!(%peer, %doc, error = %e, "cannot persist a sync state");
                     }
                 }
                 Action::ForgetUnstored { doc } => self.deps.docs.forget_unstored(doc)?,
@@ -884,7 +886,8 @@ impl Driver {
                 let local = self.deps.net.local_peer();
                 for p in peers {
                     let Ok(pid) = PeerId::from_bytes(&p.peer) else {
-                        tracing::debug!(peer = %self.peer, "skipping an address entry with a bad peer id");
+                        let peer = self.peer;
+                        tracing::debug!(%peer, "skipping an address entry with a bad peer id");
                         continue;
                     };
                     if pid == local {
