@@ -26,6 +26,7 @@
 //! - [`conversation`], [`memory`], [`schedules`], [`settings`]: typed accessors.
 //! - [`inventory`]: hierarchical digest for reconnects.
 //! - [`sync`]: [`sync::PeerDocState`], [`sync::generate`], [`sync::receive`].
+//! - [`session`]: one sync session with one peer, a sans-I/O state machine.
 //! - `test_utils` (feature `test-utils`): in-memory sync loops and convergence asserts.
 //!
 //! ```
@@ -54,6 +55,7 @@ pub mod kind;
 pub mod memory;
 pub mod schedules;
 pub mod schema;
+pub mod session;
 pub mod settings;
 pub mod sync;
 #[cfg(any(test, feature = "test-utils"))]

@@ -20,7 +20,6 @@ use crate::lock::DataDirLock;
 use crate::net::{Net, TransportKind};
 use crate::pairing::Pairing;
 use crate::store::Store;
-use crate::sync::SyncManager;
 use crate::sync::blobs::{Blobs, BlobsConfig};
 use crate::trust::TrustBook;
 
@@ -41,7 +40,7 @@ pub struct NodeCtx {
     /// Invites and joins.
     pub pairing: Arc<Pairing>,
     /// Sync sessions.
-    pub sync: SyncManager,
+    pub sync: Arc<crate::sync::Manager>,
     /// Blob replication.
     pub blobs: Arc<Blobs>,
     /// The agent runner (active while this device holds the role).
@@ -95,7 +94,7 @@ impl NodeCtx {
             "disk_bytes": self.store.size_on_disk(),
             "listen": self.net.listen_addrs().await.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "peers": self.peers_json(),
-            "sync": self.sync.progress(&self.blobs),
+            "sync": self.sync.progress(),
             "blob_transfers": self.blobs.active().iter().map(|(id, done, total)| json!({
                 "blob": id.to_string(), "chunks_done": done, "chunks_total": total,
             })).collect::<Vec<_>>(),
@@ -265,15 +264,30 @@ impl Node {
             net.clone(),
             config.name.clone(),
         );
-        let sync = SyncManager::default();
+        // Refusals of untrusted peers, counted across sync, blobs and asking.
+        let gate = Arc::new(crate::sync::gate::Gate::default());
         let blobs = Arc::new(Blobs::new(
             store.clone(),
             net.clone(),
             trust.clone(),
-            sync.gate.clone(),
+            gate.clone(),
             BlobsConfig {
                 corrupt_chunks: config.fault_corrupt_blob_chunks,
                 ..BlobsConfig::default()
+            },
+        ));
+        let sync = Arc::new(crate::sync::Manager::new(
+            docs.clone(),
+            trust.clone(),
+            net.clone(),
+            store.clone(),
+            Arc::new(crate::sync::StoreBlobs::new(store.clone(), blobs.clone())),
+            gate,
+            crate::sync::SyncConfig {
+                share_addrs: !config.fault_no_addr_sharing,
+                fault_garbage_sync: config.fault_garbage_sync,
+                fault_garbage_snapshot: config.fault_garbage_snapshot,
+                ..crate::sync::SyncConfig::default()
             },
         ));
         let ctx = Arc::new(NodeCtx {
@@ -294,7 +308,7 @@ impl Node {
         ctx.pairing.start(&mut tasks, cancel.clone());
         forward_blob_arrivals(&ctx, &mut tasks, cancel.clone());
         ctx.blobs.start(&mut tasks, cancel.clone());
-        crate::sync::spawn(ctx.clone());
+        ctx.sync.start(cancel.clone());
         crate::agent::ask::spawn_server(ctx.clone());
         crate::agent::runner::spawn(ctx.clone());
         crate::schedule::spawn(ctx.clone());
@@ -322,6 +336,8 @@ impl Node {
     pub async fn stop(mut self) -> Result<(), StartError> {
         self.cancel.cancel();
         let _ = self.shutdown_tx.send(true);
+        // Sessions persist their per-peer states on the way out.
+        self.ctx.sync.shutdown().await;
         let tasks = &mut self.tasks;
         if tokio::time::timeout(Duration::from_secs(5), async {
             while tasks.join_next().await.is_some() {}

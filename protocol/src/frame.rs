@@ -107,6 +107,23 @@ impl FrameDecoder {
         self.buf.len()
     }
 
+    /// How many more bytes complete the next frame's header, or its payload once the header is
+    /// here. A reader that reads at most this many bytes never reads past the frame, so it can
+    /// stop after any frame without losing the stream's next bytes. `0`: call
+    /// [`FrameDecoder::next_frame`] (a whole frame, or an error, is ready).
+    pub fn wanted(&self) -> usize {
+        if self.error.is_some() {
+            return 0;
+        }
+        match self.buf.first_chunk::<HEADER_LEN>() {
+            None => HEADER_LEN - self.buf.len(),
+            Some(header) => match parse_len(*header, self.max) {
+                Ok(len) => (HEADER_LEN + len).saturating_sub(self.buf.len()),
+                Err(_) => 0,
+            },
+        }
+    }
+
     /// Appends bytes read from the stream. Drain frames with [`FrameDecoder::next_frame`] after
     /// each push: the buffer then never holds more than one maximum frame plus one read.
     pub fn push(&mut self, bytes: &[u8]) {
@@ -134,6 +151,13 @@ impl FrameDecoder {
         };
         if self.buf.len() - HEADER_LEN < len {
             return Ok(None);
+        }
+        if self.buf.len() == HEADER_LEN + len {
+            // Exactly one frame buffered (what a reader that reads `wanted` bytes gets): hand
+            // the buffer over instead of copying the payload.
+            let mut payload = std::mem::take(&mut self.buf);
+            payload.drain(..HEADER_LEN);
+            return Ok(Some(payload));
         }
         let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
         self.buf.drain(..HEADER_LEN + len);
@@ -254,6 +278,24 @@ mod tests {
     }
 
     #[test]
+    fn wanted_counts_header_then_payload_and_is_zero_when_ready_or_poisoned() {
+        let mut decoder = FrameDecoder::new(8);
+        assert_eq!(decoder.wanted(), 4);
+        decoder.push(&[0, 0]);
+        assert_eq!(decoder.wanted(), 2);
+        decoder.push(&[0, 3, b'a']);
+        assert_eq!(decoder.wanted(), 2);
+        decoder.push(b"bc");
+        assert_eq!(decoder.wanted(), 0);
+        assert_eq!(decoder.next_frame(), Ok(Some(b"abc".to_vec())));
+        assert_eq!(decoder.wanted(), 4);
+        decoder.push(&[0, 0, 0, 9]);
+        assert_eq!(decoder.wanted(), 0);
+        assert!(decoder.next_frame().is_err());
+        assert_eq!(decoder.wanted(), 0);
+    }
+
+    #[test]
     fn decoder_reports_truncated_frame_at_eof() {
         let wire = encode_frame(b"hello", 64).unwrap();
         for cut in 1..wire.len() {
@@ -307,6 +349,36 @@ mod tests {
             }
             prop_assert_eq!(out, payloads);
             prop_assert_eq!(decoder.finish(), Ok(()));
+        }
+
+        #[test]
+        fn reading_what_is_wanted_never_reads_past_a_frame(
+            payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 1..6),
+            chunk in 1usize..64,
+        ) {
+            let mut wire = Vec::new();
+            for p in &payloads {
+                wire.extend(encode_frame(p, 300).unwrap());
+            }
+            // A fresh decoder per frame (a stateless reader) sees every frame, because no read
+            // took bytes of the next one.
+            let mut rest = &wire[..];
+            for p in &payloads {
+                let mut decoder = FrameDecoder::new(300);
+                let frame = loop {
+                    if let Some(frame) = decoder.next_frame().unwrap() {
+                        break frame;
+                    }
+                    let n = decoder.wanted().min(chunk).min(rest.len());
+                    prop_assert!(n > 0);
+                    decoder.push(&rest[..n]);
+                    rest = &rest[n..];
+                };
+                prop_assert_eq!(&frame, p);
+                prop_assert_eq!(decoder.buffered(), 0);
+                prop_assert_eq!(decoder.wanted(), HEADER_LEN);
+            }
+            prop_assert!(rest.is_empty());
         }
 
         #[test]

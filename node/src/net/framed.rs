@@ -1,8 +1,8 @@
-//! Length-prefixed CBOR frames over a libp2p stream, with the hard maximum from
-//! [`iom_protocol::frame`].
+//! Length-prefixed CBOR frames over a libp2p stream, read with [`iom_protocol::frame`]'s fuzzed
+//! decoder and written with its encoder (one frame codec), with its hard maximum.
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use iom_protocol::frame::{FrameError, parse_len};
+use iom_protocol::frame::{FrameDecoder, FrameError, encode_frame};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -36,33 +36,32 @@ impl FramedError {
     }
 }
 
-/// Reads one frame; `Ok(None)` on a clean end of stream before a header.
+/// Bytes read from the stream at most per read call while a frame's payload arrives.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Reads one frame through the fuzzed [`FrameDecoder`]; `Ok(None)` on a clean end of stream
+/// before a header. It reads only what the current frame still needs
+/// ([`FrameDecoder::wanted`]), so it never consumes bytes of the next frame and can be called
+/// once per frame on the same stream.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     io: &mut R,
     max: usize,
 ) -> Result<Option<Vec<u8>>, FramedError> {
-    let mut header = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        let n = io.read(&mut header[got..]).await?;
+    let mut decoder = FrameDecoder::new(max);
+    let mut buf = Vec::new();
+    loop {
+        if let Some(frame) = decoder.next_frame()? {
+            return Ok(Some(frame));
+        }
+        let want = decoder.wanted().clamp(1, READ_CHUNK);
+        buf.resize(want, 0);
+        let n = io.read(&mut buf).await?;
         if n == 0 {
-            if got == 0 {
-                return Ok(None);
-            }
-            return Err(FrameError::Truncated { buffered: got }.into());
+            decoder.finish()?;
+            return Ok(None);
         }
-        got += n;
+        decoder.push(&buf[..n]);
     }
-    let len = parse_len(header, max)?;
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FramedError::Frame(FrameError::Truncated { buffered: 4 })
-        } else {
-            FramedError::Io(e)
-        }
-    })?;
-    Ok(Some(buf))
 }
 
 /// Reads and decodes one message; `Ok(None)` on a clean end of stream.
@@ -88,27 +87,20 @@ pub async fn write_msg<T: Serialize, W: AsyncWrite + Unpin>(
     write_frame(io, &bytes, max).await
 }
 
-/// Writes one frame and flushes.
+/// Writes one frame ([`encode_frame`]) and flushes.
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     io: &mut W,
     payload: &[u8],
     max: usize,
 ) -> Result<(), FramedError> {
-    if payload.len() > max {
-        return Err(FrameError::Oversized {
-            len: payload.len() as u64,
-            max,
-        }
-        .into());
-    }
-    let len = u32::try_from(payload.len()).map_err(|_| FramedError::Encode("too long".into()))?;
-    io.write_all(&len.to_be_bytes()).await?;
-    io.write_all(payload).await?;
+    let frame = encode_frame(payload, max)?;
+    io.write_all(&frame).await?;
     io.flush().await?;
     Ok(())
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -126,5 +118,84 @@ mod tests {
         let mut bytes: &[u8] = &[0xff, 0, 0, 0];
         let err = read_frame(&mut bytes, 1024).await.err();
         assert!(err.is_some_and(|e| e.is_peer_fault()));
+        // A header cut short is not either.
+        let mut bytes: &[u8] = &[0, 0];
+        let err = read_frame(&mut bytes, 1024).await.err();
+        assert!(err.is_some_and(|e| !e.is_peer_fault()));
+    }
+
+    #[tokio::test]
+    async fn frames_read_one_call_at_a_time_lose_nothing_between_them() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, b"first", 64).await.unwrap();
+        write_frame(&mut wire, b"", 64).await.unwrap();
+        write_frame(&mut wire, &[7; 200_000], 300_000)
+            .await
+            .unwrap();
+        let mut io: &[u8] = &wire;
+        assert_eq!(
+            read_frame(&mut io, 300_000).await.unwrap(),
+            Some(b"first".to_vec())
+        );
+        assert_eq!(
+            read_frame(&mut io, 300_000).await.unwrap(),
+            Some(Vec::new())
+        );
+        assert_eq!(
+            read_frame(&mut io, 300_000).await.unwrap(),
+            Some(vec![7; 200_000])
+        );
+        assert_eq!(read_frame(&mut io, 300_000).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn write_refuses_oversized_payloads_and_writes_nothing() {
+        let mut wire = Vec::new();
+        let err = write_frame(&mut wire, &[0; 65], 64).await.err();
+        assert!(matches!(
+            err,
+            Some(FramedError::Frame(FrameError::Oversized {
+                len: 65,
+                max: 64
+            }))
+        ));
+        assert!(wire.is_empty());
+    }
+
+    #[tokio::test]
+    async fn messages_round_trip_and_garbage_is_the_peers_fault() {
+        let mut wire = Vec::new();
+        write_msg(&mut wire, &("x".to_string(), 5u32), 64)
+            .await
+            .unwrap();
+        write_frame(&mut wire, &[0xff, 0x13], 64).await.unwrap();
+        let mut io: &[u8] = &wire;
+        let got: Option<(String, u32)> = read_msg(&mut io, 64).await.unwrap();
+        assert_eq!(got, Some(("x".to_string(), 5)));
+        let err = read_msg::<(String, u32), _>(&mut io, 64).await.err();
+        assert!(matches!(&err, Some(FramedError::Decode(_))), "{err:?}");
+        assert!(err.is_some_and(|e| e.is_peer_fault()));
+    }
+
+    #[tokio::test]
+    async fn a_frame_arriving_in_pieces_over_a_stream_is_whole() {
+        use tokio_util::compat::TokioAsyncReadCompatExt;
+        let (client, server) = tokio::io::duplex(7);
+        let writer = tokio::spawn(async move {
+            let mut client = tokio_util::compat::TokioAsyncWriteCompatExt::compat_write(client);
+            write_frame(&mut client, &[3; 1000], 1000).await.unwrap();
+            write_frame(&mut client, b"end", 1000).await.unwrap();
+        });
+        let mut server = server.compat();
+        assert_eq!(
+            read_frame(&mut server, 1000).await.unwrap(),
+            Some(vec![3; 1000])
+        );
+        assert_eq!(
+            read_frame(&mut server, 1000).await.unwrap(),
+            Some(b"end".to_vec())
+        );
+        writer.await.unwrap();
+        assert_eq!(read_frame(&mut server, 1000).await.unwrap(), None);
     }
 }

@@ -4,225 +4,399 @@
 //! set), an inventory root, bucket digests and entries only where roots differ, then Automerge
 //! sync only for documents that differ, and from then on live pushes of every change.
 //!
-//! Sending is pull-based: a session keeps a set of *dirty* documents and a writer task
-//! generates one Automerge message per dirty document when the stream can take it. The reader
-//! never waits on the writer, so two peers flooding each other can't deadlock, and the set is
-//! bounded by the number of documents.
+//! What a session says and when is decided by the pure state machine in
+//! [`iom_crdt::session`]; [`session`] drives it over a stream. Sending is pull-based: a session
+//! keeps a set of *dirty* documents and its writer generates one Automerge message per dirty
+//! document when the stream can take it. The reader never waits on the writer, so two peers
+//! flooding each other can't deadlock, and the set is bounded by the number of documents.
+//!
+//! [`Manager`] is the service: built from the handles it uses, started with
+//! [`Manager::start`], it owns its tasks (the accept loop, the connection, trust and change
+//! watchers, and every session) and ends them in [`Manager::shutdown`].
 //!
 //! # Layout
 //! - [`gate`]: refusing untrusted peers.
-//! - [`session`]: one peer's session.
+//! - [`session`]: one peer's session (the driver), and the registry of running sessions.
 //! - [`blobs`]: the blob server and the resumable, verifying fetcher.
 
 pub mod blobs;
 pub mod gate;
 pub mod session;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use iom_crdt::DocId;
+use iom_crdt::session::Role;
+use iom_protocol::id::ContentId;
 use iom_protocol::keys::DeviceId;
-use libp2p::PeerId;
+use iom_protocol::wire::SyncMsg;
+use libp2p::{Multiaddr, PeerId};
 use serde_json::{Value, json};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
-use crate::net::{NetEvent, SYNC_PROTOCOL};
-use crate::node::NodeCtx;
-use session::SessionHandle;
+use crate::docs::{Docs, Origin};
+use crate::net::{Net, NetEvent, SYNC_PROTOCOL};
+use crate::store::Store;
+use crate::trust::TrustBook;
+use gate::Gate;
+pub use session::{BlobHandle, Network, Stats, SyncConfig};
+use session::{Deps, Registry};
 
-/// Owns the sessions with all peers.
-#[derive(Default)]
-pub struct SyncManager {
-    sessions: Mutex<HashMap<PeerId, SessionHandle>>,
-    next_id: std::sync::atomic::AtomicU64,
-    /// Refusal accounting for untrusted peers (shared with the blob service).
-    pub gate: Arc<gate::Gate>,
+/// How long [`Manager::shutdown`] lets tasks finish before aborting them.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The sync service: sessions with every trusted peer.
+pub struct Manager {
+    deps: Deps,
+    net: Net,
+    /// Refusal accounting for untrusted peers, shared with the other gated protocols.
+    pub gate: Arc<Gate>,
+    tasks: Mutex<JoinSet<()>>,
 }
 
-impl std::fmt::Debug for SyncManager {
+impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyncManager").finish_non_exhaustive()
+        f.debug_struct("Manager").finish_non_exhaustive()
     }
 }
 
-impl SyncManager {
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, SessionHandle>> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+impl Manager {
+    /// A manager over these handles. Nothing runs until [`Manager::start`].
+    pub fn new(
+        docs: Docs,
+        trust: Arc<TrustBook>,
+        net: Net,
+        store: Store,
+        blobs: Arc<dyn BlobHandle>,
+        gate: Arc<Gate>,
+        config: SyncConfig,
+    ) -> Manager {
+        let deps = Deps {
+            docs,
+            trust,
+            store,
+            net: Arc::new(net.clone()),
+            blobs,
+            gate: gate.clone(),
+            registry: Arc::default(),
+            config,
+            shutdown: CancellationToken::new(),
+        };
+        Manager {
+            deps,
+            net,
+            gate,
+            tasks: Mutex::new(JoinSet::new()),
+        }
     }
 
-    /// Registers a session; returns `None` if an equivalent one already runs (the session
-    /// opened by the lower PeerId wins when both sides opened at once).
-    pub(crate) fn register(&self, local: PeerId, handle: SessionHandle) -> Option<u64> {
-        let mut sessions = self.sessions();
-        let preferred = local.min(handle.peer);
-        if let Some(existing) = sessions.get(&handle.peer)
-            && !existing.is_closed()
-            && (existing.initiator == preferred || handle.initiator != preferred)
-        {
-            return None;
+    /// Spawns `task` into the manager's task set (reaping the finished ones).
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        while tasks.try_join_next().is_some() {}
+        if self.deps.shutdown.is_cancelled() {
+            return;
         }
-        let id = handle.id;
-        if let Some(old) = sessions.insert(handle.peer, handle) {
-            old.close();
-        }
-        Some(id)
+        tasks.spawn(task);
     }
 
-    pub(crate) fn unregister(&self, peer: PeerId, id: u64) {
-        let mut sessions = self.sessions();
-        if sessions.get(&peer).is_some_and(|s| s.id == id) {
-            sessions.remove(&peer);
-        }
+    /// Starts the sync machinery: the accept loop, session initiation on connect and on trust
+    /// changes, and live pushes. Everything stops when `shutdown` is cancelled (or at
+    /// [`Manager::shutdown`]).
+    pub fn start(self: &Arc<Self>, shutdown: CancellationToken) {
+        let stop = self.deps.shutdown.clone();
+        self.spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+        });
+        self.accept_sessions();
+        self.open_on_connect();
+        self.follow_trust();
+        self.push_changes();
     }
 
-    pub(crate) fn next_id(&self) -> u64 {
-        self.next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    /// Inbound sessions.
+    fn accept_sessions(self: &Arc<Self>) {
+        let mut control = self.net.control();
+        let mut incoming = match control.accept(SYNC_PROTOCOL) {
+            Ok(incoming) => incoming,
+            Err(e) => {
+                tracing::error!(error = %e, "sync protocol already registered");
+                return;
+            }
+        };
+        let this = self.clone();
+        let stop = self.deps.shutdown.clone();
+        self.spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = incoming.next() => next,
+                    _ = stop.cancelled() => return,
+                };
+                let Some((peer, stream)) = next else { return };
+                this.spawn(session::run(
+                    this.deps.clone(),
+                    peer,
+                    stream,
+                    Role::Responder,
+                ));
+            }
+        });
+    }
+
+    /// Outbound sessions when a peer connects.
+    fn open_on_connect(self: &Arc<Self>) {
+        let this = self.clone();
+        let stop = self.deps.shutdown.clone();
+        let mut events = self.net.subscribe();
+        self.spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    e = events.recv() => e,
+                    _ = stop.cancelled() => return,
+                };
+                match event {
+                    Ok(NetEvent::Connected(peer)) => this.maybe_open(peer),
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        for peer in this.net.connected_peers() {
+                            this.maybe_open(peer);
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+
+    /// Trust changes: certificates to every session, and sessions to peers that just became
+    /// trusted.
+    fn follow_trust(self: &Arc<Self>) {
+        let this = self.clone();
+        let stop = self.deps.shutdown.clone();
+        let mut trust = self.deps.trust.subscribe();
+        self.spawn(async move {
+            loop {
+                let changed = tokio::select! {
+                    c = trust.changed() => c,
+                    _ = stop.cancelled() => return,
+                };
+                if changed.is_err() {
+                    return;
+                }
+                this.broadcast(SyncMsg::Certs {
+                    certs: this.deps.trust.certs(),
+                });
+                for peer in this.net.connected_peers() {
+                    this.maybe_open(peer);
+                }
+            }
+        });
+    }
+
+    /// Live push of every durable change.
+    fn push_changes(self: &Arc<Self>) {
+        let this = self.clone();
+        let stop = self.deps.shutdown.clone();
+        let mut changes = self.deps.docs.subscribe();
+        self.spawn(async move {
+            loop {
+                let change = tokio::select! {
+                    c = changes.recv() => c,
+                    _ = stop.cancelled() => return,
+                };
+                match change {
+                    Ok(ch) => {
+                        let from = match ch.origin {
+                            Origin::Peer(p) => Some(p),
+                            Origin::Local => None,
+                        };
+                        this.mark_dirty_everywhere(ch.id, from);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Too many changes at once: fall back to comparing inventories.
+                        let root = this.deps.docs.with_inventory(|i| i.root());
+                        this.broadcast(SyncMsg::Root { root });
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+
+    /// Opens a session to `peer` if it is trusted and none runs. The lower peer id opens at
+    /// once; the higher one after a grace period, in case the lower one doesn't know our
+    /// certificate yet (our `Hello` carries it).
+    fn maybe_open(self: &Arc<Self>, peer: PeerId) {
+        let local = self.net.local;
+        if !should_open(&self.deps, local, peer) {
+            return;
+        }
+        let delay = open_delay(local, peer, self.deps.config.open_grace);
+        let this = self.clone();
+        self.spawn(async move {
+            tokio::time::sleep(delay).await;
+            if this.has_session(&peer) {
+                return;
+            }
+            match this.net.open(peer, SYNC_PROTOCOL).await {
+                Ok(stream) => session::run(this.deps.clone(), peer, stream, Role::Initiator).await,
+                Err(e) => tracing::debug!(%peer, error = %e, "cannot open sync session"),
+            }
+        });
+    }
+
+    /// Ends every session and task, and waits for them: sessions get [`SHUTDOWN_GRACE`] to
+    /// persist their states, then whatever still runs is aborted.
+    pub async fn shutdown(&self) {
+        self.deps.shutdown.cancel();
+        self.deps.registry.close_all();
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
     }
 
     /// Whether a live session with `peer` exists.
     pub fn has_session(&self, peer: &PeerId) -> bool {
-        self.sessions().get(peer).is_some_and(|s| !s.is_closed())
+        self.deps.registry.has_session(peer)
     }
 
     /// Marks a document dirty in every session (it changed), except the session with the peer
     /// the change came from: that session answers what it received by itself.
-    pub fn mark_dirty_everywhere(&self, doc: iom_crdt::DocId, except: Option<PeerId>) {
-        for s in self.sessions().values() {
-            if Some(s.peer) != except {
-                s.dirty.mark(doc);
-            }
-        }
+    pub fn mark_dirty_everywhere(&self, doc: DocId, except: Option<PeerId>) {
+        mark_dirty_everywhere(&self.deps.registry, doc, except);
     }
 
-    /// Sends a message to every session.
-    pub fn broadcast(&self, msg: iom_protocol::wire::SyncMsg) {
-        for s in self.sessions().values() {
-            let _ = s.control.try_send(msg.clone());
-        }
+    /// Queues a message to every session. Nothing is dropped: certificate sets replace a set
+    /// still queued (the newest holds the older), roots are queued once.
+    pub fn broadcast(&self, msg: SyncMsg) {
+        broadcast(&self.deps.registry, &msg);
     }
 
     /// Per-peer progress for `iom status`: documents waiting to be sent to the peer
     /// (`docs_behind`), bytes of blobs it announced that are not here yet (`bytes_pending`),
     /// and traffic so far.
-    pub fn progress(&self, blobs: &blobs::Blobs) -> Vec<Value> {
-        self.sessions()
-            .values()
-            .map(|s| {
-                json!({
-                    "device": s.peer.to_string(),
-                    "docs_behind": s.dirty.len() + s.snapshots.len(),
-                    "bytes_pending": blobs.pending_bytes_from(&s.peer),
-                    "docs_received": s.stats.docs_received.load(std::sync::atomic::Ordering::Relaxed),
-                    "snapshots_received": s.stats.snapshots_received.load(std::sync::atomic::Ordering::Relaxed),
-                    "bytes_in": s.stats.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
-                    "bytes_out": s.stats.bytes_out.load(std::sync::atomic::Ordering::Relaxed),
-                })
+    pub fn progress(&self) -> Vec<Value> {
+        progress(&self.deps.registry, self.deps.blobs.as_ref())
+    }
+}
+
+fn should_open(deps: &Deps, local: PeerId, peer: PeerId) -> bool {
+    if peer == local || deps.registry.has_session(&peer) {
+        return false;
+    }
+    DeviceId::from_peer_id(&peer).is_ok_and(|d| deps.trust.state().is_trusted(&d))
+}
+
+/// The preferred initiator (the lower peer id) opens at once, the other after `grace`.
+fn open_delay(local: PeerId, peer: PeerId, grace: std::time::Duration) -> std::time::Duration {
+    if local < peer {
+        std::time::Duration::ZERO
+    } else {
+        grace
+    }
+}
+
+fn mark_dirty_everywhere(registry: &Registry, doc: DocId, except: Option<PeerId>) {
+    for s in registry.handles() {
+        if Some(s.peer) != except {
+            s.mark_dirty(doc);
+        }
+    }
+}
+
+fn broadcast(registry: &Registry, msg: &SyncMsg) {
+    for s in registry.handles() {
+        s.queue(msg.clone());
+    }
+}
+
+fn progress(registry: &Registry, blobs: &dyn BlobHandle) -> Vec<Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    registry
+        .handles()
+        .iter()
+        .map(|s| {
+            let stats = &s.shared.stats;
+            json!({
+                "device": s.peer.to_string(),
+                "docs_behind": s.backlog(),
+                "bytes_pending": blobs.pending_bytes_from(&s.peer),
+                "docs_received": stats.docs_received.load(Relaxed),
+                "snapshots_received": stats.snapshots_received.load(Relaxed),
+                "bytes_in": stats.bytes_in.load(Relaxed),
+                "bytes_out": stats.bytes_out.load(Relaxed),
             })
+        })
+        .collect()
+}
+
+impl Network for Net {
+    fn local_peer(&self) -> PeerId {
+        self.local
+    }
+
+    fn disconnect(&self, peer: PeerId) -> BoxFuture<'_, ()> {
+        Box::pin(Net::disconnect(self, peer))
+    }
+
+    fn add_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> BoxFuture<'_, ()> {
+        Box::pin(Net::add_addresses(self, peer, addrs))
+    }
+
+    fn known_addresses(&self) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        peers
+            .map
+            .iter()
+            .map(|(p, e)| (*p, e.addrs.clone()))
             .collect()
     }
 }
 
-/// Starts the sync machinery: the accept loop, session initiation on connect and on trust
-/// changes, and live pushes.
-pub fn spawn(ctx: Arc<NodeCtx>) {
-    // Inbound sessions.
-    let mut control = ctx.net.control();
-    match control.accept(SYNC_PROTOCOL) {
-        Ok(mut incoming) => {
-            let ctx2 = ctx.clone();
-            tokio::spawn(async move {
-                while let Some((peer, stream)) = incoming.next().await {
-                    let ctx = ctx2.clone();
-                    tokio::spawn(session::run(ctx, peer, stream, false));
-                }
-            });
-        }
-        Err(e) => tracing::error!(error = %e, "sync protocol already registered"),
-    }
-    // Outbound sessions on connect.
-    let ctx2 = ctx.clone();
-    let mut events = ctx.net.subscribe();
-    tokio::spawn(async move {
-        loop {
-            match events.recv().await {
-                Ok(NetEvent::Connected(peer)) => maybe_open(&ctx2, peer),
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    for peer in ctx2.net.connected_peers() {
-                        maybe_open(&ctx2, peer);
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-    });
-    // Trust changes: push certificates to every session and open sessions to peers that just
-    // became trusted.
-    let ctx2 = ctx.clone();
-    let mut trust = ctx.trust.subscribe();
-    tokio::spawn(async move {
-        while trust.changed().await.is_ok() {
-            ctx2.sync.broadcast(iom_protocol::wire::SyncMsg::Certs {
-                certs: ctx2.trust.certs(),
-            });
-            for peer in ctx2.net.connected_peers() {
-                maybe_open(&ctx2, peer);
-            }
-        }
-    });
-    // Live push of every durable change.
-    let ctx2 = ctx.clone();
-    let mut changes = ctx.docs.subscribe();
-    tokio::spawn(async move {
-        loop {
-            match changes.recv().await {
-                Ok(ch) => {
-                    let from = match ch.origin {
-                        crate::docs::Origin::Peer(p) => Some(p),
-                        crate::docs::Origin::Local => None,
-                    };
-                    ctx2.sync.mark_dirty_everywhere(ch.id, from);
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    // Too many changes at once: fall back to comparing inventories.
-                    let root = ctx2.docs.with_inventory(|i| i.root());
-                    ctx2.sync
-                        .broadcast(iom_protocol::wire::SyncMsg::Root { root });
-                }
-                Err(_) => break,
-            }
-        }
-    });
+/// The blob service as sessions see it: [`blobs::Blobs`] for wants and progress, the store for
+/// what is here.
+#[derive(Debug, Clone)]
+pub struct StoreBlobs {
+    store: Store,
+    blobs: Arc<blobs::Blobs>,
 }
 
-fn maybe_open(ctx: &Arc<NodeCtx>, peer: PeerId) {
-    if peer == ctx.net.local || ctx.sync.has_session(&peer) {
-        return;
+impl StoreBlobs {
+    /// Sessions' view of `blobs` over `store`.
+    pub fn new(store: Store, blobs: Arc<blobs::Blobs>) -> StoreBlobs {
+        StoreBlobs { store, blobs }
     }
-    let Ok(device) = DeviceId::from_peer_id(&peer) else {
-        return;
-    };
-    let state = ctx.trust.state();
-    if !state.is_trusted(&device) {
-        return;
-    }
-    // The lower PeerId opens; the higher one opens too after a grace period, in case the
-    // lower one doesn't know our certificate yet (our Hello carries it).
-    let delay = if ctx.net.local < peer {
-        std::time::Duration::ZERO
-    } else {
-        std::time::Duration::from_millis(750)
-    };
-    let ctx = ctx.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(delay).await;
-        if ctx.sync.has_session(&peer) {
-            return;
-        }
-        match ctx.net.open(peer, SYNC_PROTOCOL).await {
-            Ok(stream) => session::run(ctx, peer, stream, true).await,
-            Err(e) => tracing::debug!(%peer, error = %e, "cannot open sync session"),
-        }
-    });
 }
+
+impl BlobHandle for StoreBlobs {
+    fn announcements(&self) -> Vec<Vec<(ContentId, u64)>> {
+        self.blobs.announcements()
+    }
+
+    fn has(&self, id: &ContentId) -> bool {
+        matches!(self.store.has_blob(id.as_bytes()), Ok(true))
+    }
+
+    fn want(&self, id: ContentId, len: u64, peer: PeerId) {
+        self.blobs.want(id, len, peer);
+    }
+
+    fn pending_bytes_from(&self, peer: &PeerId) -> u64 {
+        self.blobs.pending_bytes_from(peer)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,79 +1,235 @@
-//! One sync session with one trusted peer over a `/iom/sync/1` stream.
+//! One sync session with one trusted peer over a `/iom/sync/1` stream: the driver of the pure
+//! state machine in [`iom_crdt::session`]. The driver only moves frames and runs the actions the
+//! state machine returns; every decision (what to answer, what goes whole, which state to use)
+//! is made there.
+//!
+//! After the handshake two tasks share the state machine (behind a mutex never held across an
+//! `.await`):
+//!
+//! - the **reader** reads a frame, hands the message to [`Established::handle`] and runs the
+//!   actions (apply to a document, store snapshots, add certificates or addresses, want blobs).
+//!   It never waits on the writer: what it wants sent is queued in the state machine, which
+//!   coalesces replies and keeps per-document work in its dirty set.
+//! - the **writer** asks [`Established::poll_transmit`] for the next message whenever the stream
+//!   can take one (generating Automerge messages and reading snapshots on demand), and sleeps on
+//!   a [`Notify`] when there is nothing to send.
+//!
+//! Everything the session sends at set-up (certificates, addresses, root, blob announcements)
+//! is queued in the state machine before the writer starts: nothing waits on a bounded channel
+//! that no task drains yet. Messages other services broadcast ([`SessionHandle::queue`]) are
+//! queued the same way, so none is dropped; certificate sets supersede each other.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures::AsyncReadExt;
-use futures::io::{ReadHalf, WriteHalf};
+use futures::future::BoxFuture;
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use iom_crdt::DocId;
-use iom_crdt::sync::{PeerDocState, generate, receive};
-use iom_protocol::keys::DeviceId;
-use iom_protocol::wire::{
-    DocSnapshot, MAX_SNAPSHOTS, MAX_SYNC_FRAME, PeerAddrs, SYNC_VERSION, SyncMsg,
+use iom_crdt::session::{
+    self as machine, Action, Blame, CheckHello, ExpectHello, HandshakeError, Loaded, Role,
+    SessionError, SnapshotsStored, Transmit,
 };
-use libp2p::{PeerId, Stream};
-use tokio::sync::{Notify, mpsc};
+use iom_crdt::sync::{PeerDocState, generate, receive};
+use iom_protocol::cert::Certificate;
+use iom_protocol::frame::EncodeError;
+use iom_protocol::id::ContentId;
+use iom_protocol::keys::{DeviceId, PersonId};
+use iom_protocol::wire::{
+    DocSnapshot, MAX_PEER_ADDRS, MAX_SNAPSHOTS, MAX_SYNC_FRAME, PeerAddrs, SYNC_VERSION, SyncMsg,
+};
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use super::gate::Verdict;
-use crate::docs::{DocsError, Origin};
+use super::gate::{Gate, Verdict};
+use crate::docs::{Docs, DocsError, Origin};
 use crate::net::framed::{FramedError, read_frame, write_frame};
-use crate::node::NodeCtx;
+use crate::store::Store;
+use crate::trust::TrustBook;
 
-/// Documents waiting to be sent to one peer (each at most once).
-#[derive(Debug, Default)]
-pub struct Dirty {
-    inner: Mutex<(VecDeque<DocId>, HashSet<DocId>)>,
-    notify: Notify,
+/// The protocol name the gate counts refusals under.
+const PROTOCOL: &str = "/iom/sync/1";
+
+/// What a session needs of the network.
+pub trait Network: Send + Sync + 'static {
+    /// Our own peer id.
+    fn local_peer(&self) -> PeerId;
+    /// Closes every connection to `peer`.
+    fn disconnect(&self, peer: PeerId) -> BoxFuture<'_, ()>;
+    /// Tells the network where `peer` can be reached.
+    fn add_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> BoxFuture<'_, ()>;
+    /// Every peer the network knows addresses of.
+    fn known_addresses(&self) -> Vec<(PeerId, Vec<Multiaddr>)>;
 }
 
-impl Dirty {
-    /// Queues a document.
-    pub fn mark(&self, doc: DocId) {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if g.1.insert(doc) {
-            g.0.push_back(doc);
-            drop(g);
-            self.notify.notify_one();
-        }
-    }
+/// What a session needs of the blob service.
+pub trait BlobHandle: Send + Sync + 'static {
+    /// Announcements of every local blob, in messages of at most
+    /// [`iom_protocol::wire::MAX_BLOB_ANNOUNCE`].
+    fn announcements(&self) -> Vec<Vec<(ContentId, u64)>>;
+    /// Whether the blob is here (a storage error counts as not here: the fetch reports it).
+    fn has(&self, id: &ContentId) -> bool;
+    /// `peer` announced a blob that is not here.
+    fn want(&self, id: ContentId, len: u64, peer: PeerId);
+    /// Bytes of blobs `peer` announced that are not here yet.
+    fn pending_bytes_from(&self, peer: &PeerId) -> u64;
+}
 
-    /// How many documents wait.
-    pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).0.len()
-    }
+/// Settings of the sync sessions.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// How long to wait for the peer's `Hello`.
+    pub hello_timeout: Duration,
+    /// How long the higher peer id waits before opening a session itself (the lower one
+    /// opens at once).
+    pub open_grace: Duration,
+    /// A document bigger than this is synced the usual way instead of as a snapshot.
+    pub max_snapshot_doc: usize,
+    /// Tell peers where the other trusted devices are (off only to test relayed paths).
+    pub share_addrs: bool,
+    /// Fault injection: send a garbage Automerge message on every session.
+    pub fault_garbage_sync: bool,
+    /// Fault injection: send a garbage document snapshot on every session.
+    pub fault_garbage_snapshot: bool,
+}
 
-    /// Whether none wait.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Waits for at least one document and takes up to `max` of them, oldest first.
-    async fn next_batch(&self, max: usize) -> Vec<DocId> {
-        loop {
-            {
-                let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-                if !g.0.is_empty() {
-                    let n = g.0.len().min(max.max(1));
-                    let batch: Vec<DocId> = g.0.drain(..n).collect();
-                    for doc in &batch {
-                        g.1.remove(doc);
-                    }
-                    return batch;
-                }
-            }
-            self.notify.notified().await;
+impl Default for SyncConfig {
+    fn default() -> SyncConfig {
+        SyncConfig {
+            hello_timeout: Duration::from_secs(15),
+            open_grace: Duration::from_millis(750),
+            max_snapshot_doc: 4 * 1024 * 1024,
+            share_addrs: true,
+            fault_garbage_sync: false,
+            fault_garbage_snapshot: false,
         }
     }
 }
 
-/// Documents read from the store per batch of snapshots.
-const SNAPSHOT_BATCH: usize = 256;
-/// A document bigger than this is synced the usual way instead of as a snapshot.
-const MAX_SNAPSHOT_DOC: usize = 4 * 1024 * 1024;
-/// A `Snapshots` message is sent once it holds this many bytes.
-const SNAPSHOT_FRAME_BYTES: usize = 512 * 1024;
+/// The `Hello` payload: who the sender is.
+#[derive(Debug, Clone)]
+pub(crate) struct HelloInfo {
+    person: PersonId,
+    chain: Vec<Certificate>,
+}
+
+/// The messages the state machine passes through to the driver.
+#[derive(Debug, Clone)]
+pub(crate) enum Extra {
+    Certs(Vec<Certificate>),
+    Addrs(Vec<PeerAddrs>),
+    Blobs(Vec<(ContentId, u64)>),
+}
+
+type Msg = machine::Msg<HelloInfo, Extra>;
+type Established = machine::Established<HelloInfo, Extra>;
+
+fn from_wire(msg: SyncMsg) -> Msg {
+    match msg {
+        SyncMsg::Hello {
+            version,
+            person,
+            chain,
+        } => Msg::Hello {
+            version,
+            hello: HelloInfo { person, chain },
+        },
+        SyncMsg::Refused { reason } => Msg::Refused { reason },
+        SyncMsg::Certs { certs } => Msg::Other(Extra::Certs(certs)),
+        SyncMsg::Addrs { peers } => Msg::Other(Extra::Addrs(peers)),
+        SyncMsg::Root { root } => Msg::Root { root },
+        SyncMsg::Buckets { digests } => Msg::Buckets { digests },
+        SyncMsg::Entries { buckets, records } => Msg::Entries { buckets, records },
+        SyncMsg::Doc { doc, msg } => Msg::Doc {
+            doc: DocId::from_bytes(doc),
+            msg,
+        },
+        SyncMsg::Snapshots { docs } => Msg::Snapshots {
+            docs: docs
+                .into_iter()
+                .map(|s| (DocId::from_bytes(s.doc), s.bytes))
+                .collect(),
+        },
+        SyncMsg::Blobs { have } => Msg::Other(Extra::Blobs(have)),
+        other => Msg::Unknown {
+            what: format!("{other:?}").chars().take(40).collect(),
+        },
+    }
+}
+
+fn to_wire(msg: Msg) -> Result<SyncMsg, DriveError> {
+    Ok(match msg {
+        Msg::Hello { version, hello } => SyncMsg::Hello {
+            version,
+            person: hello.person,
+            chain: hello.chain,
+        },
+        Msg::Refused { reason } => SyncMsg::Refused { reason },
+        Msg::Root { root } => SyncMsg::Root { root },
+        Msg::Buckets { digests } => SyncMsg::Buckets { digests },
+        Msg::Entries { buckets, records } => SyncMsg::Entries { buckets, records },
+        Msg::Doc { doc, msg } => SyncMsg::Doc {
+            doc: *doc.as_bytes(),
+            msg,
+        },
+        Msg::Snapshots { docs } => SyncMsg::Snapshots {
+            docs: docs
+                .into_iter()
+                .map(|(doc, bytes)| DocSnapshot {
+                    doc: *doc.as_bytes(),
+                    bytes,
+                })
+                .collect(),
+        },
+        Msg::Other(Extra::Certs(certs)) => SyncMsg::Certs { certs },
+        Msg::Other(Extra::Addrs(peers)) => SyncMsg::Addrs { peers },
+        Msg::Other(Extra::Blobs(have)) => SyncMsg::Blobs { have },
+        Msg::Unknown { .. } => return Err(DriveError::Bug("asked to send an unknown message")),
+    })
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DriveError {
+    /// Reading or writing a frame failed, or the peer sent undecodable bytes.
+    #[error(transparent)]
+    Framed(#[from] FramedError),
+    /// The state machine ended the session.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// A document operation failed here.
+    #[error(transparent)]
+    Docs(#[from] DocsError),
+    /// The peer sent no `Hello` in time.
+    #[error("no Hello within {0:?}")]
+    HelloTimeout(Duration),
+    /// The stream ended before the handshake.
+    #[error("stream closed before Hello")]
+    ClosedBeforeHello,
+    /// The peer's certificates no longer make it trusted.
+    #[error("peer is no longer trusted")]
+    NoLongerTrusted,
+    /// A message could not be encoded (our bug).
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// The driver misused the state machine (our bug).
+    #[error("sync driver bug: {0}")]
+    Bug(&'static str),
+}
+
+impl DriveError {
+    /// Whether the peer is to blame (disconnect it).
+    pub(crate) fn is_peer_fault(&self) -> bool {
+        match self {
+            DriveError::Framed(e) => e.is_peer_fault(),
+            DriveError::Session(e) => e.blame() == Blame::Peer,
+            _ => false,
+        }
+    }
+}
 
 /// Traffic counters of a session.
 #[derive(Debug, Default)]
@@ -88,50 +244,177 @@ pub struct Stats {
     pub snapshots_received: AtomicU64,
 }
 
+/// What the reader, the writer and the manager share of a session.
+pub(crate) struct Shared {
+    session: Mutex<Established>,
+    /// Wakes the writer: something may be ready to send.
+    wake: Notify,
+    /// Ends the session (cancelled by either task, the manager, or shutdown).
+    stop: CancellationToken,
+    pub(crate) stats: Stats,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Established> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the session, then wakes the writer.
+    fn with<R>(&self, f: impl FnOnce(&mut Established) -> R) -> R {
+        let r = f(&mut self.lock());
+        self.wake.notify_one();
+        r
+    }
+}
+
 /// The manager's view of a running session.
+#[derive(Clone)]
 pub(crate) struct SessionHandle {
     pub(crate) peer: PeerId,
+    /// Who opened the stream.
     pub(crate) initiator: PeerId,
     pub(crate) id: u64,
-    pub(crate) dirty: Arc<Dirty>,
-    /// Documents the peer has none of, waiting to be sent whole.
-    pub(crate) snapshots: Arc<Dirty>,
-    pub(crate) control: mpsc::Sender<SyncMsg>,
-    pub(crate) stats: Arc<Stats>,
-    closed: Arc<AtomicBool>,
-    stop: Arc<Notify>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl SessionHandle {
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Relaxed)
+        self.shared.stop.is_cancelled()
     }
 
     pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Relaxed);
-        self.stop.notify_waiters();
+        self.shared.stop.cancel();
+    }
+
+    /// `doc` changed: send it when the stream can take it.
+    pub(crate) fn mark_dirty(&self, doc: DocId) {
+        self.shared.with(|s| s.mark_dirty(doc));
+    }
+
+    /// Queues a message other services send to every peer. Certificate sets replace a queued
+    /// one (the newest set holds the older); a root is queued at most once; nothing is dropped.
+    pub(crate) fn queue(&self, msg: SyncMsg) {
+        self.shared.with(|s| match from_wire(msg) {
+            machine::Msg::Other(certs @ Extra::Certs(_)) => {
+                s.queue_replacing(certs, |q| matches!(q, Extra::Certs(_)));
+            }
+            machine::Msg::Root { .. } => s.queue_root(),
+            other => s.queue(other),
+        });
+    }
+
+    /// Documents waiting to be sent.
+    pub(crate) fn backlog(&self) -> usize {
+        self.shared.lock().backlog()
+    }
+
+    /// A handle over an established session with no stream behind it.
+    #[cfg(test)]
+    pub(crate) fn for_test(peer: PeerId, initiator: PeerId, id: u64) -> SessionHandle {
+        let hello = HelloInfo {
+            person: iom_protocol::keys::PersonKey::from_seed([0; 32]).id(),
+            chain: Vec::new(),
+        };
+        let check = ExpectHello::<HelloInfo>::initiate::<Extra>(machine_config(), hello.clone())
+            .0
+            .handle::<Extra>(machine::Msg::Hello {
+                version: SYNC_VERSION,
+                hello,
+            });
+        let Ok(check) = check else {
+            unreachable!("a Hello of our version is accepted")
+        };
+        SessionHandle {
+            peer,
+            initiator,
+            id,
+            shared: Arc::new(Shared {
+                session: Mutex::new(check.admit()),
+                wake: Notify::new(),
+                stop: CancellationToken::new(),
+                stats: Stats::default(),
+            }),
+        }
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum SessionError {
-    #[error(transparent)]
-    Framed(#[from] FramedError),
-    #[error("peer misbehaved: {0}")]
-    Peer(String),
-    #[error("refused: {0}")]
-    Refused(String),
-    #[error(transparent)]
-    Docs(#[from] DocsError),
+/// The running sessions, at most one per peer.
+#[derive(Default)]
+pub(crate) struct Registry {
+    sessions: Mutex<HashMap<PeerId, SessionHandle>>,
+    next_id: AtomicU64,
 }
 
-/// Per-document sync state with this peer. Each state has its own lock, held by the writer
-/// (generate) and the reader (receive) for the whole operation, inside the document's lock, so
-/// neither can work from a stale copy and overwrite the other's update.
-type SharedState = Arc<Mutex<PeerDocState>>;
-type States = Arc<Mutex<HashMap<DocId, SharedState>>>;
+impl Registry {
+    fn sessions(&self) -> MutexGuard<'_, HashMap<PeerId, SessionHandle>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
-fn state_key(peer: &PeerId, doc: &DocId) -> Vec<u8> {
+    /// A fresh session id.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a session; `false` if an equivalent one already runs. When both sides opened
+    /// at once, the session opened by the lower peer id wins (both sides decide the same).
+    pub(crate) fn register(&self, local: PeerId, handle: SessionHandle) -> bool {
+        let mut sessions = self.sessions();
+        let preferred = local.min(handle.peer);
+        if let Some(existing) = sessions.get(&handle.peer)
+            && !existing.is_closed()
+            && (existing.initiator == preferred || handle.initiator != preferred)
+        {
+            return false;
+        }
+        if let Some(old) = sessions.insert(handle.peer, handle) {
+            old.close();
+        }
+        true
+    }
+
+    /// Removes session `id` with `peer` (not a newer one that replaced it).
+    pub(crate) fn unregister(&self, peer: PeerId, id: u64) {
+        let mut sessions = self.sessions();
+        if sessions.get(&peer).is_some_and(|s| s.id == id) {
+            sessions.remove(&peer);
+        }
+    }
+
+    /// Whether a live session with `peer` exists.
+    pub(crate) fn has_session(&self, peer: &PeerId) -> bool {
+        self.sessions().get(peer).is_some_and(|s| !s.is_closed())
+    }
+
+    /// The registered sessions (a snapshot: callers lock each session, not the registry).
+    pub(crate) fn handles(&self) -> Vec<SessionHandle> {
+        self.sessions().values().cloned().collect()
+    }
+
+    /// Closes every session.
+    pub(crate) fn close_all(&self) {
+        for s in self.sessions().values() {
+            s.close();
+        }
+    }
+}
+
+/// What a session is built from.
+#[derive(Clone)]
+pub(crate) struct Deps {
+    pub(crate) docs: Docs,
+    pub(crate) trust: Arc<TrustBook>,
+    pub(crate) store: Store,
+    pub(crate) net: Arc<dyn Network>,
+    pub(crate) blobs: Arc<dyn BlobHandle>,
+    pub(crate) gate: Arc<Gate>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) config: SyncConfig,
+    /// Ends every session (shutdown).
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// The sled key of the persisted state for (`peer`, `doc`).
+pub(crate) fn state_key(peer: &PeerId, doc: &DocId) -> Vec<u8> {
     let mut k = b"ps/".to_vec();
     k.extend_from_slice(&peer.to_bytes());
     k.push(b'/');
@@ -139,88 +422,51 @@ fn state_key(peer: &PeerId, doc: &DocId) -> Vec<u8> {
     k
 }
 
-/// The state for `doc`, loaded from the store the first time this session needs it.
-fn state_for(ctx: &NodeCtx, states: &States, peer: &PeerId, doc: &DocId) -> SharedState {
-    let mut map = states.lock().unwrap_or_else(|e| e.into_inner());
-    map.entry(*doc)
-        .or_insert_with(|| {
-            let st = ctx
-                .store
-                .state_get(&state_key(peer, doc))
-                .ok()
-                .flatten()
-                .and_then(|b| PeerDocState::resume(&b).ok())
-                .unwrap_or_default();
-            Arc::new(Mutex::new(st))
-        })
-        .clone()
+fn machine_config() -> machine::Config {
+    machine::Config::default()
+        .with_version(SYNC_VERSION)
+        .with_max_snapshots(MAX_SNAPSHOTS)
 }
 
-fn lock_state(st: &SharedState) -> std::sync::MutexGuard<'_, PeerDocState> {
-    st.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Replaces the state for `doc` (under its lock, so a concurrent user sees old or new).
-fn set_state(states: &States, doc: DocId, state: PeerDocState) {
-    let mut map = states.lock().unwrap_or_else(|e| e.into_inner());
-    match map.get(&doc) {
-        Some(st) => *lock_state(st) = state,
-        None => {
-            map.insert(doc, Arc::new(Mutex::new(state)));
+/// Runs a session to its end. `role`: whether we opened the stream.
+pub(crate) async fn run<S>(deps: Deps, peer: PeerId, stream: S, role: Role)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let span = tracing::debug_span!(parent: tracing::Span::none(), "sync", %peer, ?role);
+    async move {
+        match run_inner(&deps, peer, stream, role).await {
+            Ok(()) => tracing::debug!(%peer, "sync session ended"),
+            Err(DriveError::Session(
+                e @ (SessionError::Refused { .. } | SessionError::RefusedByPeer { .. }),
+            )) => tracing::debug!(%peer, reason = %e, "sync session refused"),
+            Err(e @ DriveError::Session(SessionError::Incompatible { .. })) => {
+                tracing::warn!(%peer, error = %e, "sync session refused");
+            }
+            Err(e @ DriveError::Framed(_)) if e.is_peer_fault() => {
+                tracing::warn!(%peer, error = %e, "disconnecting peer that sent a bad frame");
+                deps.net.disconnect(peer).await;
+            }
+            Err(e) if e.is_peer_fault() => {
+                tracing::warn!(%peer, error = %e, "disconnecting misbehaving peer");
+                deps.net.disconnect(peer).await;
+            }
+            Err(e @ (DriveError::Bug(_) | DriveError::Encode(_))) => {
+                tracing::error!(%peer, error = %e, "sync session ended by a bug");
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "sync session ended"),
         }
     }
+    .instrument(span)
+    .await
 }
 
-/// Whether this session has exchanged anything about `doc` yet.
-fn has_state(states: &States, doc: &DocId) -> bool {
-    states
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains_key(doc)
-}
-
-/// Sends `ids` whole (documents the peer has none of), in messages of about
-/// [`SNAPSHOT_FRAME_BYTES`]. Documents too big for that, or gone, go to `dirty` instead.
-async fn send_snapshots(
-    ctx: &NodeCtx,
-    wr: &mut WriteHalf<Stream>,
-    ids: Vec<DocId>,
-    states: &States,
-    dirty: &Dirty,
+async fn send<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    msg: Msg,
     stats: &Stats,
-) -> Result<(), SessionError> {
-    let (snaps, other) = ctx.docs.snapshots(ids, MAX_SNAPSHOT_DOC).await?;
-    for doc in other {
-        dirty.mark(doc);
-    }
-    let mut frame: Vec<DocSnapshot> = Vec::new();
-    let mut size = 0;
-    let count = snaps.len();
-    for (i, snap) in snaps.into_iter().enumerate() {
-        // Both sides will hold exactly these heads: later changes travel in one message.
-        set_state(states, snap.id, PeerDocState::after_snapshot(&snap.heads));
-        size += snap.bytes.len();
-        frame.push(DocSnapshot {
-            doc: *snap.id.as_bytes(),
-            bytes: snap.bytes,
-        });
-        if size >= SNAPSHOT_FRAME_BYTES || frame.len() == MAX_SNAPSHOTS || i + 1 == count {
-            let docs = std::mem::take(&mut frame);
-            size = 0;
-            send(wr, &SyncMsg::Snapshots { docs }, stats).await?;
-        }
-    }
-    Ok(())
-}
-
-async fn send(
-    wr: &mut WriteHalf<Stream>,
-    msg: &SyncMsg,
-    stats: &Stats,
-) -> Result<(), SessionError> {
-    let bytes = msg
-        .encode()
-        .map_err(|e| FramedError::Encode(e.to_string()))?;
+) -> Result<(), DriveError> {
+    let bytes = to_wire(msg)?.encode()?;
     write_frame(wr, &bytes, MAX_SYNC_FRAME).await?;
     stats
         .bytes_out
@@ -228,445 +474,442 @@ async fn send(
     Ok(())
 }
 
-async fn recv(rd: &mut ReadHalf<Stream>, stats: &Stats) -> Result<Option<SyncMsg>, SessionError> {
+async fn recv<R: AsyncRead + Unpin>(rd: &mut R, stats: &Stats) -> Result<Option<Msg>, DriveError> {
     let Some(bytes) = read_frame(rd, MAX_SYNC_FRAME).await? else {
         return Ok(None);
     };
     stats
         .bytes_in
         .fetch_add(bytes.len() as u64 + 4, Ordering::Relaxed);
-    SyncMsg::decode(&bytes)
-        .map(Some)
-        .map_err(|e| SessionError::Framed(FramedError::Decode(e.to_string())))
+    let msg = SyncMsg::decode(&bytes).map_err(|e| FramedError::Decode(e.to_string()))?;
+    Ok(Some(from_wire(msg)))
 }
 
-/// Runs a session to its end. `initiator` is true when we opened the stream.
-pub(crate) async fn run(ctx: Arc<NodeCtx>, peer: PeerId, stream: Stream, initiator: bool) {
-    let span = tracing::debug_span!(parent: tracing::Span::none(), "sync", %peer, initiator);
-    let _e = span.enter();
-    drop(_e);
-    match run_inner(&ctx, peer, stream, initiator).await {
-        Ok(()) => tracing::debug!(%peer, "sync session ended"),
-        Err(SessionError::Refused(reason)) => {
-            tracing::debug!(%peer, %reason, "sync session refused");
-        }
-        Err(e @ SessionError::Peer(_)) => {
-            tracing::warn!(%peer, error = %e, "disconnecting misbehaving peer");
-            ctx.net.disconnect(peer).await;
-        }
-        Err(SessionError::Framed(e)) if e.is_peer_fault() => {
-            tracing::warn!(%peer, error = %e, "disconnecting peer that sent a bad frame");
-            ctx.net.disconnect(peer).await;
-        }
-        Err(e) => tracing::debug!(%peer, error = %e, "sync session ended"),
+fn our_hello(deps: &Deps) -> HelloInfo {
+    let me = DeviceId::from_peer_id(&deps.net.local_peer()).ok();
+    HelloInfo {
+        person: deps.trust.person(),
+        chain: me.map(|d| deps.trust.chain_for(&d)).unwrap_or_default(),
     }
 }
 
-fn hello(ctx: &NodeCtx) -> SyncMsg {
-    let (me, person) = {
-        let id = ctx.identity();
-        (id.device.id(), id.person)
-    };
-    SyncMsg::Hello {
-        version: SYNC_VERSION,
-        person,
-        chain: ctx.trust.chain_for(&me),
+/// Whether the peer's `Hello` makes it trusted; the refusal reason if not.
+async fn admission(deps: &Deps, peer: PeerId, check: &mut CheckHello<HelloInfo>) -> Option<String> {
+    if check.hello().person != deps.trust.person() {
+        return Some("not trusted: this device belongs to a different person".into());
+    }
+    let chain = std::mem::take(&mut check.hello_mut().chain);
+    if let Err(e) = deps.trust.add(chain).await {
+        tracing::warn!(%peer, error = %e, "cannot store the peer's certificates");
+    }
+    let state = deps.trust.state();
+    match DeviceId::from_peer_id(&peer) {
+        Ok(d) if state.is_revoked(&d) => Some("not trusted: this device has been revoked".into()),
+        Ok(d) if state.is_trusted(&d) => None,
+        _ => Some("not trusted: no valid certificate chain to our person".into()),
     }
 }
 
-/// Checks a peer's `Hello`; on failure tells the peer why and counts the refusal.
-async fn admit(
-    ctx: &NodeCtx,
+/// The handshake: `Hello` each way, the version check and the trust check.
+async fn handshake<R, W>(
+    deps: &Deps,
     peer: PeerId,
-    msg: Option<SyncMsg>,
-    wr: &mut WriteHalf<Stream>,
+    rd: &mut R,
+    wr: &mut W,
+    role: Role,
     stats: &Stats,
-) -> Result<(), SessionError> {
-    let reason = match msg {
-        Some(SyncMsg::Hello { person, chain, .. }) => {
-            if person != ctx.trust.person() {
-                Some("not trusted: this device belongs to a different person".to_string())
-            } else {
-                let _ = ctx.trust.add(chain).await;
-                match DeviceId::from_peer_id(&peer) {
-                    Ok(d) if ctx.trust.state().is_revoked(&d) => {
-                        Some("not trusted: this device has been revoked".into())
-                    }
-                    Ok(d) if ctx.trust.state().is_trusted(&d) => None,
-                    _ => Some("not trusted: no valid certificate chain to our person".into()),
-                }
-            }
+) -> Result<Established, DriveError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let expect = match role {
+        Role::Initiator => {
+            let (expect, hello) = ExpectHello::initiate(machine_config(), our_hello(deps));
+            send(wr, hello, stats).await?;
+            expect
         }
-        Some(SyncMsg::Refused { reason }) => return Err(SessionError::Refused(reason)),
-        Some(_) => Some("protocol error: expected Hello".into()),
-        None => return Err(SessionError::Refused("stream closed before Hello".into())),
+        Role::Responder => ExpectHello::accept(machine_config(), our_hello(deps)),
     };
-    if let Some(reason) = reason {
-        let _ = send(
-            wr,
-            &SyncMsg::Refused {
-                reason: reason.clone(),
-            },
-            stats,
-        )
-        .await;
-        if ctx.sync.gate.refuse(peer, "/iom/sync/1", &reason) == Verdict::Disconnect {
-            ctx.net.disconnect(peer).await;
+    let timeout = deps.config.hello_timeout;
+    let first = tokio::time::timeout(timeout, recv(rd, stats))
+        .await
+        .map_err(|_| DriveError::HelloTimeout(timeout))??
+        .ok_or(DriveError::ClosedBeforeHello)?;
+    let refused = match expect.handle(first) {
+        Ok(mut check) => match admission(deps, peer, &mut check).await {
+            None => return Ok(check.admit()),
+            Some(reason) => check.refuse(reason),
+        },
+        Err(e) => e,
+    };
+    let HandshakeError { reply, error } = refused;
+    if let Some(reply) = reply {
+        let reason = match &reply {
+            machine::Msg::Refused { reason } => reason.clone(),
+            _ => error.to_string(),
+        };
+        let _ = send(wr, reply, stats).await;
+        if deps.gate.refuse(peer, PROTOCOL, &reason) == Verdict::Disconnect {
+            deps.net.disconnect(peer).await;
         }
-        return Err(SessionError::Refused(reason));
     }
-    Ok(())
+    Err(error.into())
 }
 
-async fn run_inner(
-    ctx: &Arc<NodeCtx>,
-    peer: PeerId,
-    stream: Stream,
-    initiator: bool,
-) -> Result<(), SessionError> {
+async fn run_inner<S>(deps: &Deps, peer: PeerId, stream: S, role: Role) -> Result<(), DriveError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let (mut rd, mut wr) = stream.split();
-    let stats = Arc::new(Stats::default());
-    if initiator {
-        send(&mut wr, &hello(ctx), &stats).await?;
-        let reply = tokio::time::timeout(Duration::from_secs(15), recv(&mut rd, &stats))
-            .await
-            .map_err(|_| SessionError::Refused("no Hello within 15 s".into()))??;
-        admit(ctx, peer, reply, &mut wr, &stats).await?;
-    } else {
-        let first = tokio::time::timeout(Duration::from_secs(15), recv(&mut rd, &stats))
-            .await
-            .map_err(|_| SessionError::Refused("no Hello within 15 s".into()))??;
-        admit(ctx, peer, first, &mut wr, &stats).await?;
-        send(&mut wr, &hello(ctx), &stats).await?;
-    }
+    let stats = Stats::default();
+    let mut session = handshake(deps, peer, &mut rd, &mut wr, role, &stats).await?;
+    open(deps, peer, &mut session);
 
-    let (control_tx, mut control_rx) = mpsc::channel::<SyncMsg>(64);
-    let dirty = Arc::new(Dirty::default());
-    let snapshots = Arc::new(Dirty::default());
-    let closed = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(Notify::new());
-    let id = ctx.sync.next_id();
+    let local = deps.net.local_peer();
+    let shared = Arc::new(Shared {
+        session: Mutex::new(session),
+        wake: Notify::new(),
+        stop: deps.shutdown.child_token(),
+        stats,
+    });
     let handle = SessionHandle {
         peer,
-        initiator: if initiator { ctx.net.local } else { peer },
-        id,
-        dirty: dirty.clone(),
-        snapshots: snapshots.clone(),
-        control: control_tx.clone(),
-        stats: stats.clone(),
-        closed: closed.clone(),
-        stop: stop.clone(),
+        initiator: match role {
+            Role::Initiator => local,
+            Role::Responder => peer,
+        },
+        id: deps.registry.next_id(),
+        shared: shared.clone(),
     };
-    if ctx.sync.register(ctx.net.local, handle).is_none() {
+    let id = handle.id;
+    if !deps.registry.register(local, handle) {
         return Ok(()); // a session with this peer already runs
     }
     tracing::info!(%peer, "sync session up");
 
-    // What the peer needs first: certificates, where other devices are, our inventory root,
-    // and the blobs we hold.
-    let _ = control_tx.try_send(SyncMsg::Certs {
-        certs: ctx.trust.certs(),
-    });
-    if !ctx.config.fault_no_addr_sharing {
-        let _ = control_tx.try_send(SyncMsg::Addrs {
-            peers: known_addrs(ctx, peer),
-        });
+    let writer = {
+        let driver = Driver {
+            deps: deps.clone(),
+            peer,
+            shared: shared.clone(),
+        };
+        tokio::spawn(
+            async move {
+                let r = driver.write_loop(&mut wr).await;
+                if let Err(e) = &r {
+                    tracing::debug!(peer = %driver.peer, error = %e, "sync writer stopped");
+                }
+                // End the session either way: the reader may never see the end of a stream
+                // whose connection we closed ourselves, and a session that looks alive blocks
+                // a new one.
+                driver.shared.stop.cancel();
+                let _ = wr.close().await;
+                r
+            }
+            .in_current_span(),
+        )
+    };
+    let reader = Driver {
+        deps: deps.clone(),
+        peer,
+        shared: shared.clone(),
+    };
+    let read = reader.read_loop(&mut rd).await;
+    shared.stop.cancel();
+    let written = match writer.await {
+        Ok(r) => r,
+        Err(_) => Err(DriveError::Bug("the sync writer panicked")),
+    };
+    deps.registry.unregister(peer, id);
+    // Persist what each side is known to have, so a reconnect costs only what changed.
+    let states = shared.lock().take_states();
+    for (doc, st) in states {
+        if let Err(e) = deps.store.state_put(&state_key(&peer, &doc), &st.encode()) {
+            tracing::warn!(%peer, %doc, error = %e, "cannot persist a sync state");
+        }
     }
-    if ctx.config.fault_garbage_sync
-        && let Some(msg) = garbage_doc_message(ctx)
+    // The reader's end names the cause; a writer error counts when the reader just stopped.
+    match (read, written) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}
+
+/// What the peer needs first: certificates, where other devices are, our inventory root, and
+/// the blobs we hold. All queued in the state machine, before the writer runs.
+fn open(deps: &Deps, peer: PeerId, session: &mut Established) {
+    session.queue(machine::Msg::Other(Extra::Certs(deps.trust.certs())));
+    if deps.config.share_addrs {
+        session.queue(machine::Msg::Other(Extra::Addrs(known_addrs(deps, peer))));
+    }
+    if deps.config.fault_garbage_sync
+        && let Some(msg) = garbage_doc_message(deps)
     {
         tracing::warn!(%peer, "fault injection: sending a garbage sync message");
-        let _ = control_tx.try_send(msg);
+        session.queue(msg);
     }
-    if ctx.config.fault_garbage_snapshot {
+    if deps.config.fault_garbage_snapshot {
         tracing::warn!(%peer, "fault injection: sending a garbage document snapshot");
-        let _ = control_tx.try_send(SyncMsg::Snapshots {
-            docs: vec![DocSnapshot {
-                doc: crate::time::random_bytes::<16>(),
-                bytes: b"\x85\x6f\x4a\x83 garbage, not an automerge document".to_vec(),
-            }],
+        session.queue(machine::Msg::Snapshots {
+            docs: vec![(
+                DocId::from_bytes(crate::time::random_bytes::<16>()),
+                b"\x85\x6f\x4a\x83 garbage, not an automerge document".to_vec(),
+            )],
         });
     }
-    let root = ctx.docs.with_inventory(|i| i.root());
-    let _ = control_tx.try_send(SyncMsg::Root { root });
-    for have in ctx.blobs.announcements() {
-        let _ = control_tx.send(SyncMsg::Blobs { have }).await;
+    session.queue_root();
+    for have in deps.blobs.announcements() {
+        session.queue(machine::Msg::Other(Extra::Blobs(have)));
     }
-
-    let states: States = Arc::default();
-    let writer = {
-        let ctx = ctx.clone();
-        let states = states.clone();
-        let dirty = dirty.clone();
-        let snapshots = snapshots.clone();
-        let stats = stats.clone();
-        let stop = stop.clone();
-        let closed = closed.clone();
-        tokio::spawn(async move {
-            let r: Result<(), SessionError> = async {
-                loop {
-                    tokio::select! {
-                        biased;
-                        _ = stop.notified() => return Ok(()),
-                        msg = control_rx.recv() => match msg {
-                            Some(m) => {
-                                tracing::debug!(%peer, "writer: control message");
-                                send(&mut wr, &m, &stats).await?;
-                                tracing::debug!(%peer, "writer: control message sent");
-                            }
-                            None => return Ok(()),
-                        },
-                        batch = dirty.next_batch(1) => for doc in batch {
-                            tracing::debug!(%peer, %doc, "writer: dirty");
-                            let st = state_for(&ctx, &states, &peer, &doc);
-                            let out = ctx.docs.read(doc, move |d| generate(d, &mut lock_state(&st))).await;
-                            match out {
-                                Ok(m) => {
-                                    tracing::debug!(%peer, %doc, sent = m.is_some(), "generated");
-                                    if let Some(msg) = m {
-                                        send(&mut wr, &SyncMsg::Doc { doc: *doc.as_bytes(), msg }, &stats).await?;
-                                    }
-                                }
-                                Err(DocsError::NotFound(_)) => {}
-                                Err(e) => return Err(e.into()),
-                            }
-                        },
-                        ids = snapshots.next_batch(SNAPSHOT_BATCH) => {
-                            tracing::debug!(%peer, docs = ids.len(), "writer: snapshots");
-                            send_snapshots(&ctx, &mut wr, ids, &states, &dirty, &stats).await?;
-                        }
-                    }
-                }
-            }
-            .await;
-            if let Err(e) = &r {
-                tracing::debug!(%peer, error = %e, "sync writer stopped");
-                // End the session: the reader may never see the end of a stream whose
-                // connection we closed ourselves (yamux does not wake readers on a graceful
-                // local close), and a session that looks alive blocks a new one.
-                closed.store(true, Ordering::Relaxed);
-                stop.notify_one();
-            }
-            let _ = futures::AsyncWriteExt::close(&mut wr).await;
-            r
-        })
-    };
-
-    let result = read_loop(
-        ctx,
-        peer,
-        &mut rd,
-        &control_tx,
-        &dirty,
-        &snapshots,
-        &states,
-        &stats,
-        &stop,
-    )
-    .await;
-    closed.store(true, Ordering::Relaxed);
-    stop.notify_waiters();
-    writer.abort();
-    ctx.sync.unregister(peer, id);
-    // Persist what each side is known to have, so a reconnect costs only what changed.
-    let all: Vec<(DocId, SharedState)> = states
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .drain()
-        .collect();
-    for (doc, st) in all {
-        let bytes = lock_state(&st).encode();
-        let _ = ctx.store.state_put(&state_key(&peer, &doc), &bytes);
-    }
-    result
 }
 
 /// Fault injection (`IOM_FAULT=garbage-sync`): an Automerge sync message for a real document
 /// whose bytes are not a sync message at all. The peer must disconnect us and change nothing.
-fn garbage_doc_message(ctx: &NodeCtx) -> Option<SyncMsg> {
-    let (doc, _) = ctx.docs.list().ok()?.into_iter().next()?;
-    Some(SyncMsg::Doc {
-        doc: *doc.as_bytes(),
+fn garbage_doc_message(deps: &Deps) -> Option<Msg> {
+    let (doc, _) = deps.docs.list().ok()?.into_iter().next()?;
+    Some(machine::Msg::Doc {
+        doc,
         msg: b"\x42\xde\xad\xbe\xef garbage, not an automerge sync message".to_vec(),
     })
 }
 
-fn known_addrs(ctx: &NodeCtx, except: PeerId) -> Vec<PeerAddrs> {
-    let state = ctx.trust.state();
-    let peers = ctx.net.peers.read().unwrap_or_else(|e| e.into_inner());
-    peers
-        .map
-        .iter()
-        .filter(|(p, e)| {
-            **p != except
-                && !e.addrs.is_empty()
+/// Addresses of the other trusted devices the network knows.
+fn known_addrs(deps: &Deps, except: PeerId) -> Vec<PeerAddrs> {
+    let state = deps.trust.state();
+    deps.net
+        .known_addresses()
+        .into_iter()
+        .filter(|(p, addrs)| {
+            *p != except
+                && !addrs.is_empty()
                 && DeviceId::from_peer_id(p).is_ok_and(|d| state.is_trusted(&d))
         })
-        .map(|(p, e)| PeerAddrs {
+        .map(|(p, addrs)| PeerAddrs {
             peer: p.to_bytes(),
-            addrs: e
-                .addrs
+            addrs: addrs
                 .iter()
-                .take(iom_protocol::wire::MAX_PEER_ADDRS)
+                .take(MAX_PEER_ADDRS)
                 .map(ToString::to_string)
                 .collect(),
         })
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn read_loop(
-    ctx: &Arc<NodeCtx>,
+/// One side (reader or writer) of a running session.
+struct Driver {
+    deps: Deps,
     peer: PeerId,
-    rd: &mut ReadHalf<Stream>,
-    control: &mpsc::Sender<SyncMsg>,
-    dirty: &Arc<Dirty>,
-    snapshots: &Dirty,
-    states: &States,
-    stats: &Arc<Stats>,
-    stop: &Notify,
-) -> Result<(), SessionError> {
-    loop {
-        let msg = tokio::select! {
-            m = recv(rd, stats) => m?,
-            _ = stop.notified() => return Ok(()),
-        };
-        let Some(msg) = msg else { return Ok(()) };
-        match msg {
-            SyncMsg::Doc { doc, msg } => {
-                let doc = DocId::from_bytes(doc);
-                let st = state_for(ctx, states, &peer, &doc);
-                let (r, encoded) = ctx
-                    .docs
-                    .modify(doc, Origin::Peer(peer), true, move |d| {
-                        let mut st = lock_state(&st);
-                        let r = receive(d, &mut st, &msg);
-                        Ok((r, st.encode()))
-                    })
-                    .await?;
-                tracing::debug!(%peer, %doc, result = ?r, queued = dirty.len(), "received doc message");
-                let _ = ctx.store.state_put(&state_key(&peer, &doc), &encoded);
-                if let Err(e) = r {
-                    let _ = ctx.docs.forget_unstored(doc);
-                    return Err(SessionError::Peer(format!(
-                        "bad sync message for {doc}: {e}"
-                    )));
-                }
-                stats.docs_received.fetch_add(1, Ordering::Relaxed);
-                dirty.mark(doc);
+    shared: Arc<Shared>,
+}
+
+impl Driver {
+    /// The state handed out, or the persisted one, or a fresh one.
+    fn state(&self, doc: &DocId, state: Option<PeerDocState>) -> PeerDocState {
+        if let Some(state) = state {
+            return state;
+        }
+        match self.deps.store.state_get(&state_key(&self.peer, doc)) {
+            Ok(Some(bytes)) => PeerDocState::resume(&bytes).unwrap_or_else(|e| {
+                tracing::debug!(peer = %self.peer, %doc, error = %e, "starting a fresh sync state");
+                PeerDocState::new()
+            }),
+            Ok(None) => PeerDocState::new(),
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, %doc, error = %e, "cannot read a sync state");
+                PeerDocState::new()
             }
-            SyncMsg::Snapshots { docs } => {
-                let count = docs.len();
-                let docs = docs
-                    .into_iter()
-                    .map(|s| (DocId::from_bytes(s.doc), s.bytes))
-                    .collect();
-                let applied = ctx.docs.receive_snapshots(peer, docs).await?;
-                tracing::debug!(%peer, count, new = applied.new.len(), merged = applied.merged.len(), "received snapshots");
-                for (doc, heads) in &applied.new {
-                    set_state(states, *doc, PeerDocState::after_snapshot(heads));
+        }
+    }
+
+    async fn read_loop<R: AsyncRead + Unpin>(&self, rd: &mut R) -> Result<(), DriveError> {
+        loop {
+            let msg = tokio::select! {
+                m = recv(rd, &self.shared.stats) => m?,
+                _ = self.shared.stop.cancelled() => return Ok(()),
+            };
+            let Some(msg) = msg else { return Ok(()) };
+            let actions = self
+                .deps
+                .docs
+                .with_inventory(|inv| self.shared.lock().handle(msg, inv))?;
+            self.execute(actions).await?;
+            self.shared.wake.notify_one();
+        }
+    }
+
+    async fn write_loop<W: AsyncWrite + Unpin>(&self, wr: &mut W) -> Result<(), DriveError> {
+        loop {
+            if self.shared.stop.is_cancelled() {
+                return Ok(());
+            }
+            let next = self
+                .deps
+                .docs
+                .with_inventory(|inv| self.shared.lock().poll_transmit(inv));
+            match next {
+                None => {
+                    tokio::select! {
+                        _ = self.shared.wake.notified() => {}
+                        _ = self.shared.stop.cancelled() => return Ok(()),
+                    }
                 }
-                // Merged into what was here: the usual exchange settles the rest.
-                for doc in applied.merged {
-                    dirty.mark(doc);
+                Some(Transmit::Send(msg)) => {
+                    tokio::select! {
+                        r = send(wr, msg, &self.shared.stats) => r?,
+                        _ = self.shared.stop.cancelled() => return Ok(()),
+                    }
                 }
-                stats
-                    .snapshots_received
-                    .fetch_add(count as u64, Ordering::Relaxed);
-                if let Some((doc, e)) = applied.rejected {
-                    return Err(SessionError::Peer(format!("bad snapshot of {doc}: {e}")));
+                Some(Transmit::Generate { doc, state }) => {
+                    let st = self.state(&doc, state);
+                    let out = self
+                        .deps
+                        .docs
+                        .read(doc, move |d| {
+                            let mut st = st;
+                            let msg = generate(d, &mut st);
+                            (st, msg)
+                        })
+                        .await;
+                    let (st, msg) = match out {
+                        Ok(r) => r,
+                        // Gone (or never here): nothing to say about it.
+                        Err(DocsError::NotFound(_)) => (PeerDocState::new(), None),
+                        Err(e) => return Err(e.into()),
+                    };
+                    let actions = self.shared.lock().generated(doc, st, msg)?;
+                    self.execute(actions).await?;
+                }
+                Some(Transmit::LoadSnapshots { docs }) => {
+                    let (snaps, other) = self
+                        .deps
+                        .docs
+                        .snapshots(docs, self.deps.config.max_snapshot_doc)
+                        .await?;
+                    let loaded = snaps
+                        .into_iter()
+                        .map(|s| Loaded {
+                            doc: s.id,
+                            heads: s.heads,
+                            bytes: s.bytes,
+                        })
+                        .collect();
+                    self.shared.lock().snapshots_loaded(loaded, other);
                 }
             }
-            SyncMsg::Certs { certs } => {
-                let _ = ctx.trust.add(certs).await;
-                if let Ok(d) = DeviceId::from_peer_id(&peer)
-                    && !ctx.trust.state().is_trusted(&d)
-                {
-                    return Err(SessionError::Refused("peer is no longer trusted".into()));
+        }
+    }
+
+    /// Runs actions (and the actions their reports return) in order.
+    async fn execute(&self, actions: Vec<Action<Extra>>) -> Result<(), DriveError> {
+        let mut queue: std::collections::VecDeque<_> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Apply(extra) => self.apply(extra).await?,
+                Action::Receive { doc, msg, state } => {
+                    let st = self.state(&doc, state);
+                    let (st, outcome) = self
+                        .deps
+                        .docs
+                        .modify(doc, Origin::Peer(self.peer), true, move |d| {
+                            let mut st = st;
+                            let outcome = receive(d, &mut st, &msg);
+                            Ok((st, outcome))
+                        })
+                        .await?;
+                    let ok = outcome.is_ok();
+                    let more = self.shared.lock().received(doc, st, outcome);
+                    match more {
+                        Ok(more) => queue.extend(more),
+                        Err(e) => {
+                            if let Some(doc) = e.forget_unstored()
+                                && let Err(err) = self.deps.docs.forget_unstored(doc)
+                            {
+                                tracing::warn!(%doc, error = %err, "cannot drop a placeholder");
+                            }
+                            return Err(e.into());
+                        }
+                    }
+                    if ok {
+                        self.shared
+                            .stats
+                            .docs_received
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Action::StoreSnapshots { docs } => {
+                    let count = docs.len() as u64;
+                    let applied = self.deps.docs.receive_snapshots(self.peer, docs).await?;
+                    let (new, merged) = (applied.new.len(), applied.merged.len());
+                    tracing::debug!(peer = %self.peer, count, new, merged, "received snapshots");
+                    self.shared
+                        .stats
+                        .snapshots_received
+                        .fetch_add(count, Ordering::Relaxed);
+                    self.shared.lock().snapshots_received(SnapshotsStored {
+                        new: applied.new,
+                        merged: applied.merged,
+                        rejected: applied.rejected,
+                    })?;
+                }
+                Action::Persist { doc, state } => {
+                    if let Err(e) = self
+                        .deps
+                        .store
+                        .state_put(&state_key(&self.peer, &doc), &state)
+                    {
+                        let peer = self.peer;
+                        tracing::warn!(%peer, %doc, error = %e, "cannot persist a sync state");
+                    }
+                }
+                Action::ForgetUnstored { doc } => self.deps.docs.forget_unstored(doc)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a message only the node understands.
+    async fn apply(&self, extra: Extra) -> Result<(), DriveError> {
+        match extra {
+            Extra::Certs(certs) => {
+                if let Err(e) = self.deps.trust.add(certs).await {
+                    tracing::warn!(peer = %self.peer, error = %e, "cannot store certificates");
+                }
+                let trusted = DeviceId::from_peer_id(&self.peer)
+                    .is_ok_and(|d| self.deps.trust.state().is_trusted(&d));
+                if !trusted {
+                    return Err(DriveError::NoLongerTrusted);
                 }
             }
-            SyncMsg::Addrs { peers } => {
+            Extra::Addrs(peers) => {
+                let local = self.deps.net.local_peer();
                 for p in peers {
                     let Ok(pid) = PeerId::from_bytes(&p.peer) else {
+                        let peer = self.peer;
+                        tracing::debug!(%peer, "skipping an address entry with a bad peer id");
                         continue;
                     };
-                    if pid == ctx.net.local {
+                    if pid == local {
                         continue;
                     }
                     let addrs = p.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-                    ctx.net.add_addresses(pid, addrs).await;
+                    self.deps.net.add_addresses(pid, addrs).await;
                 }
             }
-            SyncMsg::Root { root } => {
-                tracing::debug!(%peer, "root");
-                let ours = ctx.docs.with_inventory(|i| (i.root(), i.bucket_hashes()));
-                if ours.0 != root {
-                    let digests: Vec<u8> = ours.1.concat();
-                    let _ = control.send(SyncMsg::Buckets { digests }).await;
-                }
-            }
-            SyncMsg::Buckets { digests } => {
-                let theirs: Vec<[u8; 32]> = digests
-                    .chunks_exact(32)
-                    .filter_map(|c| <[u8; 32]>::try_from(c).ok())
-                    .collect();
-                let (buckets, records) = ctx.docs.with_inventory(|i| {
-                    let diff = iom_crdt::inventory::diff_buckets(&i.bucket_hashes(), &theirs);
-                    let mut records = Vec::new();
-                    for b in &diff {
-                        for (doc, digest) in i.entries_in(*b) {
-                            records.extend_from_slice(doc.as_bytes());
-                            records.extend_from_slice(&digest);
-                        }
-                    }
-                    (diff, records)
-                });
-                if !buckets.is_empty() {
-                    let _ = control.send(SyncMsg::Entries { buckets, records }).await;
-                }
-            }
-            SyncMsg::Entries { buckets, records } => {
-                tracing::debug!(%peer, buckets = buckets.len(), records = records.len() / 48, "entries");
-                let theirs: Vec<(DocId, [u8; 32])> = records
-                    .chunks_exact(48)
-                    .filter_map(|r| {
-                        let doc = DocId::from_slice(&r[..16]).ok()?;
-                        let digest = <[u8; 32]>::try_from(&r[16..]).ok()?;
-                        Some((doc, digest))
-                    })
-                    .collect();
-                let ours: Vec<(DocId, [u8; 32])> = ctx
-                    .docs
-                    .with_inventory(|i| buckets.iter().flat_map(|b| i.entries_in(*b)).collect());
-                let have: HashSet<DocId> = ours.iter().map(|(d, _)| *d).collect();
-                let their_docs: HashSet<DocId> = theirs.iter().map(|(d, _)| *d).collect();
-                for doc in iom_crdt::inventory::diff_entries(&ours, &theirs) {
-                    if !have.contains(&doc) {
-                        continue;
-                    }
-                    // A document the peer has none of travels whole, unless this session
-                    // already exchanged something about it.
-                    if their_docs.contains(&doc) || has_state(states, &doc) {
-                        dirty.mark(doc);
-                    } else {
-                        snapshots.mark(doc);
-                    }
-                }
-            }
-            SyncMsg::Blobs { have } => {
+            Extra::Blobs(have) => {
                 // Every session announces every blob; only the ones not here are wanted (the
                 // fetch queues are bounded, and held blobs would crowd them).
                 for (id, len) in have {
-                    // (A storage error: want it anyway; the fetch reports the error.)
-                    if !matches!(ctx.store.has_blob(id.as_bytes()), Ok(true)) {
-                        ctx.blobs.want(id, len, peer);
+                    if !self.deps.blobs.has(&id) {
+                        self.deps.blobs.want(id, len, self.peer);
                     }
                 }
             }
-            SyncMsg::Hello { .. } | SyncMsg::Refused { .. } => {
-                return Err(SessionError::Peer("unexpected handshake message".into()));
-            }
-            _ => {}
         }
+        Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
