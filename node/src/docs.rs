@@ -81,7 +81,7 @@ type Shared = Arc<Mutex<Document>>;
 /// A document's heads and metadata right after a write.
 type Stored = (Vec<ChangeHash>, DocMeta);
 /// A received document that did not load, and why.
-type Rejected = (DocId, String);
+type Rejected = (DocId, DocumentError);
 
 /// A received whole document that was stored.
 struct AppliedSnapshot {
@@ -394,7 +394,7 @@ impl Docs {
             match Document::load(&bytes, &self.inner.actor) {
                 Ok(doc) => loaded.push((id, doc, bytes)),
                 Err(e) => {
-                    rejected = Some((id, e.to_string()));
+                    rejected = Some((id, e));
                     break;
                 }
             }

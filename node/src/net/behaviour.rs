@@ -65,3 +65,18 @@ impl Behaviour {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn mdns_is_off_when_asked_and_identify_names_the_build() {
+        let key = identity::Keypair::generate_ed25519();
+        let (_transport, client) = relay::client::new(key.public().to_peer_id());
+        let off = Behaviour::new(&key, client, false).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!off.mdns.is_enabled());
+        assert!(AGENT_VERSION.starts_with("iom/"));
+        assert!(AGENT_VERSION.ends_with(env!("CARGO_PKG_VERSION")));
+    }
+}

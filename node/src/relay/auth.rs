@@ -69,13 +69,13 @@ pub enum RelayAuthError {
     },
     /// The relay's stream could not be opened (not connected, or it does not speak the protocol).
     #[error("cannot open {RELAY_AUTH_PROTOCOL} to the relay: {0}")]
-    Open(String),
+    Open(#[source] libp2p_stream::OpenStreamError),
     /// Reading or writing the stream failed.
     #[error("relay auth stream failed: {0}")]
     Io(#[from] std::io::Error),
-    /// The relay's reply was not a valid reply.
+    /// The chain could not be encoded (a bug), or the relay's reply was not a valid reply.
     #[error("malformed relay auth reply: {0}")]
-    Malformed(String),
+    Malformed(#[source] serde_cbor::Error),
     /// The relay did not answer within [`AUTH_TIMEOUT`].
     #[error("the relay did not answer within {AUTH_TIMEOUT:?}")]
     Timeout,
@@ -92,7 +92,7 @@ pub async fn authenticate_to_relay(
 ) -> Result<RelayAuthReply, RelayAuthError> {
     let certs = chain.len();
     let payload = serde_cbor::to_vec(&chain.into_iter().map(CertBytes).collect::<Vec<_>>())
-        .map_err(|e| RelayAuthError::Malformed(e.to_string()))?;
+        .map_err(RelayAuthError::Malformed)?;
     if certs > MAX_CHAIN_CERTS || payload.len() > MAX_REQUEST_LEN {
         return Err(RelayAuthError::ChainTooLarge {
             certs,
@@ -103,12 +103,11 @@ pub async fn authenticate_to_relay(
         let mut stream = control
             .open_stream(relay, RELAY_AUTH_PROTOCOL)
             .await
-            .map_err(|e| RelayAuthError::Open(e.to_string()))?;
+            .map_err(RelayAuthError::Open)?;
         write_frame(&mut stream, &payload).await?;
         let reply = read_frame(&mut stream, MAX_REPLY_LEN).await?;
         let _ = stream.close().await;
-        serde_cbor::from_slice::<RelayAuthReply>(&reply)
-            .map_err(|e| RelayAuthError::Malformed(e.to_string()))
+        serde_cbor::from_slice::<RelayAuthReply>(&reply).map_err(RelayAuthError::Malformed)
     };
     tokio::time::timeout(AUTH_TIMEOUT, exchange)
         .await

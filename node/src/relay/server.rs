@@ -46,9 +46,12 @@ pub enum RelayError {
         /// Its length.
         len: usize,
     },
-    /// The transports could not be built.
+    /// The TCP transport (with Noise and yamux) could not be built.
     #[error("cannot set up the network transports: {0}")]
-    Transport(String),
+    Transport(#[source] libp2p::noise::Error),
+    /// `/iom/relay-auth/1` is served already (the relay was started twice).
+    #[error("cannot set up the network transports: {0}")]
+    AuthProtocol(#[source] libp2p_stream::AlreadyRegistered),
     /// Listening on an address failed.
     #[error("cannot listen on {addr}: {reason}")]
     Listen {
@@ -270,7 +273,7 @@ impl RelayServer {
                 noise::Config::new,
                 yamux::Config::default,
             )
-            .map_err(|e| RelayError::Transport(e.to_string()))?
+            .map_err(RelayError::Transport)?
             .with_quic()
             .with_behaviour(|key| {
                 let me = key.public().to_peer_id();
@@ -293,7 +296,7 @@ impl RelayServer {
                     stream: libp2p_stream::Behaviour::new(),
                 }
             })
-            .map_err(|e| RelayError::Transport(e.to_string()))?
+            .map_err(|never| -> RelayError { match never {} })?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
             .build();
         let auto_external = config.external.is_empty();
@@ -327,7 +330,7 @@ impl RelayServer {
             .stream
             .new_control()
             .accept(RELAY_AUTH_PROTOCOL)
-            .map_err(|e| RelayError::Transport(e.to_string()))?;
+            .map_err(RelayError::AuthProtocol)?;
         let persons: Arc<[PersonId]> = self.config.allowed_persons.clone().into();
         self.auth_task = Some(tokio::spawn(serve_auth(
             incoming,

@@ -537,4 +537,31 @@ mod tests {
         assert_eq!(chunk_len(len, 3), 0);
         assert_eq!(chunk_key(1, 2), [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2]);
     }
+
+    #[test]
+    fn a_blob_meta_keeps_its_stored_shape() {
+        use serde_cbor::Value;
+        let meta = BlobMeta {
+            internal: 3,
+            len: 10,
+            chunk_hashes: vec![[2; 32]],
+            stored_at: 99,
+        };
+        let v: Value = serde_cbor::from_slice(&serde_cbor::to_vec(&meta).unwrap()).unwrap();
+        let expected = Value::Map(
+            [
+                ("internal", Value::Integer(3)),
+                ("len", Value::Integer(10)),
+                (
+                    "chunk_hashes",
+                    Value::Array(vec![Value::Array(vec![Value::Integer(2); 32])]),
+                ),
+                ("stored_at", Value::Integer(99)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (Value::Text(k.into()), v))
+            .collect(),
+        );
+        assert_eq!(v, expected);
+    }
 }

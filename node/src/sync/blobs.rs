@@ -1785,4 +1785,32 @@ mod tests {
         );
         assert_eq!(read_blob(&client.store, &id).unwrap(), bytes);
     }
+
+    #[test]
+    fn a_progress_record_keeps_its_stored_shape() {
+        // `bp/<blob>` -> CBOR map {internal, len, hashes: byte string}; a transfer that an
+        // earlier build started resumes with this one.
+        use serde_cbor::Value;
+        let p = Progress {
+            internal: 7,
+            len: 300,
+            hashes: vec![1; 32],
+        };
+        let v: Value = serde_cbor::from_slice(&serde_cbor::to_vec(&p).unwrap()).unwrap();
+        let expected = Value::Map(
+            [
+                ("internal", Value::Integer(7)),
+                ("len", Value::Integer(300)),
+                ("hashes", Value::Bytes(vec![1; 32])),
+            ]
+            .into_iter()
+            .map(|(k, v)| (Value::Text(k.into()), v))
+            .collect(),
+        );
+        assert_eq!(v, expected);
+        assert_eq!(
+            progress_key(&blob_id(0xab)),
+            format!("bp/{}", "ab".repeat(32)).into_bytes()
+        );
+    }
 }
