@@ -912,4 +912,4 @@ impl Driver {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
