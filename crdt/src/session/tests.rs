@@ -620,6 +620,48 @@ fn transmit_order_is_ready_then_control_then_dirty_then_snapshots() {
     assert!(!a.has_state(&id(2, 2)));
 }
 
+#[test]
+fn a_snapshot_received_for_a_document_in_use_replaces_its_state_on_check_in() {
+    let (mut a, _) = pair();
+    let inv = Inventory::new();
+    let doc = id(1, 1);
+    a.mark_dirty(doc);
+    assert!(matches!(
+        a.poll_transmit(&inv),
+        Some(Transmit::Generate { .. })
+    ));
+    let heads = doc_with(1, "k").heads();
+    a.snapshots_received(SnapshotsStored {
+        new: vec![(doc, heads.clone())],
+        ..SnapshotsStored::default()
+    })
+    .expect("stored");
+    // The writer's state comes back stale; the snapshot's heads win.
+    a.generated(doc, PeerDocState::new(), None).expect("back");
+    let states = a.take_states();
+    assert_eq!(states.len(), 1);
+    assert_eq!(states[0].1, PeerDocState::after_snapshot(&heads));
+}
+
+#[test]
+fn states_in_use_are_not_taken_at_the_end() {
+    let (mut a, _) = pair();
+    let inv = Inventory::new();
+    a.mark_dirty(id(1, 1));
+    a.mark_dirty(id(2, 2));
+    assert!(matches!(
+        a.poll_transmit(&inv),
+        Some(Transmit::Generate { .. })
+    ));
+    let Some(Transmit::Generate { doc, .. }) = a.poll_transmit(&inv) else {
+        panic!("second generate");
+    };
+    a.generated(doc, PeerDocState::new(), None).expect("back");
+    let taken = a.take_states();
+    assert_eq!(taken.iter().map(|(d, _)| *d).collect::<Vec<_>>(), vec![doc]);
+    assert!(a.has_state(&id(1, 1)), "the one handed out stays");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Any message in any state.
 
@@ -750,6 +792,36 @@ proptest! {
                 prop_assert!(s.poll_transmit(&inv).is_none());
                 ended = Some(e.to_string());
             }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// However the peer floods us with requests, at most one answer of each kind waits.
+    #[test]
+    fn replies_stay_bounded_under_any_flood(
+        msgs in prop::collection::vec(
+            prop_oneof![
+                any::<[u8; 32]>().prop_map(|root| Msg::Root { root }),
+                (any::<u8>(), any::<[u8; 32]>()).prop_map(|(bucket, digest)| {
+                    let mut digests = vec![0; BUCKETS_LEN];
+                    let at = usize::from(bucket) * 32;
+                    digests[at..at + 32].copy_from_slice(&digest);
+                    Msg::Buckets { digests }
+                }),
+                any::<u8>().prop_map(Msg::Other),
+            ],
+            1..100,
+        ),
+    ) {
+        let (mut s, _) = pair();
+        let d = doc_with(1, "k");
+        let inv = Inventory::from_heads([(id(1, 1), &d.heads()[..])]);
+        for msg in msgs {
+            s.handle(msg, &inv).expect("well-formed");
+            prop_assert!(s.outbox.len() <= 2, "{} answers wait", s.outbox.len());
         }
     }
 }

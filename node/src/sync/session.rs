@@ -16,7 +16,7 @@
 //!
 //! Everything the session sends at set-up (certificates, addresses, root, blob announcements)
 //! is queued in the state machine before the writer starts: nothing waits on a bounded channel
-//! that no task drains yet. Messages other services broadcast ([`SessionHandle::queue`]) are
+//! that no task drains yet. Messages other services broadcast (`SessionHandle::queue`) are
 //! queued the same way, so none is dropped; certificate sets supersede each other.
 
 use std::collections::HashMap;
@@ -912,4 +912,4 @@ impl Driver {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -101,6 +101,26 @@ fn ids_are_unique_and_close_all_closes_every_session() {
     assert!(hs.iter().all(SessionHandle::is_closed));
 }
 
+#[tokio::test(start_paused = true)]
+async fn only_trusted_peers_without_a_session_are_opened() {
+    use super::session::tests::{FakeBlobs, device, node, person};
+    let n = node(1, &person(), &[2], FakeBlobs::default()).await;
+    let me = n.peer;
+    let trusted = device(2).id().to_peer_id();
+    assert!(!should_open(&n.deps, me, me), "not ourselves");
+    assert!(
+        !should_open(&n.deps, me, device(3).id().to_peer_id()),
+        "not a stranger"
+    );
+    assert!(
+        !should_open(&n.deps, me, PeerId::random()),
+        "not a non-device peer id"
+    );
+    assert!(should_open(&n.deps, me, trusted));
+    assert!(n.deps.registry.register(me, handle(trusted, me, 1)));
+    assert!(!should_open(&n.deps, me, trusted), "not twice");
+}
+
 #[test]
 fn the_lower_peer_opens_at_once_the_higher_after_the_grace() {
     let (low, high) = peers();

@@ -41,7 +41,7 @@ impl Network for FakeNet {
 }
 
 #[derive(Default)]
-struct FakeBlobs {
+pub(crate) struct FakeBlobs {
     announce: Vec<Vec<(ContentId, u64)>>,
     here: HashSet<ContentId>,
     wanted: Mutex<Vec<(ContentId, u64, PeerId)>>,
@@ -62,11 +62,11 @@ impl BlobHandle for FakeBlobs {
     }
 }
 
-fn person() -> PersonKey {
+pub(crate) fn person() -> PersonKey {
     PersonKey::from_seed([1; 32])
 }
 
-fn device(n: u8) -> DeviceKey {
+pub(crate) fn device(n: u8) -> DeviceKey {
     DeviceKey::from_seed([n + 10; 32])
 }
 
@@ -85,15 +85,15 @@ fn cert(person: &PersonKey, device: &DeviceKey) -> Certificate {
 }
 
 /// A node with its own store: documents, trust in `person`'s mesh (certifying `trusted`).
-struct Node {
+pub(crate) struct Node {
     _dir: tempfile::TempDir,
-    deps: Deps,
+    pub(crate) deps: Deps,
     net: Arc<FakeNet>,
     blobs: Arc<FakeBlobs>,
-    peer: PeerId,
+    pub(crate) peer: PeerId,
 }
 
-async fn node(n: u8, person: &PersonKey, trusted: &[u8], blobs: FakeBlobs) -> Node {
+pub(crate) async fn node(n: u8, person: &PersonKey, trusted: &[u8], blobs: FakeBlobs) -> Node {
     let (dir, store) = crate::store::temp_store();
     let key = device(n);
     let peer = key.id().to_peer_id();
@@ -701,4 +701,132 @@ async fn known_addresses_go_out_for_other_trusted_devices_only() {
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].peer, trusted.to_bytes());
     assert_eq!(out[0].addrs.len(), MAX_PEER_ADDRS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reconnect_with_persisted_states_syncs_only_what_changed() {
+    let a = node(1, &person(), &[2], FakeBlobs::default()).await;
+    let b = node(2, &person(), &[1], FakeBlobs::default()).await;
+    let doc = new_doc(&a, "k").await;
+    let _other = new_doc(&a, "unchanged").await;
+    let stop = |n: &Node| n.deps.shutdown.cancel();
+    let (ta, tb) = connect(&a, &b);
+    eventually("b to hold a's documents", async || {
+        b.deps.docs.with_inventory(|i| i.root()) == a.deps.docs.with_inventory(|i| i.root())
+    })
+    .await;
+    stop(&a);
+    ta.await.unwrap();
+    tb.await.unwrap();
+    // Apart: one change on a.
+    edit(&a, doc, "while_apart").await;
+    let mut a = a;
+    let mut b = b;
+    a.deps.shutdown = CancellationToken::new();
+    b.deps.shutdown = CancellationToken::new();
+    let _tasks = connect(&a, &b);
+    eventually("b to hold the change", async || {
+        heads(&b, doc).await == heads(&a, doc).await
+    })
+    .await;
+    eventually("the exchange to settle", async || {
+        session_with(&a, b.peer).backlog() == 0 && session_with(&b, a.peer).backlog() == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let on_b = &session_with(&b, a.peer).shared.stats;
+    // The resumed state carries the change in the first message (and both sides, having seen
+    // the digest differ, say so once each); the unchanged document costs nothing, and nothing
+    // goes whole.
+    let received = on_b.docs_received.load(Ordering::Relaxed);
+    assert!((1..=2).contains(&received), "{received} Automerge messages");
+    assert_eq!(on_b.snapshots_received.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn being_refused_ends_the_session_without_blame_or_counting() {
+    let a = node(1, &person(), &[2], FakeBlobs::default()).await;
+    let (x, y) = pipe(64 * 1024);
+    let deps = a.deps.clone();
+    let peer = device(2).id().to_peer_id();
+    let session = tokio::spawn(async move { run_inner(&deps, peer, x, Role::Initiator).await });
+    let mut raw = Raw { io: y };
+    assert!(matches!(raw.recv().await, Some(SyncMsg::Hello { .. })));
+    raw.send(SyncMsg::Refused {
+        reason: "not trusted: revoked".into(),
+    })
+    .await;
+    let err = session.await.unwrap().err();
+    assert!(
+        matches!(&err, Some(DriveError::Session(SessionError::RefusedByPeer { reason })) if reason.contains("revoked")),
+        "{err:?}"
+    );
+    assert!(!err.is_some_and(|e| e.is_peer_fault()));
+    assert_eq!(
+        a.deps.gate.tracked(),
+        0,
+        "only our own refusals are counted"
+    );
+    assert!(a.net.disconnected.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_hello_disconnects_the_peer() {
+    let a = node(1, &person(), &[2], FakeBlobs::default()).await;
+    let (mut raw, task) = raw_session(&a, 64 * 1024).await;
+    raw.send(hello_from(2, SYNC_VERSION)).await;
+    task.await.unwrap();
+    assert_eq!(a.net.disconnected.lock().unwrap().len(), 1);
+    assert!(!a.deps.registry.has_session(&device(2).id().to_peer_id()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stranger_that_keeps_knocking_is_disconnected_by_the_gate() {
+    let a = node(1, &person(), &[], FakeBlobs::default()).await;
+    let stranger = PersonKey::from_seed([9; 32]);
+    let b = node(2, &stranger, &[], FakeBlobs::default()).await;
+    for _ in 0..=crate::sync::gate::MAX_REFUSALS_PER_MINUTE {
+        let (ta, tb) = connect(&b, &a);
+        ta.await.unwrap();
+        tb.await.unwrap();
+    }
+    assert_eq!(*a.net.disconnected.lock().unwrap(), vec![b.peer]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_session_with_the_same_peer_is_dropped_and_the_first_kept() {
+    let a = node(1, &person(), &[2], FakeBlobs::default()).await;
+    let (_raw, _task) = raw_session(&a, 64 * 1024).await;
+    let peer = device(2).id().to_peer_id();
+    eventually("the first session", async || {
+        a.deps.registry.has_session(&peer)
+    })
+    .await;
+    let first = session_with(&a, peer).id;
+    // The same peer opens again (both sessions answered by us: neither is preferred). The
+    // second is dropped after the handshake, before it says anything.
+    let (x, y) = pipe(64 * 1024);
+    let task2 = tokio::spawn(run(a.deps.clone(), peer, x, Role::Responder));
+    let mut raw2 = Raw { io: y };
+    raw2.send(hello_from(2, SYNC_VERSION)).await;
+    task2.await.unwrap();
+    assert!(raw2.recv().await.is_none(), "the stream ends");
+    assert_eq!(session_with(&a, peer).id, first);
+    assert!(a.deps.registry.has_session(&peer));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fault_injected_node_sends_garbage_that_the_peer_refuses() {
+    let mut a = node(1, &person(), &[2], FakeBlobs::default()).await;
+    let b = node(2, &person(), &[1], FakeBlobs::default()).await;
+    new_doc(&a, "k").await;
+    a.deps.config.fault_garbage_sync = true;
+    let (ta, tb) = connect(&a, &b);
+    ta.await.unwrap();
+    tb.await.unwrap();
+    assert_eq!(*b.net.disconnected.lock().unwrap(), vec![a.peer]);
+    assert!(
+        b.deps.docs.list().unwrap().is_empty(),
+        "nothing from the bad message is kept"
+    );
 }
