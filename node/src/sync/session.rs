@@ -850,7 +850,7 @@ impl Driver {
                     self.shared.lock().snapshots_received(SnapshotsStored {
                         new: applied.new,
                         merged: applied.merged,
-                        rejected: applied.rejected,
+                        rejected: applied.rejected.map(|(doc, e)| (doc, e.to_string())),
                     })?;
                 }
                 Action::Persist { doc, state } => {
