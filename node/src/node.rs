@@ -40,7 +40,11 @@ pub struct NodeCtx {
     /// Blob replication.
     pub blobs: Blobs,
     /// The agent runner (active while this device holds the role).
-    pub agent: crate::agent::runner::Agent,
+    pub agent: Arc<crate::agent::runner::Runner>,
+    /// The asking side: requests, following them, `/iom/agent/1`.
+    pub asking: Arc<crate::agent::ask::Asking>,
+    /// The scheduler.
+    pub scheduler: Arc<crate::schedule::Scheduler>,
     /// When the node started.
     pub started: Instant,
     /// Flips to `true` when the node is shutting down.
@@ -249,19 +253,25 @@ pub async fn run(
     .await
     .map_err(|e| StartError::Other(e.to_string()))?;
     let blobs = Blobs::new(config.fault_corrupt_blob_chunks);
+    let identity = SharedIdentity::new(identity, &data_dir);
+    let (agent, asking, scheduler) =
+        agent_services(&config, &identity, &store, &docs, &trust, &net);
     let ctx = Arc::new(NodeCtx {
         config,
-        identity: SharedIdentity::new(identity, &data_dir),
+        identity,
         store: store.clone(),
         docs,
         trust,
         net,
         sync: SyncManager::default(),
         blobs,
-        agent: crate::agent::runner::Agent::default(),
+        agent,
+        asking,
+        scheduler,
         started: Instant::now(),
         shutdown: shutdown_rx,
     });
+    let cancel = tokio_util::sync::CancellationToken::new();
     let http_listener = match ctx.config.http {
         Some(addr) => Some(
             crate::http::bind(&ctx, addr)
@@ -272,8 +282,8 @@ pub async fn run(
     };
     crate::pairing::spawn_server(ctx.clone());
     crate::sync::spawn(ctx.clone());
-    crate::agent::ask::spawn_server(ctx.clone());
-    crate::agent::runner::spawn(ctx.clone());
+    ctx.asking.start_server(&ctx.net, &cancel);
+    ctx.agent.start(&cancel);
 
     let socket_path = data_dir.join("iom.sock");
     let listener = crate::api::bind_socket(&socket_path)
@@ -299,7 +309,7 @@ pub async fn run(
         .map(|a| format!(", http http://{a}/"))
         .unwrap_or_default();
     let http = http_listener.map(|l| crate::http::serve(ctx.clone(), l));
-    crate::schedule::spawn(ctx.clone());
+    let scheduler = tokio::spawn(ctx.scheduler.clone().run(cancel.clone()));
 
     tracing::info!(
         device = %device,
@@ -315,6 +325,7 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
+    cancel.cancel();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async move {
         let _ = api.await;
         if let Some(h) = http {
@@ -322,6 +333,8 @@ pub async fn run(
         }
     })
     .await;
+    let _ = scheduler.await;
+    ctx.asking.stop().await;
     // Remove this node's tool containers before the process ends.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), ctx.agent.stop()).await;
     store
@@ -330,6 +343,69 @@ pub async fn run(
         .map_err(|e| StartError::Other(format!("final flush failed: {e}")))?;
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// The agent's services, wired from their parts: the runner (Claude, the Docker sandbox, the
+/// wall clock), the asking side (over libp2p) and the scheduler (its clock moved by
+/// `clock_offset_secs`).
+fn agent_services(
+    config: &Config,
+    identity: &SharedIdentity,
+    store: &Store,
+    docs: &Docs,
+    trust: &Arc<TrustBook>,
+    net: &Net,
+) -> (
+    Arc<crate::agent::runner::Runner>,
+    Arc<crate::agent::ask::Asking>,
+    Arc<crate::schedule::Scheduler>,
+) {
+    use crate::agent::clock::{OffsetClock, SystemClock};
+    use crate::agent::{ask, runner};
+    let model = crate::agent::model::ClaudeFactory {
+        device_name: config.name.clone(),
+        api_key: config.api_key.clone(),
+        key_file: config.agent.key_file.clone(),
+        model: config.agent.model.clone(),
+        max_tokens: config.agent.max_tokens,
+        base_url: config.agent.base_url.clone(),
+    };
+    let tools = crate::agent::sandbox::host::DockerHost::new(
+        config.sandbox.clone(),
+        config.data_dir.clone(),
+        identity.device_id().to_string(),
+    );
+    let agent = runner::Runner::new(
+        runner::Deps {
+            docs: docs.clone(),
+            store: store.clone(),
+            identity: identity.clone(),
+            trust: trust.clone(),
+            model: Arc::new(model),
+            tools: Arc::new(tools),
+            clock: Arc::new(SystemClock),
+        },
+        runner::RunnerConfig::from_config(&config.agent),
+    );
+    let asking = ask::Asking::new(ask::Deps {
+        conversations: crate::agent::conversations::Conversations::new(
+            docs.clone(),
+            Arc::new(SystemClock),
+        ),
+        identity: identity.clone(),
+        trust: trust.clone(),
+        link: Arc::new(ask::NetLink(net.clone())),
+        runner: agent.clone(),
+        // TODO(integrator): share the sync manager's gate once it is an `Arc<Gate>` (h1-sync).
+        gate: Arc::new(crate::sync::gate::Gate::default()),
+    });
+    let scheduler = crate::schedule::Scheduler::new(crate::schedule::Deps {
+        identity: identity.clone(),
+        trust: trust.clone(),
+        clock: Arc::new(OffsetClock::new(config.clock_offset_secs)),
+        asking: asking.clone(),
+    });
+    (agent, asking, scheduler)
 }
 
 /// The first device of a mesh certifies itself (as an admin) with the person key. A device
