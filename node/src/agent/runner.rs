@@ -720,47 +720,29 @@ impl Runner {
     }
 }
 
-/// The model messages for request `rid`: earlier requests that were answered, with their
-/// answers, then `rid` itself. Unanswered earlier requests are left out, so user and
-/// assistant messages alternate.
+/// The model messages for request `rid`: each earlier request that was answered, followed by
+/// its answer (found by `reply_to`, so requests queued together pair up right), then `rid`
+/// itself. Requests without an answer are left out, so user and assistant messages
+/// alternate.
 pub fn history_for(messages: &[MessageView], rid: &str) -> Vec<Message> {
     let mut out = Vec::new();
-    for m in messages {
-        match m.role {
-            MsgRole::User => {
-                let this = m.request_id.as_deref() == Some(rid);
-                // Earlier requests that got no answer are skipped.
-                if this || m.status == Some(Status::Done) {
-                    out.push(Message::user(m.text.clone()));
-                }
-                if this {
-                    break;
-                }
-            }
-            MsgRole::Assistant => {
-                if matches!(
-                    out.last(),
-                    Some(Message {
-                        role: claude::Role::User,
-                        ..
-                    })
-                ) {
-                    out.push(Message::assistant(m.text.clone()));
-                }
-            }
+    for m in messages.iter().filter(|m| m.role == MsgRole::User) {
+        if m.request_id.as_deref() == Some(rid) {
+            out.push(Message::user(m.text.clone()));
+            break;
+        }
+        if m.status != Some(Status::Done) {
+            continue;
+        }
+        let answer = messages.iter().rev().find(|a| {
+            a.role == MsgRole::Assistant && a.reply_to.is_some() && a.reply_to == m.request_id
+        });
+        if let Some(a) = answer {
+            out.push(Message::user(m.text.clone()));
+            out.push(Message::assistant(a.text.clone()));
         }
     }
-    // Drop a user message left without its answer before the current one.
-    let mut cleaned: Vec<Message> = Vec::new();
-    for m in out {
-        if let (Some(last), claude::Role::User) = (cleaned.last(), &m.role)
-            && last.role == claude::Role::User
-        {
-            cleaned.pop();
-        }
-        cleaned.push(m);
-    }
-    cleaned
+    out
 }
 
 /// Folds one progress event into what the document shows.
