@@ -109,3 +109,67 @@ impl Mesh {
             .unwrap()
     }
 }
+
+/// A runner stand-in that records pokes.
+#[derive(Default)]
+pub(crate) struct Pokes {
+    pub(crate) docs: std::sync::Mutex<Vec<iom_crdt::DocId>>,
+    pub(crate) running: std::sync::atomic::AtomicUsize,
+}
+
+impl super::runner::Poke for Pokes {
+    fn poke(&self, doc: iom_crdt::DocId) {
+        self.docs.lock().unwrap().push(doc);
+    }
+
+    fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+}
+
+/// An agent link that records notifications; `offline` peers cannot be reached.
+#[derive(Default)]
+pub(crate) struct Link {
+    pub(crate) offline: std::sync::Mutex<std::collections::HashSet<libp2p::PeerId>>,
+    pub(crate) notified: std::sync::Mutex<Vec<(libp2p::PeerId, iom_crdt::DocId, String)>>,
+}
+
+impl super::ask::AgentLink for Link {
+    fn is_offline(&self, peer: &libp2p::PeerId) -> bool {
+        self.offline.lock().unwrap().contains(peer)
+    }
+
+    fn notify(
+        &self,
+        peer: libp2p::PeerId,
+        doc: iom_crdt::DocId,
+        request_id: String,
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<Option<iom_protocol::wire::AgentResponse>, super::ask::NotifyError>,
+    > {
+        self.notified.lock().unwrap().push((peer, doc, request_id));
+        Box::pin(async {
+            Ok(Some(iom_protocol::wire::AgentResponse::Accepted {
+                queued: 0,
+            }))
+        })
+    }
+}
+
+/// An asking service on `device` of `mesh`, with a recording link and runner.
+pub(crate) fn asking(
+    mesh: &Mesh,
+    device: &SharedIdentity,
+) -> (Arc<super::ask::Asking>, Arc<Link>, Arc<Pokes>) {
+    let (link, pokes) = (Arc::new(Link::default()), Arc::new(Pokes::default()));
+    let asking = super::ask::Asking::new(super::ask::Deps {
+        conversations: mesh.conversations(),
+        identity: device.clone(),
+        trust: mesh.trust.clone(),
+        link: link.clone(),
+        runner: pokes.clone(),
+        gate: Arc::new(crate::sync::gate::Gate::default()),
+    });
+    (asking, link, pokes)
+}
