@@ -437,7 +437,306 @@ fn mark(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use iom_crdt::{DocKind, Status};
+
     use super::*;
+    use crate::agent::testkit::{Mesh, asking};
+
+    /// 2023-11-14 22:13:20 UTC is the mesh clock's start; 22:14:00 is the next minute.
+    const START: i64 = 1_700_000_000;
+    const NEXT_MINUTE: i64 = 1_700_000_040;
+
+    struct Rig {
+        mesh: Mesh,
+        scheduler: Arc<Scheduler>,
+        asking: Arc<Asking>,
+    }
+
+    async fn rig() -> Rig {
+        let mesh = Mesh::new().await;
+        let (asking, _, _) = asking(&mesh, &mesh.admin);
+        let scheduler = Scheduler::new(Deps {
+            identity: mesh.admin.clone(),
+            trust: mesh.trust.clone(),
+            clock: mesh.clock.clone(),
+            asking: asking.clone(),
+        });
+        Rig {
+            mesh,
+            scheduler,
+            asking,
+        }
+    }
+
+    impl Rig {
+        /// Adds schedule `id` (created now), posting into `conversation` if given.
+        async fn add(&self, id: &str, cron: &str, conversation: Option<DocId>) {
+            self.mesh.docs.create(DocKind::Schedules).await.unwrap();
+            let (id, cron, now) = (id.to_string(), cron.to_string(), self.scheduler.now());
+            self.mesh
+                .docs
+                .modify(DocId::SCHEDULES, Origin::Local, false, move |d| {
+                    let conv = conversation.map(|c| c.to_string());
+                    Schedules::open(&mut *d)?
+                        .add(&id, &cron, "check the news", conv.as_deref(), now)
+                        .unwrap();
+                    Ok(())
+                })
+                .await
+                .unwrap();
+        }
+
+        async fn view(&self, id: &str) -> (ScheduleView, serde_json::Value) {
+            let id = id.to_string();
+            self.mesh
+                .docs
+                .read(DocId::SCHEDULES, move |d| {
+                    let raw = d.to_json()[iom_crdt::schedules::FIELD_ENTRIES][&id].clone();
+                    (Schedules::open(d).unwrap().get(&id).unwrap(), raw)
+                })
+                .await
+                .unwrap()
+        }
+
+        async fn requests(&self, doc: DocId) -> Vec<String> {
+            self.asking
+                .conversations()
+                .read(doc, |c| {
+                    c.requests()
+                        .into_iter()
+                        .filter_map(|m| m.request_id)
+                        .collect()
+                })
+                .await
+                .unwrap()
+                .unwrap()
+        }
+
+        async fn set_enabled(&self, id: &str, enabled: bool) {
+            let (id, now) = (id.to_string(), self.scheduler.now());
+            self.mesh
+                .docs
+                .modify(DocId::SCHEDULES, Origin::Local, false, move |d| {
+                    Schedules::open(&mut *d)?
+                        .set_enabled(&id, enabled, now)
+                        .unwrap();
+                    Ok(())
+                })
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_fires_without_the_agent_role() {
+        let rig = rig().await;
+        let conv = rig.asking.new_conversation("t").await.unwrap();
+        rig.add("s1", "* * * * *", Some(conv)).await;
+        rig.mesh.clock.set(NEXT_MINUTE + 5);
+        rig.scheduler.tick().await.unwrap();
+        assert!(rig.requests(conv).await.is_empty());
+        assert_eq!(rig.view("s1").await.0.last_fired_slot, None);
+        // Another device holds the role: still nothing here.
+        let other = rig.mesh.add_device(false).await;
+        rig.mesh.make_agent(&other).await;
+        rig.scheduler.tick().await.unwrap();
+        assert!(rig.requests(conv).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_due_slot_fires_exactly_once() {
+        let rig = rig().await;
+        let epoch = rig.mesh.make_agent(&rig.mesh.admin).await;
+        let conv = rig.asking.new_conversation("t").await.unwrap();
+        rig.add("s1", "* * * * *", Some(conv)).await;
+        // Before the first slot after creation: nothing.
+        rig.scheduler.tick().await.unwrap();
+        assert!(rig.requests(conv).await.is_empty());
+        rig.mesh.clock.set(NEXT_MINUTE + 5);
+        rig.scheduler.tick().await.unwrap();
+        rig.scheduler.tick().await.unwrap();
+        assert_eq!(
+            rig.requests(conv).await,
+            vec![request_id("s1", NEXT_MINUTE)]
+        );
+        let (v, raw) = rig.view("s1").await;
+        assert_eq!(v.last_fired_slot, Some(NEXT_MINUTE));
+        assert_eq!(v.last_fired_epoch, Some(epoch));
+        assert_eq!(raw["missed_slots"], serde_json::Value::Null);
+        let req = rig
+            .asking
+            .conversations()
+            .read(conv, |c| c.requests().remove(0))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(req.interface, Some(Interface::Schedule));
+        assert_eq!(req.text, "check the news");
+        assert_eq!(req.status, Some(Status::Pending));
+        // The next minute fires the next slot.
+        rig.mesh.clock.advance(60);
+        rig.scheduler.tick().await.unwrap();
+        assert_eq!(rig.requests(conv).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn after_a_gap_only_the_latest_slot_fires_and_the_rest_are_counted() {
+        let rig = rig().await;
+        rig.mesh.make_agent(&rig.mesh.admin).await;
+        let conv = rig.asking.new_conversation("t").await.unwrap();
+        rig.add("s1", "* * * * *", Some(conv)).await;
+        rig.mesh.clock.set(NEXT_MINUTE + 4 * 60 + 30);
+        rig.scheduler.tick().await.unwrap();
+        let latest = NEXT_MINUTE + 4 * 60;
+        assert_eq!(rig.requests(conv).await, vec![request_id("s1", latest)]);
+        let (v, raw) = rig.view("s1").await;
+        assert_eq!(v.last_fired_slot, Some(latest));
+        assert_eq!(raw["missed_slots"], 4);
+        assert_eq!(raw["last_missed_slot"], latest - 60);
+        // Another gap adds to the count.
+        rig.mesh.clock.advance(3 * 60);
+        rig.scheduler.tick().await.unwrap();
+        assert_eq!(rig.view("s1").await.1["missed_slots"], 6);
+        assert_eq!(rig.requests(conv).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_disabled_schedule_does_not_fire_nor_count_missed_slots() {
+        let rig = rig().await;
+        rig.mesh.make_agent(&rig.mesh.admin).await;
+        let conv = rig.asking.new_conversation("t").await.unwrap();
+        rig.add("s1", "* * * * *", Some(conv)).await;
+        rig.set_enabled("s1", false).await;
+        rig.mesh.clock.set(NEXT_MINUTE + 10 * 60);
+        rig.scheduler.tick().await.unwrap();
+        assert!(rig.requests(conv).await.is_empty());
+        // Enabled again: the slots while it was off are neither fired nor counted.
+        rig.set_enabled("s1", true).await;
+        rig.scheduler.tick().await.unwrap();
+        assert!(rig.requests(conv).await.is_empty());
+        rig.mesh.clock.advance(60);
+        rig.scheduler.tick().await.unwrap();
+        assert_eq!(rig.requests(conv).await.len(), 1);
+        assert_eq!(
+            rig.view("s1").await.1["missed_slots"],
+            serde_json::Value::Null
+        );
+    }
+
+    #[tokio::test]
+    async fn a_schedule_without_a_conversation_gets_one() {
+        let rig = rig().await;
+        rig.mesh.make_agent(&rig.mesh.admin).await;
+        rig.add("s1", "* * * * *", None).await;
+        rig.scheduler.tick().await.unwrap();
+        let (v, _) = rig.view("s1").await;
+        let conv: DocId = v.conversation.unwrap().parse().unwrap();
+        let title = rig
+            .asking
+            .conversations()
+            .read(conv, |c| c.title())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(title, "⏰ check the news");
+        rig.mesh.clock.set(NEXT_MINUTE + 1);
+        rig.scheduler.tick().await.unwrap();
+        assert_eq!(rig.requests(conv).await.len(), 1);
+        // The same conversation is used from then on.
+        assert_eq!(rig.view("s1").await.0.conversation, Some(conv.to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_slot_marked_but_not_asked_is_asked_again() {
+        let rig = rig().await;
+        let epoch = rig.mesh.make_agent(&rig.mesh.admin).await;
+        let conv = rig.asking.new_conversation("t").await.unwrap();
+        rig.add("s1", "* * * * *", Some(conv)).await;
+        // The agent stopped between marking the slot and asking.
+        rig.mesh
+            .docs
+            .modify(DocId::SCHEDULES, Origin::Local, false, move |d| {
+                Schedules::open(&mut *d)?
+                    .mark_fired("s1", NEXT_MINUTE, epoch, START)
+                    .unwrap();
+                Ok(())
+            })
+            .await
+            .unwrap();
+        rig.mesh.clock.set(NEXT_MINUTE + 10);
+        rig.scheduler.tick().await.unwrap();
+        rig.scheduler.tick().await.unwrap();
+        assert_eq!(
+            rig.requests(conv).await,
+            vec![request_id("s1", NEXT_MINUTE)]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_older_epoch_stands_down() {
+        let rig = rig().await;
+        let conv = rig.asking.new_conversation("t").await.unwrap();
+        rig.add("s1", "* * * * *", Some(conv)).await;
+        let mine = rig.mesh.make_agent(&rig.mesh.admin).await;
+        // A later holder recorded a slot under a higher epoch (seen here by sync).
+        rig.mesh
+            .docs
+            .modify(DocId::SCHEDULES, Origin::Local, false, move |d| {
+                Schedules::open(&mut *d)?
+                    .mark_fired("s1", START - 20, mine + 1, START)
+                    .unwrap();
+                Ok(())
+            })
+            .await
+            .unwrap();
+        rig.mesh.clock.set(NEXT_MINUTE + 5);
+        rig.scheduler.tick().await.unwrap();
+        assert!(rig.requests(conv).await.is_empty());
+        assert_eq!(rig.view("s1").await.0.last_fired_epoch, Some(mine + 1));
+    }
+
+    #[tokio::test]
+    async fn an_unusable_cron_expression_skips_only_its_schedule() {
+        let rig = rig().await;
+        rig.mesh.make_agent(&rig.mesh.admin).await;
+        let conv = rig.asking.new_conversation("t").await.unwrap();
+        rig.add("bad", "every minute", Some(conv)).await;
+        rig.add("good", "* * * * *", Some(conv)).await;
+        rig.mesh.clock.set(NEXT_MINUTE + 5);
+        rig.scheduler.tick().await.unwrap();
+        assert_eq!(
+            rig.requests(conv).await,
+            vec![request_id("good", NEXT_MINUTE)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_ticks_until_cancelled() {
+        let rig = rig().await;
+        rig.mesh.make_agent(&rig.mesh.admin).await;
+        let conv = rig.asking.new_conversation("t").await.unwrap();
+        rig.add("s1", "* * * * *", Some(conv)).await;
+        rig.mesh.clock.set(NEXT_MINUTE + 5);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(rig.scheduler.clone().run(cancel.clone()));
+        for _ in 0..50 {
+            if !rig.requests(conv).await.is_empty() {
+                break;
+            }
+            tokio::time::sleep(TICK).await;
+        }
+        assert_eq!(rig.requests(conv).await.len(), 1);
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_schedules_document_is_not_an_error() {
+        let rig = rig().await;
+        rig.mesh.make_agent(&rig.mesh.admin).await;
+        rig.scheduler.tick().await.unwrap();
+        assert!(rig.mesh.docs.meta(DocId::SCHEDULES).unwrap().is_none());
+    }
 
     fn view(created: i64, last: Option<i64>) -> ScheduleView {
         ScheduleView {

@@ -23,4 +23,4 @@ pub mod role;
 pub mod runner;
 pub mod sandbox;
 #[cfg(test)]
-mod testkit;
+pub(crate) mod testkit;
