@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::claude::{
     self, Limits, Message, Progress, TokenBudget, ToolExecutor, ToolResult, fit_history,
-    run_conversation,
+    run_with_budget,
 };
 use super::clock::SharedClock;
 use super::conversations::Conversations;
@@ -586,7 +586,7 @@ impl Runner {
                 };
                 // `on` (and with it the tick sender) is dropped when the run ends, which
                 // stops the writer.
-                run_conversation(
+                run_with_budget(
                     client.as_ref(),
                     system,
                     history,

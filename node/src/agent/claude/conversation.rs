@@ -195,10 +195,32 @@ pub struct Outcome {
 
 /// Runs a conversation: calls the model, runs each requested tool through `executor` (in
 /// order), sends the results back, and repeats until the model ends its turn or a limit
-/// stops it. Limits end the run with [`StoppedBy`], not an error. Each turn's tokens are
-/// charged to `budget` as soon as the turn ends.
-#[allow(clippy::too_many_arguments)]
+/// stops it. Limits end the run with [`StoppedBy`], not an error. No shared budget: see
+/// [`run_with_budget`].
 pub async fn run_conversation<M, E>(
+    client: &M,
+    system: Option<String>,
+    history: Vec<Message>,
+    tools: Value,
+    executor: &E,
+    limits: Limits,
+    on: &mut (dyn FnMut(Progress) + Send),
+) -> Result<Outcome, ClaudeError>
+where
+    M: ModelClient + ?Sized,
+    E: ToolExecutor + ?Sized,
+{
+    run_with_budget(
+        client, system, history, tools, executor, limits, &Unlimited, on,
+    )
+    .await
+}
+
+/// [`run_conversation`] with a [`TokenBudget`] shared with other runs: each turn's tokens
+/// are charged to `budget` as soon as the turn ends, and the run stops
+/// ([`StoppedBy::TokenBudget`]) once it says the budget is used up.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_with_budget<M, E>(
     client: &M,
     system: Option<String>,
     history: Vec<Message>,
@@ -362,7 +384,6 @@ mod tests {
             Value::Null,
             &NoTools,
             Limits::default(),
-            &Unlimited,
             &mut on,
         );
         assert_send(&fut);
