@@ -19,8 +19,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use iom_crdt::{
-    ClaimOutcome, Conversation, DocId, Memory, MessageView, Role as MsgRole, Status, ToolCallView,
-    UsageView,
+    ClaimOutcome, DocId, Memory, MessageView, Role as MsgRole, Status, ToolCallView, UsageView,
 };
 use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc};
@@ -705,13 +704,12 @@ impl Runner {
             .flatten()
             .filter(|t| !t.trim().is_empty());
         let rid = rid.to_string();
-        let history = docs
-            .read(doc, move |d| {
-                Conversation::open(d)
-                    .map(|c| history_for(&c.messages(), &rid))
-                    .unwrap_or_default()
-            })
+        let history = self
+            .conversations
+            .read(doc, move |c| history_for(&c.messages(), &rid))
             .await
+            .ok()
+            .and_then(Result::ok)
             .unwrap_or_default();
         (
             memory.map(|m| format!("The person's memory (their notes for you):\n\n{m}")),

@@ -8,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use futures::{Stream, StreamExt};
-use iom_crdt::{Conversation, DocKind, Interface};
+use iom_crdt::{DocKind, Interface};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -82,18 +82,18 @@ async fn list(State(ctx): Ctx) -> Result<Json<Value>, ApiError> {
             continue;
         }
         let summary = ctx
-            .docs
-            .read(id, |d| {
-                Conversation::open(d).ok().map(|c| {
-                    let msgs = c.messages();
-                    let last = msgs
-                        .iter()
-                        .rev()
-                        .find_map(|m| m.status.map(|s| s.name().to_string()));
-                    (c.title(), msgs.len(), c.usage_totals(), last)
-                })
+            .asking
+            .conversations()
+            .read(id, |c| {
+                let msgs = c.messages();
+                let last = msgs
+                    .iter()
+                    .rev()
+                    .find_map(|m| m.status.map(|s| s.name().to_string()));
+                (c.title(), msgs.len(), c.usage_totals(), last)
             })
-            .await?;
+            .await?
+            .ok();
         if let Some((title, messages, usage, last_status)) = summary {
             items.push(json!({
                 "id": id.to_string(),
@@ -244,5 +244,101 @@ impl From<AssignError> for ApiError {
             AssignError::Store(e) => e.into(),
             _ => ApiError::internal(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use iom_crdt::{ConversationError, DocId, DocumentError};
+
+    use super::*;
+    use crate::docs::DocsError;
+
+    fn status(e: impl Into<ApiError>) -> (StatusCode, String) {
+        let e = e.into();
+        (e.status, e.message)
+    }
+
+    #[test]
+    fn ask_errors_keep_their_statuses_and_messages() {
+        let id = DocId::from_bytes([1; 16]);
+        assert_eq!(
+            status(AskError::EmptyPrompt),
+            (StatusCode::BAD_REQUEST, "the prompt is empty".into())
+        );
+        assert_eq!(
+            status(AskError::PromptTooLong(300_000)).0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(AskError::BadRequestId),
+            (
+                StatusCode::BAD_REQUEST,
+                "a request id is 1 to 128 characters".into()
+            )
+        );
+        assert_eq!(
+            status(AskError::Conversation(ExistingError::NotFound(id))),
+            (
+                StatusCode::NOT_FOUND,
+                format!("no conversation {id} on this device (see `iom conversations list`)")
+            )
+        );
+        assert_eq!(
+            status(AskError::Conversation(ExistingError::WrongKind {
+                id,
+                kind: "memory".into()
+            }))
+            .0,
+            StatusCode::BAD_REQUEST
+        );
+        // Store trouble keeps the document service's mapping.
+        assert_eq!(
+            status(AskError::Edit(EditError::Docs(DocsError::NotFound(id)))).0,
+            StatusCode::NOT_FOUND
+        );
+        // Not a conversation: the caller's mistake; a refused change: ours.
+        assert_eq!(
+            status(EditError::Conversation(ConversationError::Document(
+                DocumentError::WrongKind {
+                    expected: DocKind::Conversation,
+                    found: "memory".into(),
+                }
+            )))
+            .0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(EditError::Conversation(ConversationError::RequestNotFound(
+                "r".into()
+            )))
+            .0,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            status(ShowError::Docs(DocsError::NotFound(id))).0,
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[test]
+    fn assign_errors_keep_their_statuses_and_messages() {
+        assert_eq!(
+            status(AssignError::NotAdmin),
+            (
+                StatusCode::FORBIDDEN,
+                "only an admin device can assign the agent role; run this on an admin device"
+                    .into()
+            )
+        );
+        let d = iom_protocol::keys::DeviceKey::from_seed([3; 32]).id();
+        assert_eq!(
+            status(AssignError::NotTrusted(d)),
+            (
+                StatusCode::BAD_REQUEST,
+                format!("{d} is not a trusted device of this mesh (see `iom devices`)")
+            )
+        );
     }
 }
