@@ -16,6 +16,7 @@ use libp2p::PeerId;
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::conversations::{Conversations, EditError, ExistingError, title_from};
 use super::progress::RunProgress;
@@ -209,7 +210,7 @@ impl Asking {
     fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let mut tasks = lock(&self.tasks);
         while tasks.try_join_next().is_some() {}
-        tasks.spawn(task);
+        tasks.spawn(task.instrument(tracing::Span::current()));
     }
 
     /// Stops the service's tasks (notifications in flight, the `/iom/agent/1` server).

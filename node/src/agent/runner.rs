@@ -25,6 +25,7 @@ use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::claude::{
     self, Limits, Message, Progress, TokenBudget, ToolExecutor, ToolResult, fit_history,
@@ -323,7 +324,7 @@ impl Runner {
                 tracing::error!(error = %e, "an agent task panicked");
             }
         }
-        tasks.spawn(task);
+        tasks.spawn(task.instrument(tracing::Span::current()));
     }
 
     /// Starts the runner's tasks (owned by the runner; they end when `shutdown` is cancelled

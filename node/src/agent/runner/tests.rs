@@ -329,6 +329,15 @@ async fn a_request_runs_to_done_with_answer_usage_and_claim() {
     assert_eq!(sent[0].messages, vec![Message::user("hi")]);
     assert_eq!(sent[0].tools, Some(json!([{"name": "bash"}])));
     assert_eq!(sent[0].max_tokens, Some(1000));
+    // The run's bookkeeping ends just after the answer is recorded (wait in real time: the
+    // store's flush runs on the blocking pool).
+    for _ in 0..400 {
+        if rig.runner.running() == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        tokio::task::yield_now().await;
+    }
     assert_eq!(rig.runner.running(), 0);
 }
 
@@ -968,4 +977,32 @@ fn truncate_cuts_at_a_character_boundary() {
     assert_eq!(truncate("abcdef", 3), "abc… [3 bytes cut]");
     // 'é' is two bytes: a cut in its middle moves back before it.
     assert_eq!(truncate("aé", 2), "a… [2 bytes cut]");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_memory_document_is_the_system_prompt() {
+    let rig = Rig::new(config(), |_, _| text("noted")).await;
+    rig.start_as_agent().await;
+    let doc = rig.ask("r1", "laptop", "hi").await;
+    assert_eq!(rig.finished(doc, "r1").await.status, Some(Status::Done));
+    assert_eq!(rig.model.requests()[0].system, None, "no memory yet");
+    rig.mesh
+        .docs
+        .create(iom_crdt::DocKind::Memory)
+        .await
+        .unwrap();
+    rig.mesh
+        .docs
+        .modify(DocId::MEMORY, crate::docs::Origin::Local, false, |d| {
+            Memory::open(&mut *d)?.replace("I like tea.", "memory edit", 1)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    rig.ask_in(doc, "r2", "laptop", "what do I like?").await;
+    assert_eq!(rig.finished(doc, "r2").await.status, Some(Status::Done));
+    assert_eq!(
+        rig.model.requests()[1].system.as_deref(),
+        Some("The person's memory (their notes for you):\n\nI like tea.")
+    );
 }
