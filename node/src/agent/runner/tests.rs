@@ -30,6 +30,8 @@ struct Step {
     retry: bool,
     /// Fail instead of replying.
     error: Option<ClaudeError>,
+    /// Wait here (at most 10 s) until as many calls are in flight as the barrier counts.
+    gate: Option<Arc<tokio::sync::Barrier>>,
 }
 
 fn text(t: &str) -> Step {
@@ -79,6 +81,9 @@ impl ModelClient for FakeModel {
             let step = (self.reply)(n, req);
             let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+            if let Some(gate) = &step.gate {
+                let _ = tokio::time::timeout(Duration::from_secs(10), gate.wait()).await;
+            }
             if step.retry {
                 on(StreamEvent::Retrying {
                     attempt: 1,
@@ -513,7 +518,13 @@ async fn concurrent_runs_share_one_budget() {
     let mut cfg = config();
     cfg.daily_token_budget = 500;
     cfg.max_turns = 50;
-    let rig = Rig::new(cfg, endless_tools).await;
+    // Both first turns meet, so both runs are under way before the budget can run out.
+    let both = Arc::new(tokio::sync::Barrier::new(2));
+    let rig = Rig::new(cfg, move |n, req| Step {
+        gate: (n < 2).then(|| both.clone()),
+        ..endless_tools(n, req)
+    })
+    .await;
     rig.start_as_agent().await;
     let a = rig.ask("a", "laptop", "go").await;
     let b = rig.ask("b", "phone", "go").await;
@@ -532,8 +543,8 @@ async fn concurrent_runs_share_one_budget() {
     );
     let used = rig.runner.tokens_used_today();
     // Each run alone would have been allowed 500 (1,000 together); sharing the ledger stops
-    // both once 500 are used, overshooting by at most the turn each was in.
-    assert!((500..=700).contains(&used), "{used}");
+    // both once 500 are used, the other overshooting by at most the turn it was in.
+    assert!((500..=600).contains(&used), "{used}");
     // Every turn was counted: none was lost to a concurrent update.
     let turns = rig.model.calls.load(Ordering::SeqCst) as u64;
     assert_eq!(used, turns * 100);
@@ -727,7 +738,7 @@ async fn progress_is_written_at_most_every_150_ms_and_the_answer_is_whole() {
     }
     let progress_writes = n.saturating_sub(3);
     let bound = (elapsed.as_millis() / PROGRESS_EVERY.as_millis()) as u32 + 2;
-    assert!(progress_writes >= 2, "{progress_writes} progress writes");
+    assert!(progress_writes >= 1, "{progress_writes} progress writes");
     assert!(
         progress_writes <= bound,
         "{progress_writes} progress writes in {elapsed:?} (bound {bound})"
@@ -780,10 +791,13 @@ async fn requests_of_one_conversation_run_in_order_with_their_history() {
 async fn at_most_max_concurrent_requests_run_at_once() {
     let mut cfg = config();
     cfg.max_concurrent = 2;
-    let rig = Rig::new(cfg, |_, _| Step {
+    // The first calls wait for a third to join them, which the limit never lets happen.
+    let three = Arc::new(tokio::sync::Barrier::new(3));
+    let rig = Rig::new(cfg, move |n, _| Step {
         deltas: vec!["slow".into()],
         delay: Duration::from_secs(3),
         usage: (1, 1),
+        gate: (n < 2).then(|| three.clone()),
         ..Step::default()
     })
     .await;
