@@ -44,7 +44,11 @@ pub struct NodeCtx {
     /// Blob replication.
     pub blobs: Arc<Blobs>,
     /// The agent runner (active while this device holds the role).
-    pub agent: crate::agent::runner::Agent,
+    pub agent: Arc<crate::agent::runner::Runner>,
+    /// The asking side: requests, following them, `/iom/agent/1`.
+    pub asking: Arc<crate::agent::ask::Asking>,
+    /// The scheduler.
+    pub scheduler: Arc<crate::schedule::Scheduler>,
     /// When the node started.
     pub started: Instant,
     /// Flips to `true` when the node is shutting down.
@@ -282,7 +286,7 @@ impl Node {
             net.clone(),
             store.clone(),
             Arc::new(crate::sync::StoreBlobs::new(store.clone(), blobs.clone())),
-            gate,
+            gate.clone(),
             crate::sync::SyncConfig {
                 share_addrs: !config.fault_no_addr_sharing,
                 fault_garbage_sync: config.fault_garbage_sync,
@@ -290,6 +294,8 @@ impl Node {
                 ..crate::sync::SyncConfig::default()
             },
         ));
+        let (agent, asking, scheduler) =
+            agent_services(&config, &identity, &store, &docs, &trust, &net, gate);
         let ctx = Arc::new(NodeCtx {
             config,
             identity,
@@ -300,7 +306,9 @@ impl Node {
             pairing,
             sync,
             blobs,
-            agent: crate::agent::runner::Agent::default(),
+            agent,
+            asking,
+            scheduler,
             started: Instant::now(),
             shutdown: shutdown_rx,
         });
@@ -309,9 +317,9 @@ impl Node {
         forward_blob_arrivals(&ctx, &mut tasks, cancel.clone());
         ctx.blobs.start(&mut tasks, cancel.clone());
         ctx.sync.start(cancel.clone());
-        crate::agent::ask::spawn_server(ctx.clone());
-        crate::agent::runner::spawn(ctx.clone());
-        crate::schedule::spawn(ctx.clone());
+        ctx.asking.start_server(&ctx.net, &cancel);
+        ctx.agent.start(&cancel);
+        tasks.spawn(ctx.scheduler.clone().run(cancel.clone()));
         Ok(Node {
             ctx,
             tasks,
@@ -351,6 +359,7 @@ impl Node {
             );
             self.tasks.shutdown().await;
         }
+        self.ctx.asking.stop().await;
         // Remove this node's tool containers before the process ends.
         let _ = tokio::time::timeout(Duration::from_secs(10), self.ctx.agent.stop()).await;
         self.ctx
@@ -457,6 +466,69 @@ fn forward_blob_arrivals(
             }
         }
     });
+}
+
+/// The agent's services, wired from their parts: the runner (Claude, the Docker sandbox, the
+/// wall clock), the asking side (over libp2p) and the scheduler (its clock moved by
+/// `clock_offset_secs`).
+fn agent_services(
+    config: &Config,
+    identity: &SharedIdentity,
+    store: &Store,
+    docs: &Docs,
+    trust: &Arc<TrustBook>,
+    net: &Net,
+    gate: Arc<crate::sync::gate::Gate>,
+) -> (
+    Arc<crate::agent::runner::Runner>,
+    Arc<crate::agent::ask::Asking>,
+    Arc<crate::schedule::Scheduler>,
+) {
+    use crate::agent::clock::{OffsetClock, SystemClock};
+    use crate::agent::{ask, runner};
+    let model = crate::agent::model::ClaudeFactory {
+        device_name: config.name.clone(),
+        api_key: config.api_key.clone(),
+        key_file: config.agent.key_file.clone(),
+        model: config.agent.model.clone(),
+        max_tokens: config.agent.max_tokens,
+        base_url: config.agent.base_url.clone(),
+    };
+    let tools = crate::agent::sandbox::host::DockerHost::new(
+        config.sandbox.clone(),
+        config.data_dir.clone(),
+        identity.device_id().to_string(),
+    );
+    let agent = runner::Runner::new(
+        runner::Deps {
+            docs: docs.clone(),
+            store: store.clone(),
+            identity: identity.clone(),
+            trust: trust.clone(),
+            model: Arc::new(model),
+            tools: Arc::new(tools),
+            clock: Arc::new(SystemClock),
+        },
+        runner::RunnerConfig::from_config(&config.agent),
+    );
+    let asking = ask::Asking::new(ask::Deps {
+        conversations: crate::agent::conversations::Conversations::new(
+            docs.clone(),
+            Arc::new(SystemClock),
+        ),
+        identity: identity.clone(),
+        trust: trust.clone(),
+        link: Arc::new(ask::NetLink(net.clone())),
+        runner: agent.clone(),
+        gate,
+    });
+    let scheduler = crate::schedule::Scheduler::new(crate::schedule::Deps {
+        identity: identity.clone(),
+        trust: trust.clone(),
+        clock: Arc::new(OffsetClock::new(config.clock_offset_secs)),
+        asking: asking.clone(),
+    });
+    (agent, asking, scheduler)
 }
 
 /// The first device of a mesh certifies itself (as an admin) with the person key. A device

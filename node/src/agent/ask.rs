@@ -1,29 +1,42 @@
 //! The asking side, on any device: put a request into a conversation document, tell the agent
 //! over `/iom/agent/1` when it is reachable, and follow the request's progress as the
-//! document changes (locally or by sync).
+//! document changes (locally or by sync). [`Asking`] is the service; it also serves
+//! `/iom/agent/1` (the agent's end of the notification).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use iom_crdt::{Conversation, DocId, DocKind, Interface, MessageView, Status};
+use futures::future::BoxFuture;
+use iom_crdt::{DocId, DocumentError, Interface, MessageView, Status};
 use iom_protocol::keys::DeviceId;
 use iom_protocol::wire::{AgentRequest, AgentResponse, MAX_AGENT_FRAME};
 use libp2p::PeerId;
 use serde::Serialize;
-use serde_json::{Value, json};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
+use super::conversations::{Conversations, EditError, ExistingError, title_from};
 use super::progress::RunProgress;
-use super::role;
-use crate::api::ApiError;
-use crate::docs::{DocsError, Origin};
-use crate::net::framed::{read_msg, write_msg};
-use crate::net::{AGENT_PROTOCOL, Link};
-use crate::node::NodeCtx;
-use crate::sync::gate::Verdict;
+use super::role::AgentRole;
+use super::runner::Poke;
+use crate::docs::DocsError;
+use crate::identity::SharedIdentity;
+use crate::net::framed::{FramedError, read_msg, write_msg};
+use crate::net::{AGENT_PROTOCOL, Link, Net, NetError};
+use crate::sync::gate::{Gate, Verdict};
+use crate::trust::TrustBook;
 
 /// Longest prompt accepted.
 pub const MAX_PROMPT_BYTES: usize = 256 * 1024;
+/// How long the agent's answer to a notification is awaited.
+const NOTIFY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request read on `/iom/agent/1`.
+const MAX_REQUEST_FRAME: usize = 4096;
+/// A follower looks again after this long without a change (a safety net).
+const FOLLOW_POLL: Duration = Duration::from_secs(2);
 
 /// What `ask` reports back at once.
 #[derive(Debug, Clone, Serialize)]
@@ -40,203 +53,328 @@ pub struct Asked {
     pub note: String,
 }
 
-/// Puts a request into a conversation (a new one if `conversation` is `None`).
-pub async fn ask(
-    ctx: &Arc<NodeCtx>,
-    prompt: &str,
-    conversation: Option<DocId>,
-    interface: Interface,
-    request_id: Option<String>,
-) -> Result<Asked, ApiError> {
-    let prompt = prompt.trim();
-    if prompt.is_empty() {
-        return Err(ApiError::bad_request("the prompt is empty"));
-    }
-    if prompt.len() > MAX_PROMPT_BYTES {
-        return Err(ApiError::bad_request(format!(
-            "the prompt is {} bytes; at most {MAX_PROMPT_BYTES}",
-            prompt.len()
-        )));
-    }
-    let doc = match conversation {
-        Some(id) => existing_conversation(ctx, id)?,
-        None => new_conversation(ctx, prompt).await?,
-    };
-    let rid = request_id.unwrap_or_else(|| hex::encode(crate::time::random_bytes::<12>()));
-    if rid.is_empty() || rid.len() > 128 {
-        return Err(ApiError::bad_request("a request id is 1 to 128 characters"));
-    }
-    let me = ctx.device_id();
-    let (p, r) = (prompt.to_string(), rid.clone());
-    let now = crate::time::now_secs() as i64;
-    ctx.docs
-        .modify(doc, Origin::Local, false, move |d| {
-            Conversation::open(&mut *d)
-                .map_err(DocsError::from)?
-                .append_request(&r, &p, interface, &me, now)
-                .map_err(DocsError::from)
-        })
-        .await?;
-    let holder = role::holder(ctx);
-    let (agent, queued, note) = match holder {
-        None => (
-            None,
-            true,
-            "no device holds the agent role yet; the request is queued until one does \
-             (`iom agent assign DEVICE`)"
-                .to_string(),
-        ),
-        Some((device, _)) if device == ctx.identity().device.id() => {
-            ctx.agent.poke(doc);
-            (
-                Some(device.to_string()),
-                false,
-                "the agent is this device".into(),
-            )
-        }
-        Some((device, _)) => {
-            let peer = device.to_peer_id();
-            let name = ctx
-                .trust
-                .state()
-                .devices
-                .get(&device)
-                .map(|d| d.name.clone())
-                .unwrap_or_default();
-            if ctx.net.link(&peer) == Link::Offline {
-                (
-                    Some(device.to_string()),
-                    true,
-                    format!(
-                        "the agent ({name}) is offline; the request is queued and runs when it is back"
-                    ),
-                )
-            } else {
-                notify(ctx, peer, doc, &rid).await;
-                (
-                    Some(device.to_string()),
-                    false,
-                    format!("sent to the agent ({name})"),
-                )
-            }
-        }
-    };
-    Ok(Asked {
-        conversation: doc.to_string(),
-        request_id: rid,
-        agent,
-        queued,
-        note,
-    })
+/// Why a request could not be put into a conversation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AskError {
+    /// The prompt is empty (or only white space).
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// The prompt is longer than [`MAX_PROMPT_BYTES`].
+    #[error("the prompt is {0} bytes; at most {MAX_PROMPT_BYTES}")]
+    PromptTooLong(usize),
+    /// The request id is empty or too long.
+    #[error("a request id is 1 to 128 characters")]
+    BadRequestId,
+    /// The given conversation is not usable.
+    #[error(transparent)]
+    Conversation(#[from] ExistingError),
+    /// The conversation could not be created or changed.
+    #[error(transparent)]
+    Edit(#[from] EditError),
 }
 
-/// Checks that `id` is a conversation stored on this device.
-pub fn existing_conversation(ctx: &NodeCtx, id: DocId) -> Result<DocId, ApiError> {
-    let meta = ctx.docs.meta(id)?.ok_or_else(|| {
-        ApiError::not_found(format!(
-            "no conversation {id} on this device (see `iom conversations list`)"
-        ))
-    })?;
-    if meta.kind != DocKind::Conversation.name() {
-        return Err(ApiError::bad_request(format!(
-            "{id} is a {} document, not a conversation",
-            meta.kind
-        )));
+/// Why a request could not be followed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FollowError {
+    /// The document could not be read.
+    #[error(transparent)]
+    Docs(#[from] DocsError),
+    /// The document is not a conversation.
+    #[error(transparent)]
+    NotAConversation(#[from] DocumentError),
+    /// No such request in the conversation.
+    #[error("no request {0} in this conversation")]
+    NoRequest(String),
+}
+
+/// Why the agent could not be told about a request (it learns by sync anyway).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotifyError {
+    /// No stream to the agent.
+    #[error(transparent)]
+    Open(#[from] NetError),
+    /// The stream failed.
+    #[error(transparent)]
+    Frame(#[from] FramedError),
+    /// The agent did not answer in time.
+    #[error("timed out")]
+    Timeout,
+}
+
+/// How the asking side reaches the agent device.
+pub trait AgentLink: Send + Sync {
+    /// Whether there is no connection to `peer` now.
+    fn is_offline(&self, peer: &PeerId) -> bool;
+    /// Tells `peer` (the agent) that request `request_id` waits in `doc`; returns its answer.
+    fn notify(
+        &self,
+        peer: PeerId,
+        doc: DocId,
+        request_id: String,
+    ) -> BoxFuture<'static, Result<Option<AgentResponse>, NotifyError>>;
+}
+
+/// [`AgentLink`] over libp2p: `/iom/agent/1` streams.
+#[derive(Debug, Clone)]
+pub struct NetLink(pub Net);
+
+impl AgentLink for NetLink {
+    fn is_offline(&self, peer: &PeerId) -> bool {
+        self.0.link(peer) == Link::Offline
     }
-    Ok(id)
-}
 
-/// Creates a conversation titled after (the start of) `title`.
-pub async fn new_conversation(ctx: &NodeCtx, title: &str) -> Result<DocId, DocsError> {
-    let id = ctx.docs.create(DocKind::Conversation).await?;
-    let title: String = title.chars().take(60).collect();
-    let now = crate::time::now_secs() as i64;
-    ctx.docs
-        .modify(id, Origin::Local, false, move |d| {
-            Conversation::open(&mut *d)
-                .map_err(DocsError::from)?
-                .set_title(&title, now)
-                .map_err(DocsError::from)
-        })
-        .await?;
-    Ok(id)
-}
-
-/// Tells the agent about a request (best effort: sync delivers it anyway).
-async fn notify(ctx: &Arc<NodeCtx>, peer: PeerId, doc: DocId, rid: &str) {
-    let ctx = ctx.clone();
-    let rid = rid.to_string();
-    tokio::spawn(async move {
-        let r = async {
-            let mut s = ctx
-                .net
-                .open(peer, AGENT_PROTOCOL)
-                .await
-                .map_err(|e| e.to_string())?;
-            write_msg(
-                &mut s,
-                &AgentRequest::Notify {
-                    doc: *doc.as_bytes(),
-                    request_id: rid,
-                },
-                MAX_AGENT_FRAME,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+    fn notify(
+        &self,
+        peer: PeerId,
+        doc: DocId,
+        request_id: String,
+    ) -> BoxFuture<'static, Result<Option<AgentResponse>, NotifyError>> {
+        let net = self.0.clone();
+        Box::pin(async move {
+            let mut s = net.open(peer, AGENT_PROTOCOL).await?;
+            let req = AgentRequest::Notify {
+                doc: *doc.as_bytes(),
+                request_id,
+            };
+            write_msg(&mut s, &req, MAX_AGENT_FRAME).await?;
             tokio::time::timeout(
-                Duration::from_secs(5),
+                NOTIFY_TIMEOUT,
                 read_msg::<AgentResponse, _>(&mut s, MAX_AGENT_FRAME),
             )
             .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())
-        }
-        .await;
-        tracing::debug!(%peer, result = ?r, "notified the agent");
-    });
+            .map_err(|_| NotifyError::Timeout)?
+            .map_err(NotifyError::from)
+        })
+    }
 }
 
-/// Serves `/iom/agent/1`.
-pub fn spawn_server(ctx: Arc<NodeCtx>) {
-    let mut control = ctx.net.control();
-    let Ok(mut incoming) = control.accept(AGENT_PROTOCOL) else {
-        return;
-    };
-    tokio::spawn(async move {
-        while let Some((peer, mut stream)) = incoming.next().await {
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                let req: Option<AgentRequest> = match read_msg(&mut stream, 4096).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "bad agent request");
-                        return;
-                    }
-                };
-                let trusted =
-                    DeviceId::from_peer_id(&peer).is_ok_and(|d| ctx.trust.state().is_trusted(&d));
-                let resp = if !trusted {
-                    let reason =
-                        "not trusted: /iom/agent/1 is only for devices of this person".to_string();
-                    if ctx.sync.gate.refuse(peer, "/iom/agent/1", &reason) == Verdict::Disconnect {
-                        ctx.net.disconnect(peer).await;
-                    }
-                    AgentResponse::Refused { reason }
-                } else if role::my_epoch(&ctx).is_none() {
-                    AgentResponse::NotAgent
-                } else {
-                    if let Some(AgentRequest::Notify { doc, .. }) = req {
-                        ctx.agent.poke(DocId::from_bytes(doc));
-                    }
-                    AgentResponse::Accepted {
-                        queued: ctx.agent.running() as u32,
-                    }
-                };
-                let _ = write_msg(&mut stream, &resp, MAX_AGENT_FRAME).await;
-                let _ = futures::AsyncWriteExt::close(&mut stream).await;
-            });
+/// What [`Asking`] is built from.
+pub struct Deps {
+    /// Conversation documents.
+    pub conversations: Conversations,
+    /// This device's keys.
+    pub identity: SharedIdentity,
+    /// Certificates (who may ask, who holds the role).
+    pub trust: Arc<TrustBook>,
+    /// The way to the agent device.
+    pub link: Arc<dyn AgentLink>,
+    /// This device's runner (poked when this device is the agent).
+    pub runner: Arc<dyn Poke>,
+    /// Refusal accounting for untrusted peers.
+    pub gate: Arc<Gate>,
+}
+
+/// The asking service.
+pub struct Asking {
+    conversations: Conversations,
+    role: AgentRole,
+    trust: Arc<TrustBook>,
+    link: Arc<dyn AgentLink>,
+    runner: Arc<dyn Poke>,
+    gate: Arc<Gate>,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+impl std::fmt::Debug for Asking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Asking").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Asking {
+    /// The service over `deps`.
+    pub fn new(deps: Deps) -> Arc<Asking> {
+        Arc::new(Asking {
+            conversations: deps.conversations,
+            role: AgentRole::new(deps.identity, deps.trust.clone()),
+            trust: deps.trust,
+            link: deps.link,
+            runner: deps.runner,
+            gate: deps.gate,
+            tasks: Mutex::new(JoinSet::new()),
+        })
+    }
+
+    /// The conversation documents.
+    pub fn conversations(&self) -> &Conversations {
+        &self.conversations
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = lock(&self.tasks);
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task.instrument(tracing::Span::current()));
+    }
+
+    /// Stops the service's tasks (notifications in flight, the `/iom/agent/1` server).
+    pub async fn stop(&self) {
+        let mut tasks = std::mem::take(&mut *lock(&self.tasks));
+        tasks.shutdown().await;
+    }
+
+    /// Creates a conversation titled after (the start of) `prompt`.
+    pub async fn new_conversation(&self, prompt: &str) -> Result<DocId, EditError> {
+        self.conversations.create(&title_from(prompt)).await
+    }
+
+    /// Puts a request into a conversation (a new one if `conversation` is `None`) and tells
+    /// the agent (or this device's runner) about it.
+    pub async fn ask(
+        &self,
+        prompt: &str,
+        conversation: Option<DocId>,
+        interface: Interface,
+        request_id: Option<String>,
+    ) -> Result<Asked, AskError> {
+        let prompt = prompt.trim();
+        if prompt.is_empty() {
+            return Err(AskError::EmptyPrompt);
         }
-    });
+        if prompt.len() > MAX_PROMPT_BYTES {
+            return Err(AskError::PromptTooLong(prompt.len()));
+        }
+        let doc = match conversation {
+            Some(id) => self.conversations.existing(id)?,
+            None => self.new_conversation(prompt).await?,
+        };
+        let rid = request_id.unwrap_or_else(|| hex::encode(crate::time::random_bytes::<12>()));
+        if rid.is_empty() || rid.len() > 128 {
+            return Err(AskError::BadRequestId);
+        }
+        let me = self.role.me().to_string();
+        let (p, r) = (prompt.to_string(), rid.clone());
+        self.conversations
+            .modify(doc, move |c, now| {
+                c.append_request(&r, &p, interface, &me, now)
+            })
+            .await?;
+        let (agent, queued, note) = match self.role.holder() {
+            None => (
+                None,
+                true,
+                "no device holds the agent role yet; the request is queued until one does                  (`iom agent assign DEVICE`)"
+                    .to_string(),
+            ),
+            Some((device, _)) if device == self.role.me() => {
+                self.runner.poke(doc);
+                (
+                    Some(device.to_string()),
+                    false,
+                    "the agent is this device".into(),
+                )
+            }
+            Some((device, _)) => {
+                let peer = device.to_peer_id();
+                let name = self
+                    .trust
+                    .state()
+                    .devices
+                    .get(&device)
+                    .map(|d| d.name.clone())
+                    .unwrap_or_default();
+                if self.link.is_offline(&peer) {
+                    (
+                        Some(device.to_string()),
+                        true,
+                        format!(
+                            "the agent ({name}) is offline; the request is queued and runs when it is back"
+                        ),
+                    )
+                } else {
+                    let notify = self.link.notify(peer, doc, rid.clone());
+                    self.spawn(async move {
+                        let r = notify.await;
+                        tracing::debug!(%peer, result = ?r, "notified the agent");
+                    });
+                    (
+                        Some(device.to_string()),
+                        false,
+                        format!("sent to the agent ({name})"),
+                    )
+                }
+            }
+        };
+        Ok(Asked {
+            conversation: doc.to_string(),
+            request_id: rid,
+            agent,
+            queued,
+            note,
+        })
+    }
+
+    /// The answer to a request on `/iom/agent/1` from `peer`, and whether to keep the peer.
+    pub fn answer(&self, peer: PeerId, req: Option<AgentRequest>) -> (AgentResponse, Verdict) {
+        let trusted =
+            DeviceId::from_peer_id(&peer).is_ok_and(|d| self.trust.state().is_trusted(&d));
+        if !trusted {
+            let reason = "not trusted: /iom/agent/1 is only for devices of this person".to_string();
+            let verdict = self.gate.refuse(peer, "/iom/agent/1", &reason);
+            return (AgentResponse::Refused { reason }, verdict);
+        }
+        if self.role.my_epoch().is_none() {
+            return (AgentResponse::NotAgent, Verdict::Keep);
+        }
+        if let Some(AgentRequest::Notify { doc, .. }) = req {
+            self.runner.poke(DocId::from_bytes(doc));
+        }
+        let queued = u32::try_from(self.runner.running()).unwrap_or(u32::MAX);
+        (AgentResponse::Accepted { queued }, Verdict::Keep)
+    }
+
+    /// Serves `/iom/agent/1` until `shutdown` is cancelled (or [`Asking::stop`]).
+    pub fn start_server(self: &Arc<Self>, net: &Net, shutdown: &CancellationToken) {
+        let mut control = net.control();
+        let Ok(mut incoming) = control.accept(AGENT_PROTOCOL) else {
+            return;
+        };
+        let (this, net, stop) = (self.clone(), net.clone(), shutdown.clone());
+        self.spawn(async move {
+            loop {
+                let (peer, mut stream) = tokio::select! {
+                    () = stop.cancelled() => return,
+                    next = incoming.next() => match next {
+                        Some(s) => s,
+                        None => return,
+                    },
+                };
+                let (me, net) = (this.clone(), net.clone());
+                this.spawn(async move {
+                    let req: Option<AgentRequest> =
+                        match read_msg(&mut stream, MAX_REQUEST_FRAME).await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                tracing::debug!(%peer, error = %e, "bad agent request");
+                                return;
+                            }
+                        };
+                    let (resp, verdict) = me.answer(peer, req);
+                    if verdict == Verdict::Disconnect {
+                        net.disconnect(peer).await;
+                    }
+                    let _ = write_msg(&mut stream, &resp, MAX_AGENT_FRAME).await;
+                    let _ = futures::AsyncWriteExt::close(&mut stream).await;
+                });
+            }
+        });
+    }
+
+    /// Follows a request until it is done or failed, as a stream of events (it ends after
+    /// the `done` or `failed` event, or after an error, reported as `failed`).
+    pub fn follow(
+        &self,
+        doc: DocId,
+        rid: String,
+    ) -> impl futures::Stream<Item = RequestEvent> + Send + 'static + use<> {
+        follow(self.conversations.clone(), doc, rid)
+    }
 }
 
 /// One event of a request, as streamed to clients.
@@ -376,92 +514,103 @@ fn diff(seen: &mut Seen, req: &MessageView, reply: Option<&MessageView>) -> Vec<
 }
 
 async fn snapshot(
-    ctx: &NodeCtx,
+    conversations: &Conversations,
     doc: DocId,
     rid: &str,
-) -> Result<(MessageView, Option<MessageView>), ApiError> {
+) -> Result<(MessageView, Option<MessageView>), FollowError> {
     let rid = rid.to_string();
-    ctx.docs
-        .read(doc, move |d| {
-            let c = Conversation::open(d).map_err(|e| ApiError::bad_request(e.to_string()))?;
-            let req = c.find_request(&rid).ok_or_else(|| {
-                ApiError::not_found(format!("no request {rid} in this conversation"))
-            })?;
+    conversations
+        .read(doc, move |c| {
+            let req = c
+                .find_request(&rid)
+                .ok_or_else(|| FollowError::NoRequest(rid.clone()))?;
             let reply = c.replies_to(&rid).into_iter().last();
             Ok((req, reply))
         })
-        .await?
+        .await??
 }
 
-/// Follows a request until it is done or failed, as a stream of events.
-pub fn follow(
-    ctx: Arc<NodeCtx>,
+struct Following {
+    conversations: Conversations,
     doc: DocId,
     rid: String,
-) -> impl futures::Stream<Item = RequestEvent> + Send {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        let mut changes = ctx.docs.subscribe();
-        let mut seen = Seen::default();
-        loop {
-            let finished = match snapshot(&ctx, doc, &rid).await {
-                Ok((req, reply)) => {
-                    let events = diff(&mut seen, &req, reply.as_ref());
-                    let done = events.iter().any(|e| {
-                        matches!(e, RequestEvent::Done { .. } | RequestEvent::Failed { .. })
-                    });
-                    for e in events {
-                        if tx.send(e).await.is_err() {
-                            return;
-                        }
-                    }
-                    done
+    changes: tokio::sync::broadcast::Receiver<crate::docs::DocChanged>,
+    seen: Seen,
+    queue: VecDeque<RequestEvent>,
+    finished: bool,
+    looked: bool,
+}
+
+impl Following {
+    /// Waits for the next change to this document (or polls slowly as a safety net).
+    async fn wait_for_change(&mut self) {
+        let doc = self.doc;
+        let changes = &mut self.changes;
+        let _ = tokio::time::timeout(FOLLOW_POLL, async {
+            loop {
+                match changes.recv().await {
+                    Ok(ch) if ch.id == doc => return,
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(_) => std::future::pending::<()>().await,
                 }
-                Err(e) => {
-                    let _ = tx.send(RequestEvent::Failed { error: e.message }).await;
-                    true
-                }
-            };
-            if finished {
-                return;
             }
-            // Wait for the next change to this document (or poll slowly as a safety net).
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                loop {
-                    match changes.recv().await {
-                        Ok(ch) if ch.id == doc => return,
-                        Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                        Err(_) => {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                }
-            })
-            .await;
-        }
-    });
-    tokio_stream_from(rx)
-}
-
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> + Send {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
-/// A conversation as JSON for `iom conversations show`.
-pub async fn conversation_json(ctx: &NodeCtx, doc: DocId) -> Result<Value, ApiError> {
-    ctx.docs
-        .read(doc, move |d| {
-            let c = Conversation::open(d)
-                .map_err(|e| ApiError::bad_request(format!("{doc} is not a conversation: {e}")))?;
-            Ok(json!({
-                "id": doc.to_string(),
-                "title": c.title(),
-                "messages": c.messages(),
-                "usage": c.usage_totals(),
-            }))
         })
-        .await?
+        .await;
+    }
+
+    async fn look(&mut self) {
+        match snapshot(&self.conversations, self.doc, &self.rid).await {
+            Ok((req, reply)) => {
+                let events = diff(&mut self.seen, &req, reply.as_ref());
+                self.finished = events
+                    .iter()
+                    .any(|e| matches!(e, RequestEvent::Done { .. } | RequestEvent::Failed { .. }));
+                self.queue.extend(events);
+            }
+            Err(e) => {
+                self.queue.push_back(RequestEvent::Failed {
+                    error: e.to_string(),
+                });
+                self.finished = true;
+            }
+        }
+    }
 }
+
+/// Follows request `rid` of conversation `doc` (see [`Asking::follow`]).
+pub fn follow(
+    conversations: Conversations,
+    doc: DocId,
+    rid: String,
+) -> impl futures::Stream<Item = RequestEvent> + Send + 'static {
+    let changes = conversations.docs().subscribe();
+    let state = Following {
+        conversations,
+        doc,
+        rid,
+        changes,
+        seen: Seen::default(),
+        queue: VecDeque::new(),
+        finished: false,
+        looked: false,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(e) = st.queue.pop_front() {
+                return Some((e, st));
+            }
+            if st.finished {
+                return None;
+            }
+            if st.looked {
+                st.wait_for_change().await;
+            }
+            st.looked = true;
+            st.look().await;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,8 +1,26 @@
 //! The agent role: Claude requests for the whole mesh, tools in Docker containers.
+//!
+//! # Layout
+//! - [`runner`]: [`runner::Runner`], claims and runs requests on the agent device.
+//! - [`ask`]: [`ask::Asking`], puts requests into conversations, tells the agent, follows
+//!   them, and serves `/iom/agent/1`.
+//! - [`conversations`]: [`conversations::Conversations`], the conversation documents.
+//! - [`role`]: [`role::AgentRole`], who holds the role, and assigning it.
+//! - [`model`], [`host`], [`clock`]: the seams of the runner (the model client, the tool
+//!   host, the time), with the Anthropic client, the Docker sandbox and the wall clock as the
+//!   production implementations.
+//! - [`claude`], [`sandbox`]: those implementations.
+//! - [`progress`]: the progress of a running request as stored in the document.
 
 pub mod ask;
 pub mod claude;
+pub mod clock;
+pub mod conversations;
+pub mod host;
+pub mod model;
 pub mod progress;
 pub mod role;
 pub mod runner;
 pub mod sandbox;
+#[cfg(test)]
+pub(crate) mod testkit;

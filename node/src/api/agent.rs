@@ -8,13 +8,16 @@ use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use futures::{Stream, StreamExt};
-use iom_crdt::{Conversation, DocKind, Interface};
+use iom_crdt::{DocKind, Interface};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::ApiError;
 use super::routes::parse_doc_id;
-use crate::agent::{ask, role, runner};
+use crate::agent::ask::AskError;
+use crate::agent::conversations::{EditError, ExistingError, ShowError};
+use crate::agent::role::{AgentRole, AssignError};
+use crate::agent::runner::Poke;
 use crate::node::NodeCtx;
 
 type Ctx = State<Arc<NodeCtx>>;
@@ -63,7 +66,10 @@ pub fn parse_interface(text: Option<&str>) -> Result<Interface, ApiError> {
 async fn ask_route(State(ctx): Ctx, Json(body): Json<AskBody>) -> Result<Json<Value>, ApiError> {
     let conversation = body.conversation.as_deref().map(parse_doc_id).transpose()?;
     let interface = parse_interface(body.interface.as_deref())?;
-    let asked = ask::ask(&ctx, &body.prompt, conversation, interface, body.request_id).await?;
+    let asked = ctx
+        .asking
+        .ask(&body.prompt, conversation, interface, body.request_id)
+        .await?;
     Ok(Json(
         serde_json::to_value(asked).map_err(|e| ApiError::internal(e.to_string()))?,
     ))
@@ -76,18 +82,18 @@ async fn list(State(ctx): Ctx) -> Result<Json<Value>, ApiError> {
             continue;
         }
         let summary = ctx
-            .docs
-            .read(id, |d| {
-                Conversation::open(d).ok().map(|c| {
-                    let msgs = c.messages();
-                    let last = msgs
-                        .iter()
-                        .rev()
-                        .find_map(|m| m.status.map(|s| s.name().to_string()));
-                    (c.title(), msgs.len(), c.usage_totals(), last)
-                })
+            .asking
+            .conversations()
+            .read(id, |c| {
+                let msgs = c.messages();
+                let last = msgs
+                    .iter()
+                    .rev()
+                    .find_map(|m| m.status.map(|s| s.name().to_string()));
+                (c.title(), msgs.len(), c.usage_totals(), last)
             })
-            .await?;
+            .await?
+            .ok();
         if let Some((title, messages, usage, last_status)) = summary {
             items.push(json!({
                 "id": id.to_string(),
@@ -105,7 +111,7 @@ async fn list(State(ctx): Ctx) -> Result<Json<Value>, ApiError> {
 
 async fn show(State(ctx): Ctx, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let id = parse_doc_id(&id)?;
-    Ok(Json(ask::conversation_json(&ctx, id).await?))
+    Ok(Json(ctx.asking.conversations().to_json(id).await?))
 }
 
 async fn events(
@@ -116,7 +122,7 @@ async fn events(
     ctx.docs
         .meta(id)?
         .ok_or_else(|| ApiError::not_found(format!("no conversation {id} on this device")))?;
-    let stream = ask::follow(ctx.clone(), id, rid).map(|ev| {
+    let stream = ctx.asking.follow(id, rid).map(|ev| {
         let name = serde_json::to_value(&ev)
             .ok()
             .and_then(|v| v["type"].as_str().map(str::to_string))
@@ -132,7 +138,7 @@ async fn events(
 /// The agent status as JSON.
 pub fn status_json(ctx: &NodeCtx) -> Value {
     let state = ctx.trust.state();
-    let holder = role::holder(ctx);
+    let holder = role(ctx).holder();
     let me = ctx.identity().device.id();
     let (name, link) = match holder {
         Some((d, _)) => (
@@ -163,7 +169,7 @@ pub fn status_json(ctx: &NodeCtx) -> Value {
         "running": ctx.agent.running(),
         "api_key": key,
         "model": this_is_agent.then(|| ctx.config.agent.model.clone()),
-        "tokens_today": this_is_agent.then(|| runner::tokens_used_today(ctx)),
+        "tokens_today": this_is_agent.then(|| ctx.agent.tokens_used_today()),
         "daily_token_budget": this_is_agent.then_some(ctx.config.agent.daily_token_budget),
     })
 }
@@ -180,6 +186,159 @@ struct AssignBody {
 
 async fn assign(State(ctx): Ctx, Json(body): Json<AssignBody>) -> Result<Json<Value>, ApiError> {
     let device = super::mesh::resolve_device(&ctx, &body.device)?;
-    let epoch = role::assign(&ctx, device).await?;
+    let epoch = role(&ctx).assign(device).await?;
     Ok(Json(json!({ "agent": device.to_string(), "epoch": epoch })))
+}
+
+fn role(ctx: &NodeCtx) -> AgentRole {
+    AgentRole::new(ctx.identity.clone(), ctx.trust.clone())
+}
+
+impl From<ExistingError> for ApiError {
+    fn from(e: ExistingError) -> ApiError {
+        match e {
+            ExistingError::Docs(e) => e.into(),
+            ExistingError::NotFound(_) => ApiError::not_found(e.to_string()),
+            ExistingError::WrongKind { .. } => ApiError::bad_request(e.to_string()),
+        }
+    }
+}
+
+impl From<EditError> for ApiError {
+    fn from(e: EditError) -> ApiError {
+        use iom_crdt::ConversationError;
+        match e {
+            EditError::Docs(e) => e.into(),
+            EditError::Conversation(ConversationError::Document(_)) => {
+                ApiError::bad_request(e.to_string())
+            }
+            _ => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+impl From<ShowError> for ApiError {
+    fn from(e: ShowError) -> ApiError {
+        match e {
+            ShowError::Docs(e) => e.into(),
+            _ => ApiError::bad_request(e.to_string()),
+        }
+    }
+}
+
+impl From<AskError> for ApiError {
+    fn from(e: AskError) -> ApiError {
+        match e {
+            AskError::Conversation(e) => e.into(),
+            AskError::Edit(e) => e.into(),
+            _ => ApiError::bad_request(e.to_string()),
+        }
+    }
+}
+
+impl From<AssignError> for ApiError {
+    fn from(e: AssignError) -> ApiError {
+        match e {
+            AssignError::NotAdmin => ApiError::forbidden(e.to_string()),
+            AssignError::NotTrusted(_) => ApiError::bad_request(e.to_string()),
+            AssignError::Store(e) => e.into(),
+            _ => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use iom_crdt::{ConversationError, DocId, DocumentError};
+
+    use super::*;
+    use crate::docs::DocsError;
+
+    fn status(e: impl Into<ApiError>) -> (StatusCode, String) {
+        let e = e.into();
+        (e.status, e.message)
+    }
+
+    #[test]
+    fn ask_errors_keep_their_statuses_and_messages() {
+        let id = DocId::from_bytes([1; 16]);
+        assert_eq!(
+            status(AskError::EmptyPrompt),
+            (StatusCode::BAD_REQUEST, "the prompt is empty".into())
+        );
+        assert_eq!(
+            status(AskError::PromptTooLong(300_000)).0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(AskError::BadRequestId),
+            (
+                StatusCode::BAD_REQUEST,
+                "a request id is 1 to 128 characters".into()
+            )
+        );
+        assert_eq!(
+            status(AskError::Conversation(ExistingError::NotFound(id))),
+            (
+                StatusCode::NOT_FOUND,
+                format!("no conversation {id} on this device (see `iom conversations list`)")
+            )
+        );
+        assert_eq!(
+            status(AskError::Conversation(ExistingError::WrongKind {
+                id,
+                kind: "memory".into()
+            }))
+            .0,
+            StatusCode::BAD_REQUEST
+        );
+        // Store trouble keeps the document service's mapping.
+        assert_eq!(
+            status(AskError::Edit(EditError::Docs(DocsError::NotFound(id)))).0,
+            StatusCode::NOT_FOUND
+        );
+        // Not a conversation: the caller's mistake; a refused change: ours.
+        assert_eq!(
+            status(EditError::Conversation(ConversationError::Document(
+                DocumentError::WrongKind {
+                    expected: DocKind::Conversation,
+                    found: "memory".into(),
+                }
+            )))
+            .0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(EditError::Conversation(ConversationError::RequestNotFound(
+                "r".into()
+            )))
+            .0,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            status(ShowError::Docs(DocsError::NotFound(id))).0,
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[test]
+    fn assign_errors_keep_their_statuses_and_messages() {
+        assert_eq!(
+            status(AssignError::NotAdmin),
+            (
+                StatusCode::FORBIDDEN,
+                "only an admin device can assign the agent role; run this on an admin device"
+                    .into()
+            )
+        );
+        let d = iom_protocol::keys::DeviceKey::from_seed([3; 32]).id();
+        assert_eq!(
+            status(AssignError::NotTrusted(d)),
+            (
+                StatusCode::BAD_REQUEST,
+                format!("{d} is not a trusted device of this mesh (see `iom devices`)")
+            )
+        );
+    }
 }

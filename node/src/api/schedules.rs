@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::ApiError;
 use super::routes::parse_doc_id;
-use crate::docs::{DocsError, Origin};
+use crate::docs::Origin;
 use crate::node::NodeCtx;
 use crate::schedule;
 
@@ -51,13 +51,12 @@ pub struct AddBody {
 }
 
 fn view_json(ctx: &NodeCtx, v: &ScheduleView, raw: Option<&Value>) -> Value {
-    let now = schedule::now(ctx);
-    let next = schedule::parse_cron(&v.cron)
-        .ok()
-        .and_then(|s| schedule::next_slot(&s, now));
+    let now = ctx.scheduler.now();
+    let cron = schedule::parse_cron(&v.cron);
+    let next = cron.as_ref().ok().and_then(|s| schedule::next_slot(s, now));
     let mut j = serde_json::to_value(v).unwrap_or_else(|_| json!({}));
     j["next_slot"] = json!(next);
-    j["cron_error"] = json!(schedule::parse_cron(&v.cron).err());
+    j["cron_error"] = json!(cron.err().map(|e| e.to_string()));
     j["missed_slots"] = raw
         .and_then(|r| r.get("missed_slots").cloned())
         .unwrap_or(json!(0));
@@ -97,7 +96,7 @@ async fn list(State(ctx): Ctx) -> Result<Json<Value>, ApiError> {
         .map(|(v, r)| view_json(&ctx, v, Some(r)))
         .collect();
     Ok(Json(
-        json!({ "schedules": items, "now": schedule::now(&ctx) }),
+        json!({ "schedules": items, "now": ctx.scheduler.now() }),
     ))
 }
 
@@ -111,7 +110,7 @@ async fn show(State(ctx): Ctx, Path(id): Path<String>) -> Result<Json<Value>, Ap
 }
 
 async fn add(State(ctx): Ctx, Json(body): Json<AddBody>) -> Result<Json<Value>, ApiError> {
-    schedule::parse_cron(&body.cron).map_err(ApiError::bad_request)?;
+    schedule::parse_cron(&body.cron).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let prompt = body.prompt.trim().to_string();
     if prompt.is_empty() || prompt.len() > MAX_PROMPT {
         return Err(ApiError::bad_request(format!(
@@ -119,20 +118,21 @@ async fn add(State(ctx): Ctx, Json(body): Json<AddBody>) -> Result<Json<Value>, 
         )));
     }
     let conversation = match body.conversation.as_deref() {
-        Some(c) => crate::agent::ask::existing_conversation(&ctx, parse_doc_id(c)?)?,
-        None => schedule::new_conversation(&ctx, &prompt).await?,
+        Some(c) => ctx.asking.conversations().existing(parse_doc_id(c)?)?,
+        None => ctx.scheduler.new_conversation(&prompt).await?,
     };
     ctx.docs.create(DocKind::Schedules).await?;
     let id = format!("s{}", hex::encode(crate::time::random_bytes::<4>()));
     let (sid, cron, conv) = (id.clone(), body.cron.trim().to_string(), conversation);
-    let now = schedule::now(&ctx);
+    let now = ctx.scheduler.now();
     ctx.docs
         .modify(DocId::SCHEDULES, Origin::Local, false, move |d| {
-            Schedules::open(&mut *d)?
-                .add(&sid, &cron, &prompt, Some(&conv.to_string()), now)
-                .map_err(DocsError::from)
+            Ok(Schedules::open(&mut *d)
+                .map_err(ScheduleError::from)
+                .and_then(|mut s| s.add(&sid, &cron, &prompt, Some(&conv.to_string()), now)))
         })
-        .await?;
+        .await?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let all = read_all(&ctx).await?;
     let (v, r) = all
         .iter()
@@ -162,17 +162,18 @@ where
         return Ok(None);
     }
     let sid = id.to_string();
-    let now = schedule::now(ctx);
-    Ok(ctx
+    let now = ctx.scheduler.now();
+    let r = ctx
         .docs
         .modify(DocId::SCHEDULES, Origin::Local, false, move |d| {
             let mut s = Schedules::open(&mut *d)?;
-            match f(&mut s, &sid, now) {
+            Ok(match f(&mut s, &sid, now) {
                 Err(ScheduleError::NotFound(_)) => Ok(None),
-                r => r.map_err(DocsError::from),
-            }
+                r => r,
+            })
         })
-        .await?)
+        .await?;
+    r.map_err(|e| ApiError::internal(e.to_string()))
 }
 
 async fn remove(State(ctx): Ctx, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {

@@ -13,11 +13,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use futures::StreamExt;
-use iom_crdt::{DocId, DocKind, Interface};
+use iom_crdt::{DocId, Interface};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::agent::ask::{self, RequestEvent};
+use crate::agent::ask::RequestEvent;
 use crate::api::ApiError;
 use crate::api::routes::parse_doc_id;
 use crate::node::NodeCtx;
@@ -132,14 +132,15 @@ async fn webhook(
     }
     let conversation = user_conversation(&ctx, &user).await?;
     let rid = format!("wh-{}", hex::encode(crate::time::random_bytes::<12>()));
-    let asked = ask::ask(
-        &ctx,
-        &prompt,
-        Some(conversation),
-        Interface::Webhook,
-        Some(rid.clone()),
-    )
-    .await?;
+    let asked = ctx
+        .asking
+        .ask(
+            &prompt,
+            Some(conversation),
+            Interface::Webhook,
+            Some(rid.clone()),
+        )
+        .await?;
     if let Some(url) = body.callback_url {
         let pending = PendingCallback {
             request_id: rid.clone(),
@@ -174,16 +175,10 @@ async fn user_conversation(ctx: &Arc<NodeCtx>, user: &str) -> Result<DocId, ApiE
     {
         return Ok(id);
     }
-    let id = ctx.docs.create(DocKind::Conversation).await?;
-    let title = format!("webhook: {user}");
-    let now = crate::time::now_secs() as i64;
-    ctx.docs
-        .modify(id, crate::docs::Origin::Local, false, move |d| {
-            iom_crdt::Conversation::open(&mut *d)
-                .map_err(crate::docs::DocsError::from)?
-                .set_title(&title, now)
-                .map_err(crate::docs::DocsError::from)
-        })
+    let id = ctx
+        .asking
+        .conversations()
+        .create(&format!("webhook: {user}"))
         .await?;
     ctx.store
         .state_put(key.as_bytes(), id.to_string().as_bytes())?;
@@ -268,7 +263,7 @@ async fn deliver(ctx: Arc<NodeCtx>, mut p: PendingCallback) {
         forget(&ctx, &p.request_id).await;
         return;
     };
-    let mut events = std::pin::pin!(ask::follow(ctx.clone(), doc, p.request_id.clone()));
+    let mut events = std::pin::pin!(ctx.asking.follow(doc, p.request_id.clone()));
     let mut outcome = None;
     while let Some(ev) = events.next().await {
         if matches!(ev, RequestEvent::Done { .. } | RequestEvent::Failed { .. }) {

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::client::{ClaudeClient, StreamEvent};
+use super::client::StreamEvent;
 use super::error::ClaudeError;
 use super::types::{ContentBlock, Message, MessagesRequest, Role, StopReason, Usage};
+use crate::agent::model::ModelClient;
 
 /// The output of one tool call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +49,24 @@ pub trait ToolExecutor: Send + Sync {
         name: &'a str,
         input: &'a Value,
     ) -> Pin<Box<dyn Future<Output = ToolResult> + Send + 'a>>;
+}
+
+/// A token budget shared with other runs (the agent's daily budget). Every finished turn is
+/// charged to it at once, so runs going on at the same time see each other's use.
+pub trait TokenBudget: Send + Sync {
+    /// Records the tokens of a finished turn. Returns `false` once the budget is used up: the
+    /// run then stops as with [`Limits::token_budget`] ([`StoppedBy::TokenBudget`]).
+    fn charge(&self, tokens: u64) -> bool;
+}
+
+/// No shared budget: nothing is charged and nothing stops a run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unlimited;
+
+impl TokenBudget for Unlimited {
+    fn charge(&self, _tokens: u64) -> bool {
+        true
+    }
 }
 
 /// Limits of one conversation run.
@@ -176,16 +195,45 @@ pub struct Outcome {
 
 /// Runs a conversation: calls the model, runs each requested tool through `executor` (in
 /// order), sends the results back, and repeats until the model ends its turn or a limit
-/// stops it. Limits end the run with [`StoppedBy`], not an error.
-pub async fn run_conversation<E: ToolExecutor + ?Sized>(
-    client: &ClaudeClient,
+/// stops it. Limits end the run with [`StoppedBy`], not an error. No shared budget: see
+/// [`run_with_budget`].
+pub async fn run_conversation<M, E>(
+    client: &M,
     system: Option<String>,
     history: Vec<Message>,
     tools: Value,
     executor: &E,
     limits: Limits,
     on: &mut (dyn FnMut(Progress) + Send),
-) -> Result<Outcome, ClaudeError> {
+) -> Result<Outcome, ClaudeError>
+where
+    M: ModelClient + ?Sized,
+    E: ToolExecutor + ?Sized,
+{
+    run_with_budget(
+        client, system, history, tools, executor, limits, &Unlimited, on,
+    )
+    .await
+}
+
+/// [`run_conversation`] with a [`TokenBudget`] shared with other runs: each turn's tokens
+/// are charged to `budget` as soon as the turn ends, and the run stops
+/// ([`StoppedBy::TokenBudget`]) once it says the budget is used up.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_with_budget<M, E>(
+    client: &M,
+    system: Option<String>,
+    history: Vec<Message>,
+    tools: Value,
+    executor: &E,
+    limits: Limits,
+    budget: &dyn TokenBudget,
+    on: &mut (dyn FnMut(Progress) + Send),
+) -> Result<Outcome, ClaudeError>
+where
+    M: ModelClient + ?Sized,
+    E: ToolExecutor + ?Sized,
+{
     let history_len = history.len();
     let mut req = MessagesRequest {
         system,
@@ -218,6 +266,7 @@ pub async fn run_conversation<E: ToolExecutor + ?Sized>(
         };
         turns += 1;
         usage += turn.usage;
+        let budget_left = budget.charge(turn.usage.total());
         on(Progress::TurnFinished {
             turn: turns,
             usage: turn.usage,
@@ -237,9 +286,10 @@ pub async fn run_conversation<E: ToolExecutor + ?Sized>(
             req.messages
                 .push(Message::blocks(Role::Assistant, turn.content));
         }
-        let over_budget = limits
-            .token_budget
-            .is_some_and(|budget| usage.total() >= budget);
+        let over_budget = !budget_left
+            || limits
+                .token_budget
+                .is_some_and(|budget| usage.total() >= budget);
         let wants_tools = turn.stop_reason == StopReason::ToolUse && !uses.is_empty();
         if !wants_tools {
             break match turn.stop_reason {
@@ -306,7 +356,7 @@ pub async fn run_conversation<E: ToolExecutor + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::claude::{ApiKey, ClaudeConfig};
+    use crate::agent::claude::{ApiKey, ClaudeClient, ClaudeConfig};
 
     struct NoTools;
 

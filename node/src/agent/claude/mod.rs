@@ -25,8 +25,8 @@ pub mod types;
 pub use client::{ClaudeClient, StreamEvent, backoff_delay};
 pub use config::{ANTHROPIC_VERSION, ApiKey, ClaudeConfig, KeyError};
 pub use conversation::{
-    Limits, Outcome, Progress, StoppedBy, ToolCallRecord, ToolExecutor, ToolResult,
-    run_conversation,
+    Limits, Outcome, Progress, StoppedBy, TokenBudget, ToolCallRecord, ToolExecutor, ToolResult,
+    Unlimited, run_conversation, run_with_budget,
 };
 pub use error::{ClaudeError, ConfigError};
 pub use history::fit_history;

@@ -10,6 +10,7 @@
 //! - [`policy`]: [`SandboxConfig`] (the `[sandbox]` TOML section) and [`validate_mounts`].
 //! - [`image`]: builds the default image (`iom-sandbox:1`) without a registry.
 //! - [`container`]: [`Sandbox`], the runtime: warm containers, exec, reaping.
+//! - [`host`]: [`host::DockerHost`], the sandbox as the agent's tool host.
 //! - [`tools`]: the tool definitions offered to the model and their implementation.
 //! - [`check`]: `iom sandbox check`, a list of actionable diagnostics.
 //!
@@ -31,6 +32,7 @@
 pub mod check;
 pub mod container;
 mod exec;
+pub mod host;
 pub mod image;
 pub mod policy;
 pub mod tools;
