@@ -177,6 +177,10 @@ mod tests {
                 !n.ctx().net.connected_peers().contains(&cpeer)
             })
             .await;
+            eventually("its session to end", || async {
+                !n.ctx().sync.has_session(&cpeer)
+            })
+            .await;
         }
         // Again: nothing new.
         let again = devices(a).revoke(target, 101).await.expect("revoke again");

@@ -457,7 +457,7 @@ mod tests {
 
     use super::*;
     use crate::docs::Origin;
-    use crate::testkit::{TestNode, eventually, mesh};
+    use crate::testkit::{TestNode, eventually, mesh, wait_mesh};
 
     const TTL: Duration = Duration::from_secs(600);
 
@@ -718,7 +718,8 @@ mod tests {
     }
 
     /// In process, end to end: three devices pair over libp2p (memory transport), a document
-    /// made on one reaches the others, and an edit made on the last comes back.
+    /// made on one reaches the others, and after the last one restarts (same data dir, same
+    /// address), its edit comes back.
     #[tokio::test(start_paused = true)]
     async fn three_devices_pair_and_sync_in_process() {
         let mut nodes = mesh(&["a", "b", "c"]).await;
@@ -749,6 +750,9 @@ mod tests {
             })
             .await;
         }
+        nodes[2].restart().await;
+        let all: Vec<&TestNode> = nodes.iter().collect();
+        wait_mesh(&all).await;
         nodes[2]
             .ctx()
             .docs

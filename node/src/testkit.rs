@@ -3,21 +3,19 @@
 //! one test process without binding a port, under tokio's paused clock if the test wants.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::Multiaddr;
 
 use crate::config::{Config, Overrides, RawConfig};
 use crate::net::TransportKind;
-use crate::node::{Node, NodeCtx};
+use crate::node::Node;
 
 /// One in-process node and its data dir.
 pub(crate) struct TestNode {
     /// Its name (also the device name).
     pub(crate) name: String,
     node: Option<Node>,
-    #[allow(dead_code)]
     config: Config,
     _dir: tempfile::TempDir,
 }
@@ -54,11 +52,6 @@ impl TestNode {
         }
     }
 
-    /// The running node.
-    pub(crate) fn ctx(&self) -> &Arc<NodeCtx> {
-        self.node.as_ref().expect("node is running").ctx()
-    }
-
     /// Stops the node gracefully (its data dir stays).
     pub(crate) async fn stop(&mut self) {
         if let Some(node) = self.node.take() {
@@ -66,14 +59,24 @@ impl TestNode {
         }
     }
 
-    /// Stops and starts again on the same data dir and address.
-    #[allow(dead_code)] // until every service's tasks end with the node (sled stays locked)
+    /// Stops and starts again on the same data dir, on a new memory address (peers find it
+    /// again through the addresses it stored of them).
     pub(crate) async fn restart(&mut self) {
         self.stop().await;
+        self.config.listen = vec![memory_addr()];
         let node = Node::start(self.config.clone(), TransportKind::Memory)
             .await
             .expect("node restarts");
         self.node = Some(node);
+    }
+}
+
+impl std::ops::Deref for TestNode {
+    type Target = Node;
+
+    /// The running node (`node.ctx()` is the whole node).
+    fn deref(&self) -> &Node {
+        self.node.as_ref().expect("node is running")
     }
 }
 

@@ -162,6 +162,11 @@ impl Manager {
                 };
                 match event {
                     Ok(NetEvent::Connected(peer)) => this.maybe_open(peer),
+                    // The last connection closed: end the session now. Its reader may never
+                    // see the stream end (yamux does not wake readers of a connection closed
+                    // locally, as when a revoked device is cut off), and a session that looks
+                    // alive blocks the next one.
+                    Ok(NetEvent::Disconnected(peer)) => this.deps.registry.close(&peer),
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         for peer in this.net.connected_peers() {

@@ -390,6 +390,13 @@ impl Registry {
         self.sessions().values().cloned().collect()
     }
 
+    /// Closes the session with `peer`, if any.
+    pub(crate) fn close(&self, peer: &PeerId) {
+        if let Some(s) = self.sessions().get(peer) {
+            s.close();
+        }
+    }
+
     /// Closes every session.
     pub(crate) fn close_all(&self) {
         for s in self.sessions().values() {
