@@ -11,10 +11,23 @@
 #
 # Tests that need Docker or root fail loudly when those are missing. Opt-outs, for machines
 # that truly lack them: IOM_SKIP_DOCKER=1, IOM_SKIP_NETNS=1 (each skipped test prints SKIPPED).
+# Under CI=true the opt-outs are refused: this script exits at once, and a test run directly
+# with one fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# In CI nothing may skip: the opt-outs are for developers' machines only.
+if [ "${CI:-}" = "true" ]; then
+    for var in IOM_SKIP_DOCKER IOM_SKIP_NETNS; do
+        if [ -n "${!var:-}" ]; then
+            echo "test.sh: $var is set but CI=true: in CI every test must run (Docker and network" >&2
+            echo "namespaces included), so opting out is refused; unset $var" >&2
+            exit 1
+        fi
+    done
+fi
 
 if [ "$(id -u)" -eq 0 ]; then
     step "system packages"

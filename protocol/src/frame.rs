@@ -43,18 +43,25 @@ pub enum FrameError {
 
 /// Encodes `payload` as one frame, refusing payloads longer than `max`.
 pub fn encode_frame(payload: &[u8], max: usize) -> Result<Vec<u8>, FrameError> {
-    let oversized = || FrameError::Oversized {
-        len: payload.len() as u64,
-        max,
-    };
-    if payload.len() > max {
-        return Err(oversized());
-    }
-    let len = u32::try_from(payload.len()).map_err(|_| oversized())?;
+    let header = encode_header(payload.len(), max)?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&header);
     out.extend_from_slice(payload);
     Ok(out)
+}
+
+/// The header of a frame whose payload is `len` bytes, refusing lengths over `max`; for writers
+/// that send the payload from its own buffer after it ([`encode_frame`] without the copy).
+pub fn encode_header(len: usize, max: usize) -> Result<[u8; HEADER_LEN], FrameError> {
+    let oversized = || FrameError::Oversized {
+        len: len as u64,
+        max,
+    };
+    if len > max {
+        return Err(oversized());
+    }
+    let len = u32::try_from(len).map_err(|_| oversized())?;
+    Ok(len.to_be_bytes())
 }
 
 /// Checks a frame header and returns the payload length.
@@ -78,6 +85,8 @@ pub fn parse_len(header: [u8; 4], max: usize) -> Result<usize, FrameError> {
 pub struct FrameDecoder {
     max: usize,
     buf: Vec<u8>,
+    /// Bytes at the end of `buf` handed out by `read_space` and not yet `filled`.
+    unfilled: usize,
     error: Option<FrameError>,
 }
 
@@ -93,6 +102,7 @@ impl FrameDecoder {
         FrameDecoder {
             max,
             buf: Vec::new(),
+            unfilled: 0,
             error: None,
         }
     }
@@ -122,6 +132,26 @@ impl FrameDecoder {
                 Err(_) => 0,
             },
         }
+    }
+
+    /// Space at the end of the buffer for the next read from the stream: exactly
+    /// [`FrameDecoder::wanted`] bytes (zeroed), so once a header is in, the buffer is sized for
+    /// its whole frame at once. Read into it, then call [`FrameDecoder::filled`] with the number
+    /// of bytes read; this is [`FrameDecoder::push`] without the intermediate buffer.
+    pub fn read_space(&mut self) -> &mut [u8] {
+        let want = self.wanted();
+        let start = self.buf.len();
+        self.buf.resize(start + want, 0);
+        self.unfilled = want;
+        &mut self.buf[start..]
+    }
+
+    /// Keeps the first `n` bytes of the last [`FrameDecoder::read_space`] (what the read
+    /// returned) and drops the rest.
+    pub fn filled(&mut self, n: usize) {
+        let keep = self.buf.len() - self.unfilled + n.min(self.unfilled);
+        self.buf.truncate(keep);
+        self.unfilled = 0;
     }
 
     /// Appends bytes read from the stream. Drain frames with [`FrameDecoder::next_frame`] after
@@ -275,6 +305,45 @@ mod tests {
             Err(FrameError::Oversized { len: 9, max: 8 })
         );
         assert!(decoder.finish().is_err());
+    }
+
+    #[test]
+    fn reading_into_read_space_yields_the_same_frames_as_push() {
+        let mut wire = encode_frame(b"first", 64).unwrap();
+        wire.extend(encode_frame(b"", 64).unwrap());
+        wire.extend(encode_frame(&[7u8; 40], 64).unwrap());
+        for step in [1usize, 3, 5, 64] {
+            let mut d = FrameDecoder::new(64);
+            let mut src: &[u8] = &wire;
+            let mut frames = Vec::new();
+            loop {
+                if let Some(f) = d.next_frame().unwrap() {
+                    frames.push(f);
+                    continue;
+                }
+                let space = d.read_space();
+                let n = space.len().min(step).min(src.len());
+                space[..n].copy_from_slice(&src[..n]);
+                src = &src[n..];
+                d.filled(n);
+                if n == 0 {
+                    break;
+                }
+            }
+            assert!(d.finish().is_ok());
+            assert_eq!(
+                frames,
+                vec![b"first".to_vec(), Vec::new(), vec![7u8; 40]],
+                "step {step}"
+            );
+        }
+        // Past a header, the space is the whole rest of the frame: one allocation.
+        let mut d = FrameDecoder::new(1 << 20);
+        d.read_space().copy_from_slice(&(300_000u32).to_be_bytes());
+        d.filled(4);
+        assert_eq!(d.read_space().len(), 300_000);
+        d.filled(10);
+        assert_eq!(d.buffered(), 14);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use super::behaviour::{Behaviour, BehaviourEvent};
-use super::{Command, Net, NetConfig, NetEvent, Peers, TransportKind};
+use super::{Command, DialFailure, Net, NetConfig, NetEvent, Peers, TransportKind};
 use crate::store::Store;
 use crate::trust::TrustBook;
 
@@ -119,8 +119,8 @@ struct EventLoop {
     cmd_tx: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
     store: Store,
-    pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, String>>>,
-    pending_peer_dials: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId, String>>>>,
+    pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, DialFailure>>>,
+    pending_peer_dials: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId, DialFailure>>>>,
     backoff: HashMap<PeerId, Backoff>,
     relays: Vec<RelayState>,
     listen: Vec<Multiaddr>,
@@ -423,7 +423,7 @@ impl EventLoop {
                     None => match addrs.first() {
                         Some(a) => DialOpts::unknown_peer_id().address(a.clone()).build(),
                         None => {
-                            let _ = reply.send(Err("no address to dial".into()));
+                            let _ = reply.send(Err(DialFailure("no address to dial".into())));
                             return;
                         }
                     },
@@ -440,7 +440,7 @@ impl EventLoop {
                         }
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(e.to_string()));
+                        let _ = reply.send(Err(DialFailure(e.to_string())));
                     }
                 }
             }
@@ -883,13 +883,13 @@ impl EventLoop {
             } => {
                 let msg = error.to_string();
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
-                    let _ = reply.send(Err(msg.clone()));
+                    let _ = reply.send(Err(DialFailure(msg.clone())));
                 }
                 if let Some(p) = peer_id
                     && !self.swarm.is_connected(&p)
                 {
                     for reply in self.pending_peer_dials.remove(&p).unwrap_or_default() {
-                        let _ = reply.send(Err(msg.clone()));
+                        let _ = reply.send(Err(DialFailure(msg.clone())));
                     }
                 }
             }

@@ -2,7 +2,7 @@
 //! decoder and written with its encoder (one frame codec), with its hard maximum.
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use iom_protocol::frame::{FrameDecoder, FrameError, encode_frame};
+use iom_protocol::frame::{FrameDecoder, FrameError, encode_header};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -36,9 +36,6 @@ impl FramedError {
     }
 }
 
-/// Bytes read from the stream at most per read call while a frame's payload arrives.
-const READ_CHUNK: usize = 64 * 1024;
-
 /// Reads one frame through the fuzzed [`FrameDecoder`]; `Ok(None)` on a clean end of stream
 /// before a header. It reads only what the current frame still needs
 /// ([`FrameDecoder::wanted`]), so it never consumes bytes of the next frame and can be called
@@ -48,19 +45,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<Option<Vec<u8>>, FramedError> {
     let mut decoder = FrameDecoder::new(max);
-    let mut buf = Vec::new();
     loop {
         if let Some(frame) = decoder.next_frame()? {
             return Ok(Some(frame));
         }
-        let want = decoder.wanted().clamp(1, READ_CHUNK);
-        buf.resize(want, 0);
-        let n = io.read(&mut buf).await?;
+        // Straight into the decoder's buffer, sized for the whole frame once the header is in.
+        let n = io.read(decoder.read_space()).await?;
+        decoder.filled(n);
         if n == 0 {
             decoder.finish()?;
             return Ok(None);
         }
-        decoder.push(&buf[..n]);
     }
 }
 
@@ -87,14 +82,15 @@ pub async fn write_msg<T: Serialize, W: AsyncWrite + Unpin>(
     write_frame(io, &bytes, max).await
 }
 
-/// Writes one frame ([`encode_frame`]) and flushes.
+/// Writes one frame (the header from [`encode_header`], then the payload from its own buffer)
+/// and flushes.
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     io: &mut W,
     payload: &[u8],
     max: usize,
 ) -> Result<(), FramedError> {
-    let frame = encode_frame(payload, max)?;
-    io.write_all(&frame).await?;
+    io.write_all(&encode_header(payload.len(), max)?).await?;
+    io.write_all(payload).await?;
     io.flush().await?;
     Ok(())
 }

@@ -42,13 +42,19 @@ pub enum NetEvent {
     Direct(PeerId),
 }
 
+/// Why the event loop could not dial: libp2p's reason, as text (a `DialError` is not `Clone`,
+/// and one failure answers every caller waiting on that peer).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct DialFailure(pub(crate) String);
+
 /// Commands to the event loop.
 #[derive(Debug)]
 pub(crate) enum Command {
     Dial {
         peer: Option<PeerId>,
         addrs: Vec<Multiaddr>,
-        reply: oneshot::Sender<Result<PeerId, String>>,
+        reply: oneshot::Sender<Result<PeerId, DialFailure>>,
     },
     Disconnect {
         peer: PeerId,
@@ -164,7 +170,7 @@ impl Net {
             .map_err(|_| NetError::Stopped)?;
         match tokio::time::timeout(Duration::from_secs(20), rx).await {
             Ok(Ok(Ok(p))) => Ok(p),
-            Ok(Ok(Err(reason))) => Err(NetError::Dial { target, reason }),
+            Ok(Ok(Err(DialFailure(reason)))) => Err(NetError::Dial { target, reason }),
             Ok(Err(_)) => Err(NetError::Stopped),
             Err(_) => Err(NetError::Dial {
                 target,
