@@ -134,8 +134,13 @@ impl NodeCtx {
     /// Called after a blob was stored locally.
     pub fn blob_added(&self, id: [u8; 32], len: u64) {
         tracing::debug!(blob = %hex::encode(id), "blob stored");
+        self.announce_blob(iom_protocol::id::ContentId::from_bytes(id), len);
+    }
+
+    /// Tells every peer's session that this node holds blob `id` (stored here, or arrived).
+    fn announce_blob(&self, id: iom_protocol::id::ContentId, len: u64) {
         self.sync.broadcast(iom_protocol::wire::SyncMsg::Blobs {
-            have: vec![(iom_protocol::id::ContentId::from_bytes(id), len)],
+            have: vec![(id, len)],
         });
     }
 
@@ -458,9 +463,7 @@ fn forward_blob_arrivals(
                 next = arrivals.recv() => next,
             };
             match next {
-                Ok((id, len)) => ctx.sync.broadcast(iom_protocol::wire::SyncMsg::Blobs {
-                    have: vec![(id, len)],
-                }),
+                Ok((id, len)) => ctx.announce_blob(id, len),
                 Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => break,
             }

@@ -2,7 +2,6 @@
 //! libp2p (Noise, yamux, every behaviour) over the memory transport, so several nodes run in
 //! one test process without binding a port, under tokio's paused clock if the test wants.
 
-use std::future::Future;
 use std::time::Duration;
 
 use libp2p::Multiaddr;
@@ -133,11 +132,7 @@ pub(crate) async fn wait_mesh(nodes: &[&TestNode]) {
 }
 
 /// Polls `check` every 10 ms (of tokio time) until it holds; panics after 30 s.
-pub(crate) async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
+pub(crate) async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !check().await {
         assert!(

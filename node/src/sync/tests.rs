@@ -217,6 +217,7 @@ mod two_nodes {
     use iom_protocol::keys::{DeviceKey, PersonKey};
 
     use super::*;
+    use crate::testkit::eventually;
 
     struct TestNode {
         _dir: tempfile::TempDir,
@@ -302,16 +303,6 @@ mod two_nodes {
         }
     }
 
-    async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
-        for _ in 0..1000 {
-            if f().await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("timed out waiting for {what}");
-    }
-
     async fn heads(docs: &Docs, doc: DocId) -> Option<Vec<iom_crdt::ChangeHash>> {
         docs.read(doc, |d| d.heads()).await.ok()
     }
@@ -325,11 +316,11 @@ mod two_nodes {
         let doc = a.docs.create(iom_crdt::DocKind::Generic).await.unwrap();
         let addrs = b.net.listen_addrs().await;
         a.net.dial(Some(b.net.local), addrs).await.unwrap();
-        until("a session on both sides", async || {
+        eventually("a session on both sides", async || {
             a.sync.has_session(&b.net.local) && b.sync.has_session(&a.net.local)
         })
         .await;
-        until("b to hold a's document", async || {
+        eventually("b to hold a's document", async || {
             heads(&b.docs, doc).await == heads(&a.docs, doc).await
         })
         .await;
@@ -341,7 +332,7 @@ mod two_nodes {
             .await
             .unwrap()
             .unwrap();
-        until("a to hold b's change", async || {
+        eventually("a to hold b's change", async || {
             heads(&a.docs, doc).await == heads(&b.docs, doc).await
         })
         .await;
@@ -357,7 +348,7 @@ mod two_nodes {
             started.elapsed()
         );
         assert!(!a.sync.has_session(&b.net.local));
-        until("b to see the session end", async || {
+        eventually("b to see the session end", async || {
             !b.sync.has_session(&a.net.local)
         })
         .await;

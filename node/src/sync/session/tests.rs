@@ -14,6 +14,7 @@ use iom_protocol::wire::MAX_BLOB_ANNOUNCE;
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 use super::*;
+use crate::testkit::eventually;
 
 #[derive(Default)]
 struct FakeNet {
@@ -145,17 +146,6 @@ fn connect(a: &Node, b: &Node) -> (tokio::task::JoinHandle<()>, tokio::task::Joi
     let ta = tokio::spawn(run(a.deps.clone(), b.peer, x, Role::Initiator));
     let tb = tokio::spawn(run(b.deps.clone(), a.peer, y, Role::Responder));
     (ta, tb)
-}
-
-/// Waits (in paused time) until `f` holds.
-async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    for _ in 0..2000 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 async fn new_doc(n: &Node, key: &str) -> DocId {
