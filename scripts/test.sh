@@ -17,6 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+# Disk is the resource CI has run out of: say what the run used, whatever the outcome.
+disk_report() { printf '\n==> disk\n'; du -sh target 2>/dev/null | sed 's/^/target dir: /'; df -h . | tail -1; }
+trap disk_report EXIT
 
 # In CI nothing may skip: the opt-outs are for developers' machines only.
 if [ "${CI:-}" = "true" ]; then
@@ -52,9 +55,15 @@ done
 echo "protocol/ and crdt/ have no tokio"
 
 step "build (debug) and sandbox image"
-# test-hooks: IOM_FAULT and IOM_CLOCK_OFFSET_SECS exist only in test builds (nextest's build gets
-# the feature through iom-tests' dependency on iom-node).
-cargo build -p iom-cli -p iom-tests --bins --features iom-cli/test-hooks
+# One feature set for everything: the same selection nextest builds (dev-dependencies on), so
+# the `iom` binary the tests start shares its dependencies with the test binaries and the
+# target dir holds one copy of the tree. test-hooks (IOM_FAULT, IOM_CLOCK_OFFSET_SECS) come
+# through iom-tests' dependency on iom-node. IOM_BIN pins that binary for the test harness.
+if [ "${CI:-}" = "true" ]; then
+    export CARGO_INCREMENTAL=0   # a clean build gains nothing from it; it doubles the disk used
+fi
+cargo build --workspace --bins --tests
+export IOM_BIN="$PWD/target/debug/iom"
 target/debug/iom sandbox build || echo "sandbox image not built (Docker unavailable?); Docker tests will say why"
 
 step "tests"
@@ -64,6 +73,7 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
 else
     cargo nextest run --workspace --profile ci
 fi
+
 
 step "fuzzing (short runs)"
 if cargo +nightly fuzz --version >/dev/null 2>&1; then

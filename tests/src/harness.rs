@@ -35,16 +35,12 @@ pub fn iom_bin() -> &'static Path {
             .map(PathBuf::from)
             .unwrap_or_else(|_| root.join("target"));
         let bin = target.join("debug/iom");
+        // The same selection as `cargo nextest run --workspace` (dev-dependencies on, so the
+        // same feature set), so the binary shares every compiled dependency with the test
+        // build instead of adding a second copy of the tree to the target dir. The test hooks
+        // (`IOM_FAULT`, `IOM_CLOCK_OFFSET_SECS`) come through iom-tests' dependency on iom-node.
         let status = Command::new(env!("CARGO"))
-            // The test hooks (`IOM_FAULT`, `IOM_CLOCK_OFFSET_SECS`) exist only with this feature.
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "iom-cli",
-                "--features",
-                "iom-cli/test-hooks",
-            ])
+            .args(["build", "-q", "--workspace", "--bins", "--tests"])
             .current_dir(&root)
             .status();
         match status {

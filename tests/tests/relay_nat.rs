@@ -16,22 +16,9 @@ use serde_json::Value;
 
 const PROBE: &str = env!("CARGO_BIN_EXE_relay-probe");
 
-/// The `iom` binary next to `relay-probe` (built with `cargo build -p iom-cli` if missing).
+/// The `iom` binary the harness uses (`IOM_BIN`, or built once with the test build's features).
 fn iom_binary() -> PathBuf {
-    let dir = Path::new(PROBE)
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let iom = dir.join("iom");
-    if !iom.exists() {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "-p", "iom-cli", "--features", "iom-cli/test-hooks"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .status()
-            .expect("running cargo build -p iom-cli");
-        assert!(status.success(), "cargo build -p iom-cli failed");
-    }
-    iom
+    iom_tests::harness::iom_bin().to_path_buf()
 }
 
 /// A command running the relay with `data_dir` and `flags` (`iom relay run` flags), printing
