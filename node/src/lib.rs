@@ -24,6 +24,7 @@ pub mod config;
 pub mod devices;
 mod doc_cache;
 pub mod docs;
+pub mod format;
 pub mod http;
 pub mod identity;
 pub mod lock;

@@ -91,6 +91,7 @@ impl NodeCtx {
             "uptime_secs": self.started.elapsed().as_secs(),
             "pid": std::process::id(),
             "version": env!("CARGO_PKG_VERSION"),
+            "data_format": crate::format::CURRENT,
             "documents": self.store.doc_count(),
             // Equal on two devices exactly when they hold the same documents at the same heads.
             "inventory_root": hex::encode(self.docs.with_inventory(|i| i.root())),
@@ -193,6 +194,9 @@ pub enum StartError {
         /// Cause.
         source: crate::store::StoreError,
     },
+    /// The data dir's format is newer than this binary, unreadable, or failed to migrate.
+    #[error(transparent)]
+    Format(#[from] crate::format::FormatError),
     /// Any other start-up failure.
     #[error("{0}")]
     Other(String),
@@ -205,6 +209,9 @@ pub fn init_data_dir(data_dir: &Path) -> Result<bool, StartError> {
     std::fs::create_dir_all(data_dir)
         .map_err(|e| StartError::Other(format!("cannot create {}: {e}", data_dir.display())))?;
     let _ = std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700));
+    // Before anything is created: a dir written by a newer iom is refused untouched.
+    crate::format::check(data_dir)?;
+    crate::format::mark_new(data_dir)?;
     Ok(Identity::create(data_dir)?.is_some())
 }
 
@@ -235,6 +242,7 @@ impl Node {
         let data_dir = config.data_dir.clone();
         init_data_dir(&data_dir)?;
         let lock = DataDirLock::acquire(&data_dir)?;
+        crate::format::open(&data_dir)?;
         let identity = Identity::load(&data_dir)?;
         let device = identity.device.id();
         let db_dir = data_dir.join("db");

@@ -27,8 +27,24 @@ fn a_data_dir_from_the_previous_build_opens_and_syncs() {
 
 fn body() -> Result<()> {
     let mut a = Node::from_fixture("a", ARCHIVE, "fixture-a", FIXTURE_A_PORT)?;
+    ensure!(
+        !a.dir.join("FORMAT").exists(),
+        "the fixture predates the format marker"
+    );
     a.start()?;
     let status = a.status()?;
+    // The unmarked dir is format 1 and was migrated to the current format.
+    ensure!(
+        status["data_format"] == 2,
+        "data_format: {}",
+        status["data_format"]
+    );
+    let marker: serde_json::Value = serde_json::from_slice(&std::fs::read(a.dir.join("FORMAT"))?)?;
+    ensure!(marker["format"] == 2, "FORMAT: {marker}");
+    ensure!(
+        a.log_text().contains("data dir migrated"),
+        "no migration logged"
+    );
     ensure!(
         status["documents"] == 5,
         "documents: {}",
@@ -94,4 +110,64 @@ fn body() -> Result<()> {
         n.assert_no_panic()?;
     }
     Ok(())
+}
+
+/// A data dir written by a newer iom (a higher format in `FORMAT`) is refused by `node run`
+/// with an error naming that version, and nothing in it changes.
+#[test]
+fn a_data_dir_from_a_newer_build_is_refused_untouched() {
+    scenario(newer_body);
+}
+
+fn newer_body() -> Result<()> {
+    let mut a = Node::from_fixture("a", ARCHIVE, "fixture-a", 0)?;
+    let newer = br#"{"format": 99, "written_by": "9.0.0"}"#;
+    std::fs::write(a.dir.join("FORMAT"), newer)?;
+    let before = tree_listing(&a.dir)?;
+    let err = a
+        .start()
+        .err()
+        .ok_or_else(|| anyhow!("a newer data dir was opened"))?;
+    let text = format!("{err:#}");
+    ensure!(text.contains("data format 99"), "{text}");
+    ensure!(text.contains("iom 9.0.0"), "{text}");
+    ensure!(!text.contains("panicked"), "{text}");
+    ensure!(
+        std::fs::read(a.dir.join("FORMAT"))? == newer,
+        "FORMAT was rewritten"
+    );
+    // `node.log` is the harness's own file; every other file is as it was.
+    ensure!(tree_listing(&a.dir)? == before, "the data dir changed");
+    // The CLI's own commands on the dir refuse it the same way.
+    let out = a.try_cli(&["init"])?;
+    ensure!(!out.status.success(), "init accepted a newer dir");
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("data format 99"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Every file under `dir` (but the harness's log) with its size and modification time.
+fn tree_listing(dir: &std::path::Path) -> Result<Vec<(String, u64, std::time::SystemTime)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if entry.file_name() != "node.log" {
+                out.push((
+                    entry.path().display().to_string(),
+                    meta.len(),
+                    meta.modified()?,
+                ));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }
