@@ -3,9 +3,9 @@
 //! agent node is given. Every check goes through `iom ask` and what the conversation document
 //! records (tool calls with their output, usage, status, `claimed_by`), as a user would see it.
 //!
-//! Docker is required: without a reachable engine these tests fail, unless `IOM_SKIP_DOCKER=1`
-//! is set, in which case each prints `SKIPPED` and passes. The sandbox image is built with
-//! `iom sandbox build` when it is missing.
+//! Docker is required: without a reachable engine these tests fail (`IOM_SKIP_DOCKER=1
+//! scripts/test.sh` leaves this binary out, and nextest reports it as skipped). The sandbox
+//! image is built with `iom sandbox build` when it is missing.
 
 use std::path::Path;
 use std::process::Command;
@@ -24,9 +24,8 @@ const IMAGE: &str = "iom-sandbox:1";
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// Whether Docker is usable (and the sandbox image present). Panics when it is not, unless
-/// `IOM_SKIP_DOCKER=1`.
-fn docker_ready() -> bool {
+/// Panics unless Docker is usable and the sandbox image present (building it if needed).
+fn require_docker() {
     static READY: OnceLock<Result<(), String>> = OnceLock::new();
     let r = READY.get_or_init(|| {
         let version = Command::new("docker")
@@ -63,16 +62,11 @@ fn docker_ready() -> bool {
         }
         Ok(())
     });
-    match r {
-        Ok(()) => true,
-        Err(e) if std::env::var("IOM_SKIP_DOCKER").as_deref() == Ok("1") => {
-            eprintln!("SKIPPED (IOM_SKIP_DOCKER=1): {e}");
-            false
-        }
-        Err(e) => panic!(
-            "{e}\nThese tests need Docker (see scripts/install-deps.sh); set IOM_SKIP_DOCKER=1 \
-             to skip them."
-        ),
+    if let Err(e) = r {
+        panic!(
+            "{e}\nThese tests need Docker (see scripts/install-deps.sh); \
+             `IOM_SKIP_DOCKER=1 scripts/test.sh` leaves them out, reported as skipped."
+        );
     }
 }
 
@@ -355,9 +349,7 @@ fn events(node: &Node, conversation: &str, rid: &str) -> Result<Vec<Value>> {
 
 #[test]
 fn laptop_asks_home_answers_phone_sees_it_and_next_turn_reads_the_file() {
-    if !docker_ready() {
-        return;
-    }
+    require_docker();
     scenario(laptop_asks_home_answers_phone_sees_it_body);
 }
 
@@ -482,9 +474,7 @@ fn laptop_asks_home_answers_phone_sees_it_body() -> Result<()> {
 
 #[test]
 fn container_has_no_network_no_api_key_and_a_read_only_root() {
-    if !docker_ready() {
-        return;
-    }
+    require_docker();
     scenario(container_isolation_body);
 }
 
@@ -614,9 +604,7 @@ fn container_isolation_body() -> Result<()> {
 
 #[test]
 fn blocked_mount_and_symlink_escape_are_refused() {
-    if !docker_ready() {
-        return;
-    }
+    require_docker();
     scenario(mount_policy_body);
 }
 
@@ -754,9 +742,7 @@ fn mount_policy_body() -> Result<()> {
 
 #[test]
 fn fork_bomb_memory_bomb_and_endless_loop_are_contained() {
-    if !docker_ready() {
-        return;
-    }
+    require_docker();
     scenario(bombs_body);
 }
 
@@ -837,9 +823,7 @@ fn bombs_body() -> Result<()> {
 
 #[test]
 fn request_is_queued_while_the_agent_is_offline_and_runs_when_it_is_back() {
-    if !docker_ready() {
-        return;
-    }
+    require_docker();
     scenario(queued_body);
 }
 
@@ -894,9 +878,7 @@ fn queued_body() -> Result<()> {
 
 #[test]
 fn killed_agent_marks_the_run_interrupted_and_never_runs_it_twice() {
-    if !docker_ready() {
-        return;
-    }
+    require_docker();
     scenario(interrupted_body);
 }
 
@@ -961,9 +943,7 @@ fn interrupted_body() -> Result<()> {
 
 #[test]
 fn reassigning_the_role_makes_the_old_agent_stop_claiming() {
-    if !docker_ready() {
-        return;
-    }
+    require_docker();
     scenario(reassign_body);
 }
 
@@ -1034,9 +1014,7 @@ fn reassign_body() -> Result<()> {
 
 #[test]
 fn no_api_key_gives_a_clear_message_in_the_conversation() {
-    if !docker_ready() {
-        return;
-    }
+    require_docker();
     scenario(no_key_body);
 }
 
@@ -1073,9 +1051,7 @@ fn no_key_body() -> Result<()> {
 
 #[test]
 fn rate_limited_model_call_is_retried_and_the_retry_is_shown() {
-    if !docker_ready() {
-        return;
-    }
+    require_docker();
     scenario(retry_body);
 }
 
@@ -1112,9 +1088,7 @@ fn retry_body() -> Result<()> {
 
 #[test]
 fn exceeded_daily_budget_is_refused_clearly() {
-    if !docker_ready() {
-        return;
-    }
+    require_docker();
     scenario(budget_body);
 }
 

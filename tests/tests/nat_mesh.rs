@@ -14,7 +14,7 @@
 //!   the relay allows someone else: the blob does not get through and the relay's log shows
 //!   the circuit cut at the default limit.
 //!
-//! Needs root (namespaces, iptables); see `natlab::netns_available`.
+//! Needs root (namespaces, iptables); see `natlab::require_netns`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -87,9 +87,7 @@ fn relay_socket(node: &LabNode) -> Result<bool> {
 
 #[test]
 fn pairing_sync_and_hole_punch_across_two_nats() {
-    if !natlab::netns_available("pairing_sync_and_hole_punch_across_two_nats") {
-        return;
-    }
+    natlab::require_netns("pairing_sync_and_hole_punch_across_two_nats");
     scenario(|| {
         let m = paired("mesh-hp", NatKind::Masquerade, Allow::Nobody, None)?;
         let took = sync_both_ways(&m, "first", Duration::from_secs(30))?;
@@ -162,11 +160,9 @@ fn pairing_sync_and_hole_punch_across_two_nats() {
 
 #[test]
 fn port_randomizing_nat_stays_relayed_and_allowed_person_syncs_through_relay_restart() {
-    if !natlab::netns_available(
+    natlab::require_netns(
         "port_randomizing_nat_stays_relayed_and_allowed_person_syncs_through_relay_restart",
-    ) {
-        return;
-    }
+    );
     scenario(|| {
         // `paired` waits for B to prove its new certificate to the relay: B gets the large
         // limits too (whichever side dials the circuit, its limits are the dialer's).
@@ -250,11 +246,7 @@ fn port_randomizing_nat_stays_relayed_and_allowed_person_syncs_through_relay_res
 
 #[test]
 fn port_randomizing_nat_for_a_person_not_allowed_gets_only_default_limits() {
-    if !natlab::netns_available(
-        "port_randomizing_nat_for_a_person_not_allowed_gets_only_default_limits",
-    ) {
-        return;
-    }
+    natlab::require_netns("port_randomizing_nat_for_a_person_not_allowed_gets_only_default_limits");
     scenario(|| {
         let m = paired(
             "mesh-deny",

@@ -233,9 +233,7 @@ fn lab_run(lab: &NatLab, data: &Path, quic: bool) -> (Proc, Proc, Proc) {
 /// Hole punch through the relay with plain MASQUERADE: DCUtR succeeds and A and B get a
 /// direct NAT-to-NAT connection.
 fn hole_punch_direct(test: &str, tag: &str, quic: bool) {
-    if !natlab::netns_available(test) {
-        return;
-    }
+    natlab::require_netns(test);
     let lab = NatLab::up(tag, NatKind::Masquerade).expect("NAT lab");
     let data = tempfile::tempdir().expect("tempdir");
     let (relay, a, b) = lab_run(&lab, data.path(), quic);
@@ -301,9 +299,7 @@ fn hole_punch_over_quic_upgrades_to_direct_behind_masquerade() {
 
 #[test]
 fn hole_punch_fails_behind_port_randomizing_nat_and_stays_relayed() {
-    if !natlab::netns_available("hole_punch_fails_behind_port_randomizing_nat_and_stays_relayed") {
-        return;
-    }
+    natlab::require_netns("hole_punch_fails_behind_port_randomizing_nat_and_stays_relayed");
     let lab = NatLab::up("sym", NatKind::PortRandomizing).expect("NAT lab");
     let data = tempfile::tempdir().expect("tempdir");
     let (relay, a, b) = lab_run(&lab, data.path(), false);
