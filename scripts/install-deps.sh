@@ -7,6 +7,8 @@
 #   chromium         headless browser for web-UI tests
 #   chromium-driver  WebDriver for chromium
 #
+# and, from crates.io, cargo-fuzz (the coverage-guided fuzz runs of scripts/fuzz.sh).
+#
 # Idempotent: packages already installed are skipped, and `apt-get update` only runs when
 # something has to be installed.
 set -euo pipefail
@@ -32,16 +34,23 @@ done
 
 if [ "${#missing[@]}" -eq 0 ]; then
     echo "install-deps.sh: all packages present: ${PACKAGES[*]}"
-    exit 0
+else
+    echo "install-deps.sh: installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-
-echo "install-deps.sh: installing: ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}"
 
 if [ ! -x /bin/busybox ]; then
     echo "install-deps.sh: /bin/busybox missing after installing busybox-static" >&2
     exit 1
+fi
+
+CARGO_FUZZ_VERSION=0.13.2
+if cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+    echo "install-deps.sh: cargo-fuzz $CARGO_FUZZ_VERSION present"
+else
+    echo "install-deps.sh: installing cargo-fuzz $CARGO_FUZZ_VERSION from crates.io"
+    cargo install --locked --quiet cargo-fuzz --version "$CARGO_FUZZ_VERSION"
 fi
 echo "install-deps.sh: done"

@@ -3,7 +3,9 @@
 //! assert round-trip properties of whatever decodes successfully.
 
 use crate::cert::Certificate;
-use crate::frame::{FrameDecoder, decode_message, encode_frame, encode_message, parse_len};
+use crate::frame::{
+    FrameDecoder, HEADER_LEN, decode_message, encode_frame, encode_message, parse_len,
+};
 use crate::invite::Invite;
 use crate::pair::{JoinRequest, JoinResponse};
 use crate::wire::{AgentRequest, AgentResponse, BlobRequest, BlobResponse, SyncMsg};
@@ -24,15 +26,48 @@ pub fn fuzz_frame(data: &[u8]) {
     }
 
     let mut decoder = FrameDecoder::new(max);
+    let mut pushed = Vec::new();
     for piece in rest.chunks(chunk) {
         decoder.push(piece);
         while let Ok(Some(frame)) = decoder.next_frame() {
             assert!(frame.len() <= max);
             let _ = JoinRequest::decode(&frame);
             let _ = JoinResponse::decode(&frame);
+            pushed.push(frame);
         }
     }
-    let _ = decoder.finish();
+    let pushed_end = decoder.finish().is_ok();
+
+    // The way production reads (`node/src/net/framed.rs`, `read_frame`): one decoder per
+    // frame, reading into `read_space` (never past the frame) with reads of at most `chunk`
+    // bytes. It must see the same frames as the push path, and stop at the same place.
+    let mut input = rest;
+    let mut read = Vec::new();
+    let read_end = loop {
+        let mut decoder = FrameDecoder::new(max);
+        let frame = loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => break Some(frame),
+                Ok(None) => {}
+                Err(_) => break None,
+            }
+            let space = decoder.read_space();
+            assert!(space.len() <= HEADER_LEN + max, "read_space past the frame");
+            let n = space.len().min(chunk).min(input.len());
+            space[..n].copy_from_slice(&input[..n]);
+            input = &input[n..];
+            decoder.filled(n);
+            if n == 0 {
+                break None;
+            }
+        };
+        match frame {
+            Some(frame) => read.push(frame),
+            None => break decoder.finish().is_ok(),
+        }
+    };
+    assert_eq!(read, pushed, "the reader and the push path disagree");
+    assert_eq!(read_end, pushed_end, "the reader and the push path end differently");
 
     if let Ok(wire) = encode_frame(rest, max) {
         let mut decoder = FrameDecoder::new(max);
