@@ -7,7 +7,8 @@
 #   chromium         headless browser for web-UI tests
 #   chromium-driver  WebDriver for chromium
 #
-# and, from crates.io, cargo-fuzz (the coverage-guided fuzz runs of scripts/fuzz.sh).
+# and, from crates.io, cargo-fuzz (the coverage-guided fuzz runs of scripts/fuzz.sh); from
+# PyPI, schemathesis (the API contract test, tests/tests/api_contract.rs).
 #
 # Idempotent: packages already installed are skipped, and `apt-get update` only runs when
 # something has to be installed.
@@ -52,5 +53,12 @@ if cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
 else
     echo "install-deps.sh: installing cargo-fuzz $CARGO_FUZZ_VERSION from crates.io"
     cargo install --locked --quiet cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+fi
+SCHEMATHESIS_VERSION=4.32.5
+if schemathesis --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+    echo "install-deps.sh: schemathesis $SCHEMATHESIS_VERSION present"
+else
+    echo "install-deps.sh: installing schemathesis $SCHEMATHESIS_VERSION from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 echo "install-deps.sh: done"

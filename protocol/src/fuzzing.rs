@@ -67,7 +67,10 @@ pub fn fuzz_frame(data: &[u8]) {
         }
     };
     assert_eq!(read, pushed, "the reader and the push path disagree");
-    assert_eq!(read_end, pushed_end, "the reader and the push path end differently");
+    assert_eq!(
+        read_end, pushed_end,
+        "the reader and the push path end differently"
+    );
 
     if let Ok(wire) = encode_frame(rest, max) {
         let mut decoder = FrameDecoder::new(max);

@@ -163,9 +163,30 @@ fn auth_and_clear_json_errors() {
             );
             let (s, v) = call(http.get(url("/v1/no-such-route")).bearer_auth(&good)).await?;
             assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"), "{v}");
-            // Token management is only on the unix socket.
-            let (s, _) = call(http.get(url("/v1/tokens")).bearer_auth(&good)).await?;
-            assert_eq!(s, StatusCode::NOT_FOUND);
+            // Token management is only on the unix socket: over HTTP, 403 with the reason.
+            let (s, v) = call(http.get(url("/v1/tokens")).bearer_auth(&good)).await?;
+            assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"), "{v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("unix socket")),
+                "{v}"
+            );
+            let (s, _) = call(post("/v1/tokens").json(&json!({}))).await?;
+            assert_eq!(s, StatusCode::FORBIDDEN);
+            // A JSON array is not a body, even where its items would fill the fields in order.
+            let (s, v) = call(post("/v1/docs").json(&json!([null, null]))).await?;
+            assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_json"), "{v}");
+            // Bad initial content creates nothing (it used to be a 500 after creating the doc).
+            let before = call(http.get(url("/v1/docs")).bearer_auth(&good)).await?.1;
+            let (s, v) = call(post("/v1/docs").json(&json!({"content": {"": 1}}))).await?;
+            assert_eq!(
+                (s, code(&v)),
+                (StatusCode::BAD_REQUEST, "bad_request"),
+                "{v}"
+            );
+            let after = call(http.get(url("/v1/docs")).bearer_auth(&good)).await?.1;
+            assert_eq!(before, after, "a document was created");
             // Bad webhook input.
             let (s, v) = call(post("/v1/webhook").json(&json!({
                 "user": "u", "message": "hi", "callback_url": "file:///etc/passwd"

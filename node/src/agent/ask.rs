@@ -245,7 +245,7 @@ impl Asking {
             None => self.new_conversation(prompt).await?,
         };
         let rid = request_id.unwrap_or_else(|| hex::encode(crate::time::random_bytes::<12>()));
-        if rid.is_empty() || rid.len() > 128 {
+        if rid.is_empty() || rid.chars().count() > 128 {
             return Err(AskError::BadRequestId);
         }
         let me = self.role.me().to_string();

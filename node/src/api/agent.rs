@@ -1,5 +1,6 @@
 //! Agent routes: ask, follow a request (SSE), conversations, the agent role.
 
+use super::body::JsonBody;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -63,7 +64,10 @@ pub fn parse_interface(text: Option<&str>) -> Result<Interface, ApiError> {
     }
 }
 
-async fn ask_route(State(ctx): Ctx, Json(body): Json<AskBody>) -> Result<Json<Value>, ApiError> {
+async fn ask_route(
+    State(ctx): Ctx,
+    JsonBody(body): JsonBody<AskBody>,
+) -> Result<Json<Value>, ApiError> {
     let conversation = body.conversation.as_deref().map(parse_doc_id).transpose()?;
     let interface = parse_interface(body.interface.as_deref())?;
     let asked = ctx
@@ -184,7 +188,10 @@ struct AssignBody {
     device: String,
 }
 
-async fn assign(State(ctx): Ctx, Json(body): Json<AssignBody>) -> Result<Json<Value>, ApiError> {
+async fn assign(
+    State(ctx): Ctx,
+    JsonBody(body): JsonBody<AssignBody>,
+) -> Result<Json<Value>, ApiError> {
     let device = super::mesh::resolve_device(&ctx, &body.device)?;
     let epoch = role(&ctx).assign(device).await?;
     Ok(Json(json!({ "agent": device.to_string(), "epoch": epoch })))

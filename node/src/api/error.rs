@@ -33,6 +33,15 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
+    /// 400 `bad_json`: the body is JSON of the wrong shape.
+    pub fn bad_json(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_json",
+            message: message.into(),
+        }
+    }
+
     /// 400.
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError {

@@ -1,5 +1,6 @@
 //! Mesh routes: invites, joining, devices and revocation.
 
+use super::body::JsonBody;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,15 @@ struct InviteBody {
     admin: bool,
 }
 
+impl Default for InviteBody {
+    fn default() -> InviteBody {
+        InviteBody {
+            ttl_secs: default_ttl(),
+            admin: false,
+        }
+    }
+}
+
 fn default_ttl() -> u64 {
     15 * 60
 }
@@ -70,7 +80,11 @@ impl From<PairError> for ApiError {
     }
 }
 
-async fn invite(State(ctx): Ctx, Json(body): Json<InviteBody>) -> Result<Json<Value>, ApiError> {
+async fn invite(
+    State(ctx): Ctx,
+    body: Option<JsonBody<InviteBody>>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map(|JsonBody(b)| b).unwrap_or_default();
     if body.ttl_secs == 0 || body.ttl_secs > 7 * 24 * 3600 {
         return Err(ApiError::bad_request(
             "ttl must be between 1 second and 7 days",
@@ -100,7 +114,10 @@ struct JoinBody {
     name: Option<String>,
 }
 
-async fn join(State(ctx): Ctx, Json(body): Json<JoinBody>) -> Result<Json<Value>, ApiError> {
+async fn join(
+    State(ctx): Ctx,
+    JsonBody(body): JsonBody<JoinBody>,
+) -> Result<Json<Value>, ApiError> {
     let inviter = ctx.pairing.join(body.code.trim(), body.name).await?;
     Ok(Json(json!({
         "joined": true,

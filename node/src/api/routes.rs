@@ -1,6 +1,7 @@
 //! Routes of the local API. Every handler is thin: it validates input, calls a service and maps
 //! errors to [`ApiError`].
 
+use super::body::JsonBody;
 use std::sync::Arc;
 
 use axum::Json;
@@ -84,11 +85,11 @@ struct NewDoc {
     #[serde(default)]
     kind: Option<String>,
     #[serde(default)]
-    content: Option<Value>,
+    content: Option<serde_json::Map<String, Value>>,
 }
 
-async fn doc_new(State(ctx): Ctx, body: Option<Json<NewDoc>>) -> ApiResult {
-    let body = body.map(|Json(b)| b).unwrap_or(NewDoc {
+async fn doc_new(State(ctx): Ctx, body: Option<JsonBody<NewDoc>>) -> ApiResult {
+    let body = body.map(|JsonBody(b)| b).unwrap_or(NewDoc {
         kind: None,
         content: None,
     });
@@ -100,9 +101,13 @@ async fn doc_new(State(ctx): Ctx, body: Option<Json<NewDoc>>) -> ApiResult {
             ))
         })?,
     };
+    let fields = body.content.unwrap_or_default();
+    let now = crate::time::now_secs() as i64;
+    // Every field is tried on a scratch document first, so bad content (an empty or dotted
+    // key, a reserved field, too deep a value) is a 400 and no document is created.
+    check_initial_content(kind, &fields, now)?;
     let id = ctx.docs.create(kind).await?;
-    if let Some(Value::Object(fields)) = body.content {
-        let now = crate::time::now_secs() as i64;
+    if !fields.is_empty() {
         ctx.docs
             .modify(id, Origin::Local, false, move |doc| {
                 for (k, v) in fields {
@@ -114,6 +119,32 @@ async fn doc_new(State(ctx): Ctx, body: Option<Json<NewDoc>>) -> ApiResult {
             .await?;
     }
     Ok(Json(json!({ "id": id.to_string(), "kind": kind.name() })))
+}
+
+/// Whether `fields` can be a new document's top-level fields: each key one path segment (not
+/// empty, no `.`), each value accepted by a scratch document of `kind`.
+fn check_initial_content(
+    kind: DocKind,
+    fields: &serde_json::Map<String, Value>,
+    now: i64,
+) -> Result<(), ApiError> {
+    if fields.is_empty() {
+        return Ok(());
+    }
+    if let Some(key) = fields.keys().find(|k| k.is_empty() || k.contains('.')) {
+        return Err(ApiError::bad_request(format!(
+            "content key {key:?}: top-level keys must be non-empty and contain no '.' \
+             (set nested values with PUT /v1/docs/{{id}} and a dotted path)"
+        )));
+    }
+    let mut scratch =
+        Document::new(kind, &[0; 16], now).map_err(|e| ApiError::internal(e.to_string()))?;
+    for (k, v) in fields {
+        scratch
+            .put_json(k, v.clone(), "check", now)
+            .map_err(|e| ApiError::bad_request(format!("content key {k:?}: {e}")))?;
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -166,7 +197,11 @@ struct PutBody {
     message: Option<String>,
 }
 
-async fn doc_put(State(ctx): Ctx, Path(id): Path<String>, Json(body): Json<PutBody>) -> ApiResult {
+async fn doc_put(
+    State(ctx): Ctx,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<PutBody>,
+) -> ApiResult {
     let id = parse_doc_id(&id)?;
     let now = crate::time::now_secs() as i64;
     let message = body.message.unwrap_or_else(|| format!("set {}", body.path));
@@ -307,12 +342,12 @@ struct TextBody {
     text: String,
 }
 
-async fn memory_append(State(ctx): Ctx, Json(body): Json<TextBody>) -> ApiResult {
+async fn memory_append(State(ctx): Ctx, JsonBody(body): JsonBody<TextBody>) -> ApiResult {
     let text = ctx.memory_edit(body.text, true).await?;
     Ok(Json(json!({ "text": text })))
 }
 
-async fn memory_replace(State(ctx): Ctx, Json(body): Json<TextBody>) -> ApiResult {
+async fn memory_replace(State(ctx): Ctx, JsonBody(body): JsonBody<TextBody>) -> ApiResult {
     let text = ctx.memory_edit(body.text, false).await?;
     Ok(Json(json!({ "text": text })))
 }

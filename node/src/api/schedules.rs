@@ -1,5 +1,6 @@
 //! Schedule routes (`/v1/schedules`): edit the synced schedules document from any device.
 
+use super::body::JsonBody;
 use std::sync::Arc;
 
 use axum::Json;
@@ -109,7 +110,7 @@ async fn show(State(ctx): Ctx, Path(id): Path<String>) -> Result<Json<Value>, Ap
         .ok_or_else(|| no_such(&id))
 }
 
-async fn add(State(ctx): Ctx, Json(body): Json<AddBody>) -> Result<Json<Value>, ApiError> {
+async fn add(State(ctx): Ctx, JsonBody(body): JsonBody<AddBody>) -> Result<Json<Value>, ApiError> {
     schedule::parse_cron(&body.cron).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let prompt = body.prompt.trim().to_string();
     if prompt.is_empty() || prompt.len() > MAX_PROMPT {
@@ -188,7 +189,7 @@ async fn remove(State(ctx): Ctx, Path(id): Path<String>) -> Result<Json<Value>, 
 async fn set_enabled(
     State(ctx): Ctx,
     Path(id): Path<String>,
-    Json(body): Json<EnabledBody>,
+    JsonBody(body): JsonBody<EnabledBody>,
 ) -> Result<Json<Value>, ApiError> {
     let enabled = body.enabled;
     edit(&ctx, &id, move |s, id, now| {

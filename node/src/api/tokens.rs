@@ -1,6 +1,7 @@
 //! Token routes (`/v1/tokens`), served on the unix socket only: creating or revoking a token
 //! needs access to the device itself, not just another token.
 
+use super::body::JsonBody;
 use std::sync::Arc;
 
 use axum::Json;
@@ -32,6 +33,20 @@ pub fn routes(ctx: Arc<NodeCtx>) -> axum::Router {
         .with_state(ctx)
 }
 
+/// What the HTTP listener serves at the token routes: `403 forbidden` with the reason, so a
+/// client over TCP learns where tokens are managed instead of getting a bare 404.
+pub fn refused_over_http() -> axum::Router {
+    async fn refuse() -> ApiError {
+        ApiError::forbidden(
+            "tokens are managed over the unix socket only (`iom token create|list|revoke` on \
+             the device itself): a token cannot mint or revoke tokens",
+        )
+    }
+    axum::Router::new()
+        .route("/v1/tokens", get(refuse).post(refuse))
+        .route("/v1/tokens/{id}", delete(refuse))
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
@@ -39,8 +54,11 @@ struct CreateBody {
     name: Option<String>,
 }
 
-async fn create(State(ctx): Ctx, body: Option<Json<CreateBody>>) -> Result<Json<Value>, ApiError> {
-    let body = body.map(|Json(b)| b).unwrap_or_default();
+async fn create(
+    State(ctx): Ctx,
+    body: Option<JsonBody<CreateBody>>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map(|JsonBody(b)| b).unwrap_or_default();
     let t = tokens::create(&ctx.store, body.name.as_deref()).await?;
     Ok(Json(json!({
         "id": t.record.id,

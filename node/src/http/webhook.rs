@@ -5,6 +5,7 @@
 //! retried with exponential backoff ([`MAX_ATTEMPTS`] attempts). Pending deliveries are kept in
 //! the node's state and resumed after a restart.
 
+use crate::api::body::JsonBody;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,10 +107,10 @@ pub fn check_callback_url(text: &str) -> Result<reqwest::Url, ApiError> {
 
 async fn webhook(
     State(ctx): State<Arc<NodeCtx>>,
-    Json(body): Json<WebhookBody>,
+    JsonBody(body): JsonBody<WebhookBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let user = body.user.trim().to_string();
-    if user.is_empty() || user.len() > MAX_USER || user.chars().any(char::is_control) {
+    if user.is_empty() || user.chars().count() > MAX_USER || user.chars().any(char::is_control) {
         return Err(ApiError::bad_request(format!(
             "user is 1 to {MAX_USER} printable characters"
         )));
