@@ -119,6 +119,9 @@ pub struct StorageConfig {
     pub cache_mb: u64,
     /// Documents kept loaded in memory.
     pub loaded_docs: usize,
+    /// Free space (MiB) kept on the disk holding the data dir: below it, new documents,
+    /// changes and blobs are refused with a clear error until space is freed.
+    pub reserve_mb: u64,
 }
 
 impl Default for StorageConfig {
@@ -126,6 +129,7 @@ impl Default for StorageConfig {
         StorageConfig {
             cache_mb: 16,
             loaded_docs: 128,
+            reserve_mb: 256,
         }
     }
 }

@@ -280,6 +280,8 @@ impl Docs {
     where
         F: FnOnce(&mut Document) -> Result<R, DocsError>,
     {
+        // Refused below the disk reserve before anything changes in memory.
+        self.inner.store.ensure_space(0)?;
         let doc = self
             .load(id, create_missing)?
             .ok_or(DocsError::NotFound(id))?;
@@ -292,15 +294,22 @@ impl Docs {
         let heads = guard.heads();
         let kind = guard.kind_name().unwrap_or_else(|| "generic".into());
         let store = &self.inner.store;
-        let meta = match store.doc_meta(id.as_bytes())? {
+        let stored = match store.doc_meta(id.as_bytes())? {
             // First persistence of a document received by sync: a full snapshot.
-            None => store.append_doc_chunk(
-                id.as_bytes(),
-                &kind,
-                &guard.snapshot(),
-                heads_bytes(&heads),
-            )?,
-            Some(_) => store.append_doc_chunk(id.as_bytes(), &kind, &bytes, heads_bytes(&heads))?,
+            None => {
+                store.append_doc_chunk(id.as_bytes(), &kind, &guard.snapshot(), heads_bytes(&heads))
+            }
+            Some(_) => store.append_doc_chunk(id.as_bytes(), &kind, &bytes, heads_bytes(&heads)),
+        };
+        let meta = match stored {
+            Ok(meta) => meta,
+            Err(e) => {
+                // The change is in memory but not on disk: drop the cached copy so the next
+                // use loads what is stored, and nothing unacknowledged lingers.
+                drop(guard);
+                lock(&self.inner.cache).remove(&id);
+                return Err(e.into());
+            }
         };
         self.record_heads(id, &heads);
         Ok((result, Some((heads, meta))))
@@ -929,5 +938,82 @@ mod tests {
         let real = docs.create(DocKind::Generic).await.unwrap();
         docs.forget_unstored(real).unwrap();
         assert!(docs.read(real, |_| ()).await.is_ok());
+    }
+
+    /// Free space a test sets.
+    #[derive(Clone, Default)]
+    struct FakeDisk(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+    impl crate::store::space::FreeSpace for FakeDisk {
+        fn free_bytes(&self, _: &std::path::Path) -> std::io::Result<u64> {
+            Ok(self.0.load(std::sync::atomic::Ordering::SeqCst))
+        }
+    }
+
+    #[tokio::test]
+    async fn below_the_reserve_writes_are_refused_before_anything_changes_and_resume_after() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = FakeDisk::default();
+        disk.0.store(1 << 30, Ordering::SeqCst);
+        let store = Store::open_with_reserve(
+            &dir.path().join("db"),
+            8 << 20,
+            64 << 20,
+            Box::new(disk.clone()),
+        )
+        .unwrap();
+        let docs = Docs::new(store.clone(), actor(1), 8).unwrap();
+        let id = docs.create(DocKind::Generic).await.unwrap();
+        docs.modify(id, Origin::Local, false, |d| {
+            d.put_json("a", json!(1), "one", 1).map_err(DocsError::from)
+        })
+        .await
+        .unwrap();
+
+        disk.0.store(10 << 20, Ordering::SeqCst);
+        tokio::time::sleep(crate::store::space::RECHECK).await;
+        let err = docs
+            .modify(id, Origin::Local, false, |d| {
+                d.put_json("a", json!(2), "two", 2).map_err(DocsError::from)
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, DocsError::Store(StoreError::DiskFull { .. })),
+            "{err:?}"
+        );
+        let api: crate::api::ApiError = err.into();
+        assert_eq!(api.code, "disk_full");
+        assert!(api.message.contains("reserve"), "{}", api.message);
+        // Nothing changed, in memory or on disk.
+        let now = docs.read(id, |d| d.get_json("a").unwrap()).await.unwrap();
+        assert_eq!(now, Some(json!(1)));
+        assert!(
+            docs.create(DocKind::Generic).await.is_err(),
+            "no new documents"
+        );
+        let mut blob = store.blob_writer(None).unwrap();
+        assert!(
+            matches!(
+                blob.write(&vec![7; crate::store::CHUNK_SIZE]),
+                Err(StoreError::DiskFull { .. })
+            ),
+            "no blob chunks"
+        );
+
+        // Space is freed: writes resume by themselves, and a reopened store has every
+        // acknowledged write and nothing else.
+        disk.0.store(1 << 30, Ordering::SeqCst);
+        docs.modify(id, Origin::Local, false, |d| {
+            d.put_json("a", json!(3), "three", 3)
+                .map_err(DocsError::from)
+        })
+        .await
+        .unwrap();
+        drop(docs);
+        let fresh = Docs::new(store.clone(), actor(2), 8).unwrap();
+        let stored = fresh.read(id, |d| d.get_json("a").unwrap()).await.unwrap();
+        assert_eq!(stored, Some(json!(3)));
     }
 }

@@ -97,6 +97,7 @@ impl NodeCtx {
             "inventory_root": hex::encode(self.docs.with_inventory(|i| i.root())),
             "blobs": self.store.blob_count(),
             "disk_bytes": self.store.size_on_disk(),
+            "disk": self.disk_json(),
             "listen": self.net.listen_addrs().await.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "peers": self.peers_json(),
             "sync": self.sync.progress(),
@@ -105,6 +106,24 @@ impl NodeCtx {
             })).collect::<Vec<_>>(),
             "blob_bytes_pending": self.blobs.pending_bytes(),
         })
+    }
+
+    /// The disk reserve: free space, the reserve, and whether writes are accepted (and why not).
+    fn disk_json(&self) -> Value {
+        match self.store.space() {
+            Ok(s) if s.writable() => json!({
+                "free_bytes": s.free, "reserve_bytes": s.reserve, "writable": true,
+            }),
+            Ok(s) => json!({
+                "free_bytes": s.free, "reserve_bytes": s.reserve, "writable": false,
+                "why": crate::store::StoreError::DiskFull {
+                    dir: self.config.data_dir.display().to_string(),
+                    free: s.free,
+                    reserve: s.reserve,
+                }.to_string(),
+            }),
+            Err(e) => json!({ "writable": false, "why": e.to_string() }),
+        }
     }
 
     /// Connected peers with their link kind.
@@ -250,7 +269,13 @@ impl Node {
             dir: db_dir.display().to_string(),
             source,
         };
-        let store = Store::open(&db_dir, config.storage.cache_mb << 20).map_err(store_error)?;
+        let store = Store::open_with_reserve(
+            &db_dir,
+            config.storage.cache_mb << 20,
+            config.storage.reserve_mb << 20,
+            Box::new(crate::store::space::Statvfs),
+        )
+        .map_err(store_error)?;
         let actor = iom_crdt::actor_for(device.as_bytes(), crate::time::random_bytes::<8>());
         let docs = Docs::new(store.clone(), actor, config.storage.loaded_docs)
             .map_err(|e| StartError::Other(format!("cannot read the document index: {e}")))?;

@@ -96,6 +96,15 @@ impl ApiError {
         }
     }
 
+    /// 507 `disk_full`: below the disk reserve; the write was refused and nothing changed.
+    pub fn disk_full(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            code: "disk_full",
+            message: message.into(),
+        }
+    }
+
     /// 507: the disk is full or the store cannot write.
     pub fn storage(message: impl Into<String>) -> ApiError {
         ApiError {
@@ -123,7 +132,7 @@ impl From<crate::docs::DocsError> for ApiError {
         use crate::docs::DocsError;
         match e {
             DocsError::NotFound(_) => ApiError::not_found(e.to_string()),
-            DocsError::Store(_) => ApiError::storage(e.to_string()),
+            DocsError::Store(s) => s.into(),
             DocsError::Document(_) => ApiError::bad_request(e.to_string()),
             _ => ApiError::internal(e.to_string()),
         }
@@ -138,6 +147,7 @@ impl From<crate::store::StoreError> for ApiError {
                 ApiError::not_found(e.to_string())
             }
             StoreError::HashMismatch { .. } => ApiError::bad_request(e.to_string()),
+            StoreError::DiskFull { .. } => ApiError::disk_full(e.to_string()),
             _ => ApiError::storage(e.to_string()),
         }
     }

@@ -113,6 +113,8 @@ impl BlobWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
+        self.store.ensure_space(self.buf.len() as u64)?;
+        self.store.wrote(self.buf.len() as u64);
         let index =
             u32::try_from(self.chunk_hashes.len()).map_err(|_| StoreError::TooManyChunks)?;
         self.whole.update(&self.buf);

@@ -148,6 +148,7 @@ impl Store {
         bytes: &[u8],
         heads: Vec<[u8; 32]>,
     ) -> Result<DocMeta, StoreError> {
+        self.ensure_space(bytes.len() as u64)?;
         let write = ChunkWrite {
             id: *id,
             kind,
@@ -155,14 +156,19 @@ impl Store {
             heads,
         };
         let now = crate::time::now_secs();
-        (&self.docs, &self.doc_chunks)
+        let meta = (&self.docs, &self.doc_chunks)
             .transaction(|(docs, chunks)| append_in(docs, chunks, &write, now))
-            .map_err(tx_err)
+            .map_err(tx_err)?;
+        self.wrote(bytes.len() as u64);
+        Ok(meta)
     }
 
     /// [`Store::append_doc_chunk`] for many documents in one transaction (one sled write
     /// lock, not one per document). Returns each document's new metadata, in order.
     pub fn append_doc_chunks(&self, writes: &[ChunkWrite<'_>]) -> Result<Vec<DocMeta>, StoreError> {
+        let bytes: u64 = writes.iter().map(|w| w.bytes.len() as u64).sum();
+        self.ensure_space(bytes)?;
+        self.wrote(bytes);
         let now = crate::time::now_secs();
         (&self.docs, &self.doc_chunks)
             .transaction(|(docs, chunks)| {

@@ -8,6 +8,7 @@ mod blobs;
 mod docs;
 mod objects;
 mod received;
+pub mod space;
 
 use std::path::Path;
 
@@ -84,6 +85,22 @@ pub enum StoreError {
     /// A document was asked for that is not stored.
     #[error("document {0} is not stored here")]
     NoSuchDoc(String),
+    /// The disk holding the store is below the reserve: the write was refused, and nothing
+    /// stored was touched.
+    #[error(
+        "the disk holding {dir} has {} free, below the reserve of {}: new documents, changes \
+         and blobs are refused until space is freed (nothing stored is lost; writes resume by \
+         themselves; `[storage] reserve_mb` sets the reserve)",
+        human(*free), human(*reserve)
+    )]
+    DiskFull {
+        /// The store dir.
+        dir: String,
+        /// Bytes free.
+        free: u64,
+        /// The reserve, in bytes.
+        reserve: u64,
+    },
     /// Reading or writing a blob chunk file failed.
     #[error("blob chunk file {path}: {source}")]
     ChunkFile {
@@ -110,6 +127,24 @@ pub struct Store {
     docs: sled::Tree,
     doc_chunks: sled::Tree,
     state: sled::Tree,
+    /// Refuses document and blob writes below the disk reserve.
+    space: std::sync::Arc<space::SpaceGuard>,
+}
+
+/// Bytes as people read them (`1.5 GiB`).
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -119,8 +154,19 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store under `dir`.
+    /// Opens (or creates) the store under `dir`, with no disk reserve.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        Store::open_with_reserve(dir, cache_bytes, 0, Box::new(space::Statvfs))
+    }
+
+    /// Opens (or creates) the store under `dir`, refusing document and blob writes while
+    /// `free_space` reports less than `reserve` bytes free ([`space::SpaceGuard`]).
+    pub fn open_with_reserve(
+        dir: &Path,
+        cache_bytes: u64,
+        reserve: u64,
+        free_space: Box<dyn space::FreeSpace>,
+    ) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -139,8 +185,24 @@ impl Store {
             docs: db.open_tree("docs")?,
             doc_chunks: db.open_tree("doc_chunks")?,
             state: db.open_tree("state")?,
+            space: std::sync::Arc::new(space::SpaceGuard::new(dir, reserve, free_space)),
             db,
         })
+    }
+
+    /// `Ok` if `bytes` more of documents or blobs may be written (see [`space::SpaceGuard`]).
+    pub fn ensure_space(&self, bytes: u64) -> Result<(), StoreError> {
+        self.space.check(bytes)
+    }
+
+    /// Counts `bytes` as written, for the reserve's estimate between readings.
+    pub(crate) fn wrote(&self, bytes: u64) {
+        self.space.wrote(bytes);
+    }
+
+    /// The free space of the store's disk and the reserve.
+    pub fn space(&self) -> Result<space::SpaceState, StoreError> {
+        self.space.state()
     }
 
     /// Makes every write so far durable. Call before acknowledging a write.

@@ -216,6 +216,8 @@ impl BlobReceiver {
                 actual: hex::encode(actual),
             });
         }
+        self.store.ensure_space(bytes.len() as u64)?;
+        self.store.wrote(bytes.len() as u64);
         self.whole.update(&bytes);
         let index = self.done;
         let sent = self
