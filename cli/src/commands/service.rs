@@ -122,7 +122,8 @@ fn systemctl(user: bool, args: &[&str]) -> Result<String, String> {
 
 fn install(g: &Global, relay_dir: &Path, a: &ServiceArgs) -> Result<(), Failure> {
     let spec = spec(g, relay_dir, a)?;
-    if spec.role == Role::Node && !spec.data_dir.join("device.key").exists() {
+    if spec.role == Role::Node {
+        // Keys for a new device, unless it has them (the service must not start half set up).
         iom_node::node::init_data_dir(&spec.data_dir)?;
     } else {
         std::fs::create_dir_all(&spec.data_dir)
