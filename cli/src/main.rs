@@ -6,6 +6,7 @@
 mod args;
 mod commands;
 mod output;
+mod progress;
 mod unit;
 
 use std::process::ExitCode;

@@ -787,3 +787,69 @@ fn service_units_verify_with_systemd_analyze_and_install_into_a_unit_dir() {
         Ok(())
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Progress bars
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn progress_is_drawn_on_a_terminal_and_off_in_pipes_and_with_json() {
+    scenario(|| {
+        let mut n = Node::new("bars")?;
+        n.start()?;
+        let file = n.dir.join("big.bin");
+        iom_tests::harness::random_file(&file, 24 << 20, 7)?;
+        let file_s = file.to_str().context("path")?;
+
+        // stderr is a pipe here: no bar, stdout is just the hash.
+        let out = n.try_cli(&["blob", "add", file_s])?;
+        ensure!(out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !stderr.contains('\r') && !stderr.contains('%'),
+            "no progress in a pipe: {stderr:?}"
+        );
+        let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        ensure!(hash.len() == 64, "{hash}");
+        let got = n.dir.join("got.bin");
+        let out = n.try_cli(&["blob", "get", &hash, "-o", got.to_str().context("path")?])?;
+        ensure!(out.status.success() && !String::from_utf8_lossy(&out.stderr).contains('%'));
+
+        if !have("script") && may_skip("script (bsdutils)") {
+            return Ok(());
+        }
+        // On a terminal (script(1) gives the command a pty): a bar that reaches 100%.
+        let run_on_pty = |args: &str| -> Result<String> {
+            let cmd = format!(
+                "{} --data-dir {} {args}",
+                iom_bin().display(),
+                n.dir.display()
+            );
+            let out = Command::new("script")
+                .args(["-qefc", &cmd, "/dev/null"])
+                .stdin(Stdio::null())
+                .output()?;
+            ensure!(out.status.success(), "script {cmd}: {out:?}");
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let screen = run_on_pty(&format!("blob add {file_s}"))?;
+        ensure!(
+            screen.contains("adding") && screen.contains("100%") && screen.contains("24.0 MiB"),
+            "a bar on the terminal: {screen:?}"
+        );
+        let again = n.dir.join("again.bin");
+        let screen = run_on_pty(&format!("blob get {hash} -o {}", again.display()))?;
+        ensure!(
+            screen.contains("getting") && screen.contains("100%"),
+            "{screen:?}"
+        );
+        // --json turns it off even on a terminal.
+        let screen = run_on_pty(&format!("--json blob add {file_s}"))?;
+        ensure!(
+            !screen.contains('%') && screen.contains(&hash),
+            "{screen:?}"
+        );
+        n.stop()?;
+        Ok(())
+    })
+}
