@@ -144,6 +144,10 @@ pub struct ServiceArgs {
     /// The relay (`iom relay run`) instead of the node.
     #[arg(long)]
     pub relay: bool,
+    /// System units: the user the service runs as [default: $SUDO_USER, else $USER; none
+    /// for root].
+    #[arg(long, value_name = "USER", conflicts_with = "user")]
+    pub run_as: Option<String>,
     /// Extra arguments for `iom node run` / `iom relay run` in the unit (after `--`).
     #[arg(last = true, value_name = "RUN_ARGS")]
     pub run_args: Vec<String>,

@@ -115,6 +115,10 @@ pub fn render(spec: &UnitSpec) -> String {
     // The node flushes and removes its containers on SIGTERM within its own 5 + 10 s.
     u.push_str("KillSignal=SIGTERM\nTimeoutStopSec=30s\n");
     u.push_str("UMask=0077\n");
+    if spec.role == Role::Relay {
+        // One file descriptor per connection.
+        u.push_str("LimitNOFILE=65536\n");
+    }
     u.push_str("Environment=IOM_LOG=warn,iom_node=info\n");
     u.push_str("\n# Hardening: the data dir is the only writable path.\n");
     u.push_str("NoNewPrivileges=yes\n");
@@ -203,6 +207,7 @@ mod tests {
         assert!(text.contains("--data-dir /var/lib/iom relay run"));
         assert!(!text.contains("SupplementaryGroups"), "{text}");
         assert!(!text.contains("docker.service"));
+        assert!(text.contains("LimitNOFILE=65536\n"));
         assert_eq!(spec(Role::Relay, false).file_name(), "iom-relay.service");
     }
 

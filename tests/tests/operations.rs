@@ -748,10 +748,11 @@ fn service_units_verify_with_systemd_analyze_and_install_into_a_unit_dir() {
         };
         let installed = run("install")?;
         assert_eq!(installed["enabled"], false, "{installed}");
-        ensure!(units.join("iom.service").exists());
+        let unit_text = std::fs::read_to_string(units.join("iom.service"))?;
+        ensure!(unit_text.contains("WantedBy=default.target"), "{unit_text}");
         ensure!(
-            data.join("keys/device.key").exists(),
-            "install initialises the data dir"
+            data.is_dir(),
+            "install creates the data dir (ReadWritePaths needs it)"
         );
         let status = run("status")?;
         assert_eq!(status["installed"], true, "{status}");

@@ -45,8 +45,10 @@ fn spec(g: &Global, relay_dir: &Path, a: &ServiceArgs) -> Result<UnitSpec, Failu
     let role = if a.relay { Role::Relay } else { Role::Node };
     let data_dir = absolute(if a.relay { relay_dir } else { &g.data_dir })?;
     let binary = std::env::current_exe().context("cannot find the path of this iom binary")?;
-    let run_as = std::env::var("SUDO_USER")
-        .ok()
+    let run_as = a
+        .run_as
+        .clone()
+        .or_else(|| std::env::var("SUDO_USER").ok())
         .or_else(|| std::env::var("USER").ok())
         .filter(|u| !u.is_empty() && u != "root");
     if let Some(user) = &run_as
@@ -122,13 +124,7 @@ fn systemctl(user: bool, args: &[&str]) -> Result<String, String> {
 
 fn install(g: &Global, relay_dir: &Path, a: &ServiceArgs) -> Result<(), Failure> {
     let spec = spec(g, relay_dir, a)?;
-    if spec.role == Role::Node {
-        // Keys for a new device, unless it has them (the service must not start half set up).
-        iom_node::node::init_data_dir(&spec.data_dir)?;
-    } else {
-        std::fs::create_dir_all(&spec.data_dir)
-            .with_context(|| format!("cannot create {}", spec.data_dir.display()))?;
-    }
+    prepare_data_dir(&spec)?;
     let (dir, call_systemctl) = unit_dir(a)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(spec.file_name());
@@ -164,6 +160,43 @@ fn install(g: &Global, relay_dir: &Path, a: &ServiceArgs) -> Result<(), Failure>
                     "to keep it running while you are logged out: loginctl enable-linger $USER"
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+/// The data dir must exist before the service starts (`ReadWritePaths=` of a missing path
+/// fails the unit). A new one is made 0700; root installing a system unit for another user
+/// hands it to that user, who then creates the keys on the first start.
+fn prepare_data_dir(spec: &UnitSpec) -> Result<(), Failure> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = &spec.data_dir;
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    // A new directory belongs to the effective user: 0 means root.
+    let made_by_root = std::fs::metadata(dir).is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    if !spec.user_unit
+        && made_by_root
+        && let Some(user) = &spec.run_as
+    {
+        let out = Command::new("chown")
+            .arg(format!("{user}:"))
+            .arg(dir)
+            .output()
+            .context("cannot run chown")?;
+        if !out.status.success() {
+            return Err(anyhow!(
+                "cannot give {} to {user}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+            .into());
         }
     }
     Ok(())
