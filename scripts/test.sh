@@ -37,7 +37,7 @@ if [ "$(id -u)" -eq 0 ]; then
     step "system packages"
     scripts/install-deps.sh
 else
-    echo "not root: skipping scripts/install-deps.sh (install busybox-static, iptables, iproute2, chromium, chromium-driver yourself)"
+    echo "not root: skipping scripts/install-deps.sh (install busybox-static, iptables, iproute2, chromium, chromium-driver, systemd, e2fsprogs yourself)"
 fi
 
 step "cargo fmt --check"
