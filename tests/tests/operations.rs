@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
-use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
+use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig, Scripted};
 use iom_tests::harness::{Node, free_port, iom_bin, runtime, scenario, wait_mesh, wait_until};
 use serde_json::Value;
 
@@ -201,7 +201,11 @@ fn node_metrics_move_after_an_ask_and_a_sync() {
             instant: true,
             ..FakeConfig::default()
         }))?;
-        let mut home = Node::with_env("home", &fake.node_env())?;
+        // No Docker for this agent: its tool calls fail (and are counted as errors), so the
+        // test needs no sandbox image.
+        let mut env = fake.node_env().to_vec();
+        env.push(("DOCKER_HOST", "unix:///nonexistent/docker.sock"));
+        let mut home = Node::with_env("home", &env)?;
         let port = free_port()?;
         home.args
             .extend(["--http".to_string(), format!("127.0.0.1:{port}")]);
@@ -245,6 +249,25 @@ fn node_metrics_move_after_an_ask_and_a_sync() {
             "tokens counted: {after_ask}"
         );
         ensure!(metric(&after_ask, "iom_agent_tokens_today")? > 0.0);
+        assert_eq!(metric(&after_ask, "iom_tool_calls_total")?, 0.0);
+
+        // A tool call (it fails: no Docker here), then the answer.
+        fake.push_scripts([
+            Scripted::ToolUse {
+                name: "bash".into(),
+                input: serde_json::json!({ "command": "echo hi" }),
+            },
+            Scripted::Text("no sandbox today".into()),
+        ]);
+        laptop.cli(&["ask", "run a tool"])?;
+        let (_, _, after_ask) = scrape(&url, Some(&token))?;
+        assert_eq!(metric(&after_ask, "iom_asks_total")?, 2.0, "{after_ask}");
+        assert_eq!(metric(&after_ask, "iom_tool_calls_total")?, 1.0);
+        assert_eq!(metric(&after_ask, "iom_tool_call_errors_total")?, 1.0);
+        ensure!(
+            metric(&after_ask, "iom_errors_total{level=\"warn\"}")? > 0.0,
+            "the unreachable Docker was logged as a warning"
+        );
 
         // A sync: a document made on the laptop arrives at the home server; bytes move.
         let received = metric(&after_ask, "iom_bytes_received_total")?;

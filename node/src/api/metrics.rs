@@ -51,10 +51,11 @@ pub fn render(ctx: &NodeCtx) -> String {
         "iom_peers",
         "Connected peers by link kind.",
         "gauge",
-        &[
-            (vec![("link", "direct".into())], direct as f64),
-            (vec![("link", "relayed".into())], relayed as f64),
-        ],
+        &two(
+            "link",
+            ("direct", direct as f64),
+            ("relayed", relayed as f64),
+        ),
     )
     .gauge(
         "iom_relay_reservations",
@@ -130,16 +131,11 @@ pub fn render(ctx: &NodeCtx) -> String {
         "iom_tokens_total",
         "Model tokens reported by the API, by direction.",
         "counter",
-        &[
-            (
-                vec![("direction", "input".into())],
-                c.tokens_input.get() as f64,
-            ),
-            (
-                vec![("direction", "output".into())],
-                c.tokens_output.get() as f64,
-            ),
-        ],
+        &two(
+            "direction",
+            ("input", c.tokens_input.get() as f64),
+            ("output", c.tokens_output.get() as f64),
+        ),
     )
     .counter(
         "iom_tool_calls_total",
@@ -160,25 +156,33 @@ pub fn render(ctx: &NodeCtx) -> String {
         "iom_hole_punches_total",
         "Hole punches (DCUtR) by result.",
         "counter",
-        &[
-            (
-                vec![("result", "ok".into())],
-                c.hole_punches_ok.get() as f64,
-            ),
-            (
-                vec![("result", "failed".into())],
-                c.hole_punches_failed.get() as f64,
-            ),
-        ],
+        &two(
+            "result",
+            ("ok", c.hole_punches_ok.get() as f64),
+            ("failed", c.hole_punches_failed.get() as f64),
+        ),
     )
     .labelled(
         "iom_errors_total",
         "Logged problems by level (every WARN and ERROR the node logged).",
         "counter",
-        &[
-            (vec![("level", "warn".into())], c.log_warnings.get() as f64),
-            (vec![("level", "error".into())], c.log_errors.get() as f64),
-        ],
+        &two(
+            "level",
+            ("warn", c.log_warnings.get() as f64),
+            ("error", c.log_errors.get() as f64),
+        ),
     );
     e.finish()
+}
+
+/// Two samples of one metric that differ in one label.
+fn two(
+    label: &'static str,
+    a: (&str, f64),
+    b: (&str, f64),
+) -> Vec<(Vec<(&'static str, String)>, f64)> {
+    vec![
+        (vec![(label, a.0.to_string())], a.1),
+        (vec![(label, b.0.to_string())], b.1),
+    ]
 }

@@ -22,12 +22,7 @@ pub async fn docker(image: &str) -> (Result<String, String>, Option<Result<bool,
         let docker = crate::agent::sandbox::container::connect_docker()
             .await
             .map_err(|e| e.to_string())?;
-        let version = docker
-            .version()
-            .await
-            .ok()
-            .and_then(|v| v.version)
-            .unwrap_or_else(|| "unknown".into());
+        let version = crate::agent::sandbox::container::engine_version(&docker).await;
         let present = match docker.inspect_image(image).await {
             Ok(_) => Ok(true),
             Err(bollard::errors::Error::DockerResponseServerError {
