@@ -683,6 +683,15 @@ fn doctor_without_a_running_node_checks_what_it_can_and_says_what_it_skipped() {
             "no relay check without a node"
         );
         assert_eq!(code, 0, "warnings only: {f:?}");
+
+        // A configuration the node would refuse is a finding too.
+        std::fs::write(
+            n.dir.join("config.toml"),
+            "[network]\nlisten = [\"not an address\"]\n",
+        )?;
+        let (code, f) = doctor(&n, &[])?;
+        assert_eq!(severity_of(&f, "config")?, "error", "{f:?}");
+        assert_eq!(code, 1);
         Ok(())
     })
 }

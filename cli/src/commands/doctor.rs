@@ -14,10 +14,20 @@ pub async fn run(g: &Global) -> Result<(), Failure> {
     let findings: Vec<Finding> = match g.client()?.get("/v1/doctor").await {
         Ok(v) => serde_json::from_value(v["findings"].clone())
             .map_err(|e| anyhow!("the node's doctor answer is not understood: {e}"))?,
-        Err(ClientError::NotRunning { .. }) => {
-            let config = super::node::default_config(g)?;
-            iom_node::doctor::probe::offline(&config).await
-        }
+        Err(ClientError::NotRunning { .. }) => match super::node::default_config(g) {
+            Ok(config) => iom_node::doctor::probe::offline(&config).await,
+            // The node would not start with this configuration: that is the finding.
+            Err(Failure::Usage(e) | Failure::Failed(e)) => vec![Finding::new(
+                "config",
+                Severity::Error,
+                format!("the configuration is invalid: {e:#}"),
+                format!(
+                    "fix {} (see docs/cli.md, Configuration)",
+                    g.data_dir.join("config.toml").display()
+                ),
+            )],
+            Err(Failure::Quiet) => return Err(Failure::Quiet),
+        },
         Err(e) => return Err(e.into()),
     };
     let worst = worst(&findings);
