@@ -526,6 +526,21 @@ fn doctor_reports_docker_unreachable_on_the_agent() {
             "the key is in the node's env"
         );
         assert_eq!(code, 1);
+
+        // The CLI reaches its node on a machine without CA certificates (a minimal container:
+        // found under a real systemd by scripts/systemd-container-check.sh).
+        let empty = tempfile::tempdir()?;
+        let out = Command::new(iom_bin())
+            .arg("--data-dir")
+            .arg(&n.dir)
+            .args(["status", "--json"])
+            .env("SSL_CERT_FILE", empty.path().join("none.pem"))
+            .env("SSL_CERT_DIR", empty.path())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "status without CA certificates: {out:?}"
+        );
         n.stop()?;
         Ok(())
     })
