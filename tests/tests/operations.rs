@@ -5,9 +5,11 @@
 //! nearly full disk on a loop-mounted filesystem), shell completions that bash can source, man
 //! pages, and the systemd unit checked by `systemd-analyze verify`.
 //!
-//! Needs root (mount, losetup) for the disk test, `systemd-analyze` (Debian package `systemd`)
-//! and Docker for the image test: `scripts/install-deps.sh` installs the packages. Outside CI a
-//! test whose tool is missing prints `SKIPPED` and passes; under `CI=true` it fails.
+//! Needs root (a loop mount) for the disk test, `systemd-analyze` (Debian package `systemd`),
+//! `mkfs.ext4` (`e2fsprogs`), `script` (`bsdutils`) and Docker for the image test:
+//! `scripts/install-deps.sh` installs the packages. A missing one fails the test; no test skips
+//! itself (`IOM_SKIP_DOCKER=1` / `IOM_SKIP_NETNS=1` make `scripts/test.sh` leave the Docker and
+//! root tests out with a filter).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,13 +20,14 @@ use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig, Scripted};
 use iom_tests::harness::{Node, free_port, iom_bin, runtime, scenario, wait_mesh, wait_until};
 use serde_json::Value;
 
-/// Whether a missing prerequisite may skip a test (never under CI).
-fn may_skip(what: &str) -> bool {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{what} is missing, and nothing may skip under CI=true (scripts/install-deps.sh)");
-    }
-    eprintln!("SKIPPED: {what} is missing");
-    true
+/// Fails the test when a prerequisite is missing: no test skips itself (`scripts/test.sh`
+/// leaves tests out with a filter for `IOM_SKIP_DOCKER=1` / `IOM_SKIP_NETNS=1`).
+fn require(ok: bool, what: &str) {
+    assert!(
+        ok,
+        "{what} is missing: run scripts/install-deps.sh as root (or leave this test out, as \
+         scripts/test.sh does with IOM_SKIP_DOCKER=1 / IOM_SKIP_NETNS=1)"
+    );
 }
 
 fn have(tool: &str) -> bool {
@@ -552,9 +555,10 @@ fn doctor_reports_a_missing_sandbox_image_and_a_missing_api_key() {
         let docker = Command::new("docker")
             .args(["version", "--format", "{{.Server.Version}}"])
             .output();
-        if !docker.is_ok_and(|o| o.status.success()) && may_skip("a reachable Docker engine") {
-            return Ok(());
-        }
+        require(
+            docker.is_ok_and(|o| o.status.success()),
+            "a reachable Docker engine",
+        );
         let mut n = agent_node(
             "noimage",
             &[],
@@ -638,12 +642,8 @@ fn avail(path: &Path) -> Result<u64> {
 #[test]
 fn doctor_reports_a_nearly_full_disk() {
     scenario(|| {
-        if !is_root() && may_skip("root (to mount a loop filesystem)") {
-            return Ok(());
-        }
-        if !have("mkfs.ext4") && may_skip("mkfs.ext4 (e2fsprogs)") {
-            return Ok(());
-        }
+        require(is_root(), "root (to mount a loop filesystem)");
+        require(have("mkfs.ext4"), "mkfs.ext4 (e2fsprogs)");
         let tmp = tempfile::tempdir()?;
         let mut n = Node::new("full")?;
         // The node's whole data dir lives on a 3 GiB filesystem (a sparse image: it costs only
@@ -718,9 +718,10 @@ fn doctor_without_a_running_node_checks_what_it_can_and_says_what_it_skipped() {
 #[test]
 fn service_units_verify_with_systemd_analyze_and_install_into_a_unit_dir() {
     scenario(|| {
-        if !have("systemd-analyze") && may_skip("systemd-analyze (Debian package systemd)") {
-            return Ok(());
-        }
+        require(
+            have("systemd-analyze"),
+            "systemd-analyze (Debian package systemd)",
+        );
         let tmp = tempfile::tempdir()?;
         let data = tmp.path().join("data");
         let relay_data = tmp.path().join("relay");
@@ -863,9 +864,7 @@ fn progress_is_drawn_on_a_terminal_and_off_in_pipes_and_with_json() {
         let out = n.try_cli(&["blob", "get", &hash, "-o", got.to_str().context("path")?])?;
         ensure!(out.status.success() && !String::from_utf8_lossy(&out.stderr).contains('%'));
 
-        if !have("script") && may_skip("script (bsdutils)") {
-            return Ok(());
-        }
+        require(have("script"), "script (bsdutils)");
         // On a terminal (script(1) gives the command a pty): a bar that reaches 100%.
         let run_on_pty = |args: &str| -> Result<String> {
             let cmd = format!(
