@@ -128,7 +128,12 @@ pub fn render(spec: &UnitSpec) -> String {
     } else {
         "ProtectHome=yes\n"
     });
-    u.push_str("PrivateTmp=yes\n");
+    if spec.data_dir.starts_with("/tmp") || spec.data_dir.starts_with("/var/tmp") {
+        // A private /tmp would hide a data dir that lives in the shared one.
+        u.push_str("# No PrivateTmp: the data dir is under /tmp or /var/tmp.\n");
+    } else {
+        u.push_str("PrivateTmp=yes\n");
+    }
     u.push_str(&format!("ReadWritePaths={}\n", quote_path(&spec.data_dir)));
     if !spec.user_unit {
         // These need privileges a user manager does not have.
@@ -246,6 +251,15 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("ReadWritePaths=\"/srv/my iom\"\n"));
+    }
+
+    #[test]
+    fn a_data_dir_in_tmp_is_not_hidden_by_a_private_tmp() {
+        let mut s = spec(Role::Node, false);
+        s.data_dir = "/tmp/iom-test".into();
+        let text = render(&s);
+        assert!(!text.contains("PrivateTmp=yes"), "{text}");
+        assert!(text.contains("ReadWritePaths=/tmp/iom-test\n"));
     }
 
     #[test]
