@@ -6,6 +6,10 @@
 #   iproute2         `ip netns`, `ip link` for the same tests
 #   chromium         headless browser for web-UI tests
 #   chromium-driver  WebDriver for chromium
+#   systemd          systemd-analyze, to verify the units `iom service install` writes
+#   e2fsprogs        mkfs.ext4, for the loop-mounted "disk nearly full" test of `iom doctor`
+#   util-linux       mount, fallocate (loop mounts, filling that filesystem)
+#   bsdutils         script(1): a pty for the progress-bar test
 #
 # and, from crates.io, cargo-fuzz (the coverage-guided fuzz runs of scripts/fuzz.sh); from
 # PyPI, schemathesis (the API contract test, tests/tests/api_contract.rs).
@@ -14,7 +18,7 @@
 # something has to be installed.
 set -euo pipefail
 
-PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver)
+PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver systemd e2fsprogs util-linux bsdutils)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps.sh: must run as root (try: sudo $0)" >&2

@@ -97,12 +97,63 @@ pub enum Command {
     /// Webhook answers posted to callback URLs: which are pending or given up; retry or drop.
     #[command(subcommand)]
     Webhook(WebhookCommand),
+    /// Check this device's set-up (Docker, sandbox image, relay, disk, keys) and say what to
+    /// fix; exits 1 when something is wrong.
+    Doctor,
+    /// Run the node (or the relay) as a systemd service.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Print a shell completion script: `source <(iom completions bash)`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one page per command into a directory.
+    Man {
+        /// Write `iom.1` and a page per subcommand (`iom-node-run.1`, ...) into this directory.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
     /// List this mesh's devices, or revoke one.
     Devices {
         /// `revoke DEVICE`.
         #[command(subcommand)]
         command: Option<DevicesCommand>,
     },
+}
+
+/// `iom service ...`.
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Write the unit file, reload systemd and enable and start the service.
+    Install(ServiceArgs),
+    /// Stop and disable the service and remove its unit file.
+    Uninstall(ServiceArgs),
+    /// Whether the unit is installed, enabled and active.
+    Status(ServiceArgs),
+    /// Print the unit file that `install` would write (nothing is changed).
+    Show(ServiceArgs),
+}
+
+/// Flags shared by `iom service ...`.
+#[derive(Debug, Clone, Args)]
+pub struct ServiceArgs {
+    /// A user unit (`~/.config/systemd/user`, `systemctl --user`) instead of a system unit.
+    #[arg(long)]
+    pub user: bool,
+    /// The relay (`iom relay run`) instead of the node.
+    #[arg(long)]
+    pub relay: bool,
+    /// System units: the user the service runs as [default: $SUDO_USER, else $USER; none
+    /// for root].
+    #[arg(long, value_name = "USER", conflicts_with = "user")]
+    pub run_as: Option<String>,
+    /// Extra arguments for `iom node run` / `iom relay run` in the unit (after `--`).
+    #[arg(last = true, value_name = "RUN_ARGS")]
+    pub run_args: Vec<String>,
+    /// Write the unit here instead of the systemd directory (and do not call systemctl).
+    #[arg(long, value_name = "DIR", hide = true, env = "IOM_SERVICE_UNIT_DIR")]
+    pub unit_dir: Option<PathBuf>,
 }
 
 /// `iom webhook ...`.

@@ -6,6 +6,8 @@
 mod args;
 mod commands;
 mod output;
+mod progress;
+mod unit;
 
 use std::process::ExitCode;
 
@@ -20,6 +22,8 @@ pub enum Failure {
     Failed(anyhow::Error),
     /// Exit 2: bad usage (arguments or configuration).
     Usage(anyhow::Error),
+    /// Exit 1 with nothing more to say (the output told what is wrong).
+    Quiet,
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
@@ -29,6 +33,8 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 }
 
 fn main() -> ExitCode {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -36,6 +42,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,iom_node=info")),
         )
         .with_writer(std::io::stderr)
+        .finish()
+        .with(CountProblems)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -56,6 +64,25 @@ fn main() -> ExitCode {
         Err(Failure::Usage(e)) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::from(2)
+        }
+        Err(Failure::Quiet) => ExitCode::from(1),
+    }
+}
+
+/// Counts every WARN and ERROR event for the metrics (`iom_errors_total`).
+struct CountProblems;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountProblems {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let m = iom_node::metrics::node();
+        match *event.metadata().level() {
+            tracing::Level::WARN => m.log_warnings.inc(),
+            tracing::Level::ERROR => m.log_errors.inc(),
+            _ => {}
         }
     }
 }

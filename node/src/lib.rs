@@ -13,6 +13,8 @@
 //! - [`devices`]: finding and revoking devices.
 //! - [`sync`]: document and blob sync between trusted devices.
 //! - [`api`]: the local API (unix socket, HTTP) and its client.
+//! - [`metrics`]: Prometheus counters and the text exposition format.
+//! - [`doctor`]: `iom doctor` findings.
 //! - [`http`]: the HTTP listener (bearer tokens, webhooks, the web chat page).
 //! - [`schedule`]: the scheduler (cron prompts fired once per slot by the agent).
 //! - [`agent`]: the Claude client, the Docker sandbox and the request runner.
@@ -24,10 +26,12 @@ pub mod config;
 pub mod devices;
 mod doc_cache;
 pub mod docs;
+pub mod doctor;
 pub mod format;
 pub mod http;
 pub mod identity;
 pub mod lock;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod pairing;

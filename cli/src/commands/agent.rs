@@ -286,7 +286,22 @@ pub async fn sandbox(g: &Global, cmd: SandboxCommand) -> Result<(), Failure> {
     match cmd {
         SandboxCommand::Build { rootfs } => {
             let docker = container::connect_docker().await?;
-            let image = image::build_image(&docker, rootfs.as_deref(), &raw.sandbox.image).await?;
+            let bar = crate::progress::Progress::new(
+                &format!("building {}", raw.sandbox.image),
+                None,
+                g.json,
+            );
+            let build = image::build_image(&docker, rootfs.as_deref(), &raw.sandbox.image);
+            tokio::pin!(build);
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+            let image = loop {
+                tokio::select! {
+                    r = &mut build => break r,
+                    _ = tick.tick(), if bar.is_on() => bar.tick(),
+                }
+            };
+            bar.finish();
+            let image = image?;
             if g.json {
                 output::json(&json!({ "image": image }));
             } else {

@@ -8,6 +8,7 @@ use super::Global;
 use crate::Failure;
 use crate::args::BlobCommand;
 use crate::output;
+use crate::progress::Progress;
 
 /// Runs a `blob` subcommand.
 pub async fn run(g: &Global, cmd: BlobCommand) -> Result<(), Failure> {
@@ -17,7 +18,18 @@ pub async fn run(g: &Global, cmd: BlobCommand) -> Result<(), Failure> {
             let f = tokio::fs::File::open(&file)
                 .await
                 .with_context(|| format!("cannot open {}", file.display()))?;
-            let r = c.post_file("/v1/blobs", f).await?;
+            let len = f.metadata().await.ok().map(|m| m.len());
+            let bar = std::sync::Arc::new(Progress::new(
+                &format!("adding {}", file.display()),
+                len,
+                g.json,
+            ));
+            let sent = bar.clone();
+            let r = c
+                .post_file_progress("/v1/blobs", f, move |n| sent.add(n))
+                .await;
+            bar.finish();
+            let r = r?;
             if g.json {
                 output::json(&r);
             } else {
@@ -33,6 +45,7 @@ pub async fn run(g: &Global, cmd: BlobCommand) -> Result<(), Failure> {
                 .with_context(|| format!("cannot create {}", tmp.display()))?;
             let mut stream = resp.bytes_stream();
             let mut got = 0u64;
+            let bar = Progress::new(&format!("getting {}", out.display()), expected, g.json);
             while let Some(chunk) = stream.next().await {
                 let chunk = match chunk {
                     Ok(c) => c,
@@ -45,10 +58,12 @@ pub async fn run(g: &Global, cmd: BlobCommand) -> Result<(), Failure> {
                     }
                 };
                 got += chunk.len() as u64;
+                bar.add(chunk.len() as u64);
                 f.write_all(&chunk)
                     .await
                     .context("writing the output file")?;
             }
+            bar.finish();
             f.sync_all().await.context("writing the output file")?;
             // The node verifies every chunk against its hash as it reads; a short body means
             // the transfer broke off.

@@ -2,12 +2,15 @@
 
 mod agent;
 mod blob;
+mod completions;
 mod doc;
+mod doctor;
 mod memory;
 mod mesh;
-mod node;
+pub mod node;
 pub mod relay;
 mod schedule;
+mod service;
 mod status;
 mod token;
 mod webhook;
@@ -73,6 +76,10 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Token(cmd) => token::run(&g, cmd).await,
         Command::Schedule(cmd) => schedule::run(&g, cmd).await,
         Command::Webhook(cmd) => webhook::run(&g, cmd).await,
+        Command::Doctor => doctor::run(&g).await,
+        Command::Service(cmd) => service::run(&g, &relay_dir, cmd),
+        Command::Completions { shell } => completions::completions(shell),
+        Command::Man { out_dir } => completions::man(out_dir.as_deref()),
         Command::Relay(RelayCommand::Run(args)) => Ok(relay::run(&relay_dir, g.json, args).await?),
     }
 }

@@ -47,6 +47,21 @@ pub async fn run(g: &Global, cmd: NodeCommand) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The node's configuration as `iom node run` without flags would load it (for checks made
+/// while the node is down).
+pub fn default_config(g: &Global) -> Result<iom_node::config::Config, Failure> {
+    load_config(
+        g,
+        NodeRunArgs {
+            listen: Vec::new(),
+            relays: Vec::new(),
+            http: None,
+            no_mdns: false,
+            name: None,
+        },
+    )
+}
+
 fn load_config(g: &Global, a: NodeRunArgs) -> Result<iom_node::config::Config, Failure> {
     let raw = RawConfig::load(&g.data_dir).map_err(|e| Failure::Usage(e.into()))?;
     let (clock_offset_secs, faults) = test_hooks_from_env()?;

@@ -37,6 +37,13 @@ pub struct RelayRunArgs {
     /// Switch off the per-peer and per-IP rate limits on reservations and circuits (test labs).
     #[arg(long)]
     pub no_rate_limits: bool,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// A file holding the bearer token `/metrics` requires (needed for a non-loopback
+    /// --metrics-listen).
+    #[arg(long, value_name = "FILE", requires = "metrics_listen")]
+    pub metrics_token_file: Option<std::path::PathBuf>,
 }
 
 impl RelayRunArgs {
@@ -89,13 +96,25 @@ pub async fn run(data_dir: &Path, json: bool, args: RelayRunArgs) -> anyhow::Res
     let config = args.to_config()?;
     let key = iom_node::relay::load_or_create_relay_key(data_dir)?;
     let persons = config.allowed_persons.len();
+    let token = match &args.metrics_token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => Some(iom_node::relay::metrics_http::bind(addr, token.as_deref()).await?),
+        None => None,
+    };
     let mut server = RelayServer::new(key, config)?;
     let addrs = server.start().await?;
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let metrics_task =
+        metrics_listener.map(|l| iom_node::relay::metrics_http::serve(l, server.metrics(), token));
     let peer_id = server.peer_id();
     if json {
         let line = serde_json::json!({
             "peer_id": peer_id.to_string(),
             "addrs": addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "metrics": metrics_addr.map(|a| format!("http://{a}/metrics")),
         });
         println!("{line}");
     } else {
@@ -108,7 +127,28 @@ pub async fn run(data_dir: &Path, json: bool, args: RelayRunArgs) -> anyhow::Res
         for addr in &addrs {
             println!("  {addr}");
         }
+        if let Some(a) = metrics_addr {
+            println!("metrics: http://{a}/metrics");
+        }
     }
-    server.run(iom_node::node::shutdown_signal()).await?;
+    let r = server.run(iom_node::node::shutdown_signal()).await;
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    r?;
     Ok(())
+}
+
+/// The bearer token in `path` (trimmed; must not be empty).
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the metrics token file {}", path.display()))?;
+    let token = text.trim().to_string();
+    if token.is_empty() || token.len() > 256 || token.chars().any(char::is_control) {
+        anyhow::bail!(
+            "{}: a metrics token is 1 to 256 printable characters",
+            path.display()
+        );
+    }
+    Ok(token)
 }

@@ -497,6 +497,9 @@ impl Runner {
     }
 
     async fn set_status(&self, doc: DocId, rid: &str, status: Status, error: Option<String>) {
+        if status == Status::Failed {
+            crate::metrics::node().asks_failed.inc();
+        }
         let rid = rid.to_string();
         let r = self
             .conversations
@@ -535,6 +538,7 @@ impl Runner {
             }
         }
         tracing::info!(conversation = %doc, request = %rid, epoch, "running request");
+        crate::metrics::node().asks.inc();
         let device = req.device.clone().unwrap_or_default();
         if !self.rate.allow(&device) {
             let msg = format!(
@@ -612,6 +616,7 @@ impl Runner {
                     input_tokens: outcome.usage.input_tokens,
                     output_tokens: outcome.usage.output_tokens,
                 };
+                count_usage(&outcome);
                 let calls: Vec<ToolCallView> = outcome
                     .tool_calls
                     .iter()
@@ -717,6 +722,16 @@ impl Runner {
             history,
         )
     }
+}
+
+/// Adds a finished run's tokens and tool calls to the metrics.
+fn count_usage(outcome: &claude::Outcome) {
+    let m = crate::metrics::node();
+    m.tokens_input.add(outcome.usage.input_tokens);
+    m.tokens_output.add(outcome.usage.output_tokens);
+    m.tool_calls.add(outcome.tool_calls.len() as u64);
+    m.tool_call_errors
+        .add(outcome.tool_calls.iter().filter(|t| t.is_error).count() as u64);
 }
 
 /// The model messages for request `rid`: each earlier request that was answered, followed by

@@ -50,8 +50,11 @@ impl ApiClient {
     /// A client for the node on `data_dir`.
     pub fn new(data_dir: &Path) -> Result<ApiClient, ClientError> {
         let socket = data_dir.join("iom.sock");
+        // Plain HTTP over a local socket: no TLS, so no certificate store either (a machine
+        // without CA certificates, such as a minimal container, must still reach its node).
         let http = reqwest::Client::builder()
             .unix_socket(socket.clone())
+            .tls_certs_only(std::iter::empty())
             .build()
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         Ok(ApiClient {
@@ -136,7 +139,23 @@ impl ApiClient {
 
     /// `POST path` streaming a file as the body → JSON.
     pub async fn post_file(&self, path: &str, file: tokio::fs::File) -> Result<Value, ClientError> {
-        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+        self.post_file_progress(path, file, |_| {}).await
+    }
+
+    /// Like [`post_file`](Self::post_file), calling `sent(bytes)` for every piece read.
+    pub async fn post_file_progress(
+        &self,
+        path: &str,
+        file: tokio::fs::File,
+        sent: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<Value, ClientError> {
+        use futures::StreamExt;
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect(move |piece| {
+                if let Ok(b) = piece {
+                    sent(b.len() as u64);
+                }
+            });
         let resp = self
             .http
             .post(format!("{BASE}{path}"))

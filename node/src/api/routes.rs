@@ -42,6 +42,8 @@ pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
         .route("/v1/memory", get(memory_show).put(memory_replace))
         .route("/v1/memory/append", post(memory_append))
         .merge(super::mesh::routes())
+        .merge(super::metrics::routes())
+        .merge(super::doctor::routes())
         .merge(super::agent::routes())
         .merge(super::schedules::routes())
         .merge(super::callbacks::routes())

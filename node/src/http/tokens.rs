@@ -116,8 +116,8 @@ pub fn verify(store: &Store, token: &str) -> Result<Option<TokenRecord>, TokenEr
     Ok(list(store)?.into_iter().find(|t| eq_ct(&t.hash, &h)))
 }
 
-/// Constant-time string equality (both are hex hashes of equal length).
-fn eq_ct(a: &str, b: &str) -> bool {
+/// Constant-time string equality (for equal lengths; different lengths are unequal at once).
+pub fn eq_ct(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())

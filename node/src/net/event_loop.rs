@@ -953,6 +953,10 @@ impl EventLoop {
                 ..
             }) => {
                 tracing::info!(relay = %relay_peer_id, renewal, "relay reservation accepted");
+                crate::metrics::node().relay_reservations.inc();
+                self.peers()
+                    .reservations
+                    .insert(relay_peer_id, crate::time::now_secs());
                 for r in &mut self.relays {
                     if r.peer == relay_peer_id {
                         r.delay = Duration::from_secs(1);
@@ -964,9 +968,11 @@ impl EventLoop {
                 result,
             }) => match result {
                 Ok(_) => {
+                    crate::metrics::node().hole_punches_ok.inc();
                     tracing::info!(peer = %remote_peer_id, "hole punch succeeded: direct connection")
                 }
                 Err(e) => {
+                    crate::metrics::node().hole_punches_failed.inc();
                     tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed; staying relayed")
                 }
             },

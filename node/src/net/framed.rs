@@ -47,6 +47,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     let mut decoder = FrameDecoder::new(max);
     loop {
         if let Some(frame) = decoder.next_frame()? {
+            crate::metrics::node()
+                .bytes_received
+                .add(frame.len() as u64 + 4);
             return Ok(Some(frame));
         }
         // Straight into the decoder's buffer, sized for the whole frame once the header is in.
@@ -92,6 +95,9 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     io.write_all(&encode_header(payload.len(), max)?).await?;
     io.write_all(payload).await?;
     io.flush().await?;
+    crate::metrics::node()
+        .bytes_sent
+        .add(payload.len() as u64 + 4);
     Ok(())
 }
 

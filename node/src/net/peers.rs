@@ -75,6 +75,9 @@ impl PeerEntry {
 pub struct Peers {
     /// By peer id.
     pub map: HashMap<PeerId, PeerEntry>,
+    /// Relays holding a reservation for us: when it was last accepted (unix seconds). A
+    /// reservation ends with the last connection to its relay.
+    pub reservations: HashMap<PeerId, u64>,
 }
 
 impl Peers {
@@ -106,7 +109,11 @@ impl Peers {
         };
         e.conns.remove(&id);
         e.last_seen = crate::time::now_secs();
-        e.conns.len()
+        let left = e.conns.len();
+        if left == 0 {
+            self.reservations.remove(&peer);
+        }
+        left
     }
 
     /// The link to a peer.
@@ -167,8 +174,13 @@ mod tests {
         assert_eq!(peers.link(&p), Link::Direct, "the hole punch worked");
         assert_eq!(peers.closed(p, c2), 1);
         assert_eq!(peers.link(&p), Link::Relayed);
+        peers.reservations.insert(p, 1);
         assert_eq!(peers.closed(p, c1), 0);
         assert_eq!(peers.link(&p), Link::Offline);
+        assert!(
+            peers.reservations.is_empty(),
+            "a reservation ends with its connection"
+        );
         assert!(peers.map[&p].last_seen > 0, "remembered after it left");
     }
 

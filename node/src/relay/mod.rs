@@ -9,6 +9,7 @@
 //! - [`limiter`]: token-bucket rate limiters for reservations and circuits.
 //! - [`tiered`]: [`tiered::TieredRelay`], the relay behaviour that gives each connection the
 //!   circuit limits of its tier (tiny for everyone, long and large for allowed devices).
+//! - [`metrics_http`]: `GET /metrics` of the relay (`--metrics-listen`).
 //! - [`server`]: [`server::RelayServer`], the swarm and its event loop.
 //!
 //! # Why a tiered behaviour
@@ -27,10 +28,13 @@ pub mod allow;
 pub mod auth;
 pub mod key;
 pub mod limiter;
+pub mod metrics_http;
 pub mod server;
 pub mod tiered;
 
 pub use allow::AllowList;
 pub use auth::{RELAY_AUTH_PROTOCOL, RelayAuthError, RelayAuthReply, authenticate_to_relay};
 pub use key::{load_or_create_relay_key, relay_key_path};
-pub use server::{CircuitLimit, RelayConfig, RelayError, RelayLimits, RelayServer};
+pub use server::{
+    CircuitLimit, RelayConfig, RelayError, RelayLimits, RelayMetricsSource, RelayServer,
+};

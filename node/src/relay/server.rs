@@ -258,6 +258,25 @@ pub struct RelayServer {
     auto_external: bool,
     /// `start` is done.
     started: bool,
+    /// Peers connected now (for the metrics).
+    connected: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// What the relay's metrics endpoint reads while the relay runs (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct RelayMetricsSource {
+    connected: Arc<std::sync::atomic::AtomicU64>,
+    allow: AllowList,
+}
+
+impl RelayMetricsSource {
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        crate::metrics::render_relay(
+            self.connected.load(std::sync::atomic::Ordering::Relaxed),
+            self.allow.len() as u64,
+        )
+    }
 }
 
 impl RelayServer {
@@ -307,12 +326,21 @@ impl RelayServer {
             auth_task: None,
             auto_external,
             started: false,
+            connected: Arc::default(),
         })
     }
 
     /// The relay's PeerId.
     pub fn peer_id(&self) -> PeerId {
         *self.swarm.local_peer_id()
+    }
+
+    /// A handle for serving the relay's metrics.
+    pub fn metrics(&self) -> RelayMetricsSource {
+        RelayMetricsSource {
+            connected: self.connected.clone(),
+            allow: self.allow.clone(),
+        }
     }
 
     /// The devices that authenticated so far.
@@ -442,6 +470,12 @@ impl RelayServer {
         Ok(())
     }
 
+    fn count_peers(&self) {
+        let n = self.swarm.connected_peers().count() as u64;
+        self.connected
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn on_event(&mut self, event: SwarmEvent<RelayBehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -457,8 +491,11 @@ impl RelayServer {
             SwarmEvent::ConnectionEstablished {
                 peer_id, endpoint, ..
             } => {
+                crate::metrics::relay().connections.inc();
+                self.count_peers();
                 tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connection");
             }
+            SwarmEvent::ConnectionClosed { .. } => self.count_peers(),
             SwarmEvent::IncomingConnectionError {
                 error,
                 send_back_addr,
@@ -472,6 +509,15 @@ impl RelayServer {
 }
 
 fn log_relay_event(event: &relay::Event) {
+    let m = crate::metrics::relay();
+    match event {
+        relay::Event::ReservationReqAccepted { .. } => m.reservations_accepted.inc(),
+        relay::Event::ReservationReqDenied { .. } => m.reservations_denied.inc(),
+        relay::Event::CircuitReqAccepted { .. } => m.circuits_accepted.inc(),
+        relay::Event::CircuitReqDenied { .. } => m.circuits_denied.inc(),
+        relay::Event::CircuitClosed { .. } => m.circuits_closed.inc(),
+        _ => {}
+    }
     match event {
         relay::Event::ReservationReqAccepted {
             src_peer_id,

@@ -51,12 +51,7 @@ pub async fn check(cfg: &SandboxConfig, data_dir: &Path) -> Vec<CheckItem> {
     let docker = match connect_docker().await {
         Ok(d) => {
             let v = d.client_version();
-            let engine = d
-                .version()
-                .await
-                .ok()
-                .and_then(|v| v.version)
-                .unwrap_or_else(|| "unknown".into());
+            let engine = super::container::engine_version(&d).await;
             items.push(CheckItem::pass(
                 "Docker API version",
                 format!(

@@ -101,6 +101,16 @@ pub async fn connect_docker() -> Result<Docker, SandboxError> {
         .map_err(|e| unreachable_error(&e))
 }
 
+/// The Docker Engine's version, or `unknown`.
+pub async fn engine_version(docker: &Docker) -> String {
+    docker
+        .version()
+        .await
+        .ok()
+        .and_then(|v| v.version)
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn unreachable_error(e: &bollard::errors::Error) -> SandboxError {
     let detail = e.to_string();
     let hint = if detail.to_lowercase().contains("permission denied") {
