@@ -24,7 +24,7 @@ pub fn wanted(json: bool, stderr_is_terminal: bool, total: Option<u64>) -> bool 
 pub fn line(label: &str, done: u64, total: Option<u64>, elapsed: Duration) -> String {
     let secs = elapsed.as_secs_f64();
     let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
-    let human = iom_node::doctor::checks::human;
+    let human = iom_node::store::human_bytes;
     match total {
         Some(t) if t > 0 => {
             let frac = (done as f64 / t as f64).clamp(0.0, 1.0);

@@ -1,6 +1,7 @@
 //! Pure checks: facts in, findings out.
 
 use super::{Finding, Severity};
+use crate::store::human_bytes;
 
 /// Below this much free space on the data dir's filesystem a node is in trouble (sled needs
 /// room to compact, blobs arrive in chunks).
@@ -111,8 +112,9 @@ pub fn api_key(found: Result<String, String>, role: RoleView) -> Finding {
     }
 }
 
-/// Free space of the data dir's filesystem.
-pub fn disk(path: &str, free: u64, total: u64) -> Finding {
+/// Free space of the data dir's filesystem, against the node's write reserve (`reserve`
+/// bytes: below it, the node refuses new documents, changes and blobs).
+pub fn disk(path: &str, free: u64, total: u64, reserve: u64) -> Finding {
     let pct = if total == 0 {
         0.0
     } else {
@@ -120,11 +122,23 @@ pub fn disk(path: &str, free: u64, total: u64) -> Finding {
     };
     let detail = format!(
         "{} free of {} ({pct:.1}%) on the filesystem of {path}",
-        human(free),
-        human(total)
+        human_bytes(free),
+        human_bytes(total)
     );
     let fix = "free space on that filesystem (or move the data dir: stop the node, move it, \
                start with --data-dir); blobs can be large";
+    if free < reserve {
+        return Finding::new(
+            "disk",
+            Severity::Error,
+            format!(
+                "{detail}: below the write reserve of {} (`[storage] reserve_mb`), so new \
+                 documents, changes and blobs are refused",
+                human_bytes(reserve)
+            ),
+            fix,
+        );
+    }
     if free < DISK_ERROR_BYTES || pct < 2.0 {
         Finding::new("disk", Severity::Error, detail, fix)
     } else if free < DISK_WARN_BYTES || pct < 10.0 {
@@ -265,22 +279,6 @@ pub fn node_down(data_dir: &str) -> Finding {
     )
 }
 
-/// Bytes as `12.3 MiB`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,14 +314,23 @@ mod tests {
     #[test]
     fn disk_thresholds() {
         let gib = 1u64 << 30;
-        assert_eq!(disk("/d", 100 * gib, 200 * gib).severity, Severity::Ok);
-        assert_eq!(disk("/d", gib, 20 * gib).severity, Severity::Warning);
-        assert_eq!(disk("/d", 5 * gib, 100 * gib).severity, Severity::Warning);
-        assert_eq!(disk("/d", 100 << 20, 200 * gib).severity, Severity::Error);
-        assert_eq!(disk("/d", 1 << 20, 64 << 20).severity, Severity::Error);
-        assert_eq!(disk("/d", 0, 0).severity, Severity::Error);
+        assert_eq!(disk("/d", 100 * gib, 200 * gib, 0).severity, Severity::Ok);
+        assert_eq!(disk("/d", gib, 20 * gib, 0).severity, Severity::Warning);
+        assert_eq!(
+            disk("/d", 5 * gib, 100 * gib, 0).severity,
+            Severity::Warning
+        );
+        assert_eq!(
+            disk("/d", 100 << 20, 200 * gib, 0).severity,
+            Severity::Error
+        );
+        assert_eq!(disk("/d", 1 << 20, 64 << 20, 0).severity, Severity::Error);
+        assert_eq!(disk("/d", 0, 0, 0).severity, Severity::Error);
+        let below = disk("/d", 100 * gib, 200 * gib, 101 * gib);
+        assert_eq!(below.severity, Severity::Error);
+        assert!(below.detail.contains("write reserve"), "{}", below.detail);
         assert!(
-            disk("/d", 1 << 20, 64 << 20)
+            disk("/d", 1 << 20, 64 << 20, 0)
                 .detail
                 .contains("1.0 MiB free of 64.0 MiB")
         );
@@ -349,6 +356,6 @@ mod tests {
             Severity::Error
         );
         assert_eq!(super::super::worst(&[]), Severity::Ok);
-        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
     }
 }

@@ -42,15 +42,9 @@ pub async fn docker(image: &str) -> (Result<String, String>, Option<Result<bool,
     }
 }
 
-/// `(free, total)` bytes of the filesystem holding `path` (free: what an unprivileged user
-/// may still write).
+/// `(free, total)` bytes of the filesystem holding `path`.
 pub fn disk(path: &Path) -> Result<(u64, u64), String> {
-    let s = nix::sys::statvfs::statvfs(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let frag = s.fragment_size() as u64;
-    Ok((
-        (s.blocks_available() as u64).saturating_mul(frag),
-        (s.blocks() as u64).saturating_mul(frag),
-    ))
+    crate::store::space::usage(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Where the API key comes from, or why there is none.
@@ -77,7 +71,7 @@ pub async fn local(config: &Config, role: RoleView) -> Vec<Finding> {
     ];
     let dir = config.data_dir.display().to_string();
     out.push(match disk(&config.data_dir) {
-        Ok((free, total)) => checks::disk(&dir, free, total),
+        Ok((free, total)) => checks::disk(&dir, free, total, config.storage.reserve_mb << 20),
         Err(e) => Finding::new(
             "disk",
             super::Severity::Error,

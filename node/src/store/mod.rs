@@ -91,7 +91,7 @@ pub enum StoreError {
         "the disk holding {dir} has {} free, below the reserve of {}: new documents, changes \
          and blobs are refused until space is freed (nothing stored is lost; writes resume by \
          themselves; `[storage] reserve_mb` sets the reserve)",
-        human(*free), human(*reserve)
+        human_bytes(*free), human_bytes(*reserve)
     )]
     DiskFull {
         /// The store dir.
@@ -132,7 +132,7 @@ pub struct Store {
 }
 
 /// Bytes as people read them (`1.5 GiB`).
-fn human(bytes: u64) -> String {
+pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
     let mut unit = 0;

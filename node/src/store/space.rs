@@ -26,9 +26,19 @@ pub struct Statvfs;
 
 impl FreeSpace for Statvfs {
     fn free_bytes(&self, dir: &Path) -> std::io::Result<u64> {
-        let st = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
-        Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+        usage(dir).map(|(free, _)| free)
     }
+}
+
+/// `(free, total)` bytes of the filesystem holding `dir` (free: what an unprivileged user may
+/// still write).
+pub fn usage(dir: &Path) -> std::io::Result<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    let frag = st.fragment_size();
+    Ok((
+        st.blocks_available().saturating_mul(frag),
+        st.blocks().saturating_mul(frag),
+    ))
 }
 
 /// The last reading: when, how much was free, and what was written since.
