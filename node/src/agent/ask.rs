@@ -39,7 +39,7 @@ const MAX_REQUEST_FRAME: usize = 4096;
 const FOLLOW_POLL: Duration = Duration::from_secs(2);
 
 /// What `ask` reports back at once.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Asked {
     /// The conversation (new or given).
     pub conversation: String,
@@ -431,16 +431,74 @@ pub enum RequestEvent {
     Failed {
         /// Why.
         error: String,
+        /// What kind of failure, for programs (the CLI's exit code).
+        reason: FailReason,
     },
 }
 
-#[derive(Default)]
-struct Seen {
+/// The kind of a failure, for programs ([`RequestEvent::Failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailReason {
+    /// The agent's daily token budget is used up.
+    BudgetExceeded,
+    /// The asking device sent too many requests in the last minute.
+    RateLimited,
+    /// The agent stopped (a crash or a restart) while it ran the request.
+    Interrupted,
+    /// Anything else (the model API, the key, the request itself).
+    Error,
+}
+
+impl FailReason {
+    /// Classifies a failure message as the runner writes it.
+    pub fn of(error: &str) -> FailReason {
+        use super::runner::{BUDGET_EXHAUSTED, INTERRUPTED, RATE_LIMITED};
+        if error.starts_with(BUDGET_EXHAUSTED) {
+            FailReason::BudgetExceeded
+        } else if error.starts_with(RATE_LIMITED) {
+            FailReason::RateLimited
+        } else if error.starts_with(INTERRUPTED) {
+            FailReason::Interrupted
+        } else {
+            FailReason::Error
+        }
+    }
+}
+
+impl RequestEvent {
+    /// A failure with `error`, classified.
+    pub fn failed(error: impl Into<String>) -> RequestEvent {
+        let error = error.into();
+        RequestEvent::Failed {
+            reason: FailReason::of(&error),
+            error,
+        }
+    }
+
+    /// Whether this is the last event of a request (`done` or `failed`).
+    pub fn is_final(&self) -> bool {
+        matches!(self, RequestEvent::Done { .. } | RequestEvent::Failed { .. })
+    }
+}
+
+/// What a follower has already reported of one request; [`Seen::diff`] gives the events for
+/// what is new since.
+#[derive(Debug, Default)]
+pub struct Seen {
     status: Option<Status>,
     text_len: usize,
     tools_started: usize,
     tools_finished: usize,
     retry: Option<String>,
+}
+
+impl Seen {
+    /// The events for what changed in request `req` (and its `reply`, once there) since the
+    /// last call.
+    pub fn diff(&mut self, req: &MessageView, reply: Option<&MessageView>) -> Vec<RequestEvent> {
+        diff(self, req, reply)
+    }
 }
 
 fn diff(seen: &mut Seen, req: &MessageView, reply: Option<&MessageView>) -> Vec<RequestEvent> {
@@ -505,9 +563,9 @@ fn diff(seen: &mut Seen, req: &MessageView, reply: Option<&MessageView>) -> Vec<
                 });
             }
         }
-        Some(Status::Failed) => out.push(RequestEvent::Failed {
-            error: req.error.clone().unwrap_or_else(|| "failed".into()),
-        }),
+        Some(Status::Failed) => out.push(RequestEvent::failed(
+            req.error.clone().unwrap_or_else(|| "failed".into()),
+        )),
         _ => {}
     }
     out
@@ -563,15 +621,11 @@ impl Following {
         match snapshot(&self.conversations, self.doc, &self.rid).await {
             Ok((req, reply)) => {
                 let events = diff(&mut self.seen, &req, reply.as_ref());
-                self.finished = events
-                    .iter()
-                    .any(|e| matches!(e, RequestEvent::Done { .. } | RequestEvent::Failed { .. }));
+                self.finished = events.iter().any(RequestEvent::is_final);
                 self.queue.extend(events);
             }
             Err(e) => {
-                self.queue.push_back(RequestEvent::Failed {
-                    error: e.to_string(),
-                });
+                self.queue.push_back(RequestEvent::failed(e.to_string()));
                 self.finished = true;
             }
         }

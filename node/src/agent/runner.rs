@@ -51,6 +51,13 @@ pub const PROGRESS_EVERY: Duration = Duration::from_millis(150);
 pub const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// Most conversations queued for a look.
 const SCAN_QUEUE: usize = 1024;
+/// How a failure for a used-up daily token budget starts (clients classify failures by it:
+/// [`FailReason`](super::ask::FailReason)).
+pub const BUDGET_EXHAUSTED: &str = "the daily token budget";
+/// How a failure for the per-device rate limit starts.
+pub const RATE_LIMITED: &str = "rate limit:";
+/// How a failure for a run the agent's stop interrupted starts.
+pub const INTERRUPTED: &str = "interrupted";
 
 /// What happens to a request this device was running when it stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -479,7 +486,7 @@ impl Runner {
                         let r = if retry && !already_retried {
                             c.set_status(&rid, Status::Pending, Some("interrupted; retried"), now)
                         } else {
-                            c.set_status(&rid, Status::Failed, Some("interrupted"), now)
+                            c.set_status(&rid, Status::Failed, Some(INTERRUPTED), now)
                         };
                         if r.is_ok() {
                             n += 1;
@@ -538,7 +545,8 @@ impl Runner {
         let device = req.device.clone().unwrap_or_default();
         if !self.rate.allow(&device) {
             let msg = format!(
-                "rate limit: this device sent more than {} requests in the last minute; wait and ask again",
+                "{RATE_LIMITED} this device sent more than {} requests in the last minute; wait and ask \
+                 again",
                 self.config.per_device_rate_per_min
             );
             return self.set_status(doc, &rid, Status::Failed, Some(msg)).await;
@@ -546,7 +554,7 @@ impl Runner {
         let budget = self.config.daily_token_budget;
         if self.ledger.exhausted() {
             let msg = format!(
-                "the daily token budget ({budget} tokens) is used up; it resets at 00:00 UTC, or \
+                "{BUDGET_EXHAUSTED} ({budget} tokens) is used up; it resets at 00:00 UTC, or \
                  raise agent.daily_token_budget on the agent device"
             );
             return self.set_status(doc, &rid, Status::Failed, Some(msg)).await;

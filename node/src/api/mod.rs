@@ -5,6 +5,7 @@
 //! - [`error`]: the JSON error body and status codes.
 //! - [`routes`]: the router and its handlers.
 //! - [`client`]: the client the CLI (and tests) use.
+//! - [`ws`]: the WebSocket API (`GET /v1/ws`).
 
 pub mod agent;
 pub mod callbacks;
@@ -14,6 +15,7 @@ pub mod mesh;
 pub mod routes;
 pub mod schedules;
 pub mod tokens;
+pub mod ws;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

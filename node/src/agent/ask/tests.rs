@@ -334,14 +334,12 @@ async fn following_a_missing_request_fails_at_once() {
     let got: Vec<_> = asking.follow(doc, "nope".into()).collect().await;
     assert_eq!(
         got,
-        vec![RequestEvent::Failed {
-            error: "no request nope in this conversation".into()
-        }]
+        vec![RequestEvent::failed("no request nope in this conversation")]
     );
     let missing = DocId::from_bytes([4; 16]);
     let got: Vec<_> = asking.follow(missing, "r".into()).collect().await;
     assert!(
-        matches!(&got[..], [RequestEvent::Failed { error }] if error.starts_with("no document")),
+        matches!(&got[..], [RequestEvent::Failed { error, .. }] if error.starts_with("no document")),
         "{got:?}"
     );
 }
@@ -364,9 +362,7 @@ async fn following_a_failed_request_reports_why() {
     let got: Vec<_> = asking.follow(doc, "r1".into()).collect().await;
     assert_eq!(
         got,
-        vec![RequestEvent::Failed {
-            error: "interrupted".into()
-        }]
+        vec![RequestEvent::failed("interrupted")]
     );
 }
 
@@ -449,8 +445,6 @@ fn diff_reports_only_what_is_new() {
     );
     assert_eq!(
         ev,
-        vec![RequestEvent::Failed {
-            error: "failed".into()
-        }]
+        vec![RequestEvent::failed("failed")]
     );
 }
