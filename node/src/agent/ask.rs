@@ -478,7 +478,10 @@ impl RequestEvent {
 
     /// Whether this is the last event of a request (`done` or `failed`).
     pub fn is_final(&self) -> bool {
-        matches!(self, RequestEvent::Done { .. } | RequestEvent::Failed { .. })
+        matches!(
+            self,
+            RequestEvent::Done { .. } | RequestEvent::Failed { .. }
+        )
     }
 }
 

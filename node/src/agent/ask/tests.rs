@@ -360,10 +360,7 @@ async fn following_a_failed_request_reports_why() {
         .await
         .unwrap();
     let got: Vec<_> = asking.follow(doc, "r1".into()).collect().await;
-    assert_eq!(
-        got,
-        vec![RequestEvent::failed("interrupted")]
-    );
+    assert_eq!(got, vec![RequestEvent::failed("interrupted")]);
 }
 
 fn view(status: Option<Status>, progress: Option<&RunProgress>) -> MessageView {
@@ -443,8 +440,5 @@ fn diff_reports_only_what_is_new() {
         &view(Some(Status::Failed), None),
         None,
     );
-    assert_eq!(
-        ev,
-        vec![RequestEvent::failed("failed")]
-    );
+    assert_eq!(ev, vec![RequestEvent::failed("failed")]);
 }

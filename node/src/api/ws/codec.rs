@@ -204,7 +204,11 @@ pub fn parse(text: &str) -> Result<ClientMsg, Refused> {
             });
         }
     };
-    let Some(kind) = value.get("type").and_then(Value::as_str).map(str::to_string) else {
+    let Some(kind) = value
+        .get("type")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    else {
         return Err(Refused {
             id,
             code: "bad_message",
@@ -249,8 +253,8 @@ mod tests {
                 request_id: None,
             }
         );
-        let m = parse(r#"{"type":"ask","prompt":"hi","conversation":"ab","request_id":"r"}"#)
-            .unwrap();
+        let m =
+            parse(r#"{"type":"ask","prompt":"hi","conversation":"ab","request_id":"r"}"#).unwrap();
         assert_eq!(m.id(), None);
         assert!(matches!(m, ClientMsg::Ask { conversation: Some(c), .. } if c == "ab"));
         assert_eq!(
@@ -281,8 +285,8 @@ mod tests {
         let long = format!(r#"{{"type":"ping","id":"{}"}}"#, "x".repeat(MAX_ID_LEN + 1));
         assert_eq!(parse(&long).unwrap_err().code, "bad_message");
         assert_eq!(parse("").unwrap_err().code, "bad_frame");
-        let e: Value = serde_json::from_str(&ServerMsg::from(parse("[").unwrap_err()).encode())
-            .unwrap();
+        let e: Value =
+            serde_json::from_str(&ServerMsg::from(parse("[").unwrap_err()).encode()).unwrap();
         assert_eq!(e["type"], "error");
         assert_eq!(e["code"], "bad_frame");
     }

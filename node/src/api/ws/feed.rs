@@ -137,18 +137,15 @@ impl MeshFeed {
             return Vec::new();
         };
         let since = self.since;
-        let t = self
-            .requests
-            .entry((doc, rid.clone()))
-            .or_insert_with(|| {
-                // First sight of a request that finished before the socket opened: old news.
-                let old = matches!(req.status, Some(Status::Done | Status::Failed))
-                    && req.created_at.is_some_and(|c| c < since);
-                Tracked {
-                    finished: old,
-                    ..Tracked::default()
-                }
-            });
+        let t = self.requests.entry((doc, rid.clone())).or_insert_with(|| {
+            // First sight of a request that finished before the socket opened: old news.
+            let old = matches!(req.status, Some(Status::Done | Status::Failed))
+                && req.created_at.is_some_and(|c| c < since);
+            Tracked {
+                finished: old,
+                ..Tracked::default()
+            }
+        });
         if t.finished {
             return Vec::new();
         }

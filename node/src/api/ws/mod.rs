@@ -126,6 +126,7 @@ impl Outbox {
     fn close(&self, why: Closing) {
         self.close.send_if_modified(|c| {
             if c.is_none() {
+                tracing::info!(code = why.code, reason = %why.reason, "closing a websocket");
                 *c = Some(why);
                 true
             } else {
@@ -247,22 +248,33 @@ async fn serve(ctx: Arc<NodeCtx>, socket: WebSocket, principal: Principal) {
             }
         }
     }
+    let server_closed = close_rx.borrow().is_some();
     drop(out); // ends the writer's queue; a close asked for above is sent first
     let _ = writer.await;
+    if server_closed {
+        // Keep the connection a moment so the client reads the close frame: dropping it with
+        // unread input (a message over the limit) would reset it and lose the frame.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            loop {
+                match stream.next().await {
+                    None | Some(Ok(Message::Close(_))) => return,
+                    Some(Err(_)) => std::future::pending::<()>().await,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+    }
     tracing::debug!(?principal, "websocket closed");
 }
 
 /// The close for a failed read: 1009 for a message over the limit, else a protocol error.
 fn read_error(e: &axum::Error) -> Closing {
     let text = e.to_string();
-    if text.contains("Space limit exceeded") || text.contains("too long") || text.contains("size")
-    {
+    if text.contains("Space limit exceeded") || text.contains("too long") || text.contains("size") {
         Closing::new(
             1009,
-            format!(
-                "a message is at most {} bytes",
-                codec::MAX_CLIENT_MESSAGE
-            ),
+            format!("a message is at most {} bytes", codec::MAX_CLIENT_MESSAGE),
         )
     } else {
         let mut reason = format!("bad WebSocket frame: {text}");
