@@ -1,6 +1,7 @@
 //! One module per command group.
 
 mod agent;
+mod ask;
 mod blob;
 mod doc;
 mod memory;
@@ -61,11 +62,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Invite { ttl, admin } => mesh::invite(&g, ttl, admin).await,
         Command::Join { code, name } => mesh::join(&g, code, name).await,
         Command::Devices { command } => mesh::devices(&g, command).await,
-        Command::Ask {
-            prompt,
-            conversation,
-            no_wait,
-        } => agent::ask(&g, &prompt, conversation, no_wait).await,
+        Command::Ask(args) => ask::ask(&g, args).await,
         Command::Chat { conversation } => agent::chat(&g, conversation).await,
         Command::Conversations(cmd) => agent::conversations(&g, cmd).await,
         Command::Agent(cmd) => agent::agent(&g, cmd).await,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use iom_crdt::{DocId, DocumentError, Interface, MessageView, Status};
+use iom_crdt::{AttachmentView, DocId, DocumentError, Interface, MessageView, Status};
 use iom_protocol::keys::DeviceId;
 use iom_protocol::wire::{AgentRequest, AgentResponse, MAX_AGENT_FRAME};
 use libp2p::PeerId;
@@ -72,6 +72,60 @@ pub enum AskError {
     /// The conversation could not be created or changed.
     #[error(transparent)]
     Edit(#[from] EditError),
+    /// An attachment's name or hash is unusable, or there are too many.
+    #[error("bad attachment: {0}")]
+    BadAttachment(String),
+    /// An attached blob is not stored on this device.
+    #[error(
+        "attachment {name:?}: blob {hash} is not stored on this device (add it first: POST /v1/blobs or `iom blob add`)"
+    )]
+    AttachmentMissing {
+        /// The file name.
+        name: String,
+        /// The blob hash.
+        hash: String,
+    },
+    /// The attachments are bigger than [`MAX_ATTACHMENT_BYTES`] together.
+    #[error("the attachments are {0} bytes together; at most {MAX_ATTACHMENT_BYTES}")]
+    AttachmentsTooBig(u64),
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// A file to attach to a request: a blob already stored on this device, and its name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attach {
+    /// File name (no directories; it becomes `/workspace/attachments/NAME`).
+    pub name: String,
+    /// The blob's SHA-256 (64 hex characters).
+    pub hash: String,
+}
+
+/// Most files attached to one request.
+pub const MAX_ATTACHMENTS: usize = 16;
+/// Largest size of one request's attachments together.
+pub const MAX_ATTACHMENT_BYTES: u64 = 32 << 20;
+/// Where the agent's tools find a request's attachments.
+pub const ATTACHMENTS_DIR: &str = "/workspace/attachments";
+
+/// Checks a file name for an attachment: one path component, printable, not `.` or `..`.
+pub fn check_attachment_name(name: &str) -> Result<(), AskError> {
+    let bad = name.is_empty()
+        || name.len() > 255
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.contains('\\')
+        || name.chars().any(char::is_control);
+    if bad {
+        return Err(AskError::BadAttachment(format!(
+            "{name:?} is not a usable file name (one path component, 1 to 255 bytes, no control \
+             characters)"
+        )));
+    }
+    Ok(())
 }
 
 /// Why a request could not be followed.
@@ -233,6 +287,69 @@ impl Asking {
         interface: Interface,
         request_id: Option<String>,
     ) -> Result<Asked, AskError> {
+        self.ask_with(prompt, conversation, interface, request_id, &[])
+            .await
+    }
+
+    /// The attachments as recorded, checked: good names, no duplicates, blobs stored here,
+    /// within the limits.
+    fn attachments(&self, files: &[Attach]) -> Result<Vec<AttachmentView>, AskError> {
+        if files.len() > MAX_ATTACHMENTS {
+            return Err(AskError::BadAttachment(format!(
+                "{} files; at most {MAX_ATTACHMENTS}",
+                files.len()
+            )));
+        }
+        let store = self.conversations.docs().store();
+        let mut out: Vec<AttachmentView> = Vec::new();
+        let mut total = 0u64;
+        for f in files {
+            check_attachment_name(&f.name)?;
+            if out.iter().any(|a| a.name == f.name) {
+                return Err(AskError::BadAttachment(format!(
+                    "two files are named {:?}",
+                    f.name
+                )));
+            }
+            let id = hex::decode(&f.hash)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .ok_or_else(|| {
+                    AskError::BadAttachment(format!(
+                        "{:?} is not a blob hash (64 hex characters)",
+                        f.hash
+                    ))
+                })?;
+            let meta = store
+                .blob_meta(&id)?
+                .ok_or_else(|| AskError::AttachmentMissing {
+                    name: f.name.clone(),
+                    hash: f.hash.clone(),
+                })?;
+            total += meta.len;
+            out.push(AttachmentView {
+                name: f.name.clone(),
+                hash: hex::encode(id),
+                len: meta.len,
+            });
+        }
+        if total > MAX_ATTACHMENT_BYTES {
+            return Err(AskError::AttachmentsTooBig(total));
+        }
+        Ok(out)
+    }
+
+    /// [`Asking::ask`] with files attached: blobs stored on this device, which the agent
+    /// copies into the conversation's tool workspace ([`ATTACHMENTS_DIR`]) before it runs the
+    /// request; the prompt names them.
+    pub async fn ask_with(
+        &self,
+        prompt: &str,
+        conversation: Option<DocId>,
+        interface: Interface,
+        request_id: Option<String>,
+        files: &[Attach],
+    ) -> Result<Asked, AskError> {
         let prompt = prompt.trim();
         if prompt.is_empty() {
             return Err(AskError::EmptyPrompt);
@@ -240,6 +357,8 @@ impl Asking {
         if prompt.len() > MAX_PROMPT_BYTES {
             return Err(AskError::PromptTooLong(prompt.len()));
         }
+        let attachments = self.attachments(files)?;
+        let prompt = &with_attachment_note(prompt, &attachments);
         let doc = match conversation {
             Some(id) => self.conversations.existing(id)?,
             None => self.new_conversation(prompt).await?,
@@ -252,7 +371,7 @@ impl Asking {
         let (p, r) = (prompt.to_string(), rid.clone());
         self.conversations
             .modify(doc, move |c, now| {
-                c.append_request(&r, &p, interface, &me, now)
+                c.append_request_with(&r, &p, interface, &me, &attachments, now)
             })
             .await?;
         let (agent, queued, note) = match self.role.holder() {
@@ -375,6 +494,22 @@ impl Asking {
     ) -> impl futures::Stream<Item = RequestEvent> + Send + 'static + use<> {
         follow(self.conversations.clone(), doc, rid)
     }
+}
+
+/// The prompt followed by a note naming the attached files and where the tools find them.
+pub fn with_attachment_note(prompt: &str, attachments: &[AttachmentView]) -> String {
+    if attachments.is_empty() {
+        return prompt.to_string();
+    }
+    let mut out = format!("{prompt}\n\n[Attached files, readable with your tools:");
+    for a in attachments {
+        out.push_str(&format!(
+            "\n- {ATTACHMENTS_DIR}/{} ({} bytes, sha256 {})",
+            a.name, a.len, a.hash
+        ));
+    }
+    out.push(']');
+    out
 }
 
 /// One event of a request, as streamed to clients.

@@ -380,6 +380,7 @@ fn view(status: Option<Status>, progress: Option<&RunProgress>) -> MessageView {
         tool_calls: Vec::new(),
         usage: None,
         progress: progress.map(RunProgress::to_json),
+        attachments: Vec::new(),
     }
 }
 

@@ -147,6 +147,7 @@ impl ModelFactory for Factory {
 #[derive(Default)]
 struct FakeTools {
     calls: Mutex<Vec<(String, String, Value)>>,
+    attached: Mutex<Vec<(String, String, Vec<u8>)>>,
     prepared: AtomicUsize,
     shut_down: AtomicUsize,
 }
@@ -164,6 +165,16 @@ impl ToolHost for FakeTools {
     ) -> BoxFuture<'a, ToolResult> {
         lock(&self.calls).push((conversation.into(), name.into(), input.clone()));
         Box::pin(async move { ToolResult::ok(format!("ran {name}")) })
+    }
+
+    fn put_attachment<'a>(
+        &'a self,
+        conversation: &'a str,
+        name: &'a str,
+        bytes: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), ToolHostError>> {
+        lock(&self.attached).push((conversation.into(), name.into(), bytes));
+        Box::pin(async { Ok(()) })
     }
 
     fn prepare(&self) -> BoxFuture<'_, Result<(), ToolHostError>> {
@@ -946,6 +957,7 @@ fn msg(role: MsgRole, text: &str, rid: Option<&str>, status: Option<Status>) -> 
         tool_calls: Vec::new(),
         usage: None,
         progress: None,
+        attachments: Vec::new(),
     }
 }
 

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::agent::ask::{Asked, RequestEvent};
+use crate::agent::ask::{Asked, Attach, RequestEvent};
 
 /// The subprotocol the server speaks (offered by the client in `Sec-WebSocket-Protocol`).
 pub const PROTOCOL: &str = "iom.v1";
@@ -45,6 +45,10 @@ pub enum ClientMsg {
         /// A request id for deduplication of retries (else the node picks one).
         #[serde(default)]
         request_id: Option<String>,
+        /// Files to attach: blobs already stored here, with their names (as in
+        /// `POST /v1/ask`).
+        #[serde(default)]
+        attachments: Vec<Attach>,
     },
     /// Answered by `pong` with the same id.
     Ping {
@@ -251,6 +255,7 @@ mod tests {
                 prompt: "hi".into(),
                 conversation: None,
                 request_id: None,
+                attachments: Vec::new(),
             }
         );
         let m =

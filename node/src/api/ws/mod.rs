@@ -314,6 +314,7 @@ async fn handle(ctx: &NodeCtx, out: &Outbox, feed: &mut MeshFeed, text: &str) {
             prompt,
             conversation,
             request_id,
+            attachments,
         } => {
             let conversation = match conversation.as_deref().map(parse_doc_id).transpose() {
                 Ok(c) => c,
@@ -324,7 +325,13 @@ async fn handle(ctx: &NodeCtx, out: &Outbox, feed: &mut MeshFeed, text: &str) {
             };
             let asked = ctx
                 .asking
-                .ask(&prompt, conversation, iom_crdt::Interface::Web, request_id)
+                .ask_with(
+                    &prompt,
+                    conversation,
+                    iom_crdt::Interface::Web,
+                    request_id,
+                    &attachments,
+                )
                 .await;
             match asked {
                 Ok(asked) => {
