@@ -443,3 +443,86 @@ fn diff_reports_only_what_is_new() {
     );
     assert_eq!(ev, vec![RequestEvent::failed("failed")]);
 }
+
+#[tokio::test]
+async fn attachments_are_checked_recorded_and_named_in_the_prompt() {
+    let mesh = Mesh::new().await;
+    let (asking, _, _) = asking(&mesh, &mesh.admin);
+    let mut w = mesh.store.blob_writer(None).unwrap();
+    w.write(b"12345").unwrap();
+    let (id, _) = w.finish().await.unwrap();
+    let hash = hex::encode(id);
+    let file = |name: &str, hash: &str| Attach {
+        name: name.into(),
+        hash: hash.into(),
+    };
+    let asked = asking
+        .ask_with(
+            "read it",
+            None,
+            Interface::Cli,
+            Some("r1".into()),
+            &[file("a.txt", &hash)],
+        )
+        .await
+        .unwrap();
+    let doc: DocId = asked.conversation.parse().unwrap();
+    let req = request(&asking, doc, "r1").await;
+    assert_eq!(
+        req.attachments,
+        vec![AttachmentView {
+            name: "a.txt".into(),
+            hash: hash.clone(),
+            len: 5
+        }]
+    );
+    assert_eq!(
+        req.text,
+        format!(
+            "read it\n\n[Attached files, readable with your tools:\n- /workspace/attachments/a.txt (5 bytes, sha256 {hash})]"
+        )
+    );
+    // Refused, each with a reason: bad names, a duplicate, a bad hash, a blob not here.
+    for bad in ["", ".", "..", "a/b", "x\ny"] {
+        let e = asking
+            .ask_with("q", None, Interface::Cli, None, &[file(bad, &hash)])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AskError::BadAttachment(_)), "{bad:?}: {e}");
+    }
+    let e = asking
+        .ask_with(
+            "q",
+            None,
+            Interface::Cli,
+            None,
+            &[file("a", &hash), file("a", &hash)],
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("two files are named"), "{e}");
+    let e = asking
+        .ask_with("q", None, Interface::Cli, None, &[file("a", "zz")])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not a blob hash"), "{e}");
+    let e = asking
+        .ask_with(
+            "q",
+            None,
+            Interface::Cli,
+            None,
+            &[file("a", &"0".repeat(64))],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, AskError::AttachmentMissing { .. }), "{e}");
+    let many: Vec<Attach> = (0..=MAX_ATTACHMENTS)
+        .map(|i| file(&format!("f{i}"), &hash))
+        .collect();
+    let e = asking
+        .ask_with("q", None, Interface::Cli, None, &many)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("at most 16"), "{e}");
+}

@@ -348,3 +348,42 @@ async fn handle(ctx: &NodeCtx, out: &Outbox, feed: &mut MeshFeed, text: &str) {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_closes_as_too_slow_and_the_close_jumps_the_queue() {
+        let (queue, mut rx) = mpsc::channel(2);
+        let (close, mut close_rx) = watch::channel(None);
+        let out = Outbox { queue, close };
+        let ping = ServerMsg::Pong { id: None };
+        assert!(out.push(&ping));
+        assert!(out.push(&ping));
+        assert!(close_rx.borrow().is_none());
+        // The third does not fit: the client is closed, nothing more is queued.
+        assert!(!out.push(&ping));
+        closing(&mut close_rx).await;
+        let why = close_rx.borrow().clone().unwrap();
+        assert_eq!(why.code, close::TOO_SLOW);
+        assert!(why.reason.contains("too slow"), "{why:?}");
+        // A later close does not replace the first reason.
+        out.close(Closing::new(close::REVOKED, "the token was revoked"));
+        assert_eq!(close_rx.borrow().clone().unwrap().code, close::TOO_SLOW);
+        assert_eq!(rx.recv().await.unwrap(), ping.encode());
+    }
+
+    #[test]
+    fn read_errors_map_to_close_codes_with_short_reasons() {
+        let e = axum::Error::new(std::io::Error::other(
+            "Space limit exceeded: Message too long",
+        ));
+        assert_eq!(read_error(&e).code, 1009);
+        let e = axum::Error::new(std::io::Error::other("x".repeat(500)));
+        let c = read_error(&e);
+        assert_eq!(c.code, 1002);
+        assert!(c.reason.len() <= 123);
+    }
+}
