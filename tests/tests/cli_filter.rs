@@ -54,15 +54,15 @@ fn node(fake: &FakeAnthropic, name: &str, config: &str) -> Result<Node> {
     Ok(n)
 }
 
-fn last_prompt(fake: &FakeAnthropic) -> String {
-    fake.requests()
-        .last()
-        .and_then(|r| {
+/// Whether the model got a request whose newest user message is exactly `prompt`. (Requests
+/// queued earlier in the test may run in the background, so "the last request" would race.)
+fn model_saw(fake: &FakeAnthropic, prompt: &str) -> bool {
+    fake.requests().iter().any(|r| {
+        let last =
             r.body["messages"]
-                .as_array()?
-                .last()?
-                .get("content")
-                .map(|c| match c {
+                .as_array()
+                .and_then(|m| m.last())
+                .map(|m| match &m["content"] {
                     Value::String(s) => s.clone(),
                     Value::Array(blocks) => blocks
                         .iter()
@@ -70,9 +70,9 @@ fn last_prompt(fake: &FakeAnthropic) -> String {
                         .collect::<Vec<_>>()
                         .join(""),
                     other => other.to_string(),
-                })
-        })
-        .unwrap_or_default()
+                });
+        last.as_deref() == Some(prompt)
+    })
 }
 
 #[test]
@@ -96,14 +96,20 @@ fn stdin_prompts_output_forms_and_exit_codes() {
         let o = ask(&n, &["ask", "-"], Some(b"line1\nline2\n"))?;
         assert_eq!(code(&o), 0, "{}", err(&o));
         assert_eq!(out(&o), "echo: line1\nline2\n", "{}", err(&o));
-        assert_eq!(last_prompt(&fake), "line1\nline2");
+        assert!(
+            model_saw(&fake, "line1\nline2"),
+            "the model did not get the stdin prompt"
+        );
 
         // Piped input with a question: both, the input between delimiter lines.
         let o = ask(&n, &["ask", "what failed?"], Some(b"ok 1\nE: disk full\n"))?;
         assert_eq!(code(&o), 0, "{}", err(&o));
         let want =
             "what failed?\n\n----- begin stdin -----\nok 1\nE: disk full\n----- end stdin -----";
-        assert_eq!(last_prompt(&fake), want);
+        assert!(
+            model_saw(&fake, want),
+            "the model did not get the joined prompt"
+        );
         assert_eq!(out(&o).trim_end(), format!("echo: {want}"));
 
         // JSON: the same object for --output json and --json.
@@ -131,15 +137,6 @@ fn stdin_prompts_output_forms_and_exit_codes() {
             md.contains("\n---\n*") && md.trim_end().ends_with("out*"),
             "{md}"
         );
-
-        // --no-wait: queued, exit 4, the ids on stdout.
-        let o = ask(&n, &["ask", "later", "--no-wait"], None)?;
-        assert_eq!(code(&o), 4, "{}", err(&o));
-        assert!(out(&o).starts_with("conversation "), "{}", out(&o));
-        let o = ask(&n, &["ask", "later", "--no-wait", "--json"], None)?;
-        assert_eq!(code(&o), 4);
-        let v: Value = serde_json::from_str(&out(&o))?;
-        assert!(v["request_id"].is_string(), "{v}");
 
         // The model API refuses: the request failed, exit 1, with the reason.
         fake.push_script(Scripted::Status {
@@ -182,7 +179,23 @@ fn stdin_prompts_output_forms_and_exit_codes() {
         // --no-stdin ignores what is piped.
         let o = ask(&n, &["ask", "just this", "--no-stdin"], Some(b"ignored\n"))?;
         assert_eq!(code(&o), 0);
-        assert_eq!(last_prompt(&fake), "just this");
+        assert!(model_saw(&fake, "just this"));
+        assert!(
+            !fake
+                .requests()
+                .iter()
+                .any(|r| r.body.to_string().contains("ignored"))
+        );
+
+        // --no-wait: queued, exit 4, the ids on stdout. (Last: these run in the background
+        // and would take a scripted model answer meant for a later request.)
+        let o = ask(&n, &["ask", "later", "--no-wait"], None)?;
+        assert_eq!(code(&o), 4, "{}", err(&o));
+        assert!(out(&o).starts_with("conversation "), "{}", out(&o));
+        let o = ask(&n, &["ask", "later", "--no-wait", "--json"], None)?;
+        assert_eq!(code(&o), 4);
+        let v: Value = serde_json::from_str(&out(&o))?;
+        assert!(v["request_id"].is_string(), "{v}");
         n.assert_no_panic()
     });
 }
