@@ -99,6 +99,9 @@ pub enum Command {
     /// Exit codes: 0 answered, 1 failed, 2 bad usage, 3 daily token budget exceeded,
     /// 4 queued (--no-wait, or the agent is unreachable).
     Ask(AskArgs),
+    /// Print every event of the mesh as JSON lines (the WebSocket API, `GET /v1/ws`, over the
+    /// node's socket): request progress and answers of every device, document changes.
+    Events,
     /// Chat with the assistant interactively (one conversation; empty line or Ctrl-D ends).
     Chat {
         /// Continue this conversation.

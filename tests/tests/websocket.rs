@@ -227,6 +227,46 @@ fn a_socket_asks_and_hears_the_streamed_answer_and_other_sockets_hear_it_too() {
             );
             anyhow::Ok(())
         })?;
+        // `iom events` prints the same stream as JSON lines.
+        let mut events = std::process::Command::new(iom_tests::harness::iom_bin())
+            .arg("--data-dir")
+            .arg(&node.dir)
+            .arg("events")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let stdout = events.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let first = rx.recv_timeout(Duration::from_secs(10))?;
+        assert!(first.contains(r#""type":"hello""#), "{first}");
+        node.cli(&["ask", "heard by iom events"])?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut done = None;
+        while done.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .context("no done event from `iom events`")?;
+            let v: Value = serde_json::from_str(&line).with_context(|| line.clone())?;
+            if v["type"] == "request" && v["event"]["type"] == "done" {
+                done = Some(v);
+            }
+        }
+        let _ = events.kill();
+        let _ = events.wait();
+        let done = done.context("no done event")?;
+        assert_eq!(done["event"]["text"], "echo: heard by iom events", "{done}");
         // The fake model got the prompts the sockets sent.
         assert!(
             fake.requests()

@@ -4,6 +4,7 @@ mod agent;
 mod ask;
 mod blob;
 mod doc;
+mod events;
 mod memory;
 mod mesh;
 mod node;
@@ -63,6 +64,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Join { code, name } => mesh::join(&g, code, name).await,
         Command::Devices { command } => mesh::devices(&g, command).await,
         Command::Ask(args) => ask::ask(&g, args).await,
+        Command::Events => events::events(&g).await,
         Command::Chat { conversation } => agent::chat(&g, conversation).await,
         Command::Conversations(cmd) => agent::conversations(&g, cmd).await,
         Command::Agent(cmd) => agent::agent(&g, cmd).await,
