@@ -19,6 +19,41 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `iom ask`.
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    /// The prompt; `-` reads it from stdin.
+    pub prompt: String,
+    /// Continue this conversation.
+    #[arg(long, short)]
+    pub conversation: Option<String>,
+    /// Return at once with the request id; don't wait for the answer (exit code 4).
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Attach a file (repeatable): stored as a blob, copied into the agent's tool workspace
+    /// at /workspace/attachments/NAME, and named in the prompt.
+    #[arg(long = "file", short = 'f', value_name = "PATH")]
+    pub files: Vec<PathBuf>,
+    /// Output: `text` (stream as it comes), `json` (one object at the end; `--json` is the
+    /// same), `markdown` (the answer and its tool calls as a Markdown document).
+    #[arg(long, short, value_enum)]
+    pub output: Option<OutputFormat>,
+    /// Don't read stdin even when it is not a terminal.
+    #[arg(long)]
+    pub no_stdin: bool,
+}
+
+/// `iom ask --output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Stream the answer text to stdout, progress to stderr.
+    Text,
+    /// One JSON object at the end.
+    Json,
+    /// A Markdown document at the end.
+    Markdown,
+}
+
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -59,17 +94,14 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Ask the assistant (runs on the agent device; streams the answer).
-    Ask {
-        /// The prompt.
-        prompt: String,
-        /// Continue this conversation.
-        #[arg(long, short)]
-        conversation: Option<String>,
-        /// Return at once with the request id; don't wait for the answer.
-        #[arg(long)]
-        no_wait: bool,
-    },
+    /// Ask the assistant (runs on the agent device; streams the answer). Piped input is part
+    /// of the prompt: `cat log.txt | iom ask "what failed?"`, or `iom ask -` for stdin alone.
+    /// Exit codes: 0 answered, 1 failed, 2 bad usage, 3 daily token budget exceeded,
+    /// 4 queued (--no-wait, or the agent is unreachable).
+    Ask(AskArgs),
+    /// Print every event of the mesh as JSON lines (the WebSocket API, `GET /v1/ws`, over the
+    /// node's socket): request progress and answers of every device, document changes.
+    Events,
     /// Chat with the assistant interactively (one conversation; empty line or Ctrl-D ends).
     Chat {
         /// Continue this conversation.

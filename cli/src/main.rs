@@ -24,6 +24,23 @@ pub enum Failure {
     Usage(anyhow::Error),
     /// Exit 1 with nothing more to say (the output told what is wrong).
     Quiet,
+    /// Exit 3: the agent's daily token budget is used up (`iom ask`).
+    Budget(anyhow::Error),
+    /// Exit 4: the request is queued, not answered yet (`iom ask --no-wait`, or the agent
+    /// is unreachable); the sentence says where it stands.
+    Queued(String),
+}
+
+/// Exit codes (documented in docs/cli.md).
+pub mod exit {
+    /// The operation failed.
+    pub const FAILED: u8 = 1;
+    /// Bad usage.
+    pub const USAGE: u8 = 2;
+    /// The daily token budget is used up.
+    pub const BUDGET: u8 = 3;
+    /// Queued, not answered yet.
+    pub const QUEUED: u8 = 4;
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
@@ -59,13 +76,21 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Failed(e)) => {
             eprintln!("error: {}", one_line(&e));
-            ExitCode::from(1)
+            ExitCode::from(exit::FAILED)
         }
         Err(Failure::Usage(e)) => {
             eprintln!("error: {}", one_line(&e));
-            ExitCode::from(2)
+            ExitCode::from(exit::USAGE)
         }
-        Err(Failure::Quiet) => ExitCode::from(1),
+        Err(Failure::Budget(e)) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::from(exit::BUDGET)
+        }
+        Err(Failure::Queued(note)) => {
+            eprintln!("queued: {note}");
+            ExitCode::from(exit::QUEUED)
+        }
+        Err(Failure::Quiet) => ExitCode::from(exit::FAILED),
     }
 }
 

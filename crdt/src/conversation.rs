@@ -19,6 +19,7 @@
 //! | `tool_calls` | list | replies only: `{id, name, input (JSON string), output, is_error}` |
 //! | `usage` | map | replies only: `{input_tokens, output_tokens}` |
 //! | `progress` | str? | requests only: latest progress line |
+//! | `attachments` | list? | requests only: `{name, hash (blob SHA-256, hex), len}` of attached files |
 //!
 //! **Claiming** is fenced by the agent-role epoch: a request is claimed only when it is pending,
 //! or running under a claim with a strictly lower epoch (a demoted or restarted agent). Two
@@ -165,6 +166,17 @@ pub struct ToolCallView {
     pub is_error: bool,
 }
 
+/// A file attached to a request: a blob the agent copies into its tool workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentView {
+    /// File name (no directories).
+    pub name: String,
+    /// The blob's SHA-256, hex.
+    pub hash: String,
+    /// Size in bytes.
+    pub len: u64,
+}
+
 /// Token counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageView {
@@ -207,6 +219,9 @@ pub struct MessageView {
     pub usage: Option<UsageView>,
     /// Latest progress line of a running request.
     pub progress: Option<String>,
+    /// Files attached to a request.
+    #[serde(default)]
+    pub attachments: Vec<AttachmentView>,
 }
 
 /// Result of [`Conversation::append_request`] / [`Conversation::append_assistant`].
@@ -366,6 +381,20 @@ impl<D: BorrowMut<Document>> Conversation<D> {
         device: &str,
         now: i64,
     ) -> Result<AppendOutcome, ConversationError> {
+        self.append_request_with(request_id, text, interface, device, &[], now)
+    }
+
+    /// [`Conversation::append_request`] with files attached (in the same change, so the agent
+    /// never sees the request without them).
+    pub fn append_request_with(
+        &mut self,
+        request_id: &str,
+        text: &str,
+        interface: Interface,
+        device: &str,
+        attachments: &[AttachmentView],
+        now: i64,
+    ) -> Result<AppendOutcome, ConversationError> {
         if let Some((_, index)) = find_request_obj(self.document().automerge(), request_id) {
             return Ok(AppendOutcome {
                 index,
@@ -386,6 +415,15 @@ impl<D: BorrowMut<Document>> Conversation<D> {
             tx.put(&m, "device", device)?;
             tx.put(&m, "created_at", now)?;
             tx.put(&m, "request_id", request_id)?;
+            if !attachments.is_empty() {
+                let list = tx.put_object(&m, "attachments", ObjType::List)?;
+                for (i, a) in attachments.iter().enumerate() {
+                    let o = tx.insert_object(&list, i, ObjType::Map)?;
+                    tx.put(&o, "name", a.name.as_str())?;
+                    tx.put(&o, "hash", a.hash.as_str())?;
+                    tx.put(&o, "len", a.len)?;
+                }
+            }
             Ok(AppendOutcome {
                 index,
                 id: request_id.to_owned(),
@@ -647,7 +685,25 @@ fn read_message<R: ReadDoc>(doc: &R, obj: &ObjId, index: usize) -> Option<Messag
         tool_calls,
         usage: f.object("usage", ObjType::Map).map(|u| read_usage(doc, &u)),
         progress: parse("progress"),
+        attachments: read_attachments(doc, &f),
     })
+}
+
+fn read_attachments<R: ReadDoc>(doc: &R, f: &MapFields) -> Vec<AttachmentView> {
+    let Some(list) = f.object("attachments", ObjType::List) else {
+        return Vec::new();
+    };
+    (0..doc.length(&list))
+        .filter_map(|i| fields::object_at(doc, &list, i, ObjType::Map))
+        .filter_map(|o| {
+            let a = MapFields::read(doc, &o);
+            Some(AttachmentView {
+                name: a.string(doc, "name")?,
+                hash: a.string(doc, "hash")?,
+                len: a.uint("len").unwrap_or(0),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

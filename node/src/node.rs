@@ -51,6 +51,9 @@ pub struct NodeCtx {
     pub scheduler: Arc<crate::schedule::Scheduler>,
     /// When the node started.
     pub started: Instant,
+    /// The id of every API token revoked while the node runs (WebSocket connections opened
+    /// with it close at once).
+    pub token_revoked: tokio::sync::broadcast::Sender<String>,
     /// Flips to `true` when the node is shutting down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -348,6 +351,7 @@ impl Node {
             asking,
             scheduler,
             started: Instant::now(),
+            token_revoked: tokio::sync::broadcast::channel(16).0,
             shutdown: shutdown_rx,
         });
         let cancel = CancellationToken::new();

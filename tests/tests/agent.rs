@@ -219,17 +219,49 @@ fn assign(admin: &Node, agent: &Node, all: &[&Node]) -> Result<u64> {
 }
 
 /// `iom ask PROMPT [--conversation ID] --json` (waits for the end); returns the JSON, whose
-/// `result` is the final event (`done` or `failed`).
+/// `result` is the final event (`done` or `failed`). The exit code must match it: 0 for
+/// `done`, 3 for a used-up budget, 1 for another failure.
 fn ask(node: &Node, prompt: &str, conversation: Option<&str>) -> Result<Value> {
     let mut args = vec!["ask", prompt];
     if let Some(c) = conversation {
         args.extend(["--conversation", c]);
     }
-    let v = node.json(&args)?;
-    if v["result"]["type"].as_str().is_none() {
-        bail!("ask gave no final event: {v}");
+    args.push("--json");
+    let o = node.try_cli(&args)?;
+    let v: Value = serde_json::from_slice(&o.stdout).with_context(|| {
+        format!(
+            "`iom ask` printed no JSON: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })?;
+    let want = match (v["result"]["type"].as_str(), v["result"]["reason"].as_str()) {
+        (None, _) => bail!("ask gave no final event: {v}"),
+        (Some("done"), _) => 0,
+        (Some(_), Some("budget_exceeded")) => 3,
+        (Some(_), _) => 1,
+    };
+    if o.status.code() != Some(want) {
+        bail!(
+            "`iom ask` exited {:?}, not {want}, for {v}",
+            o.status.code()
+        );
     }
     Ok(v)
+}
+
+/// `iom ask PROMPT --no-wait --json [EXTRA...]`: exits 4 (queued) with the request's ids.
+fn ask_no_wait(node: &Node, prompt: &str, extra: &[&str]) -> Result<Value> {
+    let mut args = vec!["ask", prompt, "--no-wait", "--json"];
+    args.extend(extra);
+    let o = node.try_cli(&args)?;
+    if o.status.code() != Some(4) {
+        bail!(
+            "`iom ask --no-wait` exited {:?}, not 4: {}",
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&o.stdout)?)
 }
 
 /// `ask` that must end `done`; returns `(conversation, request id, final event)`.
@@ -845,7 +877,7 @@ fn queued_body() -> Result<()> {
     let status = laptop.json(&["agent", "status"])?;
     assert_eq!(status["connection"], "offline", "{status}");
 
-    let v = laptop.json(&["ask", "while you were out", "--no-wait"])?;
+    let v = ask_no_wait(&laptop, "while you were out", &[])?;
     assert_eq!(v["queued"], true, "{v}");
     assert!(
         v["note"]
@@ -857,7 +889,7 @@ fn queued_body() -> Result<()> {
     let rid = s(&v, "request_id")?;
     // The human form says so too.
     let human = laptop.try_cli(&["ask", "second while out", "--no-wait"])?;
-    assert!(human.status.success());
+    assert_eq!(human.status.code(), Some(4));
     let err = String::from_utf8_lossy(&human.stderr);
     assert!(err.contains("queued"), "{err}");
     std::thread::sleep(Duration::from_millis(500));
@@ -893,11 +925,11 @@ fn interrupted_body() -> Result<()> {
     assign(&home, &home, &[&home, &laptop])?;
 
     let marker = "slow-job-7d1";
-    let v = laptop.json(&[
-        "ask",
+    let v = ask_no_wait(
+        &laptop,
         &format!("{marker} {}", bash("sleep 20; echo finished")),
-        "--no-wait",
-    ])?;
+        &[],
+    )?;
     assert_eq!(v["queued"], false, "{v}");
     let conv = s(&v, "conversation")?;
     let rid = s(&v, "request_id")?;
@@ -974,7 +1006,7 @@ fn reassign_body() -> Result<()> {
         Duration::from_secs(15),
         || Ok(!laptop.connected_to(&server_id)?),
     )?;
-    let v = laptop.json(&["ask", "second", "--conversation", &conv, "--no-wait"])?;
+    let v = ask_no_wait(&laptop, "second", &["--conversation", &conv])?;
     assert_eq!(v["queued"], true, "{v}");
     let rid2 = s(&v, "request_id")?;
     wait_until(
@@ -1064,7 +1096,7 @@ fn retry_body() -> Result<()> {
         code: 429,
         retry_after: Some(1),
     });
-    let v = home.json(&["ask", "busy day", "--no-wait"])?;
+    let v = ask_no_wait(&home, "busy day", &[])?;
     let (conv, rid) = (s(&v, "conversation")?, s(&v, "request_id")?);
     let started = Instant::now();
     let evs = events(&home, &conv, &rid)?;
@@ -1112,5 +1144,73 @@ fn budget_body() -> Result<()> {
         "{err}"
     );
     assert_eq!(fake.requests_with("second of the day"), 0);
+    Ok(())
+}
+
+#[test]
+fn files_attached_on_the_laptop_are_read_by_the_agents_tools() {
+    require_docker();
+    scenario(attachments_body);
+}
+
+fn attachments_body() -> Result<()> {
+    let mut reap = Reap::default();
+    let fake = Fake::start()?;
+    let mut home = agent_node("home", Some(&fake), "")?;
+    let mut laptop = Node::new("laptop")?;
+    start_mesh(&mut [&mut home, &mut laptop])?;
+    reap.0.push(home.device_id()?);
+    assign(&home, &home, &[&home, &laptop])?;
+    // Two files on the laptop; the blobs travel to the agent by sync.
+    let dir = tempfile::tempdir()?;
+    let notes = dir.path().join("notes.txt");
+    let log = dir.path().join("build.log");
+    std::fs::write(&notes, "attached on the laptop\nsecond line\n")?;
+    std::fs::write(&log, "E: linker failed\n")?;
+    let read = format!(
+        "[[tool read_file {}]] [[tool bash {}]]",
+        json!({ "path": "/workspace/attachments/notes.txt" }),
+        json!({ "command": "cat attachments/build.log; ls attachments | wc -l" })
+    );
+    let notes_arg = notes.display().to_string();
+    let log_arg = log.display().to_string();
+    let o = laptop.try_cli(&[
+        "ask", &read, "--file", &notes_arg, "--file", &log_arg, "--json",
+    ])?;
+    let v: Value = serde_json::from_slice(&o.stdout)
+        .with_context(|| String::from_utf8_lossy(&o.stderr).into_owned())?;
+    assert_eq!(o.status.code(), Some(0), "{v}");
+    assert_eq!(v["result"]["type"], "done", "{v}");
+    let text = v["result"]["text"].as_str().unwrap_or_default();
+    // bash saw both files and read one; read_file read the other (its result went to the
+    // model on the turn before).
+    assert!(
+        text.ends_with("tool results: E: linker failed\n2\n"),
+        "bash did not read the attachments: {text:?}"
+    );
+    let read_back = fake
+        .requests()
+        .iter()
+        .flat_map(RecordedRequest::tool_results)
+        .any(|(_, content, is_error)| {
+            !is_error && content.contains("attached on the laptop\nsecond line")
+        });
+    assert!(read_back, "read_file did not read the attachment");
+    // The prompt named them, with their size and hash.
+    let hash = iom_tests::harness::sha256_file(&notes)?;
+    assert!(
+        fake.requests_with(&format!(
+            "/workspace/attachments/notes.txt (35 bytes, sha256 {hash})"
+        )) > 0,
+        "the prompt does not name the attachment"
+    );
+    // The request records them.
+    let conv = s(&v, "conversation")?;
+    let (req, _) = request_and_reply(&laptop, &conv, &s(&v, "request_id")?)?;
+    let names: Vec<&str> = req["attachments"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["notes.txt", "build.log"], "{req}");
     Ok(())
 }

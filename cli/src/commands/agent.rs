@@ -3,138 +3,12 @@
 use std::io::{BufRead, Write};
 
 use anyhow::Context;
-use futures::StreamExt;
-use iom_node::api::client::{ApiClient, SseEvents};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::Global;
 use crate::Failure;
-use crate::args::{AgentCommand, ConversationsCommand, SandboxCommand};
+use crate::args::{AgentCommand, ConversationsCommand, OutputFormat, SandboxCommand};
 use crate::output;
-
-/// `iom ask`.
-pub async fn ask(
-    g: &Global,
-    prompt: &str,
-    conversation: Option<String>,
-    no_wait: bool,
-) -> Result<(), Failure> {
-    let c = g.client()?;
-    let (asked, outcome) = ask_once(g, &c, prompt, conversation.as_deref(), no_wait).await?;
-    if g.json {
-        let mut v = asked;
-        if let Some(o) = outcome {
-            v["result"] = o;
-        }
-        output::json(&v);
-    }
-    Ok(())
-}
-
-/// Sends one request and (unless `no_wait`) follows it to the end. Returns the `ask` answer
-/// and the final event.
-async fn ask_once(
-    g: &Global,
-    c: &ApiClient,
-    prompt: &str,
-    conversation: Option<&str>,
-    no_wait: bool,
-) -> Result<(Value, Option<Value>), Failure> {
-    let asked = c
-        .post(
-            "/v1/ask",
-            &json!({ "prompt": prompt, "conversation": conversation, "interface": "cli" }),
-        )
-        .await?;
-    let conv = output::s(&asked, "conversation").to_string();
-    let rid = output::s(&asked, "request_id").to_string();
-    if !g.json {
-        if asked["queued"].as_bool() == Some(true) {
-            eprintln!("queued: {}", output::s(&asked, "note"));
-        }
-        if no_wait {
-            println!("conversation {conv} request {rid}");
-        }
-    }
-    if no_wait {
-        return Ok((asked, None));
-    }
-    let resp = c
-        .get_raw(&format!("/v1/conversations/{conv}/requests/{rid}/events"))
-        .await?;
-    let mut stream = resp.bytes_stream();
-    let mut sse = SseEvents::default();
-    let mut last: Option<Value> = None;
-    let mut out = std::io::stdout();
-    'outer: while let Some(chunk) = stream.next().await {
-        let chunk = chunk.context("the event stream broke off")?;
-        sse.push(&chunk);
-        while let Some(data) = sse.next_data() {
-            let Ok(ev) = serde_json::from_str::<Value>(&data) else {
-                continue;
-            };
-            let kind = output::s(&ev, "type").to_string();
-            if !g.json {
-                match kind.as_str() {
-                    "status" => eprintln!("[{}]", output::s(&ev, "status")),
-                    "text" => {
-                        print!("{}", output::s(&ev, "delta"));
-                        let _ = out.flush();
-                    }
-                    "tool_started" => eprintln!(
-                        "\n[tool {} {}]",
-                        output::s(&ev, "name"),
-                        output::s(&ev, "input")
-                    ),
-                    "tool_finished" => {
-                        let o = output::s(&ev, "output");
-                        let short: String = o.chars().take(400).collect();
-                        eprintln!(
-                            "[tool {} {}] {}",
-                            output::s(&ev, "name"),
-                            if ev["is_error"].as_bool() == Some(true) {
-                                "failed"
-                            } else {
-                                "ok"
-                            },
-                            short.trim_end()
-                        );
-                    }
-                    "retry" => eprintln!("[{}]", output::s(&ev, "message")),
-                    "done" => {
-                        println!();
-                        eprintln!(
-                            "[done: {} tokens in, {} out{}]",
-                            ev["input_tokens"],
-                            ev["output_tokens"],
-                            ev["note"]
-                                .as_str()
-                                .map(|n| format!("; {n}"))
-                                .unwrap_or_default()
-                        );
-                    }
-                    "failed" => {}
-                    _ => {}
-                }
-            }
-            let end = matches!(kind.as_str(), "done" | "failed");
-            last = Some(ev);
-            if end {
-                break 'outer;
-            }
-        }
-    }
-    match &last {
-        Some(ev) if output::s(ev, "type") == "failed" => {
-            if g.json {
-                return Ok((asked, last));
-            }
-            Err(anyhow::anyhow!("the request failed: {}", output::s(ev, "error")).into())
-        }
-        Some(_) => Ok((asked, last)),
-        None => Err(anyhow::anyhow!("the node closed the event stream before the answer").into()),
-    }
-}
 
 /// `iom chat`.
 pub async fn chat(g: &Global, conversation: Option<String>) -> Result<(), Failure> {
@@ -153,8 +27,27 @@ pub async fn chat(g: &Global, conversation: Option<String>) -> Result<(), Failur
         if line.is_empty() {
             break;
         }
-        match ask_once(g, &c, line, conv.as_deref(), false).await {
-            Ok((asked, _)) => conv = Some(output::s(&asked, "conversation").to_string()),
+        let format = if g.json {
+            OutputFormat::Json
+        } else {
+            OutputFormat::Text
+        };
+        match super::ask::ask_once(&c, line, conv.as_deref(), &[], false, format).await {
+            Ok(o) => {
+                conv = Some(output::s(&o.asked, "conversation").to_string());
+                if g.json {
+                    let _ = super::ask::finish(&o, format);
+                } else {
+                    match super::ask::exit_for(&o, false) {
+                        Ok(()) => {}
+                        Err(Failure::Queued(note)) => eprintln!("queued: {note}"),
+                        Err(Failure::Failed(e) | Failure::Budget(e) | Failure::Usage(e)) => {
+                            eprintln!("error: {e}")
+                        }
+                        Err(Failure::Quiet) => {}
+                    }
+                }
+            }
             Err(Failure::Failed(e)) => eprintln!("error: {e}"),
             Err(e) => return Err(e),
         }

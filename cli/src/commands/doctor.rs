@@ -26,7 +26,7 @@ pub async fn run(g: &Global) -> Result<(), Failure> {
                     g.data_dir.join("config.toml").display()
                 ),
             )],
-            Err(Failure::Quiet) => return Err(Failure::Quiet),
+            Err(other) => return Err(other),
         },
         Err(e) => return Err(e.into()),
     };

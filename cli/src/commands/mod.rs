@@ -1,10 +1,12 @@
 //! One module per command group.
 
 mod agent;
+mod ask;
 mod blob;
 mod completions;
 mod doc;
 mod doctor;
+mod events;
 mod memory;
 mod mesh;
 pub mod node;
@@ -64,11 +66,8 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Invite { ttl, admin } => mesh::invite(&g, ttl, admin).await,
         Command::Join { code, name } => mesh::join(&g, code, name).await,
         Command::Devices { command } => mesh::devices(&g, command).await,
-        Command::Ask {
-            prompt,
-            conversation,
-            no_wait,
-        } => agent::ask(&g, &prompt, conversation, no_wait).await,
+        Command::Ask(args) => ask::ask(&g, args).await,
+        Command::Events => events::events(&g).await,
         Command::Chat { conversation } => agent::chat(&g, conversation).await,
         Command::Conversations(cmd) => agent::conversations(&g, cmd).await,
         Command::Agent(cmd) => agent::agent(&g, cmd).await,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use iom_crdt::{DocId, DocumentError, Interface, MessageView, Status};
+use iom_crdt::{AttachmentView, DocId, DocumentError, Interface, MessageView, Status};
 use iom_protocol::keys::DeviceId;
 use iom_protocol::wire::{AgentRequest, AgentResponse, MAX_AGENT_FRAME};
 use libp2p::PeerId;
@@ -39,7 +39,7 @@ const MAX_REQUEST_FRAME: usize = 4096;
 const FOLLOW_POLL: Duration = Duration::from_secs(2);
 
 /// What `ask` reports back at once.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Asked {
     /// The conversation (new or given).
     pub conversation: String,
@@ -72,6 +72,60 @@ pub enum AskError {
     /// The conversation could not be created or changed.
     #[error(transparent)]
     Edit(#[from] EditError),
+    /// An attachment's name or hash is unusable, or there are too many.
+    #[error("bad attachment: {0}")]
+    BadAttachment(String),
+    /// An attached blob is not stored on this device.
+    #[error(
+        "attachment {name:?}: blob {hash} is not stored on this device (add it first: POST /v1/blobs or `iom blob add`)"
+    )]
+    AttachmentMissing {
+        /// The file name.
+        name: String,
+        /// The blob hash.
+        hash: String,
+    },
+    /// The attachments are bigger than [`MAX_ATTACHMENT_BYTES`] together.
+    #[error("the attachments are {0} bytes together; at most {MAX_ATTACHMENT_BYTES}")]
+    AttachmentsTooBig(u64),
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// A file to attach to a request: a blob already stored on this device, and its name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attach {
+    /// File name (no directories; it becomes `/workspace/attachments/NAME`).
+    pub name: String,
+    /// The blob's SHA-256 (64 hex characters).
+    pub hash: String,
+}
+
+/// Most files attached to one request.
+pub const MAX_ATTACHMENTS: usize = 16;
+/// Largest size of one request's attachments together.
+pub const MAX_ATTACHMENT_BYTES: u64 = 32 << 20;
+/// Where the agent's tools find a request's attachments.
+pub const ATTACHMENTS_DIR: &str = "/workspace/attachments";
+
+/// Checks a file name for an attachment: one path component, printable, not `.` or `..`.
+pub fn check_attachment_name(name: &str) -> Result<(), AskError> {
+    let bad = name.is_empty()
+        || name.len() > 255
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.contains('\\')
+        || name.chars().any(char::is_control);
+    if bad {
+        return Err(AskError::BadAttachment(format!(
+            "{name:?} is not a usable file name (one path component, 1 to 255 bytes, no control \
+             characters)"
+        )));
+    }
+    Ok(())
 }
 
 /// Why a request could not be followed.
@@ -233,6 +287,69 @@ impl Asking {
         interface: Interface,
         request_id: Option<String>,
     ) -> Result<Asked, AskError> {
+        self.ask_with(prompt, conversation, interface, request_id, &[])
+            .await
+    }
+
+    /// The attachments as recorded, checked: good names, no duplicates, blobs stored here,
+    /// within the limits.
+    fn attachments(&self, files: &[Attach]) -> Result<Vec<AttachmentView>, AskError> {
+        if files.len() > MAX_ATTACHMENTS {
+            return Err(AskError::BadAttachment(format!(
+                "{} files; at most {MAX_ATTACHMENTS}",
+                files.len()
+            )));
+        }
+        let store = self.conversations.docs().store();
+        let mut out: Vec<AttachmentView> = Vec::new();
+        let mut total = 0u64;
+        for f in files {
+            check_attachment_name(&f.name)?;
+            if out.iter().any(|a| a.name == f.name) {
+                return Err(AskError::BadAttachment(format!(
+                    "two files are named {:?}",
+                    f.name
+                )));
+            }
+            let id = hex::decode(&f.hash)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .ok_or_else(|| {
+                    AskError::BadAttachment(format!(
+                        "{:?} is not a blob hash (64 hex characters)",
+                        f.hash
+                    ))
+                })?;
+            let meta = store
+                .blob_meta(&id)?
+                .ok_or_else(|| AskError::AttachmentMissing {
+                    name: f.name.clone(),
+                    hash: f.hash.clone(),
+                })?;
+            total += meta.len;
+            out.push(AttachmentView {
+                name: f.name.clone(),
+                hash: hex::encode(id),
+                len: meta.len,
+            });
+        }
+        if total > MAX_ATTACHMENT_BYTES {
+            return Err(AskError::AttachmentsTooBig(total));
+        }
+        Ok(out)
+    }
+
+    /// [`Asking::ask`] with files attached: blobs stored on this device, which the agent
+    /// copies into the conversation's tool workspace ([`ATTACHMENTS_DIR`]) before it runs the
+    /// request; the prompt names them.
+    pub async fn ask_with(
+        &self,
+        prompt: &str,
+        conversation: Option<DocId>,
+        interface: Interface,
+        request_id: Option<String>,
+        files: &[Attach],
+    ) -> Result<Asked, AskError> {
         let prompt = prompt.trim();
         if prompt.is_empty() {
             return Err(AskError::EmptyPrompt);
@@ -240,6 +357,8 @@ impl Asking {
         if prompt.len() > MAX_PROMPT_BYTES {
             return Err(AskError::PromptTooLong(prompt.len()));
         }
+        let attachments = self.attachments(files)?;
+        let prompt = &with_attachment_note(prompt, &attachments);
         let doc = match conversation {
             Some(id) => self.conversations.existing(id)?,
             None => self.new_conversation(prompt).await?,
@@ -252,7 +371,7 @@ impl Asking {
         let (p, r) = (prompt.to_string(), rid.clone());
         self.conversations
             .modify(doc, move |c, now| {
-                c.append_request(&r, &p, interface, &me, now)
+                c.append_request_with(&r, &p, interface, &me, &attachments, now)
             })
             .await?;
         let (agent, queued, note) = match self.role.holder() {
@@ -377,6 +496,22 @@ impl Asking {
     }
 }
 
+/// The prompt followed by a note naming the attached files and where the tools find them.
+pub fn with_attachment_note(prompt: &str, attachments: &[AttachmentView]) -> String {
+    if attachments.is_empty() {
+        return prompt.to_string();
+    }
+    let mut out = format!("{prompt}\n\n[Attached files, readable with your tools:");
+    for a in attachments {
+        out.push_str(&format!(
+            "\n- {ATTACHMENTS_DIR}/{} ({} bytes, sha256 {})",
+            a.name, a.len, a.hash
+        ));
+    }
+    out.push(']');
+    out
+}
+
 /// One event of a request, as streamed to clients.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -431,16 +566,77 @@ pub enum RequestEvent {
     Failed {
         /// Why.
         error: String,
+        /// What kind of failure, for programs (the CLI's exit code).
+        reason: FailReason,
     },
 }
 
-#[derive(Default)]
-struct Seen {
+/// The kind of a failure, for programs ([`RequestEvent::Failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailReason {
+    /// The agent's daily token budget is used up.
+    BudgetExceeded,
+    /// The asking device sent too many requests in the last minute.
+    RateLimited,
+    /// The agent stopped (a crash or a restart) while it ran the request.
+    Interrupted,
+    /// Anything else (the model API, the key, the request itself).
+    Error,
+}
+
+impl FailReason {
+    /// Classifies a failure message as the runner writes it.
+    pub fn of(error: &str) -> FailReason {
+        use super::runner::{BUDGET_EXHAUSTED, INTERRUPTED, RATE_LIMITED};
+        if error.starts_with(BUDGET_EXHAUSTED) {
+            FailReason::BudgetExceeded
+        } else if error.starts_with(RATE_LIMITED) {
+            FailReason::RateLimited
+        } else if error.starts_with(INTERRUPTED) {
+            FailReason::Interrupted
+        } else {
+            FailReason::Error
+        }
+    }
+}
+
+impl RequestEvent {
+    /// A failure with `error`, classified.
+    pub fn failed(error: impl Into<String>) -> RequestEvent {
+        let error = error.into();
+        RequestEvent::Failed {
+            reason: FailReason::of(&error),
+            error,
+        }
+    }
+
+    /// Whether this is the last event of a request (`done` or `failed`).
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            RequestEvent::Done { .. } | RequestEvent::Failed { .. }
+        )
+    }
+}
+
+/// What a follower has already reported of one request; [`Seen::diff`] gives the events for
+/// what is new since.
+#[derive(Debug, Default)]
+pub struct Seen {
     status: Option<Status>,
     text_len: usize,
     tools_started: usize,
     tools_finished: usize,
     retry: Option<String>,
+}
+
+impl Seen {
+    /// The events for what changed in request `req` (and its `reply`, once there) since the
+    /// last call.
+    pub fn diff(&mut self, req: &MessageView, reply: Option<&MessageView>) -> Vec<RequestEvent> {
+        diff(self, req, reply)
+    }
 }
 
 fn diff(seen: &mut Seen, req: &MessageView, reply: Option<&MessageView>) -> Vec<RequestEvent> {
@@ -505,9 +701,9 @@ fn diff(seen: &mut Seen, req: &MessageView, reply: Option<&MessageView>) -> Vec<
                 });
             }
         }
-        Some(Status::Failed) => out.push(RequestEvent::Failed {
-            error: req.error.clone().unwrap_or_else(|| "failed".into()),
-        }),
+        Some(Status::Failed) => out.push(RequestEvent::failed(
+            req.error.clone().unwrap_or_else(|| "failed".into()),
+        )),
         _ => {}
     }
     out
@@ -563,15 +759,11 @@ impl Following {
         match snapshot(&self.conversations, self.doc, &self.rid).await {
             Ok((req, reply)) => {
                 let events = diff(&mut self.seen, &req, reply.as_ref());
-                self.finished = events
-                    .iter()
-                    .any(|e| matches!(e, RequestEvent::Done { .. } | RequestEvent::Failed { .. }));
+                self.finished = events.iter().any(RequestEvent::is_final);
                 self.queue.extend(events);
             }
             Err(e) => {
-                self.queue.push_back(RequestEvent::Failed {
-                    error: e.to_string(),
-                });
+                self.queue.push_back(RequestEvent::failed(e.to_string()));
                 self.finished = true;
             }
         }

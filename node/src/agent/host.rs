@@ -31,6 +31,15 @@ pub trait ToolHost: Send + Sync {
         input: &'a Value,
     ) -> BoxFuture<'a, ToolResult>;
 
+    /// Puts a file (an attachment) into the conversation's workspace at `attachments/NAME`,
+    /// where the tools read it as `/workspace/attachments/NAME`.
+    fn put_attachment<'a>(
+        &'a self,
+        conversation: &'a str,
+        name: &'a str,
+        bytes: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), ToolHostError>>;
+
     /// Gets ready ahead of the first call (connect, clean up leftovers of an earlier run).
     fn prepare(&self) -> BoxFuture<'_, Result<(), ToolHostError>>;
 

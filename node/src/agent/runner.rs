@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use iom_crdt::{
-    ClaimOutcome, DocId, Memory, MessageView, Role as MsgRole, Status, ToolCallView, UsageView,
+    AttachmentView, ClaimOutcome, DocId, Memory, MessageView, Role as MsgRole, Status,
+    ToolCallView, UsageView,
 };
 use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc};
@@ -51,6 +52,40 @@ pub const PROGRESS_EVERY: Duration = Duration::from_millis(150);
 pub const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// Most conversations queued for a look.
 const SCAN_QUEUE: usize = 1024;
+/// How a failure for a used-up daily token budget starts (clients classify failures by it:
+/// [`FailReason`](super::ask::FailReason)).
+pub const BUDGET_EXHAUSTED: &str = "the daily token budget";
+/// How a failure for the per-device rate limit starts.
+pub const RATE_LIMITED: &str = "rate limit:";
+/// How a failure for a run the agent's stop interrupted starts.
+pub const INTERRUPTED: &str = "interrupted";
+
+/// How long a request waits for an attached blob to arrive by sync.
+pub const ATTACHMENT_WAIT: Duration = Duration::from_secs(60);
+
+/// Why a request's attachments could not be put into the workspace.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttachError {
+    /// The recorded hash is not a hash.
+    #[error("attachment {0:?} has a bad blob hash")]
+    BadHash(String),
+    /// The blob did not arrive in time.
+    #[error(
+        "attachment {0:?} did not arrive from the asking device within a minute; ask again \
+         when both devices are connected"
+    )]
+    NotArrived(String),
+    /// The store failed.
+    #[error("attachment: {0}")]
+    Store(crate::store::StoreError),
+    /// The blocking read was cancelled.
+    #[error("attachment: internal error: {0}")]
+    Join(tokio::task::JoinError),
+    /// The workspace could not take it.
+    #[error("attachment {0:?}: {1}")]
+    Tools(String, super::host::ToolHostError),
+}
 
 /// What happens to a request this device was running when it stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -479,7 +514,7 @@ impl Runner {
                         let r = if retry && !already_retried {
                             c.set_status(&rid, Status::Pending, Some("interrupted; retried"), now)
                         } else {
-                            c.set_status(&rid, Status::Failed, Some("interrupted"), now)
+                            c.set_status(&rid, Status::Failed, Some(INTERRUPTED), now)
                         };
                         if r.is_ok() {
                             n += 1;
@@ -542,7 +577,8 @@ impl Runner {
         let device = req.device.clone().unwrap_or_default();
         if !self.rate.allow(&device) {
             let msg = format!(
-                "rate limit: this device sent more than {} requests in the last minute; wait and ask again",
+                "{RATE_LIMITED} this device sent more than {} requests in the last minute; wait and ask \
+                 again",
                 self.config.per_device_rate_per_min
             );
             return self.set_status(doc, &rid, Status::Failed, Some(msg)).await;
@@ -550,10 +586,15 @@ impl Runner {
         let budget = self.config.daily_token_budget;
         if self.ledger.exhausted() {
             let msg = format!(
-                "the daily token budget ({budget} tokens) is used up; it resets at 00:00 UTC, or \
+                "{BUDGET_EXHAUSTED} ({budget} tokens) is used up; it resets at 00:00 UTC, or \
                  raise agent.daily_token_budget on the agent device"
             );
             return self.set_status(doc, &rid, Status::Failed, Some(msg)).await;
+        }
+        if let Err(e) = self.put_attachments(doc, &req.attachments).await {
+            return self
+                .set_status(doc, &rid, Status::Failed, Some(e.to_string()))
+                .await;
         }
         let client = match self.model.client() {
             Ok(c) => c,
@@ -652,6 +693,53 @@ impl Runner {
                     .await;
             }
         }
+    }
+
+    /// Copies a request's attachments (blobs) into the conversation's tool workspace. A blob
+    /// that has not arrived yet (it syncs from the asking device) is waited for, up to
+    /// [`ATTACHMENT_WAIT`].
+    async fn put_attachments(
+        &self,
+        doc: DocId,
+        attachments: &[AttachmentView],
+    ) -> Result<(), AttachError> {
+        let store = self.conversations.docs().store().clone();
+        for a in attachments {
+            let id = hex::decode(&a.hash)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .ok_or_else(|| AttachError::BadHash(a.name.clone()))?;
+            let waited = tokio::time::timeout(ATTACHMENT_WAIT, async {
+                loop {
+                    match store.blob_meta(&id) {
+                        Ok(Some(meta)) => return Ok(meta),
+                        Ok(None) => tokio::time::sleep(Duration::from_millis(200)).await,
+                        Err(e) => return Err(e),
+                    }
+                }
+            })
+            .await;
+            let meta = match waited {
+                Ok(r) => r.map_err(AttachError::Store)?,
+                Err(_) => return Err(AttachError::NotArrived(a.name.clone())),
+            };
+            let (store2, meta2) = (store.clone(), meta.clone());
+            let bytes = tokio::task::spawn_blocking(move || {
+                let mut out = Vec::with_capacity(usize::try_from(meta2.len).unwrap_or(0));
+                for i in 0..meta2.chunk_hashes.len() as u32 {
+                    out.extend(store2.blob_chunk(&id, &meta2, i)?);
+                }
+                Ok::<_, crate::store::StoreError>(out)
+            })
+            .await
+            .map_err(AttachError::Join)?
+            .map_err(AttachError::Store)?;
+            self.tools
+                .put_attachment(&doc.to_string(), &a.name, bytes)
+                .await
+                .map_err(|e| AttachError::Tools(a.name.clone(), e))?;
+        }
+        Ok(())
     }
 
     /// Writes the progress into the request when ticked, at most once per

@@ -49,6 +49,9 @@ pub struct AskBody {
     /// `cli` (default), `web`, `webhook` or `schedule`.
     #[serde(default)]
     pub interface: Option<String>,
+    /// Files to attach: blobs already stored here (`POST /v1/blobs`), with their names.
+    #[serde(default)]
+    pub attachments: Vec<crate::agent::ask::Attach>,
 }
 
 /// Parses an interface name.
@@ -72,7 +75,13 @@ async fn ask_route(
     let interface = parse_interface(body.interface.as_deref())?;
     let asked = ctx
         .asking
-        .ask(&body.prompt, conversation, interface, body.request_id)
+        .ask_with(
+            &body.prompt,
+            conversation,
+            interface,
+            body.request_id,
+            &body.attachments,
+        )
         .await?;
     Ok(Json(
         serde_json::to_value(asked).map_err(|e| ApiError::internal(e.to_string()))?,
@@ -238,6 +247,8 @@ impl From<AskError> for ApiError {
         match e {
             AskError::Conversation(e) => e.into(),
             AskError::Edit(e) => e.into(),
+            AskError::Store(e) => e.into(),
+            AskError::AttachmentMissing { .. } => ApiError::not_found(e.to_string()),
             _ => ApiError::bad_request(e.to_string()),
         }
     }

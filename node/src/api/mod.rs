@@ -5,6 +5,7 @@
 //! - [`error`]: the JSON error body and status codes.
 //! - [`routes`]: the router and its handlers.
 //! - [`client`]: the client the CLI (and tests) use.
+//! - [`ws`]: the WebSocket API (`GET /v1/ws`).
 
 pub mod agent;
 pub mod body;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod routes;
 pub mod schedules;
 pub mod tokens;
+pub mod ws;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

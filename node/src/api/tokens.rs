@@ -80,5 +80,7 @@ async fn revoke(State(ctx): Ctx, Path(id): Path<String>) -> Result<Json<Value>, 
     let t = tokens::revoke(&ctx.store, &id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no token {id:?} (see `iom token list`)")))?;
+    // No receiver (no WebSocket open) is fine.
+    let _ = ctx.token_revoked.send(t.id.clone());
     Ok(Json(json!({ "id": t.id, "name": t.name, "revoked": true })))
 }

@@ -93,24 +93,44 @@ pub fn serve(ctx: Arc<NodeCtx>, listener: tokio::net::TcpListener) -> JoinHandle
     })
 }
 
-/// Middleware: a valid `Authorization: Bearer TOKEN` or 401.
-async fn require_token(State(ctx): State<Arc<NodeCtx>>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
+/// The presented token: `Authorization: Bearer TOKEN`, or for a WebSocket upgrade (browsers
+/// cannot set headers there) a `Sec-WebSocket-Protocol` entry `iom.bearer.TOKEN`.
+fn presented_token(headers: &axum::http::HeaderMap) -> Option<String> {
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
-        .map(str::trim);
-    let Some(token) = presented else {
+        .map(|t| t.trim().to_string());
+    bearer.or_else(|| {
+        headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|p| {
+                p.trim()
+                    .strip_prefix(crate::api::ws::codec::BEARER_PROTOCOL_PREFIX)
+                    .map(str::to_string)
+            })
+    })
+}
+
+/// Middleware: a valid `Authorization: Bearer TOKEN` or 401. The token's record goes into the
+/// request's extensions (the WebSocket route watches it for revocation).
+async fn require_token(State(ctx): State<Arc<NodeCtx>>, mut req: Request, next: Next) -> Response {
+    let Some(token) = presented_token(req.headers()) else {
         return errors::unauthorized(
             "missing `Authorization: Bearer TOKEN` (create a token with `iom token create`)",
         );
     };
-    match tokens::verify(&ctx.store, token) {
-        Ok(Some(_)) => next.run(req).await,
+    match tokens::verify(&ctx.store, &token) {
+        Ok(Some(record)) => {
+            req.extensions_mut().insert(record);
+            next.run(req).await
+        }
         Ok(None) => errors::unauthorized("unknown or revoked token"),
         Err(e) => {
             tracing::warn!(error = %e, "cannot check a token");

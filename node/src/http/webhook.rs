@@ -267,7 +267,7 @@ async fn deliver(ctx: Arc<NodeCtx>, mut p: PendingCallback) {
     let mut events = std::pin::pin!(ctx.asking.follow(doc, p.request_id.clone()));
     let mut outcome = None;
     while let Some(ev) = events.next().await {
-        if matches!(ev, RequestEvent::Done { .. } | RequestEvent::Failed { .. }) {
+        if ev.is_final() {
             outcome = Some(ev);
             break;
         }
@@ -283,7 +283,7 @@ async fn deliver(ctx: Arc<NodeCtx>, mut p: PendingCallback) {
             "text": text, "note": note,
             "usage": { "input_tokens": input_tokens, "output_tokens": output_tokens },
         }),
-        Some(RequestEvent::Failed { error }) => json!({
+        Some(RequestEvent::Failed { error, .. }) => json!({
             "request_id": p.request_id, "conversation": p.conversation, "status": "failed",
             "text": "", "error": error,
             "usage": { "input_tokens": 0, "output_tokens": 0 },

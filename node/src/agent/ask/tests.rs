@@ -334,14 +334,12 @@ async fn following_a_missing_request_fails_at_once() {
     let got: Vec<_> = asking.follow(doc, "nope".into()).collect().await;
     assert_eq!(
         got,
-        vec![RequestEvent::Failed {
-            error: "no request nope in this conversation".into()
-        }]
+        vec![RequestEvent::failed("no request nope in this conversation")]
     );
     let missing = DocId::from_bytes([4; 16]);
     let got: Vec<_> = asking.follow(missing, "r".into()).collect().await;
     assert!(
-        matches!(&got[..], [RequestEvent::Failed { error }] if error.starts_with("no document")),
+        matches!(&got[..], [RequestEvent::Failed { error, .. }] if error.starts_with("no document")),
         "{got:?}"
     );
 }
@@ -362,12 +360,7 @@ async fn following_a_failed_request_reports_why() {
         .await
         .unwrap();
     let got: Vec<_> = asking.follow(doc, "r1".into()).collect().await;
-    assert_eq!(
-        got,
-        vec![RequestEvent::Failed {
-            error: "interrupted".into()
-        }]
-    );
+    assert_eq!(got, vec![RequestEvent::failed("interrupted")]);
 }
 
 fn view(status: Option<Status>, progress: Option<&RunProgress>) -> MessageView {
@@ -387,6 +380,7 @@ fn view(status: Option<Status>, progress: Option<&RunProgress>) -> MessageView {
         tool_calls: Vec::new(),
         usage: None,
         progress: progress.map(RunProgress::to_json),
+        attachments: Vec::new(),
     }
 }
 
@@ -447,10 +441,88 @@ fn diff_reports_only_what_is_new() {
         &view(Some(Status::Failed), None),
         None,
     );
+    assert_eq!(ev, vec![RequestEvent::failed("failed")]);
+}
+
+#[tokio::test]
+async fn attachments_are_checked_recorded_and_named_in_the_prompt() {
+    let mesh = Mesh::new().await;
+    let (asking, _, _) = asking(&mesh, &mesh.admin);
+    let mut w = mesh.store.blob_writer(None).unwrap();
+    w.write(b"12345").unwrap();
+    let (id, _) = w.finish().await.unwrap();
+    let hash = hex::encode(id);
+    let file = |name: &str, hash: &str| Attach {
+        name: name.into(),
+        hash: hash.into(),
+    };
+    let asked = asking
+        .ask_with(
+            "read it",
+            None,
+            Interface::Cli,
+            Some("r1".into()),
+            &[file("a.txt", &hash)],
+        )
+        .await
+        .unwrap();
+    let doc: DocId = asked.conversation.parse().unwrap();
+    let req = request(&asking, doc, "r1").await;
     assert_eq!(
-        ev,
-        vec![RequestEvent::Failed {
-            error: "failed".into()
+        req.attachments,
+        vec![AttachmentView {
+            name: "a.txt".into(),
+            hash: hash.clone(),
+            len: 5
         }]
     );
+    assert_eq!(
+        req.text,
+        format!(
+            "read it\n\n[Attached files, readable with your tools:\n- /workspace/attachments/a.txt (5 bytes, sha256 {hash})]"
+        )
+    );
+    // Refused, each with a reason: bad names, a duplicate, a bad hash, a blob not here.
+    for bad in ["", ".", "..", "a/b", "x\ny"] {
+        let e = asking
+            .ask_with("q", None, Interface::Cli, None, &[file(bad, &hash)])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AskError::BadAttachment(_)), "{bad:?}: {e}");
+    }
+    let e = asking
+        .ask_with(
+            "q",
+            None,
+            Interface::Cli,
+            None,
+            &[file("a", &hash), file("a", &hash)],
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("two files are named"), "{e}");
+    let e = asking
+        .ask_with("q", None, Interface::Cli, None, &[file("a", "zz")])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not a blob hash"), "{e}");
+    let e = asking
+        .ask_with(
+            "q",
+            None,
+            Interface::Cli,
+            None,
+            &[file("a", &"0".repeat(64))],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, AskError::AttachmentMissing { .. }), "{e}");
+    let many: Vec<Attach> = (0..=MAX_ATTACHMENTS)
+        .map(|i| file(&format!("f{i}"), &hash))
+        .collect();
+    let e = asking
+        .ask_with("q", None, Interface::Cli, None, &many)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("at most 16"), "{e}");
 }

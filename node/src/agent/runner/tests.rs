@@ -147,6 +147,7 @@ impl ModelFactory for Factory {
 #[derive(Default)]
 struct FakeTools {
     calls: Mutex<Vec<(String, String, Value)>>,
+    attached: Mutex<Vec<(String, String, Vec<u8>)>>,
     prepared: AtomicUsize,
     shut_down: AtomicUsize,
 }
@@ -164,6 +165,16 @@ impl ToolHost for FakeTools {
     ) -> BoxFuture<'a, ToolResult> {
         lock(&self.calls).push((conversation.into(), name.into(), input.clone()));
         Box::pin(async move { ToolResult::ok(format!("ran {name}")) })
+    }
+
+    fn put_attachment<'a>(
+        &'a self,
+        conversation: &'a str,
+        name: &'a str,
+        bytes: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), ToolHostError>> {
+        lock(&self.attached).push((conversation.into(), name.into(), bytes));
+        Box::pin(async { Ok(()) })
     }
 
     fn prepare(&self) -> BoxFuture<'_, Result<(), ToolHostError>> {
@@ -946,6 +957,7 @@ fn msg(role: MsgRole, text: &str, rid: Option<&str>, status: Option<Status>) -> 
         tool_calls: Vec::new(),
         usage: None,
         progress: None,
+        attachments: Vec::new(),
     }
 }
 
@@ -1019,4 +1031,61 @@ async fn the_memory_document_is_the_system_prompt() {
         rig.model.requests()[1].system.as_deref(),
         Some("The person's memory (their notes for you):\n\nI like tea.")
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn attachments_go_into_the_workspace_before_the_model_runs() {
+    let rig = Rig::new(config(), |_, _| text("read it")).await;
+    rig.start_as_agent().await;
+    let mut w = rig.mesh.store.blob_writer(None).unwrap();
+    w.write(b"the attached bytes").unwrap();
+    let (id, meta) = w.finish().await.unwrap();
+    let doc = rig.mesh.conversations().create("t").await.unwrap();
+    let files = vec![
+        iom_crdt::AttachmentView {
+            name: "notes.txt".into(),
+            hash: hex::encode(id),
+            len: meta.len,
+        },
+        iom_crdt::AttachmentView {
+            name: "missing.bin".into(),
+            hash: hex::encode([9u8; 32]),
+            len: 1,
+        },
+    ];
+    let one = vec![files[0].clone()];
+    rig.mesh
+        .conversations()
+        .modify(doc, move |c, now| {
+            c.append_request_with("r1", "look", Interface::Cli, "laptop", &one, now)
+        })
+        .await
+        .unwrap();
+    assert_eq!(rig.finished(doc, "r1").await.status, Some(Status::Done));
+    assert_eq!(
+        lock(&rig.tools.attached).clone(),
+        vec![(
+            doc.to_string(),
+            "notes.txt".to_string(),
+            b"the attached bytes".to_vec()
+        )]
+    );
+    // A blob that never arrives fails the request after the wait, before any model call.
+    let calls = rig.model.calls.load(Ordering::SeqCst);
+    rig.mesh
+        .conversations()
+        .modify(doc, move |c, now| {
+            c.append_request_with("r2", "again", Interface::Cli, "laptop", &files, now)
+        })
+        .await
+        .unwrap();
+    let req = rig.finished(doc, "r2").await;
+    assert_eq!(req.status, Some(Status::Failed));
+    assert!(
+        req.error
+            .as_deref()
+            .is_some_and(|e| e.contains("\"missing.bin\" did not arrive")),
+        "{req:?}"
+    );
+    assert_eq!(rig.model.calls.load(Ordering::SeqCst), calls);
 }

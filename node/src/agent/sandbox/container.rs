@@ -471,6 +471,53 @@ fn image_hint(e: bollard::errors::Error, image: &str) -> SandboxError {
     SandboxError::docker("container create")(e)
 }
 
+/// Writes `bytes` to `workspace/DIR/NAME` of a conversation (the agent's attachments):
+/// created readable by the sandbox user, replacing an earlier copy. `name` is one path
+/// component (checked by the caller); the directory is made by us, so no symlink is
+/// followed into it from the container's side except through `name`, which is replaced.
+pub async fn write_workspace_file(
+    data_dir: &Path,
+    conversation_id: &str,
+    dir: &str,
+    name: &str,
+    bytes: Vec<u8>,
+) -> Result<PathBuf, SandboxError> {
+    check_conversation_id(conversation_id)?;
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(SandboxError::BadConversationId(format!(
+            "{conversation_id}/{name}"
+        )));
+    }
+    let workspace = data_dir.join("workspaces").join(conversation_id);
+    prepare_workspace(&workspace).await?;
+    let dir = workspace.join(dir);
+    prepare_workspace(&dir).await?;
+    let path = dir.join(name);
+    // Remove what is there first: the container could have put a symlink in its place.
+    match tokio::fs::remove_file(&path).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(SandboxError::io(&path)(e)),
+    }
+    let tmp = dir.join(format!(".{name}.iom-partial"));
+    let _ = tokio::fs::remove_file(&tmp).await;
+    let mut f = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .await
+        .map_err(SandboxError::io(&tmp))?;
+    tokio::io::AsyncWriteExt::write_all(&mut f, &bytes)
+        .await
+        .map_err(SandboxError::io(&tmp))?;
+    drop(f);
+    tokio::fs::rename(&tmp, &path)
+        .await
+        .map_err(SandboxError::io(&path))?;
+    Ok(path)
+}
+
 /// Conversation ids become directory and container names: keep them boring.
 fn check_conversation_id(id: &str) -> Result<(), SandboxError> {
     let ok = !id.is_empty()

@@ -103,6 +103,26 @@ impl ToolHost for DockerHost {
         })
     }
 
+    fn put_attachment<'a>(
+        &'a self,
+        conversation: &'a str,
+        name: &'a str,
+        bytes: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), ToolHostError>> {
+        Box::pin(async move {
+            super::container::write_workspace_file(
+                &self.data_dir,
+                conversation,
+                "attachments",
+                name,
+                bytes,
+            )
+            .await
+            .map(drop)
+            .map_err(ToolHostError::Sandbox)
+        })
+    }
+
     fn prepare(&self) -> BoxFuture<'_, Result<(), ToolHostError>> {
         Box::pin(async move { self.sandbox().await.map(drop) })
     }
