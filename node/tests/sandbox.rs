@@ -282,7 +282,9 @@ async fn the_api_key_is_nowhere_in_the_container() {
             std::env::set_var("ANTHROPIC_API_KEY", CANARY);
         }
     }
-    let env = sandbox("key", |_| {}).await;
+    // The whole-filesystem grep takes ~10 s on a quiet machine and over 30 s (the default tool
+    // timeout) on a loaded one: give it room, this test is about what it finds.
+    let env = sandbox("key", |c| c.tool_timeout_secs = 180).await;
     assert_eq!(std::env::var("ANTHROPIC_API_KEY").as_deref(), Ok(CANARY));
     let probes = [
         "env",
