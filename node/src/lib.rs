@@ -13,6 +13,7 @@
 //! - [`devices`]: finding and revoking devices.
 //! - [`sync`]: document and blob sync between trusted devices.
 //! - [`api`]: the local API (unix socket, HTTP) and its client.
+//! - [`channels`]: email (IMAP in, SMTP out).
 //! - [`http`]: the HTTP listener (bearer tokens, webhooks, the web chat page).
 //! - [`schedule`]: the scheduler (cron prompts fired once per slot by the agent).
 //! - [`agent`]: the Claude client, the Docker sandbox and the request runner.
@@ -20,6 +21,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod channels;
 pub mod config;
 pub mod devices;
 mod doc_cache;

@@ -49,6 +49,8 @@ pub struct NodeCtx {
     pub asking: Arc<crate::agent::ask::Asking>,
     /// The scheduler.
     pub scheduler: Arc<crate::schedule::Scheduler>,
+    /// The email channel, when `[email]` is configured.
+    pub email: Option<Arc<crate::channels::email::EmailChannel>>,
     /// When the node started.
     pub started: Instant,
     /// Flips to `true` when the node is shutting down.
@@ -301,6 +303,9 @@ impl Node {
         ));
         let (agent, asking, scheduler) =
             agent_services(&config, &identity, &store, &docs, &trust, &net, gate);
+        let email = config.email.clone().map(|cfg| {
+            crate::channels::email::EmailChannel::new(cfg, store.clone(), asking.clone(), &data_dir)
+        });
         let ctx = Arc::new(NodeCtx {
             config,
             identity,
@@ -314,6 +319,7 @@ impl Node {
             agent,
             asking,
             scheduler,
+            email,
             started: Instant::now(),
             shutdown: shutdown_rx,
         });
@@ -325,6 +331,9 @@ impl Node {
         ctx.asking.start_server(&ctx.net, &cancel);
         ctx.agent.start(&cancel);
         tasks.spawn(ctx.scheduler.clone().run(cancel.clone()));
+        if let Some(email) = &ctx.email {
+            email.start(&mut tasks, cancel.clone());
+        }
         Ok(Node {
             ctx,
             tasks,

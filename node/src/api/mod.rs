@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod callbacks;
 pub mod client;
+pub mod email;
 pub mod error;
 pub mod mesh;
 pub mod routes;
