@@ -6,12 +6,16 @@
 #   iproute2         `ip netns`, `ip link` for the same tests
 #   chromium         headless browser for web-UI tests
 #   chromium-driver  WebDriver for chromium
+#   dovecot-imapd    IMAP server for the email channel's tests (started by tests/src/maillab.rs)
+#   dovecot-lmtpd    LMTP delivery into Dovecot (Postfix hands mail to it)
+#   postfix          SMTP server (submission with STARTTLS/AUTH) for the same tests
+#   openssl          the tests' self-signed certificates
 #
 # Idempotent: packages already installed are skipped, and `apt-get update` only runs when
 # something has to be installed.
 set -euo pipefail
 
-PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver)
+PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver dovecot-imapd dovecot-lmtpd postfix openssl)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps.sh: must run as root (try: sudo $0)" >&2
@@ -37,6 +41,10 @@ fi
 
 echo "install-deps.sh: installing: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
+# Postfix asks how it is used; the tests run private instances, so no system configuration.
+if command -v debconf-set-selections >/dev/null 2>&1; then
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}"
 

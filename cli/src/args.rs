@@ -97,12 +97,22 @@ pub enum Command {
     /// Webhook answers posted to callback URLs: which are pending or given up; retry or drop.
     #[command(subcommand)]
     Webhook(WebhookCommand),
+    /// The email channel of this node (`[email]` in its config.toml).
+    #[command(subcommand)]
+    Email(EmailCommand),
     /// List this mesh's devices, or revoke one.
     Devices {
         /// `revoke DEVICE`.
         #[command(subcommand)]
         command: Option<DevicesCommand>,
     },
+}
+
+/// `iom email ...`.
+#[derive(Debug, Subcommand)]
+pub enum EmailCommand {
+    /// The IMAP connection, the last mail seen, counts and recent failures.
+    Status,
 }
 
 /// `iom webhook ...`.
@@ -152,6 +162,10 @@ pub enum ScheduleCommand {
         /// Post into this conversation (default: a new conversation for this schedule).
         #[arg(long, short)]
         conversation: Option<String>,
+        /// Also deliver each result by mail: `email` (to the owner address of the node whose
+        /// `[email]` is configured).
+        #[arg(long, value_parser = ["email"])]
+        to: Option<String>,
     },
     /// List schedules with their next and last slots.
     List,

@@ -3,6 +3,7 @@
 mod agent;
 mod blob;
 mod doc;
+mod email;
 mod memory;
 mod mesh;
 mod node;
@@ -73,6 +74,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Token(cmd) => token::run(&g, cmd).await,
         Command::Schedule(cmd) => schedule::run(&g, cmd).await,
         Command::Webhook(cmd) => webhook::run(&g, cmd).await,
+        Command::Email(cmd) => email::run(&g, cmd).await,
         Command::Relay(RelayCommand::Run(args)) => Ok(relay::run(&relay_dir, g.json, args).await?),
     }
 }

@@ -12,6 +12,8 @@
 //! agent wrote in the conversation's workspace attached up to a size cap) with `In-Reply-To`
 //! and `References` set and a Message-ID derived from the request.
 //!
+//! Schedules marked `--to email` have each result mailed to `email.owner` (`schedules`).
+//!
 //! Exactly once: the request id comes from the mail's Message-ID (or UIDVALIDITY and UID), the
 //! answer to send is recorded before the request is asked, and the mailbox position
 //! (UIDVALIDITY, last UID) after; a mail seen again after a crash is recognised, and an answer
@@ -21,6 +23,7 @@ pub mod config;
 pub mod imap;
 pub mod parse;
 pub mod policy;
+mod schedules;
 pub mod smtp;
 pub mod state;
 pub mod tls;
@@ -209,6 +212,11 @@ impl EmailChannel {
             }
             Err(e) => self.fail(format!("cannot read pending answers: {e}")),
         }
+        tasks.spawn(schedules::watch(
+            self.clone(),
+            sender.clone(),
+            cancel.clone(),
+        ));
         let this = self.clone();
         tasks.spawn(async move { this.watch(password, sender, cancel).await });
     }
