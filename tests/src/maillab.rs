@@ -144,6 +144,54 @@ fn wait_port(port: u16, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A fresh CA (`ca.pem`) and a server certificate for `localhost` and 127.0.0.1 signed by it
+/// (`cert.pem`, `key.pem`): rustls refuses a self-signed CA certificate as a server's.
+fn make_certificates(dir: &Path) -> Result<()> {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(
+        Command::new("openssl")
+            .args(["req", "-x509"])
+            .args(ec)
+            .args(["-days", "2", "-subj", "/CN=iom test mail CA"])
+            .arg("-keyout")
+            .arg(dir.join("ca.key"))
+            .arg("-out")
+            .arg(dir.join("ca.pem")),
+        "openssl req (CA)",
+    )?;
+    run(
+        Command::new("openssl")
+            .arg("req")
+            .args(ec)
+            .args(["-subj", "/CN=localhost"])
+            .arg("-keyout")
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("server.csr")),
+        "openssl req (server)",
+    )?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )?;
+    run(
+        Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+            .arg("-in")
+            .arg(dir.join("server.csr"))
+            .arg("-CA")
+            .arg(dir.join("ca.pem"))
+            .arg("-CAkey")
+            .arg(dir.join("ca.key"))
+            .arg("-extfile")
+            .arg(dir.join("server.ext"))
+            .arg("-out")
+            .arg(dir.join("cert.pem")),
+        "openssl x509 (sign)",
+    )
+}
+
 impl MailLab {
     /// Starts Dovecot and Postfix with the users `(name, password)` of [`DOMAIN`] (names
     /// without the domain).
@@ -164,18 +212,7 @@ impl MailLab {
             sasl: free_port()?,
         };
         let d = dir.display().to_string();
-        run(
-            Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-                .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
-                .args(["-subj", "/CN=localhost"])
-                .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-                .arg("-keyout")
-                .arg(dir.join("key.pem"))
-                .arg("-out")
-                .arg(dir.join("cert.pem")),
-            "openssl req",
-        )?;
+        make_certificates(&dir)?;
         let users_file: String = users
             .iter()
             .map(|(u, p)| format!("{u}@{DOMAIN}:{{PLAIN}}{p}\n"))
@@ -364,9 +401,9 @@ maximal_backoff_time = 2s
         Ok(lab)
     }
 
-    /// The CA certificate (the servers' self-signed certificate).
+    /// The test CA's certificate (it signed the servers' certificate).
     pub fn ca_file(&self) -> PathBuf {
-        self.dir.join("cert.pem")
+        self.dir.join("ca.pem")
     }
 
     /// Starts Dovecot (in the foreground, as a child) and waits for its ports.
