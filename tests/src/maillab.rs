@@ -147,7 +147,13 @@ fn wait_port(port: u16, what: &str) -> Result<()> {
 /// A fresh CA (`ca.pem`) and a server certificate for `localhost` and 127.0.0.1 signed by it
 /// (`cert.pem`, `key.pem`): rustls refuses a self-signed CA certificate as a server's.
 fn make_certificates(dir: &Path) -> Result<()> {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     run(
         Command::new("openssl")
             .args(["req", "-x509"])
@@ -320,6 +326,8 @@ message_size_limit = 52428800
 queue_run_delay = 1s
 minimal_backoff_time = 1s
 maximal_backoff_time = 2s
+transport_retry_time = 1s
+local_header_rewrite_clients =
 "#,
                 lmtp = p.lmtp,
                 sasl = p.sasl,

@@ -406,6 +406,14 @@ impl EmailChannel {
             .recent_answers(&conversation.to_string(), now())
             .map_err(err)?;
         if recent >= limit {
+            // Still part of the thread: later mails that answer this one stay in it (and
+            // under its limit).
+            if let Some(id) = &m.message_id {
+                self.state
+                    .set_thread(id, &conversation.to_string())
+                    .map_err(err)?;
+                self.state.flush().await.map_err(err)?;
+            }
             ignore(self, seen, policy::Refusal::RateLimited(recent).to_string());
             return Ok(());
         }
