@@ -507,3 +507,35 @@ fn base64_encode(data: &[u8]) -> String {
     }
     out
 }
+
+#[test]
+fn a_schedule_to_email_mails_its_result_to_the_owner_once() {
+    if !maillab::required() {
+        return;
+    }
+    scenario(|| {
+        let mut s = setup("")?;
+        let added = s.node.json(&[
+            "schedule",
+            "add",
+            "* * * * *",
+            "minute report",
+            "--to",
+            "email",
+        ])?;
+        assert_eq!(added["to"], "email", "{added}");
+        // Move the scheduler's clock two minutes on: a slot is due at once.
+        s.node
+            .env
+            .push(("IOM_CLOCK_OFFSET_SECS".into(), "120".into()));
+        s.node.restart()?;
+        let mails = s.answers(1)?;
+        let a = read(&mails[0])?;
+        assert_eq!(a.subject, "Scheduled: minute report");
+        assert!(a.text.contains("echo: minute report"), "{}", a.text);
+        assert!(a.message_id.starts_with("iom-sched-"), "{}", a.message_id);
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(s.lab.mailbox("alice").len(), 1, "mailed once");
+        Ok(())
+    });
+}
