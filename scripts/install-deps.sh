@@ -10,6 +10,10 @@
 #   e2fsprogs        mkfs.ext4, for the loop-mounted "disk nearly full" test of `iom doctor`
 #   util-linux       mount, fallocate (loop mounts, filling that filesystem)
 #   bsdutils         script(1): a pty for the progress-bar test
+#   dovecot-imapd    IMAP server for the email channel's tests (started by tests/src/maillab.rs)
+#   dovecot-lmtpd    LMTP delivery into Dovecot (Postfix hands mail to it)
+#   postfix          SMTP server (submission with STARTTLS/AUTH) for the same tests
+#   openssl          the tests' self-signed certificates
 #
 # and, from crates.io, cargo-fuzz (the coverage-guided fuzz runs of scripts/fuzz.sh); from
 # PyPI, schemathesis (the API contract test, tests/tests/api_contract.rs).
@@ -18,7 +22,7 @@
 # something has to be installed.
 set -euo pipefail
 
-PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver systemd e2fsprogs util-linux bsdutils)
+PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver systemd e2fsprogs util-linux bsdutils dovecot-imapd dovecot-lmtpd postfix openssl)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps.sh: must run as root (try: sudo $0)" >&2
@@ -42,6 +46,10 @@ if [ "${#missing[@]}" -eq 0 ]; then
 else
     echo "install-deps.sh: installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # Postfix asks how it is used; the tests run private instances, so no system configuration.
+    if command -v debconf-set-selections >/dev/null 2>&1; then
+        echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi

@@ -10,8 +10,9 @@
 #      toolchain, from the corpus kept in fuzz/corpus; the stable smoke test in step 4 also runs)
 #
 # Tests that need Docker or root fail loudly when those are missing; no test skips itself.
-# Opt-outs, for developers' machines that truly lack them: IOM_SKIP_DOCKER=1 and
-# IOM_SKIP_NETNS=1 leave those tests out of the nextest run with a filter, so the runner's
+# Opt-outs, for developers' machines that truly lack them: IOM_SKIP_DOCKER=1, IOM_SKIP_NETNS=1
+# (root-only tests) and IOM_SKIP_MAIL=1 (the mail servers) leave those tests out of the nextest
+# run with a filter, so the runner's
 # summary counts them as skipped (never as passed). Under CI=true the opt-outs are refused:
 # this script exits at once.
 set -euo pipefail
@@ -24,7 +25,7 @@ trap disk_report EXIT
 
 # In CI nothing may skip: the opt-outs are for developers' machines only.
 if [ "${CI:-}" = "true" ]; then
-    for var in IOM_SKIP_DOCKER IOM_SKIP_NETNS; do
+    for var in IOM_SKIP_DOCKER IOM_SKIP_NETNS IOM_SKIP_MAIL; do
         if [ -n "${!var:-}" ]; then
             echo "test.sh: $var is set but CI=true: in CI every test must run (Docker and network" >&2
             echo "namespaces included), so opting out is refused; unset $var" >&2
@@ -81,6 +82,10 @@ else
     if [ "${IOM_SKIP_NETNS:-}" = "1" ]; then
         left_out+=("binary(relay_nat) | binary(nat_mesh) | binary(disk_full) | test(=doctor_reports_a_nearly_full_disk)")
         echo "IOM_SKIP_NETNS=1: the NAT lab and the other root-only tests (tmpfs, loop mounts) are left out (counted as skipped below)"
+    fi
+    if [ "${IOM_SKIP_MAIL:-}" = "1" ]; then
+        left_out+=("binary(email)")
+        echo "IOM_SKIP_MAIL=1: the email tests (Dovecot, Postfix) are left out (counted as skipped below)"
     fi
     filter=()
     if [ "${#left_out[@]}" -gt 0 ]; then

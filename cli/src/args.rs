@@ -146,6 +146,9 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
     },
+    /// The email channel of this node (`[email]` in its config.toml).
+    #[command(subcommand)]
+    Email(EmailCommand),
     /// List this mesh's devices, or revoke one.
     Devices {
         /// `revoke DEVICE`.
@@ -186,6 +189,13 @@ pub struct ServiceArgs {
     /// Write the unit here instead of the systemd directory (and do not call systemctl).
     #[arg(long, value_name = "DIR", hide = true, env = "IOM_SERVICE_UNIT_DIR")]
     pub unit_dir: Option<PathBuf>,
+}
+
+/// `iom email ...`.
+#[derive(Debug, Subcommand)]
+pub enum EmailCommand {
+    /// The IMAP connection, the last mail seen, counts and recent failures.
+    Status,
 }
 
 /// `iom webhook ...`.
@@ -235,6 +245,10 @@ pub enum ScheduleCommand {
         /// Post into this conversation (default: a new conversation for this schedule).
         #[arg(long, short)]
         conversation: Option<String>,
+        /// Also deliver each result by mail: `email` (to the owner address of the node whose
+        /// `[email]` is configured).
+        #[arg(long, value_parser = ["email"])]
+        to: Option<String>,
     },
     /// List schedules with their next and last slots.
     List,

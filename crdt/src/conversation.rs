@@ -10,7 +10,7 @@
 //! | `text` | str | |
 //! | `status` | str | requests only: `pending`, `running`, `done`, `failed` |
 //! | `error` | str? | reason of a failure |
-//! | `interface` | str | requests only: `cli`, `web`, `webhook`, `schedule` |
+//! | `interface` | str | requests only: `cli`, `web`, `webhook`, `schedule`, `email` |
 //! | `device` | str | device that wrote the message |
 //! | `created_at` | int | unix seconds |
 //! | `request_id` | str | requests only; the dedup key |
@@ -139,6 +139,8 @@ string_enum! {
         Webhook = "webhook",
         /// The scheduler.
         Schedule = "schedule",
+        /// The email channel.
+        Email = "email",
     }
 }
 

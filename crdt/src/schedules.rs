@@ -2,7 +2,7 @@
 //!
 //! Layout: root `entries` is a map from schedule id to
 //! `{cron, prompt, conversation?, enabled, enabled_at?, created_at, last_fired_slot?,
-//! last_fired_epoch?}`. `enabled_at` is written when a schedule is enabled again: slots before
+//! last_fired_epoch?, to?}` (`to`: `email` delivers results by mail too). `enabled_at` is written when a schedule is enabled again: slots before
 //! it (while it was off) are neither fired nor counted as missed.
 //! Cron syntax is checked by the scheduler in `node/`, not here.
 //!
@@ -71,6 +71,10 @@ pub struct ScheduleView {
     /// Unix seconds of the last time it was enabled again after being disabled.
     #[serde(default)]
     pub enabled_at: Option<i64>,
+    /// Where results are delivered besides the conversation: `email` (by the email channel,
+    /// to the owner's address).
+    #[serde(default)]
+    pub to: Option<String>,
 }
 
 /// Typed access to the schedules document. Wraps `&Document` (read) or `&mut Document`.
@@ -171,6 +175,17 @@ impl<D: BorrowMut<Document>> Schedules<D> {
             })
     }
 
+    /// Sets where results are delivered besides the conversation (`email`).
+    pub fn set_to(&mut self, id: &str, to: &str, now: i64) -> Result<(), ScheduleError> {
+        let entry = self.entry(id)?;
+        self.0
+            .borrow_mut()
+            .change(&format!("schedule {id}: deliver to {to}"), now, |tx| {
+                tx.put(&entry, "to", to)?;
+                Ok(())
+            })
+    }
+
     /// Records that the schedule fired for `slot` under agent-role `epoch`. Returns `false` and
     /// writes nothing if a slot at or after `slot` was already recorded.
     pub fn mark_fired(
@@ -223,6 +238,7 @@ fn read_entry<R: ReadDoc>(doc: &R, entries: &ObjId, id: &str) -> Option<Schedule
         last_fired_epoch: fields::uint(doc, &e, "last_fired_epoch"),
         created_at: fields::int(doc, &e, "created_at"),
         enabled_at: fields::int(doc, &e, "enabled_at"),
+        to: fields::string(doc, &e, "to"),
     })
 }
 

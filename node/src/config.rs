@@ -47,6 +47,9 @@ pub struct RawConfig {
     /// `[storage]`.
     #[serde(default)]
     pub storage: StorageConfig,
+    /// `[email]`: the email channel (absent: off).
+    #[serde(default)]
+    pub email: Option<crate::channels::email::config::RawEmail>,
 }
 
 /// `[network]` as written.
@@ -182,6 +185,8 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     /// Storage settings.
     pub storage: StorageConfig,
+    /// The email channel, if configured.
+    pub email: Option<crate::channels::email::config::EmailConfig>,
     /// Seconds added to the wall clock (tests of schedules); always 0 without [`TEST_HOOKS`].
     pub clock_offset_secs: i64,
     /// Fault injection for tests (`IOM_FAULT=corrupt-blob-chunks`): serve corrupted chunks.
@@ -328,6 +333,11 @@ impl RawConfig {
         if self.storage.loaded_docs == 0 {
             return Err(invalid("storage.loaded_docs", "must be at least 1".into()));
         }
+        let email = self
+            .email
+            .map(|e| e.validate())
+            .transpose()
+            .map_err(|(field, message)| ConfigError::Invalid { field, message })?;
         let hooks = TestHooks::from_overrides(o.clock_offset_secs, o.faults)?;
         Ok(Config {
             data_dir,
@@ -340,6 +350,7 @@ impl RawConfig {
             api_key: o.api_key.filter(|k| !k.trim().is_empty()),
             sandbox: self.sandbox,
             storage: self.storage,
+            email,
             clock_offset_secs: hooks.clock_offset_secs,
             fault_corrupt_blob_chunks: hooks.has("corrupt-blob-chunks"),
             fault_garbage_sync: hooks.has("garbage-sync"),

@@ -15,6 +15,7 @@
 //! - [`api`]: the local API (unix socket, HTTP) and its client.
 //! - [`metrics`]: Prometheus counters and the text exposition format.
 //! - [`doctor`]: `iom doctor` findings.
+//! - [`channels`]: email (IMAP in, SMTP out).
 //! - [`http`]: the HTTP listener (bearer tokens, webhooks, the web chat page).
 //! - [`schedule`]: the scheduler (cron prompts fired once per slot by the agent).
 //! - [`agent`]: the Claude client, the Docker sandbox and the request runner.
@@ -22,6 +23,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod channels;
 pub mod config;
 pub mod devices;
 mod doc_cache;

@@ -49,6 +49,8 @@ pub struct NodeCtx {
     pub asking: Arc<crate::agent::ask::Asking>,
     /// The scheduler.
     pub scheduler: Arc<crate::schedule::Scheduler>,
+    /// The email channel, when `[email]` is configured.
+    pub email: Option<Arc<crate::channels::email::EmailChannel>>,
     /// When the node started.
     pub started: Instant,
     /// The id of every API token revoked while the node runs (WebSocket connections opened
@@ -337,6 +339,9 @@ impl Node {
         ));
         let (agent, asking, scheduler) =
             agent_services(&config, &identity, &store, &docs, &trust, &net, gate);
+        let email = config.email.clone().map(|cfg| {
+            crate::channels::email::EmailChannel::new(cfg, store.clone(), asking.clone(), &data_dir)
+        });
         let ctx = Arc::new(NodeCtx {
             config,
             identity,
@@ -350,6 +355,7 @@ impl Node {
             agent,
             asking,
             scheduler,
+            email,
             started: Instant::now(),
             token_revoked: tokio::sync::broadcast::channel(16).0,
             shutdown: shutdown_rx,
@@ -362,6 +368,9 @@ impl Node {
         ctx.asking.start_server(&ctx.net, &cancel);
         ctx.agent.start(&cancel);
         tasks.spawn(ctx.scheduler.clone().run(cancel.clone()));
+        if let Some(email) = &ctx.email {
+            email.start(&mut tasks, cancel.clone());
+        }
         Ok(Node {
             ctx,
             tasks,

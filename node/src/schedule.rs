@@ -749,6 +749,7 @@ mod tests {
             last_fired_epoch: last.map(|_| 1),
             created_at: Some(created),
             enabled_at: None,
+            to: None,
         }
     }
 

@@ -4,8 +4,10 @@
 //! - [`fake_anthropic`]: a fake Anthropic Messages API server (real HTTP and SSE) that the
 //!   real Claude client reaches through `ANTHROPIC_BASE_URL`.
 //! - [`harness`]: real `iom` processes in temporary data dirs.
+//! - [`maillab`]: a real Dovecot and Postfix for the email channel's tests.
 
 pub mod fake_anthropic;
 pub mod harness;
+pub mod maillab;
 pub mod natlab;
 pub mod natlab_mesh;

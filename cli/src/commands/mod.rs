@@ -6,6 +6,7 @@ mod blob;
 mod completions;
 mod doc;
 mod doctor;
+mod email;
 mod events;
 mod memory;
 mod mesh;
@@ -79,6 +80,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Service(cmd) => service::run(&g, &relay_dir, cmd),
         Command::Completions { shell } => completions::completions(shell),
         Command::Man { out_dir } => completions::man(out_dir.as_deref()),
+        Command::Email(cmd) => email::run(&g, cmd).await,
         Command::Relay(RelayCommand::Run(args)) => Ok(relay::run(&relay_dir, g.json, args).await?),
     }
 }

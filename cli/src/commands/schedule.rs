@@ -16,18 +16,24 @@ pub async fn run(g: &Global, cmd: ScheduleCommand) -> Result<(), Failure> {
             cron,
             prompt,
             conversation,
+            to,
         } => {
             let r = c
                 .post(
                     "/v1/schedules",
-                    &json!({ "cron": cron, "prompt": prompt, "conversation": conversation }),
+                    &json!({ "cron": cron, "prompt": prompt, "conversation": conversation, "to": to }),
                 )
                 .await?;
             if g.json {
                 output::json(&r);
             } else {
+                let mail = if r["to"] == "email" {
+                    " and by email"
+                } else {
+                    ""
+                };
                 println!(
-                    "schedule {} added; answers go to conversation {}",
+                    "schedule {} added; answers go to conversation {}{mail}",
                     output::s(&r, "id"),
                     output::s(&r, "conversation")
                 );

@@ -46,7 +46,7 @@ pub struct AskBody {
     /// Client-chosen request id (for deduplication of retries).
     #[serde(default)]
     pub request_id: Option<String>,
-    /// `cli` (default), `web`, `webhook` or `schedule`.
+    /// `cli` (default), `web`, `webhook`, `schedule` or `email`.
     #[serde(default)]
     pub interface: Option<String>,
     /// Files to attach: blobs already stored here (`POST /v1/blobs`), with their names.
@@ -61,8 +61,9 @@ pub fn parse_interface(text: Option<&str>) -> Result<Interface, ApiError> {
         "web" => Ok(Interface::Web),
         "webhook" => Ok(Interface::Webhook),
         "schedule" => Ok(Interface::Schedule),
+        "email" => Ok(Interface::Email),
         other => Err(ApiError::bad_request(format!(
-            "unknown interface {other:?}: expected cli, web, webhook or schedule"
+            "unknown interface {other:?}: expected cli, web, webhook, schedule or email"
         ))),
     }
 }

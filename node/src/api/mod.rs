@@ -12,6 +12,7 @@ pub mod body;
 pub mod callbacks;
 pub mod client;
 pub mod doctor;
+pub mod email;
 pub mod error;
 pub mod mesh;
 pub mod metrics;

@@ -48,6 +48,7 @@ pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
         .merge(super::schedules::routes())
         .merge(super::callbacks::routes())
         .merge(super::ws::routes())
+        .merge(super::email::routes())
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(axum::middleware::map_response(
             crate::http::errors::json_errors,

@@ -49,6 +49,9 @@ pub struct AddBody {
     /// Post into this conversation; absent: a new conversation for this schedule.
     #[serde(default)]
     pub conversation: Option<String>,
+    /// Deliver results by mail too: `email` (the email channel mails them to its owner).
+    #[serde(default)]
+    pub to: Option<String>,
 }
 
 fn view_json(ctx: &NodeCtx, v: &ScheduleView, raw: Option<&Value>) -> Value {
@@ -118,6 +121,15 @@ async fn add(State(ctx): Ctx, JsonBody(body): JsonBody<AddBody>) -> Result<Json<
             "the prompt is 1 to {MAX_PROMPT} bytes"
         )));
     }
+    let to = match body.to.as_deref().map(str::trim) {
+        None | Some("" | "conversation") => None,
+        Some("email") => Some("email".to_string()),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "to {other:?}: expected \"email\" (results always go to the conversation)"
+            )));
+        }
+    };
     let conversation = match body.conversation.as_deref() {
         Some(c) => ctx.asking.conversations().existing(parse_doc_id(c)?)?,
         None => ctx.scheduler.new_conversation(&prompt).await?,
@@ -130,7 +142,13 @@ async fn add(State(ctx): Ctx, JsonBody(body): JsonBody<AddBody>) -> Result<Json<
         .modify(DocId::SCHEDULES, Origin::Local, false, move |d| {
             Ok(Schedules::open(&mut *d)
                 .map_err(ScheduleError::from)
-                .and_then(|mut s| s.add(&sid, &cron, &prompt, Some(&conv.to_string()), now)))
+                .and_then(|mut s| {
+                    s.add(&sid, &cron, &prompt, Some(&conv.to_string()), now)?;
+                    match &to {
+                        Some(t) => s.set_to(&sid, t, now),
+                        None => Ok(()),
+                    }
+                }))
         })
         .await?
         .map_err(|e| ApiError::internal(e.to_string()))?;
