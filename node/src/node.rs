@@ -103,6 +103,18 @@ impl NodeCtx {
                 "blob": id.to_string(), "chunks_done": done, "chunks_total": total,
             })).collect::<Vec<_>>(),
             "blob_bytes_pending": self.blobs.pending_bytes(),
+            "backup": self.backup_json(),
+        })
+    }
+
+    /// Scheduled backups: where, how often, the last success and the last error.
+    fn backup_json(&self) -> Value {
+        let (last, error) = crate::backup::schedule::last(&self.store);
+        json!({
+            "dir": self.config.backup.dir.as_ref().map(|d| d.display().to_string()),
+            "every_secs": self.config.backup_every.map(|d| d.as_secs()),
+            "last": last,
+            "last_error": error,
         })
     }
 
@@ -325,6 +337,15 @@ impl Node {
         ctx.asking.start_server(&ctx.net, &cancel);
         ctx.agent.start(&cancel);
         tasks.spawn(ctx.scheduler.clone().run(cancel.clone()));
+        if let Some(every) = ctx.config.backup_every {
+            tasks.spawn(crate::backup::schedule::run(
+                ctx.store.clone(),
+                ctx.config.data_dir.clone(),
+                ctx.config.backup.clone(),
+                every,
+                cancel.clone(),
+            ));
+        }
         Ok(Node {
             ctx,
             tasks,
@@ -402,6 +423,7 @@ pub async fn run(
         .map_err(|e| StartError::Other(format!("cannot bind {}: {e}", socket_path.display())))?;
     let router = crate::api::routes::router(ctx.clone())
         .merge(crate::api::tokens::routes(ctx.clone()))
+        .merge(crate::api::backup::routes(ctx.clone()))
         .fallback(crate::http::errors::no_route)
         .layer(axum::middleware::map_response(
             crate::http::errors::json_errors,

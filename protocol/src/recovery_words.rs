@@ -135,7 +135,10 @@ mod tests {
     fn errors_are_named() {
         let words = encode(&[9; 32]);
         assert_eq!(decode("hello"), Err(WordsError::Prefix));
-        assert_eq!(decode(&words[..words.len() - 1]), Err(WordsError::Length(59)));
+        assert_eq!(
+            decode(&words[..words.len() - 1]),
+            Err(WordsError::Length(59))
+        );
         assert_eq!(decode(&format!("{words}x")), Err(WordsError::Length(61)));
         assert_eq!(
             decode(&words.replacen('-', "-u", 1)),

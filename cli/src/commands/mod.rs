@@ -1,6 +1,7 @@
 //! One module per command group.
 
 mod agent;
+mod backup;
 mod blob;
 mod doc;
 mod memory;
@@ -73,6 +74,8 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Token(cmd) => token::run(&g, cmd).await,
         Command::Schedule(cmd) => schedule::run(&g, cmd).await,
         Command::Webhook(cmd) => webhook::run(&g, cmd).await,
+        Command::Backup(cmd) => backup::run(&g, cmd).await,
+        Command::Person(cmd) => backup::person(&g, cmd).await,
         Command::Relay(RelayCommand::Run(args)) => Ok(relay::run(&relay_dir, g.json, args).await?),
     }
 }

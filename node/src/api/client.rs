@@ -147,6 +147,29 @@ impl ApiClient {
         Self::decode(resp).await
     }
 
+    /// `POST path` with a JSON body, as a raw response (a streamed download).
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = self
+            .http
+            .post(format!("{BASE}{path}"))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.map_send(e))?;
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(Self::decode(resp)
+                .await
+                .err()
+                .unwrap_or(ClientError::Transport("unexpected success body".into())))
+        }
+    }
+
     /// `GET path` as a raw response, for streaming downloads and event streams.
     pub async fn get_raw(&self, path: &str) -> Result<reqwest::Response, ClientError> {
         let resp = self

@@ -7,6 +7,7 @@
 //! - [`client`]: the client the CLI (and tests) use.
 
 pub mod agent;
+pub mod backup;
 pub mod callbacks;
 pub mod client;
 pub mod error;
