@@ -557,7 +557,8 @@ fn agent_services(
 }
 
 /// The first device of a mesh certifies itself (as an admin) with the person key. A device
-/// that holds the person key but lost its own certificate gets it back the same way.
+/// that holds the person key but lost its own certificate gets it back the same way, and so
+/// does one that imported the person key (a recovery kit) while it was not an admin.
 async fn ensure_self_certificate(
     identity: &Identity,
     trust: &TrustBook,
@@ -567,7 +568,7 @@ async fn ensure_self_certificate(
     let Some(person_key) = &identity.person_key else {
         return Ok(());
     };
-    if trust.state().is_trusted(&me) || trust.state().is_revoked(&me) {
+    if trust.state().is_admin(&me) || trust.state().is_revoked(&me) {
         return Ok(());
     }
     let body = iom_protocol::cert::CertBody::Device {

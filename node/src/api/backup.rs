@@ -112,6 +112,28 @@ async fn person_key(
     ctx.identity
         .install_person_key(key)
         .map_err(|e| ApiError::internal(e.to_string()))?;
+    // The person key makes this device an admin: certify it as one, as the first device is.
+    let name = ctx
+        .trust
+        .state()
+        .devices
+        .get(&ctx.identity.device_id())
+        .map(|d| d.name.clone())
+        .unwrap_or_else(|| ctx.config.name.clone());
+    let me = ctx.identity.device_id();
+    if !ctx.trust.state().is_admin(&me) {
+        let cert = ctx
+            .identity
+            .issue(iom_protocol::cert::CertBody::Device {
+                person: ctx.identity.person(),
+                device: me,
+                name,
+                admin: true,
+                issued_at: crate::time::now_secs(),
+            })
+            .map_err(|e| ApiError::internal(format!("cannot certify this device: {e}")))?;
+        ctx.trust.add(vec![cert]).await?;
+    }
     tracing::info!("person key imported from a recovery kit");
     Ok(Json(json!({
         "person": ctx.identity.person().to_string(),
