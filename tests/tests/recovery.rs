@@ -463,7 +463,7 @@ fn recovery_kit_moves_invite_and_revoke_and_an_admin_device_needs_no_kit() {
         let mut d = Node::new("d")?;
         d.start()?;
         d.cli(&["join", &admin2.invite(false)?])?;
-        wait_mesh(&[&a, &admin2, &d], Duration::from_secs(20))?;
+        wait_mesh(&[&admin2, &d], Duration::from_secs(30))?;
         let d_id = d.device_id()?;
         admin2.cli(&["devices", "revoke", &d_id])?;
         wait_until(

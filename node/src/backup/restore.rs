@@ -511,6 +511,201 @@ fn become_new_device(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::backup::crypt::Seal;
+    use crate::backup::snapshot::{Snapshot, SnapshotOptions};
+
+    /// A stopped device: keys, a config, a workspace file, two documents, a blob, state.
+    async fn device() -> (tempfile::TempDir, PathBuf, [u8; 32]) {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        crate::node::init_data_dir(&data).unwrap();
+        std::fs::write(data.join("config.toml"), "name = \"home\"\n").unwrap();
+        std::fs::create_dir_all(data.join("workspaces/c1")).unwrap();
+        std::fs::write(data.join("workspaces/c1/notes.txt"), "hello").unwrap();
+        let store = Store::open(&data.join("db"), 1 << 20).unwrap();
+        store
+            .append_doc_chunk(&[1; 16], "generic", b"snapshot", vec![[7; 32]])
+            .unwrap();
+        store
+            .append_doc_chunk(&[1; 16], "generic", b"change", vec![[8; 32]])
+            .unwrap();
+        store
+            .append_doc_chunk(&[2; 16], "memory", b"other", vec![[9; 32]])
+            .unwrap();
+        store.state_put(b"http/token/x", b"token").unwrap();
+        store.state_put(b"ps/peer/doc", b"sync state").unwrap();
+        let mut w = store.blob_writer(None).unwrap();
+        w.write(&vec![3u8; 300_000]).unwrap();
+        let (blob, _) = w.finish().await.unwrap();
+        // The device's own certificate, as a node would have made at start.
+        let id = Identity::load(&data).unwrap();
+        let cert = crate::identity::issue(
+            CertBody::Device {
+                person: id.person,
+                device: id.device.id(),
+                name: "home".into(),
+                admin: true,
+                issued_at: 1,
+            },
+            id.person_key.as_ref(),
+            &id.device,
+        )
+        .unwrap();
+        store.put_object(&cert.to_bytes()).unwrap();
+        store.flush().await.unwrap();
+        (tmp, data, blob)
+    }
+
+    fn archive_of(data: &Path, out: &Path, seal: &Seal) {
+        let store = Store::open(&data.join("db"), 1 << 20).unwrap();
+        let opts = SnapshotOptions {
+            blobs: true,
+            ..SnapshotOptions::default()
+        };
+        let snap = Snapshot::collect(&store, data, &opts).unwrap();
+        crate::backup::write_archive(out, seal, |w| snap.write(&store, w)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_restore_brings_back_everything_but_per_peer_sync_state() {
+        let (tmp, data, blob) = device().await;
+        let key = age::x25519::Identity::generate();
+        let seal = Seal::recipient(&key.to_public().to_string()).unwrap();
+        let archive = tmp.path().join("a.age");
+        archive_of(&data, &archive, &seal);
+        let unlock = Unlock::Identity(Box::new(key));
+        let v = verify(&archive, &unlock).unwrap();
+        assert_eq!(v.manifest.count(EntryKind::Doc), 2);
+        assert_eq!(v.manifest.count(EntryKind::Blob), 1);
+        assert!(v.manifest.holds_person_key);
+
+        let target = tmp.path().join("restored");
+        let r = restore(&archive, &unlock, &target, RestoreOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(r.blobs, 1);
+        let old = Identity::load(&data).unwrap();
+        let back = Identity::load(&target).unwrap();
+        assert_eq!(back.device.id(), old.device.id());
+        assert_eq!(r.device, old.device.id().to_string());
+        assert!(back.person_key.is_some());
+        assert_eq!(
+            std::fs::read_to_string(target.join("workspaces/c1/notes.txt")).unwrap(),
+            "hello"
+        );
+        assert!(
+            std::fs::read_to_string(target.join("config.toml"))
+                .unwrap()
+                .contains("home")
+        );
+        let store = Store::open(&target.join("db"), 1 << 20).unwrap();
+        let doc = store.load_doc(&[1; 16]).unwrap();
+        assert_eq!(doc.chunks, vec![b"snapshot".to_vec(), b"change".to_vec()]);
+        assert_eq!(doc.meta.heads, vec![[8; 32]]);
+        assert_eq!(store.load_doc(&[2; 16]).unwrap().meta.kind, "memory");
+        assert_eq!(
+            store.state_get(b"http/token/x").unwrap(),
+            Some(b"token".to_vec())
+        );
+        assert_eq!(
+            store.state_get(b"ps/peer/doc").unwrap(),
+            None,
+            "per-peer sync state is not carried"
+        );
+        let meta = store.blob_meta(&blob).unwrap().unwrap();
+        assert_eq!(
+            store.blob_chunk(&blob, &meta, 1).unwrap().len(),
+            300_000 - 262_144
+        );
+        // Nothing is left beside the target.
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left.len(), 3, "{left:?}");
+
+        // A second restore onto the now non-empty target is refused.
+        let err = restore(&archive, &unlock, &target, RestoreOptions::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BackupError::NotEmpty(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_new_device_restore_revokes_the_old_key_and_takes_the_agent_role() {
+        let (tmp, data, _) = device().await;
+        let old = Identity::load(&data).unwrap();
+        {
+            let store = Store::open(&data.join("db"), 1 << 20).unwrap();
+            let role = crate::identity::issue(
+                CertBody::AgentRole {
+                    person: old.person,
+                    device: old.device.id(),
+                    epoch: 1,
+                    issued_at: 1,
+                },
+                old.person_key.as_ref(),
+                &old.device,
+            )
+            .unwrap();
+            store.put_object(&role.to_bytes()).unwrap();
+            store.flush().await.unwrap();
+        }
+        let key = age::x25519::Identity::generate();
+        let seal = Seal::recipient(&key.to_public().to_string()).unwrap();
+        let archive = tmp.path().join("a.age");
+        archive_of(&data, &archive, &seal);
+        let target = tmp.path().join("new");
+        let unlock = Unlock::Identity(Box::new(key));
+        let r = restore(
+            &archive,
+            &unlock,
+            &target,
+            RestoreOptions { new_device: true },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.replaced, Some(old.device.id().to_string()));
+        assert!(r.revoked_here && !r.needs_invite);
+        let fresh = Identity::load(&target).unwrap();
+        assert_ne!(fresh.device.id(), old.device.id());
+        let store = Store::open(&target.join("db"), 1 << 20).unwrap();
+        let state = TrustBook::load(store, fresh.person).unwrap().state();
+        assert!(state.is_revoked(&old.device.id()));
+        assert!(state.is_admin(&fresh.device.id()));
+        assert_eq!(
+            state.agent.map(|a| (a.device, a.epoch)),
+            Some((fresh.device.id(), 2))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_damaged_archive_leaves_no_target_and_no_staging() {
+        let (tmp, data, _) = device().await;
+        let key = age::x25519::Identity::generate();
+        let seal = Seal::recipient(&key.to_public().to_string()).unwrap();
+        let archive = tmp.path().join("a.age");
+        archive_of(&data, &archive, &seal);
+        let mut bytes = std::fs::read(&archive).unwrap();
+        let at = bytes.len() - 100;
+        bytes[at] ^= 1;
+        std::fs::write(&archive, bytes).unwrap();
+        let unlock = Unlock::Identity(Box::new(key));
+        assert!(verify(&archive, &unlock).is_err());
+        let target = tmp.path().join("restored");
+        let err = restore(&archive, &unlock, &target, RestoreOptions::default())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("damaged or truncated"), "{err}");
+        assert!(!target.exists());
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "only the data dir and the archive: {left:?}");
+    }
 
     #[test]
     fn only_data_dir_paths_are_restored() {
