@@ -240,7 +240,7 @@ mod tests {
         let a = new_archive_path(dir.path(), 0, "devdevdevdev");
         assert!(
             a.to_string_lossy()
-                .ends_with("iom-backup-19700101T000000Z-devdevde.age")
+                .ends_with("iom-backup-19700101T000000Z-evdevdev.age")
         );
         std::fs::write(&a, b"x").unwrap();
         write_catalog(&a, &manifest(&[[1; 32]]), 1, &key).unwrap();
