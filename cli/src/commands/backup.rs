@@ -412,15 +412,7 @@ pub async fn person(g: &Global, cmd: PersonCommand) -> Result<(), Failure> {
                 );
             }
             if qr && let Some(t) = &kit_text {
-                match qrcode::QrCode::new(t.as_bytes()) {
-                    Ok(code) => println!(
-                        "{}",
-                        code.render::<qrcode::render::unicode::Dense1x2>()
-                            .quiet_zone(true)
-                            .build()
-                    ),
-                    Err(e) => eprintln!("(no QR code: {e})"),
-                }
+                output::qr(t);
             }
         }
         PersonCommand::Import {
