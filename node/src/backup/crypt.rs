@@ -80,7 +80,16 @@ impl Seal {
     /// refused when read).
     pub fn wrap<W: Write>(&self, out: W) -> Result<age::stream::StreamWriter<W>, CryptError> {
         let encryptor = match self {
-            Seal::Passphrase(p) => age::Encryptor::with_user_passphrase(p.clone()),
+            Seal::Passphrase(p) => {
+                let mut r = age::scrypt::Recipient::new(p.clone());
+                // Unit tests: a small work factor (the same format, less work); the shipped
+                // binary keeps age's calibration of about a second.
+                if cfg!(test) {
+                    r.set_work_factor(10);
+                }
+                age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient))
+                    .map_err(|e| CryptError::Other(e.to_string()))?
+            }
             Seal::Recipient(r) => {
                 age::Encryptor::with_recipients(std::iter::once(r.as_ref() as &dyn age::Recipient))
                     .map_err(|e| CryptError::Other(e.to_string()))?
