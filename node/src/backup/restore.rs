@@ -681,6 +681,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_device_restore_without_the_person_key_revokes_with_the_old_key_and_needs_an_invite()
+     {
+        let (tmp, data, _) = device().await;
+        let old = Identity::load(&data).unwrap();
+        std::fs::remove_file(data.join("keys/person.key")).unwrap();
+        let key = age::x25519::Identity::generate();
+        let seal = Seal::recipient(&key.to_public().to_string()).unwrap();
+        let archive = tmp.path().join("a.age");
+        archive_of(&data, &archive, &seal);
+        let target = tmp.path().join("new");
+        let unlock = Unlock::Identity(Box::new(key));
+        let r = restore(
+            &archive,
+            &unlock,
+            &target,
+            RestoreOptions { new_device: true },
+        )
+        .await
+        .unwrap();
+        assert!(r.revoked_here && r.needs_invite);
+        let fresh = Identity::load(&target).unwrap();
+        assert!(fresh.person_key.is_none());
+        let store = Store::open(&target.join("db"), 1 << 20).unwrap();
+        let state = TrustBook::load(store, fresh.person).unwrap().state();
+        assert!(
+            state.is_revoked(&old.device.id()),
+            "the old admin key revoked itself"
+        );
+        assert!(
+            !state.is_trusted(&fresh.device.id()),
+            "the new device waits for an invite"
+        );
+    }
+
+    #[tokio::test]
     async fn a_damaged_archive_leaves_no_target_and_no_staging() {
         let (tmp, data, _) = device().await;
         let key = age::x25519::Identity::generate();
