@@ -149,6 +149,12 @@ pub enum Command {
     /// The email channel of this node (`[email]` in its config.toml).
     #[command(subcommand)]
     Email(EmailCommand),
+    /// Encrypted backups of this device: create, list, verify, restore.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// The person key's recovery kit: export it, or import it on another device of the mesh.
+    #[command(subcommand)]
+    Person(PersonCommand),
     /// List this mesh's devices, or revoke one.
     Devices {
         /// `revoke DEVICE`.
@@ -454,4 +460,104 @@ pub enum MemoryCommand {
     },
     /// Edit the memory in $EDITOR.
     Edit,
+}
+
+/// How a backup or a kit is encrypted (one of the two; `IOM_PASSPHRASE` is the fallback).
+#[derive(Debug, Args)]
+pub struct SealArgs {
+    /// Read the passphrase from the first line of this file.
+    #[arg(long, value_name = "FILE", conflicts_with = "recipient")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Encrypt to this age recipient key (age1…) instead of a passphrase.
+    #[arg(long, value_name = "AGE_PUBKEY")]
+    pub recipient: Option<String>,
+}
+
+/// How a backup is decrypted.
+#[derive(Debug, Args)]
+pub struct UnlockArgs {
+    /// Read the passphrase from the first line of this file.
+    #[arg(long, value_name = "FILE", conflicts_with = "identity")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Decrypt with this age identity file (AGE-SECRET-KEY-1…), for archives made with
+    /// `--recipient`.
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+}
+
+/// `iom backup ...`.
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Back up this device (from the running node, or from its data dir when stopped).
+    Create {
+        /// A backup directory (incremental: blobs earlier archives there hold are not copied
+        /// again) or one FILE.age [default: `[backup] dir` of the config].
+        #[arg(long, value_name = "DIR|FILE")]
+        to: Option<PathBuf>,
+        /// Include the blobs.
+        #[arg(long)]
+        blobs: bool,
+        /// Encryption.
+        #[command(flatten)]
+        seal: SealArgs,
+    },
+    /// List the archives of a backup directory (from their plaintext catalogs).
+    List {
+        /// The directory [default: `[backup] dir` of the config].
+        dir: Option<PathBuf>,
+    },
+    /// Decrypt an archive and check every entry against its manifest hash.
+    Verify {
+        /// The archive.
+        archive: PathBuf,
+        /// Decryption.
+        #[command(flatten)]
+        unlock: UnlockArgs,
+    },
+    /// Restore an archive onto an empty data dir (`--data-dir`), as the same device.
+    Restore {
+        /// The archive.
+        archive: PathBuf,
+        /// Come back as a new device (fresh key) and revoke the old one (its key may be
+        /// compromised).
+        #[arg(long)]
+        new_device: bool,
+        /// Decryption.
+        #[command(flatten)]
+        unlock: UnlockArgs,
+    },
+}
+
+/// `iom person ...`.
+#[derive(Debug, Subcommand)]
+pub enum PersonCommand {
+    /// Export the person key as a recovery kit (passphrase-encrypted; also as words or a QR
+    /// code to print).
+    Export {
+        /// Write the kit to this file (mode 0600) instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Also print the key as recovery words (unencrypted: keep the paper safe).
+        #[arg(long)]
+        words: bool,
+        /// Also print the encrypted kit as a QR code.
+        #[arg(long)]
+        qr: bool,
+        /// Read the kit's passphrase from the first line of this file.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Import the person key from a recovery kit (or its words) onto this device; it can then
+    /// invite and revoke.
+    Import {
+        /// The kit file.
+        #[arg(required_unless_present = "words", conflicts_with = "words")]
+        file: Option<PathBuf>,
+        /// The recovery words (iomk1-…).
+        #[arg(long, value_name = "WORDS")]
+        words: Option<String>,
+        /// Read the kit's passphrase from the first line of this file.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
 }

@@ -22,6 +22,19 @@ pub fn time(secs: i64) -> String {
         .unwrap_or_else(|| secs.to_string())
 }
 
+/// Prints `text` as a terminal QR code (or says why it cannot).
+pub fn qr(text: &str) {
+    match qrcode::QrCode::new(text.as_bytes()) {
+        Ok(qr) => println!(
+            "{}",
+            qr.render::<qrcode::render::unicode::Dense1x2>()
+                .quiet_zone(true)
+                .build()
+        ),
+        Err(e) => eprintln!("(no QR code: {e})"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

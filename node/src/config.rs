@@ -50,6 +50,9 @@ pub struct RawConfig {
     /// `[email]`: the email channel (absent: off).
     #[serde(default)]
     pub email: Option<crate::channels::email::config::RawEmail>,
+    /// `[backup]`.
+    #[serde(default)]
+    pub backup: BackupConfig,
 }
 
 /// `[network]` as written.
@@ -137,6 +140,41 @@ impl Default for StorageConfig {
     }
 }
 
+/// `[backup]`: the backup directory of `iom backup create|list`, and scheduled backups by the
+/// running node (`every`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// The backup directory (archives and their catalogs).
+    pub dir: Option<PathBuf>,
+    /// Back up every this long (`30m`, `6h`, `1d`); absent: no scheduled backups.
+    pub every: Option<String>,
+    /// Include blobs (incremental: only new ones are copied).
+    pub blobs: bool,
+    /// Encrypt with the passphrase in this file's first line.
+    pub passphrase_file: Option<PathBuf>,
+    /// Or encrypt to this age recipient (`age1…`).
+    pub recipient: Option<String>,
+}
+
+/// Parses `90s`, `15m`, `6h`, `1d` (or plain seconds).
+pub fn parse_interval(text: &str) -> Option<std::time::Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(mult).map(std::time::Duration::from_secs)
+}
+
 /// Overrides from the command line and the environment (flags win over env, env over file).
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -187,6 +225,10 @@ pub struct Config {
     pub storage: StorageConfig,
     /// The email channel, if configured.
     pub email: Option<crate::channels::email::config::EmailConfig>,
+    /// Backup settings.
+    pub backup: BackupConfig,
+    /// How often the node backs up by itself (`[backup] every`), if at all.
+    pub backup_every: Option<std::time::Duration>,
     /// Seconds added to the wall clock (tests of schedules); always 0 without [`TEST_HOOKS`].
     pub clock_offset_secs: i64,
     /// Fault injection for tests (`IOM_FAULT=corrupt-blob-chunks`): serve corrupted chunks.
@@ -338,6 +380,26 @@ impl RawConfig {
             .map(|e| e.validate())
             .transpose()
             .map_err(|(field, message)| ConfigError::Invalid { field, message })?;
+        let backup_every = match &self.backup.every {
+            None => None,
+            Some(text) => {
+                let every = parse_interval(text)
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        invalid("backup.every", format!("{text:?}: like 30m, 6h or 1d"))
+                    })?;
+                if self.backup.dir.is_none() {
+                    return Err(invalid("backup.every", "needs backup.dir".into()));
+                }
+                if self.backup.passphrase_file.is_some() == self.backup.recipient.is_some() {
+                    return Err(invalid(
+                        "backup.every",
+                        "needs exactly one of backup.passphrase_file and backup.recipient".into(),
+                    ));
+                }
+                Some(every)
+            }
+        };
         let hooks = TestHooks::from_overrides(o.clock_offset_secs, o.faults)?;
         Ok(Config {
             data_dir,
@@ -351,6 +413,8 @@ impl RawConfig {
             sandbox: self.sandbox,
             storage: self.storage,
             email,
+            backup: self.backup,
+            backup_every,
             clock_offset_secs: hooks.clock_offset_secs,
             fault_corrupt_blob_chunks: hooks.has("corrupt-blob-chunks"),
             fault_garbage_sync: hooks.has("garbage-sync"),

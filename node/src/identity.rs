@@ -179,6 +179,27 @@ impl Identity {
     }
 }
 
+/// Stores `key` as this device's person key (a recovery kit imported). Refused unless it is
+/// the key of the person in `person.pub`; an existing person key is left as it is.
+pub fn install_person_key(data_dir: &Path, key: &PersonKey) -> Result<(), IdentityError> {
+    let id = Identity::load(data_dir)?;
+    let path = keys_dir(data_dir).join("person.key");
+    if key.id() != id.person {
+        return Err(IdentityError::Malformed {
+            path,
+            detail: format!(
+                "the imported key is person {}'s, this device belongs to {}",
+                key.id(),
+                id.person
+            ),
+        });
+    }
+    if id.person_key.is_some() {
+        return Ok(());
+    }
+    write_secret(&path, &key.seed())
+}
+
 /// Signs `body` with the person key when one is given, else with the device key (an admin
 /// device certifies on the person's behalf). The one place certificates are issued.
 pub fn issue(
@@ -245,6 +266,14 @@ impl SharedIdentity {
     pub fn issue(&self, body: CertBody) -> Result<Certificate, CertError> {
         let id = self.read();
         issue(body, id.person_key.as_ref(), &id.device)
+    }
+
+    /// Installs the person key (a recovery kit imported), on disk and here.
+    pub fn install_person_key(&self, key: PersonKey) -> Result<(), IdentityError> {
+        let mut id = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        install_person_key(&self.data_dir, &key)?;
+        id.person_key = Some(key);
+        Ok(())
     }
 
     /// Switches this device to another person's mesh (after a join), on disk and here.

@@ -5,6 +5,7 @@
 //! - [`config`]: configuration, raw then validated.
 //! - [`identity`]: key files.
 //! - [`lock`]: one node per data dir.
+//! - [`backup`]: encrypted backups of one device, restore, and the person key's recovery kit.
 //! - [`store`]: sled storage for objects, blobs and documents.
 //! - [`docs`]: the document service (load, persist, compact, announce).
 //! - [`net`]: the libp2p event loop and its handle.
@@ -23,6 +24,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod backup;
 pub mod channels;
 pub mod config;
 pub mod devices;

@@ -110,6 +110,18 @@ impl NodeCtx {
                 "blob": id.to_string(), "chunks_done": done, "chunks_total": total,
             })).collect::<Vec<_>>(),
             "blob_bytes_pending": self.blobs.pending_bytes(),
+            "backup": self.backup_json(),
+        })
+    }
+
+    /// Scheduled backups: where, how often, the last success and the last error.
+    fn backup_json(&self) -> Value {
+        let (last, error) = crate::backup::schedule::last(&self.store);
+        json!({
+            "dir": self.config.backup.dir.as_ref().map(|d| d.display().to_string()),
+            "every_secs": self.config.backup_every.map(|d| d.as_secs()),
+            "last": last,
+            "last_error": error,
         })
     }
 
@@ -371,6 +383,15 @@ impl Node {
         if let Some(email) = &ctx.email {
             email.start(&mut tasks, cancel.clone());
         }
+        if let Some(every) = ctx.config.backup_every {
+            tasks.spawn(crate::backup::schedule::run(
+                ctx.store.clone(),
+                ctx.config.data_dir.clone(),
+                ctx.config.backup.clone(),
+                every,
+                cancel.clone(),
+            ));
+        }
         Ok(Node {
             ctx,
             tasks,
@@ -448,6 +469,7 @@ pub async fn run(
         .map_err(|e| StartError::Other(format!("cannot bind {}: {e}", socket_path.display())))?;
     let router = crate::api::routes::router(ctx.clone())
         .merge(crate::api::tokens::routes(ctx.clone()))
+        .merge(crate::api::backup::routes(ctx.clone()))
         .fallback(crate::http::errors::no_route)
         .layer(axum::middleware::map_response(
             crate::http::errors::json_errors,
@@ -581,7 +603,8 @@ fn agent_services(
 }
 
 /// The first device of a mesh certifies itself (as an admin) with the person key. A device
-/// that holds the person key but lost its own certificate gets it back the same way.
+/// that holds the person key but lost its own certificate gets it back the same way, and so
+/// does one that imported the person key (a recovery kit) while it was not an admin.
 async fn ensure_self_certificate(
     identity: &Identity,
     trust: &TrustBook,
@@ -591,7 +614,7 @@ async fn ensure_self_certificate(
     let Some(person_key) = &identity.person_key else {
         return Ok(());
     };
-    if trust.state().is_trusted(&me) || trust.state().is_revoked(&me) {
+    if trust.state().is_admin(&me) || trust.state().is_revoked(&me) {
         return Ok(());
     }
     let body = iom_protocol::cert::CertBody::Device {

@@ -14,6 +14,7 @@
 //! - [`frame`]: length-prefixed frames and CBOR message helpers.
 //! - [`invite`]: `iom1…` invite codes and the pairing proof.
 //! - [`pair`]: the `/iom/pair/1` request and response.
+//! - [`recovery_words`]: the person key as words for a printed recovery kit.
 //! - [`wire`]: the `/iom/sync/1` and `/iom/blob/1` messages.
 //!
 //! # Example
@@ -61,6 +62,7 @@ pub mod id;
 pub mod invite;
 pub mod keys;
 pub mod pair;
+pub mod recovery_words;
 pub mod trust;
 pub mod wire;
 

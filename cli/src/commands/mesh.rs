@@ -27,15 +27,7 @@ pub async fn invite(g: &Global, ttl: std::time::Duration, admin: bool) -> Result
     );
     println!("  {code}\n");
     println!("On the new device run:  iom join {code}\n");
-    match qrcode::QrCode::new(code.as_bytes()) {
-        Ok(qr) => println!(
-            "{}",
-            qr.render::<qrcode::render::unicode::Dense1x2>()
-                .quiet_zone(true)
-                .build()
-        ),
-        Err(e) => eprintln!("(no QR code: {e})"),
-    }
+    output::qr(code);
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 
 mod agent;
 mod ask;
+mod backup;
 mod blob;
 mod completions;
 mod doc;
@@ -81,6 +82,8 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Completions { shell } => completions::completions(shell),
         Command::Man { out_dir } => completions::man(out_dir.as_deref()),
         Command::Email(cmd) => email::run(&g, cmd).await,
+        Command::Backup(cmd) => backup::run(&g, cmd).await,
+        Command::Person(cmd) => backup::person(&g, cmd).await,
         Command::Relay(RelayCommand::Run(args)) => Ok(relay::run(&relay_dir, g.json, args).await?),
     }
 }

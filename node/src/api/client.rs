@@ -166,14 +166,33 @@ impl ApiClient {
         Self::decode(resp).await
     }
 
+    /// `POST path` with a JSON body, as a raw response (a streamed download).
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> Result<reqwest::Response, ClientError> {
+        let sent = self
+            .http
+            .post(format!("{BASE}{path}"))
+            .json(body)
+            .send()
+            .await;
+        self.raw(sent).await
+    }
+
     /// `GET path` as a raw response, for streaming downloads and event streams.
     pub async fn get_raw(&self, path: &str) -> Result<reqwest::Response, ClientError> {
-        let resp = self
-            .http
-            .get(format!("{BASE}{path}"))
-            .send()
-            .await
-            .map_err(|e| self.map_send(e))?;
+        let sent = self.http.get(format!("{BASE}{path}")).send().await;
+        self.raw(sent).await
+    }
+
+    /// A successful response as it is; an error response decoded into its error.
+    async fn raw(
+        &self,
+        sent: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = sent.map_err(|e| self.map_send(e))?;
         if resp.status().is_success() {
             Ok(resp)
         } else {

@@ -8,6 +8,7 @@
 //! - [`ws`]: the WebSocket API (`GET /v1/ws`).
 
 pub mod agent;
+pub mod backup;
 pub mod body;
 pub mod callbacks;
 pub mod client;
@@ -18,6 +19,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod routes;
 pub mod schedules;
+pub mod socket_only;
 pub mod tokens;
 pub mod ws;
 

@@ -33,20 +33,6 @@ pub fn routes(ctx: Arc<NodeCtx>) -> axum::Router {
         .with_state(ctx)
 }
 
-/// What the HTTP listener serves at the token routes: `403 forbidden` with the reason, so a
-/// client over TCP learns where tokens are managed instead of getting a bare 404.
-pub fn refused_over_http() -> axum::Router {
-    async fn refuse() -> ApiError {
-        ApiError::forbidden(
-            "tokens are managed over the unix socket only (`iom token create|list|revoke` on \
-             the device itself): a token cannot mint or revoke tokens",
-        )
-    }
-    axum::Router::new()
-        .route("/v1/tokens", get(refuse).post(refuse))
-        .route("/v1/tokens/{id}", delete(refuse))
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {

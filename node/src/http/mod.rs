@@ -68,7 +68,7 @@ pub async fn bind(ctx: &NodeCtx, addr: SocketAddr) -> Result<tokio::net::TcpList
 pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
     let api = crate::api::routes::router(ctx.clone())
         .merge(webhook::routes(ctx.clone()))
-        .merge(crate::api::tokens::refused_over_http())
+        .merge(crate::api::socket_only::refused_over_http())
         .layer(middleware::from_fn_with_state(ctx, require_token));
     page::routes()
         .merge(api)

@@ -195,6 +195,53 @@ impl Store {
         Ok(StoredDoc { meta, chunks })
     }
 
+    /// Reads a document's snapshot and chunks as one consistent state while the node runs: a
+    /// compaction between reading the metadata and the chunks is detected (the snapshot moved,
+    /// or a chunk is missing) and the read is repeated. Chunks appended meanwhile are left out,
+    /// which is the document as of the metadata read.
+    pub fn load_doc_consistent(&self, id: &[u8; 16]) -> Result<StoredDoc, StoreError> {
+        let mut last = None;
+        for _ in 0..16 {
+            let doc = self.load_doc(id)?;
+            let expected = (doc.meta.next_seq - doc.meta.snapshot_seq) as usize;
+            let now = self.doc_meta(id)?;
+            if doc.chunks.len() == expected
+                && now
+                    .as_ref()
+                    .is_some_and(|m| m.snapshot_seq == doc.meta.snapshot_seq)
+            {
+                return Ok(doc);
+            }
+            last = Some(doc);
+        }
+        last.ok_or_else(|| StoreError::NoSuchDoc(hex::encode(id)))
+    }
+
+    /// Stores a document read from a backup as it was: its chunks (snapshot first) under fresh
+    /// sequence numbers, with its heads and times. Replaces nothing: the document must be new.
+    pub fn import_doc(
+        &self,
+        id: &[u8; 16],
+        meta: &DocMeta,
+        chunks: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
+        let meta = DocMeta {
+            snapshot_seq: 0,
+            next_seq: chunks.len() as u64,
+            ..meta.clone()
+        };
+        let encoded = encode_meta(&meta)?;
+        (&self.docs, &self.doc_chunks)
+            .transaction(|(docs, tree)| {
+                for (seq, c) in chunks.iter().enumerate() {
+                    tree.insert(&chunk_key(id, seq as u64)[..], c.as_slice())?;
+                }
+                docs.insert(&id[..], encoded.as_slice())?;
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
     /// Replaces the snapshot and every chunk up to `covered_seq` (exclusive) with `snapshot`,
     /// which must contain all of them. Chunks written meanwhile stay.
     pub fn compact_doc(
