@@ -447,6 +447,22 @@ impl Node {
             .to_string())
     }
 
+    /// `iom ask PROMPT --no-wait --json EXTRA...`, which must exit 4 (queued); returns its JSON.
+    pub fn ask_no_wait(&self, prompt: &str, extra: &[&str]) -> Result<Value> {
+        let mut args = vec!["ask", prompt, "--no-wait", "--json"];
+        args.extend(extra);
+        let o = self.try_cli(&args)?;
+        if o.status.code() != Some(4) {
+            bail!(
+                "`iom ask --no-wait` on {} exited {:?}, not 4: {}",
+                self.name,
+                o.status.code(),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        serde_json::from_slice(&o.stdout).context("`iom ask --no-wait --json` printed no JSON")
+    }
+
     /// Creates an invite code.
     pub fn invite(&self, admin: bool) -> Result<String> {
         let mut args = vec!["invite"];

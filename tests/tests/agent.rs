@@ -249,21 +249,6 @@ fn ask(node: &Node, prompt: &str, conversation: Option<&str>) -> Result<Value> {
     Ok(v)
 }
 
-/// `iom ask PROMPT --no-wait --json [EXTRA...]`: exits 4 (queued) with the request's ids.
-fn ask_no_wait(node: &Node, prompt: &str, extra: &[&str]) -> Result<Value> {
-    let mut args = vec!["ask", prompt, "--no-wait", "--json"];
-    args.extend(extra);
-    let o = node.try_cli(&args)?;
-    if o.status.code() != Some(4) {
-        bail!(
-            "`iom ask --no-wait` exited {:?}, not 4: {}",
-            o.status.code(),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    Ok(serde_json::from_slice(&o.stdout)?)
-}
-
 /// `ask` that must end `done`; returns `(conversation, request id, final event)`.
 fn ask_done(node: &Node, prompt: &str, conversation: Option<&str>) -> Result<(String, String)> {
     let v = ask(node, prompt, conversation)?;
@@ -877,7 +862,7 @@ fn queued_body() -> Result<()> {
     let status = laptop.json(&["agent", "status"])?;
     assert_eq!(status["connection"], "offline", "{status}");
 
-    let v = ask_no_wait(&laptop, "while you were out", &[])?;
+    let v = laptop.ask_no_wait("while you were out", &[])?;
     assert_eq!(v["queued"], true, "{v}");
     assert!(
         v["note"]
@@ -925,8 +910,7 @@ fn interrupted_body() -> Result<()> {
     assign(&home, &home, &[&home, &laptop])?;
 
     let marker = "slow-job-7d1";
-    let v = ask_no_wait(
-        &laptop,
+    let v = laptop.ask_no_wait(
         &format!("{marker} {}", bash("sleep 20; echo finished")),
         &[],
     )?;
@@ -1006,7 +990,7 @@ fn reassign_body() -> Result<()> {
         Duration::from_secs(15),
         || Ok(!laptop.connected_to(&server_id)?),
     )?;
-    let v = ask_no_wait(&laptop, "second", &["--conversation", &conv])?;
+    let v = laptop.ask_no_wait("second", &["--conversation", &conv])?;
     assert_eq!(v["queued"], true, "{v}");
     let rid2 = s(&v, "request_id")?;
     wait_until(
@@ -1096,7 +1080,7 @@ fn retry_body() -> Result<()> {
         code: 429,
         retry_after: Some(1),
     });
-    let v = ask_no_wait(&home, "busy day", &[])?;
+    let v = home.ask_no_wait("busy day", &[])?;
     let (conv, rid) = (s(&v, "conversation")?, s(&v, "request_id")?);
     let started = Instant::now();
     let evs = events(&home, &conv, &rid)?;

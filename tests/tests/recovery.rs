@@ -183,7 +183,7 @@ fn lose_the_home_server() -> Result<Lost> {
     let fired_before = last_fired(&laptop, &schedule)?;
     // The laptop keeps working while home is gone: a document and a queued request.
     docs.push(new_doc(&laptop, r#"{"when":"while home is gone"}"#)?);
-    let q = laptop.json(&["ask", "while you were gone", "--no-wait"])?;
+    let q = laptop.ask_no_wait("while you were gone", &[])?;
     assert_eq!(q["queued"], true, "{q}");
     let queued = (s(&q, "conversation")?, s(&q, "request_id")?);
     Ok(Lost {
