@@ -558,9 +558,18 @@ fn test_data_root() -> Result<PathBuf> {
 
 /// A TCP port that is free on loopback right now.
 pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = l.local_addr()?.port();
+        if !RESERVED_PORTS.contains(&port) {
+            return Ok(port);
+        }
+    }
 }
+
+/// Ports that fixtures stored in their data dirs (`tests/tests/compat.rs`: fixture A listens on
+/// 33745, the address fixture B redials), so no other test's node may take them meanwhile.
+pub const RESERVED_PORTS: &[u16] = &[33745];
 
 /// SHA-256 of a file, hex (by `sha256sum`, so the test does not trust our own hashing).
 pub fn sha256_file(path: &Path) -> Result<String> {

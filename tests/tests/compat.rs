@@ -33,6 +33,14 @@ fn body() -> Result<()> {
     );
     a.start()?;
     let status = a.status()?;
+    // B redials A at the address it stored: A must really listen there.
+    ensure!(
+        status["listen"].as_array().is_some_and(|l| l
+            .iter()
+            .any(|a| a.as_str().is_some_and(|a| a.contains("/tcp/33745")))),
+        "fixture A does not listen on its stored port 33745: {}",
+        status["listen"]
+    );
     // The unmarked dir is format 1 and was migrated to the current format.
     ensure!(
         status["data_format"] == 2,

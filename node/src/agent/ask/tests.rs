@@ -247,6 +247,8 @@ async fn following_streams_status_progress_and_the_answer() {
     let writer = tokio::spawn(async move {
         let step = Duration::from_millis(300);
         let a = agent.clone();
+        // The follower reports the request as it finds it (pending) before the agent claims it.
+        tokio::time::sleep(step).await;
         convs
             .modify(doc, move |c, now| c.claim("r1", &a, 1, now).map(drop))
             .await
