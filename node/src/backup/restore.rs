@@ -522,7 +522,7 @@ mod tests {
         std::fs::write(data.join("config.toml"), "name = \"home\"\n").unwrap();
         std::fs::create_dir_all(data.join("workspaces/c1")).unwrap();
         std::fs::write(data.join("workspaces/c1/notes.txt"), "hello").unwrap();
-        let store = Store::open(&data.join("db"), 1 << 20).unwrap();
+        let store = reopen(&data.join("db"));
         store
             .append_doc_chunk(&[1; 16], "generic", b"snapshot", vec![[7; 32]])
             .unwrap();
@@ -556,8 +556,20 @@ mod tests {
         (tmp, data, blob)
     }
 
+    /// Opens the store a test just dropped: sled's flusher thread can hold the file lock for a
+    /// moment after the last handle is gone.
+    fn reopen(db: &Path) -> Store {
+        for _ in 0..100 {
+            match Store::open(db, 1 << 20) {
+                Ok(store) => return store,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+        Store::open(db, 1 << 20).unwrap()
+    }
+
     fn archive_of(data: &Path, out: &Path, seal: &Seal) {
-        let store = Store::open(&data.join("db"), 1 << 20).unwrap();
+        let store = reopen(&data.join("db"));
         let opts = SnapshotOptions {
             blobs: true,
             ..SnapshotOptions::default()
@@ -598,7 +610,7 @@ mod tests {
                 .unwrap()
                 .contains("home")
         );
-        let store = Store::open(&target.join("db"), 1 << 20).unwrap();
+        let store = reopen(&target.join("db"));
         let doc = store.load_doc(&[1; 16]).unwrap();
         assert_eq!(doc.chunks, vec![b"snapshot".to_vec(), b"change".to_vec()]);
         assert_eq!(doc.meta.heads, vec![[8; 32]]);
@@ -637,7 +649,7 @@ mod tests {
         let (tmp, data, _) = device().await;
         let old = Identity::load(&data).unwrap();
         {
-            let store = Store::open(&data.join("db"), 1 << 20).unwrap();
+            let store = reopen(&data.join("db"));
             let role = crate::identity::issue(
                 CertBody::AgentRole {
                     person: old.person,
@@ -670,7 +682,7 @@ mod tests {
         assert!(r.revoked_here && !r.needs_invite);
         let fresh = Identity::load(&target).unwrap();
         assert_ne!(fresh.device.id(), old.device.id());
-        let store = Store::open(&target.join("db"), 1 << 20).unwrap();
+        let store = reopen(&target.join("db"));
         let state = TrustBook::load(store, fresh.person).unwrap().state();
         assert!(state.is_revoked(&old.device.id()));
         assert!(state.is_admin(&fresh.device.id()));
@@ -703,7 +715,7 @@ mod tests {
         assert!(r.revoked_here && r.needs_invite);
         let fresh = Identity::load(&target).unwrap();
         assert!(fresh.person_key.is_none());
-        let store = Store::open(&target.join("db"), 1 << 20).unwrap();
+        let store = reopen(&target.join("db"));
         let state = TrustBook::load(store, fresh.person).unwrap().state();
         assert!(
             state.is_revoked(&old.device.id()),
