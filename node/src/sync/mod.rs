@@ -238,6 +238,15 @@ impl Manager {
     /// once; the higher one after a grace period, in case the lower one doesn't know our
     /// certificate yet (our `Hello` carries it).
     fn maybe_open(self: &Arc<Self>, peer: PeerId) {
+        self.maybe_open_attempt(peer, 0);
+    }
+
+    /// [`Manager::maybe_open`], attempt `attempt`. A session that ends within
+    /// [`QUICK_END`] of opening (one side refused the other's `Hello`, as when a device that
+    /// just joined has not yet switched to the mesh's person) is opened again after
+    /// [`REOPEN_AFTER`], up to [`REOPEN_ATTEMPTS`] times: nothing else would trigger it, since
+    /// the peer stays connected and trust here does not change.
+    fn maybe_open_attempt(self: &Arc<Self>, peer: PeerId, attempt: u32) {
         let local = self.net.local;
         if !should_open(&self.deps, local, peer) {
             return;
@@ -250,7 +259,17 @@ impl Manager {
                 return;
             }
             match this.net.open(peer, SYNC_PROTOCOL).await {
-                Ok(stream) => session::run(this.deps.clone(), peer, stream, Role::Initiator).await,
+                Ok(stream) => {
+                    let opened = tokio::time::Instant::now();
+                    session::run(this.deps.clone(), peer, stream, Role::Initiator).await;
+                    if opened.elapsed() < QUICK_END
+                        && attempt < REOPEN_ATTEMPTS
+                        && !this.deps.shutdown.is_cancelled()
+                    {
+                        tokio::time::sleep(REOPEN_AFTER).await;
+                        this.maybe_open_attempt(peer, attempt + 1);
+                    }
+                }
                 Err(e) => tracing::debug!(%peer, error = %e, "cannot open sync session"),
             }
         });
@@ -296,6 +315,14 @@ impl Manager {
         progress(&self.deps.registry, self.deps.blobs.as_ref())
     }
 }
+
+/// A session shorter than this was refused rather than ended (see
+/// [`Manager::maybe_open_attempt`]).
+const QUICK_END: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long to wait before opening a refused session again.
+const REOPEN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// How many times a refused session is opened again.
+const REOPEN_ATTEMPTS: u32 = 3;
 
 fn should_open(deps: &Deps, local: PeerId, peer: PeerId) -> bool {
     if peer == local || deps.registry.has_session(&peer) {
