@@ -567,6 +567,53 @@ pub fn free_port() -> Result<u16> {
     }
 }
 
+/// A node started with `--http` on a fresh loopback port, holding the agent role, with an API
+/// token: what the HTTP, WebSocket, browser and API-contract tests start from.
+pub struct AgentHttpNode {
+    /// The node (stopped on drop).
+    pub node: Node,
+    /// Its HTTP port on 127.0.0.1.
+    pub port: u16,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// A bearer token.
+    pub token: String,
+    /// The token's id (for `iom token revoke`).
+    pub token_id: String,
+}
+
+/// A node serving HTTP on a fresh loopback port with `env` (no agent role); returns it with
+/// its port.
+pub fn http_node(name: &str, env: &[(&str, &str)]) -> Result<(Node, u16)> {
+    let mut n = Node::with_env(name, env)?;
+    let port = free_port()?;
+    n.args
+        .extend(["--http".to_string(), format!("127.0.0.1:{port}")]);
+    n.start()?;
+    Ok((n, port))
+}
+
+/// [`http_node`] that also takes the agent role (`env`: the fake Messages API's, usually) and
+/// creates a token named after the node.
+pub fn agent_http_node(name: &str, env: &[(&str, &str)]) -> Result<AgentHttpNode> {
+    let (node, port) = http_node(name, env)?;
+    let me = node.device_id()?;
+    node.cli(&["agent", "assign", &me])?;
+    let t = node.json(&["token", "create", "--name", name])?;
+    let field = |k: &str| {
+        t[k].as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("`iom token create` printed no {k}: {t}"))
+    };
+    Ok(AgentHttpNode {
+        token: field("token")?,
+        token_id: field("id")?,
+        base: format!("http://127.0.0.1:{port}"),
+        node,
+        port,
+    })
+}
+
 /// Ports that fixtures stored in their data dirs (`tests/tests/compat.rs`: fixture A listens on
 /// 33745, the address fixture B redials), so no other test's node may take them meanwhile.
 pub const RESERVED_PORTS: &[u16] = &[33745];

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
-use iom_tests::harness::{Node, free_port, runtime, scenario};
+use iom_tests::harness::{AgentHttpNode, agent_http_node, runtime, scenario};
 
 /// The schemathesis this test is pinned to (the version `scripts/install-deps.sh` installs).
 const SCHEMATHESIS: &str = "4.32.5";
@@ -35,17 +35,9 @@ fn body() -> Result<()> {
 
     let rt = runtime()?;
     let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
-    let mut node = Node::with_env("contract", &fake.node_env())?;
-    let port = free_port()?;
-    node.args
-        .extend(["--http".to_string(), format!("127.0.0.1:{port}")]);
-    node.start()?;
-    let me = node.device_id()?;
-    node.cli(&["agent", "assign", &me])?;
-    let token = node.json(&["token", "create", "--name", "schemathesis"])?["token"]
-        .as_str()
-        .context("no token")?
-        .to_string();
+    let AgentHttpNode {
+        node, base, token, ..
+    } = agent_http_node("contract", &fake.node_env())?;
 
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let report = node.dir.join("schemathesis");
@@ -54,7 +46,7 @@ fn body() -> Result<()> {
         .arg(root.join("tests/api/schemathesis.toml"))
         .arg("run")
         .arg(root.join("docs/openapi.yaml"))
-        .args(["--url", &format!("http://127.0.0.1:{port}")])
+        .args(["--url", &base])
         .args(["--header", &format!("Authorization: Bearer {token}")])
         .args(["--checks", "all", "--max-examples", "30", "--seed", "1"])
         .args(["--workers", "1", "--request-timeout", "10", "--no-color"])

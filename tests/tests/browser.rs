@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
-use iom_tests::harness::{Node, free_port, runtime, scenario};
+use iom_tests::harness::{AgentHttpNode, agent_http_node, free_port, runtime, scenario};
 use serde_json::{Value, json};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -270,17 +270,13 @@ fn web_page_sends_and_streams() {
     scenario(|| {
         let rt = runtime()?;
         let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
-        let mut node = Node::with_env("phone", &fake.node_env())?;
-        let port = free_port()?;
-        node.args
-            .extend(["--http".to_string(), format!("127.0.0.1:{port}")]);
-        node.start()?;
+        let AgentHttpNode {
+            mut node,
+            port,
+            token,
+            ..
+        } = agent_http_node("phone", &fake.node_env())?;
         let me = node.device_id()?;
-        node.cli(&["agent", "assign", &me])?;
-        let token = node.json(&["token", "create", "--name", "browser"])?["token"]
-            .as_str()
-            .context("no token")?
-            .to_string();
         // A long prompt makes a long echo, streamed over a second or two.
         let prompt = format!(
             "Write me a short note about the mesh. {}",

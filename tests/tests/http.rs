@@ -8,27 +8,20 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use axum::http::StatusCode;
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
-use iom_tests::harness::{Node, free_port, runtime, scenario, wait_until};
+use iom_tests::harness::{self, Node, free_port, runtime, scenario, wait_until};
 use serde_json::{Value, json};
 
 /// A node serving HTTP on a fresh loopback port; returns it with the base URL.
 fn http_node(name: &str, env: &[(&str, &str)]) -> Result<(Node, String)> {
-    let mut n = Node::with_env(name, env)?;
-    let port = free_port()?;
-    n.args
-        .extend(["--http".to_string(), format!("127.0.0.1:{port}")]);
-    n.start()?;
+    let (n, port) = harness::http_node(name, env)?;
     Ok((n, format!("http://127.0.0.1:{port}")))
 }
 
 /// An HTTP node that holds the agent role, talking to `fake`; returns it with the base URL
 /// and a token.
 fn agent_http_node(fake: &FakeAnthropic, name: &str) -> Result<(Node, String, String)> {
-    let (node, base) = http_node(name, &fake.node_env())?;
-    let me = node.device_id()?;
-    node.cli(&["agent", "assign", &me])?;
-    let (t, _) = token(&node, name)?;
-    Ok((node, base, t))
+    let n = harness::agent_http_node(name, &fake.node_env())?;
+    Ok((n.node, n.base, n.token))
 }
 
 fn token(n: &Node, name: &str) -> Result<(String, String)> {

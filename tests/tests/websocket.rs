@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use futures::{SinkExt, StreamExt};
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
-use iom_tests::harness::{Node, free_port, runtime, scenario};
+use iom_tests::harness::{Node, agent_http_node, runtime, scenario};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -22,17 +22,8 @@ type Ws =
 /// A node serving HTTP with the agent role (talking to `fake`); returns it, its port and a
 /// token with its id.
 fn agent_node(fake: &FakeAnthropic, name: &str) -> Result<(Node, u16, String, String)> {
-    let mut n = Node::with_env(name, &fake.node_env())?;
-    let port = free_port()?;
-    n.args
-        .extend(["--http".to_string(), format!("127.0.0.1:{port}")]);
-    n.start()?;
-    let me = n.device_id()?;
-    n.cli(&["agent", "assign", &me])?;
-    let t = n.json(&["token", "create", "--name", "ws"])?;
-    let token = t["token"].as_str().context("no token")?.to_string();
-    let id = t["id"].as_str().context("no id")?.to_string();
-    Ok((n, port, token, id))
+    let n = agent_http_node(name, &fake.node_env())?;
+    Ok((n.node, n.port, n.token, n.token_id))
 }
 
 /// Opens `/v1/ws` with the token in `Authorization` (or, with `subprotocol`, the way a
