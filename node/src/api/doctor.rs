@@ -15,7 +15,8 @@ pub fn routes() -> axum::Router<Arc<NodeCtx>> {
 }
 
 async fn doctor(State(ctx): State<Arc<NodeCtx>>) -> Json<Value> {
-    let findings = crate::doctor::probe::running(&ctx).await;
+    let findings =
+        crate::doctor::probe::running(&ctx.config, &ctx.identity, &ctx.trust, &ctx.net).await;
     Json(json!({
         "worst": crate::doctor::worst(&findings),
         "findings": findings,

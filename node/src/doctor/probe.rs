@@ -10,8 +10,10 @@ use libp2p::multiaddr::Protocol;
 use super::Finding;
 use super::checks::{self, RoleView};
 use crate::config::Config;
+use crate::identity::SharedIdentity;
 use crate::net::Link;
-use crate::node::NodeCtx;
+use crate::net::Net;
+use crate::trust::TrustBook;
 
 /// How long the Docker checks may take together.
 const DOCKER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,25 +91,29 @@ pub async fn offline(config: &Config) -> Vec<Finding> {
     out
 }
 
-/// Every check, on the running node.
-pub async fn running(ctx: &NodeCtx) -> Vec<Finding> {
-    let me = ctx.identity.device_id();
-    let state = ctx.trust.state();
+/// Every check, on the running node (its config, identity, trust book and network).
+pub async fn running(
+    config: &Config,
+    identity: &SharedIdentity,
+    trust: &TrustBook,
+    net: &Net,
+) -> Vec<Finding> {
+    let me = identity.device_id();
+    let state = trust.state();
     let role = match state.agent {
         Some(a) if a.device == me => RoleView::Here,
         Some(_) => RoleView::Elsewhere,
         None => RoleView::Nobody,
     };
-    let mut out = local(&ctx.config, role).await;
+    let mut out = local(config, role).await;
     out.push(checks::certificates(
         state.is_trusted(&me),
         state.is_revoked(&me),
         state.revoked.len(),
     ));
     let (relays, relayed_peers) = {
-        let peers = ctx.net.peers.read().unwrap_or_else(|e| e.into_inner());
-        let relays: Vec<Finding> = ctx
-            .config
+        let peers = net.peers.read().unwrap_or_else(|e| e.into_inner());
+        let relays: Vec<Finding> = config
             .relays
             .iter()
             .map(|addr| {
@@ -136,7 +142,7 @@ pub async fn running(ctx: &NodeCtx) -> Vec<Finding> {
         m.hole_punches_failed.get(),
         relayed_peers,
     ));
-    let newest = ctx.trust.certs().iter().map(|c| c.body().issued_at()).max();
+    let newest = trust.certs().iter().map(|c| c.body().issued_at()).max();
     out.push(checks::clock(crate::time::now_secs(), newest));
     out
 }
