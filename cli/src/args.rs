@@ -86,13 +86,21 @@ pub enum Command {
         #[arg(long)]
         admin: bool,
     },
-    /// Join a mesh with an invite code from one of its admin devices.
+    /// Join a mesh with an invite code from one of its admin devices. At a terminal it then
+    /// waits for the first sync with a progress bar (Ctrl-C stops waiting, not the sync).
     Join {
         /// The invite code (iom1...).
         code: String,
         /// Name of this device.
         #[arg(long)]
         name: Option<String>,
+        /// Wait for the first sync even when not at a terminal (for scripts); exit 1 if no
+        /// peer is reachable within 60 s or the sync makes no progress for 120 s.
+        #[arg(long, conflicts_with = "no_wait")]
+        wait: bool,
+        /// Return as soon as the device is trusted, without waiting for the first sync.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Ask the assistant (runs on the agent device; streams the answer). Piped input is part
     /// of the prompt: `cat log.txt | iom ask "what failed?"`, or `iom ask -` for stdin alone.

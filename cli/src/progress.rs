@@ -27,18 +27,10 @@ pub fn line(label: &str, done: u64, total: Option<u64>, elapsed: Duration) -> St
     let human = iom_node::store::human_bytes;
     match total {
         Some(t) if t > 0 => {
-            let frac = (done as f64 / t as f64).clamp(0.0, 1.0);
-            let filled = (frac * BAR as f64).round() as usize;
-            let bar: String = (0..BAR)
-                .map(|i| match i.cmp(&filled) {
-                    std::cmp::Ordering::Less => '=',
-                    std::cmp::Ordering::Equal => '>',
-                    std::cmp::Ordering::Greater => ' ',
-                })
-                .collect();
+            let frac = done as f64 / t as f64;
             format!(
-                "{label} [{bar}] {:>3}% {}/{} {}/s",
-                (frac * 100.0).floor() as u64,
+                "{label} {} {}/{} {}/s",
+                bar(frac),
                 human(done),
                 human(t),
                 human(rate as u64)
@@ -47,6 +39,32 @@ pub fn line(label: &str, done: u64, total: Option<u64>, elapsed: Duration) -> St
         _ if done > 0 => format!("{label} {} {}s", human(done), elapsed.as_secs()),
         _ => format!("{label} {}s", elapsed.as_secs()),
     }
+}
+
+/// One line of progress over counted things: `label [=====>    ]  45% 120/300 documents`, or
+/// `label 0 documents` while the total is unknown.
+pub fn counted_line(label: &str, done: u64, total: u64, unit: &str) -> String {
+    if total == 0 {
+        return format!("{label} {done} {unit}");
+    }
+    format!(
+        "{label} {} {done}/{total} {unit}",
+        bar(done as f64 / total as f64)
+    )
+}
+
+/// `[=====>     ]  45%` for a share of the work done (clamped to 0..=1).
+fn bar(frac: f64) -> String {
+    let frac = frac.clamp(0.0, 1.0);
+    let filled = (frac * BAR as f64).round() as usize;
+    let bar: String = (0..BAR)
+        .map(|i| match i.cmp(&filled) {
+            std::cmp::Ordering::Less => '=',
+            std::cmp::Ordering::Equal => '>',
+            std::cmp::Ordering::Greater => ' ',
+        })
+        .collect();
+    format!("[{bar}] {:>3}%", (frac * 100.0).floor() as u64)
 }
 
 /// A progress display (does nothing when not [`wanted`]).
@@ -152,6 +170,14 @@ mod tests {
         assert_eq!(
             line("sync", 2048, None, Duration::from_secs(3)),
             "sync 2.0 KiB 3s"
+        );
+        assert_eq!(
+            counted_line("first sync", 15, 30, "documents"),
+            "first sync [===============>              ]  50% 15/30 documents"
+        );
+        assert_eq!(
+            counted_line("first sync", 0, 0, "documents"),
+            "first sync 0 documents"
         );
     }
 }

@@ -562,6 +562,48 @@ fn text_of(message: &Value) -> String {
 }
 
 /// Checks the request the way the real API does, for the rules a client can break.
+/// Image and document blocks as the Messages API checks them: inline base64 of a supported
+/// type whose bytes are what the type says, at most 5 MB for an image; only in user messages.
+fn validate_media(b: &Value) -> Result<(), String> {
+    use base64::Engine as _;
+    let kind = b["type"].as_str().unwrap_or_default();
+    if kind != "image" && kind != "document" {
+        return Ok(());
+    }
+    let src = &b["source"];
+    if src["type"] != "base64" {
+        return Err(format!("{kind}.source.type: only base64 is accepted here"));
+    }
+    let media_type = src["media_type"].as_str().unwrap_or_default();
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(src["data"].as_str().unwrap_or_default())
+        .map_err(|e| format!("{kind}.source.data: invalid base64 data: {e}"))?;
+    let magic_ok = match (kind, media_type) {
+        ("image", "image/png") => data.starts_with(b"\x89PNG\r\n\x1a\n"),
+        ("image", "image/jpeg") => data.starts_with(&[0xFF, 0xD8, 0xFF]),
+        ("image", "image/gif") => data.starts_with(b"GIF8"),
+        ("image", "image/webp") => data.len() > 12 && &data[8..12] == b"WEBP",
+        ("document", "application/pdf") => data.starts_with(b"%PDF-"),
+        _ => {
+            return Err(format!(
+                "{kind}.source.media_type: {media_type:?} is not supported"
+            ));
+        }
+    };
+    if !magic_ok {
+        return Err(format!(
+            "{kind}.source: the data does not match the media type {media_type}"
+        ));
+    }
+    if kind == "image" && data.len() > 5 * 1000 * 1000 {
+        return Err(format!(
+            "image.source.data: image exceeds 5 MB maximum: {} bytes",
+            data.len()
+        ));
+    }
+    Ok(())
+}
+
 fn validate(req: &Value) -> Result<(), String> {
     if req["model"].as_str().is_none_or(str::is_empty) {
         return Err("model: Field required".into());
@@ -601,6 +643,11 @@ fn validate(req: &Value) -> Result<(), String> {
             return Err(format!(
                 "messages.{i}: all messages must have non-empty content"
             ));
+        }
+    }
+    for (i, m) in messages.iter().enumerate() {
+        for (j, b) in blocks(m).iter().enumerate() {
+            validate_media(b).map_err(|e| format!("messages.{i}.content.{j}: {e}"))?;
         }
     }
     // tool_use / tool_result pairing.

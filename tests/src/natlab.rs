@@ -561,11 +561,14 @@ pub fn established_tcp(ns: &str) -> Result<Vec<TcpConn>, NatLabError> {
         .collect())
 }
 
-/// `iom relay run` in a lab namespace, with a stable data dir so that it can be killed and
-/// started again with the same PeerId.
+/// `iom relay run` in a lab namespace (or on loopback), with a stable data dir so that it can
+/// be killed and started again with the same PeerId.
 #[derive(Debug)]
 pub struct LabRelay {
-    ns: String,
+    /// The namespace; `None`: on the host (loopback).
+    ns: Option<String>,
+    ip: Ipv4Addr,
+    port: u16,
     data_dir: PathBuf,
     flags: Vec<String>,
     proc: Option<Proc>,
@@ -584,17 +587,34 @@ impl LabRelay {
     /// `--allow-person P`). The key is created now, so the PeerId is known before the relay
     /// runs ([`addr`](Self::addr) can go into nodes' `--relay` first).
     pub fn new(ns: &str, data_dir: &Path, extra: &[&str]) -> anyhow::Result<LabRelay> {
+        LabRelay::at(Some(ns), RELAY_IP, RELAY_PORT, data_dir, extra)
+    }
+
+    /// A relay on the host's loopback at `127.0.0.1:port` (for tests of nodes on loopback).
+    pub fn loopback(port: u16, data_dir: &Path, extra: &[&str]) -> anyhow::Result<LabRelay> {
+        LabRelay::at(None, Ipv4Addr::LOCALHOST, port, data_dir, extra)
+    }
+
+    fn at(
+        ns: Option<&str>,
+        ip: Ipv4Addr,
+        port: u16,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<LabRelay> {
         std::fs::create_dir_all(data_dir)?;
         let key = iom_node::relay::load_or_create_relay_key(data_dir)
             .map_err(|e| anyhow::anyhow!("relay key: {e}"))?;
         let mut flags: Vec<String> = vec![
             "--listen".into(),
-            format!("/ip4/{RELAY_IP}/tcp/{RELAY_PORT}"),
+            format!("/ip4/{ip}/tcp/{port}"),
             "--no-rate-limits".into(),
         ];
         flags.extend(extra.iter().map(|s| (*s).to_string()));
         Ok(LabRelay {
-            ns: ns.to_string(),
+            ns: ns.map(str::to_string),
+            ip,
+            port,
             data_dir: data_dir.to_path_buf(),
             flags,
             proc: None,
@@ -610,13 +630,16 @@ impl LabRelay {
 
     /// The address nodes pass to `--relay`.
     pub fn addr(&self) -> String {
-        format!("/ip4/{RELAY_IP}/tcp/{RELAY_PORT}/p2p/{}", self.peer_id)
+        format!("/ip4/{}/tcp/{}/p2p/{}", self.ip, self.port, self.peer_id)
     }
 
     /// Starts the relay and waits for its address line; checks the PeerId is the stable one.
     pub fn start(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.proc.is_none(), "relay already running");
-        let mut cmd = netns_command(&self.ns, crate::harness::iom_bin());
+        let mut cmd = match &self.ns {
+            Some(ns) => netns_command(ns, crate::harness::iom_bin()),
+            None => Command::new(crate::harness::iom_bin()),
+        };
         cmd.arg("--json")
             .arg("--data-dir")
             .arg(&self.data_dir)

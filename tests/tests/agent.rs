@@ -1198,3 +1198,61 @@ fn attachments_body() -> Result<()> {
     assert_eq!(names, ["notes.txt", "build.log"], "{req}");
     Ok(())
 }
+
+/// A photo attached on the laptop reaches the model as an image block: the blob syncs to the
+/// agent, is scaled to the provider's 1568-pixel edge (the fake Messages API checks the block
+/// as the real one does: base64 of the type it claims, at most 5 MB), and the answer tells the
+/// user it was resized. The original is in the workspace too.
+#[test]
+fn a_photo_attached_on_the_laptop_reaches_the_model_as_an_image_block() {
+    require_docker();
+    scenario(|| {
+        use base64::Engine as _;
+        let mut reap = Reap::default();
+        let fake = Fake::start()?;
+        let mut home = agent_node("home", Some(&fake), "")?;
+        let mut laptop = Node::new("laptop")?;
+        start_mesh(&mut [&mut home, &mut laptop])?;
+        reap.0.push(home.device_id()?);
+        assign(&home, &home, &[&home, &laptop])?;
+        let dir = tempfile::tempdir()?;
+        let photo = dir.path().join("photo.png");
+        image::RgbImage::from_fn(3000, 2000, |x, y| {
+            image::Rgb([(x / 12) as u8, (y / 8) as u8, ((x + y) / 20) as u8])
+        })
+        .save(&photo)?;
+        let photo_arg = photo.display().to_string();
+        let o = laptop.try_cli(&[
+            "ask",
+            "what is in the photo?",
+            "--file",
+            &photo_arg,
+            "--json",
+        ])?;
+        let v: Value = serde_json::from_slice(&o.stdout)
+            .with_context(|| String::from_utf8_lossy(&o.stderr).into_owned())?;
+        assert_eq!(o.status.code(), Some(0), "{v}");
+        assert_eq!(v["result"]["type"], "done", "{v}");
+        let note = v["result"]["note"].as_str().unwrap_or_default();
+        assert!(
+            note.contains("photo.png: sent to the model at 1568×1045 (from 3000×2000)"),
+            "the user is told: {v}"
+        );
+        // The request the model got: an image block before the question.
+        let requests = fake.requests();
+        let last = requests.last().context("a request")?;
+        let content = &last.body["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .context("messages")?["content"];
+        let blocks = content.as_array().context("blocks")?;
+        assert_eq!(blocks[0]["type"], "image", "{content}");
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(blocks[0]["source"]["data"].as_str().unwrap_or_default())?;
+        let seen = image::load_from_memory(&data)?;
+        assert_eq!((seen.width(), seen.height()), (1568, 1045));
+        let text = blocks[1]["text"].as_str().unwrap_or_default();
+        assert!(text.starts_with("what is in the photo?"), "{text}");
+        Ok(())
+    });
+}

@@ -900,3 +900,72 @@ fn progress_is_drawn_on_a_terminal_and_off_in_pipes_and_with_json() {
         Ok(())
     })
 }
+
+/// `iom join` waits for the first sync: with `--wait` (scripts) it returns once every document
+/// the inviter holds is here and says how many arrived; on a terminal it draws a bar over the
+/// documents that reaches 100%; `--no-wait` returns at once.
+#[test]
+fn join_waits_for_the_first_sync_with_a_bar_on_a_terminal() {
+    scenario(|| {
+        let mut home = Node::new("home")?;
+        home.start()?;
+        let mut ids = Vec::new();
+        for i in 0..60 {
+            let v = home.json(&["doc", "new", "--content", &format!(r#"{{"n":{i}}}"#)])?;
+            ids.push(v["id"].as_str().context("id")?.to_string());
+        }
+        let here = home.doc_ids()?.len();
+
+        // --wait: the first sync is over when join returns.
+        let mut laptop = Node::new("laptop")?;
+        laptop.start()?;
+        let v = laptop.json(&["join", &home.invite(false)?, "--wait"])?;
+        ensure!(
+            v["first_sync"]["documents_here"].as_u64() >= Some(here as u64),
+            "{v}"
+        );
+        let present = laptop.doc_ids()?;
+        ensure!(
+            ids.iter().all(|id| present.contains(id)),
+            "every document is here when join --wait returns ({} of {})",
+            present.len(),
+            ids.len()
+        );
+
+        // On a terminal: a bar over the documents.
+        require(have("script"), "script (bsdutils)");
+        let mut phone = Node::new("phone")?;
+        phone.start()?;
+        let code = home.invite(false)?;
+        let cmd = format!(
+            "{} --data-dir {} join {code}",
+            iom_bin().display(),
+            phone.dir.display()
+        );
+        let out = Command::new("script")
+            .args(["-qefc", &cmd, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()?;
+        ensure!(out.status.success(), "script {cmd}: {out:?}");
+        let screen = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            screen.contains("first sync [") && screen.contains("100%"),
+            "a first-sync bar on the terminal: {screen:?}"
+        );
+        ensure!(screen.contains("first sync done"), "{screen:?}");
+        ensure!(phone.doc_ids()?.len() >= ids.len());
+
+        // --no-wait: trusted, and back at once (no first-sync line).
+        let mut tablet = Node::new("tablet")?;
+        tablet.start()?;
+        let out = tablet.cli(&["join", &home.invite(false)?, "--no-wait"])?;
+        ensure!(
+            out.contains("joined") && !out.contains("first sync"),
+            "{out}"
+        );
+        for n in [&home, &laptop, &phone, &tablet] {
+            n.assert_no_panic()?;
+        }
+        Ok(())
+    })
+}

@@ -1,10 +1,10 @@
-//! Backups and losing a device, with real `iom` processes over loopback (two or three directly
-//! connected nodes; no relay: the relay is not involved in what a restore changes, and the
-//! NAT tests cover it): the home server's data dir destroyed while the laptop keeps running and
-//! restored from its backup (as the same device, and as a new device with the old one revoked
-//! everywhere), the recovery kit moving the right to invite and revoke, a second admin device
-//! doing both without the person key, bad archives refused without changing anything, and
-//! incremental and scheduled backups.
+//! Backups and losing a device, with real `iom` processes over loopback: the home server's
+//! data dir destroyed while the laptop and a relay (on loopback, both nodes reserved on it)
+//! keep running, and restored from its backup (as the same device, and as a new device with
+//! the old one revoked everywhere), after which it reserves on the relay again; the recovery
+//! kit moving the right to invite and revoke, a second admin device doing both without the
+//! person key, bad archives refused without changing anything, and incremental and scheduled
+//! backups. (Relayed sync itself, behind NATs, is the NAT tests' subject.)
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,8 +12,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
 use iom_tests::harness::{
-    Node, random_file, runtime, scenario, sha256_file, wait_converged, wait_mesh, wait_until,
+    Node, free_port, random_file, runtime, scenario, sha256_file, wait_converged, wait_mesh,
+    wait_until,
 };
+use iom_tests::natlab::LabRelay;
 use serde_json::Value;
 
 fn s(v: &Value, key: &str) -> Result<String> {
@@ -81,11 +83,35 @@ fn replacement_for(old: &Node, name: &str) -> Result<Node> {
     Ok(n)
 }
 
-/// The home server (mesh creator, agent, schedule) and a laptop; a backup of the home server;
-/// more work after it on both; the home server's data dir destroyed while the laptop runs.
-/// Returns the pieces the two restore tests check.
+/// Whether `n` holds a reservation on `relay`: its circuit address through the relay is among
+/// its listen addresses, and the relay accepted a reservation from device `id`.
+fn reserved_on(n: &Node, relay: &LabRelay, id: &str) -> Result<bool> {
+    let circuit = n
+        .listen_addrs()?
+        .iter()
+        .any(|a| a.contains("/p2p-circuit") && a.contains(&relay.peer_id));
+    let accepted = relay
+        .log()
+        .lines()
+        .any(|l| l.contains("reservation accepted") && l.contains(id));
+    Ok(circuit && accepted)
+}
+
+fn wait_reserved(n: &Node, relay: &LabRelay, id: &str) -> Result<()> {
+    wait_until(
+        &format!("{} reserved on the relay", n.name),
+        Duration::from_secs(30),
+        || reserved_on(n, relay, id),
+    )
+}
+
+/// The home server (mesh creator, agent, schedule) and a laptop, both reserved on a relay; a
+/// backup of the home server; more work after it on both; the home server's data dir
+/// destroyed while the laptop and the relay run. Returns the pieces the two restore tests
+/// check.
 struct Lost {
     _fake: FakeAnthropic,
+    relay: LabRelay,
     _rt: tokio::runtime::Runtime,
     _scratch: tempfile::TempDir,
     home: Node,
@@ -116,13 +142,20 @@ fn lose_the_home_server() -> Result<Lost> {
     let rt = runtime()?;
     let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
     let scratch = scratch()?;
+    let mut relay = LabRelay::loopback(free_port()?, &scratch.path().join("relay"), &[])?;
+    relay.start()?;
     let mut home = Node::with_env("home", &fake.node_env())?;
-    home.start()?;
     let mut laptop = Node::new("laptop")?;
+    for n in [&mut home, &mut laptop] {
+        n.args.extend(["--relay".to_string(), relay.addr()]);
+    }
+    home.start()?;
     laptop.start()?;
     laptop.cli(&["join", &home.invite(false)?])?;
     wait_mesh(&[&home, &laptop], Duration::from_secs(20))?;
     let home_id = home.device_id()?;
+    wait_reserved(&home, &relay, &home_id)?;
+    wait_reserved(&laptop, &relay, &laptop.device_id()?)?;
     home.cli(&["agent", "assign", &home_id])?;
     let schedule = s(
         &laptop.json(&["schedule", "add", "* * * * *", "minute report"])?,
@@ -180,6 +213,7 @@ fn lose_the_home_server() -> Result<Lost> {
         Duration::from_secs(15),
         || Ok(!laptop.connected_to(&home_id)?),
     )?;
+    assert!(relay.is_running(), "the relay keeps running");
     let fired_before = last_fired(&laptop, &schedule)?;
     // The laptop keeps working while home is gone: a document and a queued request.
     docs.push(new_doc(&laptop, r#"{"when":"while home is gone"}"#)?);
@@ -188,6 +222,7 @@ fn lose_the_home_server() -> Result<Lost> {
     let queued = (s(&q, "conversation")?, s(&q, "request_id")?);
     Ok(Lost {
         _fake: fake,
+        relay,
         _rt: rt,
         _scratch: scratch,
         home,
@@ -224,6 +259,14 @@ fn home_server_restored_from_backup_continues_as_the_same_device() {
         assert_eq!(home.device_id()?, lost.home_id);
         assert_eq!(home.status()?["holds_person_key"], true);
         wait_mesh(&[&home, &lost.laptop], Duration::from_secs(30))?;
+        // The restored server reserves on the relay again, as the same device; the laptop's
+        // reservation lasted through the loss.
+        wait_reserved(&home, &lost.relay, &lost.home_id)?;
+        assert!(reserved_on(
+            &lost.laptop,
+            &lost.relay,
+            &lost.laptop.device_id()?
+        )?);
 
         // Everything acknowledged anywhere is on both: what the backup held, what only the
         // laptop had (made after the backup on home, and while home was gone).
@@ -289,6 +332,8 @@ fn restored_as_a_new_device_the_old_one_is_revoked_everywhere() {
         home.start()?;
         assert_eq!(home.device_id()?, new_id);
         wait_mesh(&[&home, &lost.laptop], Duration::from_secs(30))?;
+        // The new device reserves on the relay under its new id.
+        wait_reserved(&home, &lost.relay, &new_id)?;
         wait_until(
             "the laptop to see the old home revoked",
             Duration::from_secs(20),

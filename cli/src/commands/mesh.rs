@@ -1,5 +1,7 @@
 //! `iom invite`, `iom join`, `iom devices [revoke]`.
 
+use std::io::IsTerminal;
+
 use serde_json::json;
 
 use super::Global;
@@ -31,19 +33,73 @@ pub async fn invite(g: &Global, ttl: std::time::Duration, admin: bool) -> Result
     Ok(())
 }
 
+/// Whether `iom join` waits for the first sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinWait {
+    /// At a terminal without `--json`: wait, with a bar.
+    IfTerminal,
+    /// `--wait`: always wait (a bar only at a terminal).
+    Always,
+    /// `--no-wait`.
+    Never,
+}
+
+impl JoinWait {
+    /// From the `--wait` and `--no-wait` flags (clap keeps them exclusive).
+    pub fn from_flags(wait: bool, no_wait: bool) -> JoinWait {
+        match (wait, no_wait) {
+            (true, _) => JoinWait::Always,
+            (_, true) => JoinWait::Never,
+            _ => JoinWait::IfTerminal,
+        }
+    }
+}
+
 /// `iom join`.
-pub async fn join(g: &Global, code: String, name: Option<String>) -> Result<(), Failure> {
-    let r = g
-        .client()?
+pub async fn join(
+    g: &Global,
+    code: String,
+    name: Option<String>,
+    wait: JoinWait,
+) -> Result<(), Failure> {
+    let client = g.client()?;
+    let r = client
         .post("/v1/join", &json!({ "code": code, "name": name }))
         .await?;
-    if g.json {
-        output::json(&r);
-    } else {
+    if !g.json {
         println!(
             "joined: this device is now trusted by person {} ({} devices)",
             output::s(&r, "person"),
             r["devices"]
+        );
+    }
+    let terminal = crate::progress::wanted(g.json, std::io::stderr().is_terminal(), None);
+    let waiting = match wait {
+        JoinWait::Always => true,
+        JoinWait::IfTerminal => terminal,
+        JoinWait::Never => false,
+    };
+    if !waiting {
+        if g.json {
+            output::json(&r);
+        }
+        return Ok(());
+    }
+    let tally = super::first_sync::wait(&client, terminal)
+        .await
+        .map_err(|e| Failure::Failed(e.into()))?;
+    if g.json {
+        let mut r = r;
+        r["first_sync"] = json!({
+            "documents": tally.received(),
+            "documents_here": tally.last().documents,
+        });
+        output::json(&r);
+    } else {
+        println!(
+            "first sync done: {} documents received ({} here)",
+            tally.received(),
+            tally.last().documents
         );
     }
     Ok(())

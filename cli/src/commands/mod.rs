@@ -9,6 +9,7 @@ mod doc;
 mod doctor;
 mod email;
 mod events;
+mod first_sync;
 mod memory;
 mod mesh;
 pub mod node;
@@ -66,7 +67,12 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Blob(cmd) => blob::run(&g, cmd).await,
         Command::Memory(cmd) => memory::run(&g, cmd).await,
         Command::Invite { ttl, admin } => mesh::invite(&g, ttl, admin).await,
-        Command::Join { code, name } => mesh::join(&g, code, name).await,
+        Command::Join {
+            code,
+            name,
+            wait,
+            no_wait,
+        } => mesh::join(&g, code, name, mesh::JoinWait::from_flags(wait, no_wait)).await,
         Command::Devices { command } => mesh::devices(&g, command).await,
         Command::Ask(args) => ask::ask(&g, args).await,
         Command::Events => events::events(&g).await,

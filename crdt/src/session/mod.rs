@@ -505,6 +505,12 @@ pub struct Established<H, E> {
     dirty: DocQueue,
     snapshots: DocQueue,
     states: HashMap<DocId, Slot>,
+    /// Documents the peer listed that we hold none of and that have not arrived yet (what a
+    /// first sync still has to receive).
+    incoming: HashSet<DocId>,
+    /// Whether the inventories have been compared once: the peer's root equalled ours, or its
+    /// entries arrived (from then on [`incoming`](Self::incoming) is meaningful).
+    compared: bool,
     closed: bool,
 }
 
@@ -517,6 +523,8 @@ impl<H, E> Established<H, E> {
             dirty: DocQueue::default(),
             snapshots: DocQueue::default(),
             states: HashMap::new(),
+            incoming: HashSet::new(),
+            compared: false,
             closed: false,
         }
     }
@@ -529,6 +537,22 @@ impl<H, E> Established<H, E> {
     /// Documents waiting to be sent (by sync or whole).
     pub fn backlog(&self) -> usize {
         self.dirty.len() + self.snapshots.len()
+    }
+
+    /// Documents the peer listed that we held none of and that have not arrived from it yet:
+    /// what a first sync still has to receive from this peer. (One that arrived from another
+    /// peer meanwhile is still listed: check against the inventory.)
+    pub fn incoming(&self) -> impl Iterator<Item = &DocId> + '_ {
+        self.incoming.iter()
+    }
+
+    /// Whether the two inventories have been compared at least once in this session (the
+    /// peer's root equalled ours, or its entries arrived): until then [`incoming`] says
+    /// nothing yet.
+    ///
+    /// [`incoming`]: Self::incoming
+    pub fn compared(&self) -> bool {
+        self.compared
     }
 
     /// Whether this session holds (or has handed out) a state for `doc`: it has exchanged
@@ -599,6 +623,9 @@ impl<H, E> Established<H, E> {
             Msg::Unknown { what } => self.fail(Violation::Unknown { what }.into()),
             Msg::Other(e) => Ok(vec![Action::Apply(e)]),
             Msg::Root { root } => {
+                if inventory.root() == root {
+                    self.compared = true;
+                }
                 if inventory.root() != root
                     && !self.outbox.iter().any(|o| matches!(o, Out::Buckets))
                 {
@@ -631,6 +658,7 @@ impl<H, E> Established<H, E> {
             }
             Msg::Entries { buckets, records } => {
                 self.entries(&buckets, &records, inventory)?;
+                self.compared = true;
                 Ok(Vec::new())
             }
             Msg::Doc { doc, msg } => Ok(self.receive(doc, msg).into_iter().collect()),
@@ -684,7 +712,8 @@ impl<H, E> Established<H, E> {
         let their_docs: HashSet<DocId> = theirs.iter().map(|(d, _)| *d).collect();
         for doc in inventory::diff_entries(&ours, &theirs) {
             if !have.contains(&doc) {
-                continue; // only they have it: they send it
+                self.incoming.insert(doc); // only they have it: they send it
+                continue;
             }
             if their_docs.contains(&doc) || self.has_state(&doc) {
                 self.mark_dirty(doc);
@@ -780,6 +809,7 @@ impl<H, E> Established<H, E> {
             self.states.remove(&doc);
             return self.fail(SessionError::BadDoc { doc, source });
         }
+        self.incoming.remove(&doc);
         let mut actions = vec![Action::Persist {
             doc,
             state: state.encode(),
@@ -795,6 +825,7 @@ impl<H, E> Established<H, E> {
     pub fn snapshots_received(&mut self, stored: SnapshotsStored) -> Result<(), SessionError> {
         self.check_open()?;
         for (doc, heads) in stored.new {
+            self.incoming.remove(&doc);
             let state = PeerDocState::after_snapshot(&heads);
             match self.states.get_mut(&doc) {
                 Some(Slot::Busy { replace, .. }) => *replace = Some(state),

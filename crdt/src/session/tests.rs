@@ -341,6 +341,64 @@ fn entries_decide_whole_documents_versus_sync() {
 }
 
 #[test]
+fn documents_only_the_peer_has_are_counted_until_they_arrive() {
+    let (mut a, _) = pair();
+    let (theirs_1, theirs_2, theirs_3, shared) = (id(1, 9), id(2, 9), id(3, 9), id(4, 9));
+    let heads = doc_with(1, "k").heads();
+    let inv = Inventory::from_heads([(shared, &heads[..])]);
+    assert!(!a.compared(), "nothing compared before the peer's entries");
+    let mut records = Vec::new();
+    for doc in [theirs_1, theirs_2, theirs_3, shared] {
+        records.extend_from_slice(doc.as_bytes());
+        records.extend_from_slice(&[7; 32]);
+    }
+    a.handle(
+        Msg::Entries {
+            buckets: vec![9],
+            records,
+        },
+        &inv,
+    )
+    .expect("entries");
+    assert!(a.compared());
+    assert_eq!(a.incoming().count(), 3, "three documents only the peer has");
+    assert_eq!(a.backlog(), 1, "the shared one is ours to sync");
+    let snapshot = doc_with(2, "k").save();
+    a.handle(
+        Msg::Snapshots {
+            docs: vec![(theirs_1, snapshot.clone()), (theirs_2, snapshot)],
+        },
+        &inv,
+    )
+    .expect("snapshots");
+    assert_eq!(a.incoming().count(), 3, "received is not stored yet");
+    a.snapshots_received(SnapshotsStored {
+        new: vec![(theirs_1, heads.clone()), (theirs_2, heads.clone())],
+        ..SnapshotsStored::default()
+    })
+    .expect("stored");
+    assert_eq!(a.incoming().count(), 1);
+    let actions = a
+        .handle(
+            Msg::Doc {
+                doc: theirs_3,
+                msg: vec![1],
+            },
+            &inv,
+        )
+        .expect("doc");
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert_eq!(a.incoming().count(), 1, "a message is not applied yet");
+    a.received(
+        theirs_3,
+        PeerDocState::new(),
+        Ok(ReceiveOutcome { changed: true }),
+    )
+    .expect("received");
+    assert_eq!(a.incoming().count(), 0, "everything listed has arrived");
+}
+
+#[test]
 fn malformed_entries_are_violations() {
     let inv = Inventory::new();
     let (mut a, _) = pair();

@@ -11,6 +11,7 @@
 //!   production implementations.
 //! - [`claude`], [`sandbox`]: those implementations.
 //! - [`progress`]: the progress of a running request as stored in the document.
+//! - [`prompt_files`]: attachments as image and document blocks of the prompt.
 
 pub mod ask;
 pub mod claude;
@@ -19,6 +20,7 @@ pub mod conversations;
 pub mod host;
 pub mod model;
 pub mod progress;
+pub mod prompt_files;
 pub mod role;
 pub mod runner;
 pub mod sandbox;

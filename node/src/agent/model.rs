@@ -24,6 +24,12 @@ pub trait ModelClient: Send + Sync {
         req: &'a MessagesRequest,
         on: &'a mut (dyn FnMut(StreamEvent) + Send),
     ) -> BoxFuture<'a, Result<Turn, ClaudeError>>;
+
+    /// What this model takes in its prompt besides text (images, PDFs). Attachments it does
+    /// not take stay in the workspace, and the user is told.
+    fn accepts(&self) -> super::prompt_files::Accepts {
+        super::prompt_files::Accepts::ALL
+    }
 }
 
 impl ModelClient for ClaudeClient {

@@ -37,6 +37,7 @@ use super::conversations::Conversations;
 use super::host::ToolHost;
 use super::model::ModelFactory;
 use super::progress::{RunProgress, ToolProgress};
+use super::prompt_files;
 use super::role::AgentRole;
 use crate::config::AgentConfig;
 use crate::docs::Docs;
@@ -591,11 +592,14 @@ impl Runner {
             );
             return self.set_status(doc, &rid, Status::Failed, Some(msg)).await;
         }
-        if let Err(e) = self.put_attachments(doc, &req.attachments).await {
-            return self
-                .set_status(doc, &rid, Status::Failed, Some(e.to_string()))
-                .await;
-        }
+        let files = match self.put_attachments(doc, &req.attachments).await {
+            Ok(files) => files,
+            Err(e) => {
+                return self
+                    .set_status(doc, &rid, Status::Failed, Some(e.to_string()))
+                    .await;
+            }
+        };
         let client = match self.model.client() {
             Ok(c) => c,
             Err(e) => {
@@ -605,7 +609,18 @@ impl Runner {
             }
         };
         let (system, history) = self.context_for(doc, &rid).await;
-        let history = fit_history(history, self.config.history_chars);
+        let mut history = fit_history(history, self.config.history_chars);
+        let accepts = client.accepts();
+        let placed = tokio::task::spawn_blocking(move || {
+            prompt_files::place(&files, accepts, &prompt_files::Limits::default())
+        })
+        .await
+        .unwrap_or_else(|e| prompt_files::Placement {
+            notes: vec![format!("attachments were not put into the prompt: {e}")],
+            ..Default::default()
+        });
+        prompt_files::into_last_user_message(&mut history, placed.blocks);
+        let file_notes = placed.notes;
 
         // Progress: collected by the callback, written to the document by the writer.
         let progress = Arc::new(Mutex::new(RunProgress::default()));
@@ -669,10 +684,14 @@ impl Runner {
                         is_error: t.is_error,
                     })
                     .collect();
-                let note = match outcome.stopped_by {
+                let stop_note = match outcome.stopped_by {
                     claude::StoppedBy::EndTurn => None,
                     other => Some(other.to_string()),
                 };
+                let note = stop_note
+                    .into_iter()
+                    .chain(file_notes)
+                    .reduce(|a, b| format!("{a}; {b}"));
                 let (rid2, me2) = (rid.clone(), me.clone());
                 let r = self
                     .conversations
@@ -698,12 +717,14 @@ impl Runner {
     /// Copies a request's attachments (blobs) into the conversation's tool workspace. A blob
     /// that has not arrived yet (it syncs from the asking device) is waited for, up to
     /// [`ATTACHMENT_WAIT`].
+    /// Returns the attachments that may go into the prompt (images and PDFs), with their bytes.
     async fn put_attachments(
         &self,
         doc: DocId,
         attachments: &[AttachmentView],
-    ) -> Result<(), AttachError> {
+    ) -> Result<Vec<(String, Vec<u8>)>, AttachError> {
         let store = self.conversations.docs().store().clone();
+        let mut for_prompt = Vec::new();
         for a in attachments {
             let id = hex::decode(&a.hash)
                 .ok()
@@ -734,12 +755,15 @@ impl Runner {
             .await
             .map_err(AttachError::Join)?
             .map_err(AttachError::Store)?;
+            if prompt_files::may_go_in_prompt(&bytes) {
+                for_prompt.push((a.name.clone(), bytes.clone()));
+            }
             self.tools
                 .put_attachment(&doc.to_string(), &a.name, bytes)
                 .await
                 .map_err(|e| AttachError::Tools(a.name.clone(), e))?;
         }
-        Ok(())
+        Ok(for_prompt)
     }
 
     /// Writes the progress into the request when ticked, at most once per

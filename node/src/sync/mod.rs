@@ -309,10 +309,15 @@ impl Manager {
     }
 
     /// Per-peer progress for `iom status`: documents waiting to be sent to the peer
-    /// (`docs_behind`), bytes of blobs it announced that are not here yet (`bytes_pending`),
-    /// and traffic so far.
+    /// (`docs_behind`), documents it holds that have not arrived here yet (`docs_incoming`,
+    /// meaningful once `compared`: the two inventories have been compared), bytes of blobs it
+    /// announced that are not here yet (`bytes_pending`), and traffic so far.
     pub fn progress(&self) -> Vec<Value> {
-        progress(&self.deps.registry, self.deps.blobs.as_ref())
+        progress(
+            &self.deps.registry,
+            self.deps.blobs.as_ref(),
+            &self.deps.docs,
+        )
     }
 }
 
@@ -354,16 +359,22 @@ fn broadcast(registry: &Registry, msg: &SyncMsg) {
     }
 }
 
-fn progress(registry: &Registry, blobs: &dyn BlobHandle) -> Vec<Value> {
+fn progress(registry: &Registry, blobs: &dyn BlobHandle, docs: &Docs) -> Vec<Value> {
     use std::sync::atomic::Ordering::Relaxed;
     registry
         .handles()
         .iter()
         .map(|s| {
             let stats = &s.shared.stats;
+            // Copied out first: the session's lock is never held with the inventory's.
+            let listed = s.incoming();
+            let incoming =
+                docs.with_inventory(|i| listed.iter().filter(|d| i.digest_of(d).is_none()).count());
             json!({
                 "device": s.peer.to_string(),
                 "docs_behind": s.backlog(),
+                "docs_incoming": incoming,
+                "compared": s.compared(),
                 "bytes_pending": blobs.pending_bytes_from(&s.peer),
                 "docs_received": stats.docs_received.load(Relaxed),
                 "snapshots_received": stats.snapshots_received.load(Relaxed),

@@ -308,6 +308,17 @@ impl SessionHandle {
         self.shared.lock().backlog()
     }
 
+    /// Documents the peer listed that had not arrived from it yet (a first sync's remainder;
+    /// some may have arrived from another peer).
+    pub(crate) fn incoming(&self) -> Vec<iom_crdt::DocId> {
+        self.shared.lock().incoming().copied().collect()
+    }
+
+    /// Whether the inventories have been compared in this session yet.
+    pub(crate) fn compared(&self) -> bool {
+        self.shared.lock().compared()
+    }
+
     /// A handle over an established session with no stream behind it.
     #[cfg(test)]
     pub(crate) fn for_test(peer: PeerId, initiator: PeerId, id: u64) -> SessionHandle {

@@ -201,13 +201,17 @@ fn progress_reports_backlog_and_blob_bytes_per_peer() {
         .stats
         .bytes_in
         .store(10, std::sync::atomic::Ordering::Relaxed);
-    let p = progress(&reg, &Pending);
+    let (_dir, store) = crate::store::temp_store();
+    let docs = Docs::new(store, vec![1; 40], 8).expect("docs");
+    let p = progress(&reg, &Pending, &docs);
     assert_eq!(p.len(), 1);
     assert_eq!(p[0]["device"], peer.to_string());
     assert_eq!(p[0]["docs_behind"], 3);
     assert_eq!(p[0]["bytes_pending"], 4096);
     assert_eq!(p[0]["bytes_in"], 10);
     assert_eq!(p[0]["snapshots_received"], 0);
+    assert_eq!(p[0]["docs_incoming"], 0);
+    assert_eq!(p[0]["compared"], false);
 }
 
 mod two_nodes {

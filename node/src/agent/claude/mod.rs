@@ -30,4 +30,6 @@ pub use conversation::{
 };
 pub use error::{ClaudeError, ConfigError};
 pub use history::fit_history;
-pub use types::{Content, ContentBlock, Message, MessagesRequest, Role, StopReason, Turn, Usage};
+pub use types::{
+    Content, ContentBlock, MediaSource, Message, MessagesRequest, Role, StopReason, Turn, Usage,
+};

@@ -42,7 +42,47 @@ pub enum ContentBlock {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         is_error: bool,
     },
+    /// A picture in the prompt (JPEG, PNG, GIF or WebP).
+    Image {
+        /// The picture's bytes.
+        source: MediaSource,
+    },
+    /// A PDF document in the prompt.
+    Document {
+        /// The document's bytes.
+        source: MediaSource,
+        /// Its name, shown to the model.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
+    },
 }
+
+/// The bytes of an image or document block, inline (`{"type": "base64", ...}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaSource {
+    /// Always `base64`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `image/png`, `application/pdf`, ...
+    pub media_type: String,
+    /// The bytes, base64.
+    pub data: String,
+}
+
+impl MediaSource {
+    /// Inline base64 bytes of `media_type`.
+    pub fn base64(media_type: &str, data: String) -> MediaSource {
+        MediaSource {
+            kind: "base64".into(),
+            media_type: media_type.into(),
+            data,
+        }
+    }
+}
+
+/// What an image counts for in a history budget (about the 1,600 tokens of a full-size one, at
+/// four characters a token), rather than its base64 length.
+const IMAGE_CHARS: usize = 6_400;
 
 impl ContentBlock {
     /// A text block.
@@ -62,6 +102,9 @@ impl ContentBlock {
                 content,
                 ..
             } => tool_use_id.len() + content.chars().count(),
+            Self::Image { .. } => IMAGE_CHARS,
+            // A PDF's text and page images: about its size in base64 / 3 as characters.
+            Self::Document { source, .. } => source.data.len() / 3,
         }
     }
 }
