@@ -371,8 +371,8 @@ pub fn netns_command(ns: &str, program: impl AsRef<Path>) -> Command {
     cmd
 }
 
-/// Deletes namespaces `iomlab-<tag>-<pid>-*` whose process no longer exists.
-fn remove_stale(tag: &str) {
+/// Deletes namespaces `iomlab-<tag>-<pid>-*` whose process no longer exists (a crashed run's).
+pub fn remove_stale(tag: &str) {
     let Ok(out) = run("ip", &["netns", "list"]) else {
         return;
     };
@@ -738,6 +738,12 @@ impl LabNode {
         self.node.env.push((key.to_string(), value.to_string()));
     }
 
+    /// Moves the node's data dir to `dir` (e.g. onto a small tmpfs) before its first start;
+    /// the log stays where it was.
+    pub fn set_data_dir(&mut self, dir: &Path) {
+        self.node.dir = dir.to_path_buf();
+    }
+
     /// The namespace the node runs in.
     pub fn ns(&self) -> &str {
         &self.ns
@@ -786,6 +792,14 @@ impl LabNode {
     /// The node's process id, while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the node was started and has exited since by itself ([`kill`](Self::kill)
+    /// forgets the process, so a killed node does not count).
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 
     /// SIGKILLs the node.
