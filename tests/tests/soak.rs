@@ -180,7 +180,8 @@ struct Soak {
     down_until: Vec<Option<Instant>>,
     partition_until: Option<Instant>,
     disk_until: Option<Instant>,
-    last_disk_end: Instant,
+    /// When the last full-disk period ended (none yet: the first may come after 20 s).
+    last_disk_end: Option<Instant>,
     seq: u64,
     docs: Vec<DocRec>,
     blobs: Vec<BlobRec>,
@@ -274,7 +275,7 @@ impl Soak {
             down_until: vec![None; NODES],
             partition_until: None,
             disk_until: None,
-            last_disk_end: Instant::now(),
+            last_disk_end: None,
             seq: 0,
             docs: Vec::new(),
             blobs: Vec::new(),
@@ -329,7 +330,6 @@ impl Soak {
             soak.skew
         ));
         soak.t0 = Instant::now();
-        soak.last_disk_end = soak.t0;
         Ok(soak)
     }
 
@@ -427,7 +427,7 @@ impl Soak {
         if due(self.disk_until) {
             std::fs::remove_file(&self.filler)?;
             self.disk_until = None;
-            self.last_disk_end = now;
+            self.last_disk_end = Some(now);
             self.log(&format!("disk of s{DISK_NODE} freed"));
         }
         Ok(())
@@ -471,10 +471,12 @@ impl Soak {
             }
         }
         let elapsed = self.t0.elapsed();
-        let due_first = self.fig.disk_full_periods == 0 && elapsed > length / 2;
+        let due_first = self.fig.disk_full_periods == 0 && elapsed > length / 3;
         if self.disk_until.is_none()
             && elapsed > Duration::from_secs(20)
-            && now.duration_since(self.last_disk_end) > Duration::from_secs(60)
+            && self
+                .last_disk_end
+                .is_none_or(|t| now.duration_since(t) > Duration::from_secs(60))
             && (due_first || self.rng.chance(0.02))
         {
             fill(&self.filler, FILL_LEAVES_MB)?;
