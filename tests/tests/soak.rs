@@ -14,7 +14,7 @@
 //!
 //! At the end every fault is healed and, within a generous bound, every pair of nodes must
 //! hold equal inventory roots and equal blob lists; then every acknowledged write is read back
-//! on every node (documents by content, blobs by SHA-256), every ask is answered exactly once
+//! on every node (documents by content, blobs byte for byte), every ask is answered exactly once
 //! (one reply, one model call per turn) or failed with a reason and never answered, and no
 //! node's log shows a panic. The figures (rounds, partitions, kills, writes, asks, convergence
 //! time) are printed; docs/benchmarks.md has a 10-minute run's.
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
-use iom_tests::harness::{random_file, scenario, sha256_file, wait_mesh, wait_until};
+use iom_tests::harness::{random_file, scenario, wait_mesh, wait_until};
 use iom_tests::natlab::{self, LabNode};
 use iom_tests::soaklab::{ROOT_LINK_IP, StarLab};
 use iom_tests::tmpfs::{Tmpfs, fill};
@@ -121,7 +121,8 @@ struct DocRec {
 /// An acknowledged blob add.
 struct BlobRec {
     hash: String,
-    sha: String,
+    /// The file that was added (kept, to compare what every node serves byte for byte).
+    src: PathBuf,
 }
 
 /// An acknowledged ask.
@@ -461,14 +462,15 @@ impl Soak {
             self.fig.partitions += 1;
             self.log(&format!("partition {what} for {lasts:.0?}"));
         }
-        if self.running().len() > NODES - 2 && self.rng.chance(0.035) {
-            if let Some(i) = self.pick_running() {
-                self.nodes[i].kill();
-                let down = self.rng.secs(2, 20);
-                self.down_until[i] = Some(now + down);
-                self.fig.kills += 1;
-                self.log(&format!("SIGKILL s{i}, down for {down:.0?}"));
-            }
+        if self.running().len() > NODES - 2
+            && self.rng.chance(0.035)
+            && let Some(i) = self.pick_running()
+        {
+            self.nodes[i].kill();
+            let down = self.rng.secs(2, 20);
+            self.down_until[i] = Some(now + down);
+            self.fig.kills += 1;
+            self.log(&format!("SIGKILL s{i}, down for {down:.0?}"));
         }
         let elapsed = self.t0.elapsed();
         let due_first = self.fig.disk_full_periods == 0 && elapsed > length / 3;
@@ -561,10 +563,9 @@ impl Soak {
             len,
             self.seed ^ self.seq.wrapping_mul(0x2545_F491_4F6C_DD1D),
         )?;
-        let sha = sha256_file(&src)?;
         let out = self.nodes[i].try_cli(&["blob", "add", &src.display().to_string(), "--json"])?;
-        std::fs::remove_file(&src)?;
         if !out.status.success() {
+            std::fs::remove_file(&src)?;
             self.refused(i, "blob add", &out.stderr);
             return Ok(());
         }
@@ -574,7 +575,7 @@ impl Soak {
             .ok_or_else(|| anyhow!("blob add printed no hash: {v}"))?;
         self.blobs.push(BlobRec {
             hash: hash.to_string(),
-            sha,
+            src,
         });
         self.fig.blobs += 1;
         self.fig.blob_bytes += len;
@@ -628,26 +629,52 @@ impl Soak {
         Ok(())
     }
 
-    /// The inventory root of every node (`iom status --json`).
+    /// `GET path` on node `i`'s local API, from this process (the checks read thousands of
+    /// things; a CLI process for each would take minutes).
+    fn get(&self, i: usize, path: &str) -> Result<Value> {
+        let api = self.nodes[i].api()?;
+        self.fake
+            .rt
+            .block_on(api.get(path))
+            .map_err(|e| anyhow!("s{i}: GET {path}: {e}"))
+    }
+
+    /// `GET path` on node `i`'s local API as bytes.
+    fn get_bytes(&self, i: usize, path: &str) -> Result<Vec<u8>> {
+        let api = self.nodes[i].api()?;
+        self.fake.rt.block_on(async {
+            let resp = api
+                .get_raw(path)
+                .await
+                .map_err(|e| anyhow!("s{i}: GET {path}: {e}"))?;
+            Ok(resp.bytes().await?.to_vec())
+        })
+    }
+
+    /// The inventory root of every node (`inventory_root` of `iom status`).
     fn roots(&self) -> Result<Vec<String>> {
-        self.nodes
-            .iter()
-            .map(|n| {
-                n.status()?["inventory_root"]
+        (0..NODES)
+            .map(|i| {
+                self.get(i, "/v1/status")?["inventory_root"]
                     .as_str()
                     .map(str::to_string)
-                    .ok_or_else(|| anyhow!("{} has no inventory_root in status", n.name))
+                    .ok_or_else(|| anyhow!("s{i} has no inventory_root in its status"))
             })
             .collect()
     }
 
     fn blob_set(&self, i: usize) -> Result<std::collections::BTreeSet<String>> {
-        Ok(self.nodes[i].blob_hashes()?.into_iter().collect())
+        Ok(self.get(i, "/v1/blobs")?["blobs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["hash"].as_str().map(str::to_string))
+            .collect())
     }
 
     /// The request message of an ask and the replies to it, as node `i` sees them.
     fn ask_state(&self, i: usize, a: &AskRec) -> Result<(Value, Vec<Value>)> {
-        let c = self.nodes[i].json(&["conversations", "show", &a.conversation])?;
+        let c = self.get(i, &format!("/v1/conversations/{}", a.conversation))?;
         let msgs = c["messages"].as_array().cloned().unwrap_or_default();
         let req = msgs
             .iter()
@@ -705,11 +732,13 @@ impl Soak {
     fn check(&mut self) -> Result<()> {
         let (mut done, mut failed) = (0, 0);
         let mut failures: BTreeMap<String, u64> = BTreeMap::new();
-        for (i, n) in self.nodes.iter().enumerate() {
+        for i in 0..NODES {
+            ensure!(!self.nodes[i].has_exited(), "s{i} exited by itself");
             for d in &self.docs {
-                let (_, content) = n
-                    .doc_view(&d.id)?
-                    .ok_or_else(|| anyhow!("s{i} lost document {}", d.id))?;
+                let content = self
+                    .get(i, &format!("/v1/docs/{}", d.id))
+                    .with_context(|| format!("s{i} lost document {}", d.id))?["content"]
+                    .clone();
                 for (k, v) in &d.fields {
                     ensure!(
                         content[k] == *v,
@@ -719,18 +748,17 @@ impl Soak {
                 }
             }
         }
-        let out_dir = self.tmp.path().join("got");
-        std::fs::create_dir_all(&out_dir)?;
-        for (i, n) in self.nodes.iter().enumerate() {
-            for b in &self.blobs {
-                let out = out_dir.join(format!("s{i}-{}", b.hash));
-                n.cli(&["blob", "get", &b.hash, "-o", &out.display().to_string()])?;
+        for b in &self.blobs {
+            let want = std::fs::read(&b.src)?;
+            for i in 0..NODES {
+                let got = self.get_bytes(i, &format!("/v1/blobs/{}", b.hash))?;
                 ensure!(
-                    sha256_file(&out)? == b.sha,
-                    "s{i} holds blob {} with other bytes",
-                    b.hash
+                    got == want,
+                    "s{i} serves blob {} with other bytes ({} of {} bytes)",
+                    b.hash,
+                    got.len(),
+                    want.len()
                 );
-                std::fs::remove_file(&out)?;
             }
         }
         for a in &self.asks {
