@@ -347,13 +347,18 @@ impl NatLab {
 
     fn teardown(&mut self) {
         for role in ROLES.iter().rev() {
-            let ns = self.ns(role);
-            let _ = Command::new("ip")
-                .args(["netns", "del", &ns])
-                .stderr(Stdio::null())
-                .status();
+            delete_netns(&self.ns(role));
         }
     }
+}
+
+/// Deletes namespace `ns` (and with it its interfaces, iptables rules and sockets), if it
+/// exists.
+pub fn delete_netns(ns: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", ns])
+        .stderr(Stdio::null())
+        .status();
 }
 
 impl Drop for NatLab {

@@ -14,9 +14,8 @@
 //! a crashed run are removed the same way); dropping the lab deletes them.
 
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
 
-use crate::natlab::{NatLabError, check_prerequisites, remove_stale, run};
+use crate::natlab::{NatLabError, check_prerequisites, delete_netns, remove_stale, run};
 
 /// Hosts on one switch.
 #[derive(Debug)]
@@ -146,10 +145,7 @@ impl StarLab {
         let mut names: Vec<String> = (0..self.hosts).map(|i| self.ns(i)).collect();
         names.push(self.hub());
         for ns in names {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &ns])
-                .stderr(Stdio::null())
-                .status();
+            delete_netns(&ns);
         }
     }
 }
