@@ -14,6 +14,7 @@
 #   dovecot-lmtpd    LMTP delivery into Dovecot (Postfix hands mail to it)
 #   postfix          SMTP server (submission with STARTTLS/AUTH) for the same tests
 #   openssl          the tests' self-signed certificates
+#   libfaketime      skewed wall clocks for the soak's nodes (LD_PRELOAD, tests/tests/soak.rs)
 #
 # and, from crates.io, cargo-fuzz (the coverage-guided fuzz runs of scripts/fuzz.sh); from
 # PyPI, schemathesis (the API contract test, tests/tests/api_contract.rs).
@@ -22,7 +23,7 @@
 # something has to be installed.
 set -euo pipefail
 
-PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver systemd e2fsprogs util-linux bsdutils dovecot-imapd dovecot-lmtpd postfix openssl)
+PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver systemd e2fsprogs util-linux bsdutils dovecot-imapd dovecot-lmtpd postfix openssl libfaketime)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps.sh: must run as root (try: sudo $0)" >&2

@@ -80,8 +80,8 @@ else
         echo "IOM_SKIP_DOCKER=1: the Docker tests are left out (counted as skipped below)"
     fi
     if [ "${IOM_SKIP_NETNS:-}" = "1" ]; then
-        left_out+=("binary(relay_nat) | binary(nat_mesh) | binary(disk_full) | test(=doctor_reports_a_nearly_full_disk)")
-        echo "IOM_SKIP_NETNS=1: the NAT lab and the other root-only tests (tmpfs, loop mounts) are left out (counted as skipped below)"
+        left_out+=("binary(relay_nat) | binary(nat_mesh) | binary(disk_full) | binary(soak) | test(=doctor_reports_a_nearly_full_disk)")
+        echo "IOM_SKIP_NETNS=1: the NAT lab, the soak and the other root-only tests (tmpfs, loop mounts) are left out (counted as skipped below)"
     fi
     if [ "${IOM_SKIP_MAIL:-}" = "1" ]; then
         left_out+=("binary(email)")

@@ -5,9 +5,14 @@
 //!   real Claude client reaches through `ANTHROPIC_BASE_URL`.
 //! - [`harness`]: real `iom` processes in temporary data dirs.
 //! - [`maillab`]: a real Dovecot and Postfix for the email channel's tests.
+//! - [`natlab`], [`natlab_mesh`]: network namespaces with NAT routers and a relay.
+//! - [`soaklab`]: five namespaces on one switch, with partitions, for the soak.
+//! - [`tmpfs`]: a small tmpfs to fill, for full-disk tests.
 
 pub mod fake_anthropic;
 pub mod harness;
 pub mod maillab;
 pub mod natlab;
 pub mod natlab_mesh;
+pub mod soaklab;
+pub mod tmpfs;

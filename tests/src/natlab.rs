@@ -347,13 +347,18 @@ impl NatLab {
 
     fn teardown(&mut self) {
         for role in ROLES.iter().rev() {
-            let ns = self.ns(role);
-            let _ = Command::new("ip")
-                .args(["netns", "del", &ns])
-                .stderr(Stdio::null())
-                .status();
+            delete_netns(&self.ns(role));
         }
     }
+}
+
+/// Deletes namespace `ns` (and with it its interfaces, iptables rules and sockets), if it
+/// exists.
+pub fn delete_netns(ns: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", ns])
+        .stderr(Stdio::null())
+        .status();
 }
 
 impl Drop for NatLab {
@@ -371,8 +376,8 @@ pub fn netns_command(ns: &str, program: impl AsRef<Path>) -> Command {
     cmd
 }
 
-/// Deletes namespaces `iomlab-<tag>-<pid>-*` whose process no longer exists.
-fn remove_stale(tag: &str) {
+/// Deletes namespaces `iomlab-<tag>-<pid>-*` whose process no longer exists (a crashed run's).
+pub fn remove_stale(tag: &str) {
     let Ok(out) = run("ip", &["netns", "list"]) else {
         return;
     };
@@ -761,6 +766,12 @@ impl LabNode {
         self.node.env.push((key.to_string(), value.to_string()));
     }
 
+    /// Moves the node's data dir to `dir` (e.g. onto a small tmpfs) before its first start;
+    /// the log stays where it was.
+    pub fn set_data_dir(&mut self, dir: &Path) {
+        self.node.dir = dir.to_path_buf();
+    }
+
     /// The namespace the node runs in.
     pub fn ns(&self) -> &str {
         &self.ns
@@ -809,6 +820,14 @@ impl LabNode {
     /// The node's process id, while running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the node was started and has exited since by itself ([`kill`](Self::kill)
+    /// forgets the process, so a killed node does not count).
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 
     /// SIGKILLs the node.

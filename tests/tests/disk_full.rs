@@ -3,75 +3,11 @@
 //! refused with a clear error and `iom status` says why, nothing acknowledged is lost, the node
 //! keeps running, and writes resume by themselves once the space is freed.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Result, anyhow, ensure};
 use iom_tests::harness::{Node, scenario, wait_until};
-
-/// A tmpfs of `size_mb` mounted on a fresh directory, unmounted on drop.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(size_mb: u64) -> Result<Tmpfs> {
-        // SAFETY: geteuid has no preconditions.
-        #[allow(unsafe_code)]
-        let uid = unsafe { libc::geteuid() };
-        ensure!(
-            uid == 0,
-            "this test mounts a small tmpfs and needs root (`IOM_SKIP_NETNS=1 scripts/test.sh` \
-             leaves the root-only tests out)"
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("iom-diskfull-")
-            .tempdir()?
-            .keep();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_mb}m"), "tmpfs"])
-            .arg(&dir)
-            .output()
-            .context("running mount")?;
-        if !out.status.success() {
-            bail!("mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(Tmpfs { dir })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-/// Writes zeros to `path` until the filesystem has at most `leave_mb` MiB free.
-fn fill(path: &Path, leave_mb: u64) -> Result<()> {
-    let free = free_mb(path.parent().ok_or_else(|| anyhow!("no parent"))?)?;
-    let take = free.saturating_sub(leave_mb);
-    let data = vec![0u8; 1 << 20];
-    let mut f = std::fs::File::create(path)?;
-    for _ in 0..take {
-        std::io::Write::write_all(&mut f, &data)?;
-    }
-    f.sync_all()?;
-    Ok(())
-}
-
-fn free_mb(dir: &Path) -> Result<u64> {
-    let out = Command::new("df")
-        .args(["-m", "--output=avail"])
-        .arg(dir)
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .ok_or_else(|| anyhow!("df: {text}"))
-}
+use iom_tests::tmpfs::{Tmpfs, fill};
 
 #[test]
 fn a_full_disk_refuses_writes_loses_nothing_and_recovers() {
