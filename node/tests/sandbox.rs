@@ -544,6 +544,7 @@ async fn the_background_reaper_removes_idle_containers_and_cleans_up_on_shutdown
         sandbox,
         data: _data,
         _guard,
+        _mounts,
     } = sandbox("reaper", |c| c.idle_timeout_secs = 1).await;
     let sandbox = std::sync::Arc::new(sandbox);
     let stop = tokio_util::sync::CancellationToken::new();
@@ -770,6 +771,12 @@ async fn a_rootfs_directory_can_be_imported() {
 // The workspace disk quota (root: loop-mounted ext4 images).
 // ---------------------------------------------------------------------------------------------
 
+/// `bash` in conversation `c1`.
+async fn bash(s: &Sandbox, command: &str) -> ToolOutcome {
+    s.run_tool("c1", "bash", &json!({ "command": command }))
+        .await
+}
+
 /// Bytes a file really occupies on its disk.
 fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -791,10 +798,6 @@ async fn a_workspace_stops_at_its_quota_and_keeps_its_files_across_restarts() {
         ..SandboxConfig::default()
     };
     let s1 = connect(cfg.clone(), &data, &guard.0).await.unwrap();
-    let bash = |s: &Sandbox, command: &str| {
-        let input = json!({ "command": command });
-        async move { s.run_tool("c1", "bash", &input).await }
-    };
     // A workspace from before the quota: its files move into the new image.
     let old = data.join("workspaces/c1");
     std::fs::create_dir_all(&old).unwrap();
@@ -827,7 +830,7 @@ async fn a_workspace_stops_at_its_quota_and_keeps_its_files_across_restarts() {
     );
     // An attachment written by the node goes into the image too: no space for it now.
     let e = s1
-        .write_workspace_file("c1", "attachments", "a.bin", vec![7u8; 1 << 20])
+        .write_workspace_file("c1", "attachments", "a.bin", vec![7u8; 16 << 20])
         .await;
     assert!(
         e.is_err(),

@@ -694,9 +694,18 @@ async fn write_into_workspace(
         .open(&tmp)
         .await
         .map_err(SandboxError::io(&tmp))?;
-    tokio::io::AsyncWriteExt::write_all(&mut f, &bytes)
-        .await
-        .map_err(SandboxError::io(&tmp))?;
+    // Flushed before it counts as written: a tokio file reports a failed write (no space)
+    // only on the next operation.
+    let written = match tokio::io::AsyncWriteExt::write_all(&mut f, &bytes).await {
+        Ok(()) => tokio::io::AsyncWriteExt::flush(&mut f).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = written {
+        // A full workspace: leave no partial file taking its space.
+        drop(f);
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(SandboxError::io(&tmp)(e));
+    }
     drop(f);
     tokio::fs::rename(&tmp, &path)
         .await

@@ -232,12 +232,18 @@ pub fn capability() -> Result<(), String> {
 /// its end expecting "no space", unmounts and deletes it. `Err` says what failed.
 pub fn probe_mount(dir: &Path) -> Result<(), String> {
     capability()?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".iom-quota-check-")
-        .tempdir_in(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
-    let img = tmp.path().join("probe.img");
-    let mnt = tmp.path().join("mnt");
+    let tmp = dir.join(format!(".iom-quota-check-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let res = probe_in(&tmp);
+    if let Err(e) = std::fs::remove_dir_all(&tmp) {
+        tracing::warn!(dir = %tmp.display(), cause = %e, "cannot remove the quota probe");
+    }
+    res
+}
+
+fn probe_in(tmp: &Path) -> Result<(), String> {
+    let img = tmp.join("probe.img");
+    let mnt = tmp.join("mnt");
     std::fs::create_dir(&mnt).map_err(|e| e.to_string())?;
     let f = std::fs::File::create(&img).map_err(|e| e.to_string())?;
     f.set_len(16 << 20).map_err(|e| e.to_string())?;
@@ -390,7 +396,7 @@ impl LoopDisk {
             "root_owner={SANDBOX_UID}:{SANDBOX_UID},lazy_itable_init=1,lazy_journal_init=1"
         );
         let mut args: Vec<&std::ffi::OsStr> = ["-F", "-q", "-m", "0", "-L", "iom-ws", "-E", &owner]
-            .iter()
+            .into_iter()
             .map(std::ffi::OsStr::new)
             .collect();
         if let Some(d) = from {
