@@ -232,7 +232,10 @@ pub fn capability() -> Result<(), String> {
 /// its end expecting "no space", unmounts and deletes it. `Err` says what failed.
 pub fn probe_mount(dir: &Path) -> Result<(), String> {
     capability()?;
-    let tmp = dir.join(format!(".iom-quota-check-{}", uuid::Uuid::new_v4().simple()));
+    let tmp = dir.join(format!(
+        ".iom-quota-check-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::create_dir(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let res = probe_in(&tmp);
     if let Err(e) = std::fs::remove_dir_all(&tmp) {
