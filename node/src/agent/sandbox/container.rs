@@ -220,7 +220,10 @@ impl Sandbox {
     pub async fn ensure_container(&self, conversation_id: &str) -> Result<String, SandboxError> {
         let slot = self.slot(conversation_id)?;
         slot.touch();
-        self.ensure_in(&slot, conversation_id).await
+        let id = self.ensure_in(&slot, conversation_id).await?;
+        // Idle from now: creating it (and mounting its workspace) can take a while.
+        slot.touch();
+        Ok(id)
     }
 
     /// Removes containers of this node left over from a previous run. Returns how many.
@@ -324,7 +327,7 @@ impl Sandbox {
             .filter(|(k, s)| k.as_str() != except && s.busy.load(Ordering::SeqCst) == 0)
             .map(|(k, s)| (s.idle_for(), k.clone()))
             .collect();
-        idle.sort_by(|a, b| b.0.cmp(&a.0));
+        idle.sort_by_key(|b| std::cmp::Reverse(b.0));
         idle.into_iter().map(|(_, k)| k).collect()
     }
 
