@@ -7,8 +7,10 @@
 #   chromium         headless browser for web-UI tests
 #   chromium-driver  WebDriver for chromium
 #   systemd          systemd-analyze, to verify the units `iom service install` writes
-#   e2fsprogs        mkfs.ext4, for the loop-mounted "disk nearly full" test of `iom doctor`
-#   util-linux       mount, fallocate (loop mounts, filling that filesystem)
+#   e2fsprogs        mkfs.ext4: the sandbox's workspace images (the disk quota), and the
+#                    loop-mounted "disk nearly full" test of `iom doctor`
+#   util-linux       mount, umount, losetup, fallocate (loop mounts: workspace images, filling
+#                    that filesystem)
 #   bsdutils         script(1): a pty for the progress-bar test
 #   dovecot-imapd    IMAP server for the email channel's tests (started by tests/src/maillab.rs)
 #   dovecot-lmtpd    LMTP delivery into Dovecot (Postfix hands mail to it)

@@ -49,6 +49,7 @@ async fn ensure_image() {
 
 struct Env {
     sandbox: Sandbox,
+    _mounts: MountGuard,
     data: TempDir,
     _guard: NodeGuard,
 }
@@ -78,6 +79,60 @@ fn remove_node_containers(node: &str) {
     }
 }
 
+/// Unmounts the workspace images below a directory on drop (declare it after the directory).
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        unmount_under(&self.0);
+    }
+}
+
+/// Unmounts (lazily) every mount below `dir`: workspace images a test left mounted.
+fn unmount_under(dir: &Path) {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    for m in iom_node::agent::sandbox::quota::mount_points().unwrap_or_default() {
+        if m.starts_with(&dir) && m != dir {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&m)
+                .output();
+        }
+    }
+}
+
+/// Mounts below `dir`, and loop devices backed by files below it.
+fn mounts_and_loops_under(dir: &Path) -> (Vec<PathBuf>, Vec<String>) {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let mounts = iom_node::agent::sandbox::quota::mount_points()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.starts_with(&dir) && m != &dir)
+        .collect();
+    let out = std::process::Command::new("losetup")
+        .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
+        .output()
+        .unwrap();
+    let loops = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&*dir.to_string_lossy()))
+        .map(str::to_string)
+        .collect();
+    (mounts, loops)
+}
+
+/// Panics unless this process is root (the workspace quota loop-mounts images).
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(
+        uid, 0,
+        "this test loop-mounts workspace images and needs root (`IOM_SKIP_NETNS=1 \
+         scripts/test.sh` leaves the root-only tests out, reported as skipped)"
+    );
+}
+
 impl Env {
     async fn bash(&self, conv: &str, command: &str) -> ToolOutcome {
         self.sandbox
@@ -97,6 +152,7 @@ async fn sandbox(test: &str, tune: impl FnOnce(&mut SandboxConfig)) -> Env {
         .unwrap_or_else(|e| panic!("Sandbox::connect failed: {e}"));
     Env {
         sandbox,
+        _mounts: MountGuard(data.path().to_path_buf()),
         data,
         _guard: NodeGuard(node),
     }
@@ -488,6 +544,7 @@ async fn the_background_reaper_removes_idle_containers_and_cleans_up_on_shutdown
         sandbox,
         data: _data,
         _guard,
+        _mounts,
     } = sandbox("reaper", |c| c.idle_timeout_secs = 1).await;
     let sandbox = std::sync::Arc::new(sandbox);
     let stop = tokio_util::sync::CancellationToken::new();
@@ -708,4 +765,166 @@ async fn a_rootfs_directory_can_be_imported() {
             None,
         )
         .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The workspace disk quota (root: loop-mounted ext4 images).
+// ---------------------------------------------------------------------------------------------
+
+/// `bash` in conversation `c1`.
+async fn bash(s: &Sandbox, command: &str) -> ToolOutcome {
+    s.run_tool("c1", "bash", &json!({ "command": command }))
+        .await
+}
+
+/// Bytes a file really occupies on its disk.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workspace_stops_at_its_quota_and_keeps_its_files_across_restarts() {
+    require_root();
+    ensure_image().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().to_path_buf();
+    let _mounts = MountGuard(data.clone());
+    let guard = NodeGuard(format!("t{}quotadd", std::process::id()));
+    let cfg = SandboxConfig {
+        workspace_quota_mb: 64,
+        quota: iom_node::agent::sandbox::quota::QuotaMode::Required,
+        tool_timeout_secs: 60,
+        ..SandboxConfig::default()
+    };
+    let s1 = connect(cfg.clone(), &data, &guard.0).await.unwrap();
+    // A workspace from before the quota: its files move into the new image.
+    let old = data.join("workspaces/c1");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join("old.txt"), "from before\n").unwrap();
+    let o = bash(&s1, "cat /workspace/old.txt; df -m /workspace | tail -1").await;
+    let out = ok(&o).to_string();
+    assert!(out.starts_with("from before"), "{out}");
+    let img = data.join("workspace-images/c1.img");
+    assert!(img.is_file());
+    // 3 GiB of zeros: stopped at the quota, by the filesystem, while dd runs.
+    let o = bash(
+        &s1,
+        "dd if=/dev/zero of=/workspace/fill bs=1M count=3072; echo rc=$?; \
+         stat -c %s /workspace/fill",
+    )
+    .await;
+    eprintln!("dd: {}", o.output);
+    assert!(o.output.contains("No space left on device"), "{}", o.output);
+    let size: u64 = o
+        .output
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no size in {}", o.output));
+    assert!(size <= 64 << 20, "the file is {size} bytes");
+    assert!(
+        allocated(&img) <= 65 << 20,
+        "image takes {}",
+        allocated(&img)
+    );
+    // An attachment written by the node goes into the image too: no space for it now.
+    let e = s1
+        .write_workspace_file("c1", "attachments", "a.bin", vec![7u8; 16 << 20])
+        .await;
+    assert!(
+        e.is_err(),
+        "an attachment was written into a full workspace"
+    );
+    ok(&bash(&s1, "rm /workspace/fill").await);
+    s1.write_workspace_file("c1", "attachments", "a.bin", vec![7u8; 1 << 20])
+        .await
+        .unwrap();
+    let o = bash(&s1, "wc -c < /workspace/attachments/a.bin").await;
+    assert_eq!(ok(&o).trim(), "1048576");
+    // Deleted files give their blocks back to the host disk (mounted with discard).
+    // (ext4 discards them when the journal commits, within about 5 s.)
+    ok(&bash(&s1, "rm /workspace/attachments/a.bin; sync").await);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while allocated(&img) >= 16 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "image still takes {}",
+            allocated(&img)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A crash: the sandbox goes without shutdown; its mount stays behind.
+    drop(s1);
+    let (mounts, _) = mounts_and_loops_under(&data);
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    // The next run unmounts the orphan and mounts the same image again: files kept.
+    let s2 = connect(cfg, &data, &guard.0).await.unwrap();
+    s2.reap_orphans().await.unwrap();
+    assert!(mounts_and_loops_under(&data).0.is_empty());
+    let o = bash(&s2, "cat /workspace/old.txt").await;
+    assert_eq!(ok(&o), "from before\n");
+    s2.shutdown().await;
+    // Nothing left behind: no mount, no loop device.
+    let (mounts, loops) = mounts_and_loops_under(&data);
+    assert!(
+        mounts.is_empty() && loops.is_empty(),
+        "{mounts:?} {loops:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_total_quota_evicts_idle_workspaces_and_refuses_when_all_are_busy() {
+    require_root();
+    // 32 MiB each, 80 MiB in total: two mounted workspaces fit, a third only after an
+    // idle one is unmounted.
+    let env = sandbox("quota_total", |c| {
+        c.workspace_quota_mb = 32;
+        c.workspaces_total_mb = 80;
+    })
+    .await;
+    let data = env.data.path().to_path_buf();
+    ok(&env.bash("a", "echo a > /workspace/f").await);
+    ok(&env.bash("b", "echo b > /workspace/f").await);
+    let (mounts, _) = mounts_and_loops_under(&data);
+    assert_eq!(mounts.len(), 2, "{mounts:?}");
+    // c: a is the least recently used idle workspace, so it is unmounted (files kept).
+    ok(&env.bash("c", "echo c > /workspace/f").await);
+    let names: Vec<String> = mounts_and_loops_under(&data)
+        .0
+        .iter()
+        .filter_map(|m| m.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    assert!(
+        names.contains(&"b".to_string()) && names.contains(&"c".to_string()),
+        "{names:?}"
+    );
+    assert!(!names.contains(&"a".to_string()), "{names:?}");
+    // a comes back (b is evicted now) with its file.
+    assert_eq!(ok(&env.bash("a", "cat /workspace/f").await), "a\n");
+    // While a and c are both busy, d cannot be mounted: a clear tool error, nothing evicted.
+    let (x, y, d) = tokio::join!(
+        env.bash("a", "sleep 4; echo done"),
+        env.bash("c", "sleep 4; echo done"),
+        async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            env.bash("d", "echo d").await
+        }
+    );
+    assert_eq!(ok(&x).trim(), "done");
+    assert_eq!(ok(&y).trim(), "done");
+    assert!(d.is_error, "{}", d.output);
+    assert!(
+        d.output.contains("workspaces_total_mb") && d.output.contains("no space"),
+        "{}",
+        d.output
+    );
+    // Once they are idle again, d gets its workspace.
+    ok(&env.bash("d", "echo d").await);
+    env.sandbox.shutdown().await;
+    let (mounts, loops) = mounts_and_loops_under(&data);
+    assert!(
+        mounts.is_empty() && loops.is_empty(),
+        "{mounts:?} {loops:?}"
+    );
 }

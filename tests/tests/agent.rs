@@ -835,6 +835,112 @@ fn bombs_body() -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The workspace disk quota: a 3 GiB dd stops at the quota (root: loop-mounted images).
+// ---------------------------------------------------------------------------------------------
+
+/// Unmounts (lazily) whatever a killed node left mounted below its data dir, on drop.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for m in mounts_under(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&m).output();
+        }
+    }
+}
+
+/// Mount points below `dir`.
+fn mounts_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    iom_node::agent::sandbox::quota::mount_points()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.starts_with(&dir) && m != &dir)
+        .collect()
+}
+
+#[test]
+fn a_3_gib_dd_stops_at_the_workspace_quota_and_the_node_is_fine() {
+    require_docker();
+    scenario(quota_body);
+}
+
+fn quota_body() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 {
+        bail!(
+            "this test loop-mounts the workspace image and needs root (`IOM_SKIP_NETNS=1 \
+             scripts/test.sh` leaves the root-only tests out, reported as skipped)"
+        );
+    }
+    let mut reap = Reap::default();
+    let fake = Fake::start()?;
+    // The default quota (1 GiB per workspace), and no tool runs without it.
+    let mut home = agent_node(
+        "home",
+        Some(&fake),
+        "[sandbox]\nquota = \"required\"\ntool_timeout_secs = 120\n",
+    )?;
+    let unmount = Unmount(home.dir.clone());
+    home.start()?;
+    reap.0.push(home.device_id()?);
+    assign(&home, &home, &[&home])?;
+    let dd = "dd if=/dev/zero of=/workspace/fill bs=1M count=3072; stat -c %s /workspace/fill";
+    let started = Instant::now();
+    let (conv, rid) = ask_done(&home, &format!("fill the disk {}", bash(dd)), None)?;
+    let calls = tool_calls(&home, &conv, &rid)?;
+    let out = calls[0]["output"].as_str().unwrap_or_default().to_string();
+    eprintln!("dd ({:.1} s): {out}", started.elapsed().as_secs_f64());
+    assert!(out.contains("No space left on device"), "{out}");
+    let size: u64 = out
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no file size in {out}"))?;
+    assert!(size <= 1 << 30, "the file grew to {size} bytes");
+    // On the host: the image holds at most the quota, and it is mounted.
+    let img = home.dir.join(format!("workspace-images/{conv}.img"));
+    let taken = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&img)?) * 512;
+    assert!(
+        taken <= (1 << 30) + (8 << 20),
+        "the image takes {taken} bytes"
+    );
+    assert_eq!(mounts_under(&home.dir).len(), 1);
+    // The node and its store are fine: status answers, the conversation reads back, and a
+    // further ask (with a tool call in the full workspace, then freeing it) works.
+    let st = home.status()?;
+    assert!(st.is_object(), "{st}");
+    assert!(home.is_running());
+    healthy(&home, &conv, "the full workspace")?;
+    let (_, rid) = ask_done(
+        &home,
+        &format!(
+            "free it {}",
+            bash("rm /workspace/fill && echo 1 > /workspace/ok && cat /workspace/ok")
+        ),
+        Some(&conv),
+    )?;
+    let calls = tool_calls(&home, &conv, &rid)?;
+    assert_eq!(
+        calls[0]["output"].as_str().map(str::trim),
+        Some("1"),
+        "{calls:?}"
+    );
+    home.assert_no_panic()?;
+    // A graceful stop unmounts the workspace (the loop device goes with it).
+    home.stop()?;
+    assert!(
+        mounts_under(&home.dir).is_empty(),
+        "{:?}",
+        mounts_under(&home.dir)
+    );
+    drop(unmount);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Lifecycle: queued while the agent is away; interrupted by a crash; role reassignment.
 // ---------------------------------------------------------------------------------------------
 

@@ -91,6 +91,62 @@ pub fn sandbox_image(
     }
 }
 
+/// Is the sandbox's workspace disk quota enforced? `capability` is
+/// [`crate::agent::sandbox::quota::capability`] for the node's user.
+pub fn workspace_quota(
+    mode: crate::agent::sandbox::quota::QuotaMode,
+    capability: Result<(), String>,
+    per_workspace_mb: u64,
+    total_mb: u64,
+    role: RoleView,
+) -> Finding {
+    use crate::agent::sandbox::quota::QuotaMode;
+    const NAME: &str = "workspace_quota";
+    let quiet = if role == RoleView::Here {
+        Severity::Warning
+    } else {
+        Severity::Info
+    };
+    match (mode, capability) {
+        (QuotaMode::Off, _) => Finding::new(
+            NAME,
+            quiet,
+            "the workspace disk quota is NOT enforced ([sandbox] quota = \"off\"): a tool call \
+             can fill the data dir's disk",
+            "remove `quota = \"off\"` from [sandbox] (the node must run as root to mount the \
+             workspace images)",
+        ),
+        (_, Ok(())) => Finding::ok(
+            NAME,
+            format!(
+                "enforced: {per_workspace_mb} MiB per conversation workspace, {total_mb} MiB in \
+                 total (loop-mounted ext4 images)"
+            ),
+        ),
+        (QuotaMode::Required, Err(why)) => Finding::new(
+            NAME,
+            role.agent_problem(),
+            format!(
+                "the workspace disk quota cannot be enforced ({why}) and [sandbox] quota = \
+                 \"required\", so tool calls fail ({})",
+                role.why()
+            ),
+            "run the node as root with e2fsprogs installed and loop devices available, or set \
+             [sandbox] quota = \"best-effort\"",
+        ),
+        (_, Err(why)) => Finding::new(
+            NAME,
+            quiet,
+            format!(
+                "the workspace disk quota is NOT enforced ({why}): a tool call can fill the data \
+                 dir's disk"
+            ),
+            "run the node as root with e2fsprogs (mkfs.ext4) installed and loop devices \
+             available; `iom sandbox check` tries a real mount",
+        ),
+    }
+}
+
 /// An API key for the model?
 pub fn api_key(found: Result<String, String>, role: RoleView) -> Finding {
     match found {
@@ -293,6 +349,25 @@ mod tests {
             docker(Ok("27".into()), RoleView::Here).severity,
             Severity::Ok
         );
+        use crate::agent::sandbox::quota::QuotaMode;
+        let q = workspace_quota(QuotaMode::BestEffort, Ok(()), 1024, 5120, RoleView::Here);
+        assert_eq!(q.severity, Severity::Ok);
+        assert!(q.detail.contains("1024 MiB"), "{}", q.detail);
+        let q = workspace_quota(
+            QuotaMode::BestEffort,
+            Err("not root".into()),
+            1024,
+            5120,
+            RoleView::Here,
+        );
+        assert_eq!(q.severity, Severity::Warning);
+        assert!(q.detail.contains("NOT enforced") && q.detail.contains("not root"));
+        let q = workspace_quota(QuotaMode::Required, Err("x".into()), 1, 2, RoleView::Here);
+        assert_eq!(q.severity, Severity::Error);
+        assert!(q.fix.contains("best-effort"));
+        let q = workspace_quota(QuotaMode::Off, Ok(()), 1, 2, RoleView::Elsewhere);
+        assert_eq!(q.severity, Severity::Info);
+        assert!(q.detail.contains("NOT enforced"));
         let missing = sandbox_image("iom-sandbox:nope", Some(Ok(false)), RoleView::Here);
         assert_eq!(missing.severity, Severity::Error);
         assert!(missing.fix.contains("iom sandbox build"));

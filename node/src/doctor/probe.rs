@@ -70,6 +70,13 @@ pub async fn local(config: &Config, role: RoleView) -> Vec<Finding> {
         checks::docker(reached, role),
         checks::sandbox_image(&config.sandbox.image, present, role),
         checks::api_key(api_key(config), role),
+        checks::workspace_quota(
+            config.sandbox.quota,
+            crate::agent::sandbox::quota::capability(),
+            config.sandbox.workspace_quota_mb,
+            config.sandbox.workspaces_total_mb,
+            role,
+        ),
     ];
     let dir = config.data_dir.display().to_string();
     out.push(match disk(&config.data_dir) {

@@ -13,6 +13,7 @@ use super::container::{
 };
 use super::exec;
 use super::policy::{SandboxConfig, validate_mounts};
+use super::quota::{self, QuotaMode};
 
 /// One diagnostic line.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -89,6 +90,7 @@ pub async fn check(cfg: &SandboxConfig, data_dir: &Path) -> Vec<CheckItem> {
         }
     }
 
+    items.push(check_quota(cfg, data_dir).await);
     items.push(match validate_mounts(cfg, data_dir) {
         Ok(m) => CheckItem::pass(
             "configured mounts",
@@ -100,6 +102,46 @@ pub async fn check(cfg: &SandboxConfig, data_dir: &Path) -> Vec<CheckItem> {
         ),
     });
     items
+}
+
+/// Is the workspace disk quota enforced? Tries a real loop mount in the data dir.
+async fn check_quota(cfg: &SandboxConfig, data_dir: &Path) -> CheckItem {
+    const NAME: &str = "workspace quota";
+    if cfg.quota == QuotaMode::Off {
+        return CheckItem::fail(
+            NAME,
+            "NOT enforced: [sandbox] quota = \"off\", so a tool call can fill the disk; remove \
+             that line (the node must run as root to mount the workspace images)",
+        );
+    }
+    let dir = data_dir.to_path_buf();
+    let probe = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        quota::probe_mount(&dir)
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("probe task failed: {e}")));
+    match probe {
+        Ok(()) => CheckItem::pass(
+            NAME,
+            format!(
+                "enforced: {} MiB per conversation workspace, {} MiB in total (a loop-mounted \
+                 ext4 image was created, filled to \"no space\" and removed)",
+                cfg.workspace_quota_mb, cfg.workspaces_total_mb
+            ),
+        ),
+        Err(why) => CheckItem::fail(
+            NAME,
+            format!(
+                "NOT enforced: {why}; {}. Fix: run the node as root with e2fsprogs (mkfs.ext4) \
+                 installed and loop devices available",
+                match cfg.quota {
+                    QuotaMode::Required => "with quota = \"required\" every tool call fails",
+                    _ => "with quota = \"best-effort\" tools run without a quota",
+                }
+            ),
+        ),
+    }
 }
 
 /// Can the Docker socket be opened at all (distinguishes "not running" from "no permission")?

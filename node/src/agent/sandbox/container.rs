@@ -23,6 +23,7 @@ use super::SandboxError;
 use super::exec::{self, ExecOutput, SANDBOX_ENV};
 use super::image::SANDBOX_UID;
 use super::policy::{ResolvedMount, SandboxConfig, validate_mounts};
+use super::quota::{Limits, LoopDisk, Quota, QuotaError, QuotaMode};
 
 /// Label present on every sandbox container.
 pub const LABEL_SANDBOX: &str = "iom.sandbox";
@@ -44,6 +45,10 @@ pub struct Sandbox {
     node_id: String,
     mounts: Vec<ResolvedMount>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// The workspace quota; `None` with `quota = "off"`.
+    quota: Option<Arc<Quota>>,
+    /// Serialises mounting, evicting and unmounting workspaces (the total's bookkeeping).
+    mount_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -87,6 +92,18 @@ impl Drop for BusyGuard {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs blocking quota work (mount tables, `mkfs.ext4`, `mount`) off the async threads.
+async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, QuotaError>
+where
+    T: Send + 'static,
+    E: Into<QuotaError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => Err(QuotaError::Unavailable(format!("quota task failed: {e}"))),
+    }
 }
 
 /// Connects to the local Docker engine (`$DOCKER_HOST` or `/var/run/docker.sock`) and
@@ -138,6 +155,26 @@ impl Sandbox {
             .await
             .map_err(SandboxError::io(&workspaces))?;
         let docker = connect_docker().await?;
+        let quota = (cfg.quota != QuotaMode::Off).then(|| {
+            let disk = LoopDisk::new(&data_dir);
+            let images = disk.images_dir().to_path_buf();
+            let limits = Limits {
+                per_workspace: cfg.workspace_quota_mb.saturating_mul(1 << 20),
+                total: cfg.workspaces_total_mb.saturating_mul(1 << 20),
+            };
+            Arc::new(Quota::new(Box::new(disk), limits, images))
+        });
+        match (&quota, super::quota::capability()) {
+            (None, _) => tracing::warn!(
+                "[sandbox] quota = \"off\": workspaces have no disk quota, a tool call can fill \
+                 the disk"
+            ),
+            (Some(_), Err(why)) => tracing::warn!(
+                mode = ?cfg.quota,
+                "the workspace disk quota cannot be enforced: {why}; a tool call can fill the disk"
+            ),
+            (Some(_), Ok(())) => {}
+        }
         Ok(Self {
             docker,
             cfg,
@@ -145,6 +182,8 @@ impl Sandbox {
             node_id,
             mounts,
             slots: Mutex::new(HashMap::new()),
+            quota,
+            mount_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -181,7 +220,10 @@ impl Sandbox {
     pub async fn ensure_container(&self, conversation_id: &str) -> Result<String, SandboxError> {
         let slot = self.slot(conversation_id)?;
         slot.touch();
-        self.ensure_in(&slot, conversation_id).await
+        let id = self.ensure_in(&slot, conversation_id).await?;
+        // Idle from now: creating it (and mounting its workspace) can take a while.
+        slot.touch();
+        Ok(id)
     }
 
     /// Removes containers of this node left over from a previous run. Returns how many.
@@ -201,6 +243,14 @@ impl Sandbox {
         if n > 0 {
             tracing::info!(count = n, "removed orphaned sandbox containers");
         }
+        // Workspaces a crashed run left mounted: unmounted now, mounted again when used.
+        let unmounted = self.unmount_all().await;
+        if unmounted > 0 {
+            tracing::info!(
+                count = unmounted,
+                "unmounted workspaces left mounted by a previous run"
+            );
+        }
         Ok(n)
     }
 
@@ -212,6 +262,8 @@ impl Sandbox {
             .map(|(k, v)| (k.clone(), Arc::clone(v)))
             .collect();
         let mut reaped = 0;
+        let _mounts = self.mount_lock.lock().await;
+        let mounted = self.mounted().await;
         for (conv, slot) in slots {
             if slot.busy.load(Ordering::SeqCst) > 0 || slot.idle_for() < idle {
                 continue;
@@ -224,8 +276,145 @@ impl Sandbox {
                 self.remove(&id).await;
                 reaped += 1;
             }
+            if mounted.contains(&conv) {
+                self.unmount(&conv).await;
+            }
         }
         reaped
+    }
+
+    /// The conversations whose workspaces are mounted now.
+    async fn mounted(&self) -> std::collections::HashSet<String> {
+        let Some(q) = self.quota.clone() else {
+            return Default::default();
+        };
+        match blocking(move || q.disk().images()).await {
+            Ok(images) => images
+                .into_iter()
+                .filter(|i| i.mounted)
+                .map(|i| i.id)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(cause = %e, "cannot list the workspace images");
+                Default::default()
+            }
+        }
+    }
+
+    async fn unmount(&self, conversation_id: &str) {
+        let Some(q) = self.quota.clone() else { return };
+        let id = conversation_id.to_string();
+        if let Err(e) = blocking(move || q.disk().unmount(&id)).await {
+            tracing::warn!(conversation = %conversation_id, cause = %e, "cannot unmount workspace");
+        }
+    }
+
+    async fn unmount_all(&self) -> usize {
+        let Some(q) = self.quota.clone() else {
+            return 0;
+        };
+        let _mounts = self.mount_lock.lock().await;
+        blocking(move || Ok::<_, QuotaError>(q.disk().unmount_all()))
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Conversations whose workspaces may be unmounted (no call in flight), least recently
+    /// used first.
+    fn idle_lru(&self, except: &str) -> Vec<String> {
+        let mut idle: Vec<(Duration, String)> = lock(&self.slots)
+            .iter()
+            .filter(|(k, s)| k.as_str() != except && s.busy.load(Ordering::SeqCst) == 0)
+            .map(|(k, s)| (s.idle_for(), k.clone()))
+            .collect();
+        idle.sort_by_key(|b| std::cmp::Reverse(b.0));
+        idle.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// Removes an idle conversation's container and unmounts its workspace. `false` if it
+    /// became busy meanwhile.
+    async fn evict(&self, conversation_id: &str) -> bool {
+        let slot = lock(&self.slots).get(conversation_id).cloned();
+        if let Some(slot) = slot {
+            if slot.busy.load(Ordering::SeqCst) > 0 {
+                return false;
+            }
+            let Ok(mut warm) = slot.warm.try_lock() else {
+                return false;
+            };
+            if let Some(id) = warm.take() {
+                self.remove(&id).await;
+            }
+        }
+        tracing::info!(conversation = %conversation_id, "unmounting an idle workspace to stay within workspaces_total_mb");
+        self.unmount(conversation_id).await;
+        true
+    }
+
+    /// Makes sure the conversation's workspace is ready: its image mounted (within the total,
+    /// evicting idle workspaces if needed), or a plain directory when the quota is off or
+    /// cannot be enforced in `best-effort` mode. Returns the host directory.
+    async fn ensure_workspace(&self, conversation_id: &str) -> Result<PathBuf, SandboxError> {
+        let dir = self.workspace_dir(conversation_id)?;
+        let Some(quota) = self.quota.clone() else {
+            prepare_workspace(&dir).await?;
+            return Ok(dir);
+        };
+        let _mounts = self.mount_lock.lock().await;
+        let mut result = Err(QuotaError::Unavailable("no attempt".into()));
+        for _ in 0..4 {
+            let idle = self.idle_lru(conversation_id);
+            let (q, id) = (quota.clone(), conversation_id.to_string());
+            let admission = match blocking(move || q.admit(&id, &idle)).await {
+                Ok(None) => return Ok(dir),
+                Ok(Some(a)) => a,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            let mut evicted_all = true;
+            for e in &admission.evict {
+                evicted_all &= self.evict(e).await;
+            }
+            if !evicted_all {
+                // One became busy: plan again with what is idle now.
+                continue;
+            }
+            let (q, id) = (quota.clone(), conversation_id.to_string());
+            result = blocking(move || q.mount(&id)).await;
+            break;
+        }
+        match result {
+            Ok(()) => Ok(dir),
+            Err(e @ QuotaError::Full { .. }) => Err(e.into()),
+            Err(e) if self.cfg.quota == QuotaMode::Required => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(
+                    conversation = %conversation_id,
+                    "workspace without a disk quota ([sandbox] quota = \"best-effort\"): {e}"
+                );
+                prepare_workspace(&dir).await?;
+                Ok(dir)
+            }
+        }
+    }
+
+    /// Writes `bytes` to `/workspace/DIR/NAME` of a conversation (the agent's attachments),
+    /// inside the workspace's image. Created readable by the sandbox user, replacing an
+    /// earlier copy; `name` is one path component.
+    pub async fn write_workspace_file(
+        &self,
+        conversation_id: &str,
+        dir: &str,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<PathBuf, SandboxError> {
+        let slot = self.slot(conversation_id)?;
+        slot.busy.fetch_add(1, Ordering::SeqCst);
+        let _busy = BusyGuard(Arc::clone(&slot));
+        self.ensure_workspace(conversation_id).await?;
+        write_into_workspace(&self.data_dir, conversation_id, dir, name, bytes).await
     }
 
     /// Runs [`Sandbox::reap_idle`] periodically until `shutdown` is cancelled, then removes
@@ -265,6 +454,7 @@ impl Sandbox {
             }
             Err(e) => tracing::warn!(cause = %e, "could not list sandbox containers at shutdown"),
         }
+        self.unmount_all().await;
     }
 
     /// Runs one command in the conversation's container (internal entry point for tools).
@@ -360,8 +550,7 @@ impl Sandbox {
     }
 
     async fn create(&self, conversation_id: &str) -> Result<String, SandboxError> {
-        let workspace = self.workspace_dir(conversation_id)?;
-        prepare_workspace(&workspace).await?;
+        let workspace = self.ensure_workspace(conversation_id).await?;
         let Some(ws) = workspace.to_str() else {
             return Err(SandboxError::Rootfs(format!(
                 "workspace path {} is not UTF-8",
@@ -471,11 +660,11 @@ fn image_hint(e: bollard::errors::Error, image: &str) -> SandboxError {
     SandboxError::docker("container create")(e)
 }
 
-/// Writes `bytes` to `workspace/DIR/NAME` of a conversation (the agent's attachments):
-/// created readable by the sandbox user, replacing an earlier copy. `name` is one path
-/// component (checked by the caller); the directory is made by us, so no symlink is
-/// followed into it from the container's side except through `name`, which is replaced.
-pub async fn write_workspace_file(
+/// Writes `bytes` to `workspace/DIR/NAME` of a conversation as the workspace is now (mounted
+/// by [`Sandbox::write_workspace_file`]). `name` is one path component (checked here); the
+/// directory is made by us, so no symlink is followed into it from the container's side
+/// except through `name`, which is replaced.
+async fn write_into_workspace(
     data_dir: &Path,
     conversation_id: &str,
     dir: &str,
@@ -508,9 +697,18 @@ pub async fn write_workspace_file(
         .open(&tmp)
         .await
         .map_err(SandboxError::io(&tmp))?;
-    tokio::io::AsyncWriteExt::write_all(&mut f, &bytes)
-        .await
-        .map_err(SandboxError::io(&tmp))?;
+    // Flushed before it counts as written: a tokio file reports a failed write (no space)
+    // only on the next operation.
+    let written = match tokio::io::AsyncWriteExt::write_all(&mut f, &bytes).await {
+        Ok(()) => tokio::io::AsyncWriteExt::flush(&mut f).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = written {
+        // A full workspace: leave no partial file taking its space.
+        drop(f);
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(SandboxError::io(&tmp)(e));
+    }
     drop(f);
     tokio::fs::rename(&tmp, &path)
         .await

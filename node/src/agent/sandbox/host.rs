@@ -110,16 +110,13 @@ impl ToolHost for DockerHost {
         bytes: Vec<u8>,
     ) -> BoxFuture<'a, Result<(), ToolHostError>> {
         Box::pin(async move {
-            super::container::write_workspace_file(
-                &self.data_dir,
-                conversation,
-                "attachments",
-                name,
-                bytes,
-            )
-            .await
-            .map(drop)
-            .map_err(ToolHostError::Sandbox)
+            // Into the workspace's image (mounted first), so attachments count to its quota.
+            self.sandbox()
+                .await?
+                .write_workspace_file(conversation, "attachments", name, bytes)
+                .await
+                .map(drop)
+                .map_err(ToolHostError::Sandbox)
         })
     }
 

@@ -12,6 +12,7 @@
 //! - [`container`]: [`Sandbox`], the runtime: warm containers, exec, reaping.
 //! - [`host`]: [`host::DockerHost`], the sandbox as the agent's tool host.
 //! - [`tools`]: the tool definitions offered to the model and their implementation.
+//! - [`quota`]: the workspace disk quota (loop-mounted ext4 images) and its bookkeeping.
 //! - [`check`]: `iom sandbox check`, a list of actionable diagnostics.
 //!
 //! # Use
@@ -35,6 +36,7 @@ mod exec;
 pub mod host;
 pub mod image;
 pub mod policy;
+pub mod quota;
 pub mod tools;
 mod ustar;
 
@@ -85,6 +87,10 @@ pub enum SandboxError {
     /// The rootfs for the image is unusable.
     #[error("image rootfs: {0}")]
     Rootfs(String),
+    /// A workspace could not get its disk quota (the total is reached, or it cannot be
+    /// enforced and `[sandbox] quota = "required"`).
+    #[error(transparent)]
+    Quota(#[from] quota::QuotaError),
     /// A tool call ran past its wall-clock limit; the container was removed.
     #[error(
         "timed out after {0:?}; the sandbox was reset (files in /workspace are kept, /tmp and \

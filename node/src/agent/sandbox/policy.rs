@@ -12,6 +12,8 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::quota::QuotaMode;
+
 /// Image used when the config names none: built locally by `iom sandbox build`.
 pub const DEFAULT_IMAGE: &str = "iom-sandbox:1";
 
@@ -58,6 +60,17 @@ pub struct SandboxConfig {
     pub blocked_patterns: Vec<String>,
     /// Extra bind mounts, checked by [`validate_mounts`].
     pub mounts: Vec<MountSpec>,
+    /// Size of one conversation's workspace (`/workspace`), in MiB: a loop-mounted ext4 image,
+    /// so a tool that writes more gets "No space left on device" (default 1024).
+    pub workspace_quota_mb: u64,
+    /// What all workspaces together may take on the host disk, in MiB (default 5120); see
+    /// [`super::quota`] for how it is counted.
+    pub workspaces_total_mb: u64,
+    /// What to do when the quota cannot be enforced (not root, no loop devices, no
+    /// `mkfs.ext4`): `"required"` fails the tool call, `"best-effort"` (the default) runs it
+    /// without a quota and warns, `"off"` never mounts (both reported as not enforced by
+    /// `iom sandbox check` and `iom doctor`).
+    pub quota: QuotaMode,
 }
 
 impl Default for SandboxConfig {
@@ -76,6 +89,9 @@ impl Default for SandboxConfig {
                 .map(|s| (*s).to_string())
                 .collect(),
             mounts: Vec::new(),
+            workspace_quota_mb: 1024,
+            workspaces_total_mb: 5120,
+            quota: QuotaMode::BestEffort,
         }
     }
 }
@@ -470,6 +486,12 @@ mod tests {
         assert_eq!(c.output_cap_bytes, 65536);
         assert_eq!(c.idle_timeout_secs, 600);
         assert!(c.blocked_patterns.iter().any(|p| p == ".ssh"));
+        assert_eq!(c.workspace_quota_mb, 1024);
+        assert_eq!(c.workspaces_total_mb, 5120);
+        assert_eq!(c.quota, QuotaMode::BestEffort);
+        let q: SandboxConfig = toml::from_str("quota = \"required\"").unwrap();
+        assert_eq!(q.quota, QuotaMode::Required);
+        assert!(toml::from_str::<SandboxConfig>("quota = \"maybe\"").is_err());
         let c: SandboxConfig = toml::from_str(
             "memory_mb = 512\nallowed_roots = [\"/srv\"]\n\
              [[mounts]]\nhost = \"/srv/a\"\ncontainer = \"/data\"\n",
