@@ -99,25 +99,24 @@ fn replay_as_snapshots(
 ) -> Result<(Document, usize)> {
     let mut replica = Document::load(&before.snapshot(), &BENCH_ACTOR)?;
     let mut old = Document::load(&before.snapshot(), &BENCH_ACTOR)?;
-    let index = Conversation::open(&old)?
-        .find_request(rid)
-        .ok_or_else(|| anyhow!("no request {rid}"))?
-        .index;
     let mut snapshots = 0;
     for change in after.automerge().get_changes(&before.heads()) {
         let is_progress = change.message().is_some_and(|m| m.ends_with(" progress"));
         replica.load_incremental(change.raw_bytes())?;
         if !is_progress {
+            // The request and its claim come before any progress and are the same in both
+            // forms; what follows the progress (the answer) is written again below.
+            if snapshots == 0 {
+                old.load_incremental(change.raw_bytes())?;
+            }
             continue;
         }
-        let Some(p) = Conversation::open(&replica)?
-            .find_request(rid)
-            .and_then(|m| m.progress)
-        else {
+        let Some(request) = Conversation::open(&replica)?.find_request(rid) else {
             continue;
         };
+        let Some(p) = request.progress else { continue };
         old.put_json(
-            &format!("messages.{index}.progress"),
+            &format!("messages.{}.progress", request.index),
             json!(p.to_json()),
             &format!("{rid} progress"),
             change.timestamp(),
@@ -212,6 +211,14 @@ fn run() -> Result<()> {
         ("ANTHROPIC_BASE_URL".into(), fake.url().to_string()),
         ("IOM_LOG".into(), "warn".into()),
     ];
+    // Room for the whole streamed text (the fake model stops at `max_tokens`, 4 bytes each).
+    std::fs::write(
+        node.dir.join("config.toml"),
+        format!(
+            "[agent]\nmax_tokens = {}\n",
+            (opts.seconds * CHARS_PER_SEC / 4 + 1024).max(4096)
+        ),
+    )?;
     node.start()?;
     let me = node.device_id()?;
     node.cli(&["agent", "assign", &me])?;
