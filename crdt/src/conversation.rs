@@ -18,7 +18,7 @@
 //! | `reply_to` | str? | replies only: the request id |
 //! | `tool_calls` | list | replies only: `{id, name, input (JSON string), output, is_error}` |
 //! | `usage` | map | replies only: `{input_tokens, output_tokens}` |
-//! | `progress` | str? | requests only: latest progress line |
+//! | `progress` | map? | requests only: what a running request has streamed so far, appended to (see [`crate::progress`]; older builds wrote a JSON string) |
 //! | `attachments` | list? | requests only: `{name, hash (blob SHA-256, hex), len}` of attached files |
 //!
 //! **Claiming** is fenced by the agent-role epoch: a request is claimed only when it is pending,
@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::document::{Document, DocumentError};
 use crate::fields::{self, MapFields};
 use crate::kind::DocKind;
+use crate::progress::{self, ProgressUpdate, ProgressView};
 
 /// Root field: the conversation title.
 pub const FIELD_TITLE: &str = "title";
@@ -219,8 +220,10 @@ pub struct MessageView {
     pub tool_calls: Vec<ToolCallView>,
     /// Token usage of a reply.
     pub usage: Option<UsageView>,
-    /// Latest progress line of a running request.
-    pub progress: Option<String>,
+    /// What the request has streamed so far (requests only). Shown by the local API as the
+    /// JSON form inside a string.
+    #[serde(with = "crate::progress::as_json_string")]
+    pub progress: Option<ProgressView>,
     /// Files attached to a request.
     #[serde(default)]
     pub attachments: Vec<AttachmentView>,
@@ -490,17 +493,21 @@ impl<D: BorrowMut<Document>> Conversation<D> {
         })
     }
 
-    /// Sets the progress line of a running request.
-    pub fn set_progress(
+    /// Appends `updates` to the progress of a running request, in one change (nothing is
+    /// written for no updates). Text is spliced at the end and each tool call written when it
+    /// starts and when it finishes, so a run adds each byte it shows once to the history.
+    pub fn append_progress(
         &mut self,
         request_id: &str,
-        progress: &str,
+        updates: &[ProgressUpdate],
         now: i64,
     ) -> Result<(), ConversationError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
         let message = format!("{request_id} progress");
         self.with_request(request_id, &message, now, |tx, m| {
-            tx.put(m, "progress", progress)?;
-            Ok(())
+            progress::append(tx, m, updates)
         })
     }
 
@@ -686,7 +693,7 @@ fn read_message<R: ReadDoc>(doc: &R, obj: &ObjId, index: usize) -> Option<Messag
         reply_to: parse("reply_to"),
         tool_calls,
         usage: f.object("usage", ObjType::Map).map(|u| read_usage(doc, &u)),
-        progress: parse("progress"),
+        progress: progress::read(doc, obj),
         attachments: read_attachments(doc, &f),
     })
 }
@@ -752,7 +759,9 @@ mod tests {
         );
         assert!(c.pending_requests().is_empty());
         assert_eq!(c.running_claimed_by("server").len(), 1);
-        c.set_progress("r1", "calling tool", 104).expect("progress");
+        let step = ProgressUpdate::Text("calling tool".into());
+        c.append_progress("r1", std::slice::from_ref(&step), 104)
+            .expect("progress");
 
         let calls = vec![ToolCallView {
             id: "t1".into(),
@@ -783,7 +792,10 @@ mod tests {
         );
         assert_eq!(req.interface, Some(Interface::Cli));
         assert_eq!(req.device.as_deref(), Some("laptop"));
-        assert_eq!(req.progress.as_deref(), Some("calling tool"));
+        assert_eq!(
+            req.progress.map(|p| p.text).as_deref(),
+            Some("calling tool")
+        );
         assert_eq!(req.created_at, Some(101));
         let replies = c.replies_to("r1");
         assert_eq!(replies.len(), 1);

@@ -24,6 +24,7 @@
 //! - [`json`]: JSON view and path edits ([`PathError`]).
 //! - [`schema`]: schema versions and migrations.
 //! - [`conversation`], [`memory`], [`schedules`], [`settings`]: typed accessors.
+//! - [`progress`]: a running request's progress, appended to (never rewritten).
 //! - [`inventory`]: hierarchical digest for reconnects.
 //! - [`sync`]: [`sync::PeerDocState`], [`sync::generate`], [`sync::receive`].
 //! - [`session`]: one sync session with one peer, a sans-I/O state machine.
@@ -53,6 +54,7 @@ pub mod inventory;
 pub mod json;
 pub mod kind;
 pub mod memory;
+pub mod progress;
 pub mod schedules;
 pub mod schema;
 pub mod session;
@@ -75,5 +77,6 @@ pub use inventory::Inventory;
 pub use json::PathError;
 pub use kind::DocKind;
 pub use memory::Memory;
+pub use progress::{ProgressUpdate, ProgressView, ToolProgressView};
 pub use schedules::{ScheduleError, ScheduleView, Schedules};
 pub use settings::{Settings, SettingsError};

@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::conversations::{Conversations, EditError, ExistingError, title_from};
-use super::progress::RunProgress;
 use super::role::AgentRole;
 use super::runner::Poke;
 use crate::docs::DocsError;
@@ -652,7 +651,7 @@ fn diff(seen: &mut Seen, req: &MessageView, reply: Option<&MessageView>) -> Vec<
             });
         }
     }
-    let p = RunProgress::parse(req.progress.as_deref());
+    let p = req.progress.clone().unwrap_or_default();
     if p.text.len() > seen.text_len && p.text.is_char_boundary(seen.text_len) {
         out.push(RequestEvent::Text {
             delta: p.text[seen.text_len..].to_string(),

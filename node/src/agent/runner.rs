@@ -36,7 +36,8 @@ use super::clock::SharedClock;
 use super::conversations::Conversations;
 use super::host::ToolHost;
 use super::model::ModelFactory;
-use super::progress::{RunProgress, ToolProgress};
+use super::progress::ProgressLog;
+pub use super::progress::apply_progress;
 use super::prompt_files;
 use super::role::AgentRole;
 use crate::config::AgentConfig;
@@ -622,8 +623,8 @@ impl Runner {
         prompt_files::into_last_user_message(&mut history, placed.blocks);
         let file_notes = placed.notes;
 
-        // Progress: collected by the callback, written to the document by the writer.
-        let progress = Arc::new(Mutex::new(RunProgress::default()));
+        // Progress: collected by the callback, appended to the document by the writer.
+        let progress = Arc::new(Mutex::new(ProgressLog::default()));
         let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
         let writer = self.write_progress(doc, &rid, progress.clone(), tick_rx);
         let executor = HostTools {
@@ -641,7 +642,7 @@ impl Runner {
             let ledger = self.ledger.clone();
             async move {
                 let mut on = move |p: Progress| {
-                    apply_progress(&mut lock(&progress), p);
+                    lock(&progress).push(p);
                     let _ = tick_tx.try_send(());
                 };
                 // `on` (and with it the tick sender) is dropped when the run ends, which
@@ -662,7 +663,7 @@ impl Runner {
         let (result, ()) = tokio::join!(run, writer);
         match result {
             Ok(outcome) => {
-                let streamed = lock(&progress).text.clone();
+                let streamed = lock(&progress).shown().text.clone();
                 let text = if streamed.trim().is_empty() {
                     outcome.final_text.clone()
                 } else {
@@ -766,16 +767,16 @@ impl Runner {
         Ok(for_prompt)
     }
 
-    /// Writes the progress into the request when ticked, at most once per
-    /// `progress_every`; ends when the tick sender is dropped.
+    /// Appends what is new of the progress to the request when ticked, at most once per
+    /// `progress_every`; ends when the tick sender is dropped. Only new text and tool-call
+    /// steps are written, so the run adds each byte it shows to the document once.
     async fn write_progress(
         &self,
         doc: DocId,
         rid: &str,
-        progress: Arc<Mutex<RunProgress>>,
+        progress: Arc<Mutex<ProgressLog>>,
         mut tick_rx: mpsc::Receiver<()>,
     ) {
-        let mut last = String::new();
         // A tick that arrived while throttling: write once more when the pause ends.
         let mut pending = false;
         loop {
@@ -783,19 +784,20 @@ impl Runner {
                 return;
             }
             pending = false;
-            let json = lock(&progress).to_json();
-            if json != last {
-                let (rid, j) = (rid.to_string(), json.clone());
+            let updates = lock(&progress).take_pending();
+            if !updates.is_empty() {
+                let (rid, batch) = (rid.to_string(), updates.clone());
                 let r = self
                     .conversations
-                    .modify(doc, move |c, now| c.set_progress(&rid, &j, now))
+                    .modify(doc, move |c, now| c.append_progress(&rid, &batch, now))
                     .await;
                 if let Err(e) = r {
                     tracing::debug!(conversation = %doc, error = %e, "cannot write progress");
+                    // Kept for the next write: appends must not leave a gap.
+                    lock(&progress).put_back(updates);
                 }
-                last = json;
             }
-            // Throttle, but stop at once when the run ends (the answer replaces the
+            // Throttle, but stop at once when the run ends (the answer follows the
             // progress, so waiting out the pause would only delay it).
             let pause = tokio::time::sleep(self.config.progress_every);
             tokio::pin!(pause);
@@ -869,45 +871,6 @@ pub fn history_for(messages: &[MessageView], rid: &str) -> Vec<Message> {
         }
     }
     out
-}
-
-/// Folds one progress event into what the document shows.
-pub fn apply_progress(g: &mut RunProgress, p: Progress) {
-    match p {
-        Progress::TextDelta(t) => g.text.push_str(&t),
-        Progress::ToolCallStarted { id, name, input } => g.tools.push(ToolProgress {
-            id,
-            name,
-            input: input.to_string(),
-            output: None,
-            is_error: false,
-        }),
-        Progress::ToolCallFinished {
-            id,
-            output,
-            is_error,
-            ..
-        } => {
-            if let Some(t) = g.tools.iter_mut().find(|t| t.id == id) {
-                t.output = Some(truncate(&output, 4096));
-                t.is_error = is_error;
-            }
-        }
-        Progress::Retrying {
-            attempt,
-            wait,
-            reason,
-        } => {
-            g.retry = Some(format!(
-                "model API busy ({reason}); retry {attempt} in {:.1} s",
-                wait.as_secs_f64()
-            ));
-        }
-        Progress::TurnFinished { turn, .. } => {
-            g.turns = turn;
-            g.retry = None;
-        }
-    }
 }
 
 /// `s` cut to at most `max` bytes (at a character boundary), saying how much was cut.

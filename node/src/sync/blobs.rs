@@ -25,7 +25,7 @@ use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
 use iom_protocol::frame::{DecodeError, EncodeError};
 use iom_protocol::id::ContentId;
 use iom_protocol::keys::DeviceId;
-use iom_protocol::wire::{BlobRequest, BlobResponse, MAX_BLOB_ANNOUNCE, MAX_BLOB_FRAME};
+use iom_protocol::wire::{BlobRequest, BlobResponse, MAX_BLOB_FRAME};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -543,11 +543,6 @@ impl<N: BlobNet> Blobs<N> {
         self.state().wanted.values().map(|(l, _)| *l).sum()
     }
 
-    /// Announcements of every local blob, in messages of at most [`MAX_BLOB_ANNOUNCE`].
-    pub fn announcements(&self) -> Vec<Vec<(ContentId, u64)>> {
-        announcements(&self.store)
-    }
-
     /// Fetches a blob now (from any connected device that announced it, or any connected
     /// trusted device), waiting for the transfer.
     pub async fn fetch_now(&self, id: ContentId) -> Result<(), FetchError> {
@@ -882,16 +877,23 @@ impl<N: BlobNet> Blobs<N> {
     }
 }
 
-/// Announcements of every blob in `store`, in messages of at most [`MAX_BLOB_ANNOUNCE`].
-pub fn announcements(store: &Store) -> Vec<Vec<(ContentId, u64)>> {
-    let Ok(blobs) = store.blobs() else {
-        return Vec::new();
-    };
-    let all: Vec<(ContentId, u64)> = blobs
-        .into_iter()
-        .map(|(id, m)| (ContentId::from_bytes(id), m.len))
-        .collect();
-    all.chunks(MAX_BLOB_ANNOUNCE).map(<[_]>::to_vec).collect()
+/// One page of announcements of the blobs in `store`: up to `max` blobs after `after`, in id
+/// order (a storage error is logged and reads as no more blobs).
+pub fn announcement_page(
+    store: &Store,
+    after: Option<ContentId>,
+    max: usize,
+) -> Vec<(ContentId, u64)> {
+    match store.blob_page(after.as_ref().map(ContentId::as_bytes), max) {
+        Ok(page) => page
+            .into_iter()
+            .map(|(id, len)| (ContentId::from_bytes(id), len))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read blobs to announce");
+            Vec::new()
+        }
+    }
 }
 
 async fn send<S>(stream: &mut S, msg: &BlobResponse) -> Result<(), ServeError>
@@ -922,6 +924,7 @@ mod tests {
     use futures::future::BoxFuture;
     use iom_protocol::cert::{CertBody, Certificate};
     use iom_protocol::keys::{DeviceKey, PersonKey};
+    use iom_protocol::wire::MAX_BLOB_ANNOUNCE;
     use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
     use super::*;
@@ -1681,15 +1684,21 @@ mod tests {
     #[tokio::test]
     async fn announcements_name_every_stored_blob_with_its_length() {
         let s = side(2, &[], BlobsConfig::default()).await;
-        assert!(s.blobs.announcements().iter().all(Vec::is_empty));
+        assert!(announcement_page(&s.store, None, MAX_BLOB_ANNOUNCE).is_empty());
         let (a, _) = add_blob(&s.store, 10).await;
         let (b, _) = add_blob(&s.store, CHUNK_SIZE + 3).await;
-        let mut all: Vec<_> = s.blobs.announcements().concat();
-        all.sort();
+        let all = announcement_page(&s.store, None, MAX_BLOB_ANNOUNCE);
         let mut expected = vec![(a, 10), (b, CHUNK_SIZE as u64 + 3)];
         expected.sort();
-        assert_eq!(all, expected);
-        assert_eq!(s.blobs.announcements().len(), 1);
+        assert_eq!(all, expected, "in id order");
+        // Paged: the second page starts after the first.
+        let first = announcement_page(&s.store, None, 1);
+        assert_eq!(first, expected[..1]);
+        assert_eq!(
+            announcement_page(&s.store, Some(first[0].0), 1),
+            expected[1..]
+        );
+        assert!(announcement_page(&s.store, Some(expected[1].0), 1).is_empty());
     }
 
     #[tokio::test]

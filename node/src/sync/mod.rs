@@ -424,8 +424,8 @@ impl StoreBlobs {
 }
 
 impl BlobHandle for StoreBlobs {
-    fn announcements(&self) -> Vec<Vec<(ContentId, u64)>> {
-        self.blobs.announcements()
+    fn announcement_page(&self, after: Option<ContentId>, max: usize) -> Vec<(ContentId, u64)> {
+        blobs::announcement_page(&self.store, after, max)
     }
 
     fn has(&self, id: &ContentId) -> bool {

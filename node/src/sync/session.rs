@@ -14,9 +14,11 @@
 //!   can take one (generating Automerge messages and reading snapshots on demand), and sleeps on
 //!   a [`Notify`] when there is nothing to send.
 //!
-//! Everything the session sends at set-up (certificates, addresses, root, blob announcements)
-//! is queued in the state machine before the writer starts: nothing waits on a bounded channel
-//! that no task drains yet. Messages other services broadcast (`SessionHandle::queue`) are
+//! Everything the session sends at set-up (certificates, addresses, root) is queued in the
+//! state machine before the writer starts: nothing waits on a bounded channel that no task
+//! drains yet. Our blobs are announced last, by the writer, one page read from the store at a
+//! time whenever it has nothing else to send: a store of any size costs a session one page of
+//! memory, and documents never wait behind announcements. Messages other services broadcast (`SessionHandle::queue`) are
 //! queued the same way, so none is dropped; certificate sets supersede each other.
 
 use std::collections::HashMap;
@@ -37,7 +39,8 @@ use iom_protocol::frame::EncodeError;
 use iom_protocol::id::ContentId;
 use iom_protocol::keys::{DeviceId, PersonId};
 use iom_protocol::wire::{
-    DocSnapshot, MAX_PEER_ADDRS, MAX_SNAPSHOTS, MAX_SYNC_FRAME, PeerAddrs, SYNC_VERSION, SyncMsg,
+    DocSnapshot, MAX_BLOB_ANNOUNCE, MAX_PEER_ADDRS, MAX_SNAPSHOTS, MAX_SYNC_FRAME, PeerAddrs,
+    SYNC_VERSION, SyncMsg,
 };
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::Notify;
@@ -67,9 +70,9 @@ pub trait Network: Send + Sync + 'static {
 
 /// What a session needs of the blob service.
 pub trait BlobHandle: Send + Sync + 'static {
-    /// Announcements of every local blob, in messages of at most
-    /// [`iom_protocol::wire::MAX_BLOB_ANNOUNCE`].
-    fn announcements(&self) -> Vec<Vec<(ContentId, u64)>>;
+    /// Up to `max` local blobs with their lengths, in id order, after `after` (from the first
+    /// with `None`): one page of announcements. A storage error reads as no more blobs.
+    fn announcement_page(&self, after: Option<ContentId>, max: usize) -> Vec<(ContentId, u64)>;
     /// Whether the blob is here (a storage error counts as not here: the fetch reports it).
     fn has(&self, id: &ContentId) -> bool;
     /// `peer` announced a blob that is not here.
@@ -655,8 +658,9 @@ where
     }
 }
 
-/// What the peer needs first: certificates, where other devices are, our inventory root, and
-/// the blobs we hold. All queued in the state machine, before the writer runs.
+/// What the peer needs first: certificates, where other devices are and our inventory root.
+/// All queued in the state machine, before the writer runs (the writer announces our blobs
+/// when it has nothing else to send: [`Driver::announce_blobs`]).
 fn open(deps: &Deps, peer: PeerId, session: &mut Established) {
     session.queue(machine::Msg::Other(Extra::Certs(deps.trust.certs())));
     if deps.config.share_addrs {
@@ -678,9 +682,14 @@ fn open(deps: &Deps, peer: PeerId, session: &mut Established) {
         });
     }
     session.queue_root();
-    for have in deps.blobs.announcements() {
-        session.queue(machine::Msg::Other(Extra::Blobs(have)));
-    }
+}
+
+/// How far a session's announcement of our blobs got.
+#[derive(Debug, Clone, Copy)]
+enum BlobCursor {
+    Start,
+    After(ContentId),
+    Done,
 }
 
 /// Fault injection (`IOM_FAULT=garbage-sync`): an Automerge sync message for a real document
@@ -758,6 +767,7 @@ impl Driver {
     }
 
     async fn write_loop<W: AsyncWrite + Unpin>(&self, wr: &mut W) -> Result<(), DriveError> {
+        let mut blobs = BlobCursor::Start;
         loop {
             if self.shared.stop.is_cancelled() {
                 return Ok(());
@@ -768,6 +778,9 @@ impl Driver {
                 .with_inventory(|inv| self.shared.lock().poll_transmit(inv));
             match next {
                 None => {
+                    if self.announce_blobs(wr, &mut blobs).await? {
+                        continue;
+                    }
                     tokio::select! {
                         _ = self.shared.wake.notified() => {}
                         _ = self.shared.stop.cancelled() => return Ok(()),
@@ -817,6 +830,38 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Sends the next page of our blob announcements, read from the store now (so memory holds
+    /// one page, whatever the store's size). Called only when nothing else waits to be sent:
+    /// announcements come after every document. Returns whether a page was sent.
+    async fn announce_blobs<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        cursor: &mut BlobCursor,
+    ) -> Result<bool, DriveError> {
+        let after = match *cursor {
+            BlobCursor::Done => return Ok(false),
+            BlobCursor::Start => None,
+            BlobCursor::After(id) => Some(id),
+        };
+        let blobs = self.deps.blobs.clone();
+        let page =
+            tokio::task::spawn_blocking(move || blobs.announcement_page(after, MAX_BLOB_ANNOUNCE))
+                .await
+                .map_err(|_| DriveError::Bug("reading blob announcements panicked"))?;
+        *cursor = match page.last() {
+            Some((id, _)) if page.len() >= MAX_BLOB_ANNOUNCE => BlobCursor::After(*id),
+            _ => BlobCursor::Done,
+        };
+        if page.is_empty() {
+            return Ok(false);
+        }
+        tokio::select! {
+            r = send(wr, machine::Msg::Other(Extra::Blobs(page)), &self.shared.stats) => r?,
+            _ = self.shared.stop.cancelled() => return Ok(false),
+        }
+        Ok(true)
     }
 
     /// Runs actions (and the actions their reports return) in order.
@@ -917,11 +962,18 @@ impl Driver {
             }
             Extra::Blobs(have) => {
                 // Every session announces every blob; only the ones not here are wanted (the
-                // fetch queues are bounded, and held blobs would crowd them).
-                for (id, len) in have {
-                    if !self.deps.blobs.has(&id) {
-                        self.deps.blobs.want(id, len, self.peer);
-                    }
+                // fetch queues are bounded, and held blobs would crowd them). A page is up to
+                // 4,096 store lookups: off the async threads.
+                let blobs = self.deps.blobs.clone();
+                let missing = tokio::task::spawn_blocking(move || {
+                    have.into_iter()
+                        .filter(|(id, _)| !blobs.has(id))
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .map_err(|_| DriveError::Bug("checking announced blobs panicked"))?;
+                for (id, len) in missing {
+                    self.deps.blobs.want(id, len, self.peer);
                 }
             }
         }

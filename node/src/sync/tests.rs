@@ -178,7 +178,7 @@ fn broadcasts_are_queued_not_dropped_and_certificate_sets_supersede() {
 fn progress_reports_backlog_and_blob_bytes_per_peer() {
     struct Pending;
     impl BlobHandle for Pending {
-        fn announcements(&self) -> Vec<Vec<(ContentId, u64)>> {
+        fn announcement_page(&self, _: Option<ContentId>, _: usize) -> Vec<(ContentId, u64)> {
             Vec::new()
         }
         fn has(&self, _: &ContentId) -> bool {

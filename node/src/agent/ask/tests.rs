@@ -7,6 +7,7 @@ use iom_crdt::{DocKind, Role as MsgRole};
 use iom_protocol::keys::DeviceKey;
 
 use super::*;
+use crate::agent::progress::{ProgressUpdate, RunProgress};
 use crate::agent::testkit::{Mesh, asking};
 
 async fn request(asking: &Asking, doc: DocId, rid: &str) -> MessageView {
@@ -254,27 +255,27 @@ async fn following_streams_status_progress_and_the_answer() {
             .await
             .unwrap();
         tokio::time::sleep(step).await;
-        let mut p = RunProgress {
-            text: "Hel".into(),
-            ..RunProgress::default()
-        };
-        let j = p.to_json();
+        let first = vec![ProgressUpdate::Text("Hel".into())];
         convs
-            .modify(doc, move |c, now| c.set_progress("r1", &j, now))
+            .modify(doc, move |c, now| c.append_progress("r1", &first, now))
             .await
             .unwrap();
         tokio::time::sleep(step).await;
-        p.text.push_str("lo");
-        p.tools.push(crate::agent::progress::ToolProgress {
-            id: "t1".into(),
-            name: "bash".into(),
-            input: "{}".into(),
-            output: Some("ok".into()),
-            is_error: false,
-        });
-        let j = p.to_json();
+        let second = vec![
+            ProgressUpdate::Text("lo".into()),
+            ProgressUpdate::ToolStarted {
+                id: "t1".into(),
+                name: "bash".into(),
+                input: "{}".into(),
+            },
+            ProgressUpdate::ToolFinished {
+                id: "t1".into(),
+                output: "ok".into(),
+                is_error: false,
+            },
+        ];
         convs
-            .modify(doc, move |c, now| c.set_progress("r1", &j, now))
+            .modify(doc, move |c, now| c.append_progress("r1", &second, now))
             .await
             .unwrap();
         tokio::time::sleep(step).await;
@@ -381,7 +382,7 @@ fn view(status: Option<Status>, progress: Option<&RunProgress>) -> MessageView {
         reply_to: None,
         tool_calls: Vec::new(),
         usage: None,
-        progress: progress.map(RunProgress::to_json),
+        progress: progress.cloned(),
         attachments: Vec::new(),
     }
 }

@@ -14,6 +14,7 @@ use crate::agent::claude::{
 };
 use crate::agent::host::ToolHostError;
 use crate::agent::model::{ModelClient, ModelSetupError};
+use crate::agent::progress::RunProgress;
 use crate::agent::testkit::Mesh;
 
 /// One scripted model reply.
@@ -147,6 +148,8 @@ impl ModelFactory for Factory {
 #[derive(Default)]
 struct FakeTools {
     calls: Mutex<Vec<(String, String, Value)>>,
+    /// What every call prints, if set (else `ran NAME`).
+    output: Mutex<Option<String>>,
     attached: Mutex<Vec<(String, String, Vec<u8>)>>,
     prepared: AtomicUsize,
     shut_down: AtomicUsize,
@@ -164,7 +167,10 @@ impl ToolHost for FakeTools {
         input: &'a Value,
     ) -> BoxFuture<'a, ToolResult> {
         lock(&self.calls).push((conversation.into(), name.into(), input.clone()));
-        Box::pin(async move { ToolResult::ok(format!("ran {name}")) })
+        let output = lock(&self.output)
+            .clone()
+            .unwrap_or_else(|| format!("ran {name}"));
+        Box::pin(async move { ToolResult::ok(output) })
     }
 
     fn put_attachment<'a>(
@@ -758,8 +764,87 @@ async fn progress_is_written_at_most_every_150_ms_and_the_answer_is_whole() {
     assert!(progress_writes < 40 / 2, "{progress_writes}");
     // The last progress written holds most of the text (the writer stops at once when the
     // run ends: the answer replaces the progress).
-    let p = RunProgress::parse(req.progress.as_deref());
+    let p = req.progress.clone().unwrap_or_default();
     assert!(!p.text.is_empty() && expected.starts_with(&p.text), "{p:?}");
+}
+
+/// Issue 15: a run of 10 tool calls of 64 KiB output each, with text streamed between them,
+/// adds at most 3x its final message to the saved conversation, and every device saw the
+/// progress as it ran (text, each tool call with its capped output).
+#[tokio::test(start_paused = true)]
+async fn a_long_run_with_big_tool_outputs_adds_a_small_multiple_of_its_answer() {
+    let mut cfg = config();
+    cfg.max_turns = 16;
+    let piece = |n: usize, i: usize| format!("turn {n} piece {i}: looking at the output. ");
+    let rig = Rig::new(cfg, move |n, _| Step {
+        deltas: (0..40).map(|i| piece(n, i)).collect(),
+        delay: Duration::from_millis(30),
+        tool: (n < 10).then(|| ("bash".into(), json!({"command": format!("step {n}")}))),
+        usage: (10, 10),
+        ..Step::default()
+    })
+    .await;
+    // 64 KiB of base64-like output, not compressible.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let output: String = (0..64 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+                    [(x % 64) as usize],
+            )
+        })
+        .collect();
+    *lock(&rig.tools.output) = Some(output);
+    rig.start_as_agent().await;
+    let doc = rig.mesh.conversations().create("t").await.unwrap();
+    let r = &rig;
+    let saved =
+        |doc: DocId| async move { r.mesh.docs.read(doc, |d| d.snapshot().len()).await.unwrap() };
+    rig.ask_in(doc, "r1", "laptop", "a long one").await;
+    let before = saved(doc).await;
+    // Progress is seen while the run goes: text, then tool calls with capped outputs.
+    let mut seen_tools = 0;
+    for _ in 0..2_000 {
+        let req = rig.request(doc, "r1").await;
+        let p = req.progress.clone().unwrap_or_default();
+        assert!(
+            p.tools
+                .iter()
+                .all(|t| t.output.as_ref().is_none_or(|o| o.len() < 4096 + 40))
+        );
+        seen_tools = seen_tools.max(p.tools.iter().filter(|t| t.output.is_some()).count());
+        if req.status == Some(Status::Done) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen_tools >= 5,
+        "saw {seen_tools} finished tool calls in progress"
+    );
+    let reply = rig.reply(doc, "r1").await.unwrap();
+    assert_eq!(reply.tool_calls.len(), 10);
+    let expected: String = (0..11)
+        .flat_map(|n| (0..40).map(move |i| piece(n, i)))
+        .collect();
+    assert_eq!(reply.text, expected);
+    let message = reply.text.len()
+        + reply
+            .tool_calls
+            .iter()
+            .map(|c| c.id.len() + c.name.len() + c.input.len() + c.output.len())
+            .sum::<usize>();
+    let added = saved(doc).await - before;
+    assert!(
+        added <= 3 * message,
+        "the run added {added} bytes for a final message of {message}"
+    );
+    let progress = rig.request(doc, "r1").await.progress.unwrap_or_default();
+    assert!(expected.starts_with(&progress.text), "{:?}", progress.text);
+    assert_eq!(progress.tools.len(), 10);
 }
 
 #[tokio::test(start_paused = true)]
@@ -923,7 +1008,7 @@ async fn a_retry_notice_shows_in_the_progress_while_the_model_is_retried() {
     let mut seen_retry = None;
     for _ in 0..100 {
         let req = rig.request(doc, "r1").await;
-        if let Some(r) = RunProgress::parse(req.progress.as_deref()).retry {
+        if let Some(r) = req.progress.clone().unwrap_or_default().retry {
             seen_retry = Some(r);
             break;
         }

@@ -49,8 +49,13 @@ pub(crate) struct FakeBlobs {
 }
 
 impl BlobHandle for FakeBlobs {
-    fn announcements(&self) -> Vec<Vec<(ContentId, u64)>> {
-        self.announce.clone()
+    fn announcement_page(&self, after: Option<ContentId>, max: usize) -> Vec<(ContentId, u64)> {
+        let mut all: Vec<_> = self.announce.concat();
+        all.sort();
+        all.into_iter()
+            .filter(|(id, _)| after.is_none_or(|a| *id > a))
+            .take(max)
+            .collect()
     }
     fn has(&self, id: &ContentId) -> bool {
         self.here.contains(id)
@@ -586,22 +591,69 @@ async fn broadcasts_queued_while_the_writer_is_stalled_are_all_delivered() {
         });
     }
     // Now read everything.
+    // 4,000 blobs of the store (announced by the writer, a page at a time) and the 30 queued.
     let (mut blobs, mut certs) = (0, Vec::new());
-    while blobs < 40 + 30 {
+    while blobs < 40 * 100 + 30 {
         match raw.recv().await.expect("a message") {
             SyncMsg::Blobs { have } => {
                 assert!(have.len() <= MAX_BLOB_ANNOUNCE);
-                blobs += 1;
+                blobs += have.len();
             }
             SyncMsg::Certs { certs: c } => certs.push(c),
             _ => {}
         }
     }
-    assert_eq!(blobs, 70, "no announcement dropped");
+    assert_eq!(blobs, 4030, "no announcement dropped");
     // The set queued last arrives; the ones it superseded need not.
     let last = certs.last().expect("certificates");
     assert_eq!(last.len(), 1);
     assert_eq!(last[0].id(), newest.id());
+}
+
+/// Blobs `0..n` with distinct ids.
+fn blobs_numbered(n: u32) -> FakeBlobs {
+    let all: Vec<(ContentId, u64)> = (0..n)
+        .map(|i| {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            (ContentId::from_bytes(id), u64::from(i))
+        })
+        .collect();
+    FakeBlobs {
+        announce: vec![all],
+        ..FakeBlobs::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_big_store_is_announced_after_set_up_in_pages_each_blob_once() {
+    let n = 3 * MAX_BLOB_ANNOUNCE as u32 + 10;
+    let a = node(1, &person(), &[2], blobs_numbered(n)).await;
+    let (mut raw, _task) = raw_session(&a, 64 * 1024).await;
+    let (mut seen, mut pages, mut root_first) = (Vec::new(), 0, None);
+    while seen.len() < n as usize {
+        match raw.recv().await.expect("a message") {
+            SyncMsg::Blobs { have } => {
+                assert!(have.len() <= MAX_BLOB_ANNOUNCE);
+                root_first.get_or_insert(false);
+                pages += 1;
+                seen.extend(have);
+            }
+            SyncMsg::Root { .. } => {
+                root_first.get_or_insert(true);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        root_first,
+        Some(true),
+        "set-up goes before the announcements"
+    );
+    assert_eq!(pages, 4);
+    let mut want = a.blobs.announce.concat();
+    want.sort();
+    assert_eq!(seen, want, "every blob once, in id order");
 }
 
 #[test]
