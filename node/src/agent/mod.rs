@@ -11,11 +11,17 @@
 //!   production implementations.
 //! - [`claude`], [`sandbox`]: those implementations.
 //! - [`progress`]: the progress of a running request as stored in the document.
+//! - [`cost`], [`budget`], [`usage`]: prices per model, budgets with reservations, and the
+//!   usage report (`iom usage`).
+//! - [`compact`]: folding older turns into a summary when a conversation outgrows the window.
 
 pub mod ask;
+pub mod budget;
 pub mod claude;
 pub mod clock;
+pub mod compact;
 pub mod conversations;
+pub mod cost;
 pub mod host;
 pub mod model;
 pub mod progress;
@@ -24,3 +30,4 @@ pub mod runner;
 pub mod sandbox;
 #[cfg(test)]
 pub(crate) mod testkit;
+pub mod usage;
