@@ -1000,6 +1000,7 @@ mod tests {
         match echo(&req) {
             Reply::Text(t) => assert_eq!(t, format!("echo: {q}\ntool results: two")),
             Reply::ToolUse { name, .. } => panic!("unexpected tool {name}"),
+            Reply::TextUsage(..) => panic!("unexpected scripted usage"),
         }
     }
 

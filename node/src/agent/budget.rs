@@ -205,7 +205,7 @@ pub enum Scope {
 
 /// A budget that a reservation would pass.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{BUDGET_EXCEEDED}: {}", self.describe())]
+#[error("budget exceeded: {}", self.describe())]
 pub struct Exceeded {
     /// Whose budget.
     pub scope: Scope,

@@ -296,10 +296,14 @@ mod tests {
             .sum();
         assert!(kept <= room / 2);
         // The summary call carries the folded turns, and fits its window.
-        let req = summary_request(&ctx, fold, 2000, 200);
+        let req = summary_request(&ctx, fold, 10_000, 200);
         let text = req.messages[0].content.text();
-        assert!(text.contains("q0 ") && !text.contains(&format!("q{fold} ")));
-        assert!(req.estimated_input_tokens() + 200 <= 2000);
+        assert!(
+            text.contains("q0 ") && !text.contains(&format!("q{fold} ")),
+            "{fold}"
+        );
+        assert!(!text.contains("[…]"));
+        assert!(req.estimated_input_tokens() + 200 <= 10_000);
         // A tiny window cuts the transcript from the front.
         let req = summary_request(&ctx, fold, 600, 100);
         assert!(

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use crate::agent::clock::ManualClock;
+use crate::agent::clock::{Clock, ManualClock};
 
 fn ledger(budgets: Budgets, now: i64) -> (tempfile::TempDir, Arc<Ledger>, Arc<ManualClock>) {
     let dir = tempfile::tempdir().unwrap();

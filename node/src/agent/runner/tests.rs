@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use iom_crdt::{ClaimView, Interface};
+use iom_crdt::{ClaimView, Interface, Role as MsgRole};
 use serde_json::json;
 
 use super::*;
@@ -476,6 +476,8 @@ async fn rate_limiter_window_slides() {
 async fn a_used_up_budget_fails_the_request_before_the_model_is_called() {
     let mut cfg = config();
     cfg.budgets = Budgets::daily_tokens(100);
+    // Small enough that a fresh day's budget holds a request's reservation.
+    cfg.max_tokens = 40;
     let rig = Rig::new(cfg, |_, _| text("ok")).await;
     let ledger = Ledger::new(
         rig.mesh.store.clone(),
@@ -1089,6 +1091,7 @@ fn msg(role: MsgRole, text: &str, rid: Option<&str>, status: Option<Status>) -> 
         reply_to,
         tool_calls: Vec::new(),
         usage: None,
+        model: None,
         progress: None,
         attachments: Vec::new(),
     }
