@@ -35,40 +35,21 @@ pub struct Entry {
 pub struct Totals {
     /// Answers and summaries counted.
     pub answers: u64,
-    /// Input tokens, not cached.
-    pub input_tokens: u64,
-    /// Output tokens.
-    pub output_tokens: u64,
-    /// Input tokens written to the prompt cache.
-    pub cache_creation_input_tokens: u64,
-    /// Input tokens read from the prompt cache.
-    pub cache_read_input_tokens: u64,
+    /// Tokens by kind and the cost in nano-dollars (exact).
+    #[serde(flatten)]
+    pub usage: UsageView,
     /// Every token.
     pub tokens: u64,
     /// Cost in US dollars.
     pub cost_usd: f64,
-    /// Cost in nano-dollars (exact).
-    pub cost_nanos: u64,
 }
 
 impl Totals {
     fn add(&mut self, u: &UsageView) {
         self.answers += 1;
-        let mut sum = UsageView {
-            input_tokens: self.input_tokens,
-            output_tokens: self.output_tokens,
-            cache_creation_input_tokens: self.cache_creation_input_tokens,
-            cache_read_input_tokens: self.cache_read_input_tokens,
-            cost_nanos: self.cost_nanos,
-        };
-        sum.add(u);
-        self.input_tokens = sum.input_tokens;
-        self.output_tokens = sum.output_tokens;
-        self.cache_creation_input_tokens = sum.cache_creation_input_tokens;
-        self.cache_read_input_tokens = sum.cache_read_input_tokens;
-        self.cost_nanos = sum.cost_nanos;
-        self.tokens = sum.total_tokens();
-        self.cost_usd = cost::usd(sum.cost_nanos);
+        self.usage.add(u);
+        self.tokens = self.usage.total_tokens();
+        self.cost_usd = cost::usd(self.usage.cost_nanos);
     }
 }
 
@@ -184,7 +165,8 @@ pub fn fold(
     }
     let dearest = |mut rows: Vec<Row>| {
         rows.sort_by(|a, b| {
-            (b.totals.cost_nanos, b.totals.tokens).cmp(&(a.totals.cost_nanos, a.totals.tokens))
+            (b.totals.usage.cost_nanos, b.totals.tokens)
+                .cmp(&(a.totals.usage.cost_nanos, a.totals.tokens))
         });
         rows
     };
@@ -296,11 +278,11 @@ mod tests {
         assert_eq!(r.days, 7);
         assert_eq!(r.since, date(20_000 - 6));
         assert_eq!(r.total.answers, 3);
-        assert_eq!(r.total.input_tokens, 60);
+        assert_eq!(r.total.usage.input_tokens, 60);
         assert_eq!(r.total.tokens, 60 + 3 + 6);
-        assert_eq!(r.total.cost_nanos, 3_000);
+        assert_eq!(r.total.usage.cost_nanos, 3_000);
         assert_eq!(r.today.answers, 1);
-        assert_eq!(r.today.cost_nanos, 1_000);
+        assert_eq!(r.today.usage.cost_nanos, 1_000);
         assert_eq!(
             r.by_day.iter().map(|d| d.key.as_str()).collect::<Vec<_>>(),
             [date(20_000), date(19_999), date(19_998)]
