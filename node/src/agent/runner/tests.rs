@@ -671,12 +671,13 @@ async fn concurrent_runs_share_one_budget() {
 #[tokio::test(start_paused = true)]
 async fn a_device_budget_refuses_only_that_device() {
     let mut cfg = config();
-    let mut budgets = Budgets::default();
-    budgets.device_day = crate::agent::budget::Limit {
-        tokens: 0,
-        nanos: crate::agent::cost::nanos(0.05),
+    cfg.budgets = Budgets {
+        device_day: crate::agent::budget::Limit {
+            tokens: 0,
+            nanos: crate::agent::cost::nanos(0.05),
+        },
+        ..Budgets::default()
     };
-    cfg.budgets = budgets;
     // Haiku 4.5: $0.05 of output in one call, the whole daily budget of the device.
     let rig = Rig::new(cfg, |_, _| Step {
         usage: (0, 10_000),
