@@ -140,6 +140,13 @@ pub enum Command {
     /// Check this device's set-up (Docker, sandbox image, relay, disk, keys) and say what to
     /// fix; exits 1 when something is wrong.
     Doctor,
+    /// Tokens and cost of the assistant per day, asking device, model and conversation (from
+    /// the conversations this device holds), and the budgets when this device is the agent.
+    Usage {
+        /// Days covered, today included.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
     /// Run the node (or the relay) as a systemd service.
     #[command(subcommand)]
     Service(ServiceCommand),

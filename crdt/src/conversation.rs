@@ -1,7 +1,9 @@
 //! The conversation document: requests to the agent, its replies and token usage.
 //!
 //! Layout (root): `title` (str), `messages` (list of maps), `usage` (map of counters
-//! `input_tokens`, `output_tokens`). A message map:
+//! `input_tokens`, `output_tokens`, `cache_creation_input_tokens`, `cache_read_input_tokens`,
+//! `cost_nanos`), `summaries` (list of maps, see [`SummaryView`]: what the model was given in
+//! place of older turns once the conversation outgrew its window). A message map:
 //!
 //! | field | type | notes |
 //! |---|---|---|
@@ -17,7 +19,8 @@
 //! | `claimed_by` | map? | `{device, epoch}` of the agent running the request |
 //! | `reply_to` | str? | replies only: the request id |
 //! | `tool_calls` | list | replies only: `{id, name, input (JSON string), output, is_error}` |
-//! | `usage` | map | replies only: `{input_tokens, output_tokens}` |
+//! | `usage` | map | replies only: `{input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens, cost_nanos}` (cost in 10⁻⁹ USD) |
+//! | `model` | str? | replies only: the model that wrote it |
 //! | `progress` | map? | requests only: what a running request has streamed so far, appended to (see [`crate::progress`]; older builds wrote a JSON string) |
 //! | `attachments` | list? | requests only: `{name, hash (blob SHA-256, hex), len}` of attached files |
 //!
@@ -49,6 +52,11 @@ pub const FIELD_USAGE: &str = "usage";
 
 const INPUT_TOKENS: &str = "input_tokens";
 const OUTPUT_TOKENS: &str = "output_tokens";
+const CACHE_CREATION: &str = "cache_creation_input_tokens";
+const CACHE_READ: &str = "cache_read_input_tokens";
+const COST_NANOS: &str = "cost_nanos";
+/// Root field: the summaries of older turns (a list of maps).
+pub const FIELD_SUMMARIES: &str = "summaries";
 
 /// Errors of conversation operations.
 #[derive(Debug, thiserror::Error)]
@@ -180,13 +188,89 @@ pub struct AttachmentView {
     pub len: u64,
 }
 
-/// Token counts.
+/// Token counts and their cost.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageView {
-    /// Input (prompt) tokens.
+    /// Input (prompt) tokens not read from or written to the prompt cache.
     pub input_tokens: u64,
     /// Output tokens.
     pub output_tokens: u64,
+    /// Input tokens written to the prompt cache.
+    #[serde(default)]
+    pub cache_creation_input_tokens: u64,
+    /// Input tokens read from the prompt cache.
+    #[serde(default)]
+    pub cache_read_input_tokens: u64,
+    /// What these tokens cost, in nano-dollars (10⁻⁹ USD); 0 for a model without a price.
+    #[serde(default)]
+    pub cost_nanos: u64,
+}
+
+impl UsageView {
+    /// Plain input and output tokens, no cache figures, no cost.
+    pub fn new(input_tokens: u64, output_tokens: u64) -> UsageView {
+        UsageView {
+            input_tokens,
+            output_tokens,
+            ..UsageView::default()
+        }
+    }
+
+    /// Every token: input (plain, cache writes, cache reads) and output.
+    pub fn total_tokens(&self) -> u64 {
+        self.input_tokens
+            .saturating_add(self.output_tokens)
+            .saturating_add(self.cache_creation_input_tokens)
+            .saturating_add(self.cache_read_input_tokens)
+    }
+
+    /// Adds `other` to these counts.
+    pub fn add(&mut self, other: &UsageView) {
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.cache_creation_input_tokens = self
+            .cache_creation_input_tokens
+            .saturating_add(other.cache_creation_input_tokens);
+        self.cache_read_input_tokens = self
+            .cache_read_input_tokens
+            .saturating_add(other.cache_read_input_tokens);
+        self.cost_nanos = self.cost_nanos.saturating_add(other.cost_nanos);
+    }
+}
+
+/// A summary of older turns, written when the conversation outgrew the model's window: the
+/// model is sent this summary in place of every turn up to and including request `through`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SummaryView {
+    /// Position in the `summaries` list.
+    pub index: usize,
+    /// The summary text.
+    pub text: String,
+    /// The last request it covers (its answer included).
+    pub through: String,
+    /// Requests it covers (earlier summaries' included).
+    pub requests: u64,
+    /// The model that wrote it.
+    pub model: Option<String>,
+    /// The agent device that wrote it.
+    pub device: Option<String>,
+    /// Unix seconds.
+    pub created_at: Option<i64>,
+    /// What writing it cost.
+    pub usage: UsageView,
+}
+
+/// A new answer for [`Conversation::append_answer`].
+#[derive(Debug, Clone, Copy)]
+pub struct Answer<'a> {
+    /// The reply text.
+    pub text: &'a str,
+    /// Tool calls it made.
+    pub tool_calls: &'a [ToolCallView],
+    /// Its tokens and cost.
+    pub usage: UsageView,
+    /// The model that wrote it.
+    pub model: Option<&'a str>,
 }
 
 /// A message, as read from the document.
@@ -220,6 +304,9 @@ pub struct MessageView {
     pub tool_calls: Vec<ToolCallView>,
     /// Token usage of a reply.
     pub usage: Option<UsageView>,
+    /// The model that wrote a reply.
+    #[serde(default)]
+    pub model: Option<String>,
     /// What the request has streamed so far (requests only). Shown by the local API as the
     /// JSON form inside a string.
     #[serde(with = "crate::progress::as_json_string")]
@@ -351,6 +438,48 @@ impl<D: Borrow<Document>> Conversation<D> {
             })
             .filter(|m| m.role == Role::Assistant)
             .collect()
+    }
+
+    /// The summaries of older turns, oldest first.
+    pub fn summaries(&self) -> Vec<SummaryView> {
+        let doc = self.document().automerge();
+        let Some(list) = fields::object(doc, &ROOT, FIELD_SUMMARIES, ObjType::List) else {
+            return Vec::new();
+        };
+        fields::maps_in(doc, &list, ..)
+            .into_iter()
+            .filter_map(|(i, obj)| {
+                let f = MapFields::read(doc, &obj);
+                Some(SummaryView {
+                    index: i,
+                    text: f.string(doc, "text")?,
+                    through: f.string(doc, "through")?,
+                    requests: f.uint("requests").unwrap_or(0),
+                    model: f.string(doc, "model"),
+                    device: f.string(doc, "device"),
+                    created_at: f.int("created_at"),
+                    usage: f
+                        .object("usage", ObjType::Map)
+                        .map(|u| read_usage(doc, &u))
+                        .unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    /// The newest summary whose `through` request is in this conversation.
+    pub fn latest_summary(&self) -> Option<SummaryView> {
+        let requests = self.requests();
+        self.summaries()
+            .into_iter()
+            .filter_map(|s| {
+                let at = requests
+                    .iter()
+                    .position(|r| r.request_id.as_deref() == Some(&s.through))?;
+                Some((at, s))
+            })
+            .max_by_key(|(at, s)| (*at, s.index))
+            .map(|(_, s)| s)
     }
 
     /// Conversation token totals.
@@ -522,6 +651,29 @@ impl<D: BorrowMut<Document>> Conversation<D> {
         device: &str,
         now: i64,
     ) -> Result<AppendOutcome, ConversationError> {
+        let answer = Answer {
+            text,
+            tool_calls,
+            usage,
+            model: None,
+        };
+        self.append_answer(request_id, &answer, device, now)
+    }
+
+    /// [`Conversation::append_assistant`] with the model that wrote it.
+    pub fn append_answer(
+        &mut self,
+        request_id: &str,
+        answer: &Answer<'_>,
+        device: &str,
+        now: i64,
+    ) -> Result<AppendOutcome, ConversationError> {
+        let Answer {
+            text,
+            tool_calls,
+            usage,
+            model,
+        } = *answer;
         if self.find_request(request_id).is_none() {
             return Err(ConversationError::RequestNotFound(request_id.to_owned()));
         }
@@ -546,9 +698,10 @@ impl<D: BorrowMut<Document>> Conversation<D> {
                 tx.put(&c, "output", call.output.as_str())?;
                 tx.put(&c, "is_error", call.is_error)?;
             }
-            let u = tx.put_object(&m, "usage", ObjType::Map)?;
-            tx.put(&u, INPUT_TOKENS, usage.input_tokens)?;
-            tx.put(&u, OUTPUT_TOKENS, usage.output_tokens)?;
+            if let Some(model) = model {
+                tx.put(&m, "model", model)?;
+            }
+            put_usage(tx, &m, &usage)?;
             Ok(AppendOutcome {
                 index,
                 id: id.clone(),
@@ -565,14 +718,67 @@ impl<D: BorrowMut<Document>> Conversation<D> {
         output: u64,
         now: i64,
     ) -> Result<(), ConversationError> {
+        self.add_usage_view(&UsageView::new(input, output), now)
+    }
+
+    /// Adds every count of `usage` (cache figures and cost too) to the conversation totals.
+    pub fn add_usage_view(&mut self, usage: &UsageView, now: i64) -> Result<(), ConversationError> {
         self.doc_mut().change("add usage", now, |tx| {
-            let usage = match fields::object(tx, &ROOT, FIELD_USAGE, ObjType::Map) {
+            let totals = match fields::object(tx, &ROOT, FIELD_USAGE, ObjType::Map) {
                 Some(u) => u,
                 None => put_usage_totals(tx)?,
             };
-            add_to_counter(tx, &usage, INPUT_TOKENS, input)?;
-            add_to_counter(tx, &usage, OUTPUT_TOKENS, output)?;
+            for (key, by) in usage_fields(usage) {
+                if by > 0 || key == INPUT_TOKENS || key == OUTPUT_TOKENS {
+                    add_to_counter(tx, &totals, key, by)?;
+                }
+            }
             Ok(())
+        })
+    }
+
+    /// Records a summary of the turns up to and including request `through` (see
+    /// [`SummaryView`]); its cost is added to the totals in the same change.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_summary(
+        &mut self,
+        text: &str,
+        through: &str,
+        requests: u64,
+        model: Option<&str>,
+        usage: &UsageView,
+        device: &str,
+        now: i64,
+    ) -> Result<usize, ConversationError> {
+        if self.find_request(through).is_none() {
+            return Err(ConversationError::RequestNotFound(through.to_owned()));
+        }
+        self.doc_mut().change("summary", now, |tx| {
+            let list = match fields::object(tx, &ROOT, FIELD_SUMMARIES, ObjType::List) {
+                Some(l) => l,
+                None => tx.put_object(ROOT, FIELD_SUMMARIES, ObjType::List)?,
+            };
+            let index = tx.length(&list);
+            let m = tx.insert_object(&list, index, ObjType::Map)?;
+            tx.put(&m, "text", text)?;
+            tx.put(&m, "through", through)?;
+            tx.put(&m, "requests", requests)?;
+            if let Some(model) = model {
+                tx.put(&m, "model", model)?;
+            }
+            tx.put(&m, "device", device)?;
+            tx.put(&m, "created_at", now)?;
+            put_usage(tx, &m, usage)?;
+            let totals = match fields::object(tx, &ROOT, FIELD_USAGE, ObjType::Map) {
+                Some(u) => u,
+                None => put_usage_totals(tx)?,
+            };
+            for (key, by) in usage_fields(usage) {
+                if by > 0 {
+                    add_to_counter(tx, &totals, key, by)?;
+                }
+            }
+            Ok(index)
         })
     }
 
@@ -598,6 +804,32 @@ pub(crate) fn put_usage_totals(tx: &mut Transaction<'_>) -> Result<ObjId, Autome
     tx.put(&u, INPUT_TOKENS, ScalarValue::counter(0))?;
     tx.put(&u, OUTPUT_TOKENS, ScalarValue::counter(0))?;
     Ok(u)
+}
+
+fn usage_fields(u: &UsageView) -> [(&'static str, u64); 5] {
+    [
+        (INPUT_TOKENS, u.input_tokens),
+        (OUTPUT_TOKENS, u.output_tokens),
+        (CACHE_CREATION, u.cache_creation_input_tokens),
+        (CACHE_READ, u.cache_read_input_tokens),
+        (COST_NANOS, u.cost_nanos),
+    ]
+}
+
+/// Writes `usage` as a map under `key` `usage` of `obj` (plain numbers; zero cache and cost
+/// fields are left out).
+fn put_usage(
+    tx: &mut Transaction<'_>,
+    obj: &ObjId,
+    usage: &UsageView,
+) -> Result<(), AutomergeError> {
+    let u = tx.put_object(obj, "usage", ObjType::Map)?;
+    for (key, value) in usage_fields(usage) {
+        if value > 0 || key == INPUT_TOKENS || key == OUTPUT_TOKENS {
+            tx.put(&u, key, value)?;
+        }
+    }
+    Ok(())
 }
 
 fn add_to_counter(
@@ -644,9 +876,13 @@ fn find_request_obj<R: ReadDoc>(doc: &R, request_id: &str) -> Option<(ObjId, usi
 }
 
 fn read_usage<R: ReadDoc>(doc: &R, obj: &ObjId) -> UsageView {
+    let n = |key: &str| fields::uint(doc, obj, key).unwrap_or(0);
     UsageView {
-        input_tokens: fields::uint(doc, obj, INPUT_TOKENS).unwrap_or(0),
-        output_tokens: fields::uint(doc, obj, OUTPUT_TOKENS).unwrap_or(0),
+        input_tokens: n(INPUT_TOKENS),
+        output_tokens: n(OUTPUT_TOKENS),
+        cache_creation_input_tokens: n(CACHE_CREATION),
+        cache_read_input_tokens: n(CACHE_READ),
+        cost_nanos: n(COST_NANOS),
     }
 }
 
@@ -693,6 +929,7 @@ fn read_message<R: ReadDoc>(doc: &R, obj: &ObjId, index: usize) -> Option<Messag
         reply_to: parse("reply_to"),
         tool_calls,
         usage: f.object("usage", ObjType::Map).map(|u| read_usage(doc, &u)),
+        model: parse("model"),
         progress: progress::read(doc, obj),
         attachments: read_attachments(doc, &f),
     })
@@ -770,10 +1007,7 @@ mod tests {
             output: "a\nb".into(),
             is_error: false,
         }];
-        let usage = UsageView {
-            input_tokens: 10,
-            output_tokens: 5,
-        };
+        let usage = UsageView::new(10, 5);
         let r = c
             .append_assistant("r1", "Here.", &calls, usage, "server", 105)
             .expect("reply");
@@ -964,5 +1198,61 @@ mod tests {
             serde_json::to_value(Role::Assistant).expect("json"),
             "assistant"
         );
+    }
+
+    #[test]
+    fn answers_record_model_cache_cost_and_summaries() {
+        let mut d = conv();
+        let mut c = Conversation::open(&mut d).expect("open");
+        for rid in ["r1", "r2", "r3"] {
+            c.append_request(rid, "q", Interface::Cli, "laptop", 1)
+                .expect("ask");
+        }
+        let usage = UsageView {
+            input_tokens: 10,
+            output_tokens: 5,
+            cache_creation_input_tokens: 100,
+            cache_read_input_tokens: 200,
+            cost_nanos: 42,
+        };
+        let answer = Answer {
+            text: "a",
+            tool_calls: &[],
+            usage,
+            model: Some("claude-haiku-4-5"),
+        };
+        c.append_answer("r1", &answer, "server", 2).expect("answer");
+        c.add_usage_view(&usage, 2).expect("totals");
+        let reply = &c.replies_to("r1")[0];
+        assert_eq!(reply.usage, Some(usage));
+        assert_eq!(reply.model.as_deref(), Some("claude-haiku-4-5"));
+        assert_eq!(usage.total_tokens(), 315);
+        assert!(c.latest_summary().is_none());
+        let cost = UsageView::new(50, 7);
+        c.append_summary("s1", "r1", 1, Some("m"), &cost, "server", 3)
+            .expect("summary");
+        c.append_summary("s2", "r2", 2, Some("m"), &cost, "server", 4)
+            .expect("summary");
+        assert!(
+            c.append_summary("x", "nope", 1, None, &cost, "server", 5)
+                .is_err()
+        );
+        let latest = c.latest_summary().expect("latest");
+        assert_eq!(
+            (latest.text.as_str(), latest.through.as_str()),
+            ("s2", "r2")
+        );
+        assert_eq!(latest.usage, cost);
+        assert_eq!(c.summaries().len(), 2);
+        // Totals: the answer, then both summaries.
+        let mut want = usage;
+        want.add(&cost);
+        want.add(&cost);
+        assert_eq!(c.usage_totals(), want);
+        // An old reply without the new fields reads as zero.
+        let j = serde_json::to_value(UsageView::new(1, 2)).expect("json");
+        let back: UsageView =
+            serde_json::from_value(json!({"input_tokens": 1, "output_tokens": 2})).expect("old");
+        assert_eq!(serde_json::to_value(back).expect("json"), j);
     }
 }

@@ -66,8 +66,8 @@ pub mod test_utils;
 pub use actor::{actor_for, author_of};
 pub use automerge::ChangeHash;
 pub use conversation::{
-    AppendOutcome, AttachmentView, ClaimOutcome, ClaimView, Conversation, ConversationError,
-    Interface, MessageView, Role, Status, ToolCallView, UsageView,
+    Answer, AppendOutcome, AttachmentView, ClaimOutcome, ClaimView, Conversation,
+    ConversationError, Interface, MessageView, Role, Status, SummaryView, ToolCallView, UsageView,
 };
 pub use doc_id::{DocId, ParseDocIdError};
 pub use document::{

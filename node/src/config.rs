@@ -99,6 +99,55 @@ pub struct AgentConfig {
     /// What happens to requests that were running when the agent stopped:
     /// `fail` (mark `failed: interrupted`) or `retry` (run them again once).
     pub on_interrupted: String,
+    /// The model's context window in tokens: a conversation that would not fit (with
+    /// `max_tokens` of room for the answer) has its older turns compacted into a summary.
+    /// 0: 200,000 (the Claude models' window).
+    pub context_window: u64,
+    /// `[agent.budget]`: budgets beyond `daily_token_budget`.
+    pub budget: BudgetConfig,
+    /// `[agent.prices."MODEL"]`: US dollars per million tokens (`input`, `output`,
+    /// `cache_write`, `cache_read`), added to or replacing the built-in Claude prices.
+    pub prices: std::collections::BTreeMap<String, crate::agent::cost::Price>,
+}
+
+/// `[agent.budget]`: limits per UTC day and month, for the mesh and for each asking device,
+/// in tokens and/or US dollars. 0 means no limit. The mesh's daily token limit is
+/// `agent.daily_token_budget`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    /// Tokens per month across the mesh.
+    pub monthly_tokens: u64,
+    /// Dollars per day across the mesh.
+    pub daily_usd: f64,
+    /// Dollars per month across the mesh.
+    pub monthly_usd: f64,
+    /// Tokens per day for each asking device.
+    pub device_daily_tokens: u64,
+    /// Tokens per month for each asking device.
+    pub device_monthly_tokens: u64,
+    /// Dollars per day for each asking device.
+    pub device_daily_usd: f64,
+    /// Dollars per month for each asking device.
+    pub device_monthly_usd: f64,
+    /// `[agent.budget.devices."NAME-OR-ID"]`: one device's limits in place of the
+    /// `device_*` ones (`daily_tokens`, `monthly_tokens`, `daily_usd`, `monthly_usd`).
+    pub devices: std::collections::BTreeMap<String, DeviceBudget>,
+}
+
+/// One device's budget (`[agent.budget.devices."NAME-OR-ID"]`); an absent field keeps the
+/// `device_*` default.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceBudget {
+    /// Tokens per day.
+    pub daily_tokens: Option<u64>,
+    /// Tokens per month.
+    pub monthly_tokens: Option<u64>,
+    /// Dollars per day.
+    pub daily_usd: Option<f64>,
+    /// Dollars per month.
+    pub monthly_usd: Option<f64>,
 }
 
 impl Default for AgentConfig {
@@ -113,6 +162,9 @@ impl Default for AgentConfig {
             base_url: None,
             history_chars: 100_000,
             on_interrupted: "fail".into(),
+            context_window: 0,
+            budget: BudgetConfig::default(),
+            prices: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -371,6 +423,41 @@ impl RawConfig {
                 "agent.on_interrupted",
                 format!("{:?}: expected \"fail\" or \"retry\"", agent.on_interrupted),
             ));
+        }
+        let b = &agent.budget;
+        let dollars = [
+            ("agent.budget.daily_usd", Some(b.daily_usd)),
+            ("agent.budget.monthly_usd", Some(b.monthly_usd)),
+            ("agent.budget.device_daily_usd", Some(b.device_daily_usd)),
+            (
+                "agent.budget.device_monthly_usd",
+                Some(b.device_monthly_usd),
+            ),
+        ]
+        .into_iter()
+        .chain(b.devices.values().flat_map(|d| {
+            [
+                ("agent.budget.devices.*.daily_usd", d.daily_usd),
+                ("agent.budget.devices.*.monthly_usd", d.monthly_usd),
+            ]
+        }));
+        for (field, usd) in dollars {
+            if let Some(usd) = usd
+                && !(usd.is_finite() && usd >= 0.0)
+            {
+                return Err(invalid(field, format!("{usd}: a dollar amount, 0 or more")));
+            }
+        }
+        for (model, p) in &agent.prices {
+            let all = [p.input, p.output, p.cache_write, p.cache_read];
+            if model.trim().is_empty() || all.iter().any(|x| !(x.is_finite() && *x >= 0.0)) {
+                return Err(invalid(
+                    "agent.prices",
+                    format!(
+                        "{model:?}: a model name and prices of 0 or more dollars per million tokens"
+                    ),
+                ));
+            }
         }
         if self.storage.loaded_docs == 0 {
             return Err(invalid("storage.loaded_docs", "must be at least 1".into()));

@@ -50,6 +50,12 @@ pub struct NodeCounters {
     pub tokens_input: Counter,
     /// Output tokens reported by the model API.
     pub tokens_output: Counter,
+    /// Input tokens written to the prompt cache.
+    pub tokens_cache_creation: Counter,
+    /// Input tokens read from the prompt cache.
+    pub tokens_cache_read: Counter,
+    /// What the model calls cost, in nano-dollars (priced by the agent's price table).
+    pub cost_nanos: Counter,
     /// Tool calls the agent ran in the sandbox.
     pub tool_calls: Counter,
     /// Tool calls that returned an error.
@@ -76,6 +82,9 @@ impl NodeCounters {
             asks_failed: Counter::new(),
             tokens_input: Counter::new(),
             tokens_output: Counter::new(),
+            tokens_cache_creation: Counter::new(),
+            tokens_cache_read: Counter::new(),
+            cost_nanos: Counter::new(),
             tool_calls: Counter::new(),
             tool_call_errors: Counter::new(),
             relay_reservations: Counter::new(),
@@ -156,6 +165,13 @@ impl Exposition {
     pub fn counter(&mut self, name: &str, help: &str, value: u64) -> &mut Self {
         self.header(name, help, "counter");
         let _ = writeln!(self.text, "{name} {value}");
+        self
+    }
+
+    /// A counter without labels whose value is not a whole number (dollars, seconds).
+    pub fn counter_f64(&mut self, name: &str, help: &str, value: f64) -> &mut Self {
+        self.header(name, help, "counter");
+        let _ = writeln!(self.text, "{name} {}", number(value));
         self
     }
 

@@ -14,9 +14,23 @@
 //!    one as a `tool_use`; otherwise it replies `echo: <that text>`, plus
 //!    `\ntool results: <r1> | <r2>` when the last message carried tool results.
 //!
+//! A request whose system prompt asks to summarize a conversation (it contains "summarize
+//! the conversation") is answered `summary: ` and the first 120 characters of its last user
+//! message (after its first blank line), so compaction gets a short summary.
+//!
 //! Usage is deterministic: `input_tokens` = request body bytes / 4, `output_tokens` = reply
-//! bytes / 4. Requests are checked like the real API does where it matters for a client:
-//! the key, the version header, the body shape and the `tool_use` / `tool_result` pairing.
+//! bytes / 4 (or [`Scripted::TextWithUsage`]'s figure). Requests are checked like the real
+//! API does where it matters for a client: the key, the version header, the body shape, the
+//! `tool_use` / `tool_result` pairing and the prompt-caching breakpoints (at most 4
+//! `cache_control` markers, each `{"type": "ephemeral"}` with an optional `ttl` of `5m` or
+//! `1h`, only on tool definitions, system text blocks and message blocks of the types
+//! `text`, `image`, `document`, `tool_use`, `tool_result`, never on empty text).
+//!
+//! **Prompt caching**: the prefix up to each breakpoint (tools, then system, then messages,
+//! with the markers taken out) is remembered. The input of a request is then split the way
+//! the API reports it: the longest remembered prefix is a cache read
+//! (`cache_read_input_tokens` = its bytes / 4), the rest up to the last breakpoint a cache
+//! write (`cache_creation_input_tokens`), and what follows `input_tokens`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -77,6 +91,15 @@ pub enum Scripted {
     },
     /// A streamed text reply.
     Text(String),
+    /// A streamed text reply that reports this usage, whatever the sizes (no cache figures).
+    TextWithUsage {
+        /// The text.
+        text: String,
+        /// Input tokens reported.
+        input_tokens: u64,
+        /// Output tokens reported.
+        output_tokens: u64,
+    },
     /// A streamed `tool_use` reply (stop reason `tool_use`).
     ToolUse {
         /// Tool name.
@@ -107,6 +130,8 @@ pub struct RecordedRequest {
     pub headers: Vec<(String, String)>,
     /// The body as JSON (a JSON string holding the raw text if it did not parse).
     pub body: Value,
+    /// The body's size in bytes (the fake counts `bytes / 4` input tokens).
+    pub bytes: usize,
 }
 
 impl RecordedRequest {
@@ -144,6 +169,8 @@ struct Inner {
     script: VecDeque<Scripted>,
     requests: VecDeque<RecordedRequest>,
     next_id: u64,
+    /// Prefixes seen at breakpoints (prompt caching), as hashes.
+    cached: std::collections::HashSet<u64>,
 }
 
 #[derive(Debug)]
@@ -314,6 +341,7 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
         body: parsed
             .clone()
             .unwrap_or_else(|| Value::String(String::from_utf8_lossy(&body).into_owned())),
+        bytes: body.len(),
     };
     {
         let mut inner = shared.lock();
@@ -364,10 +392,10 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
             other => break other,
         }
     };
-    let input_tokens = (body.len() / 4) as u64;
+    let mut cache = cache_usage(&req, body.len(), &mut shared.lock().cached);
     let max_tokens = req["max_tokens"].as_u64().unwrap_or(u64::MAX);
     let model = req["model"].as_str().unwrap_or_default().to_owned();
-    let start = message_start(&shared.next_id("msg"), &model, input_tokens);
+    let start = message_start(&shared.next_id("msg"), &model, cache);
     let events = match item {
         Some(Scripted::Status { code, retry_after }) => {
             let msg = match code {
@@ -379,6 +407,23 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
             return error_response(code, error_type_for(code), msg, retry_after);
         }
         Some(Scripted::Text(text)) => reply_events(start, Reply::Text(text), max_tokens, &shared),
+        Some(Scripted::TextWithUsage {
+            text,
+            input_tokens,
+            output_tokens,
+        }) => {
+            cache = InputUsage {
+                input_tokens,
+                ..InputUsage::default()
+            };
+            let start = message_start(&shared.next_id("msg"), &model, cache);
+            reply_events(
+                start,
+                Reply::TextUsage(text, output_tokens),
+                max_tokens,
+                &shared,
+            )
+        }
         Some(Scripted::ToolUse { name, input }) => {
             reply_events(start, Reply::ToolUse { name, input }, max_tokens, &shared)
         }
@@ -408,7 +453,12 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
 /// What the model says.
 enum Reply {
     Text(String),
-    ToolUse { name: String, input: Value },
+    /// Text reporting this many output tokens.
+    TextUsage(String, u64),
+    ToolUse {
+        name: String,
+        input: Value,
+    },
 }
 
 fn event(name: &str, data: Value) -> String {
@@ -426,15 +476,162 @@ fn error_event(error_type: &str) -> String {
     )
 }
 
-fn message_start(id: &str, model: &str, input_tokens: u64) -> String {
+/// The input of a request as the API reports it with prompt caching.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct InputUsage {
+    input_tokens: u64,
+    cache_creation_input_tokens: u64,
+    cache_read_input_tokens: u64,
+}
+
+fn message_start(id: &str, model: &str, input: InputUsage) -> String {
     event(
         "message_start",
         json!({"type": "message_start", "message": {
             "id": id, "type": "message", "role": "assistant", "model": model,
             "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": input_tokens, "output_tokens": 1}
+            "usage": {"input_tokens": input.input_tokens, "output_tokens": 1,
+                      "cache_creation_input_tokens": input.cache_creation_input_tokens,
+                      "cache_read_input_tokens": input.cache_read_input_tokens}
         }}),
     )
+}
+
+/// Removes every `cache_control` marker (a prefix is the same whatever is marked).
+fn unmarked(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| k.as_str() != "cache_control")
+                .map(|(k, v)| (k.clone(), unmarked(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(unmarked).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The prefixes of `req` at its breakpoints (tools, system, messages order), as text.
+fn breakpoint_prefixes(req: &Value) -> Vec<String> {
+    let tools: Vec<Value> = req["tools"].as_array().cloned().unwrap_or_default();
+    let system: Vec<Value> = match &req["system"] {
+        Value::Array(a) => a.clone(),
+        Value::String(s) => vec![json!({"type": "text", "text": s})],
+        _ => Vec::new(),
+    };
+    let messages: Vec<Value> = req["messages"].as_array().cloned().unwrap_or_default();
+    let marked = |b: &Value| b.get("cache_control").is_some();
+    let mut out = Vec::new();
+    for i in (0..tools.len()).filter(|&i| marked(&tools[i])) {
+        out.push(unmarked(&json!([&tools[..=i]])).to_string());
+    }
+    for i in (0..system.len()).filter(|&i| marked(&system[i])) {
+        out.push(unmarked(&json!([tools, &system[..=i]])).to_string());
+    }
+    for (m, message) in messages.iter().enumerate() {
+        let blocks = blocks(message);
+        for b in (0..blocks.len()).filter(|&b| marked(&blocks[b])) {
+            let head = &messages[..m];
+            let this = json!({"role": message["role"], "content": &blocks[..=b]});
+            out.push(unmarked(&json!([tools, system, head, this])).to_string());
+        }
+    }
+    out
+}
+
+fn hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+/// Splits a request's input into plain, cache-write and cache-read tokens (see the module
+/// docs), remembering its breakpoint prefixes.
+fn cache_usage(
+    req: &Value,
+    body_len: usize,
+    cached: &mut std::collections::HashSet<u64>,
+) -> InputUsage {
+    let total = (body_len / 4) as u64;
+    let prefixes = breakpoint_prefixes(req);
+    let read = prefixes
+        .iter()
+        .filter(|p| cached.contains(&hash(p)))
+        .map(|p| (p.len() / 4) as u64)
+        .max()
+        .unwrap_or(0);
+    let last = prefixes
+        .iter()
+        .map(|p| (p.len() / 4) as u64)
+        .max()
+        .unwrap_or(0);
+    for p in &prefixes {
+        cached.insert(hash(p));
+    }
+    let read = read.min(total);
+    let write = last.saturating_sub(read).min(total - read);
+    InputUsage {
+        input_tokens: total - read - write,
+        cache_creation_input_tokens: write,
+        cache_read_input_tokens: read,
+    }
+}
+
+/// Checks the `cache_control` markers the way the API does.
+fn validate_cache_control(req: &Value) -> Result<(), String> {
+    const ALLOWED: &[&str] = &["text", "image", "document", "tool_use", "tool_result"];
+    let mut count = 0usize;
+    let mut check = |where_: String, b: &Value, block: bool| -> Result<(), String> {
+        let Some(cc) = b.get("cache_control") else {
+            return Ok(());
+        };
+        count += 1;
+        if cc["type"] != "ephemeral" {
+            return Err(format!(
+                "{where_}.cache_control.type: Input should be 'ephemeral'"
+            ));
+        }
+        if let Some(ttl) = cc.get("ttl")
+            && ttl != "5m"
+            && ttl != "1h"
+        {
+            return Err(format!(
+                "{where_}.cache_control.ttl: Input should be '5m' or '1h'"
+            ));
+        }
+        if block {
+            let kind = b["type"].as_str().unwrap_or_default();
+            if !ALLOWED.contains(&kind) {
+                return Err(format!(
+                    "{where_}: cache_control cannot be set on a `{kind}` block"
+                ));
+            }
+            if kind == "text" && b["text"].as_str().is_none_or(str::is_empty) {
+                return Err(format!(
+                    "{where_}: cache_control cannot be set for empty text blocks"
+                ));
+            }
+        }
+        Ok(())
+    };
+    for (i, t) in req["tools"].as_array().into_iter().flatten().enumerate() {
+        check(format!("tools.{i}"), t, false)?;
+    }
+    for (i, b) in req["system"].as_array().into_iter().flatten().enumerate() {
+        check(format!("system.{i}"), b, true)?;
+    }
+    for (i, m) in req["messages"].as_array().into_iter().flatten().enumerate() {
+        for (j, b) in m["content"].as_array().into_iter().flatten().enumerate() {
+            check(format!("messages.{i}.content.{j}"), b, true)?;
+        }
+    }
+    if count > 4 {
+        return Err(format!(
+            "A maximum of 4 blocks with cache_control may be provided. Found {count}."
+        ));
+    }
+    Ok(())
 }
 
 /// Splits `s` into pieces of at most `n` characters.
@@ -464,7 +661,16 @@ fn text_block_events(index: usize, text: &str) -> Vec<String> {
 
 fn reply_events(start: String, reply: Reply, max_tokens: u64, shared: &Shared) -> Vec<String> {
     let mut evs = vec![start, event("ping", json!({"type": "ping"}))];
+    let mut reported = None;
+    let reply = match reply {
+        Reply::TextUsage(text, n) => {
+            reported = Some(n);
+            Reply::Text(text)
+        }
+        other => other,
+    };
     let (stop_reason, output_len) = match reply {
+        Reply::TextUsage(..) => ("end_turn", 0),
         Reply::Text(text) => {
             let (text, stop) = if (text.len() / 4) as u64 > max_tokens {
                 let limit = usize::try_from(max_tokens.saturating_mul(4)).unwrap_or(usize::MAX);
@@ -507,7 +713,7 @@ fn reply_events(start: String, reply: Reply, max_tokens: u64, shared: &Shared) -
         "message_delta",
         json!({"type": "message_delta",
                "delta": {"stop_reason": stop_reason, "stop_sequence": null},
-               "usage": {"output_tokens": output_len / 4}}),
+               "usage": {"output_tokens": reported.unwrap_or((output_len / 4) as u64)}}),
     ));
     evs.push(event("message_stop", json!({"type": "message_stop"})));
     evs
@@ -617,6 +823,16 @@ fn validate(req: &Value) -> Result<(), String> {
     if !(req["tools"].is_null() || req["tools"].is_array()) {
         return Err("tools: Input should be a valid list".into());
     }
+    if req["system"].is_array()
+        && !req["system"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|b| b["type"] == "text" && b["text"].is_string())
+    {
+        return Err("system: Input should be a valid list of text blocks".into());
+    }
+    validate_cache_control(req)?;
     for (i, tool) in req["tools"].as_array().into_iter().flatten().enumerate() {
         if !tool["name"].is_string() || !tool["input_schema"].is_object() {
             return Err(format!("tools.{i}: name and input_schema are required"));
@@ -738,6 +954,18 @@ fn directives(text: &str) -> Vec<(String, Value)> {
 /// The echo model.
 fn echo(req: &Value) -> Reply {
     let messages: &[Value] = req["messages"].as_array().map_or(&[], Vec::as_slice);
+    let system = match &req["system"] {
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().filter_map(|b| b["text"].as_str()).collect(),
+        _ => String::new(),
+    };
+    if system.to_lowercase().contains("summarize the conversation") {
+        let last = messages.last().map(text_of).unwrap_or_default();
+        // The text after the instruction line, if there is one.
+        let body = last.split_once("\n\n").map_or(last.as_str(), |(_, b)| b);
+        let head: String = body.chars().take(120).collect();
+        return Reply::Text(format!("summary: {head}"));
+    }
     // The newest user message with text is the "question".
     let (qi, question) = messages
         .iter()
@@ -819,6 +1047,7 @@ mod tests {
         match echo(&req) {
             Reply::Text(t) => assert_eq!(t, format!("echo: {q}\ntool results: two")),
             Reply::ToolUse { name, .. } => panic!("unexpected tool {name}"),
+            Reply::TextUsage(..) => panic!("unexpected scripted usage"),
         }
     }
 
@@ -836,5 +1065,56 @@ mod tests {
             {"role":"user","content":[{"type":"tool_result","tool_use_id":"zz","content":"r"}]}
         ]});
         assert!(validate(&bad).is_err_and(|e| e.contains("unexpected `tool_use_id`")));
+    }
+
+    #[test]
+    fn cache_breakpoints_are_checked_and_a_seen_prefix_is_read() {
+        let cc = json!({"type": "ephemeral"});
+        let mut req = json!({"model": "m", "max_tokens": 5,
+            "tools": [{"name": "t", "input_schema": {}, "cache_control": cc}],
+            "system": [{"type": "text", "text": "sys", "cache_control": cc}],
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "q1", "cache_control": cc}]}]});
+        assert_eq!(validate(&req), Ok(()));
+        let mut cached = std::collections::HashSet::new();
+        let first = cache_usage(&req, 4000, &mut cached);
+        assert_eq!(first.cache_read_input_tokens, 0);
+        assert!(first.cache_creation_input_tokens > 0);
+        assert_eq!(
+            first.input_tokens + first.cache_creation_input_tokens,
+            1000,
+            "{first:?}"
+        );
+        // The next turn: the same tools and system, then more messages.
+        req["messages"] = json!([
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": [{"type": "text", "text": "q2", "cache_control": cc}]},
+        ]);
+        let second = cache_usage(&req, 4000, &mut cached);
+        assert!(second.cache_read_input_tokens > 0, "{second:?}");
+        assert_eq!(
+            second.input_tokens
+                + second.cache_creation_input_tokens
+                + second.cache_read_input_tokens,
+            1000
+        );
+        // Malformed markers are refused as the API refuses them.
+        let mut five = req.clone();
+        five["messages"][1]["content"] = json!([
+            {"type": "text", "text": "a", "cache_control": cc},
+            {"type": "text", "text": "b", "cache_control": cc},
+        ]);
+        assert!(validate(&five).is_err_and(|e| e.contains("maximum of 4 blocks")));
+        let mut bad = req.clone();
+        bad["tools"][0]["cache_control"] = json!({"type": "persistent"});
+        assert!(validate(&bad).is_err_and(|e| e.contains("ephemeral")));
+        let mut empty = req.clone();
+        empty["messages"][2]["content"][0]["text"] = json!("");
+        assert!(validate(&empty).is_err_and(|e| e.contains("empty text")));
+        let mut thinking = req.clone();
+        thinking["messages"][1]["content"] =
+            json!([{"type": "thinking", "thinking": "x", "cache_control": cc}]);
+        assert!(validate(&thinking).is_err_and(|e| e.contains("`thinking` block")));
     }
 }

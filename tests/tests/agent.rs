@@ -1216,21 +1216,28 @@ fn exceeded_daily_budget_is_refused_clearly() {
 
 fn budget_body() -> Result<()> {
     let fake = Fake::start()?;
-    let mut home = agent_node("home", Some(&fake), "[agent]\ndaily_token_budget = 10\n")?;
+    // A request reserves its input estimate (the tool definitions and the prompt) and
+    // max_tokens: 1,500 tokens hold the first, and what it used leaves too little for the
+    // second.
+    let mut home = agent_node(
+        "home",
+        Some(&fake),
+        "[agent]\nmax_tokens = 500\ndaily_token_budget = 1500\n",
+    )?;
     let mut laptop = Node::new("laptop")?;
     start_mesh(&mut [&mut home, &mut laptop])?;
     assign(&home, &home, &[&home, &laptop])?;
-    // The first request runs (nothing used yet) and uses more than the budget.
     let v = ask(&laptop, "first of the day", None)?;
     assert_eq!(v["result"]["type"], "done", "{v}");
     let st = home.json(&["agent", "status"])?;
-    assert!(st["tokens_today"].as_u64().is_some_and(|t| t > 10), "{st}");
+    assert!(st["tokens_today"].as_u64().is_some_and(|t| t > 0), "{st}");
     // The next is refused before any model call, with a message that says what to do.
     let v = ask(&laptop, "second of the day", None)?;
     assert_eq!(v["result"]["type"], "failed", "{v}");
     let err = v["result"]["error"].as_str().unwrap_or_default();
     assert!(
-        err.contains("daily token budget (10 tokens)") && err.contains("daily_token_budget"),
+        err.starts_with("budget exceeded: the mesh's daily token budget (1500 tokens)")
+            && err.contains("daily_token_budget"),
         "{err}"
     );
     assert_eq!(fake.requests_with("second of the day"), 0);

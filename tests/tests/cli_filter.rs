@@ -205,11 +205,17 @@ fn a_used_up_budget_exits_3() {
     scenario(|| {
         let rt = runtime()?;
         let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
-        let mut n = node(&fake, "budget", "[agent]\ndaily_token_budget = 10\n")?;
+        // A request reserves its input estimate (the tool definitions and the prompt) and
+        // max_tokens: 1,500 tokens hold the first, and what it used leaves too little for
+        // the second.
+        let mut n = node(
+            &fake,
+            "budget",
+            "[agent]\nmax_tokens = 500\ndaily_token_budget = 1500\n",
+        )?;
         n.start()?;
         let me = n.device_id()?;
         n.cli(&["agent", "assign", &me])?;
-        // The first request runs (nothing used yet) and uses more than the budget.
         let o = ask(&n, &["ask", "first of the day"], None)?;
         assert_eq!(code(&o), 0, "{}", err(&o));
         let o = ask(&n, &["ask", "second of the day"], None)?;

@@ -14,6 +14,7 @@ use crate::output;
 pub async fn chat(g: &Global, conversation: Option<String>) -> Result<(), Failure> {
     let c = g.client()?;
     let mut conv = conversation;
+    let mut summaries = 0usize;
     let stdin = std::io::stdin();
     eprintln!("chatting with the assistant; an empty line or Ctrl-D ends");
     loop {
@@ -35,6 +36,11 @@ pub async fn chat(g: &Global, conversation: Option<String>) -> Result<(), Failur
         match super::ask::ask_once(&c, line, conv.as_deref(), &[], false, format).await {
             Ok(o) => {
                 conv = Some(output::s(&o.asked, "conversation").to_string());
+                if let Some(id) = &conv
+                    && !g.json
+                {
+                    summaries = print_new_summaries(&c, id, summaries).await;
+                }
                 if g.json {
                     let _ = super::ask::finish(&o, format);
                 } else {
@@ -56,6 +62,62 @@ pub async fn chat(g: &Global, conversation: Option<String>) -> Result<(), Failur
         eprintln!("conversation {c}");
     }
     Ok(())
+}
+
+/// `12 tokens in, 5 out, 300 from cache, $0.0004, claude-haiku-4-5`.
+fn usage_line(u: &serde_json::Value, model: Option<&str>) -> String {
+    let n = |k: &str| u[k].as_u64().unwrap_or(0);
+    let mut parts = vec![format!(
+        "{} tokens in, {} out",
+        n("input_tokens"),
+        n("output_tokens")
+    )];
+    if n("cache_creation_input_tokens") > 0 {
+        parts.push(format!("{} to cache", n("cache_creation_input_tokens")));
+    }
+    if n("cache_read_input_tokens") > 0 {
+        parts.push(format!("{} from cache", n("cache_read_input_tokens")));
+    }
+    if n("cost_nanos") > 0 {
+        parts.push(format!("${:.4}", n("cost_nanos") as f64 / 1e9));
+    }
+    if let Some(m) = model {
+        parts.push(m.to_string());
+    }
+    parts.join(", ")
+}
+
+/// A summary entry: `[summary of 3 earlier requests] …`.
+fn summary_line(s: &serde_json::Value) -> String {
+    let n = s["requests"].as_u64().unwrap_or(0);
+    format!(
+        "[summary of {n} earlier request{}] {}",
+        if n == 1 { "" } else { "s" },
+        output::s(s, "text")
+    )
+}
+
+/// Prints the summaries of conversation `conv` after the first `seen` (for `iom chat`);
+/// returns how many there are now.
+async fn print_new_summaries(
+    c: &iom_node::api::client::ApiClient,
+    conv: &str,
+    seen: usize,
+) -> usize {
+    let Ok(r) = c
+        .get(&format!(
+            "/v1/conversations/{}",
+            super::doc::urlencode(conv)
+        ))
+        .await
+    else {
+        return seen;
+    };
+    let all = r["summaries"].as_array().cloned().unwrap_or_default();
+    for s in all.iter().skip(seen) {
+        eprintln!("{}", summary_line(s));
+    }
+    all.len().max(seen)
 }
 
 /// `iom conversations`.
@@ -108,12 +170,15 @@ pub async fn conversations(g: &Global, cmd: ConversationsCommand) -> Result<(), 
                     );
                 }
                 if let Some(u) = m.get("usage").filter(|u| !u.is_null()) {
-                    println!(
-                        "    ({} tokens in, {} out)",
-                        u["input_tokens"], u["output_tokens"]
-                    );
+                    println!("    ({})", usage_line(u, m["model"].as_str()));
                 }
                 println!();
+                let through = m["reply_to"].as_str().filter(|_| role == "assistant");
+                for s in r["summaries"].as_array().into_iter().flatten() {
+                    if through.is_some() && s["through"].as_str() == through {
+                        println!("{}\n", summary_line(s));
+                    }
+                }
             }
             println!(
                 "total: {} tokens in, {} out",

@@ -18,6 +18,7 @@ mod schedule;
 mod service;
 mod status;
 mod token;
+mod usage;
 mod webhook;
 
 use std::path::PathBuf;
@@ -84,6 +85,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Schedule(cmd) => schedule::run(&g, cmd).await,
         Command::Webhook(cmd) => webhook::run(&g, cmd).await,
         Command::Doctor => doctor::run(&g).await,
+        Command::Usage { days } => usage::run(&g, days).await,
         Command::Service(cmd) => service::run(&g, &relay_dir, cmd),
         Command::Completions { shell } => completions::completions(shell),
         Command::Man { out_dir } => completions::man(out_dir.as_deref()),

@@ -574,7 +574,7 @@ pub enum RequestEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailReason {
-    /// The agent's daily token budget is used up.
+    /// A budget of the agent (tokens or money, per day or month, mesh or device) is used up.
     BudgetExceeded,
     /// The asking device sent too many requests in the last minute.
     RateLimited,
@@ -588,7 +588,8 @@ impl FailReason {
     /// Classifies a failure message as the runner writes it.
     pub fn of(error: &str) -> FailReason {
         use super::runner::{BUDGET_EXHAUSTED, INTERRUPTED, RATE_LIMITED};
-        if error.starts_with(BUDGET_EXHAUSTED) {
+        // "the daily token budget": how failures read before budgets per month and device.
+        if error.starts_with(BUDGET_EXHAUSTED) || error.starts_with("the daily token budget") {
             FailReason::BudgetExceeded
         } else if error.starts_with(RATE_LIMITED) {
             FailReason::RateLimited

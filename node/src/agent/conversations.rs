@@ -167,6 +167,7 @@ impl Conversations {
                 "id": doc.to_string(),
                 "title": c.title(),
                 "messages": c.messages(),
+                "summaries": c.summaries(),
                 "usage": c.usage_totals(),
             })
         })

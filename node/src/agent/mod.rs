@@ -12,11 +12,17 @@
 //! - [`claude`], [`sandbox`]: those implementations.
 //! - [`progress`]: the progress of a running request as stored in the document.
 //! - [`prompt_files`]: attachments as image and document blocks of the prompt.
+//! - [`cost`], [`budget`], [`usage`]: prices per model, budgets with reservations, and the
+//!   usage report (`iom usage`).
+//! - [`compact`]: folding older turns into a summary when a conversation outgrows the window.
 
 pub mod ask;
+pub mod budget;
 pub mod claude;
 pub mod clock;
+pub mod compact;
 pub mod conversations;
+pub mod cost;
 pub mod host;
 pub mod model;
 pub mod progress;
@@ -26,3 +32,4 @@ pub mod runner;
 pub mod sandbox;
 #[cfg(test)]
 pub(crate) mod testkit;
+pub mod usage;

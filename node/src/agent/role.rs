@@ -49,6 +49,12 @@ impl AgentRole {
         self.identity.device_id()
     }
 
+    /// The name of trusted device `id` (a device id as text), if known.
+    pub fn device_name(&self, id: &str) -> Option<String> {
+        let id = id.parse::<DeviceId>().ok()?;
+        self.trust.state().devices.get(&id).map(|d| d.name.clone())
+    }
+
     /// `(device, epoch)` of the current agent, if any.
     pub fn holder(&self) -> Option<(DeviceId, u64)> {
         self.trust.state().agent.map(|a| (a.device, a.epoch))

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use iom_crdt::{
-    AttachmentView, ClaimOutcome, DocId, Memory, MessageView, Role as MsgRole, Status,
-    ToolCallView, UsageView,
+    Answer, AttachmentView, ClaimOutcome, DocId, Memory, MessageView, Status, ToolCallView,
+    UsageView,
 };
 use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc};
@@ -28,12 +28,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::budget::{Budgets, Exceeded, Ledger, RunBudget};
 use super::claude::{
-    self, Limits, Message, Progress, TokenBudget, ToolExecutor, ToolResult, fit_history,
-    run_with_budget,
+    self, Limits, Message, Progress, ToolExecutor, ToolResult, Usage, fit_history, run_with_budget,
 };
 use super::clock::SharedClock;
+use super::compact::{self, Context};
 use super::conversations::Conversations;
+use super::cost::PriceTable;
 use super::host::ToolHost;
 use super::model::ModelFactory;
 use super::progress::ProgressLog;
@@ -54,9 +56,11 @@ pub const PROGRESS_EVERY: Duration = Duration::from_millis(150);
 pub const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// Most conversations queued for a look.
 const SCAN_QUEUE: usize = 1024;
-/// How a failure for a used-up daily token budget starts (clients classify failures by it:
+/// How a failure for a used-up budget starts (clients classify failures by it:
 /// [`FailReason`](super::ask::FailReason)).
-pub const BUDGET_EXHAUSTED: &str = "the daily token budget";
+pub const BUDGET_EXHAUSTED: &str = super::budget::BUDGET_EXCEEDED;
+/// The context window assumed when none is configured (the Claude models').
+pub const DEFAULT_CONTEXT_WINDOW: u64 = 200_000;
 /// How a failure for the per-device rate limit starts.
 pub const RATE_LIMITED: &str = "rate limit:";
 /// How a failure for a run the agent's stop interrupted starts.
@@ -105,8 +109,14 @@ pub struct RunnerConfig {
     pub max_turns: u32,
     /// `max_tokens` per model call.
     pub max_tokens: u32,
-    /// Tokens per UTC day; 0: unlimited.
-    pub daily_token_budget: u64,
+    /// The budgets (tokens and money, per day and month, mesh and device).
+    pub budgets: Budgets,
+    /// Prices per model.
+    pub prices: PriceTable,
+    /// The model name answers are recorded (and priced) under.
+    pub model: String,
+    /// The model's context window in tokens (compaction keeps requests within it).
+    pub context_window: u64,
     /// Requests per asking device per minute; 0: unlimited.
     pub per_device_rate_per_min: u32,
     /// Characters of history sent per request.
@@ -125,7 +135,14 @@ impl RunnerConfig {
         RunnerConfig {
             max_turns: agent.max_turns,
             max_tokens: agent.max_tokens,
-            daily_token_budget: agent.daily_token_budget,
+            budgets: Budgets::from_config(agent),
+            prices: PriceTable::with_overrides(&agent.prices),
+            model: agent.model.clone(),
+            context_window: if agent.context_window == 0 {
+                DEFAULT_CONTEXT_WINDOW
+            } else {
+                agent.context_window
+            },
             per_device_rate_per_min: agent.per_device_rate_per_min,
             history_chars: agent.history_chars,
             on_interrupted: if agent.on_interrupted == "retry" {
@@ -163,84 +180,6 @@ pub trait Poke: Send + Sync {
     fn poke(&self, doc: DocId);
     /// Requests running now.
     fn running(&self) -> usize;
-}
-
-/// The tokens used per UTC day, in the store (`budget/{day}`), shared by every run. Each
-/// finished turn is added at once with a compare-and-swap, so concurrent runs never lose
-/// each other's use and all stop once the day's budget is used up (a run can overshoot by at
-/// most the turn it is in).
-#[derive(Debug)]
-pub struct TokenLedger {
-    store: Store,
-    clock: SharedClock,
-    daily_budget: u64,
-}
-
-impl TokenLedger {
-    /// A ledger over `store` with `daily_budget` tokens a day (0: unlimited).
-    pub fn new(store: Store, clock: SharedClock, daily_budget: u64) -> TokenLedger {
-        TokenLedger {
-            store,
-            clock,
-            daily_budget,
-        }
-    }
-
-    fn key(&self) -> Vec<u8> {
-        let day = self.clock.now_secs().max(0) / 86_400;
-        format!("budget/{day}").into_bytes()
-    }
-
-    fn decode(bytes: Option<&[u8]>) -> u64 {
-        bytes
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0)
-    }
-
-    /// Tokens used today (UTC).
-    pub fn used_today(&self) -> u64 {
-        let v = self.store.state_get(&self.key()).ok().flatten();
-        Self::decode(v.as_deref())
-    }
-
-    /// Whether today's budget is used up.
-    pub fn exhausted(&self) -> bool {
-        self.daily_budget > 0 && self.used_today() >= self.daily_budget
-    }
-
-    /// Adds `tokens` to today's use; returns the new total.
-    pub fn add(&self, tokens: u64) -> u64 {
-        let key = self.key();
-        loop {
-            let old = match self.store.state_get(&key) {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the token ledger");
-                    return 0;
-                }
-            };
-            let total = Self::decode(old.as_deref()).saturating_add(tokens);
-            match self
-                .store
-                .state_cas(&key, old.as_deref(), Some(total.to_be_bytes().to_vec()))
-            {
-                Ok(true) => return total,
-                Ok(false) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot record token use");
-                    return total;
-                }
-            }
-        }
-    }
-}
-
-impl TokenBudget for TokenLedger {
-    fn charge(&self, tokens: u64) -> bool {
-        let total = self.add(tokens);
-        self.daily_budget == 0 || total < self.daily_budget
-    }
 }
 
 /// Requests per device in a sliding window (tokio time, so tests pause it).
@@ -294,7 +233,7 @@ pub struct Runner {
     config: RunnerConfig,
     model: Arc<dyn ModelFactory>,
     tools: Arc<dyn ToolHost>,
-    ledger: Arc<TokenLedger>,
+    ledger: Arc<Ledger>,
     rate: RateLimiter,
     active: Mutex<Active>,
     slots: Semaphore,
@@ -330,11 +269,7 @@ impl Runner {
         Arc::new(Runner {
             conversations: Conversations::new(deps.docs, deps.clock.clone()),
             role: AgentRole::new(deps.identity, deps.trust),
-            ledger: Arc::new(TokenLedger::new(
-                deps.store,
-                deps.clock,
-                config.daily_token_budget,
-            )),
+            ledger: Ledger::new(deps.store, deps.clock, config.budgets.clone()),
             rate: RateLimiter::new(config.per_device_rate_per_min, RATE_WINDOW),
             slots: Semaphore::new(config.max_concurrent.max(1)),
             model: deps.model,
@@ -347,9 +282,19 @@ impl Runner {
         })
     }
 
-    /// Tokens used today (UTC) by this agent.
+    /// Tokens used today (UTC) by this agent, for the whole mesh.
     pub fn tokens_used_today(&self) -> u64 {
-        self.ledger.used_today()
+        self.ledger.tokens_today()
+    }
+
+    /// The usage ledger and budgets.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    /// The price table.
+    pub fn prices(&self) -> &PriceTable {
+        &self.config.prices
     }
 
     fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
@@ -585,13 +530,9 @@ impl Runner {
             );
             return self.set_status(doc, &rid, Status::Failed, Some(msg)).await;
         }
-        let budget = self.config.daily_token_budget;
-        if self.ledger.exhausted() {
-            let msg = format!(
-                "{BUDGET_EXHAUSTED} ({budget} tokens) is used up; it resets at 00:00 UTC, or \
-                 raise agent.daily_token_budget on the agent device"
-            );
-            return self.set_status(doc, &rid, Status::Failed, Some(msg)).await;
+        let device_name = self.role.device_name(&device);
+        if let Some(e) = self.ledger.exhausted(&device, device_name.as_deref()) {
+            return self.refuse(doc, &rid, e).await;
         }
         let files = match self.put_attachments(doc, &req.attachments).await {
             Ok(files) => files,
@@ -609,8 +550,32 @@ impl Runner {
                     .await;
             }
         };
-        let (system, history) = self.context_for(doc, &rid).await;
-        let mut history = fit_history(history, self.config.history_chars);
+        let tools = self.tools.definitions();
+        let model = self.config.model.clone();
+        let budget = match self
+            .ledger
+            .reserve(&device, device_name.as_deref(), Default::default())
+        {
+            Ok(r) => RunBudget::new(r, self.config.prices.price(&model)),
+            Err(e) => return self.refuse(doc, &rid, e).await,
+        };
+        let (system, ctx) = self.context_for(doc, &rid).await;
+        let compacted = self
+            .compact(
+                doc,
+                &device,
+                client.as_ref(),
+                &budget,
+                ctx,
+                system.as_deref(),
+                &tools,
+            )
+            .await;
+        let ctx = match compacted {
+            Ok(ctx) => ctx,
+            Err(e) => return self.refuse(doc, &rid, e).await,
+        };
+        let mut history = fit_history(ctx.messages(), self.config.history_chars);
         let accepts = client.accepts();
         let placed = tokio::task::spawn_blocking(move || {
             prompt_files::place(&files, accepts, &prompt_files::Limits::default())
@@ -622,6 +587,20 @@ impl Runner {
         });
         prompt_files::into_last_user_message(&mut history, placed.blocks);
         let file_notes = placed.notes;
+        // The first turn's room is held now: a request the budgets cannot hold is refused
+        // before the model is called.
+        let first = claude::MessagesRequest {
+            system: system.clone(),
+            messages: history.clone(),
+            tools: Some(tools.clone()),
+            ..Default::default()
+        };
+        if let Err(e) = budget.try_reserve(
+            first.estimated_input_tokens(),
+            u64::from(self.config.max_tokens),
+        ) {
+            return self.refuse(doc, &rid, e).await;
+        }
 
         // Progress: collected by the callback, appended to the document by the writer.
         let progress = Arc::new(Mutex::new(ProgressLog::default()));
@@ -636,10 +615,9 @@ impl Runner {
             max_tokens: Some(self.config.max_tokens),
             token_budget: None,
         };
-        let tools = self.tools.definitions();
         let run = {
             let progress = progress.clone();
-            let ledger = self.ledger.clone();
+            let budget = &budget;
             async move {
                 let mut on = move |p: Progress| {
                     lock(&progress).push(p);
@@ -654,7 +632,7 @@ impl Runner {
                     tools,
                     &executor,
                     limits,
-                    ledger.as_ref(),
+                    budget,
                     &mut on,
                 )
                 .await
@@ -669,11 +647,8 @@ impl Runner {
                 } else {
                     streamed
                 };
-                let usage = UsageView {
-                    input_tokens: outcome.usage.input_tokens,
-                    output_tokens: outcome.usage.output_tokens,
-                };
-                count_usage(&outcome);
+                let usage = usage_view(&outcome.usage, budget.cost_nanos(&outcome.usage));
+                count_usage(&outcome, usage.cost_nanos);
                 let calls: Vec<ToolCallView> = outcome
                     .tool_calls
                     .iter()
@@ -697,8 +672,14 @@ impl Runner {
                 let r = self
                     .conversations
                     .modify(doc, move |c, now| {
-                        c.append_assistant(&rid2, &text, &calls, usage, &me2, now)?;
-                        c.add_usage(usage.input_tokens, usage.output_tokens, now)?;
+                        let answer = Answer {
+                            text: &text,
+                            tool_calls: &calls,
+                            usage,
+                            model: Some(&model),
+                        };
+                        c.append_answer(&rid2, &answer, &me2, now)?;
+                        c.add_usage_view(&usage, now)?;
                         c.set_status(&rid2, Status::Done, note.as_deref(), now)
                     })
                     .await;
@@ -813,9 +794,103 @@ impl Runner {
         }
     }
 
-    /// The system prompt (the memory document) and the conversation so far, ending with the
-    /// request `rid`.
-    async fn context_for(&self, doc: DocId, rid: &str) -> (Option<String>, Vec<Message>) {
+    /// Fails request `rid` because a budget is used up.
+    async fn refuse(&self, doc: DocId, rid: &str, e: Exceeded) {
+        tracing::info!(conversation = %doc, request = %rid, reason = %e, "request refused");
+        self.set_status(doc, rid, Status::Failed, Some(e.to_string()))
+            .await;
+    }
+
+    /// Folds older turns of `ctx` into a summary when the request would not fit the model's
+    /// window ([`compact`]), stores the summary in the conversation (for every device to
+    /// see) and returns the context to send. The summary call is charged to `budget` (and
+    /// refused, failing the request, if the budgets cannot hold it). If the call fails the
+    /// context is sent as it is, and the history limit drops the oldest turns.
+    #[allow(clippy::too_many_arguments)]
+    async fn compact(
+        &self,
+        doc: DocId,
+        device: &str,
+        client: &dyn super::model::ModelClient,
+        budget: &RunBudget,
+        mut ctx: Context,
+        system: Option<&str>,
+        tools: &Value,
+    ) -> Result<Context, Exceeded> {
+        let window = self.config.context_window;
+        let room = compact::room(window, u64::from(self.config.max_tokens), system, tools);
+        let fold = compact::plan(&ctx, room);
+        if fold == 0 {
+            return Ok(ctx);
+        }
+        let summary_max = u32::try_from((room / 4).clamp(64, 4096))
+            .unwrap_or(4096)
+            .min(self.config.max_tokens);
+        let req = compact::summary_request(&ctx, fold, window, summary_max);
+        budget.try_reserve(req.estimated_input_tokens(), u64::from(summary_max))?;
+        let mut ignore = |_: claude::StreamEvent| {};
+        let turn = match client.stream(&req, &mut ignore).await {
+            Ok(turn) => turn,
+            Err(e) => {
+                tracing::warn!(conversation = %doc, error = %e, "cannot summarize older turns");
+                return Ok(ctx);
+            }
+        };
+        let cost = budget.cost_nanos(&turn.usage);
+        let usage = usage_view(&turn.usage, cost);
+        let _ = claude::TokenBudget::charge(budget, &turn.usage);
+        count_tokens(&turn.usage, cost);
+        let text = turn.text();
+        if text.trim().is_empty() {
+            return Ok(ctx);
+        }
+        let Some(through) = ctx.pairs.get(fold - 1).map(|p| p.rid.clone()) else {
+            return Ok(ctx);
+        };
+        let requests = ctx.summary.as_ref().map_or(0, |s| s.requests) + fold as u64;
+        let (text2, through2, device2, model) = (
+            text.clone(),
+            through.clone(),
+            device.to_string(),
+            self.config.model.clone(),
+        );
+        let written = self
+            .conversations
+            .modify(doc, move |c, now| {
+                c.append_summary(
+                    &text2,
+                    &through2,
+                    requests,
+                    Some(&model),
+                    &usage,
+                    &device2,
+                    now,
+                )
+            })
+            .await;
+        match written {
+            Ok(index) => {
+                tracing::info!(conversation = %doc, through = %through, folded = fold, "compacted older turns");
+                ctx.summary = Some(iom_crdt::SummaryView {
+                    index,
+                    text,
+                    through,
+                    requests,
+                    model: Some(self.config.model.clone()),
+                    device: Some(device.to_string()),
+                    created_at: None,
+                    usage,
+                });
+                ctx.pairs.drain(..fold);
+            }
+            Err(e) => tracing::warn!(conversation = %doc, error = %e, "cannot store the summary"),
+        }
+        Ok(ctx)
+    }
+
+    /// The system prompt (the memory document) and the conversation so far (after its latest
+    /// summary), ending with the request `rid`.
+    async fn context_for(&self, doc: DocId, rid: &str) -> (Option<String>, Context) {
         let docs = self.conversations.docs();
         let memory = docs
             .read(DocId::MEMORY, |d| Memory::open(d).map(|m| m.text()).ok())
@@ -826,7 +901,9 @@ impl Runner {
         let rid = rid.to_string();
         let history = self
             .conversations
-            .read(doc, move |c| history_for(&c.messages(), &rid))
+            .read(doc, move |c| {
+                Context::of(&c.messages(), c.latest_summary(), &rid)
+            })
             .await
             .ok()
             .and_then(Result::ok)
@@ -838,11 +915,31 @@ impl Runner {
     }
 }
 
-/// Adds a finished run's tokens and tool calls to the metrics.
-fn count_usage(outcome: &claude::Outcome) {
+/// A run's usage as the conversation records it.
+fn usage_view(u: &Usage, cost_nanos: u64) -> UsageView {
+    UsageView {
+        input_tokens: u.input_tokens,
+        output_tokens: u.output_tokens,
+        cache_creation_input_tokens: u.cache_creation_input_tokens,
+        cache_read_input_tokens: u.cache_read_input_tokens,
+        cost_nanos,
+    }
+}
+
+/// Adds tokens and their cost to the metrics.
+fn count_tokens(u: &Usage, cost_nanos: u64) {
     let m = crate::metrics::node();
-    m.tokens_input.add(outcome.usage.input_tokens);
-    m.tokens_output.add(outcome.usage.output_tokens);
+    m.tokens_input.add(u.input_tokens);
+    m.tokens_output.add(u.output_tokens);
+    m.tokens_cache_creation.add(u.cache_creation_input_tokens);
+    m.tokens_cache_read.add(u.cache_read_input_tokens);
+    m.cost_nanos.add(cost_nanos);
+}
+
+/// Adds a finished run's tokens, cost and tool calls to the metrics.
+fn count_usage(outcome: &claude::Outcome, cost_nanos: u64) {
+    count_tokens(&outcome.usage, cost_nanos);
+    let m = crate::metrics::node();
     m.tool_calls.add(outcome.tool_calls.len() as u64);
     m.tool_call_errors
         .add(outcome.tool_calls.iter().filter(|t| t.is_error).count() as u64);
@@ -853,24 +950,7 @@ fn count_usage(outcome: &claude::Outcome) {
 /// itself. Requests without an answer are left out, so user and assistant messages
 /// alternate.
 pub fn history_for(messages: &[MessageView], rid: &str) -> Vec<Message> {
-    let mut out = Vec::new();
-    for m in messages.iter().filter(|m| m.role == MsgRole::User) {
-        if m.request_id.as_deref() == Some(rid) {
-            out.push(Message::user(m.text.clone()));
-            break;
-        }
-        if m.status != Some(Status::Done) {
-            continue;
-        }
-        let answer = messages.iter().rev().find(|a| {
-            a.role == MsgRole::Assistant && a.reply_to.is_some() && a.reply_to == m.request_id
-        });
-        if let Some(a) = answer {
-            out.push(Message::user(m.text.clone()));
-            out.push(Message::assistant(a.text.clone()));
-        }
-    }
-    out
+    Context::of(messages, None, rid).messages()
 }
 
 /// `s` cut to at most `max` bytes (at a character boundary), saying how much was cut.

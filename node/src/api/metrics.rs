@@ -137,6 +137,25 @@ pub fn render(ctx: &NodeCtx) -> String {
             ("output", c.tokens_output.get() as f64),
         ),
     )
+    .labelled(
+        "iom_agent_tokens_total",
+        "Model tokens this device's agent used, by kind (input not cached, output, input \
+         written to and read from the prompt cache).",
+        "counter",
+        &[
+            ("input", c.tokens_input.get()),
+            ("output", c.tokens_output.get()),
+            ("cache_creation", c.tokens_cache_creation.get()),
+            ("cache_read", c.tokens_cache_read.get()),
+        ]
+        .map(|(kind, n)| (vec![("kind", kind.to_string())], n as f64)),
+    )
+    .counter_f64(
+        "iom_agent_cost_usd_total",
+        "What this device's agent spent on model calls, in US dollars (the agent's price \
+         table; models without a price count 0).",
+        crate::agent::cost::usd(c.cost_nanos.get()),
+    )
     .counter(
         "iom_tool_calls_total",
         "Tool calls the agent ran in the sandbox.",

@@ -43,6 +43,7 @@ pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
         .route("/v1/memory/append", post(memory_append))
         .merge(super::mesh::routes())
         .merge(super::metrics::routes())
+        .merge(super::usage::routes())
         .merge(super::doctor::routes())
         .merge(super::agent::routes())
         .merge(super::schedules::routes())

@@ -279,10 +279,7 @@ async fn following_streams_status_progress_and_the_answer() {
             .await
             .unwrap();
         tokio::time::sleep(step).await;
-        let usage = iom_crdt::UsageView {
-            input_tokens: 7,
-            output_tokens: 3,
-        };
+        let usage = iom_crdt::UsageView::new(7, 3);
         convs
             .modify(doc, move |c, now| {
                 c.append_assistant("r1", "Hello!", &[], usage, &agent, now)?;
@@ -382,6 +379,7 @@ fn view(status: Option<Status>, progress: Option<&RunProgress>) -> MessageView {
         reply_to: None,
         tool_calls: Vec::new(),
         usage: None,
+        model: None,
         progress: progress.cloned(),
         attachments: Vec::new(),
     }

@@ -262,6 +262,12 @@ impl Assembler {
         if let Some(n) = u.get("output_tokens").and_then(Value::as_u64) {
             self.usage.output_tokens = n;
         }
+        if let Some(n) = u.get("cache_creation_input_tokens").and_then(Value::as_u64) {
+            self.usage.cache_creation_input_tokens = n;
+        }
+        if let Some(n) = u.get("cache_read_input_tokens").and_then(Value::as_u64) {
+            self.usage.cache_read_input_tokens = n;
+        }
     }
 
     fn finish(&mut self) -> Result<Turn, AssembleError> {
@@ -335,7 +341,8 @@ mod tests {
             "message_start",
             serde_json::json!({"type":"message_start","message":{"id":"msg_1","type":"message",
                 "role":"assistant","model":"m","content":[],"stop_reason":null,
-                "usage":{"input_tokens":10,"output_tokens":1}}}),
+                "usage":{"input_tokens":10,"output_tokens":1,
+                "cache_creation_input_tokens":20,"cache_read_input_tokens":30}}}),
         )
     }
 
@@ -421,7 +428,9 @@ mod tests {
             turn.usage,
             Usage {
                 input_tokens: 10,
-                output_tokens: 7
+                output_tokens: 7,
+                cache_creation_input_tokens: 20,
+                cache_read_input_tokens: 30,
             }
         );
         assert_eq!(

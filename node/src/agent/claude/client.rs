@@ -151,10 +151,13 @@ impl ClaudeClient {
             tools,
             stream: true,
         };
-        let body = bytes::Bytes::from(
-            serde_json::to_vec(&wire)
-                .map_err(|e| ClaudeError::Protocol(format!("cannot encode request: {e}")))?,
-        );
+        let encode =
+            |e: serde_json::Error| ClaudeError::Protocol(format!("cannot encode request: {e}"));
+        let mut wire = serde_json::to_value(&wire).map_err(encode)?;
+        if self.cfg.prompt_caching {
+            super::cache::add_breakpoints(&mut wire);
+        }
+        let body = bytes::Bytes::from(serde_json::to_vec(&wire).map_err(encode)?);
         let mut attempt = 0u32;
         loop {
             attempt += 1;

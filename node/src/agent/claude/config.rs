@@ -176,11 +176,14 @@ pub struct ClaudeConfig {
     pub retry_base_delay: Duration,
     /// Largest computed backoff delay (a server's `retry-after` is honoured up to 60 s).
     pub retry_max_delay: Duration,
+    /// Mark prompt-caching breakpoints in each request ([`super::cache`]). On by default; a
+    /// server that speaks the Messages API but rejects `cache_control` needs it off.
+    pub prompt_caching: bool,
 }
 
 impl ClaudeConfig {
     /// Defaults: [`DEFAULT_BASE_URL`], [`DEFAULT_MODEL`], 4096 max tokens, 4 retries, 120 s
-    /// timeout, backoff from 500 ms up to 60 s.
+    /// timeout, backoff from 500 ms up to 60 s, prompt caching on.
     pub fn new(api_key: ApiKey) -> Self {
         Self {
             api_key,
@@ -191,7 +194,14 @@ impl ClaudeConfig {
             request_timeout: Duration::from_secs(120),
             retry_base_delay: Duration::from_millis(500),
             retry_max_delay: Duration::from_secs(60),
+            prompt_caching: true,
         }
+    }
+
+    /// Turns prompt-caching breakpoints on or off.
+    pub fn with_prompt_caching(mut self, on: bool) -> Self {
+        self.prompt_caching = on;
+        self
     }
 
     /// Sets the base URL (e.g. from `ANTHROPIC_BASE_URL`).

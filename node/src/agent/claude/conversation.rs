@@ -51,12 +51,22 @@ pub trait ToolExecutor: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = ToolResult> + Send + 'a>>;
 }
 
-/// A token budget shared with other runs (the agent's daily budget). Every finished turn is
-/// charged to it at once, so runs going on at the same time see each other's use.
+/// A budget shared with other runs (the agent's budgets). Room for each model call is
+/// reserved before it and its use charged as soon as it ends, so runs going on at the same
+/// time see each other's use and cannot together pass the budget.
 pub trait TokenBudget: Send + Sync {
-    /// Records the tokens of a finished turn. Returns `false` once the budget is used up: the
-    /// run then stops as with [`Limits::token_budget`] ([`StoppedBy::TokenBudget`]).
-    fn charge(&self, tokens: u64) -> bool;
+    /// Before a model call of about `input` input tokens and at most `max_output` output
+    /// tokens: `false` if the budget cannot hold it. The run then stops before the call
+    /// ([`StoppedBy::TokenBudget`]).
+    fn reserve(&self, input: u64, max_output: u64) -> bool {
+        let _ = (input, max_output);
+        true
+    }
+
+    /// Records the use of a finished call (and releases its reservation). Returns `false`
+    /// once the budget is used up: the run then stops as with [`Limits::token_budget`]
+    /// ([`StoppedBy::TokenBudget`]).
+    fn charge(&self, usage: &Usage) -> bool;
 }
 
 /// No shared budget: nothing is charged and nothing stops a run.
@@ -64,7 +74,7 @@ pub trait TokenBudget: Send + Sync {
 pub struct Unlimited;
 
 impl TokenBudget for Unlimited {
-    fn charge(&self, _tokens: u64) -> bool {
+    fn charge(&self, _usage: &Usage) -> bool {
         true
     }
 }
@@ -244,10 +254,14 @@ where
     };
     let mut usage = Usage::default();
     let mut tool_calls = Vec::new();
-    let mut final_text;
+    let mut final_text = String::new();
     let max_turns = limits.max_turns.max(1);
+    let max_output = u64::from(limits.max_tokens.unwrap_or(0));
     let mut turns = 0u32;
     let stopped_by = loop {
+        if !budget.reserve(req.estimated_input_tokens(), max_output) {
+            break StoppedBy::TokenBudget;
+        }
         let turn = {
             let mut forward = |ev: StreamEvent| match ev {
                 StreamEvent::TextDelta(t) => on(Progress::TextDelta(t)),
@@ -266,7 +280,7 @@ where
         };
         turns += 1;
         usage += turn.usage;
-        let budget_left = budget.charge(turn.usage.total());
+        let budget_left = budget.charge(&turn.usage);
         on(Progress::TurnFinished {
             turn: turns,
             usage: turn.usage,

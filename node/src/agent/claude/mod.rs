@@ -5,6 +5,7 @@
 //! - [`types`]: wire types ([`Message`], [`ContentBlock`], [`Turn`], [`Usage`], ...).
 //! - [`sse`]: an incremental, bounded `text/event-stream` parser (pure).
 //! - `assemble`: stream events to a [`Turn`] (pure).
+//! - [`cache`]: prompt-caching breakpoints in a request (pure).
 //! - [`client`]: [`ClaudeClient::stream`], one request with retries.
 //! - [`conversation`]: [`run_conversation`], the tool-use loop over a [`ToolExecutor`].
 //! - [`history`]: [`fit_history`], keeping the newest messages within a size budget.
@@ -14,6 +15,7 @@
 //! never logged and never part of an error message.
 
 mod assemble;
+pub mod cache;
 pub mod client;
 pub mod config;
 pub mod conversation;

@@ -219,6 +219,39 @@ pub struct MessagesRequest {
     pub max_tokens: Option<u32>,
 }
 
+impl MessagesRequest {
+    /// A generous estimate of the input tokens of this request: its system prompt, messages
+    /// and tools as JSON, at 3 bytes a token (English text averages about 4), rounded up.
+    /// Budgets reserve this before a call; the real count comes back in the [`Usage`].
+    pub fn estimated_input_tokens(&self) -> u64 {
+        fn json_len<T: Serialize + ?Sized>(v: &T) -> usize {
+            serde_json::to_vec(v).map_or(0, |v| v.len())
+        }
+        // An image costs about its pixels / 750 tokens (at most ~1,600 once scaled), not its
+        // base64 length: count it as that many tokens' worth of bytes instead.
+        let images: usize = self
+            .messages
+            .iter()
+            .flat_map(|m| m.content.blocks())
+            .map(|b| match b {
+                ContentBlock::Image { source } => source.data.len(),
+                _ => 0,
+            })
+            .sum();
+        let image_count = self
+            .messages
+            .iter()
+            .flat_map(|m| m.content.blocks())
+            .filter(|b| matches!(b, ContentBlock::Image { .. }))
+            .count();
+        let bytes = self.system.as_ref().map_or(0, String::len)
+            + json_len(&self.messages).saturating_sub(images)
+            + image_count * IMAGE_CHARS
+            + self.tools.as_ref().map_or(0, json_len);
+        (bytes as u64).div_ceil(3)
+    }
+}
+
 /// Why the model stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
@@ -253,19 +286,43 @@ impl StopReason {
     }
 }
 
-/// Token usage of one or more turns.
+/// Token usage of one or more turns. With prompt caching the API splits the input three
+/// ways: `input_tokens` (not cached), `cache_creation_input_tokens` (written to the cache) and
+/// `cache_read_input_tokens` (read from it); each is priced differently.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
-    /// Input (prompt) tokens.
+    /// Input (prompt) tokens that were neither written to nor read from the cache.
     pub input_tokens: u64,
     /// Output (generated) tokens.
     pub output_tokens: u64,
+    /// Input tokens written to the prompt cache.
+    #[serde(default)]
+    pub cache_creation_input_tokens: u64,
+    /// Input tokens read from the prompt cache.
+    #[serde(default)]
+    pub cache_read_input_tokens: u64,
 }
 
 impl Usage {
-    /// Input plus output tokens.
+    /// Plain input and output tokens (no cache figures).
+    pub fn new(input_tokens: u64, output_tokens: u64) -> Self {
+        Self {
+            input_tokens,
+            output_tokens,
+            ..Self::default()
+        }
+    }
+
+    /// All input tokens: plain, cache writes and cache reads.
+    pub fn all_input(&self) -> u64 {
+        self.input_tokens
+            .saturating_add(self.cache_creation_input_tokens)
+            .saturating_add(self.cache_read_input_tokens)
+    }
+
+    /// Every token of the turn: all input plus output.
     pub fn total(&self) -> u64 {
-        self.input_tokens.saturating_add(self.output_tokens)
+        self.all_input().saturating_add(self.output_tokens)
     }
 }
 
@@ -273,6 +330,12 @@ impl AddAssign for Usage {
     fn add_assign(&mut self, rhs: Self) {
         self.input_tokens = self.input_tokens.saturating_add(rhs.input_tokens);
         self.output_tokens = self.output_tokens.saturating_add(rhs.output_tokens);
+        self.cache_creation_input_tokens = self
+            .cache_creation_input_tokens
+            .saturating_add(rhs.cache_creation_input_tokens);
+        self.cache_read_input_tokens = self
+            .cache_read_input_tokens
+            .saturating_add(rhs.cache_read_input_tokens);
     }
 }
 

@@ -5,10 +5,11 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use iom_crdt::{ClaimView, Interface};
+use iom_crdt::{ClaimView, Interface, Role as MsgRole};
 use serde_json::json;
 
 use super::*;
+use crate::agent::budget::{Amount, Budgets, Ledger};
 use crate::agent::claude::{
     ClaudeError, ConfigError, ContentBlock, MessagesRequest, StopReason, StreamEvent, Turn, Usage,
 };
@@ -119,10 +120,7 @@ impl ModelClient for FakeModel {
                 id: format!("msg_{n}"),
                 content,
                 stop_reason,
-                usage: Usage {
-                    input_tokens: step.usage.0,
-                    output_tokens: step.usage.1,
-                },
+                usage: Usage::new(step.usage.0, step.usage.1),
             })
         })
     }
@@ -198,7 +196,10 @@ fn config() -> RunnerConfig {
     RunnerConfig {
         max_turns: 8,
         max_tokens: 1000,
-        daily_token_budget: 0,
+        budgets: Budgets::default(),
+        prices: PriceTable::default(),
+        model: "claude-haiku-4-5".into(),
+        context_window: DEFAULT_CONTEXT_WINDOW,
         per_device_rate_per_min: 0,
         history_chars: 100_000,
         on_interrupted: OnInterrupted::Fail,
@@ -340,10 +341,12 @@ async fn a_request_runs_to_done_with_answer_usage_and_claim() {
     assert_eq!(
         reply.usage,
         Some(UsageView {
-            input_tokens: 10,
-            output_tokens: 5
+            // Haiku 4.5: 10 × $1 and 5 × $5 per million tokens.
+            cost_nanos: 10 * 1_000 + 5 * 5_000,
+            ..UsageView::new(10, 5)
         })
     );
+    assert_eq!(reply.model.as_deref(), Some("claude-haiku-4-5"));
     assert_eq!(rig.runner.tokens_used_today(), 15);
     // The model saw the prompt and the host's tool definitions.
     let sent = rig.model.requests();
@@ -478,10 +481,23 @@ async fn rate_limiter_window_slides() {
 #[tokio::test(start_paused = true)]
 async fn a_used_up_budget_fails_the_request_before_the_model_is_called() {
     let mut cfg = config();
-    cfg.daily_token_budget = 100;
+    cfg.budgets = Budgets::daily_tokens(100);
+    // Small enough that a fresh day's budget holds a request's reservation.
+    cfg.max_tokens = 40;
     let rig = Rig::new(cfg, |_, _| text("ok")).await;
-    let ledger = TokenLedger::new(rig.mesh.store.clone(), rig.mesh.clock.clone(), 100);
-    ledger.add(100);
+    let ledger = Ledger::new(
+        rig.mesh.store.clone(),
+        rig.mesh.clock.clone(),
+        Budgets::daily_tokens(100),
+    );
+    ledger.record(
+        "laptop",
+        None,
+        Amount {
+            tokens: 100,
+            nanos: 0,
+        },
+    );
     rig.start_as_agent().await;
     let doc = rig.ask("r1", "laptop", "hi").await;
     let req = rig.finished(doc, "r1").await;
@@ -489,9 +505,13 @@ async fn a_used_up_budget_fails_the_request_before_the_model_is_called() {
     assert_eq!(
         req.error.as_deref(),
         Some(
-            "the daily token budget (100 tokens) is used up; it resets at 00:00 UTC, or raise \
-             agent.daily_token_budget on the agent device"
+            "budget exceeded: the mesh's daily token budget (100 tokens) is used up; it resets \
+             at 00:00 UTC, or raise agent.daily_token_budget on the agent device"
         )
+    );
+    assert_eq!(
+        crate::agent::ask::FailReason::of(req.error.as_deref().unwrap_or_default()),
+        crate::agent::ask::FailReason::BudgetExceeded
     );
     assert_eq!(rig.model.calls.load(Ordering::SeqCst), 0);
     // The next UTC day has a fresh budget.
@@ -513,9 +533,10 @@ fn endless_tools(_: usize, _: &MessagesRequest) -> Step {
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_budget_stops_a_run_between_turns() {
+async fn the_budget_stops_a_run_before_a_turn_it_cannot_hold() {
     let mut cfg = config();
-    cfg.daily_token_budget = 250;
+    cfg.budgets = Budgets::daily_tokens(250);
+    cfg.max_tokens = 40;
     let rig = Rig::new(cfg, endless_tools).await;
     rig.start_as_agent().await;
     let doc = rig.ask("r1", "laptop", "go").await;
@@ -525,21 +546,103 @@ async fn the_budget_stops_a_run_between_turns() {
         req.error.as_deref(),
         Some("stopped: the token budget was used up")
     );
-    // 100, 200, 300: the third turn reaches the budget.
-    assert_eq!(rig.model.calls.load(Ordering::SeqCst), 3);
-    assert_eq!(rig.runner.tokens_used_today(), 300);
+    // 100, 200: a third turn (its input estimate and 40 tokens of answer) would not fit.
+    assert_eq!(rig.model.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(rig.runner.tokens_used_today(), 200);
+}
+
+/// A reply whose usage is what the budget reserved for it: the request's input estimate and
+/// `max_tokens` of output (so a run uses exactly what it held).
+fn uses_its_reservation(max_tokens: u64) -> impl Fn(usize, &MessagesRequest) -> Step {
+    move |_, req| Step {
+        deltas: vec!["ok".into()],
+        delay: Duration::from_millis(100),
+        usage: (req.estimated_input_tokens(), max_tokens),
+        ..Step::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn twenty_concurrent_asks_against_a_budget_for_five_run_five() {
+    let max_tokens = 500u64;
+    let mut cfg = config();
+    cfg.max_tokens = max_tokens as u32;
+    cfg.max_concurrent = 20;
+    // What one request uses (and reserves): the same prompt length for all twenty.
+    let one = {
+        let probe = MessagesRequest {
+            messages: vec![Message::user("ask 00")],
+            tools: Some(json!([{"name": "bash"}])),
+            ..MessagesRequest::default()
+        };
+        probe.estimated_input_tokens() + max_tokens
+    };
+    let limit = 5 * one + one / 2;
+    cfg.budgets = Budgets::daily_tokens(limit);
+    // The first five model calls wait for each other: all five run at once.
+    let five = Arc::new(tokio::sync::Barrier::new(5));
+    let reply = uses_its_reservation(max_tokens);
+    let rig = Rig::new(cfg, move |n, req| Step {
+        gate: (n < 5).then(|| five.clone()),
+        ..reply(n, req)
+    })
+    .await;
+    rig.start_as_agent().await;
+    let mut asked = Vec::new();
+    for i in 0..20 {
+        let rid = format!("r{i:02}");
+        let doc = rig
+            .ask(&rid, &format!("device{}", i % 3), &format!("ask {i:02}"))
+            .await;
+        asked.push((doc, rid));
+    }
+    let (mut done, mut refused) = (0, 0);
+    for (doc, rid) in &asked {
+        let req = rig.finished(*doc, rid).await;
+        match req.status {
+            Some(Status::Done) => {
+                assert_eq!(req.error, None);
+                done += 1;
+            }
+            Some(Status::Failed) => {
+                let e = req.error.unwrap_or_default();
+                assert!(
+                    e.starts_with("budget exceeded: the mesh's daily token budget"),
+                    "{e}"
+                );
+                refused += 1;
+            }
+            other => panic!("{rid}: {other:?}"),
+        }
+    }
+    assert_eq!((done, refused), (5, 15));
+    assert_eq!(rig.model.calls.load(Ordering::SeqCst), 5);
+    assert_eq!(
+        rig.model.max_in_flight.load(Ordering::SeqCst),
+        5,
+        "they ran at once"
+    );
+    let used = rig.runner.tokens_used_today();
+    assert_eq!(used, 5 * one);
+    assert!(used <= limit);
+    // Nothing is left reserved once the runs are over.
+    let states = rig.runner.ledger().states(None);
+    assert_eq!(states[0].reserved, Amount::default());
 }
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_runs_share_one_budget() {
     let mut cfg = config();
-    cfg.daily_token_budget = 500;
+    cfg.budgets = Budgets::daily_tokens(2_000);
     cfg.max_turns = 50;
+    cfg.max_tokens = 40;
     // Both first turns meet, so both runs are under way before the budget can run out.
     let both = Arc::new(tokio::sync::Barrier::new(2));
     let rig = Rig::new(cfg, move |n, req| Step {
         gate: (n < 2).then(|| both.clone()),
-        ..endless_tools(n, req)
+        tool: Some(("bash".into(), json!({"command": "true"}))),
+        delay: Duration::from_secs(1),
+        ..uses_its_reservation(40)(n, req)
     })
     .await;
     rig.start_as_agent().await;
@@ -558,13 +661,50 @@ async fn concurrent_runs_share_one_budget() {
         2,
         "they ran at once"
     );
+    // Each turn used what it reserved, so the two runs together never passed the budget,
+    // and every turn was counted (none lost to a concurrent update).
     let used = rig.runner.tokens_used_today();
-    // Each run alone would have been allowed 500 (1,000 together); sharing the ledger stops
-    // both once 500 are used, the other overshooting by at most the turn it was in.
-    assert!((500..=600).contains(&used), "{used}");
-    // Every turn was counted: none was lost to a concurrent update.
-    let turns = rig.model.calls.load(Ordering::SeqCst) as u64;
-    assert_eq!(used, turns * 100);
+    assert!(used <= 2_000 && used > 1_500, "{used}");
+    let sent: u64 = rig
+        .model
+        .requests()
+        .iter()
+        .map(|r| r.estimated_input_tokens() + 40)
+        .sum();
+    assert_eq!(used, sent);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_device_budget_refuses_only_that_device() {
+    let mut cfg = config();
+    cfg.budgets = Budgets {
+        device_day: crate::agent::budget::Limit {
+            tokens: 0,
+            nanos: crate::agent::cost::nanos(0.05),
+        },
+        ..Budgets::default()
+    };
+    // Haiku 4.5: $0.05 of output in one call, the whole daily budget of the device.
+    let rig = Rig::new(cfg, |_, _| Step {
+        usage: (0, 10_000),
+        ..text("ok")
+    })
+    .await;
+    rig.start_as_agent().await;
+    let a = rig.ask("a1", "laptop", "one").await;
+    assert_eq!(rig.finished(a, "a1").await.status, Some(Status::Done));
+    rig.ask_in(a, "a2", "laptop", "two").await;
+    let second = rig.finished(a, "a2").await;
+    assert_eq!(second.status, Some(Status::Failed));
+    let e = second.error.unwrap_or_default();
+    assert!(
+        e.starts_with("budget exceeded: device laptop's daily spending budget ($0.05)"),
+        "{e}"
+    );
+    assert!(e.contains("agent.budget.device_daily_usd"), "{e}");
+    // Another device still has its own budget.
+    let b = rig.ask("b1", "phone", "three").await;
+    assert_eq!(rig.finished(b, "b1").await.status, Some(Status::Done));
 }
 
 #[test]
@@ -572,13 +712,17 @@ fn the_ledger_loses_no_update_under_contention() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
     let clock = crate::agent::clock::ManualClock::new(86_400 * 3 + 5);
-    let ledger = Arc::new(TokenLedger::new(store.clone(), clock.clone(), 0));
+    let ledger = Ledger::new(store.clone(), clock.clone(), Budgets::default());
     let threads: Vec<_> = (0..8)
         .map(|_| {
             let ledger = ledger.clone();
             std::thread::spawn(move || {
                 for _ in 0..200 {
-                    ledger.add(3);
+                    let mut r = ledger.reserve("d", None, Amount::default()).unwrap();
+                    r.settle(Amount {
+                        tokens: 3,
+                        nanos: 1,
+                    });
                 }
             })
         })
@@ -586,19 +730,11 @@ fn the_ledger_loses_no_update_under_contention() {
     for t in threads {
         t.join().unwrap();
     }
-    assert_eq!(ledger.used_today(), 8 * 200 * 3);
-    // Stored under the UTC day, as before (`budget/{day}`, big-endian u64).
-    let raw = store.state_get(b"budget/3").unwrap().unwrap();
-    assert_eq!(u64::from_be_bytes(raw.try_into().unwrap()), 4_800);
-    // Unlimited never says stop; a budget says stop once reached.
-    assert!(TokenBudget::charge(ledger.as_ref(), 1_000_000));
-    clock.advance(86_400);
-    let limited = TokenLedger::new(store, clock, 5_000);
-    assert!(!limited.exhausted());
-    assert!(TokenBudget::charge(&limited, 4_999));
-    assert!(!limited.exhausted());
-    assert!(!TokenBudget::charge(&limited, 1));
-    assert!(limited.exhausted());
+    assert_eq!(ledger.tokens_today(), 8 * 200 * 3);
+    let raw = store.state_get(b"usage/d/3/mesh").unwrap().unwrap();
+    assert_eq!(raw.len(), 16);
+    assert_eq!(u64::from_be_bytes(raw[..8].try_into().unwrap()), 4_800);
+    assert_eq!(u64::from_be_bytes(raw[8..].try_into().unwrap()), 1_600);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1041,6 +1177,7 @@ fn msg(role: MsgRole, text: &str, rid: Option<&str>, status: Option<Status>) -> 
         reply_to,
         tool_calls: Vec::new(),
         usage: None,
+        model: None,
         progress: None,
         attachments: Vec::new(),
     }

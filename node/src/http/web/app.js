@@ -33,10 +33,39 @@ function el(tag, cls, text) {
   return e;
 }
 
+function dollars(nanos) {
+  const usd = (nanos || 0) / 1e9;
+  return "$" + usd.toFixed(usd < 0.01 && usd > 0 ? 4 : 2);
+}
+
 function tokens(usage) {
   if (!usage) return "";
   const i = usage.input_tokens || 0, o = usage.output_tokens || 0;
-  return i || o ? `${i.toLocaleString()} in · ${o.toLocaleString()} out tokens` : "";
+  const cached = usage.cache_read_input_tokens || 0;
+  if (!(i || o || cached)) return "";
+  const parts = [`${i.toLocaleString()} in · ${o.toLocaleString()} out tokens`];
+  if (cached) parts.push(`${cached.toLocaleString()} from cache`);
+  if (usage.cost_nanos) parts.push(dollars(usage.cost_nanos));
+  return parts.join(" · ");
+}
+
+// Today's spend, and the budgets when this device is the agent.
+async function loadSpend() {
+  const u = await api("/v1/usage?days=1");
+  const parts = [`today: ${dollars(u.today.cost_nanos)}, ${u.today.tokens.toLocaleString()} tokens`];
+  for (const b of u.budgets || []) {
+    if (b.scope !== "mesh" || b.period !== "day") continue;
+    if (b.limit.nanos) parts.push(`budget ${dollars(b.used.nanos)} of ${dollars(b.limit.nanos)}`);
+    if (b.limit.tokens) parts.push(`budget ${b.used.tokens.toLocaleString()} of ${b.limit.tokens.toLocaleString()} tokens`);
+  }
+  $("spend").textContent = parts.join(" · ");
+}
+
+function summaryBubble(s) {
+  const li = el("li", "msg summary");
+  li.append(el("div", "meta muted", `summary of ${s.requests} earlier request${s.requests === 1 ? "" : "s"} (what the assistant now knows of them)`));
+  li.append(el("div", "text", s.text));
+  return li;
 }
 
 function showLogin(message) {
@@ -52,7 +81,7 @@ async function connect() {
   $("app").hidden = false;
   $("toggle-list").hidden = false;
   try {
-    await Promise.all([loadAgent(), loadConversations()]);
+    await Promise.all([loadAgent(), loadConversations(), loadSpend()]);
   } catch (e) {
     if (!(e instanceof Unauthorized)) $("chat-error").textContent = e.message;
   }
@@ -104,6 +133,8 @@ async function openConversation(id) {
   box.replaceChildren();
   const replies = new Map();
   for (const m of c.messages) if (m.role === "assistant" && m.reply_to) replies.set(m.reply_to, m);
+  const summaries = new Map();
+  for (const s of c.summaries || []) summaries.set(s.through, s);
   for (const m of c.messages) {
     if (m.role !== "user") continue;
     box.append(userBubble(m.text));
@@ -122,6 +153,9 @@ async function openConversation(id) {
     } else {
       stream(id, m.request_id, bubble);
     }
+    // A summary covers the turns up to here: shown after this request's answer.
+    const summary = summaries.get(m.request_id);
+    if (summary) box.append(summaryBubble(summary));
   }
   box.scrollTop = box.scrollHeight;
 }
@@ -234,6 +268,7 @@ async function stream(conversation, requestId, bubble) {
     state.streaming--;
     if (state.current === conversation) refreshUsage(conversation).catch(() => {});
     loadConversations().catch(() => {});
+    loadSpend().catch(() => {});
   }
 }
 
