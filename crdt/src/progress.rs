@@ -312,7 +312,7 @@ mod tests {
     #[test]
     fn appended_progress_reads_back_as_the_fold_of_its_updates() {
         let mut d = running();
-        let batches = vec![
+        let batches = [
             vec![ProgressUpdate::Text("Let me ".into())],
             vec![ProgressUpdate::Text("look.".into()), started("t1")],
             vec![
