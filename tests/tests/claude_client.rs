@@ -19,18 +19,29 @@ async fn server() -> Result<FakeAnthropic> {
     Ok(FakeAnthropic::start(FakeConfig::default()).await?)
 }
 
-fn client_with_key(server: &FakeAnthropic, key: &str) -> Result<ClaudeClient> {
-    let cfg = ClaudeConfig::new(ApiKey::new(key)?)
+fn config(server: &FakeAnthropic, key: &str) -> Result<ClaudeConfig> {
+    Ok(ClaudeConfig::new(ApiKey::new(key)?)
         .with_base_url(server.url())
         .with_model("claude-test")
         .with_max_retries(3)
         .with_request_timeout(Duration::from_secs(10))
-        .with_retry_delays(Duration::from_millis(20), Duration::from_millis(200));
-    Ok(ClaudeClient::new(cfg)?)
+        .with_retry_delays(Duration::from_millis(20), Duration::from_millis(200)))
+}
+
+fn client_with_key(server: &FakeAnthropic, key: &str) -> Result<ClaudeClient> {
+    Ok(ClaudeClient::new(config(server, key)?)?)
 }
 
 fn client(server: &FakeAnthropic) -> Result<ClaudeClient> {
     client_with_key(server, server.api_key())
+}
+
+/// A client with prompt caching off, for the tests that check the plain wire format exactly
+/// (the cache breakpoints are checked by the `claude::cache` unit tests and `tests/cost.rs`).
+fn plain_client(server: &FakeAnthropic) -> Result<ClaudeClient> {
+    Ok(ClaudeClient::new(
+        config(server, server.api_key())?.with_prompt_caching(false),
+    )?)
 }
 
 fn ask(text: &str) -> MessagesRequest {
@@ -111,7 +122,7 @@ fn tools() -> Value {
 #[tokio::test]
 async fn text_reply_streams_in_several_deltas() -> Result<()> {
     let server = server().await?;
-    let client = client(&server)?;
+    let client = plain_client(&server)?;
     let question = "hello there, this is a streaming test";
     let (turn, events) = stream(&client, &ask(question)).await;
     let turn = turn?;
@@ -156,7 +167,7 @@ async fn text_reply_streams_in_several_deltas() -> Result<()> {
 #[tokio::test]
 async fn tool_use_loop_runs_two_tools_and_sends_results_back() -> Result<()> {
     let server = server().await?;
-    let client = client(&server)?;
+    let client = plain_client(&server)?;
     let question = r#"please [[tool write_file {"path":"/workspace/a.txt","content":"hi"}]] then [[tool read_file {"path":"/workspace/a.txt"}]]"#;
     let files = Files::default();
     let mut progress = Vec::new();
