@@ -1250,7 +1250,9 @@ fn files_attached_on_the_laptop_are_read_by_the_agents_tools() {
     scenario(attachments_body);
 }
 
-fn attachments_body() -> Result<()> {
+/// A home server holding the agent role (with the fake model) and a laptop in its mesh; the
+/// home server's containers are reaped when the first value drops.
+fn home_agent_and_laptop() -> Result<(Reap, Fake, Node, Node)> {
     let mut reap = Reap::default();
     let fake = Fake::start()?;
     let mut home = agent_node("home", Some(&fake), "")?;
@@ -1258,6 +1260,11 @@ fn attachments_body() -> Result<()> {
     start_mesh(&mut [&mut home, &mut laptop])?;
     reap.0.push(home.device_id()?);
     assign(&home, &home, &[&home, &laptop])?;
+    Ok((reap, fake, home, laptop))
+}
+
+fn attachments_body() -> Result<()> {
+    let (_reap, fake, _home, laptop) = home_agent_and_laptop()?;
     // Two files on the laptop; the blobs travel to the agent by sync.
     let dir = tempfile::tempdir()?;
     let notes = dir.path().join("notes.txt");
@@ -1321,13 +1328,7 @@ fn a_photo_attached_on_the_laptop_reaches_the_model_as_an_image_block() {
     require_docker();
     scenario(|| {
         use base64::Engine as _;
-        let mut reap = Reap::default();
-        let fake = Fake::start()?;
-        let mut home = agent_node("home", Some(&fake), "")?;
-        let mut laptop = Node::new("laptop")?;
-        start_mesh(&mut [&mut home, &mut laptop])?;
-        reap.0.push(home.device_id()?);
-        assign(&home, &home, &[&home, &laptop])?;
+        let (_reap, fake, _home, laptop) = home_agent_and_laptop()?;
         let dir = tempfile::tempdir()?;
         let photo = dir.path().join("photo.png");
         image::RgbImage::from_fn(3000, 2000, |x, y| {
