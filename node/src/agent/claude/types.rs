@@ -229,24 +229,18 @@ impl MessagesRequest {
         }
         // An image costs about its pixels / 750 tokens (at most ~1,600 once scaled), not its
         // base64 length: count it as that many tokens' worth of bytes instead.
-        let images: usize = self
+        let (images, image_bytes) = self
             .messages
             .iter()
             .flat_map(|m| m.content.blocks())
-            .map(|b| match b {
-                ContentBlock::Image { source } => source.data.len(),
-                _ => 0,
+            .filter_map(|b| match b {
+                ContentBlock::Image { source } => Some(source.data.len()),
+                _ => None,
             })
-            .sum();
-        let image_count = self
-            .messages
-            .iter()
-            .flat_map(|m| m.content.blocks())
-            .filter(|b| matches!(b, ContentBlock::Image { .. }))
-            .count();
+            .fold((0, 0), |(n, len), l| (n + 1, len + l));
         let bytes = self.system.as_ref().map_or(0, String::len)
-            + json_len(&self.messages).saturating_sub(images)
-            + image_count * IMAGE_CHARS
+            + json_len(&self.messages).saturating_sub(image_bytes)
+            + images * IMAGE_CHARS
             + self.tools.as_ref().map_or(0, json_len);
         (bytes as u64).div_ceil(3)
     }
