@@ -556,12 +556,17 @@ fn test_data_root() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// A TCP port that is free on loopback right now.
+/// A TCP port that is free on loopback right now, and that this process has not handed out
+/// before: the kernel may offer a port again as soon as the probing listener closes, and a lab
+/// that takes several ports at once (the mail lab takes seven) must get seven different ones.
 pub fn free_port() -> Result<u16> {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         let port = l.local_addr()?.port();
-        if !RESERVED_PORTS.contains(&port) {
+        let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if !RESERVED_PORTS.contains(&port) && !handed.contains(&port) {
+            handed.push(port);
             return Ok(port);
         }
     }
