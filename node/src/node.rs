@@ -392,6 +392,8 @@ impl Node {
                 cancel.clone(),
             ));
         }
+        // Every protocol is registered: peers may connect now.
+        ctx.net.go_online();
         Ok(Node {
             ctx,
             tasks,

@@ -285,6 +285,7 @@ mod two_nodes {
         )
         .await
         .unwrap();
+        net.go_online();
         let blobs = Arc::new(StoreBlobs::new(
             store.clone(),
             Arc::new(blobs::Blobs::new(
