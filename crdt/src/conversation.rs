@@ -20,6 +20,7 @@
 //! | `usage` | map | replies only: `{input_tokens, output_tokens}` |
 //! | `progress` | str? | requests only: latest progress line |
 //! | `attachments` | list? | requests only: `{name, hash (blob SHA-256, hex), len}` of attached files |
+//! | `model` | str? | a request: the model asked for (`NAME` or `NAME/MODEL`); a reply: the `provider/model` that produced it |
 //!
 //! **Claiming** is fenced by the agent-role epoch: a request is claimed only when it is pending,
 //! or running under a claim with a strictly lower epoch (a demoted or restarted agent). Two
@@ -224,6 +225,9 @@ pub struct MessageView {
     /// Files attached to a request.
     #[serde(default)]
     pub attachments: Vec<AttachmentView>,
+    /// A request: the model asked for; a reply: the `provider/model` that produced it.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 /// Result of [`Conversation::append_request`] / [`Conversation::append_assistant`].
@@ -490,6 +494,44 @@ impl<D: BorrowMut<Document>> Conversation<D> {
         })
     }
 
+    /// Records the model a request asks for (`NAME` or `NAME/MODEL`). Call it in the same
+    /// [`Document`] edit as the append, so the agent never sees the request without it.
+    pub fn set_request_model(
+        &mut self,
+        request_id: &str,
+        model: &str,
+        now: i64,
+    ) -> Result<(), ConversationError> {
+        let message = format!("{request_id} model");
+        self.with_request(request_id, &message, now, |tx, m| {
+            tx.put(m, "model", model)?;
+            Ok(())
+        })
+    }
+
+    /// Records which `provider/model` produced reply `reply_id` (its [`AppendOutcome::id`]).
+    pub fn set_reply_model(
+        &mut self,
+        reply_id: &str,
+        model: &str,
+        now: i64,
+    ) -> Result<(), ConversationError> {
+        let doc = self.document().automerge();
+        let obj = fields::object(doc, &ROOT, FIELD_MESSAGES, ObjType::List).and_then(|list| {
+            fields::maps_in(doc, &list, ..)
+                .into_iter()
+                .rev()
+                .find(|(_, obj)| fields::string(doc, obj, "id").as_deref() == Some(reply_id))
+                .map(|(_, obj)| obj)
+        });
+        let obj = obj.ok_or_else(|| ConversationError::RequestNotFound(reply_id.to_owned()))?;
+        self.doc_mut()
+            .change(&format!("{reply_id} model"), now, |tx| {
+                tx.put(&obj, "model", model)?;
+                Ok(())
+            })
+    }
+
     /// Sets the progress line of a running request.
     pub fn set_progress(
         &mut self,
@@ -688,6 +730,7 @@ fn read_message<R: ReadDoc>(doc: &R, obj: &ObjId, index: usize) -> Option<Messag
         usage: f.object("usage", ObjType::Map).map(|u| read_usage(doc, &u)),
         progress: parse("progress"),
         attachments: read_attachments(doc, &f),
+        model: parse("model"),
     })
 }
 
@@ -952,5 +995,23 @@ mod tests {
             serde_json::to_value(Role::Assistant).expect("json"),
             "assistant"
         );
+    }
+
+    #[test]
+    fn request_and_reply_record_their_model() {
+        let mut d = conv();
+        let mut c = Conversation::open(&mut d).expect("open");
+        c.append_request("r1", "hi", Interface::Cli, "laptop", 101)
+            .expect("append");
+        c.set_request_model("r1", "local", 101).expect("model");
+        let reply = c
+            .append_assistant("r1", "hello", &[], UsageView::default(), "home", 102)
+            .expect("reply");
+        c.set_reply_model(&reply.id, "local/smollm2", 102)
+            .expect("reply model");
+        assert!(c.set_reply_model("nope", "x", 103).is_err());
+        let msgs = c.messages();
+        assert_eq!(msgs[0].model.as_deref(), Some("local"));
+        assert_eq!(msgs[1].model.as_deref(), Some("local/smollm2"));
     }
 }

@@ -23,7 +23,8 @@
 //! - [`document`]: [`Document`], [`ChangeInfo`], heads parsing.
 //! - [`json`]: JSON view and path edits ([`PathError`]).
 //! - [`schema`]: schema versions and migrations.
-//! - [`conversation`], [`memory`], [`schedules`], [`settings`]: typed accessors.
+//! - [`conversation`], [`memory`], [`schedules`], [`settings`]: typed accessors;
+//!   [`models`]: the model providers, kept in the settings document.
 //! - [`inventory`]: hierarchical digest for reconnects.
 //! - [`sync`]: [`sync::PeerDocState`], [`sync::generate`], [`sync::receive`].
 //! - [`session`]: one sync session with one peer, a sans-I/O state machine.
@@ -53,6 +54,7 @@ pub mod inventory;
 pub mod json;
 pub mod kind;
 pub mod memory;
+pub mod models;
 pub mod schedules;
 pub mod schema;
 pub mod session;
@@ -75,5 +77,6 @@ pub use inventory::Inventory;
 pub use json::PathError;
 pub use kind::DocKind;
 pub use memory::Memory;
+pub use models::{ModelChoice, ModelSettings, Models, ModelsError, ProviderEntry, ProviderKind};
 pub use schedules::{ScheduleError, ScheduleView, Schedules};
 pub use settings::{Settings, SettingsError};

@@ -10,6 +10,7 @@ mod doctor;
 mod email;
 mod events;
 mod memory;
+mod models;
 mod mesh;
 pub mod node;
 pub mod relay;
@@ -76,6 +77,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Sandbox(cmd) => agent::sandbox(&g, cmd).await,
         Command::Token(cmd) => token::run(&g, cmd).await,
         Command::Schedule(cmd) => schedule::run(&g, cmd).await,
+        Command::Models(cmd) => models::run(&g, cmd).await,
         Command::Webhook(cmd) => webhook::run(&g, cmd).await,
         Command::Doctor => doctor::run(&g).await,
         Command::Service(cmd) => service::run(&g, &relay_dir, cmd),

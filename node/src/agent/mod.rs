@@ -9,16 +9,22 @@
 //! - [`model`], [`host`], [`clock`]: the seams of the runner (the model client, the tool
 //!   host, the time), with the Anthropic client, the Docker sandbox and the wall clock as the
 //!   production implementations.
-//! - [`claude`], [`sandbox`]: those implementations.
+//! - [`claude`], [`sandbox`]: those implementations; [`openai`]: the OpenAI-compatible
+//!   client.
+//! - [`providers`]: the mesh's model providers (from the settings document) made into
+//!   clients; [`chain`]: the fallback chain over them, with back-off probing.
 //! - [`progress`]: the progress of a running request as stored in the document.
 
 pub mod ask;
+pub mod chain;
 pub mod claude;
 pub mod clock;
 pub mod conversations;
 pub mod host;
 pub mod model;
+pub mod openai;
 pub mod progress;
+pub mod providers;
 pub mod role;
 pub mod runner;
 pub mod sandbox;

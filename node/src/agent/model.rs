@@ -15,6 +15,15 @@ use super::claude::{
     StreamEvent, Turn,
 };
 
+/// Which model answered, and what the user should be told about how (a fallback).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelReport {
+    /// `provider/model` of the provider that produced the last reply.
+    pub model: Option<String>,
+    /// Sentences for the user, e.g. that the primary was overloaded and another answered.
+    pub notices: Vec<String>,
+}
+
 /// Streams model replies.
 pub trait ModelClient: Send + Sync {
     /// Sends `req` and returns the assembled reply, reporting text deltas and retries to `on`
@@ -24,6 +33,22 @@ pub trait ModelClient: Send + Sync {
         req: &'a MessagesRequest,
         on: &'a mut (dyn FnMut(StreamEvent) + Send),
     ) -> BoxFuture<'a, Result<Turn, ClaudeError>>;
+
+    /// Which model produced the replies so far, and notices for the user (nothing known by
+    /// default).
+    fn report(&self) -> ModelReport {
+        ModelReport::default()
+    }
+}
+
+impl ModelClient for super::openai::OpenAiClient {
+    fn stream<'a>(
+        &'a self,
+        req: &'a MessagesRequest,
+        on: &'a mut (dyn FnMut(StreamEvent) + Send),
+    ) -> BoxFuture<'a, Result<Turn, ClaudeError>> {
+        Box::pin(super::openai::OpenAiClient::stream(self, req, on))
+    }
 }
 
 impl ModelClient for ClaudeClient {
@@ -51,12 +76,33 @@ pub enum ModelSetupError {
     /// The agent's model settings are invalid.
     #[error("invalid agent configuration: {0}")]
     Config(#[from] ConfigError),
+    /// A configured provider cannot be used.
+    #[error("model provider {provider}: {reason}")]
+    Provider {
+        /// Its name.
+        provider: String,
+        /// Why (never a key).
+        reason: String,
+    },
+    /// The model asked for is not configured.
+    #[error("no model provider {0:?} is configured (see `iom models list`)")]
+    Unknown(String),
 }
 
 /// Makes a model client for a request.
 pub trait ModelFactory: Send + Sync {
-    /// A client ready to use, or why there is none.
+    /// A client for the default model, ready to use, or why there is none.
     fn client(&self) -> Result<Arc<dyn ModelClient>, ModelSetupError>;
+
+    /// A client for the model a request asked for (`NAME` or `NAME/MODEL`; `None`: the
+    /// default), with its fallback chain. By default the choice is ignored.
+    fn client_for<'a>(
+        &'a self,
+        choice: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Arc<dyn ModelClient>, ModelSetupError>> {
+        let _ = choice;
+        Box::pin(async move { self.client() })
+    }
 }
 
 /// Makes [`ClaudeClient`]s from the agent's settings; the key is read on every request.
@@ -78,18 +124,31 @@ pub struct ClaudeFactory {
 
 impl ModelFactory for ClaudeFactory {
     fn client(&self) -> Result<Arc<dyn ModelClient>, ModelSetupError> {
-        let key = ApiKey::from_env_or_file(self.api_key.clone(), self.key_file.as_deref())
-            .map_err(|source| ModelSetupError::NoKey {
-                device: self.device_name.clone(),
-                source,
-            })?;
+        let key = self.key()?;
+        Ok(Arc::new(ClaudeClient::new(self.config(key))?))
+    }
+}
+
+impl ClaudeFactory {
+    /// The client settings for `key`.
+    pub fn config(&self, key: ApiKey) -> ClaudeConfig {
         let mut cfg = ClaudeConfig::new(key)
             .with_model(self.model.clone())
             .with_max_tokens(self.max_tokens);
         if let Some(url) = &self.base_url {
             cfg = cfg.with_base_url(url.clone());
         }
-        Ok(Arc::new(ClaudeClient::new(cfg)?))
+        cfg
+    }
+
+    /// The key from `ANTHROPIC_API_KEY` or the agent's key file.
+    pub fn key(&self) -> Result<ApiKey, ModelSetupError> {
+        ApiKey::from_env_or_file(self.api_key.clone(), self.key_file.as_deref()).map_err(
+            |source| ModelSetupError::NoKey {
+                device: self.device_name.clone(),
+                source,
+            },
+        )
     }
 }
 

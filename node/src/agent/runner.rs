@@ -596,7 +596,7 @@ impl Runner {
                 .set_status(doc, &rid, Status::Failed, Some(e.to_string()))
                 .await;
         }
-        let client = match self.model.client() {
+        let client = match self.model.client_for(req.model.as_deref()).await {
             Ok(c) => c,
             Err(e) => {
                 return self
@@ -621,6 +621,7 @@ impl Runner {
             token_budget: None,
         };
         let tools = self.tools.definitions();
+        let reporter = client.clone();
         let run = {
             let progress = progress.clone();
             let ledger = self.ledger.clone();
@@ -645,6 +646,7 @@ impl Runner {
             }
         };
         let (result, ()) = tokio::join!(run, writer);
+        let report = reporter.report();
         match result {
             Ok(outcome) => {
                 let streamed = lock(&progress).text.clone();
@@ -673,11 +675,16 @@ impl Runner {
                     claude::StoppedBy::EndTurn => None,
                     other => Some(other.to_string()),
                 };
+                let note = with_notices(note, &report.notices);
                 let (rid2, me2) = (rid.clone(), me.clone());
+                let model = report.model.clone();
                 let r = self
                     .conversations
                     .modify(doc, move |c, now| {
-                        c.append_assistant(&rid2, &text, &calls, usage, &me2, now)?;
+                        let reply = c.append_assistant(&rid2, &text, &calls, usage, &me2, now)?;
+                        if let Some(m) = &model {
+                            c.set_reply_model(&reply.id, m, now)?;
+                        }
                         c.add_usage(usage.input_tokens, usage.output_tokens, now)?;
                         c.set_status(&rid2, Status::Done, note.as_deref(), now)
                     })
@@ -810,6 +817,13 @@ impl Runner {
             history,
         )
     }
+}
+
+/// A request's note with the model notices (a fallback) after it.
+fn with_notices(note: Option<String>, notices: &[String]) -> Option<String> {
+    let mut parts: Vec<String> = note.into_iter().collect();
+    parts.extend(notices.iter().cloned());
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 /// Adds a finished run's tokens and tool calls to the metrics.

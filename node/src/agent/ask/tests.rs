@@ -322,7 +322,8 @@ async fn following_streams_status_progress_and_the_answer() {
                 text: "Hello!".into(),
                 input_tokens: 7,
                 output_tokens: 3,
-                note: None
+                note: None,
+                model: None,
             },
         ]
     );
@@ -383,6 +384,7 @@ fn view(status: Option<Status>, progress: Option<&RunProgress>) -> MessageView {
         usage: None,
         progress: progress.map(RunProgress::to_json),
         attachments: Vec::new(),
+        model: None,
     }
 }
 
@@ -433,7 +435,8 @@ fn diff_reports_only_what_is_new() {
                 text: "abc, done".into(),
                 input_tokens: 0,
                 output_tokens: 0,
-                note: Some("stopped: the turn limit was reached".into())
+                note: Some("stopped: the turn limit was reached".into()),
+                model: None,
             }
         ]
     );

@@ -176,6 +176,8 @@ pub struct ClaudeConfig {
     pub retry_base_delay: Duration,
     /// Largest computed backoff delay (a server's `retry-after` is honoured up to 60 s).
     pub retry_max_delay: Duration,
+    /// A provider's `tool_choice` setting (`required`, `none`, `tool:NAME`); `None`: auto.
+    pub tool_choice: Option<String>,
 }
 
 impl ClaudeConfig {
@@ -191,7 +193,15 @@ impl ClaudeConfig {
             request_timeout: Duration::from_secs(120),
             retry_base_delay: Duration::from_millis(500),
             retry_max_delay: Duration::from_secs(60),
+            tool_choice: None,
         }
+    }
+
+    /// Sets the tool choice (`required`, `none`, `tool:NAME`; see
+    /// [`iom_crdt::ProviderEntry::tool_choice`]).
+    pub fn with_tool_choice(mut self, choice: Option<String>) -> Self {
+        self.tool_choice = choice.filter(|c| c != "auto");
+        self
     }
 
     /// Sets the base URL (e.g. from `ANTHROPIC_BASE_URL`).

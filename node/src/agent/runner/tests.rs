@@ -958,6 +958,7 @@ fn msg(role: MsgRole, text: &str, rid: Option<&str>, status: Option<Status>) -> 
         usage: None,
         progress: None,
         attachments: Vec::new(),
+        model: None,
     }
 }
 
