@@ -239,7 +239,9 @@ impl ModelChoice {
         if let Some(m) = model
             && (m.is_empty() || m.len() > 256 || m.chars().any(char::is_control))
         {
-            return Err(invalid(format!("model {m:?}: 1 to 256 printable characters")));
+            return Err(invalid(format!(
+                "model {m:?}: 1 to 256 printable characters"
+            )));
         }
         Ok(ModelChoice {
             provider: provider.to_owned(),
@@ -455,8 +457,12 @@ mod tests {
         gw.local = false;
         gw.key_env = Some("GATEWAY_KEY".into());
         m.put_provider(&gw, 2).expect("add");
-        m.set_default(&ModelChoice::parse("gateway/big").expect("parse"), "anthropic", 3)
-            .expect("default");
+        m.set_default(
+            &ModelChoice::parse("gateway/big").expect("parse"),
+            "anthropic",
+            3,
+        )
+        .expect("default");
         m.set_fallback(&["anthropic".into()], "anthropic", 3)
             .expect("fallback");
         assert!(matches!(

@@ -293,7 +293,10 @@ mod tests {
         assert!(list[0].enabled);
         assert_eq!(list[0].model, None);
         s.set_model("daily", "local", 11).expect("model");
-        assert_eq!(s.get("daily").and_then(|v| v.model).as_deref(), Some("local"));
+        assert_eq!(
+            s.get("daily").and_then(|v| v.model).as_deref(),
+            Some("local")
+        );
         assert!(s.set_model("nope", "local", 11).is_err());
         assert_eq!(
             list[1].conversation.as_deref(),

@@ -419,7 +419,8 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
         Some(Scripted::Truncated) => vec![start, event("ping", json!({"type": "ping"}))],
         Some(Scripted::Hang(d)) => return hanging_response(start, d),
         Some(Scripted::ErrorIn200(error_type)) => {
-            let body = json!({"type": "error", "error": {"type": error_type, "message": "in a 200"}});
+            let body =
+                json!({"type": "error", "error": {"type": error_type, "message": "in a 200"}});
             return (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],

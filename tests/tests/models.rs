@@ -240,7 +240,10 @@ fn local_model_answers(kind: &str) -> Result<()> {
     )?;
     let result = &v["result"];
     if result["type"] != "done" {
-        bail!("the local model did not answer: {v}\nllama-server log:\n{}", llama.log_text());
+        bail!(
+            "the local model did not answer: {v}\nllama-server log:\n{}",
+            llama.log_text()
+        );
     }
     let label = format!("local/{MODEL_NAME}");
     assert_eq!(result["model"], label.as_str(), "{v}");
@@ -250,7 +253,10 @@ fn local_model_answers(kind: &str) -> Result<()> {
     let r = reply(&laptop, &conv, &rid)?;
     assert_eq!(r["model"], label.as_str(), "{r}");
     let calls = r["tool_calls"].as_array().cloned().unwrap_or_default();
-    assert!(!calls.is_empty(), "the forced tool call did not happen: {r}");
+    assert!(
+        !calls.is_empty(),
+        "the forced tool call did not happen: {r}"
+    );
     assert_eq!(calls[0]["name"], "bash", "{r}");
     assert!(
         !calls[0]["output"].as_str().unwrap_or_default().is_empty(),
@@ -291,12 +297,33 @@ fn fallback_body() -> Result<()> {
     let (home, laptop) = two_nodes(&mut reap)?;
     let url = fake.url();
     laptop.cli(&[
-        "models", "add", "claude", "--kind", "anthropic", "--base-url", &url, "--model",
-        "claude-test", "--key-env", "ANTHROPIC_API_KEY", "--retries", "1",
+        "models",
+        "add",
+        "claude",
+        "--kind",
+        "anthropic",
+        "--base-url",
+        &url,
+        "--model",
+        "claude-test",
+        "--key-env",
+        "ANTHROPIC_API_KEY",
+        "--retries",
+        "1",
     ])?;
     laptop.cli(&[
-        "models", "add", "local", "--kind", "openai", "--base-url", &llama.url(), "--model",
-        MODEL_NAME, "--local", "--max-tokens", "32",
+        "models",
+        "add",
+        "local",
+        "--kind",
+        "openai",
+        "--base-url",
+        &llama.url(),
+        "--model",
+        MODEL_NAME,
+        "--local",
+        "--max-tokens",
+        "32",
     ])?;
     laptop.cli(&["models", "default", "claude", "--fallback", "local"])?;
     wait_provider(&home, "local")?;
@@ -311,8 +338,14 @@ fn fallback_body() -> Result<()> {
 
     // Overloaded (529 on the attempt and its retry): the local model answers, the user is told.
     fake.push([
-        Scripted::Status { code: 529, retry_after: None },
-        Scripted::Status { code: 529, retry_after: None },
+        Scripted::Status {
+            code: 529,
+            retry_after: None,
+        },
+        Scripted::Status {
+            code: 529,
+            retry_after: None,
+        },
     ])?;
     let v = ask(&laptop, "say hi", &[])?;
     assert_eq!(v["result"]["type"], "done", "{v}");
@@ -332,22 +365,29 @@ fn fallback_body() -> Result<()> {
     assert_eq!(v["result"]["type"], "done", "{v}");
     assert_eq!(v["result"]["model"], local.as_str(), "{v}");
     assert!(
-        v["result"]["note"].as_str().unwrap_or_default().contains("claude/claude-test"),
+        v["result"]["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("claude/claude-test"),
         "{v}"
     );
 
     // Back: after the back-off the primary is probed and answers again.
     fake.restart()?;
     let mut last = Value::Null;
-    wait_until("the primary to answer again", Duration::from_secs(60), || {
-        let v = ask(&laptop, "primary again?", &[])?;
-        let back = v["result"]["model"] == "claude/claude-test";
-        last = v;
-        if !back {
-            std::thread::sleep(Duration::from_secs(2));
-        }
-        Ok(back)
-    })
+    wait_until(
+        "the primary to answer again",
+        Duration::from_secs(60),
+        || {
+            let v = ask(&laptop, "primary again?", &[])?;
+            let back = v["result"]["model"] == "claude/claude-test";
+            last = v;
+            if !back {
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Ok(back)
+        },
+    )
     .map_err(|e| anyhow!("{e}; last: {last}"))?;
     assert!(last["result"]["note"].is_null(), "{last}");
     assert!(fake.requests() > 0);
@@ -380,8 +420,21 @@ fn bad_input_body() -> Result<()> {
     let fake = Fake::start()?;
     let (home, laptop) = two_nodes(&mut reap)?;
     laptop.cli(&[
-        "models", "add", "claude", "--kind", "anthropic", "--base-url", &fake.url(), "--model",
-        "claude-test", "--key-env", "ANTHROPIC_API_KEY", "--retries", "2", "--timeout-secs", "2",
+        "models",
+        "add",
+        "claude",
+        "--kind",
+        "anthropic",
+        "--base-url",
+        &fake.url(),
+        "--model",
+        "claude-test",
+        "--key-env",
+        "ANTHROPIC_API_KEY",
+        "--retries",
+        "2",
+        "--timeout-secs",
+        "2",
     ])?;
     laptop.cli(&["models", "default", "claude"])?;
     wait_until("home to have the default", Duration::from_secs(20), || {
@@ -437,8 +490,17 @@ fn config_body() -> Result<()> {
     let mut reap = Reap::default();
     let (home, laptop) = two_nodes(&mut reap)?;
     laptop.cli(&[
-        "models", "add", "gateway", "--kind", "openai", "--base-url", "http://127.0.0.1:9",
-        "--model", "big", "--key-env", "GATEWAY_KEY",
+        "models",
+        "add",
+        "gateway",
+        "--kind",
+        "openai",
+        "--base-url",
+        "http://127.0.0.1:9",
+        "--model",
+        "big",
+        "--key-env",
+        "GATEWAY_KEY",
     ])?;
     wait_provider(&home, "gateway")?;
     let r = home.json(&["models", "list"])?;
@@ -447,8 +509,17 @@ fn config_body() -> Result<()> {
     assert_eq!(r["default"], "anthropic", "{r}");
     // A key where a name belongs is refused, and so is an unknown default.
     let (code, err) = laptop.fail(&[
-        "models", "add", "bad", "--kind", "openai", "--base-url", "http://h", "--model", "m",
-        "--key-env", "sk-ant-secret-value",
+        "models",
+        "add",
+        "bad",
+        "--kind",
+        "openai",
+        "--base-url",
+        "http://h",
+        "--model",
+        "m",
+        "--key-env",
+        "sk-ant-secret-value",
     ])?;
     assert_ne!(code, 0);
     assert!(err.contains("key_env"), "{err}");
@@ -459,21 +530,31 @@ fn config_body() -> Result<()> {
     let v = ask(&laptop, "hi", &["--model", "nope"])?;
     assert_eq!(v["result"]["type"], "failed", "{v}");
     assert!(
-        v["result"]["error"].as_str().unwrap_or_default().contains("nope"),
+        v["result"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nope"),
         "{v}"
     );
     // The gateway's key is missing on the agent: a clear failure naming the variable.
     let v = ask(&laptop, "hi", &["--model", "gateway"])?;
     assert_eq!(v["result"]["type"], "failed", "{v}");
     assert!(
-        v["result"]["error"].as_str().unwrap_or_default().contains("GATEWAY_KEY"),
+        v["result"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("GATEWAY_KEY"),
         "{v}"
     );
     // Removed on home, gone on the laptop.
     home.cli(&["models", "remove", "gateway"])?;
-    wait_until("the laptop to see it removed", Duration::from_secs(20), || {
-        let r = laptop.json(&["models", "list"])?;
-        Ok(r["providers"].as_array().is_some_and(Vec::is_empty))
-    })?;
+    wait_until(
+        "the laptop to see it removed",
+        Duration::from_secs(20),
+        || {
+            let r = laptop.json(&["models", "list"])?;
+            Ok(r["providers"].as_array().is_some_and(Vec::is_empty))
+        },
+    )?;
     Ok(())
 }

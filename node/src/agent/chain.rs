@@ -311,7 +311,9 @@ mod tests {
         assert_eq!(report.model.as_deref(), Some("local/m"));
         assert_eq!(report.notices.len(), 1);
         assert!(
-            report.notices[0].starts_with("answered by local/m: claude/m failed: the Anthropic API is overloaded"),
+            report.notices[0].starts_with(
+                "answered by local/m: claude/m failed: the Anthropic API is overloaded"
+            ),
             "{report:?}"
         );
 
@@ -379,9 +381,19 @@ mod tests {
             attempts: 3,
         }));
         let c = chain(&health, &[&a, &b, &c3]);
-        let err = ask(&c).await.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.starts_with("no model provider could answer: a/m failed"), "{err}");
-        assert!(err.contains("b/m failed") && err.contains("c/m failed"), "{err}");
+        let err = ask(&c)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.starts_with("no model provider could answer: a/m failed"),
+            "{err}"
+        );
+        assert!(
+            err.contains("b/m failed") && err.contains("c/m failed"),
+            "{err}"
+        );
         // The last link is tried even while it is down.
         c3.fail_with(None);
         let c = chain(&health, &[&a, &b, &c3]);

@@ -143,12 +143,12 @@ impl ClaudeFactory {
 
     /// The key from `ANTHROPIC_API_KEY` or the agent's key file.
     pub fn key(&self) -> Result<ApiKey, ModelSetupError> {
-        ApiKey::from_env_or_file(self.api_key.clone(), self.key_file.as_deref()).map_err(
-            |source| ModelSetupError::NoKey {
+        ApiKey::from_env_or_file(self.api_key.clone(), self.key_file.as_deref()).map_err(|source| {
+            ModelSetupError::NoKey {
                 device: self.device_name.clone(),
                 source,
-            },
-        )
+            }
+        })
     }
 }
 

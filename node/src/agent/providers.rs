@@ -260,7 +260,10 @@ mod tests {
         assert!(matches!(provider_key(&e), Ok(None)));
         e.key_env = Some("IOM_TEST_SURELY_UNSET_KEY".into());
         e.key_file = Some("/nonexistent/key".into());
-        let err = provider_key(&e).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = provider_key(&e)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("set IOM_TEST_SURELY_UNSET_KEY"), "{err}");
         assert!(err.contains("/nonexistent/key"), "{err}");
     }

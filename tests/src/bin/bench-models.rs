@@ -37,7 +37,10 @@ async fn ask(api: &ApiClient) -> Result<(Duration, Duration)> {
         .post("/v1/ask", &json!({ "prompt": PROMPT }))
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    let conv = asked["conversation"].as_str().unwrap_or_default().to_string();
+    let conv = asked["conversation"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let rid = asked["request_id"].as_str().unwrap_or_default().to_string();
     let mut resp = api
         .get_raw(&format!("/v1/conversations/{conv}/requests/{rid}/events"))
@@ -72,7 +75,14 @@ fn curl(url: &str) -> Result<(Duration, Duration)> {
         "messages": [{"role": "user", "content": PROMPT}],
     });
     let out = Command::new("curl")
-        .args(["-sS", "-N", "-o", "/dev/null", "-w", "%{time_starttransfer} %{time_total}"])
+        .args([
+            "-sS",
+            "-N",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_starttransfer} %{time_total}",
+        ])
         .args(["-H", "content-type: application/json", "-d"])
         .arg(body.to_string())
         .arg(format!("{url}/v1/chat/completions"))
@@ -115,8 +125,18 @@ fn run() -> Result<()> {
     node.start()?;
     node.cli(&["agent", "assign", "home"])?;
     node.cli(&[
-        "models", "add", "local", "--kind", "openai", "--base-url", &llama.url(), "--model",
-        MODEL_NAME, "--local", "--max-tokens", &MAX_TOKENS.to_string(),
+        "models",
+        "add",
+        "local",
+        "--kind",
+        "openai",
+        "--base-url",
+        &llama.url(),
+        "--model",
+        MODEL_NAME,
+        "--local",
+        "--max-tokens",
+        &MAX_TOKENS.to_string(),
     ])?;
     node.cli(&["models", "default", "local"])?;
     wait_until("the default model", Duration::from_secs(10), || {

@@ -145,8 +145,8 @@ impl ClaudeClient {
             .tools
             .as_ref()
             .filter(|t| !(t.is_null() || t.as_array().is_some_and(Vec::is_empty)));
-        let forced = tools
-            .and_then(|_| forced_tool_choice(self.cfg.tool_choice.as_deref(), &req.messages));
+        let forced =
+            tools.and_then(|_| forced_tool_choice(self.cfg.tool_choice.as_deref(), &req.messages));
         let only = match (forced, tools) {
             (Some((Some(name), _)), Some(t)) => Some(only_tool(t, name)),
             _ => None,
@@ -460,7 +460,9 @@ pub(crate) fn forced_tool_choice<'a>(
     messages: &[Message],
 ) -> Option<(Option<&'a str>, &'static str)> {
     let setting = setting?;
-    let after_tools = messages.last().is_some_and(|m| m.content.has_tool_results());
+    let after_tools = messages
+        .last()
+        .is_some_and(|m| m.content.has_tool_results());
     if setting == "none" || after_tools {
         return Some((None, "none"));
     }

@@ -11,7 +11,9 @@ use super::stream::{Assembler, Step, StreamError, whole};
 use super::wire::{WireOptions, request};
 use crate::agent::claude::client::is_quota;
 use crate::agent::claude::sse::{DEFAULT_MAX_EVENT_BYTES, SseParser};
-use crate::agent::claude::{ApiKey, ClaudeError, MessagesRequest, StreamEvent, Turn, backoff_delay};
+use crate::agent::claude::{
+    ApiKey, ClaudeError, MessagesRequest, StreamEvent, Turn, backoff_delay,
+};
 
 /// Largest error body read from a failed response.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
@@ -126,7 +128,9 @@ impl OpenAiClient {
             return Err(OpenAiConfigError::Invalid("the model name is empty"));
         }
         if cfg.request_timeout.is_zero() {
-            return Err(OpenAiConfigError::Invalid("request_timeout must not be zero"));
+            return Err(OpenAiConfigError::Invalid(
+                "request_timeout must not be zero",
+            ));
         }
         let http = reqwest::Client::builder()
             .connect_timeout(cfg.request_timeout.min(Duration::from_secs(30)))
@@ -356,7 +360,9 @@ impl OpenAiClient {
     fn stream_error(&self, e: StreamError, delivered: bool) -> Attempt {
         let url = self.url.clone();
         match e {
-            StreamError::Protocol(message) => Attempt::fatal(OpenAiError::Protocol { url, message }),
+            StreamError::Protocol(message) => {
+                Attempt::fatal(OpenAiError::Protocol { url, message })
+            }
             StreamError::Truncated if delivered => Attempt::fatal(OpenAiError::Interrupted {
                 url,
                 message: "the stream ended before the reply was complete".into(),
@@ -388,7 +394,13 @@ impl OpenAiClient {
         }
     }
 
-    fn classify(&self, status: u16, kind: &str, message: String, after: Option<Duration>) -> Attempt {
+    fn classify(
+        &self,
+        status: u16,
+        kind: &str,
+        message: String,
+        after: Option<Duration>,
+    ) -> Attempt {
         let url = self.url.clone();
         let reason = format!("{status} {kind}");
         if is_quota(status, kind, &message) {
@@ -455,7 +467,11 @@ fn error_of(body: &[u8]) -> (String, String) {
         .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
         .unwrap_or_else(|| "error".into());
     let message = err
-        .and_then(|e| e.get("message").and_then(|m| m.as_str()).or_else(|| e.as_str()))
+        .and_then(|e| {
+            e.get("message")
+                .and_then(|m| m.as_str())
+                .or_else(|| e.as_str())
+        })
         .map(str::to_owned)
         .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(300).collect());
     (kind, message)

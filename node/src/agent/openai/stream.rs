@@ -368,7 +368,10 @@ mod tests {
             r#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3}}"#,
             "[DONE]",
         ])?;
-        assert_eq!(steps, vec![Step::Text("Hel".into()), Step::Text("lo".into())]);
+        assert_eq!(
+            steps,
+            vec![Step::Text("Hel".into()), Step::Text("lo".into())]
+        );
         assert_eq!(turn.text(), "Hello");
         assert_eq!(turn.id, "c1");
         assert_eq!(turn.stop_reason, StopReason::EndTurn);
@@ -378,8 +381,8 @@ mod tests {
     }
 
     #[test]
-    fn tool_call_deltas_split_by_index_and_arguments_split_across_chunks()
-    -> Result<(), StreamError> {
+    fn tool_call_deltas_split_by_index_and_arguments_split_across_chunks() -> Result<(), StreamError>
+    {
         let (steps, turn) = run(&[
             r#"{"choices":[{"delta":{"tool_calls":[{"index":1,"id":"b","function":{"name":"read_file","arguments":""}}]}}]}"#,
             r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"bash"}}]}}]}"#,
@@ -403,7 +406,10 @@ mod tests {
         assert_eq!(calls[0].1, "bash");
         assert!(calls[0].0.starts_with("call_"), "a missing id is made up");
         assert_eq!(calls[0].2, json!({"command": "ls"}));
-        assert_eq!(calls[1], ("b".into(), "read_file".into(), json!({"path": "a"})));
+        assert_eq!(
+            calls[1],
+            ("b".into(), "read_file".into(), json!({"path": "a"}))
+        );
         Ok(())
     }
 
@@ -423,9 +429,11 @@ mod tests {
 
     #[test]
     fn unknown_finish_reason_is_kept_and_missing_done_is_fine() -> Result<(), StreamError> {
-        let (_, turn) = run(&[r#"{"choices":[{"delta":{"content":"x"},"finish_reason":"eos_token"}]}"#])?;
+        let (_, turn) =
+            run(&[r#"{"choices":[{"delta":{"content":"x"},"finish_reason":"eos_token"}]}"#])?;
         assert_eq!(turn.stop_reason, StopReason::Other("eos_token".into()));
-        let (_, turn) = run(&[r#"{"choices":[{"delta":{"content":"x"},"finish_reason":"length"}]}"#])?;
+        let (_, turn) =
+            run(&[r#"{"choices":[{"delta":{"content":"x"},"finish_reason":"length"}]}"#])?;
         assert_eq!(turn.stop_reason, StopReason::MaxTokens);
         Ok(())
     }
@@ -451,7 +459,13 @@ mod tests {
         // Odd but valid JSON in unexpected places does not panic.
         assert!(run(&["[1,2]"]).is_err());
         assert!(run(&["null", "[DONE]"]).is_ok());
-        assert!(run(&[r#"{"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}"#, "[DONE]"]).is_ok());
+        assert!(
+            run(&[
+                r#"{"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}"#,
+                "[DONE]"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

@@ -61,7 +61,9 @@ async fn serve(replies: Vec<Reply>) -> std::io::Result<(String, Arc<Mutex<Vec<St
                 let mut tmp = [0u8; 4096];
                 // Headers, then the body by content-length.
                 loop {
-                    let Ok(k) = sock.read(&mut tmp).await else { return };
+                    let Ok(k) = sock.read(&mut tmp).await else {
+                        return;
+                    };
                     if k == 0 {
                         return;
                     }
@@ -111,7 +113,12 @@ fn req() -> MessagesRequest {
     }
 }
 
-async fn ask(c: &OpenAiClient) -> (Result<crate::agent::claude::Turn, ClaudeError>, Vec<StreamEvent>) {
+async fn ask(
+    c: &OpenAiClient,
+) -> (
+    Result<crate::agent::claude::Turn, ClaudeError>,
+    Vec<StreamEvent>,
+) {
     let mut events = Vec::new();
     let mut on = |e: StreamEvent| events.push(e);
     let r = c.stream(&req(), &mut on).await;
@@ -138,8 +145,12 @@ async fn streams_text_and_a_tool_call_and_sends_openai_json() -> TestResult {
     assert_eq!(turn.stop_reason, StopReason::ToolUse);
     assert_eq!(turn.usage.input_tokens, 5);
     assert!(events.contains(&StreamEvent::TextDelta("ok ".into())));
-    let body: serde_json::Value =
-        serde_json::from_str(seen.lock().map_err(|_| "poisoned")?.first().ok_or("no request")?)?;
+    let body: serde_json::Value = serde_json::from_str(
+        seen.lock()
+            .map_err(|_| "poisoned")?
+            .first()
+            .ok_or("no request")?,
+    )?;
     assert_eq!(body["messages"][0]["role"], "user");
     assert_eq!(body["tools"][0]["type"], "function");
     assert_eq!(body["stream"], true);
@@ -216,7 +227,10 @@ async fn an_error_in_a_200_body_or_in_the_stream_is_a_server_failure() -> TestRe
 async fn statuses_are_classified_rate_limit_quota_auth_and_overload() -> TestResult {
     let cases = [
         (
-            json_reply("429 Too Many Requests", r#"{"error":{"message":"slow down"}}"#),
+            json_reply(
+                "429 Too Many Requests",
+                r#"{"error":{"message":"slow down"}}"#,
+            ),
             false,
             true,
         ),
@@ -234,7 +248,11 @@ async fn statuses_are_classified_rate_limit_quota_auth_and_overload() -> TestRes
             false,
         ),
         (json_reply("503 Service Unavailable", "busy"), true, true),
-        (json_reply("400 Bad Request", r#"{"error":"no such model"}"#), false, false),
+        (
+            json_reply("400 Bad Request", r#"{"error":"no such model"}"#),
+            false,
+            false,
+        ),
     ];
     for (reply, fallback, transient) in cases {
         let (url, _) = serve(vec![reply]).await?;
@@ -262,7 +280,10 @@ async fn unknown_finish_reasons_invalid_arguments_and_refused_connections() -> T
     assert_eq!(turn.stop_reason, StopReason::ToolUse);
     assert!(matches!(
         &turn.content[0],
-        crate::agent::claude::ContentBlock::ToolUse { input: serde_json::Value::String(_), .. }
+        crate::agent::claude::ContentBlock::ToolUse {
+            input: serde_json::Value::String(_),
+            ..
+        }
     ));
 
     // Nobody listens: a clear, fallback-worthy failure.
@@ -272,7 +293,10 @@ async fn unknown_finish_reasons_invalid_arguments_and_refused_connections() -> T
     };
     let (r, _) = ask(&client(&format!("http://127.0.0.1:{port}"), 1)?).await;
     let err = r.err().ok_or("a closed port answered")?;
-    assert!(err.to_string().starts_with("cannot reach the model server"), "{err}");
+    assert!(
+        err.to_string().starts_with("cannot reach the model server"),
+        "{err}"
+    );
     assert!(err.wants_fallback());
     Ok(())
 }

@@ -203,8 +203,10 @@ mod tests {
         let req = MessagesRequest {
             system: Some("be brief".into()),
             messages: history,
-            tools: Some(json!([{"name": "bash", "description": "run", "input_schema":
-                {"type": "object", "properties": {"command": {"type": "string"}}}}])),
+            tools: Some(
+                json!([{"name": "bash", "description": "run", "input_schema":
+                {"type": "object", "properties": {"command": {"type": "string"}}}}]),
+            ),
             ..MessagesRequest::default()
         };
         let body = request(&req, opts());
