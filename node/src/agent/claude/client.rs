@@ -362,7 +362,8 @@ fn with_attempts(err: ClaudeError, attempts: u32) -> ClaudeError {
     }
 }
 
-fn describe_reqwest(e: &reqwest::Error) -> String {
+/// A reqwest error with its chain of causes.
+pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
     use std::error::Error as _;
     let mut msg = e.to_string();
     let mut src = e.source();

@@ -9,7 +9,7 @@ use tracing::{debug, warn};
 use super::error::OpenAiError;
 use super::stream::{Assembler, Step, StreamError, whole};
 use super::wire::{WireOptions, request};
-use crate::agent::claude::client::is_quota;
+use crate::agent::claude::client::{describe_reqwest as describe, is_quota};
 use crate::agent::claude::sse::{DEFAULT_MAX_EVENT_BYTES, SseParser};
 use crate::agent::claude::{
     ApiKey, ClaudeError, MessagesRequest, StreamEvent, Turn, backoff_delay,
@@ -431,18 +431,6 @@ impl OpenAiClient {
             }),
         }
     }
-}
-
-fn describe(e: &reqwest::Error) -> String {
-    use std::error::Error as _;
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
 }
 
 async fn read_body(resp: reqwest::Response, timeout: Duration, max: usize) -> Vec<u8> {
