@@ -41,6 +41,10 @@ pub struct AskArgs {
     /// Don't read stdin even when it is not a terminal.
     #[arg(long)]
     pub no_stdin: bool,
+    /// Answer with this model: a provider of `iom models list` (`NAME`), or one of its models
+    /// (`NAME/MODEL`). Default: the mesh's default model.
+    #[arg(long, short = 'm', value_name = "NAME[/MODEL]")]
+    pub model: Option<String>,
 }
 
 /// `iom ask --output`.
@@ -134,6 +138,10 @@ pub enum Command {
     /// Prompts the agent runs on a schedule (cron, UTC).
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// Model providers of the mesh (Anthropic, OpenAI-compatible, local servers), the
+    /// default model and the fallback chain.
+    #[command(subcommand)]
+    Models(ModelsCommand),
     /// Webhook answers posted to callback URLs: which are pending or given up; retry or drop.
     #[command(subcommand)]
     Webhook(WebhookCommand),
@@ -270,6 +278,9 @@ pub enum ScheduleCommand {
         /// `[email]` is configured).
         #[arg(long, value_parser = ["email"])]
         to: Option<String>,
+        /// The model its requests ask for (`NAME` or `NAME/MODEL`; default: the mesh's).
+        #[arg(long, short = 'm', value_name = "NAME[/MODEL]")]
+        model: Option<String>,
     },
     /// List schedules with their next and last slots.
     List,
@@ -289,6 +300,70 @@ pub enum ScheduleCommand {
         /// Schedule id.
         id: String,
     },
+}
+
+/// `iom models ...`.
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Add (or replace) a provider: `iom models add local --kind openai --base-url
+    /// http://127.0.0.1:8080 --model smollm2 --local`. Keys stay on the agent device: name
+    /// the environment variable (`--key-env`) or key file (`--key-file`) that holds it there.
+    Add(ModelsAddArgs),
+    /// List the providers, the default and the fallback chain.
+    List,
+    /// Remove a provider.
+    Remove {
+        /// Provider name.
+        name: String,
+    },
+    /// Set the default model (`NAME` or `NAME/MODEL`); with `--fallback`, also the providers
+    /// tried after it, in order.
+    Default {
+        /// Provider name, or `NAME/MODEL`.
+        model: String,
+        /// Providers tried in order when the chosen one is overloaded, out of quota or
+        /// unreachable (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        fallback: Option<Vec<String>>,
+    },
+}
+
+/// `iom models add`.
+#[derive(Debug, clap::Args)]
+pub struct ModelsAddArgs {
+    /// Provider name (letters, digits, `-`, `_`, `.`), as used by `--model NAME`.
+    pub name: String,
+    /// The API it speaks: `anthropic` (Messages API) or `openai` (chat completions).
+    #[arg(long, value_parser = ["anthropic", "openai"])]
+    pub kind: String,
+    /// Base URL without the API path (required for `openai`; default for `anthropic`: the
+    /// hosted API).
+    #[arg(long)]
+    pub base_url: Option<String>,
+    /// Model name sent to the server.
+    #[arg(long)]
+    pub model: String,
+    /// Environment variable on the agent device that holds the key.
+    #[arg(long)]
+    pub key_env: Option<String>,
+    /// Key file on the agent device (mode 0600).
+    #[arg(long)]
+    pub key_file: Option<String>,
+    /// `max_tokens` per reply.
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// A local server: tried whenever the others fail, so the assistant answers offline.
+    #[arg(long)]
+    pub local: bool,
+    /// Tool choice on a request's first call: `auto`, `required`, `none` or `tool:NAME`.
+    #[arg(long)]
+    pub tool_choice: Option<String>,
+    /// Retries of a failed call before the next provider answers.
+    #[arg(long)]
+    pub retries: Option<u32>,
+    /// Longest wait in seconds for the response and each piece of the stream.
+    #[arg(long)]
+    pub timeout_secs: Option<u64>,
 }
 
 /// `iom relay ...`.

@@ -23,7 +23,8 @@
 //! - [`document`]: [`Document`], [`ChangeInfo`], heads parsing.
 //! - [`json`]: JSON view and path edits ([`PathError`]).
 //! - [`schema`]: schema versions and migrations.
-//! - [`conversation`], [`memory`], [`schedules`], [`settings`]: typed accessors.
+//! - [`conversation`], [`memory`], [`schedules`], [`settings`]: typed accessors;
+//!   [`models`]: the model providers, kept in the settings document.
 //! - [`progress`]: a running request's progress, appended to (never rewritten).
 //! - [`inventory`]: hierarchical digest for reconnects.
 //! - [`sync`]: [`sync::PeerDocState`], [`sync::generate`], [`sync::receive`].
@@ -54,6 +55,7 @@ pub mod inventory;
 pub mod json;
 pub mod kind;
 pub mod memory;
+pub mod models;
 pub mod progress;
 pub mod schedules;
 pub mod schema;
@@ -77,6 +79,7 @@ pub use inventory::Inventory;
 pub use json::PathError;
 pub use kind::DocKind;
 pub use memory::Memory;
+pub use models::{ModelChoice, ModelSettings, Models, ModelsError, ProviderEntry, ProviderKind};
 pub use progress::{ProgressUpdate, ProgressView, ToolProgressView};
 pub use schedules::{ScheduleError, ScheduleView, Schedules};
 pub use settings::{Settings, SettingsError};

@@ -559,7 +559,7 @@ fn agent_services(
 ) {
     use crate::agent::clock::{OffsetClock, SystemClock};
     use crate::agent::{ask, runner};
-    let model = crate::agent::model::ClaudeFactory {
+    let builtin = crate::agent::model::ClaudeFactory {
         device_name: config.name.clone(),
         api_key: config.api_key.clone(),
         key_file: config.agent.key_file.clone(),
@@ -567,6 +567,7 @@ fn agent_services(
         max_tokens: config.agent.max_tokens,
         base_url: config.agent.base_url.clone(),
     };
+    let model = crate::agent::providers::MeshModels::new(docs.clone(), builtin);
     let tools = crate::agent::sandbox::host::DockerHost::new(
         config.sandbox.clone(),
         config.data_dir.clone(),

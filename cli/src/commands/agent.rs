@@ -33,7 +33,7 @@ pub async fn chat(g: &Global, conversation: Option<String>) -> Result<(), Failur
         } else {
             OutputFormat::Text
         };
-        match super::ask::ask_once(&c, line, conv.as_deref(), &[], false, format).await {
+        match super::ask::ask_once(&c, line, conv.as_deref(), &[], None, false, format).await {
             Ok(o) => {
                 conv = Some(output::s(&o.asked, "conversation").to_string());
                 if let Some(id) = &conv

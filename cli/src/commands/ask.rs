@@ -97,6 +97,7 @@ pub async fn ask(g: &Global, a: AskArgs) -> Result<(), Failure> {
         &prompt,
         a.conversation.as_deref(),
         &attachments,
+        a.model.as_deref(),
         a.no_wait,
         format,
     )
@@ -148,12 +149,16 @@ pub async fn ask_once(
     prompt: &str,
     conversation: Option<&str>,
     attachments: &[Value],
+    model: Option<&str>,
     no_wait: bool,
     format: OutputFormat,
 ) -> Result<Outcome, Failure> {
     let mut body = json!({ "prompt": prompt, "conversation": conversation, "interface": "cli" });
     if !attachments.is_empty() {
         body["attachments"] = json!(attachments);
+    }
+    if let Some(m) = model {
+        body["model"] = json!(m);
     }
     let asked = c.post("/v1/ask", &body).await?;
     let mut outcome = Outcome {
@@ -238,9 +243,13 @@ fn print_progress(ev: &Value, kind: &str, out: &mut std::io::Stdout) {
         "done" => {
             println!();
             eprintln!(
-                "[done: {} tokens in, {} out{}]",
+                "[done: {} tokens in, {} out{}{}]",
                 ev["input_tokens"],
                 ev["output_tokens"],
+                ev["model"]
+                    .as_str()
+                    .map(|m| format!(", by {m}"))
+                    .unwrap_or_default(),
                 ev["note"]
                     .as_str()
                     .map(|n| format!("; {n}"))

@@ -12,6 +12,7 @@ mod events;
 mod first_sync;
 mod memory;
 mod mesh;
+mod models;
 pub mod node;
 pub mod relay;
 mod schedule;
@@ -83,6 +84,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Sandbox(cmd) => agent::sandbox(&g, cmd).await,
         Command::Token(cmd) => token::run(&g, cmd).await,
         Command::Schedule(cmd) => schedule::run(&g, cmd).await,
+        Command::Models(cmd) => models::run(&g, cmd).await,
         Command::Webhook(cmd) => webhook::run(&g, cmd).await,
         Command::Doctor => doctor::run(&g).await,
         Command::Usage { days } => usage::run(&g, days).await,

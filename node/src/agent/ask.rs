@@ -90,6 +90,9 @@ pub enum AskError {
     /// The store could not be read.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The model choice is not `NAME` or `NAME/MODEL`.
+    #[error("bad model choice: {0}")]
+    BadModel(String),
 }
 
 /// A file to attach to a request: a blob already stored on this device, and its name.
@@ -349,6 +352,31 @@ impl Asking {
         request_id: Option<String>,
         files: &[Attach],
     ) -> Result<Asked, AskError> {
+        self.ask_model(prompt, conversation, interface, request_id, files, None)
+            .await
+    }
+
+    /// [`Asking::ask_with`] for a chosen model (`NAME` or `NAME/MODEL`, a provider of
+    /// `iom models list`); `None`: the mesh's default. The answer records which model
+    /// produced it.
+    pub async fn ask_model(
+        &self,
+        prompt: &str,
+        conversation: Option<DocId>,
+        interface: Interface,
+        request_id: Option<String>,
+        files: &[Attach],
+        model: Option<&str>,
+    ) -> Result<Asked, AskError> {
+        let model = model
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(|m| {
+                iom_crdt::ModelChoice::parse(m)
+                    .map(|c| c.to_string())
+                    .map_err(|e| AskError::BadModel(e.to_string()))
+            })
+            .transpose()?;
         let prompt = prompt.trim();
         if prompt.is_empty() {
             return Err(AskError::EmptyPrompt);
@@ -370,7 +398,13 @@ impl Asking {
         let (p, r) = (prompt.to_string(), rid.clone());
         self.conversations
             .modify(doc, move |c, now| {
-                c.append_request_with(&r, &p, interface, &me, &attachments, now)
+                let out = c.append_request_with(&r, &p, interface, &me, &attachments, now)?;
+                if let Some(m) = &model
+                    && out.created
+                {
+                    c.set_request_model(&r, m, now)?;
+                }
+                Ok(out)
             })
             .await?;
         let (agent, queued, note) = match self.role.holder() {
@@ -557,9 +591,12 @@ pub enum RequestEvent {
         input_tokens: u64,
         /// Tokens out.
         output_tokens: u64,
-        /// A note (e.g. a limit stopped it).
+        /// A note (e.g. a limit stopped it, or another model answered).
         #[serde(skip_serializing_if = "Option::is_none")]
         note: Option<String>,
+        /// The `provider/model` that produced the answer.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
     },
     /// The request failed.
     Failed {
@@ -698,6 +735,7 @@ fn diff(seen: &mut Seen, req: &MessageView, reply: Option<&MessageView>) -> Vec<
                     input_tokens: usage.input_tokens,
                     output_tokens: usage.output_tokens,
                     note: req.error.clone(),
+                    model: reply.model.clone(),
                 });
             }
         }

@@ -37,7 +37,7 @@ use super::compact::{self, Context};
 use super::conversations::Conversations;
 use super::cost::PriceTable;
 use super::host::ToolHost;
-use super::model::ModelFactory;
+use super::model::{ModelFactory, model_name};
 use super::progress::ProgressLog;
 pub use super::progress::apply_progress;
 use super::prompt_files;
@@ -542,7 +542,7 @@ impl Runner {
                     .await;
             }
         };
-        let client = match self.model.client() {
+        let client = match self.model.client_for(req.model.as_deref()).await {
             Ok(c) => c,
             Err(e) => {
                 return self
@@ -551,12 +551,15 @@ impl Runner {
             }
         };
         let tools = self.tools.definitions();
-        let model = self.config.model.clone();
+        let priced = client
+            .primary()
+            .unwrap_or_else(|| self.config.model.clone());
+        let price = self.config.prices.price(model_name(&priced));
         let budget = match self
             .ledger
             .reserve(&device, device_name.as_deref(), Default::default())
         {
-            Ok(r) => RunBudget::new(r, self.config.prices.price(&model)),
+            Ok(r) => RunBudget::new(r, price),
             Err(e) => return self.refuse(doc, &rid, e).await,
         };
         let (system, ctx) = self.context_for(doc, &rid).await;
@@ -615,6 +618,7 @@ impl Runner {
             max_tokens: Some(self.config.max_tokens),
             token_budget: None,
         };
+        let reporter = client.clone();
         let run = {
             let progress = progress.clone();
             let budget = &budget;
@@ -639,6 +643,7 @@ impl Runner {
             }
         };
         let (result, ()) = tokio::join!(run, writer);
+        let report = reporter.report();
         match result {
             Ok(outcome) => {
                 let streamed = lock(&progress).shown().text.clone();
@@ -667,8 +672,10 @@ impl Runner {
                 let note = stop_note
                     .into_iter()
                     .chain(file_notes)
+                    .chain(report.notices.iter().cloned())
                     .reduce(|a, b| format!("{a}; {b}"));
                 let (rid2, me2) = (rid.clone(), me.clone());
+                let model = report.model.clone();
                 let r = self
                     .conversations
                     .modify(doc, move |c, now| {
@@ -676,7 +683,7 @@ impl Runner {
                             text: &text,
                             tool_calls: &calls,
                             usage,
-                            model: Some(&model),
+                            model: Some(model.as_deref().unwrap_or(&priced)),
                         };
                         c.append_answer(&rid2, &answer, &me2, now)?;
                         c.add_usage_view(&usage, now)?;

@@ -17,6 +17,7 @@ pub mod email;
 pub mod error;
 pub mod mesh;
 pub mod metrics;
+pub mod models;
 pub mod routes;
 pub mod schedules;
 pub mod socket_only;

@@ -147,7 +147,7 @@ async function openConversation(id) {
         bubble.finishTool(tool, t.output, t.is_error);
       }
       bubble.setText(reply.text);
-      bubble.finish(reply.usage, m.error);
+      bubble.finish(reply.usage, m.error, reply.model);
     } else if (m.status === "failed") {
       bubble.fail(m.error || "failed");
     } else {
@@ -199,9 +199,9 @@ function assistantBubble() {
       return [...tools.querySelectorAll('.tool[data-state="running"]')]
         .find((t) => t.querySelector("summary").textContent === `⚙ ${name}`);
     },
-    finish(usage, note) {
+    finish(usage, note, model) {
       root.dataset.state = "done";
-      meta.textContent = [tokens(usage), note].filter(Boolean).join(" · ");
+      meta.textContent = [tokens(usage), model && `by ${model}`, note].filter(Boolean).join(" · ");
     },
     fail(error) {
       root.dataset.state = "failed";
@@ -256,7 +256,7 @@ async function stream(conversation, requestId, bubble) {
         case "tool_started": bubble.addTool(ev.name, ev.input); break;
         case "tool_finished": bubble.finishTool(bubble.runningTool(ev.name), ev.output, ev.is_error); break;
         case "retry": bubble.setStatus("retrying"); break;
-        case "done": bubble.setText(ev.text); bubble.finish(ev, ev.note); finished = true; return false;
+        case "done": bubble.setText(ev.text); bubble.finish(ev, ev.note, ev.model); finished = true; return false;
         case "failed": bubble.fail(ev.error); finished = true; return false;
       }
       return true;
@@ -286,6 +286,8 @@ async function send(event) {
   try {
     const body = { prompt, interface: "web" };
     if (state.current) body.conversation = state.current;
+    const model = $("model").value.trim();
+    if (model) body.model = model;
     const asked = await api("/v1/ask", { method: "POST", body });
     $("prompt").value = "";
     if (!state.current) {
