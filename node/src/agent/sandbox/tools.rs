@@ -291,6 +291,40 @@ impl Sandbox {
         Ok((render(&out, cap, false), false))
     }
 
+    /// The bytes of a file in the conversation's container (read there, never by the host),
+    /// at most `max`; a missing file, a directory or a bigger file is an error for the model.
+    pub(crate) async fn read_bytes(
+        &self,
+        conv: &str,
+        path: &str,
+        max: usize,
+    ) -> Result<Vec<u8>, String> {
+        let arg = arg_path(path).map_err(|ToolFailure(m)| m)?;
+        let script = r#"[ -f "$1" ] && exec cat -- "$1" 2>/dev/null"#;
+        let out = self
+            .exec(
+                conv,
+                vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    script.into(),
+                    "sh".into(),
+                    arg,
+                ],
+                None,
+                max.saturating_add(1),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if out.truncated || out.output.len() > max {
+            return Err(format!("{path} is larger than {max} bytes"));
+        }
+        if out.exit_code != Some(0) {
+            return Err(format!("{path} is not a readable file in the workspace"));
+        }
+        Ok(out.output)
+    }
+
     async fn write_bytes(
         &self,
         conv: &str,
