@@ -778,7 +778,7 @@ mod tests {
         // Arguments match any string value, nested, or the JSON text.
         let r = rule("*", Some("secret*"), Action::Deny).1;
         assert!(r.matches("t", &json!({"a": [{"b": "secret.txt"}]})));
-        assert!(r.matches("t", &json!({"n": 1, "secret_key": 2})) == false);
+        assert!(!r.matches("t", &json!({"n": 1, "secret_key": 2})));
         assert!(
             rule("*", Some("*\"n\":1*"), Action::Deny)
                 .1

@@ -453,16 +453,12 @@ pub struct Found {
 /// Approvals in the conversations on this device, newest first: pending ones only unless
 /// `all`; conversations changed in the last [`RECENT_SECS`] unless `all`.
 pub async fn list(docs: &Docs, now: i64, all: bool) -> Result<Vec<Found>, DocsError> {
-    let mut convs: Vec<(DocId, u64)> = docs
-        .list()?
-        .into_iter()
-        .filter(|(_, m)| m.kind == DocKind::Conversation.name())
-        .filter(|(_, m)| all || m.updated_at.saturating_add(RECENT_SECS) >= now.max(0) as u64)
-        .map(|(id, m)| (id, m.updated_at))
-        .collect();
-    convs.sort_by(|a, b| b.1.cmp(&a.1));
+    let since = (now.max(0) as u64).saturating_sub(RECENT_SECS);
     let mut out = Vec::new();
-    for (id, _) in convs {
+    for (id, updated) in super::conversations::newest_first(docs)? {
+        if !all && updated < since {
+            break;
+        }
         let found = docs
             .read(id, |d| {
                 DocApprovals::open(d).map(|a| a.list()).unwrap_or_default()
@@ -477,7 +473,7 @@ pub async fn list(docs: &Docs, now: i64, all: bool) -> Result<Vec<Found>, DocsEr
             })
         }));
     }
-    out.sort_by(|a, b| b.approval.created_at.cmp(&a.approval.created_at));
+    out.sort_by_key(|f| std::cmp::Reverse(f.approval.created_at));
     Ok(out)
 }
 

@@ -65,6 +65,19 @@ pub fn title_from(prompt: &str) -> String {
     prompt.chars().take(TITLE_CHARS).collect()
 }
 
+/// Every conversation in `docs` with the unix seconds of its last change here, the most
+/// recently changed first.
+pub fn newest_first(docs: &Docs) -> Result<Vec<(DocId, u64)>, DocsError> {
+    let mut convs: Vec<(DocId, u64)> = docs
+        .list()?
+        .into_iter()
+        .filter(|(_, m)| m.kind == DocKind::Conversation.name())
+        .map(|(id, m)| (id, m.updated_at))
+        .collect();
+    convs.sort_by_key(|c| std::cmp::Reverse(c.1));
+    Ok(convs)
+}
+
 /// Conversation documents over the document service; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Conversations {
@@ -127,6 +140,12 @@ impl Conversations {
             .filter(|(_, m)| m.kind == DocKind::Conversation.name())
             .map(|(id, _)| id)
             .collect())
+    }
+
+    /// Every conversation stored here with the unix seconds of its last change here, the most
+    /// recently changed first.
+    pub fn newest_first(&self) -> Result<Vec<(DocId, u64)>, DocsError> {
+        newest_first(&self.docs)
     }
 
     /// Opens conversation `doc`, runs `f` on it with the time now, and stores the change

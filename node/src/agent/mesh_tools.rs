@@ -336,15 +336,7 @@ impl MeshTools {
             return Err("the query is empty".into());
         }
         let limit = i.limit.unwrap_or(5).clamp(1, 20) as usize;
-        let mut convs: Vec<(DocId, u64)> = self
-            .docs()
-            .list()
-            .map_err(err)?
-            .into_iter()
-            .filter(|(_, m)| m.kind == DocKind::Conversation.name())
-            .map(|(id, m)| (id, m.updated_at))
-            .collect();
-        convs.sort_by(|a, b| b.1.cmp(&a.1));
+        let convs = self.conversations.newest_first().map_err(err)?;
         let mut hits = Vec::new();
         for (id, _) in convs.into_iter().take(SEARCH_MAX_CONVERSATIONS) {
             let ws = words.clone();

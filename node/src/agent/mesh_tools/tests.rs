@@ -62,11 +62,14 @@ impl ToolHost for FakeSandbox {
     }
 }
 
+/// The blobs announced, `(hash, len)`.
+type Announced = Arc<Mutex<Vec<([u8; 32], u64)>>>;
+
 struct Rig {
     mesh: Mesh,
     tools: MeshTools,
     sandbox: Arc<FakeSandbox>,
-    announced: Arc<Mutex<Vec<([u8; 32], u64)>>>,
+    announced: Announced,
     doc: DocId,
 }
 
@@ -75,7 +78,7 @@ impl Rig {
     async fn new() -> Rig {
         let mesh = Mesh::new().await;
         let sandbox = Arc::new(FakeSandbox::default());
-        let announced = Arc::new(Mutex::new(Vec::new()));
+        let announced: Announced = Arc::default();
         let a = announced.clone();
         let tools = MeshTools::new(
             sandbox.clone(),
