@@ -33,7 +33,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use super::claude::{ClaudeError, ToolExecutor, ToolResult};
-use super::conversations::Conversations;
+use super::conversations::{Conversations, next_change};
 use crate::docs::{Docs, DocsError, Origin};
 use crate::identity::SharedIdentity;
 use crate::trust::TrustBook;
@@ -192,7 +192,7 @@ impl Gate {
             }
             let woke = tokio::select! {
                 () = tokio::time::sleep_until(deadline) => false,
-                () = wait_for(&mut changes, a.doc) => true,
+                () = next_change(&mut changes, a.doc, POLL) => true,
             };
             if !woke {
                 let secs = a.timeout.as_secs();
@@ -290,24 +290,6 @@ struct Ask<'a> {
     input: &'a Value,
     rule: Option<&'a str>,
     timeout: Duration,
-}
-
-/// Waits for a change of `doc` (or [`POLL`]).
-async fn wait_for(
-    changes: &mut tokio::sync::broadcast::Receiver<crate::docs::DocChanged>,
-    doc: DocId,
-) {
-    let _ = tokio::time::timeout(POLL, async {
-        loop {
-            match changes.recv().await {
-                Ok(ch) if ch.id == doc => return,
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                Err(_) => std::future::pending::<()>().await,
-            }
-        }
-    })
-    .await;
 }
 
 /// The device whose valid signature an answer carries, if it verifies.

@@ -817,19 +817,7 @@ struct Following {
 impl Following {
     /// Waits for the next change to this document (or polls slowly as a safety net).
     async fn wait_for_change(&mut self) {
-        let doc = self.doc;
-        let changes = &mut self.changes;
-        let _ = tokio::time::timeout(FOLLOW_POLL, async {
-            loop {
-                match changes.recv().await {
-                    Ok(ch) if ch.id == doc => return,
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            }
-        })
-        .await;
+        super::conversations::next_change(&mut self.changes, self.doc, FOLLOW_POLL).await;
     }
 
     async fn look(&mut self) {

@@ -78,6 +78,26 @@ pub fn newest_first(docs: &Docs) -> Result<Vec<(DocId, u64)>, DocsError> {
     Ok(convs)
 }
 
+/// Waits until `changes` reports a change of `doc` (or a lag, which may have hidden one), or
+/// `poll` passes (a safety net for followers).
+pub async fn next_change(
+    changes: &mut tokio::sync::broadcast::Receiver<crate::docs::DocChanged>,
+    doc: DocId,
+    poll: std::time::Duration,
+) {
+    let _ = tokio::time::timeout(poll, async {
+        loop {
+            match changes.recv().await {
+                Ok(ch) if ch.id == doc => return,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                Err(_) => std::future::pending::<()>().await,
+            }
+        }
+    })
+    .await;
+}
+
 /// Conversation documents over the document service; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Conversations {

@@ -79,8 +79,9 @@ pub struct RuleQuery {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutBody {
-    /// Seconds an approval waits (1 to 86400).
-    pub secs: u64,
+    /// Seconds an approval waits (1 to 86400). JSON Schema counts `60.0` as an integer, so a
+    /// number with no fraction is accepted.
+    pub secs: f64,
 }
 
 /// Unix seconds now (the agent's gate uses the wall clock too).
@@ -227,8 +228,14 @@ async fn timeout_set(
     State(ctx): Ctx,
     JsonBody(body): JsonBody<TimeoutBody>,
 ) -> Result<Json<Value>, ApiError> {
+    let secs = body.secs;
+    if secs.fract() != 0.0 || !(1.0..=86_400.0).contains(&secs) {
+        return Err(ApiError::bad_request(
+            policy::RuleError::BadTimeout.to_string(),
+        ));
+    }
     approvals::edit_policy(&ctx.docs, now(&ctx), move |s, now| {
-        policy::set_timeout(s, body.secs, now)
+        policy::set_timeout(s, secs as u64, now)
     })
     .await
     .map_err(edit_error)?;

@@ -302,18 +302,7 @@ impl Sandbox {
         let arg = arg_path(path).map_err(|ToolFailure(m)| m)?;
         let script = r#"[ -f "$1" ] && exec cat -- "$1" 2>/dev/null"#;
         let out = self
-            .exec(
-                conv,
-                vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    script.into(),
-                    "sh".into(),
-                    arg,
-                ],
-                None,
-                max.saturating_add(1),
-            )
+            .exec(conv, sh_script(script, arg), None, max.saturating_add(1))
             .await
             .map_err(|e| e.to_string())?;
         if out.truncated || out.output.len() > max {
@@ -340,13 +329,7 @@ impl Sandbox {
         let out = self
             .exec(
                 conv,
-                vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    script.into(),
-                    "sh".into(),
-                    path.into(),
-                ],
+                sh_script(script, path.into()),
                 Some(data),
                 self.config().output_cap_bytes,
             )
@@ -372,6 +355,17 @@ fn parse<T: for<'de> Deserialize<'de>>(
             "invalid input: {e}; see the input_schema of {tool}"
         ))
     })
+}
+
+/// `/bin/sh -c SCRIPT sh ARG`: the argument reaches the script as `$1`, never as shell text.
+fn sh_script(script: &str, arg: String) -> Vec<String> {
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        script.into(),
+        "sh".into(),
+        arg,
+    ]
 }
 
 /// A path argument that a command cannot mistake for an option.
