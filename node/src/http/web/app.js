@@ -271,12 +271,14 @@ function approvalCard(a) {
 async function loadApprovals() {
   const r = await api("/v1/approvals");
   const list = $("approvals");
-  list.replaceChildren(...r.approvals.map((a) => {
+  // The open conversation shows its own approvals in its answer.
+  const others = r.approvals.filter((a) => a.conversation !== state.current);
+  list.replaceChildren(...others.map((a) => {
     const li = el("li", "approval");
     li.append(approvalCard(a));
     return li;
   }));
-  list.hidden = r.approvals.length === 0;
+  list.hidden = others.length === 0;
 }
 
 // Parses a text/event-stream and calls onEvent(name, data) for each event.
