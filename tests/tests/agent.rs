@@ -1216,13 +1216,13 @@ fn exceeded_daily_budget_is_refused_clearly() {
 
 fn budget_body() -> Result<()> {
     let fake = Fake::start()?;
-    // A request reserves its input estimate (the tool definitions and the prompt) and
-    // max_tokens: 1,500 tokens hold the first, and what it used leaves too little for the
-    // second.
+    // A request reserves its input estimate (the twelve tool definitions and the prompt,
+    // about 1,300 tokens) and max_tokens: 2,500 tokens hold the first, and what it used leaves
+    // too little for the second.
     let mut home = agent_node(
         "home",
         Some(&fake),
-        "[agent]\nmax_tokens = 500\ndaily_token_budget = 1500\n",
+        "[agent]\nmax_tokens = 500\ndaily_token_budget = 2500\n",
     )?;
     let mut laptop = Node::new("laptop")?;
     start_mesh(&mut [&mut home, &mut laptop])?;
@@ -1236,7 +1236,7 @@ fn budget_body() -> Result<()> {
     assert_eq!(v["result"]["type"], "failed", "{v}");
     let err = v["result"]["error"].as_str().unwrap_or_default();
     assert!(
-        err.starts_with("budget exceeded: the mesh's daily token budget (1500 tokens)")
+        err.starts_with("budget exceeded: the mesh's daily token budget (2500 tokens)")
             && err.contains("daily_token_budget"),
         "{err}"
     );
