@@ -1370,3 +1370,40 @@ fn a_photo_attached_on_the_laptop_reaches_the_model_as_an_image_block() {
         Ok(())
     });
 }
+
+#[test]
+fn a_file_the_agent_sends_arrives_on_the_asking_device() {
+    require_docker();
+    scenario(|| {
+        let (_reap, _fake, _home, laptop) = home_agent_and_laptop()?;
+        let content = "made in the sandbox\n";
+        let prompt = format!(
+            "[[tool write_file {}]] [[tool send_file {}]]",
+            json!({ "path": "out/report.txt", "content": content }),
+            json!({ "path": "out/report.txt" })
+        );
+        let o = laptop.try_cli(&["ask", &prompt])?;
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        let line = format!(
+            "[file report.txt ({} bytes) sent to this device: iom blob get ",
+            content.len()
+        );
+        let at = err
+            .find(&line)
+            .with_context(|| format!("no file line: {err}"))?;
+        let hash: String = err[at + line.len()..]
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect();
+        assert_eq!(hash.len(), 64, "{err}");
+        wait_until("the blob on the laptop", Duration::from_secs(30), || {
+            Ok(laptop.blob_hashes()?.contains(&hash))
+        })?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("report.txt");
+        laptop.cli(&["blob", "get", &hash, "-o", &path.display().to_string()])?;
+        assert_eq!(std::fs::read_to_string(&path)?, content);
+        Ok(())
+    });
+}
