@@ -120,6 +120,32 @@ pub enum Command {
         #[arg(long, short)]
         conversation: Option<String>,
     },
+    /// Approval requests of risky tool calls: list them (pending ones; `--all` for every one),
+    /// and the mesh's policy (`iom approvals policy ...`).
+    Approvals {
+        /// Every approval, decided ones too.
+        #[arg(long)]
+        all: bool,
+        /// The policy.
+        #[command(subcommand)]
+        command: Option<ApprovalsCommand>,
+    },
+    /// Approve a pending tool call (admin devices only): the agent runs it.
+    Approve {
+        /// Approval id (see `iom approvals`).
+        id: String,
+        /// A note for the record.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Deny a pending tool call (admin devices only): it does not run and the request fails.
+    Deny {
+        /// Approval id (see `iom approvals`).
+        id: String,
+        /// Why (shown where the request failed).
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Conversations with the assistant.
     #[command(subcommand)]
     Conversations(ConversationsCommand),
@@ -259,6 +285,47 @@ pub enum TokenCommand {
     Revoke {
         /// Token id or name.
         id: String,
+    },
+}
+
+/// `iom approvals ...`.
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// The mesh's approval policy (synced to every device).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+/// `iom approvals policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Show the rules and the timeout.
+    List,
+    /// Mark a tool (a glob: `bash`, `mcp__git__*`, `*`) `ask`, `allow` or `deny`, optionally
+    /// only for calls whose arguments match `--args` (a glob over each argument value).
+    Set {
+        /// Tool name or glob.
+        tool: String,
+        /// What to do with a matching call.
+        #[arg(value_parser = ["ask", "allow", "deny"])]
+        action: String,
+        /// Only calls with an argument matching this glob (e.g. `*rm -rf*`).
+        #[arg(long)]
+        args: Option<String>,
+    },
+    /// Remove a rule.
+    Remove {
+        /// Tool name or glob of the rule.
+        tool: String,
+        /// The rule's argument glob.
+        #[arg(long)]
+        args: Option<String>,
+    },
+    /// How long an approval waits for an answer before it counts as denied (default 10m).
+    Timeout {
+        /// e.g. 10m, 90s, 1h.
+        #[arg(value_parser = parse_duration)]
+        duration: std::time::Duration,
     },
 }
 

@@ -349,8 +349,17 @@ impl Node {
                 ..crate::sync::SyncConfig::default()
             },
         ));
-        let (agent, asking, scheduler) =
-            agent_services(&config, &identity, &store, &docs, &trust, &net, gate);
+        let announce: crate::agent::mesh_tools::Announce = {
+            let sync = sync.clone();
+            Arc::new(move |id, len| {
+                sync.broadcast(iom_protocol::wire::SyncMsg::Blobs {
+                    have: vec![(iom_protocol::id::ContentId::from_bytes(id), len)],
+                })
+            })
+        };
+        let (agent, asking, scheduler) = agent_services(
+            &config, &identity, &store, &docs, &trust, &net, gate, announce,
+        );
         let email = config.email.clone().map(|cfg| {
             crate::channels::email::EmailChannel::new(cfg, store.clone(), asking.clone(), &data_dir)
         });
@@ -541,9 +550,10 @@ fn forward_blob_arrivals(
     });
 }
 
-/// The agent's services, wired from their parts: the runner (Claude, the Docker sandbox, the
-/// wall clock), the asking side (over libp2p) and the scheduler (its clock moved by
-/// `clock_offset_secs`).
+/// The agent's services, wired from their parts: the runner (Claude, the Docker sandbox with
+/// the mesh's own tools beside it, the wall clock), the asking side (over libp2p) and the
+/// scheduler (its clock moved by `clock_offset_secs`).
+#[allow(clippy::too_many_arguments)]
 fn agent_services(
     config: &Config,
     identity: &SharedIdentity,
@@ -552,6 +562,7 @@ fn agent_services(
     trust: &Arc<TrustBook>,
     net: &Net,
     gate: Arc<crate::sync::gate::Gate>,
+    announce: crate::agent::mesh_tools::Announce,
 ) -> (
     Arc<crate::agent::runner::Runner>,
     Arc<crate::agent::ask::Asking>,
@@ -580,7 +591,16 @@ fn agent_services(
             identity: identity.clone(),
             trust: trust.clone(),
             model: Arc::new(model),
-            tools: Arc::new(tools),
+            // The mesh's own tools beside the sandbox's.
+            tools: Arc::new(crate::agent::mesh_tools::MeshTools::new(
+                Arc::new(tools),
+                crate::agent::conversations::Conversations::new(
+                    docs.clone(),
+                    Arc::new(SystemClock),
+                ),
+                store.clone(),
+                announce,
+            )),
             clock: Arc::new(SystemClock),
         },
         runner::RunnerConfig::from_config(&config.agent),

@@ -200,7 +200,8 @@ pub async fn ask_once(
                 }
                 _ => {}
             }
-            if text {
+            // Approvals need a person: shown on stderr whatever the output format.
+            if text || kind == "approval" {
                 print_progress(&ev, &kind, &mut out);
             }
             if matches!(kind.as_str(), "done" | "failed") {
@@ -240,6 +241,14 @@ fn print_progress(ev: &Value, kind: &str, out: &mut std::io::Stdout) {
             );
         }
         "retry" => eprintln!("[{}]", output::s(ev, "message")),
+        "approval" => eprint!("{}", approval_line(ev)),
+        "file" => eprintln!(
+            "[file {} ({} bytes) sent to this device: iom blob get {} -o {}]",
+            output::s(ev, "name"),
+            ev["len"],
+            output::s(ev, "hash"),
+            output::s(ev, "name")
+        ),
         "done" => {
             println!();
             eprintln!(
@@ -258,6 +267,34 @@ fn print_progress(ev: &Value, kind: &str, out: &mut std::io::Stdout) {
         }
         _ => {}
     }
+}
+
+/// An `approval` event as text: a pending one says how to answer it.
+pub fn approval_line(ev: &Value) -> String {
+    let id = output::s(ev, "id");
+    let head = format!(
+        "[approval {id} {}: {} {}]\n",
+        output::s(ev, "state"),
+        output::s(ev, "tool"),
+        output::s(ev, "input")
+    );
+    let touches: String = ev["touches"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| format!("  touches: {}\n", t.as_str().unwrap_or("")))
+        .collect();
+    let tail = match output::s(ev, "state") {
+        "pending" => format!(
+            "  waiting for an admin device: iom approve {id} | iom deny {id} (denied at {})\n",
+            output::time(ev["expires_at"].as_i64().unwrap_or(0))
+        ),
+        _ => ev["reason"]
+            .as_str()
+            .map(|r| format!("  {r}\n"))
+            .unwrap_or_default(),
+    };
+    format!("{head}{touches}{tail}")
 }
 
 /// Prints what is left to print for `format` and turns the outcome into the exit code.
@@ -423,6 +460,18 @@ mod tests {
         let cut = json!({ "type": "done", "text": "t",
                           "note": "stopped: the token budget was used up" });
         assert_eq!(code(exit_for(&outcome(Some(cut)), false)), 3);
+    }
+
+    #[test]
+    fn approvals_say_how_to_answer_them() {
+        let ev = json!({"type": "approval", "id": "ap1", "state": "pending", "tool": "bash",
+            "input": "{}", "touches": ["runs a shell command"], "expires_at": 0});
+        let text = approval_line(&ev);
+        assert!(text.starts_with("[approval ap1 pending: bash {}]\n  touches: runs a shell"));
+        assert!(text.contains("iom approve ap1 | iom deny ap1"), "{text}");
+        let ev = json!({"id": "ap1", "state": "denied", "tool": "bash", "input": "{}",
+            "reason": "not now"});
+        assert!(approval_line(&ev).ends_with("  not now\n"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One module per command group.
 
 mod agent;
+mod approvals;
 mod ask;
 mod backup;
 mod blob;
@@ -79,6 +80,9 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Ask(args) => ask::ask(&g, args).await,
         Command::Events => events::events(&g).await,
         Command::Chat { conversation } => agent::chat(&g, conversation).await,
+        Command::Approvals { all, command } => approvals::run(&g, all, command).await,
+        Command::Approve { id, reason } => approvals::answer(&g, &id, true, reason).await,
+        Command::Deny { id, reason } => approvals::answer(&g, &id, false, reason).await,
         Command::Conversations(cmd) => agent::conversations(&g, cmd).await,
         Command::Agent(cmd) => agent::agent(&g, cmd).await,
         Command::Sandbox(cmd) => agent::sandbox(&g, cmd).await,

@@ -578,6 +578,33 @@ pub enum RequestEvent {
         /// Failed?
         is_error: bool,
     },
+    /// An approval the run asked for, when it appears and each time its state changes.
+    Approval {
+        /// Approval id (`iom approve ID`).
+        id: String,
+        /// The tool.
+        tool: String,
+        /// Its arguments (JSON text).
+        input: String,
+        /// What the call will touch.
+        touches: Vec<String>,
+        /// `pending`, `approved`, `denied` or `expired`.
+        state: String,
+        /// Unix seconds when an unanswered request is denied.
+        expires_at: i64,
+        /// Why it was decided so.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A file the agent sent to the asking device (a blob).
+    File {
+        /// File name.
+        name: String,
+        /// The blob's SHA-256 (`iom blob get HASH`).
+        hash: String,
+        /// Size in bytes.
+        len: u64,
+    },
     /// A retry notice.
     Retry {
         /// The notice.
@@ -666,9 +693,45 @@ pub struct Seen {
     tools_started: usize,
     tools_finished: usize,
     retry: Option<String>,
+    approvals: std::collections::HashMap<String, iom_crdt::approvals::State>,
+    files: usize,
 }
 
 impl Seen {
+    /// The events for approvals and sent files of the request that are new since the last
+    /// call.
+    pub fn extras(
+        &mut self,
+        approvals: &[iom_crdt::ApprovalView],
+        files: &[iom_crdt::SentFile],
+    ) -> Vec<RequestEvent> {
+        let mut out = Vec::new();
+        for a in approvals {
+            if self.approvals.get(&a.id) == Some(&a.state) {
+                continue;
+            }
+            self.approvals.insert(a.id.clone(), a.state);
+            out.push(RequestEvent::Approval {
+                id: a.id.clone(),
+                tool: a.tool.clone(),
+                input: a.input.clone(),
+                touches: a.touches.clone(),
+                state: a.state.name().to_string(),
+                expires_at: a.expires_at,
+                reason: a.reason.clone(),
+            });
+        }
+        for f in files.iter().skip(self.files) {
+            out.push(RequestEvent::File {
+                name: f.name.clone(),
+                hash: f.hash.clone(),
+                len: f.len,
+            });
+        }
+        self.files = self.files.max(files.len());
+        out
+    }
+
     /// The events for what changed in request `req` (and its `reply`, once there) since the
     /// last call.
     pub fn diff(&mut self, req: &MessageView, reply: Option<&MessageView>) -> Vec<RequestEvent> {
@@ -747,11 +810,19 @@ fn diff(seen: &mut Seen, req: &MessageView, reply: Option<&MessageView>) -> Vec<
     out
 }
 
+/// A request, its last reply, and its approvals and sent files.
+type Snapshot = (
+    MessageView,
+    Option<MessageView>,
+    Vec<iom_crdt::ApprovalView>,
+    Vec<iom_crdt::SentFile>,
+);
+
 async fn snapshot(
     conversations: &Conversations,
     doc: DocId,
     rid: &str,
-) -> Result<(MessageView, Option<MessageView>), FollowError> {
+) -> Result<Snapshot, FollowError> {
     let rid = rid.to_string();
     conversations
         .read(doc, move |c| {
@@ -759,7 +830,13 @@ async fn snapshot(
                 .find_request(&rid)
                 .ok_or_else(|| FollowError::NoRequest(rid.clone()))?;
             let reply = c.replies_to(&rid).into_iter().last();
-            Ok((req, reply))
+            let approvals = iom_crdt::Approvals::open(c.document())
+                .map(|a| a.of_request(&rid))
+                .unwrap_or_default();
+            let files = iom_crdt::Outbox::open(c.document())
+                .map(|o| o.of_request(&rid))
+                .unwrap_or_default();
+            Ok((req, reply, approvals, files))
         })
         .await??
 }
@@ -778,25 +855,14 @@ struct Following {
 impl Following {
     /// Waits for the next change to this document (or polls slowly as a safety net).
     async fn wait_for_change(&mut self) {
-        let doc = self.doc;
-        let changes = &mut self.changes;
-        let _ = tokio::time::timeout(FOLLOW_POLL, async {
-            loop {
-                match changes.recv().await {
-                    Ok(ch) if ch.id == doc => return,
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            }
-        })
-        .await;
+        super::conversations::next_change(&mut self.changes, self.doc, FOLLOW_POLL).await;
     }
 
     async fn look(&mut self) {
         match snapshot(&self.conversations, self.doc, &self.rid).await {
-            Ok((req, reply)) => {
-                let events = diff(&mut self.seen, &req, reply.as_ref());
+            Ok((req, reply, approvals, files)) => {
+                let mut events = self.seen.extras(&approvals, &files);
+                events.extend(diff(&mut self.seen, &req, reply.as_ref()));
                 self.finished = events.iter().any(RequestEvent::is_final);
                 self.queue.extend(events);
             }

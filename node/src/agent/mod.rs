@@ -17,8 +17,11 @@
 //! - [`prompt_files`]: attachments as image and document blocks of the prompt.
 //! - [`cost`], [`budget`], [`usage`]: prices per model, budgets with reservations, and the
 //!   usage report (`iom usage`).
+//! - [`mesh_tools`]: the mesh's own tools (memory, schedules, search, sending files).
+//! - [`approvals`]: the approval policy and gate for risky tool calls.
 //! - [`compact`]: folding older turns into a summary when a conversation outgrows the window.
 
+pub mod approvals;
 pub mod ask;
 pub mod budget;
 pub mod chain;
@@ -28,6 +31,7 @@ pub mod compact;
 pub mod conversations;
 pub mod cost;
 pub mod host;
+pub mod mesh_tools;
 pub mod model;
 pub mod openai;
 pub mod progress;

@@ -228,6 +228,7 @@ struct Active {
 
 /// The agent runner service (on every node; active only while it holds the role).
 pub struct Runner {
+    gate: super::approvals::Gate,
     conversations: Conversations,
     role: AgentRole,
     config: RunnerConfig,
@@ -267,6 +268,10 @@ impl Runner {
     pub fn new(deps: Deps, config: RunnerConfig) -> Arc<Runner> {
         let (scan_tx, scan_rx) = mpsc::channel(SCAN_QUEUE);
         Arc::new(Runner {
+            gate: super::approvals::Gate::new(
+                Conversations::new(deps.docs.clone(), deps.clock.clone()),
+                deps.trust.clone(),
+            ),
             conversations: Conversations::new(deps.docs, deps.clock.clone()),
             role: AgentRole::new(deps.identity, deps.trust),
             ledger: Ledger::new(deps.store, deps.clock, config.budgets.clone()),
@@ -609,10 +614,12 @@ impl Runner {
         let progress = Arc::new(Mutex::new(ProgressLog::default()));
         let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
         let writer = self.write_progress(doc, &rid, progress.clone(), tick_rx);
-        let executor = HostTools {
+        // Every call passes the approval gate; a denied one ends the run (`guard` below).
+        let host = HostTools {
             host: self.tools.as_ref(),
             conversation: doc.to_string(),
         };
+        let executor = super::approvals::Gated::new(&self.gate, host, doc, &rid, &me);
         let limits = Limits {
             max_turns: self.config.max_turns,
             max_tokens: Some(self.config.max_tokens),
@@ -621,7 +628,7 @@ impl Runner {
         let reporter = client.clone();
         let run = {
             let progress = progress.clone();
-            let budget = &budget;
+            let (budget, executor) = (&budget, &executor);
             async move {
                 let mut on = move |p: Progress| {
                     lock(&progress).push(p);
@@ -634,7 +641,7 @@ impl Runner {
                     system,
                     history,
                     tools,
-                    &executor,
+                    executor,
                     limits,
                     budget,
                     &mut on,
@@ -642,7 +649,7 @@ impl Runner {
                 .await
             }
         };
-        let (result, ()) = tokio::join!(run, writer);
+        let (result, ()) = tokio::join!(executor.guard(run), writer);
         let report = reporter.report();
         match result {
             Ok(outcome) => {

@@ -8,6 +8,7 @@
 //! - [`ws`]: the WebSocket API (`GET /v1/ws`).
 
 pub mod agent;
+pub mod approvals;
 pub mod backup;
 pub mod body;
 pub mod callbacks;

@@ -48,6 +48,7 @@ pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
         .merge(super::agent::routes())
         .merge(super::schedules::routes())
         .merge(super::models::routes())
+        .merge(super::approvals::routes())
         .merge(super::callbacks::routes())
         .merge(super::ws::routes())
         .merge(super::email::routes())
