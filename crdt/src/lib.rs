@@ -79,4 +79,4 @@ pub use kind::DocKind;
 pub use memory::Memory;
 pub use progress::{ProgressUpdate, ProgressView, ToolProgressView};
 pub use schedules::{ScheduleError, ScheduleView, Schedules};
-pub use settings::{Settings, SettingsError};
+pub use settings::{AuthoredString, Settings, SettingsError};

@@ -18,6 +18,7 @@ mod schedule;
 mod service;
 mod status;
 mod token;
+mod tools;
 mod usage;
 mod webhook;
 
@@ -83,6 +84,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Sandbox(cmd) => agent::sandbox(&g, cmd).await,
         Command::Token(cmd) => token::run(&g, cmd).await,
         Command::Schedule(cmd) => schedule::run(&g, cmd).await,
+        Command::Tools(cmd) => tools::run(&g, cmd).await,
         Command::Webhook(cmd) => webhook::run(&g, cmd).await,
         Command::Doctor => doctor::run(&g).await,
         Command::Usage { days } => usage::run(&g, days).await,

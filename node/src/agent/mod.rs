@@ -24,6 +24,7 @@ pub mod compact;
 pub mod conversations;
 pub mod cost;
 pub mod host;
+pub mod mcp;
 pub mod model;
 pub mod progress;
 pub mod prompt_files;

@@ -47,6 +47,7 @@ pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
         .merge(super::doctor::routes())
         .merge(super::agent::routes())
         .merge(super::schedules::routes())
+        .merge(super::tools::routes())
         .merge(super::callbacks::routes())
         .merge(super::ws::routes())
         .merge(super::email::routes())
