@@ -265,9 +265,9 @@ impl Server {
         }
         tracing::info!(server = %self.spec.name, tools = infos.len(), "MCP server ready");
         self.set_status(changed, |s| {
+            // `error` stays: the last failure is worth seeing while it runs again.
             s.phase = Phase::Ready;
             s.tools = infos;
-            s.error = None;
         });
         let closer = running.cancellation_token();
         let mut quit = tokio::spawn(running.waiting());

@@ -423,7 +423,6 @@ async fn install_wheels(
         "--disable-pip-version-check".into(),
         "--break-system-packages".into(),
         "--root-user-action=ignore".into(),
-        "--prefix=/usr/local".into(),
     ];
     let mut mounts = Vec::new();
     for (i, d) in dirs.iter().enumerate() {
