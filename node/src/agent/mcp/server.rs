@@ -58,6 +58,8 @@ pub struct Env {
 struct Live {
     peer: Peer<RoleClient>,
     health: Arc<Health>,
+    /// Cancelled to end this life (a call timed out).
+    kill: CancellationToken,
 }
 
 #[derive(Default)]
@@ -71,7 +73,6 @@ pub struct Server {
     spec: ServerSpec,
     state: Mutex<State>,
     status: watch::Sender<ServerStatus>,
-    restart: Notify,
     stop: CancellationToken,
 }
 
@@ -100,7 +101,6 @@ impl Server {
             spec,
             state: Mutex::new(State::default()),
             status,
-            restart: Notify::new(),
             stop: CancellationToken::new(),
         });
         if server.spec.enabled {
@@ -255,12 +255,14 @@ impl Server {
                     .unwrap_or_default(),
             })
             .collect();
+        let kill = CancellationToken::new();
         {
             let mut st = lock(&self.state);
             st.tools = offered;
             st.live = Some(Live {
                 peer: running.peer().clone(),
                 health: health.clone(),
+                kill: kill.clone(),
             });
         }
         tracing::info!(server = %self.spec.name, tools = infos.len(), "MCP server ready");
@@ -273,7 +275,7 @@ impl Server {
         let mut quit = tokio::spawn(running.waiting());
         let why = loop {
             tokio::select! {
-                () = self.restart.notified() => break "a call timed out, so it was restarted".to_string(),
+                () = kill.cancelled() => break "a call timed out, so it was restarted".to_string(),
                 () = health.changed.notified() => {
                     if let Some(f) = health.fault() {
                         break f;
@@ -318,9 +320,11 @@ impl Server {
         let name = &self.spec.name;
         let live = {
             let st = lock(&self.state);
-            st.live.as_ref().map(|l| (l.peer.clone(), l.health.clone()))
+            st.live
+                .as_ref()
+                .map(|l| (l.peer.clone(), l.health.clone(), l.kill.clone()))
         };
-        let Some((peer, health)) = live else {
+        let Some((peer, health, kill)) = live else {
             let s = self.status();
             let why = s.error.map(|e| format!(": {e}")).unwrap_or_default();
             return ToolResult::error(format!(
@@ -340,14 +344,16 @@ impl Server {
         match tokio::time::timeout(limit, peer.call_tool(params)).await {
             Ok(Ok(result)) => render(result, cap),
             Ok(Err(e)) => {
-                let why = health.fault().unwrap_or_else(|| e.to_string());
-                self.restart.notify_one();
+                // A crash or a fault: the supervisor sees it too and restarts the server.
+                let why = health
+                    .fault()
+                    .unwrap_or_else(|| explain(e.to_string(), &health));
                 ToolResult::error(format!(
                     "MCP server {name} failed during the call: {why}; it is being restarted"
                 ))
             }
             Err(_) => {
-                self.restart.notify_one();
+                kill.cancel();
                 ToolResult::error(format!(
                     "MCP server {name} did not answer within {limit:?}; it was restarted"
                 ))

@@ -519,10 +519,24 @@ async fn run_install(docker: &Docker, id: &str, image: &str) -> Result<(), Sandb
             "USER {SANDBOX_UID}:{SANDBOX_UID}\nWORKDIR /workspace\nCMD [\"/bin/sh\"]"
         ))
         .build();
-    docker
+    let previous = docker.inspect_image(image).await.ok().and_then(|i| i.id);
+    let new = docker
         .commit_container(opts, bollard::models::ContainerConfig::default())
         .await
-        .map_err(SandboxError::docker("commit of the python image"))?;
+        .map_err(SandboxError::docker("commit of the python image"))?
+        .id;
+    if let Some(old) = previous
+        && old != new
+    {
+        // The old image is untagged now; drop it unless a container still uses it.
+        let _ = docker
+            .remove_image(
+                &old,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await;
+    }
     Ok(())
 }
 
