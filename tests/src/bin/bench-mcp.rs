@@ -136,7 +136,7 @@ async fn main() -> Result<()> {
     let (e50, e95) = stats(exec);
     let (t50, t95) = stats(exec_true);
     println!(
-        "cold start (create container, handshake, tools/list), 5 runs: p50 {c50:.0} ms, max-ish p95 {c95:.0} ms"
+        "cold start (create container, handshake, tools/list), 5 runs: p50 {c50:.0} ms, p95 {c95:.0} ms"
     );
     println!(
         "warm MCP call mcp__time__get_current_time, {runs} runs: p50 {m50:.1} ms, p95 {m95:.1} ms"
