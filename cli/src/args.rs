@@ -168,6 +168,10 @@ pub enum Command {
     /// default model and the fallback chain.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// The agent's MCP servers (declared in the mesh; each runs in a locked-down container on
+    /// the agent node).
+    #[command(subcommand)]
+    Tools(ToolsCommand),
     /// Webhook answers posted to callback URLs: which are pending or given up; retry or drop.
     #[command(subcommand)]
     Webhook(WebhookCommand),
@@ -433,6 +437,58 @@ pub struct ModelsAddArgs {
     pub timeout_secs: Option<u64>,
 }
 
+/// `iom tools ...`.
+#[derive(Debug, Subcommand)]
+pub enum ToolsCommand {
+    /// Declare an MCP server (admin devices only): `iom tools add time -- python3 -m
+    /// mcp_server_time`. The agent node starts it in its own hardened container (no network)
+    /// and offers its tools to the model as `mcp__NAME__TOOL`.
+    Add {
+        /// Server name: a-z, 0-9 and -, starting with a letter.
+        name: String,
+        /// The server's command in its container (after `--`); it speaks MCP on stdio.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+        /// Image to run it in (default: iom-sandbox-python:1, from `iom sandbox build --python`).
+        #[arg(long)]
+        image: Option<String>,
+        /// An environment variable, `KEY=VALUE` (repeatable). Not for secrets: the declaration
+        /// syncs to every device.
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Mount a host path of the agent node, `HOST:CONTAINER[:ro|:rw]` (repeatable; read-only
+        /// by default; checked against the agent's `[sandbox] allowed_roots`).
+        #[arg(long = "mount", value_name = "HOST:CONTAINER")]
+        mounts: Vec<String>,
+        /// Per-call limit in seconds (default: `[sandbox] tool_timeout_secs`).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Add it disabled.
+        #[arg(long)]
+        disabled: bool,
+        /// Replace a server of the same name.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List the MCP servers with their state (as the agent node reports it) and tools.
+    List,
+    /// Remove an MCP server (the agent stops it).
+    Remove {
+        /// Server name.
+        name: String,
+    },
+    /// Run a disabled MCP server again.
+    Enable {
+        /// Server name.
+        name: String,
+    },
+    /// Stop an MCP server, keeping its declaration.
+    Disable {
+        /// Server name.
+        name: String,
+    },
+}
+
 /// `iom relay ...`.
 #[derive(Debug, Subcommand)]
 pub enum RelayCommand {
@@ -468,11 +524,35 @@ pub enum AgentCommand {
 /// `iom sandbox ...`.
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
-    /// Build the default sandbox image locally (no registry needed).
+    /// Build the default sandbox image locally (no registry needed); with `--python`, the
+    /// fuller image for MCP servers instead.
     Build {
         /// Import this root filesystem (a directory or a tar/tar.gz) instead of busybox.
-        #[arg(long, value_name = "DIR|TAR")]
+        #[arg(long, value_name = "DIR|TAR", conflicts_with = "python")]
         rootfs: Option<std::path::PathBuf>,
+        /// Build iom-sandbox-python:1: Debian (debootstrap, needs root) with python3, pip, git
+        /// and tzdata, the debootstrap result cached so a rebuild is fast.
+        #[arg(long)]
+        python: bool,
+        /// With --python: install the wheels of this directory offline (from `pip download
+        /// mcp-server-time -d DIR`; repeatable).
+        #[arg(long, value_name = "DIR", requires = "python")]
+        wheels: Vec<std::path::PathBuf>,
+        /// With --wheels: install only these requirements (repeatable; default: every wheel).
+        #[arg(long = "pip", value_name = "REQUIREMENT", requires = "wheels")]
+        pip: Vec<String>,
+        /// With --python: one more Debian package (repeatable), e.g. nodejs.
+        #[arg(long = "apt", value_name = "PACKAGE", requires = "python")]
+        apt: Vec<String>,
+        /// With --python: the Debian suite (default trixie).
+        #[arg(long, requires = "python")]
+        suite: Option<String>,
+        /// With --python: the Debian mirror (default: the first in the host's apt sources).
+        #[arg(long, requires = "python")]
+        mirror: Option<String>,
+        /// With --python: the image tag (default iom-sandbox-python:1).
+        #[arg(long, requires = "python")]
+        tag: Option<String>,
     },
     /// Check the Docker set-up and say what to fix.
     Check,

@@ -88,4 +88,4 @@ pub use models::{ModelChoice, ModelSettings, Models, ModelsError, ProviderEntry,
 pub use outbox::{Outbox, SentFile};
 pub use progress::{ProgressUpdate, ProgressView, ToolProgressView};
 pub use schedules::{ScheduleError, ScheduleView, Schedules};
-pub use settings::{Settings, SettingsError};
+pub use settings::{AuthoredString, Settings, SettingsError};

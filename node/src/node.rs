@@ -579,10 +579,21 @@ fn agent_services(
         base_url: config.agent.base_url.clone(),
     };
     let model = crate::agent::providers::MeshModels::new(docs.clone(), builtin);
-    let tools = crate::agent::sandbox::host::DockerHost::new(
+    let sandbox = crate::agent::sandbox::host::DockerHost::new(
         config.sandbox.clone(),
         config.data_dir.clone(),
         identity.device_id().to_string(),
+    );
+    // MCP servers declared in the mesh, beside the sandbox's tools.
+    let tools = crate::agent::mcp::McpToolHost::new(
+        Arc::new(sandbox),
+        crate::agent::mcp::McpHub::new(
+            config.sandbox.clone(),
+            config.data_dir.clone(),
+            identity.device_id().to_string(),
+        ),
+        docs.clone(),
+        trust.clone(),
     );
     let agent = runner::Runner::new(
         runner::Deps {

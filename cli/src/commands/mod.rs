@@ -20,6 +20,7 @@ mod schedule;
 mod service;
 mod status;
 mod token;
+mod tools;
 mod usage;
 mod webhook;
 
@@ -89,6 +90,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Token(cmd) => token::run(&g, cmd).await,
         Command::Schedule(cmd) => schedule::run(&g, cmd).await,
         Command::Models(cmd) => models::run(&g, cmd).await,
+        Command::Tools(cmd) => tools::run(&g, cmd).await,
         Command::Webhook(cmd) => webhook::run(&g, cmd).await,
         Command::Doctor => doctor::run(&g).await,
         Command::Usage { days } => usage::run(&g, days).await,

@@ -31,6 +31,7 @@ pub mod compact;
 pub mod conversations;
 pub mod cost;
 pub mod host;
+pub mod mcp;
 pub mod mesh_tools;
 pub mod model;
 pub mod openai;

@@ -23,6 +23,7 @@ pub mod routes;
 pub mod schedules;
 pub mod socket_only;
 pub mod tokens;
+pub mod tools;
 pub mod usage;
 pub mod ws;
 

@@ -49,6 +49,7 @@ pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
         .merge(super::schedules::routes())
         .merge(super::models::routes())
         .merge(super::approvals::routes())
+        .merge(super::tools::routes())
         .merge(super::callbacks::routes())
         .merge(super::ws::routes())
         .merge(super::email::routes())
