@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig, Scripted};
 use iom_tests::harness::{Node, containers_of, iom_bin, scenario, wait_mesh, wait_until};
 use iom_tests::llama::{LlamaServer, MODEL_NAME};
@@ -192,96 +192,6 @@ fn field(v: &Value, key: &str) -> Result<String> {
         .as_str()
         .map(str::to_string)
         .ok_or_else(|| anyhow!("no {key} in {v}"))
-}
-
-/// The reply to `rid` as `node` sees it in the conversation document.
-fn reply(node: &Node, conversation: &str, rid: &str) -> Result<Value> {
-    let c = node.json(&["conversations", "show", conversation])?;
-    c["messages"]
-        .as_array()
-        .and_then(|m| {
-            m.iter()
-                .find(|m| m["role"] == "assistant" && m["reply_to"] == rid)
-                .cloned()
-        })
-        .ok_or_else(|| anyhow!("no reply to {rid} on {}: {c}", node.name))
-}
-
-/// Asks through the local model with a forced bash call; checks the answer, the model
-/// recorded on it, and that the call ran in the agent's sandbox.
-fn local_model_answers(kind: &str) -> Result<()> {
-    let mut reap = Reap::default();
-    let llama = LlamaServer::start()?;
-    let (home, laptop) = two_nodes(&mut reap)?;
-    // Configured on the laptop (an admin device), used by the agent on home.
-    laptop.cli(&[
-        "models",
-        "add",
-        "local",
-        "--kind",
-        kind,
-        "--base-url",
-        &llama.url(),
-        "--model",
-        MODEL_NAME,
-        "--local",
-        "--tool-choice",
-        "tool:bash",
-        "--max-tokens",
-        "64",
-        "--timeout-secs",
-        "120",
-    ])?;
-    wait_provider(&home, "local")?;
-    let v = ask(
-        &laptop,
-        "Use the bash tool to run the command: echo hello",
-        &["--model", "local"],
-    )?;
-    let result = &v["result"];
-    if result["type"] != "done" {
-        bail!(
-            "the local model did not answer: {v}\nllama-server log:\n{}",
-            llama.log_text()
-        );
-    }
-    let label = format!("local/{MODEL_NAME}");
-    assert_eq!(result["model"], label.as_str(), "{v}");
-    let conv = field(&v, "conversation")?;
-    let rid = field(&v, "request_id")?;
-    // The answer is in the conversation on the asking device, with the model that made it.
-    let r = reply(&laptop, &conv, &rid)?;
-    assert_eq!(r["model"], label.as_str(), "{r}");
-    let calls = r["tool_calls"].as_array().cloned().unwrap_or_default();
-    assert!(
-        !calls.is_empty(),
-        "the forced tool call did not happen: {r}"
-    );
-    assert_eq!(calls[0]["name"], "bash", "{r}");
-    assert!(
-        !calls[0]["output"].as_str().unwrap_or_default().is_empty(),
-        "the tool call produced no output: {r}"
-    );
-    // It ran in a sandbox container of the agent.
-    let home_id = home.device_id()?;
-    assert!(
-        !containers_of(&home_id).is_empty(),
-        "no sandbox container of the agent"
-    );
-    home.assert_no_panic()?;
-    Ok(())
-}
-
-#[test]
-fn local_model_over_openai_chat_completions_answers_with_a_sandboxed_tool_call() {
-    require_docker();
-    scenario(|| local_model_answers("openai"));
-}
-
-#[test]
-fn local_model_over_the_servers_anthropic_messages_path_answers_with_a_tool_call() {
-    require_docker();
-    scenario(|| local_model_answers("anthropic"));
 }
 
 #[test]
