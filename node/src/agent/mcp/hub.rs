@@ -426,6 +426,15 @@ impl ToolHost for McpToolHost {
         self.base.put_attachment(conversation, name, bytes)
     }
 
+    fn read_workspace_file<'a>(
+        &'a self,
+        conversation: &'a str,
+        path: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ToolHostError>> {
+        self.base.read_workspace_file(conversation, path, max)
+    }
+
     fn prepare(&self) -> BoxFuture<'_, Result<(), ToolHostError>> {
         self.start_watcher();
         self.base.prepare()
