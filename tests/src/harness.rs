@@ -740,7 +740,9 @@ pub fn mesh(names: &[&str]) -> Result<Vec<Node>> {
         nodes[i].cli(&["join", &code])?;
     }
     let refs: Vec<&Node> = nodes.iter().collect();
-    wait_mesh(&refs, Duration::from_secs(30))?;
+    // A third device meets the second through the first, which can take a redial's back-off
+    // (seen once in CI: 30 s were not enough; the cause is open, see the session notes).
+    wait_mesh(&refs, Duration::from_secs(90))?;
     Ok(nodes)
 }
 
