@@ -98,31 +98,20 @@ fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
 impl ClaudeClient {
     /// Checks the configuration and builds the HTTP client.
     pub fn new(cfg: ClaudeConfig) -> Result<Self, ConfigError> {
-        let base = cfg.base_url.trim_end_matches('/');
-        let parsed = reqwest::Url::parse(base).map_err(|e| ConfigError::BaseUrl {
-            url: cfg.base_url.clone(),
-            reason: e.to_string(),
-        })?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(ConfigError::BaseUrl {
+        let (base, http) = checked_http_client(
+            &cfg.base_url,
+            &cfg.model,
+            cfg.max_tokens,
+            cfg.request_timeout,
+        )
+        .map_err(|p| match p {
+            SetupProblem::BaseUrl(reason) => ConfigError::BaseUrl {
                 url: cfg.base_url.clone(),
-                reason: "the scheme must be http or https".into(),
-            });
-        }
-        if cfg.max_tokens == 0 {
-            return Err(ConfigError::Invalid("max_tokens must be at least 1"));
-        }
-        if cfg.model.trim().is_empty() {
-            return Err(ConfigError::Invalid("the model name is empty"));
-        }
-        if cfg.request_timeout.is_zero() {
-            return Err(ConfigError::Invalid("request_timeout must not be zero"));
-        }
-        let http = reqwest::Client::builder()
-            .connect_timeout(cfg.request_timeout.min(Duration::from_secs(30)))
-            .user_agent(concat!("iom/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ConfigError::Http(e.to_string()))?;
+                reason,
+            },
+            SetupProblem::Invalid(what) => ConfigError::Invalid(what),
+            SetupProblem::Http(e) => ConfigError::Http(e),
+        })?;
         let url = format!("{base}/v1/messages");
         Ok(Self { cfg, url, http })
     }
@@ -363,6 +352,49 @@ fn with_attempts(err: ClaudeError, attempts: u32) -> ClaudeError {
         }
         other => other,
     }
+}
+
+/// What is wrong with a model provider's settings; each client words it as its own error.
+pub(crate) enum SetupProblem {
+    /// The base URL does not parse or is not http(s): why.
+    BaseUrl(String),
+    /// A setting is unusable.
+    Invalid(&'static str),
+    /// The HTTP client could not be created.
+    Http(String),
+}
+
+/// Checks the settings every model provider client needs (an http(s) base URL, a model name,
+/// `max_tokens` of at least 1, a non-zero timeout) and builds its HTTP client. Returns the base
+/// URL without trailing slashes.
+pub(crate) fn checked_http_client<'a>(
+    base_url: &'a str,
+    model: &str,
+    max_tokens: u32,
+    request_timeout: Duration,
+) -> Result<(&'a str, reqwest::Client), SetupProblem> {
+    let base = base_url.trim_end_matches('/');
+    let parsed = reqwest::Url::parse(base).map_err(|e| SetupProblem::BaseUrl(e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(SetupProblem::BaseUrl(
+            "the scheme must be http or https".into(),
+        ));
+    }
+    if max_tokens == 0 {
+        return Err(SetupProblem::Invalid("max_tokens must be at least 1"));
+    }
+    if model.trim().is_empty() {
+        return Err(SetupProblem::Invalid("the model name is empty"));
+    }
+    if request_timeout.is_zero() {
+        return Err(SetupProblem::Invalid("request_timeout must not be zero"));
+    }
+    let http = reqwest::Client::builder()
+        .connect_timeout(request_timeout.min(Duration::from_secs(30)))
+        .user_agent(concat!("iom/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| SetupProblem::Http(e.to_string()))?;
+    Ok((base, http))
 }
 
 /// A reqwest error with its chain of causes.

@@ -9,7 +9,9 @@ use tracing::{debug, warn};
 use super::error::OpenAiError;
 use super::stream::{Assembler, Step, StreamError, whole};
 use super::wire::{WireOptions, request};
-use crate::agent::claude::client::{describe_reqwest as describe, is_quota};
+use crate::agent::claude::client::{
+    SetupProblem, checked_http_client, describe_reqwest as describe, is_quota,
+};
 use crate::agent::claude::sse::{DEFAULT_MAX_EVENT_BYTES, SseParser};
 use crate::agent::claude::{
     ApiKey, ClaudeError, MessagesRequest, StreamEvent, Turn, backoff_delay,
@@ -110,33 +112,20 @@ pub enum OpenAiConfigError {
 impl OpenAiClient {
     /// Checks the configuration and builds the HTTP client.
     pub fn new(cfg: OpenAiConfig) -> Result<Self, OpenAiConfigError> {
-        let base = cfg.base_url.trim_end_matches('/');
-        let parsed = reqwest::Url::parse(base).map_err(|e| OpenAiConfigError::BaseUrl {
-            url: cfg.base_url.clone(),
-            reason: e.to_string(),
-        })?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(OpenAiConfigError::BaseUrl {
+        let (base, http) = checked_http_client(
+            &cfg.base_url,
+            &cfg.model,
+            cfg.max_tokens,
+            cfg.request_timeout,
+        )
+        .map_err(|p| match p {
+            SetupProblem::BaseUrl(reason) => OpenAiConfigError::BaseUrl {
                 url: cfg.base_url.clone(),
-                reason: "the scheme must be http or https".into(),
-            });
-        }
-        if cfg.max_tokens == 0 {
-            return Err(OpenAiConfigError::Invalid("max_tokens must be at least 1"));
-        }
-        if cfg.model.trim().is_empty() {
-            return Err(OpenAiConfigError::Invalid("the model name is empty"));
-        }
-        if cfg.request_timeout.is_zero() {
-            return Err(OpenAiConfigError::Invalid(
-                "request_timeout must not be zero",
-            ));
-        }
-        let http = reqwest::Client::builder()
-            .connect_timeout(cfg.request_timeout.min(Duration::from_secs(30)))
-            .user_agent(concat!("iom/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| OpenAiConfigError::Http(e.to_string()))?;
+                reason,
+            },
+            SetupProblem::Invalid(what) => OpenAiConfigError::Invalid(what),
+            SetupProblem::Http(e) => OpenAiConfigError::Http(e),
+        })?;
         let url = if base.ends_with("/v1") {
             format!("{base}/chat/completions")
         } else {
