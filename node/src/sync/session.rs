@@ -63,6 +63,9 @@ const RECEIVE_BATCH: usize = 64;
 /// The most documents generated for in one blocking hop.
 const GENERATE_BATCH: usize = 64;
 
+/// A received Automerge message and the state handed out with it (if any).
+type Received = (Vec<u8>, Option<PeerDocState>);
+
 /// What a session needs of the network.
 pub trait Network: Send + Sync + 'static {
     /// Our own peer id.
@@ -982,7 +985,7 @@ impl Driver {
     /// store transaction, and reports each; returns what to do next.
     async fn receive_batch(
         &self,
-        batch: Vec<(DocId, (Vec<u8>, Option<PeerDocState>))>,
+        batch: Vec<(DocId, Received)>,
     ) -> Result<Vec<Action<Extra>>, DriveError> {
         let (store, peer) = (self.deps.store.clone(), self.peer);
         let ids: Vec<DocId> = batch.iter().map(|(doc, _)| *doc).collect();

@@ -14,8 +14,8 @@
 //! `Repo::create`.
 //!
 //! What each side does:
-//! - iom: two `iom node run` processes; libp2p TCP + noise (encrypted, mutually authenticated)
-//!   + yamux; sled storage; a local write is acknowledged after sled's flush (fsync); received
+//! - iom: two `iom node run` processes; libp2p over TCP with noise (encrypted, mutually
+//!   authenticated) and yamux; sled storage; a local write is acknowledged after sled's flush (fsync); received
 //!   changes are written without a flush of their own. B learns of A's documents by itself
 //!   (inventory digests), after `iom join`.
 //! - samod 0.16 (`tokio` feature): two processes of this binary (`--samod-peer DIR`), each a
@@ -428,6 +428,14 @@ mod peer {
         let _ = out.flush();
     }
 
+    /// Sets one field of the root map in one change.
+    fn set(d: &mut Automerge, key: &str, value: impl Into<automerge::ScalarValue>) -> Result<()> {
+        let mut tx = d.transaction();
+        tx.put(automerge::ROOT, key, value.into())?;
+        tx.commit();
+        Ok(())
+    }
+
     fn heads_of(h: &DocHandle) -> Vec<String> {
         let mut heads: Vec<String> =
             h.with_document(|d| d.get_heads().iter().map(|c| c.to_string()).collect());
@@ -479,11 +487,7 @@ mod peer {
                 }
                 "create-live" => {
                     let mut d = Automerge::new();
-                    d.transact::<_, _, automerge::AutomergeError>(|tx| {
-                        tx.put(automerge::ROOT, "n", -1)?;
-                        Ok(())
-                    })
-                    .map_err(|e| anyhow!("{e:?}"))?;
+                    set(&mut d, "n", -1)?;
                     let h = self.repo.create(d).await.map_err(|e| anyhow!("{e:?}"))?;
                     let id = h.document_id().to_string();
                     self.add(h);
@@ -579,26 +583,14 @@ mod peer {
                 "change" => {
                     let h = self.handle(arg(words, 1)?)?;
                     let v: i64 = arg(words, 2)?.parse()?;
-                    h.with_document(|d| {
-                        d.transact::<_, _, automerge::AutomergeError>(|tx| {
-                            tx.put(automerge::ROOT, "n", v)?;
-                            Ok(())
-                        })
-                    })
-                    .map_err(|e| anyhow!("{e:?}"))?;
+                    h.with_document(|d| set(d, "n", v))?;
                     Ok(String::new())
                 }
                 "change-first" => {
                     let n: usize = arg(words, 1)?.parse()?;
                     for id in self.order.iter().take(n) {
                         self.handles[id]
-                            .with_document(|d| {
-                                d.transact::<_, _, automerge::AutomergeError>(|tx| {
-                                    tx.put(automerge::ROOT, "f1", "changed during catch-up")?;
-                                    Ok(())
-                                })
-                            })
-                            .map_err(|e| anyhow!("{e:?}"))?;
+                            .with_document(|d| set(d, "f1", "changed during catch-up"))?;
                     }
                     Ok(String::new())
                 }
