@@ -315,6 +315,162 @@ impl Docs {
         Ok((result, Some((heads, meta))))
     }
 
+    /// [`Docs::read`] for several documents in one blocking hop. Documents that are not here
+    /// come back as `None`; a document that does not load stops the batch with its error.
+    pub async fn read_many<T, R, F>(
+        &self,
+        items: Vec<(DocId, T)>,
+        f: F,
+    ) -> Result<Vec<Option<R>>, DocsError>
+    where
+        T: Send + 'static,
+        R: Send + 'static,
+        F: Fn(&Document, T) -> R + Send + 'static,
+    {
+        let this = self.clone();
+        self.blocking(move || {
+            let mut out = Vec::with_capacity(items.len());
+            for (id, item) in items {
+                match this.load(id, false)? {
+                    Some(doc) => out.push(Some(f(&lock(&doc), item))),
+                    None => out.push(None),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// [`Docs::modify`] for several distinct documents received from a peer, in one blocking
+    /// hop and one store transaction (no flush: see [`Docs::modify`]). Unknown documents start
+    /// empty. Items run in order; the first that fails (its document does not load) stops the
+    /// batch: what came before is stored and returned with the error.
+    pub async fn modify_many<T, R, F>(
+        &self,
+        peer: PeerId,
+        items: Vec<(DocId, T)>,
+        f: F,
+    ) -> Result<(Vec<R>, Option<DocsError>), DocsError>
+    where
+        T: Send + 'static,
+        R: Send + 'static,
+        F: Fn(DocId, &mut Document, T) -> R + Send + 'static,
+    {
+        let this = self.clone();
+        let (results, stored, failed) = self
+            .blocking(move || this.modify_many_blocking(items, f))
+            .await?;
+        for (id, heads, meta) in stored {
+            if meta.pending_chunks() >= COMPACT_AFTER_CHUNKS {
+                self.spawn_compaction(id);
+            }
+            self.announce(id, heads, Origin::Peer(peer));
+        }
+        Ok((results, failed))
+    }
+
+    /// The blocking part of [`Docs::modify_many`]. The documents' locks are taken in id order
+    /// (so two batches never wait on each other) and held until their heads are recorded.
+    #[allow(clippy::type_complexity)]
+    fn modify_many_blocking<T, R, F>(
+        &self,
+        items: Vec<(DocId, T)>,
+        f: F,
+    ) -> Result<
+        (
+            Vec<R>,
+            Vec<(DocId, Vec<ChangeHash>, DocMeta)>,
+            Option<DocsError>,
+        ),
+        DocsError,
+    >
+    where
+        F: Fn(DocId, &mut Document, T) -> R,
+    {
+        self.inner.store.ensure_space(0)?;
+        // Load every document first (in the caller's order: the first that fails stops the
+        // batch there), then lock them in id order.
+        let mut shared = Vec::with_capacity(items.len());
+        let mut todo = Vec::with_capacity(items.len());
+        let mut failed = None;
+        for (id, item) in items {
+            match self.load(id, true) {
+                Ok(Some(doc)) => {
+                    shared.push(doc);
+                    todo.push((id, item));
+                }
+                Ok(None) => {
+                    failed = Some(DocsError::NotFound(id));
+                    break;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let mut order: Vec<usize> = (0..todo.len()).collect();
+        order.sort_by_key(|&i| todo[i].0);
+        let mut guards: Vec<Option<std::sync::MutexGuard<'_, Document>>> =
+            (0..todo.len()).map(|_| None).collect();
+        for &i in &order {
+            guards[i] = Some(lock(&shared[i]));
+        }
+        let mut results = Vec::with_capacity(todo.len());
+        // (id, heads, kind, bytes) of each document that changed.
+        let mut changed = Vec::new();
+        let store = &self.inner.store;
+        for ((id, item), guard) in todo.into_iter().zip(guards.iter_mut()) {
+            let Some(guard) = guard.as_mut() else {
+                continue;
+            };
+            results.push(f(id, guard, item));
+            let bytes = guard.save_incremental();
+            if bytes.is_empty() {
+                continue;
+            }
+            let heads = guard.heads();
+            let kind = guard.kind_name().unwrap_or_else(|| "generic".into());
+            // First persistence of a document received by sync: a full snapshot.
+            let bytes = match store.doc_meta(id.as_bytes())? {
+                None => guard.snapshot(),
+                Some(_) => bytes,
+            };
+            changed.push((id, heads, kind, bytes));
+        }
+        let writes: Vec<ChunkWrite<'_>> = changed
+            .iter()
+            .map(|(id, heads, kind, bytes)| ChunkWrite {
+                id: *id.as_bytes(),
+                kind,
+                bytes,
+                heads: heads_bytes(heads),
+            })
+            .collect();
+        let metas = match store.append_doc_chunks(&writes) {
+            Ok(metas) => metas,
+            Err(e) => {
+                // The changes are in memory but not on disk: drop the cached copies so the
+                // next use loads what is stored.
+                drop(writes);
+                drop(guards);
+                let mut cache = lock(&self.inner.cache);
+                for (id, ..) in &changed {
+                    cache.remove(id);
+                }
+                return Err(e.into());
+            }
+        };
+        drop(writes);
+        let mut stored = Vec::with_capacity(changed.len());
+        for ((id, heads, _, _), meta) in changed.into_iter().zip(metas) {
+            self.record_heads(id, &heads);
+            stored.push((id, heads, meta));
+        }
+        drop(guards);
+        Ok((results, stored, failed))
+    }
+
     /// Whole stored documents for a peer that has none of them: each document's stored chunks
     /// concatenated (loadable as one), with its heads, read from the store without loading
     /// them into Automerge. Documents bigger than `max_bytes` (and ones deleted meanwhile) come

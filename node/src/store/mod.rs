@@ -6,6 +6,7 @@
 
 mod blobs;
 mod docs;
+mod group_flush;
 mod objects;
 mod received;
 pub mod space;
@@ -101,6 +102,9 @@ pub enum StoreError {
         /// The reserve, in bytes.
         reserve: u64,
     },
+    /// Flushing the database to disk failed (the write may not be durable).
+    #[error("storage flush failed: {0}")]
+    FlushFailed(String),
     /// Reading or writing a blob chunk file failed.
     #[error("blob chunk file {path}: {source}")]
     ChunkFile {
@@ -129,6 +133,8 @@ pub struct Store {
     state: sled::Tree,
     /// Refuses document and blob writes below the disk reserve.
     space: std::sync::Arc<space::SpaceGuard>,
+    /// Concurrent flushes share one (group commit).
+    flusher: std::sync::Arc<group_flush::GroupFlush>,
 }
 
 /// Bytes as people read them (`1.5 GiB`).
@@ -186,6 +192,7 @@ impl Store {
             doc_chunks: db.open_tree("doc_chunks")?,
             state: db.open_tree("state")?,
             space: std::sync::Arc::new(space::SpaceGuard::new(dir, reserve, free_space)),
+            flusher: group_flush::GroupFlush::new(),
             db,
         })
     }
@@ -207,13 +214,13 @@ impl Store {
 
     /// Makes every write so far durable. Call before acknowledging a write.
     ///
-    /// Runs sled's synchronous flush on the blocking pool: sled 0.34's `flush_async` deadlocks
-    /// when several flushes overlap (spacejam/sled#1308; seen in release builds, where every
-    /// node hung on its first document write).
+    /// Concurrent callers share flushes (group commit, [`group_flush`]): one flush runs at a
+    /// time and covers every write made before it started. It is sled's synchronous flush on
+    /// the blocking pool: sled 0.34's `flush_async` deadlocks when several flushes overlap
+    /// (spacejam/sled#1308; seen in release builds, where every node hung on its first
+    /// document write).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush()).await??;
-        Ok(())
+        self.flusher.flush(&self.db).await
     }
 
     /// Reads a small state record (`namespace/key`).
@@ -224,6 +231,17 @@ impl Store {
     /// Writes a small state record. Not durable until [`Store::flush`].
     pub fn state_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.state.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Writes several small state records in one atomic batch. Not durable until
+    /// [`Store::flush`].
+    pub fn state_put_many(&self, records: Vec<KeyValue>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in records {
+            batch.insert(k, v);
+        }
+        self.state.apply_batch(batch)?;
         Ok(())
     }
 

@@ -48,13 +48,23 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::gate::{Gate, Verdict};
-use crate::docs::{Docs, DocsError, Origin};
+use crate::docs::{Docs, DocsError};
 use crate::net::framed::{FramedError, read_frame, write_frame};
 use crate::store::Store;
 use crate::trust::TrustBook;
 
 /// The protocol name the gate counts refusals under.
 const PROTOCOL: &str = "/iom/sync/1";
+
+/// Messages read ahead of the one being handled; also the most handled as one batch.
+const READ_AHEAD: usize = 128;
+/// The most received Automerge messages applied in one blocking hop and store transaction.
+const RECEIVE_BATCH: usize = 64;
+/// The most documents generated for in one blocking hop.
+const GENERATE_BATCH: usize = 64;
+
+/// A received Automerge message and the state handed out with it (if any).
+type Received = (Vec<u8>, Option<PeerDocState>);
 
 /// What a session needs of the network.
 pub trait Network: Send + Sync + 'static {
@@ -443,6 +453,22 @@ pub(crate) fn state_key(peer: &PeerId, doc: &DocId) -> Vec<u8> {
     k
 }
 
+/// The persisted state for (`peer`, `doc`) (resumed: the peer is assumed to still hold what
+/// it had), or a fresh one.
+fn persisted_state(store: &Store, peer: &PeerId, doc: &DocId) -> PeerDocState {
+    match store.state_get(&state_key(peer, doc)) {
+        Ok(Some(bytes)) => PeerDocState::resume(&bytes).unwrap_or_else(|e| {
+            tracing::debug!(%peer, %doc, error = %e, "starting a fresh sync state");
+            PeerDocState::new()
+        }),
+        Ok(None) => PeerDocState::new(),
+        Err(e) => {
+            tracing::warn!(%peer, %doc, error = %e, "cannot read a sync state");
+            PeerDocState::new()
+        }
+    }
+}
+
 fn machine_config() -> machine::Config {
     machine::Config::default()
         .with_version(SYNC_VERSION)
@@ -732,37 +758,44 @@ struct Driver {
 }
 
 impl Driver {
-    /// The state handed out, or the persisted one, or a fresh one.
-    fn state(&self, doc: &DocId, state: Option<PeerDocState>) -> PeerDocState {
-        if let Some(state) = state {
-            return state;
-        }
-        match self.deps.store.state_get(&state_key(&self.peer, doc)) {
-            Ok(Some(bytes)) => PeerDocState::resume(&bytes).unwrap_or_else(|e| {
-                tracing::debug!(peer = %self.peer, %doc, error = %e, "starting a fresh sync state");
-                PeerDocState::new()
-            }),
-            Ok(None) => PeerDocState::new(),
-            Err(e) => {
-                tracing::warn!(peer = %self.peer, %doc, error = %e, "cannot read a sync state");
-                PeerDocState::new()
-            }
-        }
-    }
-
+    /// Reads frames ahead (up to [`READ_AHEAD`] messages) while the messages read so far are
+    /// handled: everything that has arrived is handled as one batch, so documents travel
+    /// several per blocking hop and per store transaction.
     async fn read_loop<R: AsyncRead + Unpin>(&self, rd: &mut R) -> Result<(), DriveError> {
-        loop {
-            let msg = tokio::select! {
-                m = recv(rd, &self.shared.stats) => m?,
-                _ = self.shared.stop.cancelled() => return Ok(()),
-            };
-            let Some(msg) = msg else { return Ok(()) };
-            let actions = self
-                .deps
-                .docs
-                .with_inventory(|inv| self.shared.lock().handle(msg, inv))?;
-            self.execute(actions).await?;
-            self.shared.wake.notify_one();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(READ_AHEAD);
+        let stats = &self.shared.stats;
+        let frames = async move {
+            while let Some(msg) = recv(rd, stats).await? {
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+            }
+            Ok::<(), DriveError>(())
+        };
+        let handle = async {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < READ_AHEAD
+                    && let Ok(msg) = rx.try_recv()
+                {
+                    batch.push(msg);
+                }
+                let mut actions = Vec::new();
+                self.deps.docs.with_inventory(|inv| {
+                    let mut session = self.shared.lock();
+                    for msg in batch {
+                        actions.extend(session.handle(msg, inv)?);
+                    }
+                    Ok::<(), SessionError>(())
+                })?;
+                self.execute(actions).await?;
+                self.shared.wake.notify_one();
+            }
+            Ok::<(), DriveError>(())
+        };
+        tokio::select! {
+            r = futures::future::try_join(frames, handle) => r.map(|_| ()),
+            _ = self.shared.stop.cancelled() => Ok(()),
         }
     }
 
@@ -793,43 +826,86 @@ impl Driver {
                     }
                 }
                 Some(Transmit::Generate { doc, state }) => {
-                    let st = self.state(&doc, state);
-                    let out = self
-                        .deps
-                        .docs
-                        .read(doc, move |d| {
-                            let mut st = st;
-                            let msg = generate(d, &mut st);
-                            (st, msg)
-                        })
-                        .await;
-                    let (st, msg) = match out {
-                        Ok(r) => r,
-                        // Gone (or never here): nothing to say about it.
-                        Err(DocsError::NotFound(_)) => (PeerDocState::new(), None),
-                        Err(e) => return Err(e.into()),
-                    };
-                    let actions = self.shared.lock().generated(doc, st, msg)?;
-                    self.execute(actions).await?;
+                    // Every document that is ready to generate goes in one blocking hop.
+                    let mut batch = vec![(doc, state)];
+                    let mut after = None;
+                    while batch.len() < GENERATE_BATCH {
+                        let next = self
+                            .deps
+                            .docs
+                            .with_inventory(|inv| self.shared.lock().poll_transmit(inv));
+                        match next {
+                            Some(Transmit::Generate { doc, state }) => batch.push((doc, state)),
+                            other => {
+                                after = other;
+                                break;
+                            }
+                        }
+                    }
+                    self.generate_batch(batch).await?;
+                    if let Some(Transmit::Send(msg)) = after {
+                        tokio::select! {
+                            r = send(wr, msg, &self.shared.stats) => r?,
+                            _ = self.shared.stop.cancelled() => return Ok(()),
+                        }
+                    } else if let Some(Transmit::LoadSnapshots { docs }) = after {
+                        self.load_snapshots(docs).await?;
+                    }
                 }
-                Some(Transmit::LoadSnapshots { docs }) => {
-                    let (snaps, other) = self
-                        .deps
-                        .docs
-                        .snapshots(docs, self.deps.config.max_snapshot_doc)
-                        .await?;
-                    let loaded = snaps
-                        .into_iter()
-                        .map(|s| Loaded {
-                            doc: s.id,
-                            heads: s.heads,
-                            bytes: s.bytes,
-                        })
-                        .collect();
-                    self.shared.lock().snapshots_loaded(loaded, other);
-                }
+                Some(Transmit::LoadSnapshots { docs }) => self.load_snapshots(docs).await?,
             }
         }
+    }
+
+    /// Generates Automerge messages for a batch of documents in one blocking hop (the states
+    /// not handed out are read from the store there), then reports each.
+    async fn generate_batch(
+        &self,
+        batch: Vec<(DocId, Option<PeerDocState>)>,
+    ) -> Result<(), DriveError> {
+        let (store, peer) = (self.deps.store.clone(), self.peer);
+        let ids: Vec<DocId> = batch.iter().map(|(doc, _)| *doc).collect();
+        let items = batch
+            .into_iter()
+            .map(|(doc, state)| (doc, (doc, state)))
+            .collect();
+        let out = self
+            .deps
+            .docs
+            .read_many(items, move |d, (doc, state)| {
+                let mut st = state.unwrap_or_else(|| persisted_state(&store, &peer, &doc));
+                let msg = generate(d, &mut st);
+                (st, msg)
+            })
+            .await?;
+        let mut actions = Vec::new();
+        {
+            let mut session = self.shared.lock();
+            for (doc, r) in ids.into_iter().zip(out) {
+                // Gone (or never here): nothing to say about it.
+                let (st, msg) = r.unwrap_or_else(|| (PeerDocState::new(), None));
+                actions.extend(session.generated(doc, st, msg)?);
+            }
+        }
+        self.execute(actions).await
+    }
+
+    async fn load_snapshots(&self, docs: Vec<DocId>) -> Result<(), DriveError> {
+        let (snaps, other) = self
+            .deps
+            .docs
+            .snapshots(docs, self.deps.config.max_snapshot_doc)
+            .await?;
+        let loaded = snaps
+            .into_iter()
+            .map(|s| Loaded {
+                doc: s.id,
+                heads: s.heads,
+                bytes: s.bytes,
+            })
+            .collect();
+        self.shared.lock().snapshots_loaded(loaded, other);
+        Ok(())
     }
 
     /// Sends the next page of our blob announcements, read from the store now (so memory holds
@@ -864,69 +940,114 @@ impl Driver {
         Ok(true)
     }
 
-    /// Runs actions (and the actions their reports return) in order.
+    /// Runs actions (and the actions their reports return) in order. Consecutive `Receive`s
+    /// (distinct documents: the state machine hands out one state per document) run as one
+    /// batch, and the states they persist are written together.
     async fn execute(&self, actions: Vec<Action<Extra>>) -> Result<(), DriveError> {
         let mut queue: std::collections::VecDeque<_> = actions.into();
+        let mut persist = Vec::new();
         while let Some(action) = queue.pop_front() {
             match action {
-                Action::Apply(extra) => self.apply(extra).await?,
                 Action::Receive { doc, msg, state } => {
-                    let st = self.state(&doc, state);
-                    let (st, outcome) = self
-                        .deps
-                        .docs
-                        .modify(doc, Origin::Peer(self.peer), true, move |d| {
-                            let mut st = st;
-                            let outcome = receive(d, &mut st, &msg);
-                            Ok((st, outcome))
-                        })
-                        .await?;
-                    let ok = outcome.is_ok();
-                    let more = self.shared.lock().received(doc, st, outcome);
-                    match more {
-                        Ok(more) => queue.extend(more),
-                        Err(e) => {
-                            if let Some(doc) = e.forget_unstored()
-                                && let Err(err) = self.deps.docs.forget_unstored(doc)
-                            {
-                                tracing::warn!(%doc, error = %err, "cannot drop a placeholder");
-                            }
-                            return Err(e.into());
+                    let mut batch = vec![(doc, (msg, state))];
+                    while batch.len() < RECEIVE_BATCH
+                        && matches!(queue.front(), Some(Action::Receive { .. }))
+                    {
+                        if let Some(Action::Receive { doc, msg, state }) = queue.pop_front() {
+                            batch.push((doc, (msg, state)));
                         }
                     }
-                    if ok {
-                        self.shared
-                            .stats
-                            .docs_received
-                            .fetch_add(1, Ordering::Relaxed);
+                    for more in self.receive_batch(batch).await? {
+                        match more {
+                            Action::Persist { doc, state } => persist.push((doc, state)),
+                            other => queue.push_back(other),
+                        }
                     }
                 }
-                Action::StoreSnapshots { docs } => {
-                    let count = docs.len() as u64;
-                    let applied = self.deps.docs.receive_snapshots(self.peer, docs).await?;
-                    let (new, merged) = (applied.new.len(), applied.merged.len());
-                    tracing::debug!(peer = %self.peer, count, new, merged, "received snapshots");
-                    self.shared
-                        .stats
-                        .snapshots_received
-                        .fetch_add(count, Ordering::Relaxed);
-                    self.shared.lock().snapshots_received(SnapshotsStored {
-                        new: applied.new,
-                        merged: applied.merged,
-                        rejected: applied.rejected.map(|(doc, e)| (doc, e.to_string())),
-                    })?;
-                }
-                Action::Persist { doc, state } => {
-                    if let Err(e) = self
-                        .deps
-                        .store
-                        .state_put(&state_key(&self.peer, &doc), &state)
+                Action::Persist { doc, state } => persist.push((doc, state)),
+                other => self.execute_one(other).await?,
+            }
+        }
+        if !persist.is_empty() {
+            let peer = self.peer;
+            let records = persist
+                .into_iter()
+                .map(|(doc, state)| (state_key(&peer, &doc), state))
+                .collect();
+            if let Err(e) = self.deps.store.state_put_many(records) {
+                tracing::warn!(%peer, error = %e, "cannot persist sync states");
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies received Automerge messages to their documents in one blocking hop and one
+    /// store transaction, and reports each; returns what to do next.
+    async fn receive_batch(
+        &self,
+        batch: Vec<(DocId, Received)>,
+    ) -> Result<Vec<Action<Extra>>, DriveError> {
+        let (store, peer) = (self.deps.store.clone(), self.peer);
+        let ids: Vec<DocId> = batch.iter().map(|(doc, _)| *doc).collect();
+        let (results, failed) = self
+            .deps
+            .docs
+            .modify_many(self.peer, batch, move |doc, d, (msg, state)| {
+                let mut st = state.unwrap_or_else(|| persisted_state(&store, &peer, &doc));
+                let outcome = receive(d, &mut st, &msg);
+                (st, outcome)
+            })
+            .await?;
+        let mut next = Vec::new();
+        for (doc, (st, outcome)) in ids.into_iter().zip(results) {
+            let ok = outcome.is_ok();
+            let more = self.shared.lock().received(doc, st, outcome);
+            match more {
+                Ok(more) => next.extend(more),
+                Err(e) => {
+                    if let Some(doc) = e.forget_unstored()
+                        && let Err(err) = self.deps.docs.forget_unstored(doc)
                     {
-                        let peer = self.peer;
-                        tracing::warn!(%peer, %doc, error = %e, "cannot persist a sync state");
+                        tracing::warn!(%doc, error = %err, "cannot drop a placeholder");
                     }
+                    return Err(e.into());
                 }
-                Action::ForgetUnstored { doc } => self.deps.docs.forget_unstored(doc)?,
+            }
+            if ok {
+                self.shared
+                    .stats
+                    .docs_received
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(next),
+        }
+    }
+
+    /// Runs one action other than `Receive` and `Persist`.
+    async fn execute_one(&self, action: Action<Extra>) -> Result<(), DriveError> {
+        match action {
+            Action::Apply(extra) => self.apply(extra).await?,
+            Action::StoreSnapshots { docs } => {
+                let count = docs.len() as u64;
+                let applied = self.deps.docs.receive_snapshots(self.peer, docs).await?;
+                let (new, merged) = (applied.new.len(), applied.merged.len());
+                tracing::debug!(peer = %self.peer, count, new, merged, "received snapshots");
+                self.shared
+                    .stats
+                    .snapshots_received
+                    .fetch_add(count, Ordering::Relaxed);
+                self.shared.lock().snapshots_received(SnapshotsStored {
+                    new: applied.new,
+                    merged: applied.merged,
+                    rejected: applied.rejected.map(|(doc, e)| (doc, e.to_string())),
+                })?;
+            }
+            Action::ForgetUnstored { doc } => self.deps.docs.forget_unstored(doc)?,
+            Action::Receive { .. } | Action::Persist { .. } => {
+                return Err(DriveError::Bug("execute_one given a batched action"));
             }
         }
         Ok(())

@@ -3,7 +3,9 @@
 //!
 //! - `writes`: document writes per second through the node's API with durable acks
 //!   (`WRITERS` concurrent writers, `WRITES` writes in all), beside raw in-process Automerge
-//!   (`Document::put_json` + `save_incremental`, no disk);
+//!   (`Document::put_json` + `save_incremental`, no disk) and beside the durable reference:
+//!   the same in process, plus a sled insert of the chunk and a sled flush per write, by
+//!   `WRITERS` threads at once;
 //! - `blob`: `iom blob add` and `iom blob get` of a `BLOB_MIB` MiB file in MB/s, beside
 //!   `sha256sum` of the same file;
 //! - `startup`: start-up time (spawn until the API answers) and idle RSS with `DOCS` documents
@@ -137,7 +139,48 @@ fn writes(rt: &tokio::runtime::Runtime) -> Result<()> {
         node_rate / raw_rate,
         raw_rate / node_rate
     );
+    let durable = durable_reference(writers, per)?;
+    println!(
+        "writes: durable reference, in-process Automerge + sled insert + sled flush per write, {writers} threads: {durable:.0} writes/s; ratio node/durable = {:.2} (target >= 0.5)",
+        node_rate / durable
+    );
     Ok(())
+}
+
+/// `writers` threads, each writing `per` changes to its own in-memory document, inserting the
+/// incremental chunk into one shared sled database and flushing it before the next write.
+/// Returns writes per second.
+fn durable_reference(writers: usize, per: usize) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let db = sled::Config::new().path(dir.path()).open()?;
+    let tree = db.open_tree("chunks")?;
+    let actor = iom_crdt::actor_for(&[8; 32], [8; 8]);
+    let start = Arc::new(std::sync::Barrier::new(writers + 1));
+    let threads: Vec<_> = (0..writers)
+        .map(|w| {
+            let (db, tree, actor, start) = (db.clone(), tree.clone(), actor.clone(), start.clone());
+            std::thread::spawn(move || -> Result<()> {
+                let mut d = Document::new(DocKind::Generic, &actor, 1)?;
+                let _ = d.save();
+                start.wait();
+                for i in 0..per {
+                    d.put_json(&format!("k{}", i % 16), json!(i), "set", 2)?;
+                    let key = format!("{w:04}/{i:08}");
+                    tree.insert(key.as_bytes(), d.save_incremental())?;
+                    db.flush()?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    start.wait();
+    let t0 = Instant::now();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow!("a reference writer panicked"))??;
+    }
+    let took = t0.elapsed();
+    Ok((writers * per) as f64 / took.as_secs_f64())
 }
 
 fn mbps(bytes: u64, d: Duration) -> f64 {

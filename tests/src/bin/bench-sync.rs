@@ -24,13 +24,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use iom_crdt::sync::{PeerDocState, generate, receive};
-use iom_crdt::{DocKind, Document};
 use iom_node::api::client::ApiClient;
-use iom_tests::harness::{Node, iom_bin, mesh, wait_until};
+use iom_tests::harness::{Node, iom_bin, mesh};
 use serde_json::{Value, json};
 
 mod bench_common;
+use bench_common::iom_sync::*;
 use bench_common::*;
 
 fn main() -> Result<()> {
@@ -63,55 +62,9 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Waits until both nodes report a sync session with each other.
-fn wait_session(rt: &tokio::runtime::Runtime, a: &Node, b: &Node) -> Result<()> {
-    let (ca, cb) = (ApiClient::new(&a.dir)?, ApiClient::new(&b.dir)?);
-    wait_until("sync session", Duration::from_secs(30), || {
-        let sa = rt.block_on(ca.get("/v1/status"))?;
-        let sb = rt.block_on(cb.get("/v1/status"))?;
-        Ok(sa["sync"].as_array().is_some_and(|s| !s.is_empty())
-            && sb["sync"].as_array().is_some_and(|s| !s.is_empty()))
-    })
-}
-
 fn live(rt: &tokio::runtime::Runtime, a: &Node, b: &Node) -> Result<()> {
     let changes = param("CHANGES", 200);
-    let (ca, cb) = (ApiClient::new(&a.dir)?, ApiClient::new(&b.dir)?);
-    let id = rt.block_on(ca.post("/v1/docs", &json!({ "content": { "n": -1 } })))?["id"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no id"))?
-        .to_string();
-    let path = format!("/v1/docs/{id}?path=n");
-    wait_until("the document on B", Duration::from_secs(30), || {
-        Ok(rt.block_on(cb.get(&path)).is_ok())
-    })?;
-    let mut total = Vec::new();
-    let mut put = Vec::new();
-    for i in 0..changes + 10 {
-        let t0 = Instant::now();
-        rt.block_on(ca.put(
-            &format!("/v1/docs/{id}"),
-            &json!({ "path": "n", "value": i }),
-        ))?;
-        let acked = t0.elapsed();
-        loop {
-            if let Ok(v) = rt.block_on(cb.get(&path))
-                && v["content"] == json!(i)
-            {
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(10) {
-                bail!("change {i} did not reach B in 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let took = t0.elapsed();
-        // The first ten are warm-up.
-        if i >= 10 {
-            total.push(ms(took));
-            put.push(ms(acked));
-        }
-    }
+    let (mut total, mut put) = live_changes(rt, a, b, changes)?;
     println!(
         "live: {changes} changes A→B: propagation (PUT on A until B's API returns it) p50 {:.2} ms, p99 {:.2} ms (target p50 < 5 ms)",
         percentile(&mut total, 50.0),
@@ -274,60 +227,6 @@ fn raw_libp2p(rt: &tokio::runtime::Runtime) -> Result<f64> {
     Ok(rate)
 }
 
-/// The `n`-th bulk document built in process the way `POST /v1/docs` builds it: a generic
-/// document plus one change per content field.
-fn build_doc(actor: &[u8], i: usize, fields: usize) -> Result<Document> {
-    let mut d = Document::new(DocKind::Generic, actor, 1_700_000_000)?;
-    if let Value::Object(m) = bulk_content(i, fields) {
-        for (k, v) in m {
-            d.put_json(&k, v, "initial content", 1_700_000_000)?;
-        }
-    }
-    Ok(d)
-}
-
-/// In-process reference: syncs every document to an empty replica with `iom_crdt::sync`.
-/// Returns (pure sync time, sync + save of the receiver's bytes).
-fn in_process_sync(count: usize, fields: usize) -> Result<(Duration, Duration)> {
-    let actor_a = iom_crdt::actor_for(&[1; 32], [1; 8]);
-    let actor_b = iom_crdt::actor_for(&[2; 32], [2; 8]);
-    let docs: Vec<Document> = (0..count)
-        .map(|i| build_doc(&actor_a, i, fields))
-        .collect::<Result<_>>()?;
-    let run = |save: bool| -> Result<Duration> {
-        let t0 = Instant::now();
-        for a in &docs {
-            let mut b = Document::empty(&actor_b)?;
-            let (mut sa, mut sb) = (PeerDocState::new(), PeerDocState::new());
-            let mut a_side = Document::load(&a.snapshot(), &actor_a)?;
-            loop {
-                let ab = generate(&a_side, &mut sa);
-                if let Some(m) = &ab {
-                    receive(&mut b, &mut sb, m)?;
-                }
-                let ba = generate(&b, &mut sb);
-                if let Some(m) = &ba {
-                    receive(&mut a_side, &mut sa, m)?;
-                }
-                if ab.is_none() && ba.is_none() {
-                    break;
-                }
-            }
-            if b.heads() != a.heads() {
-                bail!("in-process sync did not converge");
-            }
-            if save {
-                std::hint::black_box(b.save_incremental());
-            }
-        }
-        Ok(t0.elapsed())
-    };
-    // The snapshot/load of A's side is part of both runs (the node loads from disk too).
-    let pure = run(false)?;
-    let saved = run(true)?;
-    Ok((pure, saved))
-}
-
 fn cold_and_reconnect(rt: &tokio::runtime::Runtime) -> Result<()> {
     let count = param("DOCS", 10_000);
     let fields = 9; // 1 + 9 = 10 changes per document
@@ -341,7 +240,6 @@ fn cold_and_reconnect(rt: &tokio::runtime::Runtime) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     let ca = ApiClient::new(&a.dir)?;
-    let want = doc_heads(rt, &ca)?;
     // The reference runs before and after the node measurement (the machine is shared).
     let before = in_process_sync(count, fields)?;
 
@@ -349,27 +247,7 @@ fn cold_and_reconnect(rt: &tokio::runtime::Runtime) -> Result<()> {
     configure(&b)?;
     b.start()?;
     let cb = ApiClient::new(&b.dir)?;
-    let code = a.invite(false)?;
-    let t0 = Instant::now();
-    b.cli(&["join", &code])?;
-    let joined = t0.elapsed();
-    loop {
-        let n = rt.block_on(cb.get("/v1/status"))?["documents"]
-            .as_u64()
-            .unwrap_or(0) as usize;
-        if n >= want.len() {
-            let theirs = doc_heads(rt, &cb)?;
-            let ours = doc_heads(rt, &ca)?;
-            if theirs == ours {
-                break;
-            }
-        }
-        if t0.elapsed() > Duration::from_secs(3600) {
-            bail!("cold sync did not converge in an hour");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let cold = t0.elapsed();
+    let (cold, joined) = cold_join(rt, &a, &b)?;
     let after = in_process_sync(count, fields)?;
     let pure = before.0.min(after.0);
     let saved = before.1.min(after.1);
@@ -441,35 +319,10 @@ fn cold_and_reconnect(rt: &tokio::runtime::Runtime) -> Result<()> {
     // Catch-up: B was away while A changed many documents.
     proc_b.stop()?;
     let n = param("CATCHUP", 1000).min(ids.len());
-    let body = json!({ "path": "f1", "value": "changed during catch-up" });
-    rt.block_on(async {
-        for batch in ids[..n].chunks(8) {
-            let paths: Vec<String> = batch.iter().map(|id| format!("/v1/docs/{id}")).collect();
-            let puts = paths.iter().map(|p| ca.put(p, &body));
-            for r in futures::future::join_all(puts).await {
-                r?;
-            }
-        }
-        anyhow::Ok(())
-    })?;
-    let want = doc_heads(rt, &ca)?;
-    let root = |c: &ApiClient| -> Result<Value> {
-        Ok(rt.block_on(c.get("/v1/status"))?["inventory_root"].clone())
-    };
-    let want_root = root(&ca)?;
+    change_docs(rt, &ca, &ids[..n])?;
+    let want = catch_up_target(rt, &ca)?;
     let (proc_b, _) = spawn_timed(rt, &b)?;
-    let t_up = Instant::now();
-    // The inventory root is cheap to poll; the full list is compared once it matches.
-    while root(&cb)? != want_root {
-        if t_up.elapsed() > Duration::from_secs(600) {
-            bail!("B did not catch up within 600 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let caught_up = t_up.elapsed();
-    if doc_heads(rt, &cb)? != want {
-        bail!("B's inventory root matches A's but its documents do not");
-    }
+    let caught_up = wait_caught_up(rt, &cb, &want, Instant::now())?;
     let reference = in_process_catchup(n, fields)?;
     println!(
         "catch-up: {n} documents changed while B was away: B equal to A {:.0} ms after its API was up; reference in-process sync of one change per document from persisted states: {:.0} ms; ratio {:.1}x",
@@ -480,53 +333,6 @@ fn cold_and_reconnect(rt: &tokio::runtime::Runtime) -> Result<()> {
     proc_b.stop()?;
     a.stop()?;
     Ok(())
-}
-
-/// In-process reference for the catch-up: replicas in sync with persisted states, one new
-/// change per document on A, then each state is restored (a new session) and synced.
-fn in_process_catchup(count: usize, fields: usize) -> Result<Duration> {
-    let actor_a = iom_crdt::actor_for(&[1; 32], [1; 8]);
-    let actor_b = iom_crdt::actor_for(&[2; 32], [2; 8]);
-    let sync = |a: &mut Document,
-                sa: &mut PeerDocState,
-                b: &mut Document,
-                sb: &mut PeerDocState|
-     -> Result<()> {
-        loop {
-            let ab = generate(a, sa);
-            if let Some(m) = &ab {
-                receive(b, sb, m)?;
-            }
-            let ba = generate(b, sb);
-            if let Some(m) = &ba {
-                receive(a, sa, m)?;
-            }
-            if ab.is_none() && ba.is_none() {
-                return Ok(());
-            }
-        }
-    };
-    let mut pairs = Vec::with_capacity(count);
-    for i in 0..count {
-        let mut a = build_doc(&actor_a, i, fields)?;
-        let mut b = Document::load(&a.snapshot(), &actor_b)?;
-        let (mut sa, mut sb) = (PeerDocState::new(), PeerDocState::new());
-        sync(&mut a, &mut sa, &mut b, &mut sb)?;
-        a.put_json(
-            "f1",
-            json!("changed during catch-up"),
-            "edit",
-            1_700_000_100,
-        )?;
-        pairs.push((a, sa.encode(), b, sb.encode()));
-    }
-    let t0 = Instant::now();
-    for (a, sa, b, sb) in &mut pairs {
-        let (mut sa, mut sb) = (PeerDocState::decode(sa)?, PeerDocState::decode(sb)?);
-        sync(a, &mut sa, b, &mut sb)?;
-        std::hint::black_box(b.save_incremental());
-    }
-    Ok(t0.elapsed())
 }
 
 /// With `LOADED_DOCS` set, writes `[storage] loaded_docs` (documents kept in memory, default

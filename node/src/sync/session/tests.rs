@@ -14,6 +14,7 @@ use iom_protocol::wire::MAX_BLOB_ANNOUNCE;
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 use super::*;
+use crate::docs::Origin;
 use crate::testkit::eventually;
 
 #[derive(Default)]

@@ -16,6 +16,8 @@ use iom_node::api::client::ApiClient;
 use iom_tests::harness::{Node, iom_bin};
 use serde_json::{Value, json};
 
+pub mod iom_sync;
+
 /// Points the harness at `target/release/iom` unless `IOM_BIN` is set, and checks it exists.
 pub fn use_release_bin() -> Result<PathBuf> {
     if std::env::var_os("IOM_BIN").is_none() {
