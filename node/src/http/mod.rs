@@ -1,9 +1,10 @@
-//! The HTTP listener (`iom node run --http IP:PORT` or `[http] listen`): the same API as the
-//! unix socket, with `Authorization: Bearer TOKEN` required on every `/v1` route, plus the
-//! webhook endpoint and the embedded web chat page.
+//! The HTTP listeners: plain HTTP (`iom node run --http IP:PORT` or `[http] listen`, loopback
+//! unless forced with `--insecure-http`) and HTTPS (`--https IP:PORT`, [`tls`]). Both serve
+//! the same API as the unix socket, with `Authorization: Bearer TOKEN` required on every `/v1`
+//! route, plus the webhook endpoint and the embedded web chat page.
 //!
-//! A bind to anything but loopback is refused while no token exists, so a node never exposes
-//! an API that nobody can use safely. Token management (`/v1/tokens`) is only on the unix
+//! A forced plain-HTTP bind to anything but loopback is also refused while no token exists, so
+//! a node never exposes an API that nobody can use safely. Token management (`/v1/tokens`) is only on the unix
 //! socket: a leaked token cannot mint more tokens or revoke the others.
 //!
 //! # Layout
@@ -11,9 +12,11 @@
 //! - [`errors`]: JSON errors for everything, including axum's own rejections.
 //! - [`webhook`]: `POST /v1/webhook` and durable callback delivery.
 //! - [`page`]: the web chat page (`GET /`), embedded in the binary.
+//! - [`tls`]: the HTTPS listener's certificate and handshakes.
 
 pub mod errors;
 pub mod page;
+pub mod tls;
 pub mod tokens;
 pub mod webhook;
 
@@ -52,6 +55,9 @@ pub enum HttpError {
     /// The token store could not be read.
     #[error("cannot read the API tokens: {0}")]
     Tokens(#[from] tokens::TokenError),
+    /// The HTTPS certificate could not be loaded or made.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Checks the bind policy and binds the listener (call before the node reports ready).
@@ -76,9 +82,33 @@ pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
         .layer(middleware::map_response(errors::json_errors))
 }
 
-/// Serves `listener` until the node shuts down; resumes pending webhook callbacks.
-pub fn serve(ctx: Arc<NodeCtx>, listener: tokio::net::TcpListener) -> JoinHandle<()> {
-    webhook::resume(&ctx);
+/// Binds the HTTPS listener with its certificate (the user's, or the node's self-signed one,
+/// made now if there is none).
+pub async fn bind_https(
+    ctx: &NodeCtx,
+    config: &crate::config::HttpsConfig,
+) -> Result<(tls::TlsListener, tls::TlsMaterial), HttpError> {
+    let addr = config.addr;
+    let mut names = Vec::new();
+    if !addr.ip().is_unspecified() {
+        names.push(addr.ip().to_string());
+    }
+    let material = tls::load(&ctx.config.data_dir, config.cert.as_ref(), &names)?;
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    let listener =
+        tls::TlsListener::new(tcp, &material).map_err(|source| HttpError::Bind { addr, source })?;
+    Ok((listener, material))
+}
+
+/// Serves `listener` (plain or TLS) until the node shuts down. Call [`webhook::resume`] once
+/// beside it.
+pub fn serve<L>(ctx: Arc<NodeCtx>, listener: L) -> JoinHandle<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let app = router(ctx.clone());
     let mut shutdown = ctx.shutdown.clone();
     tokio::spawn(async move {
