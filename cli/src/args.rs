@@ -85,6 +85,14 @@ pub enum Command {
         /// Make the new device an admin (it can invite and revoke).
         #[arg(long)]
         admin: bool,
+        /// Invite a browser: print an https:// URL (and its QR code) that pairs the browser
+        /// that opens it as a device of the mesh.
+        #[arg(long, conflicts_with = "admin")]
+        web: bool,
+        /// The URL's origin for `--web` (e.g. https://home.example:8443); default: this
+        /// node's HTTPS listener.
+        #[arg(long, value_name = "URL", requires = "web")]
+        url: Option<String>,
     },
     /// Join a mesh with an invite code from one of its admin devices. At a terminal it then
     /// waits for the first sync with a progress bar (Ctrl-C stops waiting, not the sync).

@@ -60,6 +60,8 @@ pub struct NodeCtx {
     pub shutdown: watch::Receiver<bool>,
     /// Where the web listeners serve, once they are bound.
     pub web: std::sync::OnceLock<WebListeners>,
+    /// Browser sessions and their challenges.
+    pub sessions: crate::http::browser::Sessions,
 }
 
 /// The addresses the page and the API are served on (`iom status` shows them; invite URLs
@@ -388,6 +390,7 @@ impl Node {
             started: Instant::now(),
             token_revoked: tokio::sync::broadcast::channel(16).0,
             web: std::sync::OnceLock::new(),
+            sessions: Default::default(),
             shutdown: shutdown_rx,
         });
         let cancel = CancellationToken::new();
@@ -673,6 +676,7 @@ async fn ensure_self_certificate(
         return Ok(());
     }
     let body = iom_protocol::cert::CertBody::Device {
+        kind: None,
         person: identity.person,
         device: me,
         name: name.to_string(),

@@ -714,3 +714,143 @@ fn a_given_up_callback_is_listed_and_can_be_retried() {
         node.assert_no_panic()
     });
 }
+
+#[test]
+fn browser_pairing_and_sessions_refuse_forged_and_replayed_signatures() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use iom_node::http::browser::{pair_message, session_message};
+    use iom_protocol::keys::{DeviceId, DeviceKey};
+    scenario(|| {
+        let rt = runtime()?;
+        let mut n = Node::new("home")?;
+        let port = free_port()?;
+        n.args
+            .extend(["--https".to_string(), format!("127.0.0.1:{port}")]);
+        n.start()?;
+        let client = pinned_client(&n.dir.join("tls/self-signed.pem"))?;
+        let base = format!("https://127.0.0.1:{port}");
+        let v = n.json(&["invite", "--web"])?;
+        let url = v["url"].as_str().context("no url")?;
+        let secret: [u8; 32] = B64
+            .decode(url.split_once('#').context("no fragment")?.1)?
+            .try_into()
+            .map_err(|_| anyhow!("the secret is not 32 bytes"))?;
+        let (s, info) = rt.block_on(call(client.get(format!("{base}/v1/pair/info"))))?;
+        assert_eq!(s, StatusCode::OK, "{info}");
+        let inviter: [u8; 32] = B64
+            .decode(info["inviter"].as_str().context("no inviter")?)?
+            .try_into()
+            .map_err(|_| anyhow!("bad inviter"))?;
+        let inviter = DeviceId::from_bytes(inviter)?;
+        let key = DeviceKey::from_seed([7; 32]);
+        let invite = iom_protocol::invite::invite_id(&secret);
+        let proof = iom_protocol::invite::pair_proof(&secret, &inviter, &key.id());
+        let pair = |sig: [u8; 64], proof: [u8; 32]| {
+            client.post(format!("{base}/v1/pair/browser")).json(&json!({
+                "invite": invite.to_string(),
+                "key": B64.encode(key.id().as_bytes()),
+                "name": "tablet",
+                "proof": B64.encode(proof),
+                "signature": B64.encode(sig),
+            }))
+        };
+        // A signature by another key, and a wrong proof, are refused and use nothing up.
+        let other = DeviceKey::from_seed([8; 32]);
+        let (s, v) = rt.block_on(call(pair(
+            other.sign(&pair_message(&invite, &proof)),
+            proof,
+        )))?;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::FORBIDDEN, "bad_signature"),
+            "{v}"
+        );
+        let wrong = [0u8; 32];
+        let (s, v) = rt.block_on(call(pair(key.sign(&pair_message(&invite, &wrong)), wrong)))?;
+        assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "bad_proof"), "{v}");
+        let (s, v) = rt.block_on(call(pair(key.sign(&pair_message(&invite, &proof)), proof)))?;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["kind"], json!("browser"));
+        let (s, v) = rt.block_on(call(pair(key.sign(&pair_message(&invite, &proof)), proof)))?;
+        assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "invite_used"), "{v}");
+
+        let challenge = || -> Result<[u8; 32]> {
+            let (_, v) = rt.block_on(call(client.get(format!("{base}/v1/session/challenge"))))?;
+            B64.decode(v["challenge"].as_str().context("no challenge")?)?
+                .try_into()
+                .map_err(|_| anyhow!("bad challenge"))
+        };
+        let open = |signer: &DeviceKey, c: &[u8; 32]| {
+            client.post(format!("{base}/v1/session")).json(&json!({
+                "key": B64.encode(key.id().as_bytes()),
+                "challenge": B64.encode(c),
+                "signature": B64.encode(signer.sign(&session_message(c))),
+            }))
+        };
+        // Forged: signed by another key.
+        let c = challenge()?;
+        let (s, v) = rt.block_on(call(open(&other, &c)))?;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::UNAUTHORIZED, "bad_signature"),
+            "{v}"
+        );
+        // A challenge the node never gave.
+        let (s, v) = rt.block_on(call(open(&key, &[9; 32])))?;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::UNAUTHORIZED, "bad_challenge"),
+            "{v}"
+        );
+        // Good, once: the cookie is Secure, HttpOnly and SameSite=Strict.
+        let c = challenge()?;
+        let resp = rt.block_on(async { open(&key, &c).send().await })?;
+        assert_eq!(resp.status().as_u16(), 200);
+        let set = resp
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .context("no cookie")?
+            .to_string();
+        for attr in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+            assert!(set.contains(attr), "{set}");
+        }
+        let cookie = set.split(';').next().context("empty cookie")?.to_string();
+        // Replayed: the same challenge and signature again.
+        let (s, v) = rt.block_on(call(open(&key, &c)))?;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::UNAUTHORIZED, "bad_challenge"),
+            "{v}"
+        );
+        // The cookie opens the API, not the admin routes; a made-up cookie opens nothing.
+        let with = |path: &str, cookie: &str| {
+            client
+                .get(format!("{base}{path}"))
+                .header("cookie", cookie.to_string())
+        };
+        let (s, v) = rt.block_on(call(with("/v1/status", &cookie)))?;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let (s, _) = rt.block_on(call(with("/v1/status", "iom_session=forged")))?;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        let (s, v) = rt.block_on(call(
+            client
+                .post(format!("{base}/v1/invites"))
+                .header("cookie", cookie.clone()),
+        ))?;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+        // Revoked: the session stops at once, and no new one opens.
+        n.cli(&["devices", "revoke", &key.id().to_string()])?;
+        let (s, _) = rt.block_on(call(with("/v1/status", &cookie)))?;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        let c = challenge()?;
+        let (s, v) = rt.block_on(call(open(&key, &c)))?;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::UNAUTHORIZED, "unknown_device"),
+            "{v}"
+        );
+        n.assert_no_panic()
+    });
+}

@@ -9,11 +9,13 @@
 //!
 //! # Layout
 //! - [`tokens`]: bearer tokens (hashes in the node's state).
+//! - [`browser`]: browser devices: pairing with an invite URL, sessions signed with their key.
 //! - [`errors`]: JSON errors for everything, including axum's own rejections.
 //! - [`webhook`]: `POST /v1/webhook` and durable callback delivery.
 //! - [`page`]: the web chat page (`GET /`), embedded in the binary.
 //! - [`tls`]: the HTTPS listener's certificate and handshakes.
 
+pub mod browser;
 pub mod errors;
 pub mod page;
 pub mod tls;
@@ -29,6 +31,9 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use tokio::task::JoinHandle;
 
+use axum::response::IntoResponse;
+
+use crate::api::ApiError;
 use crate::node::NodeCtx;
 
 /// Why the HTTP listener could not start.
@@ -72,11 +77,13 @@ pub async fn bind(ctx: &NodeCtx, addr: SocketAddr) -> Result<tokio::net::TcpList
 
 /// The HTTP router: the page (no token), and the API and webhook (token required).
 pub fn router(ctx: Arc<NodeCtx>) -> axum::Router {
+    let ctx_for_browser = ctx.clone();
     let api = crate::api::routes::router(ctx.clone())
         .merge(webhook::routes(ctx.clone()))
         .merge(crate::api::socket_only::refused_over_http())
         .layer(middleware::from_fn_with_state(ctx, require_token));
     page::routes()
+        .merge(browser::routes(ctx_for_browser))
         .merge(api)
         .fallback(errors::no_route)
         .layer(middleware::map_response(errors::json_errors))
@@ -123,6 +130,25 @@ where
     })
 }
 
+/// The browser device of a request that came with a session cookie (not a token).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionDevice(pub iom_protocol::keys::DeviceId);
+
+/// Routes a browser session may not use: inviting, joining, revoking, moving the agent,
+/// backups and the person key.
+fn admin_only(path: &str) -> bool {
+    [
+        "/v1/invites",
+        "/v1/join",
+        "/v1/agent/assign",
+        "/v1/backup",
+        "/v1/person",
+    ]
+    .iter()
+    .any(|p| path.starts_with(p))
+        || (path.starts_with("/v1/devices/") && path.ends_with("/revoke"))
+}
+
 /// The presented token: `Authorization: Bearer TOKEN`, or for a WebSocket upgrade (browsers
 /// cannot set headers there) a `Sec-WebSocket-Protocol` entry `iom.bearer.TOKEN`.
 fn presented_token(headers: &axum::http::HeaderMap) -> Option<String> {
@@ -151,7 +177,18 @@ fn presented_token(headers: &axum::http::HeaderMap) -> Option<String> {
 /// Middleware: a valid `Authorization: Bearer TOKEN` or 401. The token's record goes into the
 /// request's extensions (the WebSocket route watches it for revocation).
 async fn require_token(State(ctx): State<Arc<NodeCtx>>, mut req: Request, next: Next) -> Response {
-    let Some(token) = presented_token(req.headers()) else {
+    let token = presented_token(req.headers());
+    if token.is_none()
+        && let Some(device) = browser::session_device(&ctx, req.headers())
+    {
+        if admin_only(req.uri().path()) {
+            return ApiError::forbidden("a browser device may not administer the mesh")
+                .into_response();
+        }
+        req.extensions_mut().insert(SessionDevice(device));
+        return next.run(req).await;
+    }
+    let Some(token) = token else {
         return errors::unauthorized(
             "missing `Authorization: Bearer TOKEN` (create a token with `iom token create`)",
         );
