@@ -150,6 +150,17 @@ impl Browser {
         .await
     }
 
+    /// Runs an async script; it ends by calling `arguments[arguments.length - 1]` with the
+    /// result.
+    async fn js_async(&self, script: &str, args: Value) -> Result<Value> {
+        self.call(
+            "POST",
+            "/execute/async",
+            json!({ "script": script, "args": args }),
+        )
+        .await
+    }
+
     async fn wait_js(&self, what: &str, script: &str, timeout: Duration) -> Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -469,19 +480,37 @@ fn spki_pin(pem: &std::path::Path) -> Result<String> {
 /// Fetches `path` from the page (with its cookie) and returns the HTTP status.
 async fn page_status(b: &Browser, path: &str) -> Result<u16> {
     let v = b
-        .call(
-            "POST",
-            "/execute/async",
-            json!({
-                "script": "const done = arguments[arguments.length - 1]; \
-                           fetch(arguments[0]).then(r => done(r.status), e => done(String(e)));",
-                "args": [path],
-            }),
+        .js_async(
+            "const done = arguments[arguments.length - 1]; \
+             fetch(arguments[0]).then(r => done(r.status), e => done(String(e)));",
+            json!([path]),
         )
         .await?;
     v.as_u64()
         .map(|s| s as u16)
         .ok_or_else(|| anyhow!("fetch {path} failed in the page: {v}"))
+}
+
+/// A node serving HTTPS with its self-signed certificate on a fresh loopback port; returns
+/// it, the port and the certificate's SPKI pin.
+fn https_node() -> Result<(iom_tests::harness::Node, u16, String)> {
+    let mut node = iom_tests::harness::Node::new("home")?;
+    let port = free_port()?;
+    node.args
+        .extend(["--https".to_string(), format!("127.0.0.1:{port}")]);
+    node.start()?;
+    let pin = spki_pin(&node.dir.join("tls/self-signed.pem"))?;
+    Ok((node, port, pin))
+}
+
+/// A phone-sized browser that trusts the certificate with this SPKI pin.
+async fn phone_trusting(pin: &str) -> Result<Browser> {
+    Browser::start_with(
+        390,
+        844,
+        &[format!("--ignore-certificate-errors-spki-list={pin}")],
+    )
+    .await
 }
 
 /// The invite URL's parts: `(origin, secret fragment)`.
@@ -503,21 +532,11 @@ fn web_invite(node: &iom_tests::harness::Node, ttl: &str) -> Result<(String, Str
 fn a_browser_pairs_with_an_invite_url_signs_in_and_is_cut_off_when_revoked() {
     scenario(|| {
         let rt = runtime()?;
-        let mut node = iom_tests::harness::Node::new("home")?;
-        let port = free_port()?;
-        node.args
-            .extend(["--https".to_string(), format!("127.0.0.1:{port}")]);
-        node.start()?;
-        let pin = spki_pin(&node.dir.join("tls/self-signed.pem"))?;
+        let (node, port, pin) = https_node()?;
         let (origin, secret) = web_invite(&node, "15m")?;
         assert_eq!(origin, format!("https://127.0.0.1:{port}"));
         rt.block_on(async {
-            let b = Browser::start_with(
-                390,
-                844,
-                &[format!("--ignore-certificate-errors-spki-list={pin}")],
-            )
-            .await?;
+            let b = phone_trusting(&pin).await?;
             // Headless Chromium makes a non-extractable Ed25519 key with WebCrypto.
             b.goto(&format!("{origin}/pair#{secret}")).await?;
             b.wait_js(
@@ -565,12 +584,11 @@ fn a_browser_pairs_with_an_invite_url_signs_in_and_is_cut_off_when_revoked() {
             assert!(table.contains("Anna's phone") && table.contains("browser"), "{table}");
             // Its key is not extractable.
             let extractable = b
-                .call(
-                    "POST",
-                    "/execute/async",
-                    json!({ "script": "const done = arguments[0]; \
+                .js_async(
+                    "const done = arguments[0]; \
                         iomKey.load().then(k => done([k.privateKey.extractable, \
-                        k.privateKey.algorithm.name]), e => done(String(e)));", "args": [] }),
+                        k.privateKey.algorithm.name]), e => done(String(e)));",
+                    json!([]),
                 )
                 .await?;
             assert_eq!(extractable, json!([false, "Ed25519"]));
@@ -588,12 +606,10 @@ fn a_browser_pairs_with_an_invite_url_signs_in_and_is_cut_off_when_revoked() {
             b.screenshot("chat-paired-phone.png").await?;
             // A browser may not administer.
             let v = b
-                .call(
-                    "POST",
-                    "/execute/async",
-                    json!({ "script": "const done = arguments[0]; \
+                .js_async(
+                    "const done = arguments[0]; \
                         fetch('/v1/invites', {method: 'POST'}).then(r => done(r.status));",
-                        "args": [] }),
+                    json!([]),
                 )
                 .await?;
             assert_eq!(v, json!(403));
@@ -624,11 +640,10 @@ fn a_browser_pairs_with_an_invite_url_signs_in_and_is_cut_off_when_revoked() {
             }
             // And it cannot sign in again.
             let ok = b
-                .call(
-                    "POST",
-                    "/execute/async",
-                    json!({ "script": "const done = arguments[0]; \
-                        iomKey.login().then(done, e => done(String(e)));", "args": [] }),
+                .js_async(
+                    "const done = arguments[0]; \
+                        iomKey.login().then(done, e => done(String(e)));",
+                    json!([]),
                 )
                 .await?;
             assert_eq!(ok, json!(false));
@@ -642,12 +657,7 @@ fn a_browser_pairs_with_an_invite_url_signs_in_and_is_cut_off_when_revoked() {
 fn bad_invite_urls_get_a_clear_page_and_change_nothing() {
     scenario(|| {
         let rt = runtime()?;
-        let mut node = iom_tests::harness::Node::new("home")?;
-        let port = free_port()?;
-        node.args
-            .extend(["--https".to_string(), format!("127.0.0.1:{port}")]);
-        node.start()?;
-        let pin = spki_pin(&node.dir.join("tls/self-signed.pem"))?;
+        let (node, _port, pin) = https_node()?;
         let (origin, secret) = web_invite(&node, "2s")?;
         let (_, good) = web_invite(&node, "15m")?;
         let devices = node.devices()?.len();
@@ -657,12 +667,7 @@ fn bad_invite_urls_get_a_clear_page_and_change_nothing() {
         let tampered: String = chars.into_iter().collect();
         std::thread::sleep(Duration::from_secs(3));
         rt.block_on(async {
-            let b = Browser::start_with(
-                390,
-                844,
-                &[format!("--ignore-certificate-errors-spki-list={pin}")],
-            )
-            .await?;
+            let b = phone_trusting(&pin).await?;
             for (fragment, want, shot) in [
                 (secret.as_str(), "invite_expired", "pair-expired-phone.png"),
                 (tampered.as_str(), "unknown_invite", "pair-tampered-phone.png"),
