@@ -146,7 +146,7 @@ async fn invite(
                 )));
             }
             None => web_origin(&ctx).await.ok_or_else(|| {
-                ApiError::conflict(
+                ApiError::bad_request(
                     "a web invite needs the HTTPS listener (`iom node run --https IP:PORT`) or \
                      a base URL (`iom invite --web --url https://NAME`)",
                 )
