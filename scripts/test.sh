@@ -76,7 +76,7 @@ else
     # The opt-outs: whole test binaries (or tests) left out, so nextest reports them skipped.
     left_out=()
     if [ "${IOM_SKIP_DOCKER:-}" = "1" ]; then
-        left_out+=("binary(sandbox) | binary(agent) | test(=web_page_sends_and_streams) | test(=doctor_reports_a_missing_sandbox_image_and_a_missing_api_key)")
+        left_out+=("binary(sandbox) | binary(agent) | binary(models) | test(=web_page_sends_and_streams) | test(=doctor_reports_a_missing_sandbox_image_and_a_missing_api_key)")
         echo "IOM_SKIP_DOCKER=1: the Docker tests are left out (counted as skipped below)"
     fi
     if [ "${IOM_SKIP_NETNS:-}" = "1" ]; then

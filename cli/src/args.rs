@@ -41,6 +41,10 @@ pub struct AskArgs {
     /// Don't read stdin even when it is not a terminal.
     #[arg(long)]
     pub no_stdin: bool,
+    /// Answer with this model: a provider of `iom models list` (`NAME`), or one of its models
+    /// (`NAME/MODEL`). Default: the mesh's default model.
+    #[arg(long, short = 'm', value_name = "NAME[/MODEL]")]
+    pub model: Option<String>,
 }
 
 /// `iom ask --output`.
@@ -124,6 +128,32 @@ pub enum Command {
         #[arg(long, short)]
         conversation: Option<String>,
     },
+    /// Approval requests of risky tool calls: list them (pending ones; `--all` for every one),
+    /// and the mesh's policy (`iom approvals policy ...`).
+    Approvals {
+        /// Every approval, decided ones too.
+        #[arg(long)]
+        all: bool,
+        /// The policy.
+        #[command(subcommand)]
+        command: Option<ApprovalsCommand>,
+    },
+    /// Approve a pending tool call (admin devices only): the agent runs it.
+    Approve {
+        /// Approval id (see `iom approvals`).
+        id: String,
+        /// A note for the record.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Deny a pending tool call (admin devices only): it does not run and the request fails.
+    Deny {
+        /// Approval id (see `iom approvals`).
+        id: String,
+        /// Why (shown where the request failed).
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Conversations with the assistant.
     #[command(subcommand)]
     Conversations(ConversationsCommand),
@@ -142,6 +172,14 @@ pub enum Command {
     /// Prompts the agent runs on a schedule (cron, UTC).
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// Model providers of the mesh (Anthropic, OpenAI-compatible, local servers), the
+    /// default model and the fallback chain.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// The agent's MCP servers (declared in the mesh; each runs in a locked-down container on
+    /// the agent node).
+    #[command(subcommand)]
+    Tools(ToolsCommand),
     /// Webhook answers posted to callback URLs: which are pending or given up; retry or drop.
     #[command(subcommand)]
     Webhook(WebhookCommand),
@@ -262,6 +300,47 @@ pub enum TokenCommand {
     },
 }
 
+/// `iom approvals ...`.
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// The mesh's approval policy (synced to every device).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+/// `iom approvals policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Show the rules and the timeout.
+    List,
+    /// Mark a tool (a glob: `bash`, `mcp__git__*`, `*`) `ask`, `allow` or `deny`, optionally
+    /// only for calls whose arguments match `--args` (a glob over each argument value).
+    Set {
+        /// Tool name or glob.
+        tool: String,
+        /// What to do with a matching call.
+        #[arg(value_parser = ["ask", "allow", "deny"])]
+        action: String,
+        /// Only calls with an argument matching this glob (e.g. `*rm -rf*`).
+        #[arg(long)]
+        args: Option<String>,
+    },
+    /// Remove a rule.
+    Remove {
+        /// Tool name or glob of the rule.
+        tool: String,
+        /// The rule's argument glob.
+        #[arg(long)]
+        args: Option<String>,
+    },
+    /// How long an approval waits for an answer before it counts as denied (default 10m).
+    Timeout {
+        /// e.g. 10m, 90s, 1h.
+        #[arg(value_parser = parse_duration)]
+        duration: std::time::Duration,
+    },
+}
+
 /// `iom schedule ...`.
 #[derive(Debug, Subcommand)]
 pub enum ScheduleCommand {
@@ -278,6 +357,9 @@ pub enum ScheduleCommand {
         /// `[email]` is configured).
         #[arg(long, value_parser = ["email"])]
         to: Option<String>,
+        /// The model its requests ask for (`NAME` or `NAME/MODEL`; default: the mesh's).
+        #[arg(long, short = 'm', value_name = "NAME[/MODEL]")]
+        model: Option<String>,
     },
     /// List schedules with their next and last slots.
     List,
@@ -296,6 +378,122 @@ pub enum ScheduleCommand {
     Enable {
         /// Schedule id.
         id: String,
+    },
+}
+
+/// `iom models ...`.
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Add (or replace) a provider: `iom models add local --kind openai --base-url
+    /// http://127.0.0.1:8080 --model smollm2 --local`. Keys stay on the agent device: name
+    /// the environment variable (`--key-env`) or key file (`--key-file`) that holds it there.
+    Add(ModelsAddArgs),
+    /// List the providers, the default and the fallback chain.
+    List,
+    /// Remove a provider.
+    Remove {
+        /// Provider name.
+        name: String,
+    },
+    /// Set the default model (`NAME` or `NAME/MODEL`); with `--fallback`, also the providers
+    /// tried after it, in order.
+    Default {
+        /// Provider name, or `NAME/MODEL`.
+        model: String,
+        /// Providers tried in order when the chosen one is overloaded, out of quota or
+        /// unreachable (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        fallback: Option<Vec<String>>,
+    },
+}
+
+/// `iom models add`.
+#[derive(Debug, clap::Args)]
+pub struct ModelsAddArgs {
+    /// Provider name (letters, digits, `-`, `_`, `.`), as used by `--model NAME`.
+    pub name: String,
+    /// The API it speaks: `anthropic` (Messages API) or `openai` (chat completions).
+    #[arg(long, value_parser = ["anthropic", "openai"])]
+    pub kind: String,
+    /// Base URL without the API path (required for `openai`; default for `anthropic`: the
+    /// hosted API).
+    #[arg(long)]
+    pub base_url: Option<String>,
+    /// Model name sent to the server.
+    #[arg(long)]
+    pub model: String,
+    /// Environment variable on the agent device that holds the key.
+    #[arg(long)]
+    pub key_env: Option<String>,
+    /// Key file on the agent device (mode 0600).
+    #[arg(long)]
+    pub key_file: Option<String>,
+    /// `max_tokens` per reply.
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// A local server: tried whenever the others fail, so the assistant answers offline.
+    #[arg(long)]
+    pub local: bool,
+    /// Tool choice on a request's first call: `auto`, `required`, `none` or `tool:NAME`.
+    #[arg(long)]
+    pub tool_choice: Option<String>,
+    /// Retries of a failed call before the next provider answers.
+    #[arg(long)]
+    pub retries: Option<u32>,
+    /// Longest wait in seconds for the response and each piece of the stream.
+    #[arg(long)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// `iom tools ...`.
+#[derive(Debug, Subcommand)]
+pub enum ToolsCommand {
+    /// Declare an MCP server (admin devices only): `iom tools add time -- python3 -m
+    /// mcp_server_time`. The agent node starts it in its own hardened container (no network)
+    /// and offers its tools to the model as `mcp__NAME__TOOL`.
+    Add {
+        /// Server name: a-z, 0-9 and -, starting with a letter.
+        name: String,
+        /// The server's command in its container (after `--`); it speaks MCP on stdio.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+        /// Image to run it in (default: iom-sandbox-python:1, from `iom sandbox build --python`).
+        #[arg(long)]
+        image: Option<String>,
+        /// An environment variable, `KEY=VALUE` (repeatable). Not for secrets: the declaration
+        /// syncs to every device.
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Mount a host path of the agent node, `HOST:CONTAINER[:ro|:rw]` (repeatable; read-only
+        /// by default; checked against the agent's `[sandbox] allowed_roots`).
+        #[arg(long = "mount", value_name = "HOST:CONTAINER")]
+        mounts: Vec<String>,
+        /// Per-call limit in seconds (default: `[sandbox] tool_timeout_secs`).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Add it disabled.
+        #[arg(long)]
+        disabled: bool,
+        /// Replace a server of the same name.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List the MCP servers with their state (as the agent node reports it) and tools.
+    List,
+    /// Remove an MCP server (the agent stops it).
+    Remove {
+        /// Server name.
+        name: String,
+    },
+    /// Run a disabled MCP server again.
+    Enable {
+        /// Server name.
+        name: String,
+    },
+    /// Stop an MCP server, keeping its declaration.
+    Disable {
+        /// Server name.
+        name: String,
     },
 }
 
@@ -334,11 +532,35 @@ pub enum AgentCommand {
 /// `iom sandbox ...`.
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
-    /// Build the default sandbox image locally (no registry needed).
+    /// Build the default sandbox image locally (no registry needed); with `--python`, the
+    /// fuller image for MCP servers instead.
     Build {
         /// Import this root filesystem (a directory or a tar/tar.gz) instead of busybox.
-        #[arg(long, value_name = "DIR|TAR")]
+        #[arg(long, value_name = "DIR|TAR", conflicts_with = "python")]
         rootfs: Option<std::path::PathBuf>,
+        /// Build iom-sandbox-python:1: Debian (debootstrap, needs root) with python3, pip, git
+        /// and tzdata, the debootstrap result cached so a rebuild is fast.
+        #[arg(long)]
+        python: bool,
+        /// With --python: install the wheels of this directory offline (from `pip download
+        /// mcp-server-time -d DIR`; repeatable).
+        #[arg(long, value_name = "DIR", requires = "python")]
+        wheels: Vec<std::path::PathBuf>,
+        /// With --wheels: install only these requirements (repeatable; default: every wheel).
+        #[arg(long = "pip", value_name = "REQUIREMENT", requires = "wheels")]
+        pip: Vec<String>,
+        /// With --python: one more Debian package (repeatable), e.g. nodejs.
+        #[arg(long = "apt", value_name = "PACKAGE", requires = "python")]
+        apt: Vec<String>,
+        /// With --python: the Debian suite (default trixie).
+        #[arg(long, requires = "python")]
+        suite: Option<String>,
+        /// With --python: the Debian mirror (default: the first in the host's apt sources).
+        #[arg(long, requires = "python")]
+        mirror: Option<String>,
+        /// With --python: the image tag (default iom-sandbox-python:1).
+        #[arg(long, requires = "python")]
+        tag: Option<String>,
     },
     /// Check the Docker set-up and say what to fix.
     Check,

@@ -20,9 +20,9 @@
 //! | `reply_to` | str? | replies only: the request id |
 //! | `tool_calls` | list | replies only: `{id, name, input (JSON string), output, is_error}` |
 //! | `usage` | map | replies only: `{input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens, cost_nanos}` (cost in 10⁻⁹ USD) |
-//! | `model` | str? | replies only: the model that wrote it |
 //! | `progress` | map? | requests only: what a running request has streamed so far, appended to (see [`crate::progress`]; older builds wrote a JSON string) |
 //! | `attachments` | list? | requests only: `{name, hash (blob SHA-256, hex), len}` of attached files |
+//! | `model` | str? | a request: the model asked for (`NAME` or `NAME/MODEL`); a reply: the `provider/model` that produced it |
 //!
 //! **Claiming** is fenced by the agent-role epoch: a request is claimed only when it is pending,
 //! or running under a claim with a strictly lower epoch (a demoted or restarted agent). Two
@@ -304,9 +304,6 @@ pub struct MessageView {
     pub tool_calls: Vec<ToolCallView>,
     /// Token usage of a reply.
     pub usage: Option<UsageView>,
-    /// The model that wrote a reply.
-    #[serde(default)]
-    pub model: Option<String>,
     /// What the request has streamed so far (requests only). Shown by the local API as the
     /// JSON form inside a string.
     #[serde(with = "crate::progress::as_json_string")]
@@ -314,6 +311,9 @@ pub struct MessageView {
     /// Files attached to a request.
     #[serde(default)]
     pub attachments: Vec<AttachmentView>,
+    /// A request: the model asked for; a reply: the `provider/model` that produced it.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 /// Result of [`Conversation::append_request`] / [`Conversation::append_assistant`].
@@ -618,6 +618,21 @@ impl<D: BorrowMut<Document>> Conversation<D> {
             if let Some(e) = error {
                 tx.put(m, "error", e)?;
             }
+            Ok(())
+        })
+    }
+
+    /// Records the model a request asks for (`NAME` or `NAME/MODEL`). Call it in the same
+    /// [`Document`] edit as the append, so the agent never sees the request without it.
+    pub fn set_request_model(
+        &mut self,
+        request_id: &str,
+        model: &str,
+        now: i64,
+    ) -> Result<(), ConversationError> {
+        let message = format!("{request_id} model");
+        self.with_request(request_id, &message, now, |tx, m| {
+            tx.put(m, "model", model)?;
             Ok(())
         })
     }
@@ -929,9 +944,9 @@ fn read_message<R: ReadDoc>(doc: &R, obj: &ObjId, index: usize) -> Option<Messag
         reply_to: parse("reply_to"),
         tool_calls,
         usage: f.object("usage", ObjType::Map).map(|u| read_usage(doc, &u)),
-        model: parse("model"),
         progress: progress::read(doc, obj),
         attachments: read_attachments(doc, &f),
+        model: parse("model"),
     })
 }
 
@@ -1198,6 +1213,17 @@ mod tests {
             serde_json::to_value(Role::Assistant).expect("json"),
             "assistant"
         );
+    }
+
+    #[test]
+    fn a_request_records_the_model_it_asks_for() {
+        let mut d = conv();
+        let mut c = Conversation::open(&mut d).expect("open");
+        c.append_request("r1", "hi", Interface::Cli, "laptop", 101)
+            .expect("append");
+        c.set_request_model("r1", "local", 101).expect("model");
+        assert!(c.set_request_model("nope", "x", 102).is_err());
+        assert_eq!(c.messages()[0].model.as_deref(), Some("local"));
     }
 
     #[test]

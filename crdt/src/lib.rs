@@ -23,8 +23,11 @@
 //! - [`document`]: [`Document`], [`ChangeInfo`], heads parsing.
 //! - [`json`]: JSON view and path edits ([`PathError`]).
 //! - [`schema`]: schema versions and migrations.
-//! - [`conversation`], [`memory`], [`schedules`], [`settings`]: typed accessors.
+//! - [`conversation`], [`memory`], [`schedules`], [`settings`]: typed accessors;
+//!   [`models`]: the model providers, kept in the settings document.
 //! - [`progress`]: a running request's progress, appended to (never rewritten).
+//! - [`approvals`]: the approval policy (settings) and approval requests (conversations).
+//! - [`outbox`]: files the agent sent to the asking device (conversations).
 //! - [`inventory`]: hierarchical digest for reconnects.
 //! - [`sync`]: [`sync::PeerDocState`], [`sync::generate`], [`sync::receive`].
 //! - [`session`]: one sync session with one peer, a sans-I/O state machine.
@@ -46,6 +49,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod actor;
+pub mod approvals;
 pub mod conversation;
 pub mod doc_id;
 pub mod document;
@@ -54,6 +58,8 @@ pub mod inventory;
 pub mod json;
 pub mod kind;
 pub mod memory;
+pub mod models;
+pub mod outbox;
 pub mod progress;
 pub mod schedules;
 pub mod schema;
@@ -64,6 +70,7 @@ pub mod sync;
 pub mod test_utils;
 
 pub use actor::{actor_for, author_of};
+pub use approvals::{ApprovalView, Approvals};
 pub use automerge::ChangeHash;
 pub use conversation::{
     Answer, AppendOutcome, AttachmentView, ClaimOutcome, ClaimView, Conversation,
@@ -77,6 +84,8 @@ pub use inventory::Inventory;
 pub use json::PathError;
 pub use kind::DocKind;
 pub use memory::Memory;
+pub use models::{ModelChoice, ModelSettings, Models, ModelsError, ProviderEntry, ProviderKind};
+pub use outbox::{Outbox, SentFile};
 pub use progress::{ProgressUpdate, ProgressView, ToolProgressView};
 pub use schedules::{ScheduleError, ScheduleView, Schedules};
-pub use settings::{Settings, SettingsError};
+pub use settings::{AuthoredString, Settings, SettingsError};

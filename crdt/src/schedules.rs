@@ -75,6 +75,9 @@ pub struct ScheduleView {
     /// to the owner's address).
     #[serde(default)]
     pub to: Option<String>,
+    /// The model its requests ask for (`NAME` or `NAME/MODEL`); `None`: the mesh default.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 /// Typed access to the schedules document. Wraps `&Document` (read) or `&mut Document`.
@@ -186,6 +189,17 @@ impl<D: BorrowMut<Document>> Schedules<D> {
             })
     }
 
+    /// Sets the model the schedule's requests ask for.
+    pub fn set_model(&mut self, id: &str, model: &str, now: i64) -> Result<(), ScheduleError> {
+        let entry = self.entry(id)?;
+        self.0
+            .borrow_mut()
+            .change(&format!("schedule {id}: model {model}"), now, |tx| {
+                tx.put(&entry, "model", model)?;
+                Ok(())
+            })
+    }
+
     /// Records that the schedule fired for `slot` under agent-role `epoch`. Returns `false` and
     /// writes nothing if a slot at or after `slot` was already recorded.
     pub fn mark_fired(
@@ -239,6 +253,7 @@ fn read_entry<R: ReadDoc>(doc: &R, entries: &ObjId, id: &str) -> Option<Schedule
         created_at: fields::int(doc, &e, "created_at"),
         enabled_at: fields::int(doc, &e, "enabled_at"),
         to: fields::string(doc, &e, "to"),
+        model: fields::string(doc, &e, "model"),
     })
 }
 
@@ -276,6 +291,13 @@ mod tests {
             ["daily", "weekly"]
         );
         assert!(list[0].enabled);
+        assert_eq!(list[0].model, None);
+        s.set_model("daily", "local", 11).expect("model");
+        assert_eq!(
+            s.get("daily").and_then(|v| v.model).as_deref(),
+            Some("local")
+        );
+        assert!(s.set_model("nope", "local", 11).is_err());
         assert_eq!(
             list[1].conversation.as_deref(),
             Some("ab".repeat(16).as_str())

@@ -83,6 +83,42 @@ impl<D: Borrow<Document>> Settings<D> {
     }
 }
 
+impl<D: Borrow<Document>> Settings<D> {
+    /// Every setting whose key starts with `prefix` and whose value is a string, sorted by key,
+    /// with the device that wrote the value (from the actor id of the write; `None` when the
+    /// actor id is not an iom one). A value written as one string has one author, which lets
+    /// a reader accept only values that a device it trusts for them wrote.
+    pub fn strings_with_author(&self, prefix: &str) -> Vec<AuthoredString> {
+        let doc = self.document().automerge();
+        let Some(values) = fields::object(doc, &ROOT, FIELD_VALUES, ObjType::Map) else {
+            return Vec::new();
+        };
+        doc.keys(&values)
+            .filter(|k| k.starts_with(prefix))
+            .filter_map(|key| {
+                let (v, id) = doc.get(&values, key.as_str()).ok().flatten()?;
+                let text = v.as_str()?.to_string();
+                let author = match &id {
+                    automerge::ObjId::Id(_, actor, _) => crate::actor::author_of(actor.to_bytes()),
+                    automerge::ObjId::Root => None,
+                };
+                Some(AuthoredString { key, text, author })
+            })
+            .collect()
+    }
+}
+
+/// A string setting and who wrote it ([`Settings::strings_with_author`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthoredString {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub text: String,
+    /// The device id of the writer, if the actor id has the iom shape.
+    pub author: Option<[u8; crate::actor::DEVICE_ID_LEN]>,
+}
+
 impl<D: BorrowMut<Document>> Settings<D> {
     /// Sets a key.
     pub fn set(&mut self, key: &str, value: &Json, now: i64) -> Result<(), SettingsError> {
@@ -150,5 +186,31 @@ mod tests {
         assert!(s.remove("limits", 4).expect("rm"));
         assert!(!s.remove("limits", 4).expect("rm again"));
         assert_eq!(s.get("limits"), None);
+    }
+
+    #[test]
+    fn string_settings_carry_their_author() {
+        let mut d = Document::new(DocKind::Settings, &actor_for(&[1; 32], [1; 8]), 1).expect("new");
+        Settings::open(&mut d)
+            .expect("open")
+            .set("mcp.server.time", &json!("{}"), 2)
+            .expect("set");
+        let mut other = Document::load(&d.save(), &actor_for(&[2; 32], [2; 8])).expect("load");
+        Settings::open(&mut other)
+            .expect("open")
+            .set("mcp.server.git", &json!("{\"a\":1}"), 3)
+            .expect("set");
+        Settings::open(&mut other)
+            .expect("open")
+            .set("mcp.other", &json!({"not": "a string"}), 3)
+            .expect("set");
+        let got = Settings::open(&other)
+            .expect("open")
+            .strings_with_author("mcp.server.");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].key, "mcp.server.git");
+        assert_eq!(got[0].author, Some([2; 32]));
+        assert_eq!(got[1].text, "{}");
+        assert_eq!(got[1].author, Some([1; 32]));
     }
 }

@@ -368,8 +368,17 @@ impl Node {
                 ..crate::sync::SyncConfig::default()
             },
         ));
-        let (agent, asking, scheduler) =
-            agent_services(&config, &identity, &store, &docs, &trust, &net, gate);
+        let announce: crate::agent::mesh_tools::Announce = {
+            let sync = sync.clone();
+            Arc::new(move |id, len| {
+                sync.broadcast(iom_protocol::wire::SyncMsg::Blobs {
+                    have: vec![(iom_protocol::id::ContentId::from_bytes(id), len)],
+                })
+            })
+        };
+        let (agent, asking, scheduler) = agent_services(
+            &config, &identity, &store, &docs, &trust, &net, gate, announce,
+        );
         let email = config.email.clone().map(|cfg| {
             crate::channels::email::EmailChannel::new(cfg, store.clone(), asking.clone(), &data_dir)
         });
@@ -413,6 +422,8 @@ impl Node {
                 cancel.clone(),
             ));
         }
+        // Every protocol is registered: peers may connect now.
+        ctx.net.go_online();
         Ok(Node {
             ctx,
             tasks,
@@ -597,9 +608,10 @@ fn forward_blob_arrivals(
     });
 }
 
-/// The agent's services, wired from their parts: the runner (Claude, the Docker sandbox, the
-/// wall clock), the asking side (over libp2p) and the scheduler (its clock moved by
-/// `clock_offset_secs`).
+/// The agent's services, wired from their parts: the runner (Claude, the Docker sandbox with
+/// the mesh's own tools beside it, the wall clock), the asking side (over libp2p) and the
+/// scheduler (its clock moved by `clock_offset_secs`).
+#[allow(clippy::too_many_arguments)]
 fn agent_services(
     config: &Config,
     identity: &SharedIdentity,
@@ -608,6 +620,7 @@ fn agent_services(
     trust: &Arc<TrustBook>,
     net: &Net,
     gate: Arc<crate::sync::gate::Gate>,
+    announce: crate::agent::mesh_tools::Announce,
 ) -> (
     Arc<crate::agent::runner::Runner>,
     Arc<crate::agent::ask::Asking>,
@@ -615,7 +628,7 @@ fn agent_services(
 ) {
     use crate::agent::clock::{OffsetClock, SystemClock};
     use crate::agent::{ask, runner};
-    let model = crate::agent::model::ClaudeFactory {
+    let builtin = crate::agent::model::ClaudeFactory {
         device_name: config.name.clone(),
         api_key: config.api_key.clone(),
         key_file: config.agent.key_file.clone(),
@@ -623,10 +636,22 @@ fn agent_services(
         max_tokens: config.agent.max_tokens,
         base_url: config.agent.base_url.clone(),
     };
-    let tools = crate::agent::sandbox::host::DockerHost::new(
+    let model = crate::agent::providers::MeshModels::new(docs.clone(), builtin);
+    let sandbox = crate::agent::sandbox::host::DockerHost::new(
         config.sandbox.clone(),
         config.data_dir.clone(),
         identity.device_id().to_string(),
+    );
+    // MCP servers declared in the mesh, beside the sandbox's tools.
+    let tools = crate::agent::mcp::McpToolHost::new(
+        Arc::new(sandbox),
+        crate::agent::mcp::McpHub::new(
+            config.sandbox.clone(),
+            config.data_dir.clone(),
+            identity.device_id().to_string(),
+        ),
+        docs.clone(),
+        trust.clone(),
     );
     let agent = runner::Runner::new(
         runner::Deps {
@@ -635,7 +660,16 @@ fn agent_services(
             identity: identity.clone(),
             trust: trust.clone(),
             model: Arc::new(model),
-            tools: Arc::new(tools),
+            // The mesh's own tools beside the sandbox's.
+            tools: Arc::new(crate::agent::mesh_tools::MeshTools::new(
+                Arc::new(tools),
+                crate::agent::conversations::Conversations::new(
+                    docs.clone(),
+                    Arc::new(SystemClock),
+                ),
+                store.clone(),
+                announce,
+            )),
             clock: Arc::new(SystemClock),
         },
         runner::RunnerConfig::from_config(&config.agent),

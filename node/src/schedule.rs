@@ -345,11 +345,13 @@ impl Scheduler {
         let rid = request_id(&view.id, slot);
         match self
             .asking
-            .ask(
+            .ask_model(
                 &view.prompt,
                 Some(conversation),
                 Interface::Schedule,
                 Some(rid),
+                &[],
+                view.model.as_deref(),
             )
             .await
         {
@@ -750,6 +752,7 @@ mod tests {
             created_at: Some(created),
             enabled_at: None,
             to: None,
+            model: None,
         }
     }
 

@@ -119,6 +119,23 @@ pub enum Scripted {
     },
     /// A stream that starts correctly and then sends data that is not JSON.
     Garbage,
+    /// A stream that starts (`message_start`, `ping`) and then closes, with no content and
+    /// no `message_stop`.
+    Truncated,
+    /// A stream that starts and then sends nothing more (for this long), holding the
+    /// connection open.
+    Hang(Duration),
+    /// A 200 response whose JSON body is an error of this type instead of a stream.
+    ErrorIn200(String),
+    /// A streamed text reply that ends with this (unknown) stop reason.
+    OddStop {
+        /// The text.
+        text: String,
+        /// The stop reason sent.
+        stop_reason: String,
+    },
+    /// A `tool_use` whose input JSON is cut off (not valid JSON) at `message_stop`.
+    BadToolJson,
     /// Wait this long before answering with the next item (or the echo model).
     Delay(Duration),
 }
@@ -444,6 +461,52 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
             start,
             "event: content_block_delta\ndata: {this is not json at all\n\n".to_owned(),
         ],
+        Some(Scripted::Truncated) => vec![start, event("ping", json!({"type": "ping"}))],
+        Some(Scripted::Hang(d)) => return hanging_response(start, d),
+        Some(Scripted::ErrorIn200(error_type)) => {
+            let body =
+                json!({"type": "error", "error": {"type": error_type, "message": "in a 200"}});
+            return (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response();
+        }
+        Some(Scripted::OddStop { text, stop_reason }) => {
+            let mut evs = vec![start];
+            evs.extend(text_block_events(0, &text));
+            evs.push(event(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            ));
+            evs.push(event(
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": stop_reason},
+                       "usage": {"output_tokens": 1}}),
+            ));
+            evs.push(event("message_stop", json!({"type": "message_stop"})));
+            evs
+        }
+        Some(Scripted::BadToolJson) => vec![
+            start,
+            event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {
+                    "type": "tool_use", "id": shared.next_id("toolu"), "name": "bash", "input": {}}}),
+            ),
+            event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0,
+                       "delta": {"type": "input_json_delta", "partial_json": "{\"command\": \"ec"}}),
+            ),
+            event(
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                       "usage": {"output_tokens": 1}}),
+            ),
+            event("message_stop", json!({"type": "message_stop"})),
+        ],
         // Delay items are consumed in the loop above.
         Some(Scripted::Delay(_)) | None => reply_events(start, echo(&req), max_tokens, &shared),
     };
@@ -717,6 +780,21 @@ fn reply_events(start: String, reply: Reply, max_tokens: u64, shared: &Shared) -
     ));
     evs.push(event("message_stop", json!({"type": "message_stop"})));
     evs
+}
+
+/// A stream that sends `start` and then nothing for `hold`.
+fn hanging_response(start: String, hold: Duration) -> Response {
+    let stream = futures::stream::iter([Bytes::from(start)])
+        .map(Ok::<Bytes, Infallible>)
+        .chain(futures::stream::once(async move {
+            tokio::time::sleep(hold).await;
+            Ok::<Bytes, Infallible>(Bytes::new())
+        }));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| error_response(500, "api_error", "cannot build response", None))
 }
 
 fn sse_response(events: Vec<String>, instant: bool) -> Response {

@@ -1216,13 +1216,13 @@ fn exceeded_daily_budget_is_refused_clearly() {
 
 fn budget_body() -> Result<()> {
     let fake = Fake::start()?;
-    // A request reserves its input estimate (the tool definitions and the prompt) and
-    // max_tokens: 1,500 tokens hold the first, and what it used leaves too little for the
-    // second.
+    // A request reserves its input estimate (the twelve tool definitions and the prompt,
+    // about 1,300 tokens) and max_tokens: 2,500 tokens hold the first, and what it used leaves
+    // too little for the second.
     let mut home = agent_node(
         "home",
         Some(&fake),
-        "[agent]\nmax_tokens = 500\ndaily_token_budget = 1500\n",
+        "[agent]\nmax_tokens = 500\ndaily_token_budget = 2500\n",
     )?;
     let mut laptop = Node::new("laptop")?;
     start_mesh(&mut [&mut home, &mut laptop])?;
@@ -1236,7 +1236,7 @@ fn budget_body() -> Result<()> {
     assert_eq!(v["result"]["type"], "failed", "{v}");
     let err = v["result"]["error"].as_str().unwrap_or_default();
     assert!(
-        err.starts_with("budget exceeded: the mesh's daily token budget (1500 tokens)")
+        err.starts_with("budget exceeded: the mesh's daily token budget (2500 tokens)")
             && err.contains("daily_token_budget"),
         "{err}"
     );
@@ -1367,6 +1367,43 @@ fn a_photo_attached_on_the_laptop_reaches_the_model_as_an_image_block() {
         assert_eq!((seen.width(), seen.height()), (1568, 1045));
         let text = blocks[1]["text"].as_str().unwrap_or_default();
         assert!(text.starts_with("what is in the photo?"), "{text}");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_file_the_agent_sends_arrives_on_the_asking_device() {
+    require_docker();
+    scenario(|| {
+        let (_reap, _fake, _home, laptop) = home_agent_and_laptop()?;
+        let content = "made in the sandbox\n";
+        let prompt = format!(
+            "[[tool write_file {}]] [[tool send_file {}]]",
+            json!({ "path": "out/report.txt", "content": content }),
+            json!({ "path": "out/report.txt" })
+        );
+        let o = laptop.try_cli(&["ask", &prompt])?;
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        let line = format!(
+            "[file report.txt ({} bytes) sent to this device: iom blob get ",
+            content.len()
+        );
+        let at = err
+            .find(&line)
+            .with_context(|| format!("no file line: {err}"))?;
+        let hash: String = err[at + line.len()..]
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect();
+        assert_eq!(hash.len(), 64, "{err}");
+        wait_until("the blob on the laptop", Duration::from_secs(30), || {
+            Ok(laptop.blob_hashes()?.contains(&hash))
+        })?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("report.txt");
+        laptop.cli(&["blob", "get", &hash, "-o", &path.display().to_string()])?;
+        assert_eq!(std::fs::read_to_string(&path)?, content);
         Ok(())
     });
 }

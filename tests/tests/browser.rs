@@ -460,6 +460,72 @@ fn web_page_sends_and_streams() {
     });
 }
 
+/// A call marked `ask` shows as a card with the exact call and what it touches; the page's
+/// Approve button answers it and the answer streams in (no Docker: a mesh tool).
+#[test]
+fn web_page_answers_an_approval() {
+    scenario(|| {
+        let rt = runtime()?;
+        let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
+        let AgentHttpNode {
+            node, port, token, ..
+        } = agent_http_node("approver", &fake.node_env())?;
+        node.cli(&["approvals", "policy", "set", "memory_update", "ask"])?;
+        let page = format!("http://127.0.0.1:{port}/");
+        let directive = format!(
+            "[[tool memory_update {}]]",
+            json!({ "text": "prefers the page" })
+        );
+        rt.block_on(async {
+            let b = Browser::start(390, 844).await?;
+            b.goto(&page).await?;
+            b.js(&format!(
+                "localStorage.setItem('iom.token', {}); location.reload(); return true",
+                serde_json::to_string(&token)?
+            ))
+            .await?;
+            b.wait_js(
+                "the chat",
+                "return !document.getElementById('app').hidden",
+                Duration::from_secs(10),
+            )
+            .await?;
+            b.type_into("#prompt", &format!("Remember this. {directive}"))
+                .await?;
+            b.click("#send").await?;
+            let card = b
+                .wait_js(
+                    "the approval card",
+                    "const c = document.querySelector('.msg.assistant .approval .card'); \
+                     return c && c.dataset.state === 'pending' && c.textContent",
+                    Duration::from_secs(30),
+                )
+                .await?;
+            let card = card.as_str().unwrap_or("").to_string();
+            assert!(card.contains("memory_update"), "{card}");
+            assert!(card.contains("prefers the page"), "{card}");
+            assert!(card.contains("appends to the memory document"), "{card}");
+            b.screenshot("web-approval-phone.png").await?;
+            b.click(".msg.assistant .approval .card button.primary")
+                .await?;
+            b.wait_js(
+                "the answer after the approval",
+                "const m = document.querySelector('.msg.assistant:last-child'); \
+                 return m && m.dataset.state === 'done'",
+                Duration::from_secs(30),
+            )
+            .await?;
+            b.close().await?;
+            anyhow::Ok(())
+        })?;
+        let memory = node.json(&["memory", "show"])?;
+        assert_eq!(memory["text"], "prefers the page", "{memory}");
+        let all = node.json(&["approvals", "--all"])?;
+        assert_eq!(all["approvals"][0]["state"], "approved", "{all}");
+        node.assert_no_panic()
+    });
+}
+
 /// The base64 SHA-256 of a PEM certificate's public key (what Chromium's
 /// `--ignore-certificate-errors-spki-list` pins), by `openssl`.
 fn spki_pin(pem: &std::path::Path) -> Result<String> {

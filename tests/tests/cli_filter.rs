@@ -205,13 +205,13 @@ fn a_used_up_budget_exits_3() {
     scenario(|| {
         let rt = runtime()?;
         let fake = rt.block_on(FakeAnthropic::start(FakeConfig::default()))?;
-        // A request reserves its input estimate (the tool definitions and the prompt) and
-        // max_tokens: 1,500 tokens hold the first, and what it used leaves too little for
-        // the second.
+        // A request reserves its input estimate (the twelve tool definitions and the prompt,
+        // about 1,300 tokens) and max_tokens: 2,500 tokens hold the first, and what it used
+        // leaves too little for the second.
         let mut n = node(
             &fake,
             "budget",
-            "[agent]\nmax_tokens = 500\ndaily_token_budget = 1500\n",
+            "[agent]\nmax_tokens = 500\ndaily_token_budget = 2500\n",
         )?;
         n.start()?;
         let me = n.device_id()?;

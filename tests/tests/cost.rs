@@ -207,7 +207,7 @@ fn cache_body() -> Result<()> {
         replies[1]["usage"]["cache_read_input_tokens"].as_u64() > Some(0),
         "{shown}"
     );
-    assert_eq!(replies[1]["model"], "claude-sonnet-4-5");
+    assert_eq!(replies[1]["model"], "anthropic/claude-sonnet-4-5");
     ensure!(
         replies[1]["usage"]["cost_nanos"].as_u64() > Some(0),
         "{shown}"
@@ -217,7 +217,10 @@ fn cache_body() -> Result<()> {
     let total = &u["total"];
     ensure!(total["cache_read_input_tokens"].as_u64() > Some(0), "{u}");
     ensure!(total["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{u}");
-    assert_eq!(u["by_model"][0]["key"], "claude-sonnet-4-5", "{u}");
+    assert_eq!(
+        u["by_model"][0]["key"], "anthropic/claude-sonnet-4-5",
+        "{u}"
+    );
     assert_eq!(u["by_conversation"][0]["key"], conv.as_str());
     let text = node.cli(&["usage"])?;
     ensure!(

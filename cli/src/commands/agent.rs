@@ -33,7 +33,7 @@ pub async fn chat(g: &Global, conversation: Option<String>) -> Result<(), Failur
         } else {
             OutputFormat::Text
         };
-        match super::ask::ask_once(&c, line, conv.as_deref(), &[], false, format).await {
+        match super::ask::ask_once(&c, line, conv.as_deref(), &[], None, false, format).await {
             Ok(o) => {
                 conv = Some(output::s(&o.asked, "conversation").to_string());
                 if let Some(id) = &conv
@@ -242,7 +242,56 @@ pub async fn sandbox(g: &Global, cmd: SandboxCommand) -> Result<(), Failure> {
     let raw =
         iom_node::config::RawConfig::load(&g.data_dir).map_err(|e| Failure::Usage(e.into()))?;
     match cmd {
-        SandboxCommand::Build { rootfs } => {
+        SandboxCommand::Build {
+            python: true,
+            wheels,
+            pip,
+            apt,
+            suite,
+            mirror,
+            tag,
+            ..
+        } => {
+            let docker = container::connect_docker().await?;
+            let mut spec = iom_node::agent::sandbox::debian_image::PythonImageSpec::new(
+                iom_node::agent::sandbox::debian_image::cache_dir(),
+            );
+            spec.wheels = wheels;
+            spec.requirements = pip;
+            spec.extra_packages = apt;
+            spec.mirror = mirror;
+            if let Some(s) = suite {
+                spec.suite = s;
+            }
+            if let Some(t) = tag {
+                spec.image = t;
+            }
+            let quiet = g.json;
+            let step = move |what: &str| {
+                if !quiet {
+                    eprintln!("{what}…");
+                }
+            };
+            let built =
+                iom_node::agent::sandbox::debian_image::build_python_image(&docker, &spec, &step)
+                    .await?;
+            if g.json {
+                output::json(&serde_json::to_value(&built).context("encoding")?);
+            } else {
+                let from = if built.cached {
+                    "cached rootfs"
+                } else {
+                    "new rootfs"
+                };
+                println!(
+                    "built sandbox image {} ({from} {}; {} package(s) installed offline)",
+                    built.image,
+                    built.rootfs.display(),
+                    built.installed
+                );
+            }
+        }
+        SandboxCommand::Build { rootfs, .. } => {
             let docker = container::connect_docker().await?;
             let bar = crate::progress::Progress::new(
                 &format!("building {}", raw.sandbox.image),

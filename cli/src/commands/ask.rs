@@ -97,6 +97,7 @@ pub async fn ask(g: &Global, a: AskArgs) -> Result<(), Failure> {
         &prompt,
         a.conversation.as_deref(),
         &attachments,
+        a.model.as_deref(),
         a.no_wait,
         format,
     )
@@ -148,12 +149,16 @@ pub async fn ask_once(
     prompt: &str,
     conversation: Option<&str>,
     attachments: &[Value],
+    model: Option<&str>,
     no_wait: bool,
     format: OutputFormat,
 ) -> Result<Outcome, Failure> {
     let mut body = json!({ "prompt": prompt, "conversation": conversation, "interface": "cli" });
     if !attachments.is_empty() {
         body["attachments"] = json!(attachments);
+    }
+    if let Some(m) = model {
+        body["model"] = json!(m);
     }
     let asked = c.post("/v1/ask", &body).await?;
     let mut outcome = Outcome {
@@ -195,7 +200,8 @@ pub async fn ask_once(
                 }
                 _ => {}
             }
-            if text {
+            // Approvals need a person: shown on stderr whatever the output format.
+            if text || kind == "approval" {
                 print_progress(&ev, &kind, &mut out);
             }
             if matches!(kind.as_str(), "done" | "failed") {
@@ -235,12 +241,24 @@ fn print_progress(ev: &Value, kind: &str, out: &mut std::io::Stdout) {
             );
         }
         "retry" => eprintln!("[{}]", output::s(ev, "message")),
+        "approval" => eprint!("{}", approval_line(ev)),
+        "file" => eprintln!(
+            "[file {} ({} bytes) sent to this device: iom blob get {} -o {}]",
+            output::s(ev, "name"),
+            ev["len"],
+            output::s(ev, "hash"),
+            output::s(ev, "name")
+        ),
         "done" => {
             println!();
             eprintln!(
-                "[done: {} tokens in, {} out{}]",
+                "[done: {} tokens in, {} out{}{}]",
                 ev["input_tokens"],
                 ev["output_tokens"],
+                ev["model"]
+                    .as_str()
+                    .map(|m| format!(", by {m}"))
+                    .unwrap_or_default(),
                 ev["note"]
                     .as_str()
                     .map(|n| format!("; {n}"))
@@ -249,6 +267,34 @@ fn print_progress(ev: &Value, kind: &str, out: &mut std::io::Stdout) {
         }
         _ => {}
     }
+}
+
+/// An `approval` event as text: a pending one says how to answer it.
+pub fn approval_line(ev: &Value) -> String {
+    let id = output::s(ev, "id");
+    let head = format!(
+        "[approval {id} {}: {} {}]\n",
+        output::s(ev, "state"),
+        output::s(ev, "tool"),
+        output::s(ev, "input")
+    );
+    let touches: String = ev["touches"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| format!("  touches: {}\n", t.as_str().unwrap_or("")))
+        .collect();
+    let tail = match output::s(ev, "state") {
+        "pending" => format!(
+            "  waiting for an admin device: iom approve {id} | iom deny {id} (denied at {})\n",
+            output::time(ev["expires_at"].as_i64().unwrap_or(0))
+        ),
+        _ => ev["reason"]
+            .as_str()
+            .map(|r| format!("  {r}\n"))
+            .unwrap_or_default(),
+    };
+    format!("{head}{touches}{tail}")
 }
 
 /// Prints what is left to print for `format` and turns the outcome into the exit code.
@@ -414,6 +460,18 @@ mod tests {
         let cut = json!({ "type": "done", "text": "t",
                           "note": "stopped: the token budget was used up" });
         assert_eq!(code(exit_for(&outcome(Some(cut)), false)), 3);
+    }
+
+    #[test]
+    fn approvals_say_how_to_answer_them() {
+        let ev = json!({"type": "approval", "id": "ap1", "state": "pending", "tool": "bash",
+            "input": "{}", "touches": ["runs a shell command"], "expires_at": 0});
+        let text = approval_line(&ev);
+        assert!(text.starts_with("[approval ap1 pending: bash {}]\n  touches: runs a shell"));
+        assert!(text.contains("iom approve ap1 | iom deny ap1"), "{text}");
+        let ev = json!({"id": "ap1", "state": "denied", "tool": "bash", "input": "{}",
+            "reason": "not now"});
+        assert!(approval_line(&ev).ends_with("  not now\n"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One module per command group.
 
 mod agent;
+mod approvals;
 mod ask;
 mod backup;
 mod blob;
@@ -12,12 +13,14 @@ mod events;
 mod first_sync;
 mod memory;
 mod mesh;
+mod models;
 pub mod node;
 pub mod relay;
 mod schedule;
 mod service;
 mod status;
 mod token;
+mod tools;
 mod usage;
 mod webhook;
 
@@ -83,11 +86,16 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Ask(args) => ask::ask(&g, args).await,
         Command::Events => events::events(&g).await,
         Command::Chat { conversation } => agent::chat(&g, conversation).await,
+        Command::Approvals { all, command } => approvals::run(&g, all, command).await,
+        Command::Approve { id, reason } => approvals::answer(&g, &id, true, reason).await,
+        Command::Deny { id, reason } => approvals::answer(&g, &id, false, reason).await,
         Command::Conversations(cmd) => agent::conversations(&g, cmd).await,
         Command::Agent(cmd) => agent::agent(&g, cmd).await,
         Command::Sandbox(cmd) => agent::sandbox(&g, cmd).await,
         Command::Token(cmd) => token::run(&g, cmd).await,
         Command::Schedule(cmd) => schedule::run(&g, cmd).await,
+        Command::Models(cmd) => models::run(&g, cmd).await,
+        Command::Tools(cmd) => tools::run(&g, cmd).await,
         Command::Webhook(cmd) => webhook::run(&g, cmd).await,
         Command::Doctor => doctor::run(&g).await,
         Command::Usage { days } => usage::run(&g, days).await,

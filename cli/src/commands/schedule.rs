@@ -17,11 +17,13 @@ pub async fn run(g: &Global, cmd: ScheduleCommand) -> Result<(), Failure> {
             prompt,
             conversation,
             to,
+            model,
         } => {
             let r = c
                 .post(
                     "/v1/schedules",
-                    &json!({ "cron": cron, "prompt": prompt, "conversation": conversation, "to": to }),
+                    &json!({ "cron": cron, "prompt": prompt, "conversation": conversation,
+                             "to": to, "model": model }),
                 )
                 .await?;
             if g.json {

@@ -90,6 +90,9 @@ pub enum AskError {
     /// The store could not be read.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The model choice is not `NAME` or `NAME/MODEL`.
+    #[error("bad model choice: {0}")]
+    BadModel(String),
 }
 
 /// A file to attach to a request: a blob already stored on this device, and its name.
@@ -349,6 +352,31 @@ impl Asking {
         request_id: Option<String>,
         files: &[Attach],
     ) -> Result<Asked, AskError> {
+        self.ask_model(prompt, conversation, interface, request_id, files, None)
+            .await
+    }
+
+    /// [`Asking::ask_with`] for a chosen model (`NAME` or `NAME/MODEL`, a provider of
+    /// `iom models list`); `None`: the mesh's default. The answer records which model
+    /// produced it.
+    pub async fn ask_model(
+        &self,
+        prompt: &str,
+        conversation: Option<DocId>,
+        interface: Interface,
+        request_id: Option<String>,
+        files: &[Attach],
+        model: Option<&str>,
+    ) -> Result<Asked, AskError> {
+        let model = model
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(|m| {
+                iom_crdt::ModelChoice::parse(m)
+                    .map(|c| c.to_string())
+                    .map_err(|e| AskError::BadModel(e.to_string()))
+            })
+            .transpose()?;
         let prompt = prompt.trim();
         if prompt.is_empty() {
             return Err(AskError::EmptyPrompt);
@@ -370,7 +398,13 @@ impl Asking {
         let (p, r) = (prompt.to_string(), rid.clone());
         self.conversations
             .modify(doc, move |c, now| {
-                c.append_request_with(&r, &p, interface, &me, &attachments, now)
+                let out = c.append_request_with(&r, &p, interface, &me, &attachments, now)?;
+                if let Some(m) = &model
+                    && out.created
+                {
+                    c.set_request_model(&r, m, now)?;
+                }
+                Ok(out)
             })
             .await?;
         let (agent, queued, note) = match self.role.holder() {
@@ -544,6 +578,33 @@ pub enum RequestEvent {
         /// Failed?
         is_error: bool,
     },
+    /// An approval the run asked for, when it appears and each time its state changes.
+    Approval {
+        /// Approval id (`iom approve ID`).
+        id: String,
+        /// The tool.
+        tool: String,
+        /// Its arguments (JSON text).
+        input: String,
+        /// What the call will touch.
+        touches: Vec<String>,
+        /// `pending`, `approved`, `denied` or `expired`.
+        state: String,
+        /// Unix seconds when an unanswered request is denied.
+        expires_at: i64,
+        /// Why it was decided so.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A file the agent sent to the asking device (a blob).
+    File {
+        /// File name.
+        name: String,
+        /// The blob's SHA-256 (`iom blob get HASH`).
+        hash: String,
+        /// Size in bytes.
+        len: u64,
+    },
     /// A retry notice.
     Retry {
         /// The notice.
@@ -557,9 +618,12 @@ pub enum RequestEvent {
         input_tokens: u64,
         /// Tokens out.
         output_tokens: u64,
-        /// A note (e.g. a limit stopped it).
+        /// A note (e.g. a limit stopped it, or another model answered).
         #[serde(skip_serializing_if = "Option::is_none")]
         note: Option<String>,
+        /// The `provider/model` that produced the answer.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
     },
     /// The request failed.
     Failed {
@@ -629,9 +693,45 @@ pub struct Seen {
     tools_started: usize,
     tools_finished: usize,
     retry: Option<String>,
+    approvals: std::collections::HashMap<String, iom_crdt::approvals::State>,
+    files: usize,
 }
 
 impl Seen {
+    /// The events for approvals and sent files of the request that are new since the last
+    /// call.
+    pub fn extras(
+        &mut self,
+        approvals: &[iom_crdt::ApprovalView],
+        files: &[iom_crdt::SentFile],
+    ) -> Vec<RequestEvent> {
+        let mut out = Vec::new();
+        for a in approvals {
+            if self.approvals.get(&a.id) == Some(&a.state) {
+                continue;
+            }
+            self.approvals.insert(a.id.clone(), a.state);
+            out.push(RequestEvent::Approval {
+                id: a.id.clone(),
+                tool: a.tool.clone(),
+                input: a.input.clone(),
+                touches: a.touches.clone(),
+                state: a.state.name().to_string(),
+                expires_at: a.expires_at,
+                reason: a.reason.clone(),
+            });
+        }
+        for f in files.iter().skip(self.files) {
+            out.push(RequestEvent::File {
+                name: f.name.clone(),
+                hash: f.hash.clone(),
+                len: f.len,
+            });
+        }
+        self.files = self.files.max(files.len());
+        out
+    }
+
     /// The events for what changed in request `req` (and its `reply`, once there) since the
     /// last call.
     pub fn diff(&mut self, req: &MessageView, reply: Option<&MessageView>) -> Vec<RequestEvent> {
@@ -698,6 +798,7 @@ fn diff(seen: &mut Seen, req: &MessageView, reply: Option<&MessageView>) -> Vec<
                     input_tokens: usage.input_tokens,
                     output_tokens: usage.output_tokens,
                     note: req.error.clone(),
+                    model: reply.model.clone(),
                 });
             }
         }
@@ -709,11 +810,19 @@ fn diff(seen: &mut Seen, req: &MessageView, reply: Option<&MessageView>) -> Vec<
     out
 }
 
+/// A request, its last reply, and its approvals and sent files.
+type Snapshot = (
+    MessageView,
+    Option<MessageView>,
+    Vec<iom_crdt::ApprovalView>,
+    Vec<iom_crdt::SentFile>,
+);
+
 async fn snapshot(
     conversations: &Conversations,
     doc: DocId,
     rid: &str,
-) -> Result<(MessageView, Option<MessageView>), FollowError> {
+) -> Result<Snapshot, FollowError> {
     let rid = rid.to_string();
     conversations
         .read(doc, move |c| {
@@ -721,7 +830,13 @@ async fn snapshot(
                 .find_request(&rid)
                 .ok_or_else(|| FollowError::NoRequest(rid.clone()))?;
             let reply = c.replies_to(&rid).into_iter().last();
-            Ok((req, reply))
+            let approvals = iom_crdt::Approvals::open(c.document())
+                .map(|a| a.of_request(&rid))
+                .unwrap_or_default();
+            let files = iom_crdt::Outbox::open(c.document())
+                .map(|o| o.of_request(&rid))
+                .unwrap_or_default();
+            Ok((req, reply, approvals, files))
         })
         .await??
 }
@@ -740,25 +855,14 @@ struct Following {
 impl Following {
     /// Waits for the next change to this document (or polls slowly as a safety net).
     async fn wait_for_change(&mut self) {
-        let doc = self.doc;
-        let changes = &mut self.changes;
-        let _ = tokio::time::timeout(FOLLOW_POLL, async {
-            loop {
-                match changes.recv().await {
-                    Ok(ch) if ch.id == doc => return,
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            }
-        })
-        .await;
+        super::conversations::next_change(&mut self.changes, self.doc, FOLLOW_POLL).await;
     }
 
     async fn look(&mut self) {
         match snapshot(&self.conversations, self.doc, &self.rid).await {
-            Ok((req, reply)) => {
-                let events = diff(&mut self.seen, &req, reply.as_ref());
+            Ok((req, reply, approvals, files)) => {
+                let mut events = self.seen.extras(&approvals, &files);
+                events.extend(diff(&mut self.seen, &req, reply.as_ref()));
                 self.finished = events.iter().any(RequestEvent::is_final);
                 self.queue.extend(events);
             }

@@ -65,6 +65,39 @@ pub fn title_from(prompt: &str) -> String {
     prompt.chars().take(TITLE_CHARS).collect()
 }
 
+/// Every conversation in `docs` with the unix seconds of its last change here, the most
+/// recently changed first.
+pub fn newest_first(docs: &Docs) -> Result<Vec<(DocId, u64)>, DocsError> {
+    let mut convs: Vec<(DocId, u64)> = docs
+        .list()?
+        .into_iter()
+        .filter(|(_, m)| m.kind == DocKind::Conversation.name())
+        .map(|(id, m)| (id, m.updated_at))
+        .collect();
+    convs.sort_by_key(|c| std::cmp::Reverse(c.1));
+    Ok(convs)
+}
+
+/// Waits until `changes` reports a change of `doc` (or a lag, which may have hidden one), or
+/// `poll` passes (a safety net for followers).
+pub async fn next_change(
+    changes: &mut tokio::sync::broadcast::Receiver<crate::docs::DocChanged>,
+    doc: DocId,
+    poll: std::time::Duration,
+) {
+    let _ = tokio::time::timeout(poll, async {
+        loop {
+            match changes.recv().await {
+                Ok(ch) if ch.id == doc => return,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                Err(_) => std::future::pending::<()>().await,
+            }
+        }
+    })
+    .await;
+}
+
 /// Conversation documents over the document service; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Conversations {
@@ -127,6 +160,12 @@ impl Conversations {
             .filter(|(_, m)| m.kind == DocKind::Conversation.name())
             .map(|(id, _)| id)
             .collect())
+    }
+
+    /// Every conversation stored here with the unix seconds of its last change here, the most
+    /// recently changed first.
+    pub fn newest_first(&self) -> Result<Vec<(DocId, u64)>, DocsError> {
+        newest_first(&self.docs)
     }
 
     /// Opens conversation `doc`, runs `f` on it with the time now, and stores the change

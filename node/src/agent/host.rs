@@ -15,6 +15,9 @@ pub enum ToolHostError {
     /// The Docker sandbox cannot be used.
     #[error("the tool sandbox is unavailable: {0} (run `iom sandbox check`)")]
     Sandbox(#[source] SandboxError),
+    /// A file could not be read from the workspace.
+    #[error("{0}")]
+    File(String),
 }
 
 /// Runs the model's tools.
@@ -39,6 +42,22 @@ pub trait ToolHost: Send + Sync {
         name: &'a str,
         bytes: Vec<u8>,
     ) -> BoxFuture<'a, Result<(), ToolHostError>>;
+
+    /// Reads a file of the conversation's workspace (`path` as the tools see it, relative to
+    /// `/workspace`), at most `max` bytes (more is an error). Hosts without a workspace say so.
+    fn read_workspace_file<'a>(
+        &'a self,
+        conversation: &'a str,
+        path: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ToolHostError>> {
+        let _ = (conversation, path, max);
+        Box::pin(async {
+            Err(ToolHostError::File(
+                "this tool host has no workspace".into(),
+            ))
+        })
+    }
 
     /// Gets ready ahead of the first call (connect, clean up leftovers of an earlier run).
     fn prepare(&self) -> BoxFuture<'_, Result<(), ToolHostError>>;

@@ -15,6 +15,15 @@ use super::claude::{
     StreamEvent, Turn,
 };
 
+/// Which model answered, and what the user should be told about how (a fallback).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelReport {
+    /// `provider/model` of the provider that produced the last reply.
+    pub model: Option<String>,
+    /// Sentences for the user, e.g. that the primary was overloaded and another answered.
+    pub notices: Vec<String>,
+}
+
 /// Streams model replies.
 pub trait ModelClient: Send + Sync {
     /// Sends `req` and returns the assembled reply, reporting text deltas and retries to `on`
@@ -30,6 +39,46 @@ pub trait ModelClient: Send + Sync {
     fn accepts(&self) -> super::prompt_files::Accepts {
         super::prompt_files::Accepts::ALL
     }
+
+    /// Which model produced the replies so far, and notices for the user (nothing known by
+    /// default).
+    fn report(&self) -> ModelReport {
+        ModelReport::default()
+    }
+
+    /// The model the next call goes to first (`provider/model` or a bare model name), which
+    /// prices the run's budget; `None` when unknown.
+    fn primary(&self) -> Option<String> {
+        None
+    }
+}
+
+/// The model name in a `provider/model` label (the label itself when it has no provider).
+pub fn model_name(label: &str) -> &str {
+    label.split_once('/').map_or(label, |(_, model)| model)
+}
+
+impl ModelClient for super::openai::OpenAiClient {
+    fn stream<'a>(
+        &'a self,
+        req: &'a MessagesRequest,
+        on: &'a mut (dyn FnMut(StreamEvent) + Send),
+    ) -> BoxFuture<'a, Result<Turn, ClaudeError>> {
+        Box::pin(super::openai::OpenAiClient::stream(self, req, on))
+    }
+
+    fn accepts(&self) -> super::prompt_files::Accepts {
+        // OpenAI-compatible servers take images as `image_url` parts; PDFs stay in the
+        // workspace.
+        super::prompt_files::Accepts {
+            images: true,
+            pdfs: false,
+        }
+    }
+
+    fn primary(&self) -> Option<String> {
+        Some(self.model().to_owned())
+    }
 }
 
 impl ModelClient for ClaudeClient {
@@ -39,6 +88,10 @@ impl ModelClient for ClaudeClient {
         on: &'a mut (dyn FnMut(StreamEvent) + Send),
     ) -> BoxFuture<'a, Result<Turn, ClaudeError>> {
         Box::pin(ClaudeClient::stream(self, req, on))
+    }
+
+    fn primary(&self) -> Option<String> {
+        Some(self.config().model.clone())
     }
 }
 
@@ -57,12 +110,33 @@ pub enum ModelSetupError {
     /// The agent's model settings are invalid.
     #[error("invalid agent configuration: {0}")]
     Config(#[from] ConfigError),
+    /// A configured provider cannot be used.
+    #[error("model provider {provider}: {reason}")]
+    Provider {
+        /// Its name.
+        provider: String,
+        /// Why (never a key).
+        reason: String,
+    },
+    /// The model asked for is not configured.
+    #[error("no model provider {0:?} is configured (see `iom models list`)")]
+    Unknown(String),
 }
 
 /// Makes a model client for a request.
 pub trait ModelFactory: Send + Sync {
-    /// A client ready to use, or why there is none.
+    /// A client for the default model, ready to use, or why there is none.
     fn client(&self) -> Result<Arc<dyn ModelClient>, ModelSetupError>;
+
+    /// A client for the model a request asked for (`NAME` or `NAME/MODEL`; `None`: the
+    /// default), with its fallback chain. By default the choice is ignored.
+    fn client_for<'a>(
+        &'a self,
+        choice: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Arc<dyn ModelClient>, ModelSetupError>> {
+        let _ = choice;
+        Box::pin(async move { self.client() })
+    }
 }
 
 /// Makes [`ClaudeClient`]s from the agent's settings; the key is read on every request.
@@ -84,18 +158,31 @@ pub struct ClaudeFactory {
 
 impl ModelFactory for ClaudeFactory {
     fn client(&self) -> Result<Arc<dyn ModelClient>, ModelSetupError> {
-        let key = ApiKey::from_env_or_file(self.api_key.clone(), self.key_file.as_deref())
-            .map_err(|source| ModelSetupError::NoKey {
-                device: self.device_name.clone(),
-                source,
-            })?;
+        let key = self.key()?;
+        Ok(Arc::new(ClaudeClient::new(self.config(key))?))
+    }
+}
+
+impl ClaudeFactory {
+    /// The client settings for `key`.
+    pub fn config(&self, key: ApiKey) -> ClaudeConfig {
         let mut cfg = ClaudeConfig::new(key)
             .with_model(self.model.clone())
             .with_max_tokens(self.max_tokens);
         if let Some(url) = &self.base_url {
             cfg = cfg.with_base_url(url.clone());
         }
-        Ok(Arc::new(ClaudeClient::new(cfg)?))
+        cfg
+    }
+
+    /// The key from `ANTHROPIC_API_KEY` or the agent's key file.
+    pub fn key(&self) -> Result<ApiKey, ModelSetupError> {
+        ApiKey::from_env_or_file(self.api_key.clone(), self.key_file.as_deref()).map_err(|source| {
+            ModelSetupError::NoKey {
+                device: self.device_name.clone(),
+                source,
+            }
+        })
     }
 }
 

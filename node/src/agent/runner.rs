@@ -37,7 +37,7 @@ use super::compact::{self, Context};
 use super::conversations::Conversations;
 use super::cost::PriceTable;
 use super::host::ToolHost;
-use super::model::ModelFactory;
+use super::model::{ModelFactory, model_name};
 use super::progress::ProgressLog;
 pub use super::progress::apply_progress;
 use super::prompt_files;
@@ -228,6 +228,7 @@ struct Active {
 
 /// The agent runner service (on every node; active only while it holds the role).
 pub struct Runner {
+    gate: super::approvals::Gate,
     conversations: Conversations,
     role: AgentRole,
     config: RunnerConfig,
@@ -267,6 +268,10 @@ impl Runner {
     pub fn new(deps: Deps, config: RunnerConfig) -> Arc<Runner> {
         let (scan_tx, scan_rx) = mpsc::channel(SCAN_QUEUE);
         Arc::new(Runner {
+            gate: super::approvals::Gate::new(
+                Conversations::new(deps.docs.clone(), deps.clock.clone()),
+                deps.trust.clone(),
+            ),
             conversations: Conversations::new(deps.docs, deps.clock.clone()),
             role: AgentRole::new(deps.identity, deps.trust),
             ledger: Ledger::new(deps.store, deps.clock, config.budgets.clone()),
@@ -542,7 +547,7 @@ impl Runner {
                     .await;
             }
         };
-        let client = match self.model.client() {
+        let client = match self.model.client_for(req.model.as_deref()).await {
             Ok(c) => c,
             Err(e) => {
                 return self
@@ -551,12 +556,15 @@ impl Runner {
             }
         };
         let tools = self.tools.definitions();
-        let model = self.config.model.clone();
+        let priced = client
+            .primary()
+            .unwrap_or_else(|| self.config.model.clone());
+        let price = self.config.prices.price(model_name(&priced));
         let budget = match self
             .ledger
             .reserve(&device, device_name.as_deref(), Default::default())
         {
-            Ok(r) => RunBudget::new(r, self.config.prices.price(&model)),
+            Ok(r) => RunBudget::new(r, price),
             Err(e) => return self.refuse(doc, &rid, e).await,
         };
         let (system, ctx) = self.context_for(doc, &rid).await;
@@ -606,18 +614,21 @@ impl Runner {
         let progress = Arc::new(Mutex::new(ProgressLog::default()));
         let (tick_tx, tick_rx) = mpsc::channel::<()>(1);
         let writer = self.write_progress(doc, &rid, progress.clone(), tick_rx);
-        let executor = HostTools {
+        // Every call passes the approval gate; a denied one ends the run (`guard` below).
+        let host = HostTools {
             host: self.tools.as_ref(),
             conversation: doc.to_string(),
         };
+        let executor = super::approvals::Gated::new(&self.gate, host, doc, &rid, &me);
         let limits = Limits {
             max_turns: self.config.max_turns,
             max_tokens: Some(self.config.max_tokens),
             token_budget: None,
         };
+        let reporter = client.clone();
         let run = {
             let progress = progress.clone();
-            let budget = &budget;
+            let (budget, executor) = (&budget, &executor);
             async move {
                 let mut on = move |p: Progress| {
                     lock(&progress).push(p);
@@ -630,7 +641,7 @@ impl Runner {
                     system,
                     history,
                     tools,
-                    &executor,
+                    executor,
                     limits,
                     budget,
                     &mut on,
@@ -638,7 +649,8 @@ impl Runner {
                 .await
             }
         };
-        let (result, ()) = tokio::join!(run, writer);
+        let (result, ()) = tokio::join!(executor.guard(run), writer);
+        let report = reporter.report();
         match result {
             Ok(outcome) => {
                 let streamed = lock(&progress).shown().text.clone();
@@ -667,8 +679,10 @@ impl Runner {
                 let note = stop_note
                     .into_iter()
                     .chain(file_notes)
+                    .chain(report.notices.iter().cloned())
                     .reduce(|a, b| format!("{a}; {b}"));
                 let (rid2, me2) = (rid.clone(), me.clone());
+                let model = report.model.clone();
                 let r = self
                     .conversations
                     .modify(doc, move |c, now| {
@@ -676,7 +690,7 @@ impl Runner {
                             text: &text,
                             tool_calls: &calls,
                             usage,
-                            model: Some(&model),
+                            model: Some(model.as_deref().unwrap_or(&priced)),
                         };
                         c.append_answer(&rid2, &answer, &me2, now)?;
                         c.add_usage_view(&usage, now)?;

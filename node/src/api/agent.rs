@@ -52,6 +52,10 @@ pub struct AskBody {
     /// Files to attach: blobs already stored here (`POST /v1/blobs`), with their names.
     #[serde(default)]
     pub attachments: Vec<crate::agent::ask::Attach>,
+    /// The model to answer with: `NAME` or `NAME/MODEL` (`iom models list`); absent: the
+    /// mesh's default.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 /// Parses an interface name.
@@ -76,12 +80,13 @@ async fn ask_route(
     let interface = parse_interface(body.interface.as_deref())?;
     let asked = ctx
         .asking
-        .ask_with(
+        .ask_model(
             &body.prompt,
             conversation,
             interface,
             body.request_id,
             &body.attachments,
+            body.model.as_deref(),
         )
         .await?;
     Ok(Json(

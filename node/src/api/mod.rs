@@ -8,6 +8,7 @@
 //! - [`ws`]: the WebSocket API (`GET /v1/ws`).
 
 pub mod agent;
+pub mod approvals;
 pub mod backup;
 pub mod body;
 pub mod callbacks;
@@ -17,10 +18,12 @@ pub mod email;
 pub mod error;
 pub mod mesh;
 pub mod metrics;
+pub mod models;
 pub mod routes;
 pub mod schedules;
 pub mod socket_only;
 pub mod tokens;
+pub mod tools;
 pub mod usage;
 pub mod ws;
 

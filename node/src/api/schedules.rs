@@ -52,6 +52,9 @@ pub struct AddBody {
     /// Deliver results by mail too: `email` (the email channel mails them to its owner).
     #[serde(default)]
     pub to: Option<String>,
+    /// The model its requests ask for (`NAME` or `NAME/MODEL`); absent: the mesh's default.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 fn view_json(ctx: &NodeCtx, v: &ScheduleView, raw: Option<&Value>) -> Value {
@@ -130,6 +133,14 @@ async fn add(State(ctx): Ctx, JsonBody(body): JsonBody<AddBody>) -> Result<Json<
             )));
         }
     };
+    let model = match body.model.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(m) => Some(
+            iom_crdt::ModelChoice::parse(m)
+                .map_err(|e| ApiError::bad_request(format!("model: {e}")))?
+                .to_string(),
+        ),
+    };
     let conversation = match body.conversation.as_deref() {
         Some(c) => ctx.asking.conversations().existing(parse_doc_id(c)?)?,
         None => ctx.scheduler.new_conversation(&prompt).await?,
@@ -144,6 +155,9 @@ async fn add(State(ctx): Ctx, JsonBody(body): JsonBody<AddBody>) -> Result<Json<
                 .map_err(ScheduleError::from)
                 .and_then(|mut s| {
                     s.add(&sid, &cron, &prompt, Some(&conv.to_string()), now)?;
+                    if let Some(m) = &model {
+                        s.set_model(&sid, m, now)?;
+                    }
                     match &to {
                         Some(t) => s.set_to(&sid, t, now),
                         None => Ok(()),

@@ -278,9 +278,10 @@ async fn deliver(ctx: Arc<NodeCtx>, mut p: PendingCallback) {
             input_tokens,
             output_tokens,
             note,
+            model,
         }) => json!({
             "request_id": p.request_id, "conversation": p.conversation, "status": "done",
-            "text": text, "note": note,
+            "text": text, "note": note, "model": model,
             "usage": { "input_tokens": input_tokens, "output_tokens": output_tokens },
         }),
         Some(RequestEvent::Failed { error, .. }) => json!({

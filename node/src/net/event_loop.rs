@@ -193,8 +193,9 @@ fn build_memory_swarm(
         .build())
 }
 
-/// Builds the swarm, binds the listen addresses and spawns the event loop into `tasks` (it
-/// ends when `shutdown` turns true or every [`Net`] handle is gone).
+/// Builds the swarm, binds the listen addresses and spawns the event loop into `tasks`; it
+/// runs from [`Net::go_online`] on and ends when `shutdown` turns true or every [`Net`]
+/// handle is gone.
 pub async fn start(
     key: &DeviceKey,
     cfg: NetConfig,
@@ -332,7 +333,12 @@ pub async fn start(
         reannounce: HashMap::new(),
         relay_auths: JoinSet::new(),
     };
+    let (online, mut online_rx) = watch::channel(false);
     tasks.spawn(async move {
+        tokio::select! {
+            r = online_rx.wait_for(|o| *o) => if r.is_err() { return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
@@ -360,6 +366,7 @@ pub async fn start(
         peers,
         events,
         local,
+        online: Arc::new(online),
     })
 }
 

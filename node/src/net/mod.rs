@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use peers::{Link, Peers};
 
@@ -107,6 +107,8 @@ pub struct Net {
     events: broadcast::Sender<NetEvent>,
     /// Our PeerId.
     pub local: PeerId,
+    /// Set once by [`Net::go_online`]: until then the event loop does not run.
+    online: Arc<watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for Net {
@@ -229,6 +231,14 @@ impl Net {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .link(peer)
+    }
+
+    /// Lets the event loop run: inbound connections are taken, dials go out and commands are
+    /// answered from now on. A node calls it once every service has registered its protocols,
+    /// so no peer ever reaches it while a protocol it speaks is still missing (connections
+    /// that arrive earlier wait in the listener's backlog; commands wait in their queue).
+    pub fn go_online(&self) {
+        self.online.send_replace(true);
     }
 
     /// Connected peers.

@@ -384,10 +384,25 @@ impl Store {
     /// Removes chunks that belong to no complete blob (left by interrupted adds), except those
     /// under `keep` (transfers in progress). Returns how many chunks were removed.
     pub fn collect_blob_garbage(&self, keep: &[u64]) -> Result<usize, StoreError> {
+        self.collect_blob_garbage_below(keep, u64::MAX)
+    }
+
+    /// [`Store::collect_blob_garbage`] of the chunks under internal numbers below `below`
+    /// only. Internal numbers only grow ([`Store::new_blob_internal`]), so with `below` taken
+    /// before the sweep starts, adds and transfers that begin while it runs are never touched:
+    /// the sweep can run beside them, off the node's start-up path.
+    pub fn collect_blob_garbage_below(
+        &self,
+        keep: &[u64],
+        below: u64,
+    ) -> Result<usize, StoreError> {
         let mut live: std::collections::HashSet<u64> = keep.iter().copied().collect();
-        for (_, meta) in self.blobs()? {
+        for entry in self.blobs.iter() {
+            let (_, v) = entry?;
+            let meta: BlobMeta = serde_cbor::from_slice(&v).map_err(decode_err("blob meta"))?;
             live.insert(meta.internal);
         }
+        let garbage = |internal: u64| internal < below && !live.contains(&internal);
         let mut removed = 0;
         let dir = std::fs::read_dir(&self.chunk_dir).map_err(file_err(&self.chunk_dir))?;
         for entry in dir.flatten() {
@@ -395,7 +410,7 @@ impl Store {
             let Some(internal) = name.to_str().and_then(|n| u64::from_str_radix(n, 16).ok()) else {
                 continue;
             };
-            if !live.contains(&internal) {
+            if garbage(internal) {
                 let path = entry.path();
                 std::fs::remove_file(&path).map_err(file_err(&path))?;
                 removed += 1;
@@ -406,7 +421,7 @@ impl Store {
             let Some(prefix) = k.get(..8) else { continue };
             let mut internal = [0u8; 8];
             internal.copy_from_slice(prefix);
-            if !live.contains(&u64::from_be_bytes(internal)) {
+            if garbage(u64::from_be_bytes(internal)) {
                 self.blob_chunks.remove(&k)?;
                 removed += 1;
             }
@@ -584,6 +599,28 @@ mod tests {
         assert!(store.chunk_dir.join("README").exists());
         assert_eq!(store.blob_chunk(&id, &meta, 1).unwrap(), vec![4u8]);
         assert_eq!(store.collect_blob_garbage(&[kept_internal]).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_leaves_chunks_numbered_from_its_watermark_on() {
+        let (_dir, store) = temp_store();
+        let mut before = store.blob_writer(None).unwrap();
+        before.write(&vec![1u8; CHUNK_SIZE]).unwrap();
+        let before_internal = before.internal;
+        drop(before);
+        let below = store.new_blob_internal().unwrap();
+        // An add that began after the sweep took its watermark (it is still writing).
+        let mut during = store.blob_writer(None).unwrap();
+        during.write(&vec![2u8; CHUNK_SIZE]).unwrap();
+        assert!(during.internal > below);
+        assert_eq!(store.collect_blob_garbage_below(&[], below).unwrap(), 1);
+        assert!(!store.chunk_path(before_internal).exists());
+        assert!(store.chunk_path(during.internal).exists());
+        let (id, meta) = during.finish().await.unwrap();
+        assert_eq!(
+            store.blob_chunk(&id, &meta, 0).unwrap(),
+            vec![2u8; CHUNK_SIZE]
+        );
     }
 
     #[tokio::test]

@@ -399,7 +399,20 @@ impl<N: BlobNet> Blobs<N> {
         else {
             return false;
         };
-        self.collect_garbage();
+        // The sweep reads every blob's record: off the start-up path, beside everything else
+        // (it leaves what begins after it started alone).
+        match self.store.new_blob_internal() {
+            Ok(below) => {
+                let this = self.clone();
+                self.spawn(async move {
+                    let swept = tokio::task::spawn_blocking(move || this.collect_garbage(below));
+                    if swept.await.is_err() {
+                        tracing::warn!("the blob garbage sweep panicked");
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot collect blob garbage"),
+        }
         if let Some(mut incoming) = self.net.accept_blob_streams() {
             let this = self.clone();
             self.spawn(async move {
@@ -566,8 +579,9 @@ impl<N: BlobNet> Blobs<N> {
     }
 
     /// Removes chunk files left by adds and transfers that were interrupted and will not resume
-    /// (transfers with a progress record are kept, to resume).
-    fn collect_garbage(&self) {
+    /// (transfers with a progress record are kept, to resume), under internal numbers below
+    /// `below` (see [`Store::collect_blob_garbage_below`]).
+    fn collect_garbage(&self, below: u64) {
         let keep: Vec<u64> = self
             .store
             .state_scan(PROGRESS_PREFIX.as_bytes())
@@ -576,7 +590,7 @@ impl<N: BlobNet> Blobs<N> {
             .filter_map(|(_, v)| serde_cbor::from_slice::<Progress>(&v).ok())
             .map(|p| p.internal)
             .collect();
-        match self.store.collect_blob_garbage(&keep) {
+        match self.store.collect_blob_garbage_below(&keep, below) {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "removed chunks of interrupted blob adds"),
             Err(e) => tracing::warn!(error = %e, "cannot collect blob garbage"),
@@ -1773,7 +1787,7 @@ mod tests {
             fake_server(&server.store, Fake::CutAfter(1), &asked),
         );
         assert!(!client.blobs.fetch(id, &[server.peer]).await.unwrap());
-        client.blobs.collect_garbage();
+        client.blobs.collect_garbage(u64::MAX);
         let p: Progress =
             serde_cbor::from_slice(&client.store.state_get(&progress_key(&id)).unwrap().unwrap())
                 .unwrap();

@@ -243,9 +243,11 @@ impl Manager {
 
     /// [`Manager::maybe_open`], attempt `attempt`. A session that ends within
     /// [`QUICK_END`] of opening (one side refused the other's `Hello`, as when a device that
-    /// just joined has not yet switched to the mesh's person) is opened again after
-    /// [`REOPEN_AFTER`], up to [`REOPEN_ATTEMPTS`] times: nothing else would trigger it, since
-    /// the peer stays connected and trust here does not change.
+    /// just joined has not yet switched to the mesh's person), or that cannot be opened at all
+    /// (a peer still starting: its transport is up before its sync protocol is), is opened
+    /// again after [`REOPEN_AFTER`] doubled per attempt, up to [`REOPEN_ATTEMPTS`] times:
+    /// nothing else would trigger it, since the peer stays connected and trust here does not
+    /// change.
     fn maybe_open_attempt(self: &Arc<Self>, peer: PeerId, attempt: u32) {
         let local = self.net.local;
         if !should_open(&self.deps, local, peer) {
@@ -262,17 +264,28 @@ impl Manager {
                 Ok(stream) => {
                     let opened = tokio::time::Instant::now();
                     session::run(this.deps.clone(), peer, stream, Role::Initiator).await;
-                    if opened.elapsed() < QUICK_END
-                        && attempt < REOPEN_ATTEMPTS
-                        && !this.deps.shutdown.is_cancelled()
-                    {
-                        tokio::time::sleep(REOPEN_AFTER).await;
-                        this.maybe_open_attempt(peer, attempt + 1);
+                    if opened.elapsed() < QUICK_END {
+                        this.reopen_later(peer, attempt).await;
                     }
                 }
-                Err(e) => tracing::debug!(%peer, error = %e, "cannot open sync session"),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, attempt, "cannot open sync session");
+                    if this.net.connected_peers().contains(&peer) {
+                        this.reopen_later(peer, attempt).await;
+                    }
+                }
             }
         });
+    }
+
+    /// Waits [`REOPEN_AFTER`] × 2^`attempt`, then opens the session again (attempt
+    /// `attempt + 1`), unless the attempts are used up or the node is stopping.
+    async fn reopen_later(self: &Arc<Self>, peer: PeerId, attempt: u32) {
+        if attempt >= REOPEN_ATTEMPTS || self.deps.shutdown.is_cancelled() {
+            return;
+        }
+        tokio::time::sleep(REOPEN_AFTER * 2u32.pow(attempt)).await;
+        self.maybe_open_attempt(peer, attempt + 1);
     }
 
     /// Ends every session and task, and waits for them: sessions get [`SHUTDOWN_GRACE`] to
@@ -324,10 +337,10 @@ impl Manager {
 /// A session shorter than this was refused rather than ended (see
 /// [`Manager::maybe_open_attempt`]).
 const QUICK_END: std::time::Duration = std::time::Duration::from_secs(2);
-/// How long to wait before opening a refused session again.
+/// How long to wait before opening a refused session again (doubled per attempt).
 const REOPEN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
-/// How many times a refused session is opened again.
-const REOPEN_ATTEMPTS: u32 = 3;
+/// How many times a refused session is opened again (1 + 2 + 4 + 8 s in all).
+const REOPEN_ATTEMPTS: u32 = 4;
 
 fn should_open(deps: &Deps, local: PeerId, peer: PeerId) -> bool {
     if peer == local || deps.registry.has_session(&peer) {

@@ -248,6 +248,14 @@ mod two_nodes {
     }
 
     async fn start(n: u8, person: &PersonKey, devices: &[DeviceKey]) -> TestNode {
+        let node = start_stopped(n, person, devices).await;
+        node.sync.start(CancellationToken::new());
+        node
+    }
+
+    /// A node whose network runs but whose sync manager is not started yet (a node still
+    /// starting up: connections are accepted, `/iom/sync/1` is not).
+    async fn start_stopped(n: u8, person: &PersonKey, devices: &[DeviceKey]) -> TestNode {
         let (dir, store) = crate::store::temp_store();
         let key = &devices[usize::from(n)];
         let docs = Docs::new(
@@ -278,6 +286,7 @@ mod two_nodes {
         )
         .await
         .unwrap();
+        net.go_online();
         let blobs = Arc::new(StoreBlobs::new(
             store.clone(),
             Arc::new(blobs::Blobs::new(
@@ -297,7 +306,6 @@ mod two_nodes {
             Arc::default(),
             SyncConfig::default(),
         ));
-        sync.start(CancellationToken::new());
         TestNode {
             _dir: dir,
             docs,
@@ -357,6 +365,26 @@ mod two_nodes {
             !b.sync.has_session(&a.net.local)
         })
         .await;
+        b.sync.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_whose_sync_protocol_comes_up_after_the_connection_gets_a_session() {
+        let person = PersonKey::from_seed([1; 32]);
+        let devices = [DeviceKey::from_seed([2; 32]), DeviceKey::from_seed([3; 32])];
+        let a = start(0, &person, &devices).await;
+        let b = start_stopped(1, &person, &devices).await;
+        let addrs = b.net.listen_addrs().await;
+        a.net.dial(Some(b.net.local), addrs).await.unwrap();
+        // a's first open is refused (b does not speak /iom/sync/1 yet); b's manager comes up.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        assert!(!a.sync.has_session(&b.net.local));
+        b.sync.start(CancellationToken::new());
+        eventually("a session once b's sync is up", async || {
+            a.sync.has_session(&b.net.local) && b.sync.has_session(&a.net.local)
+        })
+        .await;
+        a.sync.shutdown().await;
         b.sync.shutdown().await;
     }
 }

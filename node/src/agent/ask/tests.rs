@@ -320,7 +320,8 @@ async fn following_streams_status_progress_and_the_answer() {
                 text: "Hello!".into(),
                 input_tokens: 7,
                 output_tokens: 3,
-                note: None
+                note: None,
+                model: None,
             },
         ]
     );
@@ -432,7 +433,8 @@ fn diff_reports_only_what_is_new() {
                 text: "abc, done".into(),
                 input_tokens: 0,
                 output_tokens: 0,
-                note: Some("stopped: the turn limit was reached".into())
+                note: Some("stopped: the turn limit was reached".into()),
+                model: None,
             }
         ]
     );

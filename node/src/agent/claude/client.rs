@@ -60,6 +60,8 @@ struct WireRequest<'a> {
     messages: &'a [Message],
     #[serde(skip_serializing_if = "Option::is_none")]
     tools: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<serde_json::Value>,
     stream: bool,
 }
 
@@ -139,16 +141,31 @@ impl ClaudeClient {
         req: &MessagesRequest,
         on: &mut (dyn FnMut(StreamEvent) + Send),
     ) -> Result<Turn, ClaudeError> {
-        let tools = req
+        let mut tools = req
             .tools
             .as_ref()
             .filter(|t| !(t.is_null() || t.as_array().is_some_and(Vec::is_empty)));
+        let forced =
+            tools.and_then(|_| forced_tool_choice(self.cfg.tool_choice.as_deref(), &req.messages));
+        let only = match (forced, tools) {
+            (Some((Some(name), _)), Some(t)) => Some(only_tool(t, name)),
+            _ => None,
+        };
+        if only.is_some() {
+            tools = only.as_ref();
+        }
+        let tool_choice = forced.map(|(name, mode)| match (name, mode) {
+            (Some(name), _) => serde_json::json!({"type": "tool", "name": name}),
+            (None, "required") => serde_json::json!({"type": "any"}),
+            (None, _) => serde_json::json!({"type": "none"}),
+        });
         let wire = WireRequest {
             model: req.model.as_deref().unwrap_or(&self.cfg.model),
             max_tokens: req.max_tokens.unwrap_or(self.cfg.max_tokens),
             system: req.system.as_deref().filter(|s| !s.is_empty()),
             messages: &req.messages,
             tools,
+            tool_choice,
             stream: true,
         };
         let encode =
@@ -246,6 +263,23 @@ impl ClaudeClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
+        if content_type.starts_with("application/json") {
+            // A 200 that carries an error instead of a stream (some proxies do this).
+            let (error_type, message) = read_error_body(resp, timeout).await;
+            let status = match error_type.as_str() {
+                "overloaded_error" => 529,
+                "rate_limit_error" => 429,
+                "authentication_error" => 401,
+                "api_error" | "unknown_error" => 500,
+                _ => 400,
+            };
+            return Err(classify_status(
+                status,
+                error_type,
+                format!("(in a 200 response) {message}"),
+                None,
+            ));
+        }
         if !content_type.starts_with("text/event-stream") {
             return Err(AttemptError::fatal(ClaudeError::Protocol(format!(
                 "expected a text/event-stream response, got content-type {content_type:?}"
@@ -331,7 +365,8 @@ fn with_attempts(err: ClaudeError, attempts: u32) -> ClaudeError {
     }
 }
 
-fn describe_reqwest(e: &reqwest::Error) -> String {
+/// A reqwest error with its chain of causes.
+pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
     use std::error::Error as _;
     let mut msg = e.to_string();
     let mut src = e.source();
@@ -378,6 +413,9 @@ fn classify_status(
     retry_after: Option<Duration>,
 ) -> AttemptError {
     let reason = format!("{status} {error_type}");
+    if is_quota(status, &error_type, &message) {
+        return AttemptError::fatal(ClaudeError::Quota { status, message });
+    }
     match status {
         401 => AttemptError::fatal(ClaudeError::Auth),
         403 => AttemptError::fatal(ClaudeError::PermissionDenied(message)),
@@ -403,6 +441,55 @@ fn classify_status(
             message: format!("{error_type}: {message}"),
         }),
     }
+}
+
+/// Whether a refusal is about credit or quota (which a fallback provider can answer) rather
+/// than the request itself.
+pub(crate) fn is_quota(status: u16, error_type: &str, message: &str) -> bool {
+    if status == 402 {
+        return true;
+    }
+    let text = format!("{error_type} {message}").to_ascii_lowercase();
+    matches!(status, 400 | 403 | 429)
+        && ["credit balance", "insufficient_quota", "quota", "billing"]
+            .iter()
+            .any(|w| text.contains(w))
+}
+
+/// Tool choice for one call under a provider's `tool_choice` setting: the first call of a
+/// request (no tool results yet) is forced, a call after tool results may only answer.
+/// Returns the tool to offer alone (for `tool:NAME`) and the mode (`required`, `none`).
+pub(crate) fn forced_tool_choice<'a>(
+    setting: Option<&'a str>,
+    messages: &[Message],
+) -> Option<(Option<&'a str>, &'static str)> {
+    let setting = setting?;
+    let after_tools = messages
+        .last()
+        .is_some_and(|m| m.content.has_tool_results());
+    if setting == "none" || after_tools {
+        return Some((None, "none"));
+    }
+    if setting == "required" {
+        return Some((None, "required"));
+    }
+    setting
+        .strip_prefix("tool:")
+        .map(|name| (Some(name), "required"))
+}
+
+/// The tool definitions with only tool `name`.
+pub(crate) fn only_tool(tools: &serde_json::Value, name: &str) -> serde_json::Value {
+    let kept: Vec<serde_json::Value> = tools
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    serde_json::Value::Array(kept)
 }
 
 fn classify_stream_error(e: AssembleError) -> AttemptError {

@@ -179,6 +179,8 @@ pub struct ClaudeConfig {
     /// Mark prompt-caching breakpoints in each request ([`super::cache`]). On by default; a
     /// server that speaks the Messages API but rejects `cache_control` needs it off.
     pub prompt_caching: bool,
+    /// A provider's `tool_choice` setting (`required`, `none`, `tool:NAME`); `None`: auto.
+    pub tool_choice: Option<String>,
 }
 
 impl ClaudeConfig {
@@ -195,12 +197,20 @@ impl ClaudeConfig {
             retry_base_delay: Duration::from_millis(500),
             retry_max_delay: Duration::from_secs(60),
             prompt_caching: true,
+            tool_choice: None,
         }
     }
 
     /// Turns prompt-caching breakpoints on or off.
     pub fn with_prompt_caching(mut self, on: bool) -> Self {
         self.prompt_caching = on;
+        self
+    }
+
+    /// Sets the tool choice (`required`, `none`, `tool:NAME`; see
+    /// [`iom_crdt::ProviderEntry::tool_choice`]).
+    pub fn with_tool_choice(mut self, choice: Option<String>) -> Self {
+        self.tool_choice = choice.filter(|c| c != "auto");
         self
     }
 

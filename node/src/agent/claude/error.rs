@@ -87,19 +87,59 @@ pub enum ClaudeError {
         /// The tool whose input was cut off.
         tool: String,
     },
+    /// The account is out of credit or quota (402, or a billing error).
+    #[error("the Anthropic API refused for quota or billing ({status}): {message}")]
+    Quota {
+        /// HTTP status.
+        status: u16,
+        /// The server's message.
+        message: String,
+    },
+    /// An OpenAI-compatible provider failed.
+    #[error(transparent)]
+    Openai(#[from] crate::agent::openai::OpenAiError),
+    /// Every provider of the fallback chain failed (each one's failure, in order).
+    #[error("no model provider could answer: {0}")]
+    NoProvider(String),
 }
 
 impl ClaudeError {
     /// Whether a later retry by the caller may succeed (rate limits, overload, transport).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::RateLimited { .. }
-                | Self::Overloaded { .. }
-                | Self::Server { .. }
-                | Self::Transport(_)
-                | Self::Interrupted { .. }
-        )
+        use crate::agent::openai::Failure;
+        match self {
+            Self::Openai(e) => e.failure() != Failure::Fatal,
+            _ => matches!(
+                self,
+                Self::RateLimited { .. }
+                    | Self::Overloaded { .. }
+                    | Self::Server { .. }
+                    | Self::Transport(_)
+                    | Self::Interrupted { .. }
+                    | Self::NoProvider(_)
+            ),
+        }
+    }
+
+    /// Whether the next provider of a fallback chain should answer instead: overload, quota
+    /// or an unreachable server. Not a rate limit that retries did not fix (the next minute
+    /// will), and not our own mistakes (a bad key, a bad request).
+    pub fn wants_fallback(&self) -> bool {
+        use crate::agent::openai::Failure;
+        match self {
+            Self::Openai(e) => matches!(
+                e.failure(),
+                Failure::Overloaded | Failure::Quota | Failure::Unreachable
+            ),
+            _ => matches!(
+                self,
+                Self::Overloaded { .. }
+                    | Self::Server { .. }
+                    | Self::Transport(_)
+                    | Self::Quota { .. }
+                    | Self::NoProvider(_)
+            ),
+        }
     }
 }
 

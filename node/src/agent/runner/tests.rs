@@ -1311,3 +1311,107 @@ async fn attachments_go_into_the_workspace_before_the_model_runs() {
     );
     assert_eq!(rig.model.calls.load(Ordering::SeqCst), calls);
 }
+
+/// A rig whose model asks for `bash` once and then answers, with `bash` marked `ask`
+/// (waiting `timeout` s), started as the agent, and request `r1` asked.
+async fn approval_rig(timeout: u64) -> (Rig, DocId) {
+    let rig = Rig::new(config(), |n, _| {
+        if n == 0 {
+            Step {
+                tool: Some(("bash".into(), json!({"command": "rm -rf /workspace/old"}))),
+                ..text("cleaning up")
+            }
+        } else {
+            text("done")
+        }
+    })
+    .await;
+    crate::agent::approvals::edit_policy(&rig.mesh.docs, 1, move |s, now| {
+        let rule = iom_crdt::approvals::Rule {
+            tool: "bash".into(),
+            args: None,
+            action: iom_crdt::approvals::Action::Ask,
+        };
+        iom_crdt::approvals::set_rule(s, &rule, now)?;
+        iom_crdt::approvals::set_timeout(s, timeout, now)
+    })
+    .await
+    .unwrap();
+    rig.start_as_agent().await;
+    let doc = rig.ask("r1", "laptop", "clean up").await;
+    (rig, doc)
+}
+
+/// The id of the first pending approval, once it appears (paused time).
+async fn pending_approval(rig: &Rig) -> String {
+    for _ in 0..500 {
+        let now = crate::agent::clock::Clock::now_secs(rig.mesh.clock.as_ref());
+        let found = crate::agent::approvals::list(&rig.mesh.docs, now, false)
+            .await
+            .unwrap();
+        if let Some(f) = found.first() {
+            return f.approval.id.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no approval appeared");
+}
+
+async fn answer_approval(rig: &Rig, by: &SharedIdentity, id: &str, approve: bool) {
+    let d = if approve {
+        iom_crdt::approvals::Decision::Approve
+    } else {
+        iom_crdt::approvals::Decision::Deny
+    };
+    let now = crate::agent::clock::Clock::now_secs(rig.mesh.clock.as_ref());
+    crate::agent::approvals::answer(&rig.mesh.docs, by, &rig.mesh.trust, now, id, d, None)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_approved_call_runs_and_the_request_finishes() {
+    let (rig, doc) = approval_rig(600).await;
+    let laptop = rig.mesh.add_device(true).await;
+    let id = pending_approval(&rig).await;
+    assert_eq!(rig.request(doc, "r1").await.status, Some(Status::Running));
+    assert!(lock(&rig.tools.calls).is_empty(), "ran before the answer");
+    answer_approval(&rig, &laptop, &id, true).await;
+    let req = rig.finished(doc, "r1").await;
+    assert_eq!(req.status, Some(Status::Done), "{req:?}");
+    assert_eq!(lock(&rig.tools.calls).len(), 1);
+    assert_eq!(rig.reply(doc, "r1").await.unwrap().tool_calls.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_denied_call_fails_the_request_without_running() {
+    let (rig, doc) = approval_rig(600).await;
+    let laptop = rig.mesh.add_device(true).await;
+    let id = pending_approval(&rig).await;
+    answer_approval(&rig, &laptop, &id, false).await;
+    let req = rig.finished(doc, "r1").await;
+    assert_eq!(req.status, Some(Status::Failed));
+    let e = req.error.unwrap_or_default();
+    assert!(
+        e.contains(&format!("approval {id} denied by device2")),
+        "{e}"
+    );
+    assert!(lock(&rig.tools.calls).is_empty());
+    // The model was not called again after the denial.
+    assert_eq!(rig.model.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unanswered_call_expires_and_fails_the_request() {
+    let (rig, doc) = approval_rig(60).await;
+    let started = tokio::time::Instant::now();
+    let req = rig.finished(doc, "r1").await;
+    assert_eq!(req.status, Some(Status::Failed));
+    assert!(
+        req.error
+            .unwrap_or_default()
+            .contains("no answer within 60 s: denied")
+    );
+    assert!(started.elapsed() >= Duration::from_secs(60));
+    assert!(lock(&rig.tools.calls).is_empty());
+}

@@ -631,6 +631,11 @@ pub(crate) async fn remove_container(docker: &Docker, id: &str) {
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
         }) => {}
+        // Another task is removing it already (an MCP server stopping at shutdown).
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 409,
+            message,
+        }) if message.contains("already in progress") => {}
         Err(e) => tracing::warn!(container = %id, cause = %e, "could not remove sandbox container"),
     }
 }

@@ -120,6 +120,21 @@ impl ToolHost for DockerHost {
         })
     }
 
+    fn read_workspace_file<'a>(
+        &'a self,
+        conversation: &'a str,
+        path: &'a str,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ToolHostError>> {
+        Box::pin(async move {
+            self.sandbox()
+                .await?
+                .read_bytes(conversation, path, max)
+                .await
+                .map_err(ToolHostError::File)
+        })
+    }
+
     fn prepare(&self) -> BoxFuture<'_, Result<(), ToolHostError>> {
         Box::pin(async move { self.sandbox().await.map(drop) })
     }

@@ -32,6 +32,7 @@
 
 pub mod check;
 pub mod container;
+pub mod debian_image;
 mod exec;
 pub mod host;
 pub mod image;

@@ -291,6 +291,29 @@ impl Sandbox {
         Ok((render(&out, cap, false), false))
     }
 
+    /// The bytes of a file in the conversation's container (read there, never by the host),
+    /// at most `max`; a missing file, a directory or a bigger file is an error for the model.
+    pub(crate) async fn read_bytes(
+        &self,
+        conv: &str,
+        path: &str,
+        max: usize,
+    ) -> Result<Vec<u8>, String> {
+        let arg = arg_path(path).map_err(|ToolFailure(m)| m)?;
+        let script = r#"[ -f "$1" ] && exec cat -- "$1" 2>/dev/null"#;
+        let out = self
+            .exec(conv, sh_script(script, arg), None, max.saturating_add(1))
+            .await
+            .map_err(|e| e.to_string())?;
+        if out.truncated || out.output.len() > max {
+            return Err(format!("{path} is larger than {max} bytes"));
+        }
+        if out.exit_code != Some(0) {
+            return Err(format!("{path} is not a readable file in the workspace"));
+        }
+        Ok(out.output)
+    }
+
     async fn write_bytes(
         &self,
         conv: &str,
@@ -306,13 +329,7 @@ impl Sandbox {
         let out = self
             .exec(
                 conv,
-                vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    script.into(),
-                    "sh".into(),
-                    path.into(),
-                ],
+                sh_script(script, path.into()),
                 Some(data),
                 self.config().output_cap_bytes,
             )
@@ -338,6 +355,17 @@ fn parse<T: for<'de> Deserialize<'de>>(
             "invalid input: {e}; see the input_schema of {tool}"
         ))
     })
+}
+
+/// `/bin/sh -c SCRIPT sh ARG`: the argument reaches the script as `$1`, never as shell text.
+fn sh_script(script: &str, arg: String) -> Vec<String> {
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        script.into(),
+        "sh".into(),
+        arg,
+    ]
 }
 
 /// A path argument that a command cannot mistake for an option.

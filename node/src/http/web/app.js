@@ -85,7 +85,10 @@ async function connect() {
   $("app").hidden = false;
   $("toggle-list").hidden = false;
   try {
-    await Promise.all([loadAgent(), loadConversations(), loadSpend()]);
+    await Promise.all([loadAgent(), loadConversations(), loadSpend(), loadApprovals()]);
+    if (!state.approvalTimer) {
+      state.approvalTimer = setInterval(() => loadApprovals().catch(() => {}), 10000);
+    }
   } catch (e) {
     if (!(e instanceof Unauthorized)) $("chat-error").textContent = e.message;
   }
@@ -151,7 +154,7 @@ async function openConversation(id) {
         bubble.finishTool(tool, t.output, t.is_error);
       }
       bubble.setText(reply.text);
-      bubble.finish(reply.usage, m.error);
+      bubble.finish(reply.usage, m.error, reply.model);
     } else if (m.status === "failed") {
       bubble.fail(m.error || "failed");
     } else {
@@ -203,9 +206,26 @@ function assistantBubble() {
       return [...tools.querySelectorAll('.tool[data-state="running"]')]
         .find((t) => t.querySelector("summary").textContent === `⚙ ${name}`);
     },
-    finish(usage, note) {
+    // An approval card: the exact call, what it touches, and buttons while it is pending.
+    approval(ev) {
+      let card = tools.querySelector(`[data-approval="${CSS.escape(ev.id)}"]`);
+      if (!card) {
+        card = el("li", "approval");
+        card.dataset.approval = ev.id;
+        tools.append(card);
+      }
+      card.replaceChildren(approvalCard(ev));
+      scroll();
+    },
+    file(ev) {
+      const li = el("li", "tool");
+      li.append(el("span", null, `📎 ${ev.name} (${ev.len} bytes) — iom blob get ${ev.hash} -o ${ev.name}`));
+      tools.append(li);
+      scroll();
+    },
+    finish(usage, note, model) {
       root.dataset.state = "done";
-      meta.textContent = [tokens(usage), note].filter(Boolean).join(" · ");
+      meta.textContent = [tokens(usage), model && `by ${model}`, note].filter(Boolean).join(" · ");
     },
     fail(error) {
       root.dataset.state = "failed";
@@ -213,6 +233,56 @@ function assistantBubble() {
       meta.append(el("span", "error", "failed: " + error));
     },
   };
+}
+
+// The body of an approval card (in a request's bubble and in the pending list).
+function approvalCard(a) {
+  const box = el("div", "card");
+  box.dataset.state = a.effective_state || a.state;
+  box.append(el("strong", null, `Approval ${a.id}: ${a.tool}`), el("pre", "input", a.input));
+  const touches = el("ul", "touches");
+  for (const t of a.touches || []) touches.append(el("li", null, t));
+  box.append(touches);
+  if (box.dataset.state === "pending") {
+    const left = Math.max(0, a.expires_at - Math.floor(Date.now() / 1000));
+    box.append(el("div", "muted", `denied automatically in ${Math.ceil(left / 60)} min unless an admin device answers`));
+    const reason = el("input");
+    reason.placeholder = "reason (optional)";
+    const answer = (verb) => async () => {
+      try {
+        await api(`/v1/approvals/${encodeURIComponent(a.id)}/${verb}`, { method: "POST", body: { reason: reason.value || null } });
+        box.dataset.state = verb === "approve" ? "approved" : "denied";
+        box.querySelectorAll("button, input").forEach((b) => b.remove());
+        box.append(el("div", "muted", verb === "approve" ? "approved; the agent runs it" : "denied"));
+        loadApprovals().catch(() => {});
+      } catch (e) {
+        box.append(el("div", "error", e.message));
+      }
+    };
+    const yes = el("button", "primary", "Approve");
+    const no = el("button", null, "Deny");
+    yes.type = no.type = "button";
+    yes.addEventListener("click", answer("approve"));
+    no.addEventListener("click", answer("deny"));
+    box.append(reason, yes, no);
+  } else {
+    box.append(el("div", "muted", [box.dataset.state, a.reason].filter(Boolean).join(": ")));
+  }
+  return box;
+}
+
+// Pending approvals of the whole mesh (this device's copy of every conversation).
+async function loadApprovals() {
+  const r = await api("/v1/approvals");
+  const list = $("approvals");
+  // The open conversation shows its own approvals in its answer.
+  const others = r.approvals.filter((a) => a.conversation !== state.current);
+  list.replaceChildren(...others.map((a) => {
+    const li = el("li", "approval");
+    li.append(approvalCard(a));
+    return li;
+  }));
+  list.hidden = others.length === 0;
 }
 
 // Parses a text/event-stream and calls onEvent(name, data) for each event.
@@ -260,7 +330,9 @@ async function stream(conversation, requestId, bubble) {
         case "tool_started": bubble.addTool(ev.name, ev.input); break;
         case "tool_finished": bubble.finishTool(bubble.runningTool(ev.name), ev.output, ev.is_error); break;
         case "retry": bubble.setStatus("retrying"); break;
-        case "done": bubble.setText(ev.text); bubble.finish(ev, ev.note); finished = true; return false;
+        case "approval": bubble.approval(ev); loadApprovals().catch(() => {}); break;
+        case "file": bubble.file(ev); break;
+        case "done": bubble.setText(ev.text); bubble.finish(ev, ev.note, ev.model); finished = true; return false;
         case "failed": bubble.fail(ev.error); finished = true; return false;
       }
       return true;
@@ -290,6 +362,8 @@ async function send(event) {
   try {
     const body = { prompt, interface: "web" };
     if (state.current) body.conversation = state.current;
+    const model = $("model").value.trim();
+    if (model) body.model = model;
     const asked = await api("/v1/ask", { method: "POST", body });
     $("prompt").value = "";
     if (!state.current) {
