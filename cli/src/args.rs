@@ -89,6 +89,14 @@ pub enum Command {
         /// Make the new device an admin (it can invite and revoke).
         #[arg(long)]
         admin: bool,
+        /// Invite a browser: print an https:// URL (and its QR code) that pairs the browser
+        /// that opens it as a device of the mesh.
+        #[arg(long, conflicts_with = "admin")]
+        web: bool,
+        /// The URL's origin for `--web` (e.g. https://home.example:8443); default: this
+        /// node's HTTPS listener.
+        #[arg(long, value_name = "URL", requires = "web")]
+        url: Option<String>,
     },
     /// Join a mesh with an invite code from one of its admin devices. At a terminal it then
     /// waits for the first sync with a progress bar (Ctrl-C stops waiting, not the sync).
@@ -608,9 +616,22 @@ pub struct NodeRunArgs {
     /// Relay address (/ip4/IP/tcp/PORT/p2p/RELAY_ID); repeatable.
     #[arg(long = "relay", value_name = "ADDR")]
     pub relays: Vec<String>,
-    /// Serve the HTTP API and web page on this address (e.g. 127.0.0.1:8080).
+    /// Serve the HTTP API and web page over plain HTTP on this loopback address (e.g.
+    /// 127.0.0.1:8080).
     #[arg(long, value_name = "IP:PORT")]
     pub http: Option<String>,
+    /// Allow `--http` on a non-loopback address (tokens and sessions then travel in clear).
+    #[arg(long)]
+    pub insecure_http: bool,
+    /// Serve the HTTP API and web page over HTTPS on this address (e.g. 0.0.0.0:8443).
+    #[arg(long, value_name = "IP:PORT")]
+    pub https: Option<String>,
+    /// PEM certificate chain for `--https` (with `--tls-key`); without: self-signed.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for `--https` (with `--tls-cert`).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Do not discover peers on the local network with mDNS.
     #[arg(long)]
     pub no_mdns: bool,

@@ -8,7 +8,10 @@
 //! relays = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3Koo..."]
 //! mdns = true
 //! [http]
-//! listen = "127.0.0.1:8080"            # absent: no HTTP listener
+//! listen = "127.0.0.1:8080"            # absent: no plain HTTP listener (loopback only)
+//! https = "0.0.0.0:8443"               # absent: no HTTPS listener
+//! cert = "/etc/iom/cert.pem"           # with `key`; absent: a self-signed certificate
+//! key = "/etc/iom/key.pem"
 //! [agent]
 //! model = "claude-sonnet-4-5"
 //! [sandbox]
@@ -72,8 +75,18 @@ pub struct RawNetwork {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHttp {
-    /// Address of the HTTP listener. Absent: none.
+    /// Address of the plain HTTP listener. Absent: none.
     pub listen: Option<String>,
+    /// Serve plain HTTP on a non-loopback `listen` address anyway (tokens travel in clear).
+    #[serde(default)]
+    pub insecure: bool,
+    /// Address of the HTTPS listener. Absent: none.
+    pub https: Option<String>,
+    /// PEM certificate chain for HTTPS (with `key`). Absent: a self-signed certificate kept
+    /// in the data dir.
+    pub cert: Option<PathBuf>,
+    /// PEM private key for HTTPS (with `cert`).
+    pub key: Option<PathBuf>,
 }
 
 /// `[agent]`: limits and model settings used when this node holds the agent role.
@@ -238,6 +251,14 @@ pub struct Overrides {
     pub relays: Vec<String>,
     /// `--http`.
     pub http: Option<String>,
+    /// `--insecure-http`: allow plain HTTP on a non-loopback address.
+    pub insecure_http: bool,
+    /// `--https`.
+    pub https: Option<String>,
+    /// `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`.
+    pub tls_key: Option<PathBuf>,
     /// `--no-mdns`.
     pub no_mdns: bool,
     /// `ANTHROPIC_API_KEY`.
@@ -265,8 +286,10 @@ pub struct Config {
     pub relays: Vec<Multiaddr>,
     /// mDNS on or off.
     pub mdns: bool,
-    /// HTTP listener.
+    /// Plain HTTP listener (loopback, unless forced).
     pub http: Option<SocketAddr>,
+    /// HTTPS listener.
+    pub https: Option<HttpsConfig>,
     /// Agent settings.
     pub agent: AgentConfig,
     /// API key from the environment, if any (only used when this node is the agent).
@@ -293,6 +316,15 @@ pub struct Config {
     /// Fault injection for tests (`IOM_FAULT=no-addr-sharing`): do not tell peers where other
     /// devices are (`SyncMsg::Addrs`), so a chain A–B–C stays a chain.
     pub fault_no_addr_sharing: bool,
+}
+
+/// The HTTPS listener's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpsConfig {
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// The user's certificate chain and key (PEM files); `None`: self-signed.
+    pub cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// Why a configuration was refused.
@@ -400,6 +432,47 @@ impl RawConfig {
                     .map_err(|e| invalid("http address", format!("{h:?}: {e} (expected IP:PORT)")))
             })
             .transpose()?;
+        if let Some(addr) = http
+            && !addr.ip().is_loopback()
+            && !(o.insecure_http || self.http.insecure)
+        {
+            return Err(invalid(
+                "http address",
+                format!(
+                    "{addr} is not a loopback address, and plain HTTP would send API tokens and \
+                     sessions in clear on the network; serve HTTPS there with `--https {addr}` \
+                     (`[http] https`), keep plain HTTP on 127.0.0.1, or force it with \
+                     `--insecure-http` (`[http] insecure = true`)"
+                ),
+            ));
+        }
+        let https = o
+            .https
+            .or(self.http.https)
+            .map(|h| {
+                h.parse::<SocketAddr>()
+                    .map_err(|e| invalid("https address", format!("{h:?}: {e} (expected IP:PORT)")))
+            })
+            .transpose()?;
+        let cert = match (o.tls_cert.or(self.http.cert), o.tls_key.or(self.http.key)) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "https certificate",
+                    "give both the certificate and its key (`--tls-cert` and `--tls-key`, or \
+                     `[http] cert` and `key`), or neither for a self-signed certificate"
+                        .into(),
+                ));
+            }
+        };
+        if cert.is_some() && https.is_none() {
+            return Err(invalid(
+                "https certificate",
+                "a certificate is set but no HTTPS address (`--https IP:PORT`)".into(),
+            ));
+        }
+        let https = https.map(|addr| HttpsConfig { addr, cert });
         let mut agent = self.agent;
         if let Some(url) = o.base_url {
             agent.base_url = Some(url);
@@ -495,6 +568,7 @@ impl RawConfig {
             relays,
             mdns: self.network.mdns.unwrap_or(true) && !o.no_mdns,
             http,
+            https,
             agent,
             api_key: o.api_key.filter(|k| !k.trim().is_empty()),
             sandbox: self.sandbox,
@@ -845,13 +919,14 @@ mod tests {
         let raw = RawConfig {
             http: RawHttp {
                 listen: Some("127.0.0.1:8080".into()),
+                ..Default::default()
             },
             ..Default::default()
         };
         let c = validate(raw.clone(), Overrides::default()).unwrap();
         assert_eq!(c.http.unwrap().port(), 8080);
         let o = Overrides {
-            http: Some("0.0.0.0:9".into()),
+            http: Some("127.0.0.2:9".into()),
             ..Default::default()
         };
         assert_eq!(validate(raw, o).unwrap().http.unwrap().port(), 9);
@@ -862,6 +937,74 @@ mod tests {
         let e = validate(RawConfig::default(), o).unwrap_err();
         assert!(e.to_string().contains("(expected IP:PORT)"), "{e}");
         assert_eq!(invalid_field(e), "http address");
+    }
+
+    #[test]
+    fn plain_http_off_loopback_is_refused_unless_forced() {
+        let lan = || Overrides {
+            http: Some("0.0.0.0:8080".into()),
+            ..Default::default()
+        };
+        let e = validate(RawConfig::default(), lan()).unwrap_err();
+        assert!(e.to_string().contains("--https 0.0.0.0:8080"), "{e}");
+        assert!(e.to_string().contains("--insecure-http"), "{e}");
+        let forced = Overrides {
+            insecure_http: true,
+            ..lan()
+        };
+        assert!(
+            validate(RawConfig::default(), forced)
+                .unwrap()
+                .http
+                .is_some()
+        );
+        let raw = RawConfig {
+            http: RawHttp {
+                insecure: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(validate(raw, lan()).unwrap().http.is_some());
+    }
+
+    #[test]
+    fn https_takes_an_address_and_both_or_neither_of_cert_and_key() {
+        let o = Overrides {
+            https: Some("0.0.0.0:8443".into()),
+            ..Default::default()
+        };
+        let c = validate(RawConfig::default(), o.clone()).unwrap();
+        let https = c.https.unwrap();
+        assert_eq!(https.addr.port(), 8443);
+        assert!(https.cert.is_none());
+        let half = Overrides {
+            tls_cert: Some("c.pem".into()),
+            ..o.clone()
+        };
+        let e = validate(RawConfig::default(), half).unwrap_err();
+        assert_eq!(invalid_field(e), "https certificate");
+        let raw = RawConfig {
+            http: RawHttp {
+                cert: Some("c.pem".into()),
+                key: Some("k.pem".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = validate(raw.clone(), o).unwrap();
+        assert_eq!(
+            c.https.unwrap().cert,
+            Some((PathBuf::from("c.pem"), PathBuf::from("k.pem")))
+        );
+        let e = validate(raw, Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("no HTTPS address"), "{e}");
+        let bad = Overrides {
+            https: Some("host:1".into()),
+            ..Default::default()
+        };
+        let e = validate(RawConfig::default(), bad).unwrap_err();
+        assert_eq!(invalid_field(e), "https address");
     }
 
     #[test]

@@ -58,6 +58,24 @@ pub struct NodeCtx {
     pub token_revoked: tokio::sync::broadcast::Sender<String>,
     /// Flips to `true` when the node is shutting down.
     pub shutdown: watch::Receiver<bool>,
+    /// Where the web listeners serve, once they are bound.
+    pub web: std::sync::OnceLock<WebListeners>,
+    /// Browser sessions and their challenges.
+    pub sessions: crate::http::browser::Sessions,
+}
+
+/// The addresses the page and the API are served on (`iom status` shows them; invite URLs
+/// are made from them).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WebListeners {
+    /// `http://IP:PORT/`, if plain HTTP is on.
+    pub http: Option<String>,
+    /// `https://IP:PORT/`, if HTTPS is on.
+    pub https: Option<String>,
+    /// SHA-256 of the HTTPS certificate (`AB:CD:…`).
+    pub fingerprint: Option<String>,
+    /// Whether that certificate is the node's self-signed one.
+    pub self_signed: bool,
 }
 
 impl std::fmt::Debug for NodeCtx {
@@ -111,6 +129,7 @@ impl NodeCtx {
             })).collect::<Vec<_>>(),
             "blob_bytes_pending": self.blobs.pending_bytes(),
             "backup": self.backup_json(),
+            "web": self.web.get(),
         })
     }
 
@@ -379,6 +398,8 @@ impl Node {
             email,
             started: Instant::now(),
             token_revoked: tokio::sync::broadcast::channel(16).0,
+            web: std::sync::OnceLock::new(),
+            sessions: Default::default(),
             shutdown: shutdown_rx,
         });
         let cancel = CancellationToken::new();
@@ -461,6 +482,7 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let data_dir = config.data_dir.clone();
     let http_addr = config.http;
+    let https_config = config.https.clone();
     let node = Node::start(config, TransportKind::Os).await?;
     let ctx = node.ctx().clone();
     let device = ctx.identity.device_id();
@@ -469,6 +491,14 @@ pub async fn run(
     let http_listener = match http_addr {
         Some(addr) => Some(
             crate::http::bind(&ctx, addr)
+                .await
+                .map_err(|e| StartError::Other(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let https_listener = match &https_config {
+        Some(c) => Some(
+            crate::http::bind_https(&ctx, c)
                 .await
                 .map_err(|e| StartError::Other(e.to_string()))?,
         ),
@@ -492,12 +522,40 @@ pub async fn run(
             .await;
     });
 
-    let http_addr = http_listener
+    let mut web = WebListeners {
+        http: http_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| format!("http://{a}/")),
+        ..WebListeners::default()
+    };
+    let mut http_addr = web
+        .http
         .as_ref()
-        .and_then(|l| l.local_addr().ok())
-        .map(|a| format!(", http http://{a}/"))
+        .map(|u| format!(", http {u}"))
         .unwrap_or_default();
+    if let Some((l, material)) = &https_listener
+        && let Ok(a) = axum::serve::Listener::local_addr(l)
+    {
+        let kind = if material.self_signed {
+            "self-signed certificate"
+        } else {
+            "certificate"
+        };
+        http_addr.push_str(&format!(
+            ", https https://{a}/ ({kind} sha256 {})",
+            material.fingerprint
+        ));
+        web.https = Some(format!("https://{a}/"));
+        web.fingerprint = Some(material.fingerprint.clone());
+        web.self_signed = material.self_signed;
+    }
+    let _ = ctx.web.set(web);
+    if http_listener.is_some() || https_listener.is_some() {
+        crate::http::webhook::resume(&ctx);
+    }
     let http = http_listener.map(|l| crate::http::serve(ctx.clone(), l));
+    let https = https_listener.map(|(l, _)| crate::http::serve(ctx.clone(), l));
 
     tracing::info!(
         device = %device,
@@ -515,7 +573,7 @@ pub async fn run(
     node.shutdown_token().cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async move {
         let _ = api.await;
-        if let Some(h) = http {
+        for h in [http, https].into_iter().flatten() {
             let _ = h.await;
         }
     })
@@ -652,6 +710,7 @@ async fn ensure_self_certificate(
         return Ok(());
     }
     let body = iom_protocol::cert::CertBody::Device {
+        kind: None,
         person: identity.person,
         device: me,
         name: name.to_string(),

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{AsyncRead, AsyncWrite, StreamExt};
-use iom_protocol::cert::CertBody;
+use iom_protocol::cert::{CertBody, Certificate, DeviceKind};
 use iom_protocol::frame::{DecodeError, EncodeError};
+use iom_protocol::id::ContentId;
 use iom_protocol::invite::{Invite, pair_proof, verify_pair_proof};
 use iom_protocol::keys::DeviceId;
 use iom_protocol::pair::{JoinRejection, JoinRequest, JoinResponse, MAX_PAIR_MESSAGE_LEN};
@@ -331,7 +332,50 @@ impl Pairing {
         if joiner != req.joiner {
             return Err(JoinRejection::BadProof);
         }
-        let key = invite_key(&req.invite_id);
+        let cert = self
+            .certify(&req.invite_id, joiner, &req.proof, &req.name, None, now)
+            .await?;
+        Ok(JoinResponse::Accepted {
+            device_cert: cert,
+            certs: self.trust.certs(),
+        })
+    }
+
+    /// Admits a browser device (`POST /v1/pair/browser`): the same invite checks and proof as
+    /// [`Pairing`]'s `/iom/pair/1`, with the browser's own public key as the joiner; the
+    /// certificate says [`DeviceKind::Browser`] and is never an admin's.
+    pub async fn admit_browser(
+        &self,
+        invite_id: &ContentId,
+        joiner: DeviceId,
+        proof: &[u8; 32],
+        name: &str,
+    ) -> Result<Certificate, JoinRejection> {
+        let cert = self
+            .certify(
+                invite_id,
+                joiner,
+                proof,
+                name,
+                Some(DeviceKind::Browser),
+                crate::time::now_secs(),
+            )
+            .await?;
+        Ok(cert)
+    }
+
+    /// Checks an invite and the joiner's proof at `now`, marks the invite used (durably) and
+    /// certifies the joiner.
+    async fn certify(
+        &self,
+        invite_id: &ContentId,
+        joiner: DeviceId,
+        proof: &[u8; 32],
+        name: &str,
+        kind: Option<DeviceKind>,
+        now: u64,
+    ) -> Result<Certificate, JoinRejection> {
+        let key = invite_key(invite_id);
         let raw = self
             .store
             .state_get(&key)
@@ -350,7 +394,7 @@ impl Pairing {
         if now >= record.expires_at {
             return Err(JoinRejection::Expired);
         }
-        if !verify_pair_proof(&record.secret, &me, &joiner, &req.proof) {
+        if !verify_pair_proof(&record.secret, &me, &joiner, proof) {
             return Err(JoinRejection::BadProof);
         }
         if !self.trust.state().is_admin(&me) {
@@ -359,7 +403,7 @@ impl Pairing {
         // Mark used, durably, before anything is issued. The compare-and-swap makes two
         // concurrent joins with the same invite race for one success.
         let mut used = record.clone();
-        used.used_by = Some(peer.to_string());
+        used.used_by = Some(joiner.to_string());
         let used_bytes = serde_cbor::to_vec(&used).map_err(|_| JoinRejection::UnknownInvite)?;
         match self.store.state_cas(&key, Some(&raw), Some(used_bytes)) {
             Ok(true) => {}
@@ -371,10 +415,11 @@ impl Pairing {
             .await
             .map_err(|_| JoinRejection::UnknownInvite)?;
         let body = CertBody::Device {
+            kind,
             person,
             device: joiner,
-            name: req.name.clone(),
-            admin: record.admin,
+            name: name.to_string(),
+            admin: record.admin && kind.is_none(),
             issued_at: now,
         };
         let cert = self
@@ -385,11 +430,8 @@ impl Pairing {
             .add(vec![cert.clone()])
             .await
             .map_err(|_| JoinRejection::UnknownInvite)?;
-        tracing::info!(device = %joiner, name = %req.name, admin = record.admin, "device joined");
-        Ok(JoinResponse::Accepted {
-            device_cert: cert,
-            certs: self.trust.certs(),
-        })
+        tracing::info!(device = %joiner, %name, admin = record.admin, kind = kind.map(|k| k.as_str()), "device joined");
+        Ok(cert)
     }
 }
 

@@ -164,6 +164,7 @@ mod tests {
 
     fn by_person(p: &PersonKey, d: u8, admin: bool) -> Certificate {
         let body = CertBody::Device {
+            kind: None,
             person: p.id(),
             device: device(d).id(),
             name: format!("d{d}"),
@@ -175,6 +176,7 @@ mod tests {
 
     fn by_device(p: &PersonKey, signer: u8, d: u8) -> Certificate {
         let body = CertBody::Device {
+            kind: None,
             person: p.id(),
             device: device(d).id(),
             name: format!("d{d}"),

@@ -66,6 +66,23 @@ pub enum CertError {
     WrongPersonKey,
 }
 
+/// A device that is not a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceKind {
+    /// A web browser holding its own key (WebCrypto Ed25519), paired with an invite URL: it
+    /// uses the API of the node that serves its page, with a session, and may not administer.
+    Browser,
+}
+
+impl DeviceKind {
+    /// The kind's name as shown (`browser`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DeviceKind::Browser => "browser",
+        }
+    }
+}
+
 /// What a certificate states. Every statement is about one `device` of one `person`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CertBody {
@@ -81,6 +98,10 @@ pub enum CertBody {
         admin: bool,
         /// Seconds since the Unix epoch, as told by the issuer (informational).
         issued_at: u64,
+        /// What kind of device it is; absent (the encoding of every older certificate) for a
+        /// node. A browser device is never an admin and runs no node.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<DeviceKind>,
     },
     /// `device` holds the agent role for `person` from `epoch` on.
     AgentRole {
@@ -334,6 +355,7 @@ mod tests {
 
     fn device_body(name: &str) -> CertBody {
         CertBody::Device {
+            kind: None,
             person: person().id(),
             device: device(2).id(),
             name: name.into(),

@@ -155,6 +155,7 @@ mod tests {
     fn accepted() -> JoinResponse {
         let person = PersonKey::from_seed([1; 32]);
         let body = CertBody::Device {
+            kind: None,
             person: person.id(),
             device: DeviceKey::from_seed([3; 32]).id(),
             name: "phone".into(),

@@ -97,6 +97,7 @@ fn certificates() -> Vec<Certificate> {
     vec![
         Certificate::issue_by_person(
             CertBody::Device {
+                kind: None,
                 person: person.id(),
                 device: laptop.id(),
                 name: "laptop".into(),

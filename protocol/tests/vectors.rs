@@ -27,6 +27,7 @@ fn certificate_vector() {
         "12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
     );
     let body = CertBody::Device {
+        kind: None,
         person: person.id(),
         device: laptop.id(),
         name: "laptop".into(),

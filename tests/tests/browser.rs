@@ -31,6 +31,11 @@ impl Drop for Browser {
 
 impl Browser {
     async fn start(width: u32, height: u32) -> Result<Browser> {
+        Browser::start_with(width, height, &[]).await
+    }
+
+    /// [`Browser::start`] with extra Chromium flags.
+    async fn start_with(width: u32, height: u32, extra: &[String]) -> Result<Browser> {
         let port = free_port()?;
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
@@ -58,6 +63,9 @@ impl Browser {
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                      "--disable-dev-shm-usage", format!("--window-size={width},{height}")],
         });
+        if let Some(args) = options["args"].as_array_mut() {
+            args.extend(extra.iter().map(|a| json!(a)));
+        }
         if width < 500 {
             // Headless windows are at least 500 px wide: emulate the phone's screen instead.
             options["mobileEmulation"] = json!({ "deviceMetrics": {
@@ -138,6 +146,17 @@ impl Browser {
             "POST",
             "/execute/sync",
             json!({ "script": script, "args": [] }),
+        )
+        .await
+    }
+
+    /// Runs an async script; it ends by calling `arguments[arguments.length - 1]` with the
+    /// result.
+    async fn js_async(&self, script: &str, args: Value) -> Result<Value> {
+        self.call(
+            "POST",
+            "/execute/async",
+            json!({ "script": script, "args": args }),
         )
         .await
     }
@@ -503,6 +522,254 @@ fn web_page_answers_an_approval() {
         assert_eq!(memory["text"], "prefers the page", "{memory}");
         let all = node.json(&["approvals", "--all"])?;
         assert_eq!(all["approvals"][0]["state"], "approved", "{all}");
+        node.assert_no_panic()
+    });
+}
+
+/// The base64 SHA-256 of a PEM certificate's public key (what Chromium's
+/// `--ignore-certificate-errors-spki-list` pins), by `openssl`.
+fn spki_pin(pem: &std::path::Path) -> Result<String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(
+            "openssl x509 -in \"$0\" -pubkey -noout | openssl pkey -pubin -outform der \
+             | openssl dgst -sha256 -binary | openssl base64 -A",
+        )
+        .arg(pem)
+        .output()?;
+    if !out.status.success() {
+        bail!("openssl: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+/// Fetches `path` from the page (with its cookie) and returns the HTTP status.
+async fn page_status(b: &Browser, path: &str) -> Result<u16> {
+    let v = b
+        .js_async(
+            "const done = arguments[arguments.length - 1]; \
+             fetch(arguments[0]).then(r => done(r.status), e => done(String(e)));",
+            json!([path]),
+        )
+        .await?;
+    v.as_u64()
+        .map(|s| s as u16)
+        .ok_or_else(|| anyhow!("fetch {path} failed in the page: {v}"))
+}
+
+/// A node serving HTTPS with its self-signed certificate on a fresh loopback port; returns
+/// it, the port and the certificate's SPKI pin.
+fn https_node() -> Result<(iom_tests::harness::Node, u16, String)> {
+    let mut node = iom_tests::harness::Node::new("home")?;
+    let port = free_port()?;
+    node.args
+        .extend(["--https".to_string(), format!("127.0.0.1:{port}")]);
+    node.start()?;
+    let pin = spki_pin(&node.dir.join("tls/self-signed.pem"))?;
+    Ok((node, port, pin))
+}
+
+/// A phone-sized browser that trusts the certificate with this SPKI pin.
+async fn phone_trusting(pin: &str) -> Result<Browser> {
+    Browser::start_with(
+        390,
+        844,
+        &[format!("--ignore-certificate-errors-spki-list={pin}")],
+    )
+    .await
+}
+
+/// The invite URL's parts: `(origin, secret fragment)`.
+fn web_invite(node: &iom_tests::harness::Node, ttl: &str) -> Result<(String, String)> {
+    let v = node.json(&["invite", "--web", "--ttl", ttl])?;
+    let url = v["url"].as_str().context("no url")?.to_string();
+    assert!(
+        v["code"].as_str().is_some_and(|c| c.starts_with("iom1")),
+        "{v}"
+    );
+    assert!(v["expires"].as_u64().is_some(), "{v}");
+    let (origin, secret) = url
+        .split_once("/pair#")
+        .ok_or_else(|| anyhow!("not a pairing URL: {url}"))?;
+    Ok((origin.to_string(), secret.to_string()))
+}
+
+#[test]
+fn a_browser_pairs_with_an_invite_url_signs_in_and_is_cut_off_when_revoked() {
+    scenario(|| {
+        let rt = runtime()?;
+        let (node, port, pin) = https_node()?;
+        let (origin, secret) = web_invite(&node, "15m")?;
+        assert_eq!(origin, format!("https://127.0.0.1:{port}"));
+        rt.block_on(async {
+            let b = phone_trusting(&pin).await?;
+            // Headless Chromium makes a non-extractable Ed25519 key with WebCrypto.
+            b.goto(&format!("{origin}/pair#{secret}")).await?;
+            b.wait_js(
+                "the pairing form",
+                "return document.body.dataset.state === 'ready'",
+                Duration::from_secs(10),
+            )
+            .await?;
+            assert_eq!(
+                b.js("return location.hash").await?,
+                json!(""),
+                "the secret stays in the address bar"
+            );
+            let name = b.find("#device-name").await?;
+            b.call("POST", &format!("/element/{name}/clear"), json!({}))
+                .await?;
+            b.type_into("#device-name", "Anna's phone").await?;
+            b.screenshot("pair-phone.png").await?;
+            b.click("#pair").await?;
+            let state = b
+                .wait_js(
+                    "pairing",
+                    "const s = document.body.dataset.state; \
+                     return s === 'paired' || s === 'failed' ? s + ' ' + \
+                     document.getElementById('pair-error').textContent : null",
+                    Duration::from_secs(15),
+                )
+                .await?;
+            assert_eq!(state, json!("paired "), "{state}");
+            b.screenshot("pair-done-phone.png").await?;
+            let device = b
+                .js("return document.body.dataset.device")
+                .await?
+                .as_str()
+                .context("no device id")?
+                .to_string();
+            // The browser is a device of the mesh, with its name and kind, never an admin.
+            let entry = node
+                .device_entry(&device)?
+                .ok_or_else(|| anyhow!("{device} not in iom devices"))?;
+            assert_eq!(entry["name"], json!("Anna's phone"), "{entry}");
+            assert_eq!(entry["kind"], json!("browser"), "{entry}");
+            assert_eq!(entry["admin"], json!(false), "{entry}");
+            let table = node.cli(&["devices"])?;
+            assert!(table.contains("Anna's phone") && table.contains("browser"), "{table}");
+            // Its key is not extractable.
+            let extractable = b
+                .js_async(
+                    "const done = arguments[0]; \
+                        iomKey.load().then(k => done([k.privateKey.extractable, \
+                        k.privateKey.algorithm.name]), e => done(String(e)));",
+                    json!([]),
+                )
+                .await?;
+            assert_eq!(extractable, json!([false, "Ed25519"]));
+            // The session (an HttpOnly cookie, invisible to scripts) opens the API.
+            assert_eq!(page_status(&b, "/v1/status").await?, 200);
+            assert_eq!(b.js("return document.cookie").await?, json!(""));
+            // The chat page signs in by itself with the key.
+            b.goto(&format!("{origin}/")).await?;
+            b.wait_js(
+                "the chat after a signed session",
+                "return !document.getElementById('app').hidden",
+                Duration::from_secs(10),
+            )
+            .await?;
+            b.screenshot("chat-paired-phone.png").await?;
+            // A browser may not administer.
+            let v = b
+                .js_async(
+                    "const done = arguments[0]; \
+                        fetch('/v1/invites', {method: 'POST'}).then(r => done(r.status));",
+                    json!([]),
+                )
+                .await?;
+            assert_eq!(v, json!(403));
+            // The used invite URL, opened again, says so.
+            b.goto(&format!("{origin}/pair#{secret}")).await?;
+            b.wait_js("the form", "return document.body.dataset.state === 'ready'", Duration::from_secs(10)).await?;
+            b.click("#pair").await?;
+            let e = b
+                .wait_js(
+                    "the used-invite page",
+                    "return document.body.dataset.state === 'failed' && document.body.dataset.error",
+                    Duration::from_secs(10),
+                )
+                .await?;
+            assert_eq!(e, json!("invite_used"));
+            b.screenshot("pair-used-phone.png").await?;
+            // Revoked: its sessions stop within a second.
+            node.cli(&["devices", "revoke", &device])?;
+            let t0 = Instant::now();
+            loop {
+                if page_status(&b, "/v1/status").await? == 401 {
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(1) {
+                    bail!("the revoked browser still has a session after 1 s");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // And it cannot sign in again.
+            let ok = b
+                .js_async(
+                    "const done = arguments[0]; \
+                        iomKey.login().then(done, e => done(String(e)));",
+                    json!([]),
+                )
+                .await?;
+            assert_eq!(ok, json!(false));
+            b.close().await
+        })?;
+        node.assert_no_panic()
+    });
+}
+
+#[test]
+fn bad_invite_urls_get_a_clear_page_and_change_nothing() {
+    scenario(|| {
+        let rt = runtime()?;
+        let (node, _port, pin) = https_node()?;
+        let (origin, secret) = web_invite(&node, "2s")?;
+        let (_, good) = web_invite(&node, "15m")?;
+        let devices = node.devices()?.len();
+        // Tampered: one character of the secret changed.
+        let mut chars: Vec<char> = good.chars().collect();
+        chars[5] = if chars[5] == 'A' { 'B' } else { 'A' };
+        let tampered: String = chars.into_iter().collect();
+        std::thread::sleep(Duration::from_secs(3));
+        rt.block_on(async {
+            let b = phone_trusting(&pin).await?;
+            for (fragment, want, shot) in [
+                (secret.as_str(), "invite_expired", "pair-expired-phone.png"),
+                (tampered.as_str(), "unknown_invite", "pair-tampered-phone.png"),
+                ("short", "no_invite", "pair-no-invite-phone.png"),
+            ] {
+                b.goto("about:blank").await?;
+                b.goto(&format!("{origin}/pair#{fragment}")).await?;
+                let _ = b
+                    .wait_js(
+                        "the form",
+                        "const s = document.body.dataset.state; return s === 'ready' || s === 'failed'",
+                        Duration::from_secs(10),
+                    )
+                    .await?;
+                if b.js("return document.body.dataset.state").await? == json!("ready") {
+                    b.click("#pair").await?;
+                }
+                let e = b
+                    .wait_js(
+                        "the failure page",
+                        "return document.body.dataset.state === 'failed' && document.body.dataset.error",
+                        Duration::from_secs(10),
+                    )
+                    .await?;
+                assert_eq!(e, json!(want), "{fragment}");
+                let text = b.js("return document.getElementById('pair-error').textContent").await?;
+                assert!(text.as_str().is_some_and(|t| t.len() > 20), "{text}");
+                b.screenshot(shot).await?;
+            }
+            b.close().await
+        })?;
+        assert_eq!(
+            node.devices()?.len(),
+            devices,
+            "a failed pairing added a device"
+        );
         node.assert_no_panic()
     });
 }

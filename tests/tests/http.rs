@@ -1,5 +1,5 @@
 //! The HTTP listener against real `iom` processes: bearer tokens, JSON errors, body limits, the
-//! loopback-only rule without tokens, and webhooks with a real callback receiver that fails
+//! loopback-only rule for plain HTTP, HTTPS with self-signed and provided certificates, and webhooks with a real callback receiver that fails
 //! twice before it accepts.
 
 use std::sync::{Arc, Mutex};
@@ -217,12 +217,22 @@ fn auth_and_clear_json_errors() {
 }
 
 #[test]
-fn non_loopback_bind_needs_a_token() {
+fn plain_http_off_loopback_is_refused_unless_forced_and_then_needs_a_token() {
     scenario(|| {
         let mut n = Node::new("exposed")?;
         let port = free_port()?;
-        n.args
-            .extend(["--http".to_string(), format!("0.0.0.0:{port}")]);
+        let lan = ["--http".to_string(), format!("0.0.0.0:{port}")];
+        n.args.extend(lan.clone());
+        let e = n
+            .start()
+            .err()
+            .ok_or_else(|| anyhow!("served plain HTTP on 0.0.0.0 unforced"))?;
+        let text = format!("{e:#}");
+        assert!(text.contains("not a loopback address"), "{text}");
+        assert!(text.contains(&format!("--https 0.0.0.0:{port}")), "{text}");
+        assert!(text.contains("--insecure-http"), "{text}");
+        // Forced, it still needs a token first.
+        n.args.push("--insecure-http".into());
         let e = n
             .start()
             .err()
@@ -233,12 +243,12 @@ fn non_loopback_bind_needs_a_token() {
             "{text}"
         );
         // With a token (created while serving only the socket), the same bind works.
-        n.args.truncate(n.args.len() - 2);
+        n.args.truncate(n.args.len() - 3);
         n.start()?;
         let (t, _) = token(&n, "lan")?;
         n.stop()?;
-        n.args
-            .extend(["--http".to_string(), format!("0.0.0.0:{port}")]);
+        n.args.extend(lan);
+        n.args.push("--insecure-http".into());
         n.start()?;
         let rt = runtime()?;
         let (s, v) = rt.block_on(call(
@@ -249,6 +259,173 @@ fn non_loopback_bind_needs_a_token() {
         assert_eq!(s, StatusCode::OK, "{v}");
         Ok(())
     });
+}
+
+/// SHA-256 of the first certificate in a PEM file, by `openssl` (not our own code).
+fn openssl_fingerprint(pem: &std::path::Path) -> Result<String> {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(pem)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "openssl x509 failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8(out.stdout)?;
+    text.trim()
+        .split_once('=')
+        .map(|(_, fp)| fp.to_string())
+        .ok_or_else(|| anyhow!("openssl printed {text:?}"))
+}
+
+/// A client that trusts exactly the certificate in `pem`.
+fn pinned_client(pem: &std::path::Path) -> Result<reqwest::Client> {
+    let cert = reqwest::Certificate::from_pem(&std::fs::read(pem)?)?;
+    Ok(reqwest::Client::builder()
+        .tls_certs_only([cert])
+        .timeout(Duration::from_secs(10))
+        .build()?)
+}
+
+#[test]
+fn https_with_a_self_signed_certificate_kept_across_restarts() {
+    scenario(|| {
+        let rt = runtime()?;
+        let mut n = Node::new("tls")?;
+        let port = free_port()?;
+        n.args
+            .extend(["--https".to_string(), format!("127.0.0.1:{port}")]);
+        n.start()?;
+        let (t, _) = token(&n, "phone")?;
+        let web = n.status()?["web"].clone();
+        assert_eq!(
+            web["https"],
+            json!(format!("https://127.0.0.1:{port}/")),
+            "{web}"
+        );
+        assert_eq!(web["self_signed"], json!(true), "{web}");
+        let pem = n.dir.join("tls/self-signed.pem");
+        let fp = openssl_fingerprint(&pem)?;
+        assert_eq!(
+            web["fingerprint"],
+            json!(fp),
+            "the fingerprint shown is the certificate's"
+        );
+        let base = format!("https://127.0.0.1:{port}");
+        let client = pinned_client(&pem)?;
+        let (s, v) = rt.block_on(call(
+            client.get(format!("{base}/v1/status")).bearer_auth(&t),
+        ))?;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let (s, v) = rt.block_on(call(client.get(format!("{base}/v1/status"))))?;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+        let page =
+            rt.block_on(async { client.get(format!("{base}/")).send().await?.text().await })?;
+        assert!(page.contains("<html"), "{page}");
+        // A client that says nothing, and one that speaks plain HTTP to the TLS port, hold
+        // nothing up.
+        let _silent = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        let plain_client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let plain = rt.block_on(async {
+            plain_client
+                .get(format!("http://127.0.0.1:{port}/v1/status"))
+                .send()
+                .await
+        });
+        assert!(plain.is_err(), "plain HTTP got an answer from the TLS port");
+        // A client that does not trust the certificate is refused by its own TLS check.
+        let untrusting =
+            rt.block_on(async { reqwest::Client::new().get(format!("{base}/")).send().await });
+        assert!(
+            untrusting.is_err(),
+            "an unknown self-signed certificate was accepted"
+        );
+        let (s, _) = rt.block_on(call(
+            client.get(format!("{base}/v1/status")).bearer_auth(&t),
+        ))?;
+        assert_eq!(s, StatusCode::OK);
+        // The same certificate after a restart.
+        n.stop()?;
+        n.start()?;
+        assert_eq!(n.status()?["web"]["fingerprint"], json!(fp));
+        n.assert_no_panic()
+    });
+}
+
+#[test]
+fn https_with_the_users_certificate_and_clear_errors_for_bad_files() {
+    scenario(|| {
+        let rt = runtime()?;
+        let mut n = Node::new("own-cert")?;
+        let (cert, key) = (n.dir.join("mine.pem"), n.dir.join("mine.key"));
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "2", "-subj", "/CN=home.example"])
+            .args(["-addext", "subjectAltName=DNS:home.example,IP:127.0.0.1"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()?;
+        ensure_ok(&out)?;
+        let port = free_port()?;
+        let base_args = n.args.clone();
+        let https_args = |key: &std::path::Path| {
+            let mut a = base_args.clone();
+            a.extend([
+                "--https".to_string(),
+                format!("127.0.0.1:{port}"),
+                "--tls-cert".into(),
+                cert.display().to_string(),
+                "--tls-key".into(),
+                key.display().to_string(),
+            ]);
+            a
+        };
+        n.args = https_args(&n.dir.join("missing.key"));
+        let e = n
+            .start()
+            .err()
+            .ok_or_else(|| anyhow!("started with a missing key"))?;
+        assert!(format!("{e:#}").contains("missing.key"), "{e:#}");
+        n.args = https_args(&key);
+        n.start()?;
+        let (t, _) = token(&n, "script")?;
+        let web = n.status()?["web"].clone();
+        assert_eq!(web["self_signed"], json!(false), "{web}");
+        assert_eq!(
+            web["fingerprint"],
+            json!(openssl_fingerprint(&cert)?),
+            "{web}"
+        );
+        assert!(!n.dir.join("tls/self-signed.pem").exists());
+        let (s, v) = rt.block_on(call(
+            pinned_client(&cert)?
+                .get(format!("https://127.0.0.1:{port}/v1/status"))
+                .bearer_auth(&t),
+        ))?;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        n.assert_no_panic()
+    });
+}
+
+fn ensure_ok(out: &std::process::Output) -> Result<()> {
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
 }
 
 /// What the receiver saw: `(status it answered, body, x-iom-request-id)` per POST.
@@ -535,5 +712,145 @@ fn a_given_up_callback_is_listed_and_can_be_retried() {
             assert!(err.contains("no webhook callback"), "{err}");
         }
         node.assert_no_panic()
+    });
+}
+
+#[test]
+fn browser_pairing_and_sessions_refuse_forged_and_replayed_signatures() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use iom_node::http::browser::{pair_message, session_message};
+    use iom_protocol::keys::{DeviceId, DeviceKey};
+    scenario(|| {
+        let rt = runtime()?;
+        let mut n = Node::new("home")?;
+        let port = free_port()?;
+        n.args
+            .extend(["--https".to_string(), format!("127.0.0.1:{port}")]);
+        n.start()?;
+        let client = pinned_client(&n.dir.join("tls/self-signed.pem"))?;
+        let base = format!("https://127.0.0.1:{port}");
+        let v = n.json(&["invite", "--web"])?;
+        let url = v["url"].as_str().context("no url")?;
+        let secret: [u8; 32] = B64
+            .decode(url.split_once('#').context("no fragment")?.1)?
+            .try_into()
+            .map_err(|_| anyhow!("the secret is not 32 bytes"))?;
+        let (s, info) = rt.block_on(call(client.get(format!("{base}/v1/pair/info"))))?;
+        assert_eq!(s, StatusCode::OK, "{info}");
+        let inviter: [u8; 32] = B64
+            .decode(info["inviter"].as_str().context("no inviter")?)?
+            .try_into()
+            .map_err(|_| anyhow!("bad inviter"))?;
+        let inviter = DeviceId::from_bytes(inviter)?;
+        let key = DeviceKey::from_seed([7; 32]);
+        let invite = iom_protocol::invite::invite_id(&secret);
+        let proof = iom_protocol::invite::pair_proof(&secret, &inviter, &key.id());
+        let pair = |sig: [u8; 64], proof: [u8; 32]| {
+            client.post(format!("{base}/v1/pair/browser")).json(&json!({
+                "invite": invite.to_string(),
+                "key": B64.encode(key.id().as_bytes()),
+                "name": "tablet",
+                "proof": B64.encode(proof),
+                "signature": B64.encode(sig),
+            }))
+        };
+        // A signature by another key, and a wrong proof, are refused and use nothing up.
+        let other = DeviceKey::from_seed([8; 32]);
+        let (s, v) = rt.block_on(call(pair(
+            other.sign(&pair_message(&invite, &proof)),
+            proof,
+        )))?;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::FORBIDDEN, "bad_signature"),
+            "{v}"
+        );
+        let wrong = [0u8; 32];
+        let (s, v) = rt.block_on(call(pair(key.sign(&pair_message(&invite, &wrong)), wrong)))?;
+        assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "bad_proof"), "{v}");
+        let (s, v) = rt.block_on(call(pair(key.sign(&pair_message(&invite, &proof)), proof)))?;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["kind"], json!("browser"));
+        let (s, v) = rt.block_on(call(pair(key.sign(&pair_message(&invite, &proof)), proof)))?;
+        assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "invite_used"), "{v}");
+
+        let challenge = || -> Result<[u8; 32]> {
+            let (_, v) = rt.block_on(call(client.get(format!("{base}/v1/session/challenge"))))?;
+            B64.decode(v["challenge"].as_str().context("no challenge")?)?
+                .try_into()
+                .map_err(|_| anyhow!("bad challenge"))
+        };
+        let open = |signer: &DeviceKey, c: &[u8; 32]| {
+            client.post(format!("{base}/v1/session")).json(&json!({
+                "key": B64.encode(key.id().as_bytes()),
+                "challenge": B64.encode(c),
+                "signature": B64.encode(signer.sign(&session_message(c))),
+            }))
+        };
+        // Forged: signed by another key.
+        let c = challenge()?;
+        let (s, v) = rt.block_on(call(open(&other, &c)))?;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::UNAUTHORIZED, "bad_signature"),
+            "{v}"
+        );
+        // A challenge the node never gave.
+        let (s, v) = rt.block_on(call(open(&key, &[9; 32])))?;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::UNAUTHORIZED, "bad_challenge"),
+            "{v}"
+        );
+        // Good, once: the cookie is Secure, HttpOnly and SameSite=Strict.
+        let c = challenge()?;
+        let resp = rt.block_on(async { open(&key, &c).send().await })?;
+        assert_eq!(resp.status().as_u16(), 200);
+        let set = resp
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .context("no cookie")?
+            .to_string();
+        for attr in ["Secure", "HttpOnly", "SameSite=Strict", "Path=/"] {
+            assert!(set.contains(attr), "{set}");
+        }
+        let cookie = set.split(';').next().context("empty cookie")?.to_string();
+        // Replayed: the same challenge and signature again.
+        let (s, v) = rt.block_on(call(open(&key, &c)))?;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::UNAUTHORIZED, "bad_challenge"),
+            "{v}"
+        );
+        // The cookie opens the API, not the admin routes; a made-up cookie opens nothing.
+        let with = |path: &str, cookie: &str| {
+            client
+                .get(format!("{base}{path}"))
+                .header("cookie", cookie.to_string())
+        };
+        let (s, v) = rt.block_on(call(with("/v1/status", &cookie)))?;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let (s, _) = rt.block_on(call(with("/v1/status", "iom_session=forged")))?;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        let (s, v) = rt.block_on(call(
+            client
+                .post(format!("{base}/v1/invites"))
+                .header("cookie", cookie.clone()),
+        ))?;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+        // Revoked: the session stops at once, and no new one opens.
+        n.cli(&["devices", "revoke", &key.id().to_string()])?;
+        let (s, _) = rt.block_on(call(with("/v1/status", &cookie)))?;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        let c = challenge()?;
+        let (s, v) = rt.block_on(call(open(&key, &c)))?;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::UNAUTHORIZED, "unknown_device"),
+            "{v}"
+        );
+        n.assert_no_panic()
     });
 }

@@ -346,6 +346,7 @@ fn chain_file(dir: &Path, name: &str, certs: &[Vec<u8>]) -> PathBuf {
 
 fn device_cert(person: &PersonKey, device: u8) -> Vec<u8> {
     let body = CertBody::Device {
+        kind: None,
         person: person.id(),
         device: DeviceKey::from_seed([device; 32]).id(),
         name: format!("device-{device}"),

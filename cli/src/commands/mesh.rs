@@ -9,24 +9,43 @@ use crate::Failure;
 use crate::args::DevicesCommand;
 use crate::output;
 
-/// `iom invite`.
-pub async fn invite(g: &Global, ttl: std::time::Duration, admin: bool) -> Result<(), Failure> {
+/// `iom invite`; `web`: `Some(base URL or None)` for a browser invite.
+pub async fn invite(
+    g: &Global,
+    ttl: std::time::Duration,
+    admin: bool,
+    web: Option<Option<String>>,
+) -> Result<(), Failure> {
     let r = g
         .client()?
         .post(
             "/v1/invites",
-            &json!({ "ttl_secs": ttl.as_secs(), "admin": admin }),
+            &json!({
+                "ttl_secs": ttl.as_secs(),
+                "admin": admin,
+                "web": web.is_some(),
+                "web_base": web.clone().flatten(),
+            }),
         )
         .await?;
     if g.json {
-        output::json(&r);
+        if web.is_some() {
+            output::json(&json!({ "code": r["code"], "url": r["url"], "expires": r["expires"] }));
+        } else {
+            output::json(&r);
+        }
         return Ok(());
     }
     let code = output::s(&r, "code");
-    println!(
-        "Invite code (single use, expires {}):\n",
-        output::time(r["expires_at"].as_i64().unwrap_or(0))
-    );
+    let expires = output::time(r["expires_at"].as_i64().unwrap_or(0));
+    if web.is_some() {
+        let url = output::s(&r, "url");
+        println!("Browser invite (single use, expires {expires}): open on the phone or scan\n");
+        println!("  {url}\n");
+        output::qr(url);
+        return Ok(());
+    }
+    println!("Invite code (single use, expires {expires}):\n");
     println!("  {code}\n");
     println!("On the new device run:  iom join {code}\n");
     output::qr(code);
@@ -134,8 +153,8 @@ pub async fn devices(g: &Global, cmd: Option<DevicesCommand>) -> Result<(), Fail
         return Ok(());
     }
     println!(
-        "{:<20} {:<54} {:<6} {:<9} {:<9} LAST SEEN",
-        "NAME", "DEVICE", "ADMIN", "STATUS", "LINK"
+        "{:<20} {:<54} {:<8} {:<6} {:<9} {:<9} LAST SEEN",
+        "NAME", "DEVICE", "KIND", "ADMIN", "STATUS", "LINK"
     );
     for d in r["devices"].as_array().into_iter().flatten() {
         let status = if d["revoked"].as_bool() == Some(true) {
@@ -148,9 +167,10 @@ pub async fn devices(g: &Global, cmd: Option<DevicesCommand>) -> Result<(), Fail
             .map(output::time)
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<20} {:<54} {:<6} {:<9} {:<9} {}",
+            "{:<20} {:<54} {:<8} {:<6} {:<9} {:<9} {}",
             output::s(d, "name"),
             output::s(d, "device"),
+            output::s(d, "kind"),
             if d["admin"].as_bool() == Some(true) {
                 "yes"
             } else {

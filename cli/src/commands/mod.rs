@@ -70,7 +70,12 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Doc(cmd) => doc::run(&g, cmd).await,
         Command::Blob(cmd) => blob::run(&g, cmd).await,
         Command::Memory(cmd) => memory::run(&g, cmd).await,
-        Command::Invite { ttl, admin } => mesh::invite(&g, ttl, admin).await,
+        Command::Invite {
+            ttl,
+            admin,
+            web,
+            url,
+        } => mesh::invite(&g, ttl, admin, web.then_some(url)).await,
         Command::Join {
             code,
             name,

@@ -62,6 +62,7 @@ impl Mesh {
     async fn certify(&self, device: &iom_protocol::keys::DeviceId, name: &str, admin: bool) {
         let cert = crate::identity::issue(
             CertBody::Device {
+                kind: None,
                 person: self.person.id(),
                 device: *device,
                 name: name.into(),

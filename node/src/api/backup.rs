@@ -125,6 +125,7 @@ async fn person_key(
         let cert = ctx
             .identity
             .issue(iom_protocol::cert::CertBody::Device {
+                kind: None,
                 person: ctx.identity.person(),
                 device: me,
                 name,

@@ -35,6 +35,12 @@ struct InviteBody {
     ttl_secs: u64,
     #[serde(default)]
     admin: bool,
+    /// Also make an `https://…/pair#SECRET` URL for a browser.
+    #[serde(default)]
+    web: bool,
+    /// The URL's origin (`https://home.example:8443`); absent: this node's HTTPS listener.
+    #[serde(default)]
+    web_base: Option<String>,
 }
 
 impl Default for InviteBody {
@@ -42,8 +48,42 @@ impl Default for InviteBody {
         InviteBody {
             ttl_secs: default_ttl(),
             admin: false,
+            web: false,
+            web_base: None,
         }
     }
+}
+
+/// The origin a browser on the network reaches this node's HTTPS listener at: the listener's
+/// address, with a wildcard bind replaced by a LAN address of the node.
+async fn web_origin(ctx: &NodeCtx) -> Option<String> {
+    let https = ctx.web.get()?.https.clone()?;
+    let addr: std::net::SocketAddr = https
+        .strip_prefix("https://")?
+        .trim_end_matches('/')
+        .parse()
+        .ok()?;
+    let port = addr.port();
+    let host = if addr.ip().is_unspecified() {
+        ctx.net
+            .listen_addrs()
+            .await
+            .iter()
+            .find_map(|a| match a.iter().next() {
+                Some(libp2p::multiaddr::Protocol::Ip4(ip))
+                    if !ip.is_loopback() && !ip.is_unspecified() =>
+                {
+                    Some(ip.to_string())
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| "127.0.0.1".into())
+    } else if addr.is_ipv6() {
+        format!("[{}]", addr.ip())
+    } else {
+        addr.ip().to_string()
+    };
+    Some(format!("https://{host}:{port}"))
 }
 
 fn default_ttl() -> u64 {
@@ -97,8 +137,31 @@ async fn invite(
     let code = inv
         .encode()
         .map_err(|e| ApiError::internal(e.to_string()))?;
+    let url = if body.web {
+        let base = match body.web_base {
+            Some(b) if b.starts_with("https://") => b.trim_end_matches('/').to_string(),
+            Some(b) => {
+                return Err(ApiError::bad_request(format!(
+                    "{b:?}: the invite URL's base must start with https://"
+                )));
+            }
+            None => web_origin(&ctx).await.ok_or_else(|| {
+                ApiError::bad_request(
+                    "a web invite needs the HTTPS listener (`iom node run --https IP:PORT`) or \
+                     a base URL (`iom invite --web --url https://NAME`)",
+                )
+            })?,
+        };
+        use base64::Engine;
+        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(inv.secret);
+        Some(format!("{base}/pair#{secret}"))
+    } else {
+        None
+    };
     Ok(Json(json!({
         "code": code,
+        "url": url,
+        "expires": inv.expires_at,
         "expires_at": inv.expires_at,
         "admin": inv.admin,
         "inviter": inv.inviter.to_string(),
@@ -132,6 +195,20 @@ pub fn devices_json(ctx: &NodeCtx) -> Value {
     let state = ctx.trust.state();
     let me = ctx.identity().device.id();
     let peers = ctx.net.peers.read().unwrap_or_else(|e| e.into_inner());
+    let certs = ctx.trust.certs();
+    let kind_of = |id: &DeviceId| {
+        certs
+            .iter()
+            .find_map(|c| match c.body() {
+                CertBody::Device {
+                    device,
+                    kind: Some(k),
+                    ..
+                } if device == id => Some(k.as_str()),
+                _ => None,
+            })
+            .unwrap_or("node")
+    };
     let mut rows: Vec<Value> = Vec::new();
     let mut push = |id: &DeviceId, name: &str, admin: bool, revoked: bool| {
         let peer = id.to_peer_id();
@@ -147,6 +224,7 @@ pub fn devices_json(ctx: &NodeCtx) -> Value {
         rows.push(json!({
             "device": id.to_string(),
             "name": name,
+            "kind": kind_of(id),
             "admin": admin,
             "revoked": revoked,
             "this_device": *id == me,
@@ -159,7 +237,6 @@ pub fn devices_json(ctx: &NodeCtx) -> Value {
     for (id, d) in &state.devices {
         push(id, &d.name, d.admin, false);
     }
-    let certs = ctx.trust.certs();
     for id in &state.revoked {
         let name = certs
             .iter()

@@ -457,6 +457,7 @@ fn become_new_device(
         certs.push(
             crate::identity::issue(
                 CertBody::Device {
+                    kind: None,
                     person: identity.person,
                     device: fresh.id(),
                     name,
@@ -541,6 +542,7 @@ mod tests {
         let id = Identity::load(&data).unwrap();
         let cert = crate::identity::issue(
             CertBody::Device {
+                kind: None,
                 person: id.person,
                 device: id.device.id(),
                 name: "home".into(),

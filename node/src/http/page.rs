@@ -9,6 +9,9 @@ use axum::routing::get;
 const INDEX_HTML: &str = include_str!("web/index.html");
 const APP_JS: &str = include_str!("web/app.js");
 const STYLE_CSS: &str = include_str!("web/style.css");
+const KEY_JS: &str = include_str!("web/key.js");
+const PAIR_HTML: &str = include_str!("web/pair.html");
+const PAIR_JS: &str = include_str!("web/pair.js");
 const OPENAPI_YAML: &str = include_str!("../../../docs/openapi.yaml");
 
 /// Content-Security-Policy of the page: only its own script, style and API.
@@ -25,6 +28,18 @@ pub fn routes() -> axum::Router {
         .route(
             "/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/key.js",
+            get(|| async { asset("text/javascript; charset=utf-8", KEY_JS) }),
+        )
+        .route(
+            "/pair",
+            get(|| async { asset("text/html; charset=utf-8", PAIR_HTML) }),
+        )
+        .route(
+            "/pair.js",
+            get(|| async { asset("text/javascript; charset=utf-8", PAIR_JS) }),
         )
         .route(
             "/style.css",

@@ -273,6 +273,7 @@ mod tests {
 
     fn device_cert(person: &PersonKey, device: &DeviceKey, admin: bool) -> Vec<u8> {
         let body = CertBody::Device {
+            kind: None,
             person: person.id(),
             device: device.id(),
             name: "d".into(),
@@ -292,6 +293,7 @@ mod tests {
         let root = device_cert(&person, &laptop, true);
         let by_admin = Certificate::issue_by_device(
             CertBody::Device {
+                kind: None,
                 person: person.id(),
                 device: phone.id(),
                 name: "phone".into(),

@@ -1002,6 +1002,7 @@ mod tests {
 
     fn device_cert(seed: u8) -> Certificate {
         let body = CertBody::Device {
+            kind: None,
             person: person().id(),
             device: device(seed).id(),
             name: format!("d{seed}"),

@@ -235,6 +235,7 @@ mod two_nodes {
     fn cert(person: &PersonKey, device: &DeviceKey) -> Certificate {
         Certificate::issue_by_person(
             CertBody::Device {
+                kind: None,
                 person: person.id(),
                 device: device.id(),
                 name: "test device".into(),

@@ -45,6 +45,7 @@ fn dev(n: u8) -> DeviceId {
 
 fn device_body(n: u8, name: &str, admin: bool) -> CertBody {
     CertBody::Device {
+        kind: None,
         person: person().id(),
         device: dev(n),
         name: name.into(),
@@ -145,6 +146,7 @@ fn chain_must_start_at_the_person_key() {
 fn other_persons_certificates_never_count() {
     let other = other_person();
     let body = CertBody::Device {
+        kind: None,
         person: other.id(),
         device: dev(0),
         name: "x".into(),
@@ -339,6 +341,7 @@ impl Spec {
         let device = dev(self.subject);
         let body = match self.kind {
             0 => CertBody::Device {
+                kind: None,
                 person: owner.id(),
                 device,
                 name: format!("d{}", self.subject),

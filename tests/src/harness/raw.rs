@@ -108,6 +108,7 @@ impl RawPeer {
     pub fn own_certificate(&self) -> Result<Certificate> {
         Certificate::issue_by_person(
             CertBody::Device {
+                kind: None,
                 person: self.person.id(),
                 device: self.device.id(),
                 name: "intruder".into(),

@@ -50,6 +50,8 @@ pub enum Principal {
     Owner,
     /// A bearer token (its record as verified at upgrade).
     Token(TokenRecord),
+    /// A browser device's session.
+    Browser(iom_protocol::keys::DeviceId),
 }
 
 /// The route.
@@ -60,11 +62,13 @@ pub fn routes() -> axum::Router<Arc<NodeCtx>> {
 async fn upgrade(
     State(ctx): State<Arc<NodeCtx>>,
     token: Option<Extension<TokenRecord>>,
+    session: Option<Extension<crate::http::SessionDevice>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let principal = match token {
-        Some(Extension(t)) => Principal::Token(t),
-        None => Principal::Owner,
+    let principal = match (token, session) {
+        (Some(Extension(t)), _) => Principal::Token(t),
+        (None, Some(Extension(s))) => Principal::Browser(s.0),
+        (None, None) => Principal::Owner,
     };
     let mut ws = ws
         .max_message_size(codec::MAX_CLIENT_MESSAGE)
@@ -194,6 +198,7 @@ async fn serve(ctx: Arc<NodeCtx>, socket: WebSocket, principal: Principal) {
     };
     let mut changes = ctx.docs.subscribe();
     let mut revoked = ctx.token_revoked.subscribe();
+    let mut trust = ctx.trust.subscribe();
     let mut shutdown = ctx.shutdown.clone();
     let mut feed = MeshFeed::new(ctx.asking.conversations().clone());
     let mut tick = tokio::time::interval(LOOK_AGAIN);
@@ -216,6 +221,11 @@ async fn serve(ctx: Arc<NodeCtx>, socket: WebSocket, principal: Principal) {
                 // Any revocation (or a lag) makes the socket check its own token again.
                 if r != Err(broadcast::error::RecvError::Closed) && !still_valid(&ctx, &principal) {
                     out.close(Closing::new(close::REVOKED, "the token was revoked"));
+                }
+            }
+            Ok(()) = trust.changed() => {
+                if !still_valid(&ctx, &principal) {
+                    out.close(Closing::new(close::REVOKED, "the device was revoked"));
                 }
             }
             frame = stream.next() => match frame {
@@ -286,6 +296,7 @@ fn read_error(e: &axum::Error) -> Closing {
 fn still_valid(ctx: &NodeCtx, principal: &Principal) -> bool {
     match principal {
         Principal::Owner => true,
+        Principal::Browser(d) => ctx.trust.state().is_trusted(d),
         Principal::Token(t) => match tokens::list(&ctx.store) {
             Ok(all) => all.iter().any(|r| r.id == t.id && r.hash == t.hash),
             Err(e) => {

@@ -9,8 +9,11 @@ const state = { token: localStorage.getItem(TOKEN_KEY) || "", current: null, str
 
 class Unauthorized extends Error {}
 
+// A paired browser has no token: its session cookie goes along by itself.
+const auth = () => (state.token ? { Authorization: "Bearer " + state.token } : {});
+
 async function api(path, options = {}) {
-  const headers = { Authorization: "Bearer " + state.token };
+  const headers = auth();
   if (options.body !== undefined) headers["Content-Type"] = "application/json";
   const resp = await fetch(path, {
     method: options.method || "GET",
@@ -18,7 +21,8 @@ async function api(path, options = {}) {
     body: options.body === undefined ? undefined : JSON.stringify(options.body),
   });
   if (resp.status === 401) {
-    showLogin("That token was refused; paste a valid one.");
+    showLogin(state.token ? "That token was refused; paste a valid one."
+      : "This browser is not allowed here any more (revoked, or its session ended).");
     throw new Unauthorized("unauthorized");
   }
   const body = await resp.json().catch(() => ({}));
@@ -311,7 +315,7 @@ async function stream(conversation, requestId, bubble) {
   state.streaming++;
   try {
     const path = `/v1/conversations/${encodeURIComponent(conversation)}/requests/${encodeURIComponent(requestId)}/events`;
-    const resp = await fetch(path, { headers: { Authorization: "Bearer " + state.token } });
+    const resp = await fetch(path, { headers: auth() });
     if (resp.status === 401) { showLogin("That token was refused; paste a valid one."); return; }
     if (!resp.ok) {
       const body = await resp.json().catch(() => ({}));
@@ -403,5 +407,6 @@ document.addEventListener("DOMContentLoaded", () => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
   });
   $("toggle-list").addEventListener("click", () => $("sidebar").classList.toggle("open"));
-  if (state.token) connect(); else showLogin("");
+  if (state.token) connect();
+  else iomKey.login().then((ok) => (ok ? connect() : showLogin(""))).catch(() => showLogin(""));
 });

@@ -80,6 +80,7 @@ pub(crate) fn device(n: u8) -> DeviceKey {
 fn cert(person: &PersonKey, device: &DeviceKey) -> Certificate {
     Certificate::issue_by_person(
         CertBody::Device {
+            kind: None,
             person: person.id(),
             device: device.id(),
             name: format!("device {}", device.id()),
