@@ -91,7 +91,7 @@ fn approvals_answered_from_another_device_denied_and_expired() {
         phone.start()?;
         laptop.cli(&["join", &home.invite(true)?])?;
         phone.cli(&["join", &home.invite(false)?])?;
-        wait_mesh(&[&home, &laptop, &phone], Duration::from_secs(90))?;
+        wait_mesh(&[&home, &laptop, &phone], Duration::from_secs(30))?;
         let me = home.device_id()?;
         home.cli(&["agent", "assign", &me])?;
         // The policy is set on the laptop and follows the mesh to the agent.

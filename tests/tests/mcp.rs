@@ -314,7 +314,7 @@ fn real_servers_body() -> Result<()> {
     laptop.cli(&["join", &code])?;
     let code = home.invite(false)?;
     phone.cli(&["join", &code])?;
-    wait_mesh(&[&home, &laptop, &phone], Duration::from_secs(90))?;
+    wait_mesh(&[&home, &laptop, &phone], Duration::from_secs(30))?;
     assign_self(&home)?;
 
     // Only admin devices declare servers (a server runs code on the agent node).

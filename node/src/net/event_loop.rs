@@ -352,6 +352,7 @@ pub async fn start(
                     if changed.is_err() { break; }
                     el.cut_revoked();
                     el.persist_trusted_addrs();
+                    el.redial_newly_trusted();
                     el.schedule_relay_reauth();
                 }
                 _ = tick.tick() => el.on_tick(),
@@ -733,6 +734,7 @@ impl EventLoop {
         };
         if changed {
             self.persisted_addrs.remove(&peer);
+            let _ = self.events.send(NetEvent::Addresses(peer));
         }
         if self.is_trusted(&peer) {
             self.persist_addrs(peer, &usable);
@@ -752,6 +754,18 @@ impl EventLoop {
                 self.persisted_addrs.insert(peer);
             }
         }
+    }
+
+    /// After a trust change: a device that was refused or not called while it was not trusted
+    /// yet (it had just joined, and its certificate had not arrived) is called at the next tick
+    /// instead of after the back-off its failed attempts built up.
+    fn redial_newly_trusted(&mut self) {
+        let state = self.trust_state();
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        self.backoff.retain(|p, _| {
+            let waiting = peers.map.get(p).is_none_or(|e| e.conns.is_empty());
+            !(waiting && device_of(p).is_some_and(|d| state.is_trusted(&d)))
+        });
     }
 
     /// After a trust change: a peer whose addresses we learned before it became trusted (a

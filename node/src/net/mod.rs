@@ -40,6 +40,9 @@ pub enum NetEvent {
     Disconnected(PeerId),
     /// A relayed peer now also has a direct connection (hole punch or direct dial).
     Direct(PeerId),
+    /// A peer's listen addresses were learned or changed (identify): devices connected to
+    /// this one can be told, so they reach that peer without waiting for it to call.
+    Addresses(PeerId),
 }
 
 /// Why the event loop could not dial: libp2p's reason, as text (a `DialError` is not `Clone`,

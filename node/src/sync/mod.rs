@@ -167,6 +167,7 @@ impl Manager {
                     // locally, as when a revoked device is cut off), and a session that looks
                     // alive blocks the next one.
                     Ok(NetEvent::Disconnected(peer)) => this.deps.registry.close(&peer),
+                    Ok(NetEvent::Addresses(peer)) => this.share_addresses_of(peer),
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         for peer in this.net.connected_peers() {
@@ -197,8 +198,11 @@ impl Manager {
                 this.broadcast(SyncMsg::Certs {
                     certs: this.deps.trust.certs(),
                 });
+                // A device that just became trusted is connected here (it joined through this
+                // node): the others learn where it is now, not at their next session.
                 for peer in this.net.connected_peers() {
                     this.maybe_open(peer);
+                    this.share_addresses_of(peer);
                 }
             }
         });
@@ -321,6 +325,14 @@ impl Manager {
         broadcast(&self.deps.registry, &msg);
     }
 
+    /// Tells every other session where a trusted device listens, as soon as identify names its
+    /// addresses or the device becomes trusted. Sessions share addresses when they open too, but a device that joins later
+    /// would otherwise be met only if it called first, and its first calls come before the
+    /// others trust it.
+    fn share_addresses_of(&self, peer: PeerId) {
+        share_addresses(&self.deps, peer);
+    }
+
     /// Per-peer progress for `iom status`: documents waiting to be sent to the peer
     /// (`docs_behind`), documents it holds that have not arrived here yet (`docs_incoming`,
     /// meaningful once `compared`: the two inventories have been compared), bytes of blobs it
@@ -362,6 +374,22 @@ fn mark_dirty_everywhere(registry: &Registry, doc: DocId, except: Option<PeerId>
     for s in registry.handles() {
         if Some(s.peer) != except {
             s.mark_dirty(doc);
+        }
+    }
+}
+
+/// Queues `peer`'s addresses (if it is trusted and they are known) in every other session.
+fn share_addresses(deps: &Deps, peer: PeerId) {
+    if !deps.config.share_addrs {
+        return;
+    }
+    let Some(entry) = session::addrs_of(deps, peer) else {
+        return;
+    };
+    let msg = SyncMsg::Addrs { peers: vec![entry] };
+    for s in deps.registry.handles() {
+        if s.peer != peer {
+            s.queue(msg.clone());
         }
     }
 }

@@ -730,12 +730,21 @@ fn garbage_doc_message(deps: &Deps) -> Option<Msg> {
 
 /// Addresses of the other trusted devices the network knows.
 fn known_addrs(deps: &Deps, except: PeerId) -> Vec<PeerAddrs> {
+    trusted_addrs(deps, |p| *p != except)
+}
+
+/// The addresses of one trusted device, if the network knows any.
+pub(crate) fn addrs_of(deps: &Deps, peer: PeerId) -> Option<PeerAddrs> {
+    trusted_addrs(deps, |p| *p == peer).pop()
+}
+
+fn trusted_addrs(deps: &Deps, wanted: impl Fn(&PeerId) -> bool) -> Vec<PeerAddrs> {
     let state = deps.trust.state();
     deps.net
         .known_addresses()
         .into_iter()
         .filter(|(p, addrs)| {
-            *p != except
+            wanted(p)
                 && !addrs.is_empty()
                 && DeviceId::from_peer_id(p).is_ok_and(|d| state.is_trusted(&d))
         })

@@ -748,6 +748,66 @@ async fn known_addresses_go_out_for_other_trusted_devices_only() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_trusted_devices_addresses_go_to_every_other_session_when_learned() {
+    let mut a = node(1, &person(), &[2, 3], FakeBlobs::default()).await;
+    let (laptop, phone, stranger) = (
+        device(2).id().to_peer_id(),
+        device(3).id().to_peer_id(),
+        device(7).id().to_peer_id(),
+    );
+    let addr: Multiaddr = "/ip4/10.0.0.3/tcp/4001".parse().unwrap();
+    a.net = Arc::new(FakeNet {
+        local: Some(a.peer),
+        known: vec![(phone, vec![addr.clone()]), (stranger, vec![addr.clone()])],
+        ..FakeNet::default()
+    });
+    a.deps.net = a.net.clone();
+    let (to_laptop, to_phone) = (
+        SessionHandle::for_test(laptop, a.peer, 1),
+        SessionHandle::for_test(phone, a.peer, 2),
+    );
+    assert!(a.deps.registry.register(a.peer, to_laptop.clone()));
+    assert!(a.deps.registry.register(a.peer, to_phone.clone()));
+    // What each session would send now, as pass-through messages (drained: each call sees
+    // only what was queued since the last).
+    let sent = std::cell::RefCell::new(std::collections::HashMap::<PeerId, Vec<Extra>>::new());
+    let queued = |h: &SessionHandle| {
+        let inv = iom_crdt::Inventory::new();
+        let mut sent = sent.borrow_mut();
+        let out = sent.entry(h.peer).or_default();
+        while let Some(t) = h.shared.lock().poll_transmit(&inv) {
+            if let iom_crdt::session::Transmit::Send(machine::Msg::Other(e)) = t {
+                out.push(e);
+            }
+        }
+        out.clone()
+    };
+
+    crate::sync::share_addresses(&a.deps, phone);
+    let to_laptop_now = queued(&to_laptop);
+    assert_eq!(
+        to_laptop_now.len(),
+        1,
+        "the laptop hears where the phone is"
+    );
+    let Extra::Addrs(peers) = &to_laptop_now[0] else {
+        panic!("expected addresses, got {:?}", to_laptop_now[0]);
+    };
+    assert_eq!(peers[0].peer, phone.to_bytes());
+    assert_eq!(peers[0].addrs, vec![addr.to_string()]);
+    assert!(
+        queued(&to_phone).is_empty(),
+        "the phone is not told about itself"
+    );
+
+    crate::sync::share_addresses(&a.deps, stranger);
+    assert_eq!(queued(&to_laptop).len(), 1, "nothing about a stranger");
+    a.deps.config.share_addrs = false;
+    crate::sync::share_addresses(&a.deps, phone);
+    assert_eq!(queued(&to_laptop).len(), 1, "nothing when sharing is off");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_reconnect_with_persisted_states_syncs_only_what_changed() {
     let a = node(1, &person(), &[2], FakeBlobs::default()).await;
     let b = node(2, &person(), &[1], FakeBlobs::default()).await;
