@@ -123,7 +123,7 @@ async function connect() {
       state.approvalTimer = setInterval(() => loadApprovals().catch(() => {}), 10000);
     }
   } catch (e) {
-    if (!(e instanceof Unauthorized)) $("chat-error").textContent = e.message;
+    report(e);
   }
 }
 
@@ -147,7 +147,10 @@ async function loadConversations() {
     li.append(el("span", "muted", meta));
     li.addEventListener("click", () => {
       $("sidebar").classList.remove("open");
-      openConversation(c.id).catch(report);
+      openConversation(c.id).catch((e) => {
+        if (e instanceof Unreachable) $("chat-error").textContent = "offline, and this conversation was not kept on this device";
+        else report(e);
+      });
     });
     list.append(li);
   }
@@ -645,8 +648,10 @@ function setPicked(files) {
   box.hidden = files.length === 0;
 }
 
+// Shows an error; not a refused token (the login form says it) nor an unreachable node (the
+// header's badge does).
 function report(e) {
-  if (!(e instanceof Unauthorized)) $("chat-error").textContent = e.message;
+  if (!(e instanceof Unauthorized) && !(e instanceof Unreachable)) $("chat-error").textContent = e.message;
 }
 
 document.addEventListener("DOMContentLoaded", () => {

@@ -41,9 +41,9 @@ const iomMarkdown = (() => {
     "\\[([^\\]\\n]*)\\]\\(\\s*<?([^)\\s>]*)>?(?:\\s+\"[^\"]*\")?\\s*\\)", // 3, 4: link
     "(https?:\\/\\/[^\\s<>]*[^\\s<>.,;:!?'\")\\]])", // 5: bare URL
     "\\*\\*(?=\\S)([\\s\\S]*?\\S)\\*\\*", // 6: strong
-    "__(?=\\S)([\\s\\S]*?\\S)__(?![A-Za-z0-9])", // 7: strong
+    "__(?=\\S)([\\s\\S]*?\\S)__(?![A-Za-z0-9_])", // 7: strong
     "\\*(?=[^\\s*])([\\s\\S]*?[^\\s*])\\*", // 8: emphasis
-    "_(?=[^\\s_])([\\s\\S]*?[^\\s_])_(?![A-Za-z0-9])", // 9: emphasis
+    "_(?=[^\\s_])([\\s\\S]*?[^\\s_])_(?![A-Za-z0-9_])", // 9: emphasis
     "~~(?=\\S)([\\s\\S]*?\\S)~~", // 10: strikethrough
     "\\\\([\\\\`*_\\[\\]()#+\\-.!~>|{}])", // 11: escape
   ].join("|"), "g");
@@ -57,7 +57,7 @@ const iomMarkdown = (() => {
     while ((m = INLINE.exec(text)) !== null) {
       const at = m.index, end = INLINE.lastIndex;
       // Intraword underscores (snake_case) are not emphasis.
-      if ((m[7] !== undefined || m[9] !== undefined) && at > 0 && /[A-Za-z0-9]/.test(text[at - 1])) {
+      if ((m[7] !== undefined || m[9] !== undefined) && at > 0 && /[A-Za-z0-9_]/.test(text[at - 1])) {
         INLINE.lastIndex = at + 1;
         continue;
       }

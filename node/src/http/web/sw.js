@@ -11,7 +11,7 @@ const DATA = "iom-data-v1";
 const SHELL_FILES = ["/", "/app.js", "/md.js", "/views.js", "/key.js", "/style.css",
   "/manifest.webmanifest", "/icon.svg", "/icon-192.png", "/icon-512.png"];
 // Read-only API answers kept for offline reading.
-const CACHED_API = /^\/v1\/(conversations(\/[0-9A-Za-z_-]+)?|agent|usage|memory|schedules|devices)$/;
+const CACHED_API = /^\/v1\/(conversations(\/[^/]+)?|agent|usage|memory|schedules|devices)$/;
 // At most this many API answers are kept (oldest dropped first).
 const MAX_DATA = 60;
 
