@@ -1033,7 +1033,7 @@ fn web_page_attaches_files_and_downloads_what_the_agent_sent() {
                 .await?;
             assert_eq!(
                 stored,
-                json!(["📎 photo.png", "📎 note.txt", "📎 copy.txt"]),
+                json!(["↓ photo.png", "↓ note.txt", "↓ copy.txt"]),
                 "{stored}"
             );
             let shown = b

@@ -240,7 +240,7 @@ const IMAGE = /\.(png|jpe?g|gif|webp|avif|bmp)$/i;
 // link), so the link gets its object URL on first use. `local` is a File not uploaded yet.
 function fileChip(name, hash, len, local) {
   const chip = el("span", "chip");
-  const a = el("a", "download", `📎 ${name}`);
+  const a = el("a", "download", `↓ ${name}`);
   a.href = "#";
   a.download = name;
   if (hash) a.dataset.hash = hash;
@@ -637,7 +637,7 @@ function setPicked(files) {
   const box = $("picked");
   box.replaceChildren(...files.map((f, i) => {
     const li = el("li", "chip");
-    li.append(el("span", null, `📎 ${f.name} `), el("span", "muted", size(f.size)));
+    li.append(el("span", null, `${f.name} `), el("span", "muted", size(f.size)));
     const x = el("button", "link", "✕");
     x.type = "button";
     x.setAttribute("aria-label", `remove ${f.name}`);
