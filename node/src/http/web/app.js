@@ -578,24 +578,8 @@ function showQueued(item) {
 // Asks typed while the node could not be reached, in IndexedDB (Files included, so a photo
 // waits too) until they are sent.
 const outbox = (() => {
-  const DB = "iom-outbox", STORE = "asks";
+  const run = idbStore("iom-outbox", "asks", "request_id").run;
   let flushing = null;
-  function open() {
-    return new Promise((resolve, reject) => {
-      const r = indexedDB.open(DB, 1);
-      r.onupgradeneeded = () => r.result.createObjectStore(STORE, { keyPath: "request_id" });
-      r.onsuccess = () => resolve(r.result);
-      r.onerror = () => reject(r.error);
-    });
-  }
-  async function run(mode, f) {
-    const db = await open();
-    return new Promise((resolve, reject) => {
-      const r = f(db.transaction(STORE, mode).objectStore(STORE));
-      r.onsuccess = () => resolve(r.result);
-      r.onerror = () => reject(r.error);
-    });
-  }
   const list = async () => (await run("readonly", (s) => s.getAll())).sort((a, b) => a.at - b.at);
   const add = async (item) => { await run("readwrite", (s) => s.put(item)); badge(); };
   const remove = async (id) => { await run("readwrite", (s) => s.delete(id)); badge(); };
