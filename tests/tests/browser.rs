@@ -879,8 +879,7 @@ fn check_markdown(v: &Value) {
     assert_eq!(v["em"], 1, "{v}");
     assert_eq!(v["inline_code"], json!(["inline <code>"]), "{v}");
     assert_eq!(
-        v["block"],
-        "fn main() {\n    println!(\"<b>not bold</b>\");\n}",
+        v["block"], "fn main() {\n    println!(\"<b>not bold</b>\");\n}",
         "{v}"
     );
     assert_eq!(v["lang"], "rust", "{v}");
@@ -917,7 +916,11 @@ fn web_page_renders_markdown_answers_safely() {
             b.ask("Show me some Markdown.").await?;
             // Streamed, then rendered: checked live and again from the stored conversation.
             let live = b
-                .wait_js("the rendered answer", MARKDOWN_PROBE, Duration::from_secs(30))
+                .wait_js(
+                    "the rendered answer",
+                    MARKDOWN_PROBE,
+                    Duration::from_secs(30),
+                )
                 .await?;
             check_markdown(&live);
             b.screenshot("web-markdown-phone.png").await?;
@@ -957,7 +960,10 @@ fn web_page_attaches_files_and_downloads_what_the_agent_sent() {
         let me = node.device_id()?;
         require_docker(&node.dir);
         let photo = node.dir.join("photo.png");
-        std::fs::write(&photo, include_bytes!("../../node/src/http/web/icon-192.png"))?;
+        std::fs::write(
+            &photo,
+            include_bytes!("../../node/src/http/web/icon-192.png"),
+        )?;
         let note = node.dir.join("note.txt");
         let note_text = "groceries: milk, eggs, bread\n";
         std::fs::write(&note, note_text)?;
@@ -1045,7 +1051,9 @@ fn web_page_attaches_files_and_downloads_what_the_agent_sent() {
         })?;
         // The ask carried the blobs as attachments; the model got the note and the photo.
         let convs = node.json(&["conversations", "list"])?;
-        let id = convs["conversations"][0]["id"].as_str().context("no conversation")?;
+        let id = convs["conversations"][0]["id"]
+            .as_str()
+            .context("no conversation")?;
         let c = node.json(&["conversations", "show", id])?;
         let names: Vec<&str> = c["messages"][0]["attachments"]
             .as_array()
@@ -1090,7 +1098,10 @@ async fn check_download(b: &Browser, name: &str, want: &str) -> Result<()> {
         .await?;
     assert_eq!(got, json!(want), "the download of {name}");
     let href = b.js(&format!("return {sel}.href")).await?;
-    assert!(href.as_str().is_some_and(|h| h.starts_with("blob:")), "{href}");
+    assert!(
+        href.as_str().is_some_and(|h| h.starts_with("blob:")),
+        "{href}"
+    );
     Ok(())
 }
 
@@ -1136,7 +1147,12 @@ fn web_page_works_offline_and_sends_the_queued_ask_on_reconnect() {
                 assert_eq!(i[2], 200, "{i}");
                 assert!(i[4].as_u64().is_some_and(|n| n > 200), "{i}");
             }
-            assert!(icons.iter().any(|i| i[1] == "512x512" && i[3] == "image/png"), "{manifest}");
+            assert!(
+                icons
+                    .iter()
+                    .any(|i| i[1] == "512x512" && i[3] == "image/png"),
+                "{manifest}"
+            );
             // The service worker takes over the page.
             b.wait_js(
                 "the service worker",
@@ -1231,8 +1247,14 @@ fn web_page_works_offline_and_sends_the_queued_ask_on_reconnect() {
         })?;
         // Sent once, into the same conversation.
         let convs = node.json(&["conversations", "list"])?;
-        assert_eq!(convs["conversations"].as_array().map(Vec::len), Some(1), "{convs}");
-        let id = convs["conversations"][0]["id"].as_str().context("no conversation")?;
+        assert_eq!(
+            convs["conversations"].as_array().map(Vec::len),
+            Some(1),
+            "{convs}"
+        );
+        let id = convs["conversations"][0]["id"]
+            .as_str()
+            .context("no conversation")?;
         let c = node.json(&["conversations", "show", id])?;
         let asks: Vec<&str> = c["messages"]
             .as_array()
@@ -1243,7 +1265,11 @@ fn web_page_works_offline_and_sends_the_queued_ask_on_reconnect() {
                     .collect()
             })
             .unwrap_or_default();
-        assert_eq!(asks, ["Remember the milk.", "And the eggs, sent later."], "{c}");
+        assert_eq!(
+            asks,
+            ["Remember the milk.", "And the eggs, sent later."],
+            "{c}"
+        );
         node.assert_no_panic()
     });
 }
