@@ -1009,7 +1009,7 @@ fn web_page_attaches_files_and_downloads_what_the_agent_sent() {
             let chips = b
                 .wait_js(
                     "the request's files",
-                    "const u = document.querySelector('.msg.user:last-of-type'); \
+                    "const u = [...document.querySelectorAll('.msg.user')].pop(); \
                      const img = u && u.querySelector('img.preview'); \
                      return img && img.complete && img.naturalWidth > 0 && \
                         [...u.querySelectorAll('a.download')].map(a => a.dataset.hash)",
