@@ -854,3 +854,94 @@ fn browser_pairing_and_sessions_refuse_forged_and_replayed_signatures() {
         n.assert_no_panic()
     });
 }
+
+/// The page's PWA files load without a token with their types and the page's CSP; every
+/// file the page links is in the service worker's app shell (so it opens offline), and the
+/// PNG icons are the sizes the manifest says.
+#[test]
+fn pwa_files_are_served_and_the_app_shell_is_complete() {
+    scenario(|| {
+        let rt = runtime()?;
+        let (node, base) = http_node("pwa", &[])?;
+        let http = reqwest::Client::new();
+        rt.block_on(async {
+            let get = |path: &str| http.get(format!("{base}{path}")).send();
+            let mut bodies = std::collections::BTreeMap::new();
+            for (path, kind) in [
+                ("/", "text/html"),
+                ("/app.js", "text/javascript"),
+                ("/md.js", "text/javascript"),
+                ("/views.js", "text/javascript"),
+                ("/key.js", "text/javascript"),
+                ("/sw.js", "text/javascript"),
+                ("/style.css", "text/css"),
+                ("/manifest.webmanifest", "application/manifest+json"),
+                ("/icon.svg", "image/svg+xml"),
+                ("/icon-192.png", "image/png"),
+                ("/icon-512.png", "image/png"),
+            ] {
+                let r = get(path).await?;
+                assert_eq!(r.status().as_u16(), 200, "{path}");
+                let h = |n: &str| {
+                    r.headers()
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                assert!(
+                    h("content-type").starts_with(kind),
+                    "{path}: {}",
+                    h("content-type")
+                );
+                let csp = h("content-security-policy");
+                assert!(
+                    csp.contains("script-src 'self'") && csp.contains("manifest-src 'self'"),
+                    "{path}: {csp}"
+                );
+                bodies.insert(path, r.bytes().await?.to_vec());
+            }
+            let text = |p: &str| String::from_utf8_lossy(&bodies[p]).into_owned();
+            // Every script, style sheet, icon and the manifest the page links is in the shell.
+            let (index, sw) = (text("/"), text("/sw.js"));
+            let shell = sw
+                .split_once("const SHELL_FILES = [")
+                .and_then(|(_, rest)| rest.split_once("];"))
+                .map(|(list, _)| list.to_string())
+                .context("no SHELL_FILES in sw.js")?;
+            let mut linked = 0;
+            for attr in ["src=\"", "href=\""] {
+                for part in index.split(attr).skip(1) {
+                    let target = part.split('"').next().unwrap_or("");
+                    if target.starts_with('/') {
+                        linked += 1;
+                        assert!(
+                            shell.contains(&format!("\"{target}\"")),
+                            "{target} is linked by the page but not in the app shell"
+                        );
+                    }
+                }
+            }
+            assert!(linked >= 8, "only {linked} files linked");
+            let manifest: Value = serde_json::from_slice(&bodies["/manifest.webmanifest"])?;
+            assert_eq!(manifest["start_url"], "/");
+            for icon in manifest["icons"].as_array().context("no icons")? {
+                let src = icon["src"].as_str().context("icon without src")?;
+                assert!(
+                    shell.contains(&format!("\"{src}\"")),
+                    "{src} not in the shell"
+                );
+                let sizes = icon["sizes"].as_str().unwrap_or("");
+                if let Some((w, _)) = sizes.split_once('x') {
+                    // PNG: the width is the big-endian u32 at byte 16 of the IHDR chunk.
+                    let png = &bodies[src];
+                    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{src}");
+                    let width = u32::from_be_bytes([png[16], png[17], png[18], png[19]]);
+                    assert_eq!(width.to_string(), w, "{src}");
+                }
+            }
+            anyhow::Ok(())
+        })?;
+        node.assert_no_panic()
+    });
+}

@@ -1,25 +1,45 @@
 // The iom web chat page. Plain JS, no build step. API calls carry the bearer token kept in
-// localStorage; answers stream from the SSE events endpoint read with fetch (EventSource
-// cannot send an Authorization header).
+// localStorage (or a paired browser's session cookie); answers stream from the SSE events
+// endpoint read with fetch (EventSource cannot send an Authorization header) and are rendered
+// as Markdown by md.js (DOM nodes only). Files are attached as blobs; an ask typed while the
+// node is unreachable waits in an IndexedDB outbox and goes out (with its request id, so a
+// retry never runs twice) when it is back. The service worker (sw.js) keeps the app shell
+// and recent answers for offline reading. The other views are in views.js.
 "use strict";
 
 const TOKEN_KEY = "iom.token";
 const $ = (id) => document.getElementById(id);
-const state = { token: localStorage.getItem(TOKEN_KEY) || "", current: null, streaming: 0 };
+const state = { token: localStorage.getItem(TOKEN_KEY) || "", current: null, streaming: 0, picked: [] };
 
 class Unauthorized extends Error {}
+// The node could not be reached (offline, or it is down).
+class Unreachable extends Error {}
 
 // A paired browser has no token: its session cookie goes along by itself.
 const auth = () => (state.token ? { Authorization: "Bearer " + state.token } : {});
 
-async function api(path, options = {}) {
+async function api(path, options = {}, retried = false) {
   const headers = auth();
-  if (options.body !== undefined) headers["Content-Type"] = "application/json";
-  const resp = await fetch(path, {
-    method: options.method || "GET",
-    headers,
-    body: options.body === undefined ? undefined : JSON.stringify(options.body),
-  });
+  const raw = options.raw !== undefined;
+  if (raw) headers["Content-Type"] = "application/octet-stream";
+  else if (options.body !== undefined) headers["Content-Type"] = "application/json";
+  let resp;
+  try {
+    resp = await fetch(path, {
+      method: options.method || "GET",
+      headers,
+      body: raw ? options.raw : options.body === undefined ? undefined : JSON.stringify(options.body),
+    });
+  } catch (e) {
+    setNet(false);
+    throw new Unreachable("the node cannot be reached (offline?)");
+  }
+  // Served by the service worker from its cache: the node is not reachable.
+  setNet(resp.headers.get("x-iom-offline") !== "1");
+  // A paired browser's session ends with a node restart: sign a new challenge once.
+  if (resp.status === 401 && !state.token && !retried && (await iomKey.login().catch(() => false))) {
+    return api(path, options, true);
+  }
   if (resp.status === 401) {
     showLogin(state.token ? "That token was refused; paste a valid one."
       : "This browser is not allowed here any more (revoked, or its session ended).");
@@ -28,6 +48,16 @@ async function api(path, options = {}) {
   const body = await resp.json().catch(() => ({}));
   if (!resp.ok) throw new Error(body.error ? body.error.message : resp.status + " " + resp.statusText);
   return body;
+}
+
+// Shows whether the node answers (the header's badge; the outbox is flushed when it does).
+function setNet(online) {
+  const was = state.online !== false;
+  state.online = online;
+  const n = $("net");
+  n.hidden = online;
+  n.textContent = online ? "" : "offline: saved copies";
+  if (online && !was) outbox.flush().catch(() => {});
 }
 
 function el(tag, cls, text) {
@@ -75,6 +105,7 @@ function summaryBubble(s) {
 function showLogin(message) {
   $("app").hidden = true;
   $("toggle-list").hidden = true;
+  $("tabs").hidden = true;
   $("login").hidden = false;
   $("login-error").textContent = message || "";
   $("token-input").focus();
@@ -84,13 +115,15 @@ async function connect() {
   $("login").hidden = true;
   $("app").hidden = false;
   $("toggle-list").hidden = false;
+  $("tabs").hidden = false;
+  outbox.badge().then(() => outbox.flush()).catch(() => {});
   try {
     await Promise.all([loadAgent(), loadConversations(), loadSpend(), loadApprovals()]);
     if (!state.approvalTimer) {
       state.approvalTimer = setInterval(() => loadApprovals().catch(() => {}), 10000);
     }
   } catch (e) {
-    if (!(e instanceof Unauthorized)) $("chat-error").textContent = e.message;
+    report(e);
   }
 }
 
@@ -114,7 +147,10 @@ async function loadConversations() {
     li.append(el("span", "muted", meta));
     li.addEventListener("click", () => {
       $("sidebar").classList.remove("open");
-      openConversation(c.id).catch(report);
+      openConversation(c.id).catch((e) => {
+        if (e instanceof Unreachable) $("chat-error").textContent = "offline, and this conversation was not kept on this device";
+        else report(e);
+      });
     });
     list.append(li);
   }
@@ -144,7 +180,7 @@ async function openConversation(id) {
   for (const s of c.summaries || []) summaries.set(s.through, s);
   for (const m of c.messages) {
     if (m.role !== "user") continue;
-    box.append(userBubble(m.text));
+    box.append(userBubble(promptText(m.text, m.attachments), m.attachments));
     const reply = replies.get(m.request_id);
     const bubble = assistantBubble();
     box.append(bubble.root);
@@ -153,6 +189,7 @@ async function openConversation(id) {
         const tool = bubble.addTool(t.name, t.input);
         bubble.finishTool(tool, t.output, t.is_error);
       }
+      for (const f of sentFiles(reply)) bubble.file(f);
       bubble.setText(reply.text);
       bubble.finish(reply.usage, m.error, reply.model);
     } else if (m.status === "failed") {
@@ -164,28 +201,112 @@ async function openConversation(id) {
     const summary = summaries.get(m.request_id);
     if (summary) box.append(summaryBubble(summary));
   }
+  // Asks of this conversation still waiting in the outbox.
+  for (const q of await outbox.list().catch(() => [])) {
+    if (q.body.conversation === id) showQueued(q);
+  }
   box.scrollTop = box.scrollHeight;
 }
 
-function userBubble(text) {
+// A request's text without the note the node adds about its attachments (they are shown as
+// chips instead).
+function promptText(text, attachments) {
+  if (!attachments || !attachments.length) return text;
+  const cut = text.lastIndexOf("\n\n[Attached files, readable with your tools:");
+  return cut >= 0 ? text.slice(0, cut) : text;
+}
+
+// A request's bubble; `files` are its attachments ({name, hash, len}), `queued` marks an ask
+// waiting in the outbox.
+function userBubble(text, files, queued) {
   const li = el("li", "msg user");
   li.append(el("div", "text", text));
+  if (files && files.length) {
+    const box = el("div", "files");
+    for (const f of files) box.append(fileChip(f.name, f.hash, f.len, f.file));
+    li.append(box);
+  }
+  if (queued) {
+    li.dataset.queued = "true";
+    li.append(el("div", "meta muted queued", "not sent yet: goes out when the node is reachable"));
+  }
   return li;
+}
+
+const IMAGE = /\.(png|jpe?g|gif|webp|avif|bmp)$/i;
+
+// A file of the conversation: its name and size, a preview for an image, and a download
+// link. Blobs are fetched with the page's credentials (a bearer token cannot ride on a plain
+// link), so the link gets its object URL on first use. `local` is a File not uploaded yet.
+function fileChip(name, hash, len, local) {
+  const chip = el("span", "chip");
+  const a = el("a", "download", `↓ ${name}`);
+  a.href = "#";
+  a.download = name;
+  if (hash) a.dataset.hash = hash;
+  chip.append(a);
+  if (len !== undefined && len !== null) chip.append(el("span", "muted", ` ${size(len)}`));
+  const fetchBlob = async () => {
+    if (local) return local;
+    const resp = await fetch(`/v1/blobs/${encodeURIComponent(hash)}`, { headers: auth() });
+    if (!resp.ok) throw new Error(`${name}: ${resp.status} ${resp.statusText}`);
+    return resp.blob();
+  };
+  const ready = async () => {
+    if (a.iomBlob) return;
+    a.iomBlob = await fetchBlob();
+    a.href = URL.createObjectURL(a.iomBlob);
+    a.dataset.fetched = "true";
+  };
+  a.addEventListener("click", (e) => {
+    if (a.dataset.fetched === "true") return;
+    e.preventDefault();
+    ready().then(() => a.click()).catch((err) => chip.append(el("span", "error", " " + err.message)));
+  });
+  if (IMAGE.test(name)) {
+    ready().then(() => {
+      const img = el("img", "preview");
+      img.alt = name;
+      img.src = a.href;
+      chip.prepend(img);
+    }).catch(() => {});
+  }
+  return chip;
+}
+
+function size(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1 << 20) return `${(n / 1024).toFixed(1)} KiB`;
+  return `${(n / (1 << 20)).toFixed(1)} MiB`;
+}
+
+// Files the agent sent in a stored reply: its send_file calls' outputs name them.
+function sentFiles(reply) {
+  const out = [];
+  for (const t of reply.tool_calls || []) {
+    if (t.name !== "send_file" || t.is_error) continue;
+    const m = /^sent (.+) \((\d+) bytes, sha256 ([0-9a-f]{64})\)/.exec(t.output || "");
+    if (m) out.push({ name: m[1], len: Number(m[2]), hash: m[3] });
+  }
+  return out;
 }
 
 function assistantBubble() {
   const root = el("li", "msg assistant");
   root.dataset.state = "pending";
   const tools = el("ul", "tools");
-  const text = el("div", "text");
+  const text = el("div", "text md");
   const meta = el("div", "meta muted");
   root.append(tools, text, meta);
   const scroll = () => { const b = $("messages"); b.scrollTop = b.scrollHeight; };
+  // The answer's Markdown source; rendered again as it grows (never as HTML).
+  let source = "";
+  const render = () => { text.replaceChildren(iomMarkdown.render(source)); scroll(); };
   return {
     root,
     setStatus(s) { root.dataset.state = s; meta.textContent = s === "pending" ? "waiting for the agent…" : s + "…"; },
-    append(delta) { text.textContent += delta; scroll(); },
-    setText(t) { text.textContent = t; scroll(); },
+    append(delta) { source += delta; render(); },
+    setText(t) { source = t || ""; render(); },
     addTool(name, input) {
       const li = el("li", "tool");
       li.dataset.state = "running";
@@ -217,9 +338,10 @@ function assistantBubble() {
       card.replaceChildren(approvalCard(ev));
       scroll();
     },
+    // A file the agent sent (send_file): a download link.
     file(ev) {
-      const li = el("li", "tool");
-      li.append(el("span", null, `📎 ${ev.name} (${ev.len} bytes) — iom blob get ${ev.hash} -o ${ev.name}`));
+      const li = el("li", "tool file");
+      li.append(fileChip(ev.name, ev.hash, ev.len));
       tools.append(li);
       scroll();
     },
@@ -353,39 +475,167 @@ async function refreshUsage(id) {
   if (state.current === id) $("conv-usage").textContent = tokens(c.usage);
 }
 
+// A fresh request id (the node deduplicates retries with the same id).
+function requestId() {
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  return "web-" + Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
 async function send(event) {
   event.preventDefault();
-  const prompt = $("prompt").value.trim();
-  if (!prompt) return;
+  const files = state.picked.slice();
+  let prompt = $("prompt").value.trim();
+  if (!prompt && !files.length) return;
+  if (!prompt) prompt = files.length === 1 ? `(attached ${files[0].name})` : "(attached files)";
   $("send").disabled = true;
   $("chat-error").textContent = "";
+  const body = { prompt, interface: "web", request_id: requestId() };
+  if (state.current) body.conversation = state.current;
+  const model = $("model").value.trim();
+  if (model) body.model = model;
+  const item = { request_id: body.request_id, body, files: files.map((f) => ({ name: f.name, file: f })), at: Date.now() };
   try {
-    const body = { prompt, interface: "web" };
-    if (state.current) body.conversation = state.current;
-    const model = $("model").value.trim();
-    if (model) body.model = model;
-    const asked = await api("/v1/ask", { method: "POST", body });
     $("prompt").value = "";
-    if (!state.current) {
-      state.current = asked.conversation;
-      $("conv-title").textContent = prompt.slice(0, 60);
-    }
-    $("messages").append(userBubble(prompt));
-    const bubble = assistantBubble();
-    bubble.setStatus("pending");
-    if (asked.queued) bubble.root.querySelector(".meta").textContent = asked.note;
-    $("messages").append(bubble.root);
-    loadConversations().catch(() => {});
-    stream(asked.conversation, asked.request_id, bubble);
+    setPicked([]);
+    if (!state.current) $("conv-title").textContent = prompt.slice(0, 60);
+    const asked = await submit(item);
+    showAsked(item, asked);
   } catch (e) {
-    report(e);
+    if (e instanceof Unreachable) {
+      // Kept for later: it goes out when the node answers again.
+      await outbox.add(item);
+      showQueued(item);
+    } else {
+      $("prompt").value = prompt;
+      setPicked(files);
+      report(e);
+    }
   } finally {
     $("send").disabled = false;
   }
 }
 
+// Uploads an ask's files as blobs (once; the hashes are kept on the item) and posts it.
+async function submit(item) {
+  const attachments = [];
+  for (const f of item.files) {
+    if (!f.hash) {
+      const stored = await api("/v1/blobs", { method: "POST", raw: f.file });
+      f.hash = stored.hash;
+      f.len = stored.len;
+    }
+    attachments.push({ name: f.name, hash: f.hash });
+  }
+  const body = Object.assign({}, item.body);
+  if (attachments.length) body.attachments = attachments;
+  return api("/v1/ask", { method: "POST", body });
+}
+
+// The request and its answer bubble, streaming. A queued ask's bubbles are reused.
+function showAsked(item, asked) {
+  const box = $("messages");
+  let user = box.querySelector(`[data-request="${CSS.escape(item.request_id)}"]`);
+  const draft = !item.body.conversation && state.current === null;
+  if (draft) state.current = asked.conversation;
+  if (!user && state.current !== asked.conversation) {
+    loadConversations().catch(() => {});
+    return;
+  }
+  let bubble;
+  if (user) {
+    user.dataset.queued = "false";
+    user.querySelector(".queued")?.remove();
+    bubble = user.nextElementSibling?.iomBubble;
+  } else {
+    user = userBubble(item.body.prompt, item.files.map((f) => ({ name: f.name, hash: f.hash, len: f.len, file: f.file })));
+    user.dataset.request = item.request_id;
+    box.append(user);
+  }
+  if (!bubble) {
+    bubble = assistantBubble();
+    user.after(bubble.root);
+  }
+  bubble.setStatus("pending");
+  if (asked.queued) bubble.root.querySelector(".meta").textContent = asked.note;
+  loadConversations().catch(() => {});
+  stream(asked.conversation, asked.request_id, bubble);
+}
+
+// An ask waiting in the outbox, shown where it was typed.
+function showQueued(item) {
+  const box = $("messages");
+  if (box.querySelector(`[data-request="${CSS.escape(item.request_id)}"]`)) return;
+  const user = userBubble(item.body.prompt, item.files.map((f) => ({ name: f.name, len: f.file.size, file: f.file })), true);
+  user.dataset.request = item.request_id;
+  const bubble = assistantBubble();
+  bubble.root.iomBubble = bubble;
+  bubble.root.dataset.state = "queued";
+  bubble.root.querySelector(".meta").textContent = "queued";
+  box.append(user, bubble.root);
+  box.scrollTop = box.scrollHeight;
+}
+
+// Asks typed while the node could not be reached, in IndexedDB (Files included, so a photo
+// waits too) until they are sent.
+const outbox = (() => {
+  const run = idbStore("iom-outbox", "asks", "request_id").run;
+  let flushing = null;
+  const list = async () => (await run("readonly", (s) => s.getAll())).sort((a, b) => a.at - b.at);
+  const add = async (item) => { await run("readwrite", (s) => s.put(item)); badge(); };
+  const remove = async (id) => { await run("readwrite", (s) => s.delete(id)); badge(); };
+  async function badge() {
+    const n = (await list().catch(() => [])).length;
+    document.body.dataset.outbox = String(n);
+    if (n && !state.outboxTimer) state.outboxTimer = setInterval(() => flush().catch(() => {}), 3000);
+    if (!n && state.outboxTimer) { clearInterval(state.outboxTimer); state.outboxTimer = null; }
+  }
+  // Sends what waits, oldest first; stops at the first that cannot reach the node.
+  async function flush() {
+    if (flushing) return flushing;
+    flushing = (async () => {
+      for (const item of await list()) {
+        let asked;
+        try {
+          asked = await submit(item);
+        } catch (e) {
+          if (e instanceof Unreachable) { await run("readwrite", (s) => s.put(item)); return; }
+          if (e instanceof Unauthorized) return;
+          // Refused for good (bad model, too large...): dropped, with the reason shown.
+          await remove(item.request_id);
+          const user = $("messages").querySelector(`[data-request="${CSS.escape(item.request_id)}"]`);
+          user?.nextElementSibling?.iomBubble?.fail(e.message);
+          continue;
+        }
+        await remove(item.request_id);
+        showAsked(item, asked);
+      }
+    })().finally(() => { flushing = null; });
+    return flushing;
+  }
+  return { list, add, flush, badge };
+})();
+
+// The files picked for the next ask, shown above the composer.
+function setPicked(files) {
+  state.picked = files;
+  const box = $("picked");
+  box.replaceChildren(...files.map((f, i) => {
+    const li = el("li", "chip");
+    li.append(el("span", null, `${f.name} `), el("span", "muted", size(f.size)));
+    const x = el("button", "link", "✕");
+    x.type = "button";
+    x.setAttribute("aria-label", `remove ${f.name}`);
+    x.addEventListener("click", () => setPicked(state.picked.filter((_, j) => j !== i)));
+    li.append(x);
+    return li;
+  }));
+  box.hidden = files.length === 0;
+}
+
+// Shows an error; not a refused token (the login form says it) nor an unreachable node (the
+// header's badge does).
 function report(e) {
-  if (!(e instanceof Unauthorized)) $("chat-error").textContent = e.message;
+  if (!(e instanceof Unauthorized) && !(e instanceof Unreachable)) $("chat-error").textContent = e.message;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -396,6 +646,7 @@ document.addEventListener("DOMContentLoaded", () => {
     connect();
   });
   $("forget-token").addEventListener("click", () => {
+    navigator.serviceWorker?.controller?.postMessage("forget");
     localStorage.removeItem(TOKEN_KEY);
     state.token = "";
     $("token-input").value = "";
@@ -407,6 +658,16 @@ document.addEventListener("DOMContentLoaded", () => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
   });
   $("toggle-list").addEventListener("click", () => $("sidebar").classList.toggle("open"));
+  $("file").addEventListener("change", (e) => {
+    setPicked(state.picked.concat(Array.from(e.target.files || [])));
+    e.target.value = "";
+  });
+  window.addEventListener("online", () => outbox.flush().catch(() => {}));
+  if ("serviceWorker" in navigator) navigator.serviceWorker.register("/sw.js").catch(() => {});
   if (state.token) connect();
-  else iomKey.login().then((ok) => (ok ? connect() : showLogin(""))).catch(() => showLogin(""));
+  else {
+    // Offline, a paired browser cannot sign a challenge: it opens on the saved copies.
+    iomKey.login().then((ok) => (ok ? connect() : showLogin("")))
+      .catch(() => iomKey.load().then((k) => (k ? connect() : showLogin(""))).catch(() => showLogin("")));
+  }
 });

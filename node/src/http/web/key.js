@@ -2,6 +2,28 @@
 // Its public half is the device id. Shared by the pairing page and the chat page.
 "use strict";
 
+// One IndexedDB object store: `run(mode, f)` runs the request `f(store)` in a transaction and
+// resolves to its result. Also used by app.js's outbox.
+function idbStore(name, store, keyPath) {
+  function open() {
+    return new Promise((resolve, reject) => {
+      const r = indexedDB.open(name, 1);
+      r.onupgradeneeded = () => r.result.createObjectStore(store, keyPath ? { keyPath } : undefined);
+      r.onsuccess = () => resolve(r.result);
+      r.onerror = () => reject(r.error);
+    });
+  }
+  async function run(mode, f) {
+    const db = await open();
+    return new Promise((resolve, reject) => {
+      const r = f(db.transaction(store, mode).objectStore(store));
+      r.onsuccess = () => resolve(r.result);
+      r.onerror = () => reject(r.error);
+    });
+  }
+  return { run };
+}
+
 const iomKey = (() => {
   const DB = "iom", STORE = "keys", ID = "device";
   const enc = (s) => new TextEncoder().encode(s);
@@ -24,23 +46,7 @@ const iomKey = (() => {
     return Uint8Array.from(s, (c) => c.charCodeAt(0));
   }
 
-  function open() {
-    return new Promise((resolve, reject) => {
-      const r = indexedDB.open(DB, 1);
-      r.onupgradeneeded = () => r.result.createObjectStore(STORE);
-      r.onsuccess = () => resolve(r.result);
-      r.onerror = () => reject(r.error);
-    });
-  }
-
-  async function request(mode, f) {
-    const db = await open();
-    return new Promise((resolve, reject) => {
-      const r = f(db.transaction(STORE, mode).objectStore(STORE));
-      r.onsuccess = () => resolve(r.result);
-      r.onerror = () => reject(r.error);
-    });
-  }
+  const request = idbStore(DB, STORE).run;
 
   // A new key pair, not yet stored: { privateKey, publicKey, raw }.
   async function generate() {
