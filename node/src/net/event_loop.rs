@@ -352,7 +352,7 @@ pub async fn start(
                     if changed.is_err() { break; }
                     el.cut_revoked();
                     el.persist_trusted_addrs();
-                    el.redial_newly_trusted();
+                    el.redial_trusted_now();
                     el.schedule_relay_reauth();
                 }
                 _ = tick.tick() => el.on_tick(),
@@ -756,10 +756,10 @@ impl EventLoop {
         }
     }
 
-    /// After a trust change: a device that was refused or not called while it was not trusted
-    /// yet (it had just joined, and its certificate had not arrived) is called at the next tick
-    /// instead of after the back-off its failed attempts built up.
-    fn redial_newly_trusted(&mut self) {
+    /// After a trust change: every trusted device without a connection is called at the next
+    /// tick instead of after the back-off its failed attempts built up (a device that just
+    /// joined was refused while its certificate was on the way). Trust changes are rare.
+    fn redial_trusted_now(&mut self) {
         let state = self.trust_state();
         let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
         self.backoff.retain(|p, _| {

@@ -167,7 +167,7 @@ impl Manager {
                     // locally, as when a revoked device is cut off), and a session that looks
                     // alive blocks the next one.
                     Ok(NetEvent::Disconnected(peer)) => this.deps.registry.close(&peer),
-                    Ok(NetEvent::Addresses(peer)) => this.share_addresses_of(peer),
+                    Ok(NetEvent::Addresses(peer)) => share_addresses(&this.deps, peer),
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         for peer in this.net.connected_peers() {
@@ -199,10 +199,11 @@ impl Manager {
                     certs: this.deps.trust.certs(),
                 });
                 // A device that just became trusted is connected here (it joined through this
-                // node): the others learn where it is now, not at their next session.
+                // node): the others learn where it is now, not at their next session. Every
+                // connected device's addresses go out again; trust changes are rare.
                 for peer in this.net.connected_peers() {
                     this.maybe_open(peer);
-                    this.share_addresses_of(peer);
+                    share_addresses(&this.deps, peer);
                 }
             }
         });
@@ -325,14 +326,6 @@ impl Manager {
         broadcast(&self.deps.registry, &msg);
     }
 
-    /// Tells every other session where a trusted device listens, as soon as identify names its
-    /// addresses or the device becomes trusted. Sessions share addresses when they open too, but a device that joins later
-    /// would otherwise be met only if it called first, and its first calls come before the
-    /// others trust it.
-    fn share_addresses_of(&self, peer: PeerId) {
-        share_addresses(&self.deps, peer);
-    }
-
     /// Per-peer progress for `iom status`: documents waiting to be sent to the peer
     /// (`docs_behind`), documents it holds that have not arrived here yet (`docs_incoming`,
     /// meaningful once `compared`: the two inventories have been compared), bytes of blobs it
@@ -379,6 +372,8 @@ fn mark_dirty_everywhere(registry: &Registry, doc: DocId, except: Option<PeerId>
 }
 
 /// Queues `peer`'s addresses (if it is trusted and they are known) in every other session.
+/// Sessions share addresses when they open too, but a device that joins later would otherwise
+/// be met only if it called first, and its first calls come before the others trust it.
 fn share_addresses(deps: &Deps, peer: PeerId) {
     if !deps.config.share_addrs {
         return;
