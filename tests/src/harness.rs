@@ -545,7 +545,7 @@ pub fn wait_until(
 }
 
 /// Where nodes' data dirs are made: under the target dir, not the shared `/tmp` (which other
-/// tools on a shared machine may clean under our feet).
+/// tools on a shared machine may clean under our feet), as a canonical path.
 fn test_data_root() -> Result<PathBuf> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let target = std::env::var("CARGO_TARGET_DIR")
@@ -553,7 +553,9 @@ fn test_data_root() -> Result<PathBuf> {
         .unwrap_or_else(|_| root.join("target"));
     let dir = target.join("iom-test-data");
     std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+    // Canonical, so no path built from it carries a `tests/..` (Chromium's file input refuses
+    // paths that are not canonical).
+    Ok(dir.canonicalize()?)
 }
 
 /// A TCP port that is free on loopback right now, and that this process has not handed out
