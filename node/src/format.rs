@@ -4,6 +4,11 @@
 //! - Format 1: every data dir written before the version was recorded (no `FORMAT` file). Its
 //!   layout is the one format 2 has; the compatibility fixture of commit 19d953e is one.
 //! - Format 2: the layout of format 1 with `FORMAT` written.
+//! - Format 3: the store keeps the blob totals (count, digest and bytes of the stored blobs,
+//!   `store::blobset`), updated by every blob add. The step itself changes nothing: the store
+//!   makes the record at its first open. The format marks that every blob add since has kept
+//!   it up to date, so a format-2 binary (which would add blobs without counting them) refuses
+//!   the dir.
 //!
 //! A binary opens every format up to [`CURRENT`], migrating older ones in place (under the data
 //! dir lock, each step recorded as it completes, so an interrupted migration resumes), and
@@ -16,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The format this binary writes.
-pub const CURRENT: u32 = 2;
+pub const CURRENT: u32 = 3;
 
 /// The format of a data dir with no `FORMAT` file but with keys or a store.
 const UNMARKED: u32 = 1;
@@ -92,11 +97,18 @@ struct Step {
 }
 
 /// Every migration, in order. Each step moves a dir from `from` to `from + 1`.
-const STEPS: &[Step] = &[Step {
-    from: 1,
-    what: "record the data format (the layout of format 1 is unchanged)",
-    run: |_| Ok(()),
-}];
+const STEPS: &[Step] = &[
+    Step {
+        from: 1,
+        what: "record the data format (the layout of format 1 is unchanged)",
+        run: |_| Ok(()),
+    },
+    Step {
+        from: 2,
+        what: "keep the blob totals (the store counts its blobs once at its next open)",
+        run: |_| Ok(()),
+    },
+];
 
 /// The outcome of [`open`].
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -115,7 +115,8 @@ impl NodeCtx {
             "pid": std::process::id(),
             "version": env!("CARGO_PKG_VERSION"),
             "data_format": crate::format::CURRENT,
-            "documents": self.store.doc_count(),
+            // From the in-memory inventory (a count of the store walks every document).
+            "documents": self.docs.with_inventory(iom_crdt::Inventory::len),
             // Equal on two devices exactly when they hold the same documents at the same heads.
             "inventory_root": hex::encode(self.docs.with_inventory(|i| i.root())),
             "blobs": self.store.blob_count(),
@@ -298,6 +299,9 @@ impl Node {
         init_data_dir(&data_dir)?;
         let lock = DataDirLock::acquire(&data_dir)?;
         crate::format::open(&data_dir)?;
+        // Workspaces a killed run left mounted (their loop devices with them): unmounted before
+        // anything can use them; the next tool call mounts them again.
+        unmount_workspaces(&data_dir, "left mounted by a previous run").await;
         let identity = Identity::load(&data_dir)?;
         let device = identity.device.id();
         let db_dir = data_dir.join("db");
@@ -466,11 +470,26 @@ impl Node {
         self.ctx.asking.stop().await;
         // Remove this node's tool containers before the process ends.
         let _ = tokio::time::timeout(Duration::from_secs(10), self.ctx.agent.stop()).await;
+        // The sandbox unmounts what it mounted; this catches any it could not reach (a
+        // sandbox that never connected, or a stop that timed out).
+        unmount_workspaces(&self.ctx.config.data_dir, "still mounted at shutdown").await;
         self.ctx
             .store
             .flush()
             .await
             .map_err(|e| StartError::Other(format!("final flush failed: {e}")))
+    }
+}
+
+/// Unmounts every workspace image mounted under `DATA/workspaces` (reading the mount table is
+/// all it costs when there is none), logging how many with `why`.
+async fn unmount_workspaces(data_dir: &Path, why: &'static str) {
+    use crate::agent::sandbox::quota::{LoopDisk, WorkspaceDisk};
+    let disk = LoopDisk::new(data_dir);
+    match tokio::task::spawn_blocking(move || disk.unmount_all()).await {
+        Ok(0) => {}
+        Ok(count) => tracing::info!(count, "unmounted workspaces {why}"),
+        Err(e) => tracing::warn!(error = %e, "unmounting workspaces failed"),
     }
 }
 
@@ -560,7 +579,7 @@ pub async fn run(
     tracing::info!(
         device = %device,
         socket = %socket_path.display(),
-        documents = ctx.store.doc_count(),
+        documents = ctx.docs.with_inventory(iom_crdt::Inventory::len),
         "node ready"
     );
     println!(

@@ -8,6 +8,7 @@
 //!
 //! - [`cbor`]: canonical CBOR (the bytes we hash and sign) and the byte-string serde helper.
 //! - [`id`]: [`ContentId`], the SHA-256 of an object's bytes.
+//! - [`blobset`]: [`blobset::BlobSetDigest`], a constant-size summary of a set of blobs.
 //! - [`keys`]: device and person ed25519 keys and ids; device ids are libp2p PeerIds.
 //! - [`cert`]: signed certificates (device, agent role, revocation).
 //! - [`trust`]: [`trust::evaluate`], from a set of certificates to the trusted devices.
@@ -53,6 +54,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod base32;
+pub mod blobset;
 pub mod cbor;
 pub mod cert;
 pub mod frame;

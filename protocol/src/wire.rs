@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::blobset::BlobSetDigest;
 use crate::cert::Certificate;
 use crate::frame::{self, DecodeError, EncodeError};
 use crate::id::ContentId;
@@ -39,6 +40,13 @@ pub enum SyncMsg {
         person: PersonId,
         /// The sender's certificate chain.
         chain: Vec<Certificate>,
+        /// The digest of the blobs the sender holds, when the session opens. When both sides'
+        /// digests are equal, neither announces its blobs ([`SyncMsg::Blobs`]); a peer that
+        /// sends none (built before the digest) gets and sends every announcement. Optional
+        /// and skipped when absent, so both shapes decode on builds before and after it:
+        /// older builds ignore the field.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        blobs: Option<BlobSetDigest>,
     },
     /// The session is refused (the reason is for logs and users).
     Refused {
@@ -261,6 +269,50 @@ pub enum AgentResponse {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// `Hello` as builds before the blob-set digest define it.
+    #[derive(Debug, Serialize, Deserialize)]
+    enum OldSyncMsg {
+        Hello {
+            version: u8,
+            person: PersonId,
+            chain: Vec<Certificate>,
+        },
+    }
+
+    #[test]
+    fn a_hello_with_a_blob_digest_decodes_on_older_builds_and_theirs_here() {
+        let person = crate::keys::PersonKey::from_seed([1; 32]).id();
+        let digest = BlobSetDigest::of(&[ContentId::of(b"x")]);
+        let new = |blobs| SyncMsg::Hello {
+            version: SYNC_VERSION,
+            person,
+            chain: Vec::new(),
+            blobs,
+        };
+        // Ours, read by an older build: the digest is ignored.
+        let old: OldSyncMsg = frame::decode_message(&new(Some(digest)).encode().unwrap()).unwrap();
+        let OldSyncMsg::Hello { version, .. } = old;
+        assert_eq!(version, SYNC_VERSION);
+        // Without a digest, ours is byte for byte what an older build sends.
+        let theirs = OldSyncMsg::Hello {
+            version: SYNC_VERSION,
+            person,
+            chain: Vec::new(),
+        };
+        let theirs = frame::encode_message(&theirs).unwrap();
+        assert_eq!(new(None).encode().unwrap(), theirs);
+        // Theirs, read here: no digest.
+        assert!(matches!(
+            SyncMsg::decode(&theirs).unwrap(),
+            SyncMsg::Hello { blobs: None, .. }
+        ));
+        // Ours, read here: the digest.
+        assert!(matches!(
+            SyncMsg::decode(&new(Some(digest)).encode().unwrap()).unwrap(),
+            SyncMsg::Hello { blobs: Some(d), .. } if d == digest
+        ));
+    }
 
     #[test]
     fn garbage_never_panics() {

@@ -189,6 +189,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             version: 1,
             person: person().id(),
             chain: certificates(),
+            blobs: Some(iom_protocol::blobset::BlobSetDigest::EMPTY),
         },
         SyncMsg::Refused {
             reason: "not trusted".into(),

@@ -103,15 +103,46 @@ impl Node {
             dir,
             _tmp: Some(tmp),
             child: None,
-            args: vec![
-                "--listen".into(),
-                format!("/ip4/127.0.0.1/tcp/{}", free_port()?),
-                "--no-mdns".into(),
-                "--name".into(),
-                name.into(),
-            ],
+            args: Node::default_args(name)?,
             env: Vec::new(),
         })
+    }
+
+    /// A node whose data dir is `dir`, kept after the node is dropped (benchmarks that reuse a
+    /// store that takes minutes to fill). A dir made by an earlier run is used as it is: its
+    /// `node.args` file (written on the first run) restores its name and its port, which its
+    /// peers know it by.
+    pub fn persistent(name: &str, dir: &Path) -> Result<Node> {
+        let args_file = dir.join("node.args");
+        let args = match std::fs::read_to_string(&args_file) {
+            Ok(text) => text.lines().map(str::to_string).collect(),
+            Err(_) => {
+                std::fs::create_dir_all(dir)?;
+                let args = Node::default_args(name)?;
+                std::fs::write(&args_file, args.join("\n"))?;
+                args
+            }
+        };
+        Ok(Node {
+            name: name.into(),
+            log: dir.join("node.log"),
+            dir: dir.to_path_buf(),
+            _tmp: None,
+            child: None,
+            args,
+            env: Vec::new(),
+        })
+    }
+
+    /// `node run` arguments of a fresh node: loopback TCP on a free port, mDNS off, its name.
+    fn default_args(name: &str) -> Result<Vec<String>> {
+        Ok(vec![
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/tcp/{}", free_port()?),
+            "--no-mdns".into(),
+            "--name".into(),
+            name.into(),
+        ])
     }
 
     /// A node on a copy of a data dir from a `.tar.gz` fixture in `tests/fixtures/` (made by an
@@ -383,13 +414,19 @@ impl Node {
 
     /// SIGTERM and wait (graceful).
     pub fn stop(&mut self) -> Result<()> {
+        self.stop_within(Duration::from_secs(15))
+    }
+
+    /// SIGTERM and wait up to `grace`; then SIGKILL, reap, and fail.
+    fn stop_within(&mut self, grace: Duration) -> Result<()> {
         if let Some(mut c) = self.child.take() {
             signal(c.id(), libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(15);
+            let deadline = Instant::now() + grace;
             while c.try_wait()?.is_none() {
                 if Instant::now() > deadline {
                     let _ = c.kill();
-                    bail!("{} ignored SIGTERM for 15 s", self.name);
+                    let _ = c.wait();
+                    bail!("{} ignored SIGTERM for {grace:?}", self.name);
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -477,8 +514,17 @@ impl Node {
 }
 
 impl Drop for Node {
+    /// Stops the node gracefully (SIGTERM, then SIGKILL after 10 s), so that it unmounts its
+    /// workspace images and releases their loop devices; whatever is still mounted below the
+    /// data dir then (a node that was SIGKILLed, or ignored SIGTERM) is unmounted here, before
+    /// the data dir is deleted.
     fn drop(&mut self) {
-        self.kill();
+        if let Err(e) = self.stop_within(Duration::from_secs(10)) {
+            eprintln!("{e:#}");
+        }
+        for m in mounts_under(&self.dir) {
+            let _ = Command::new("umount").arg("-l").arg(&m).output();
+        }
         let tail = log_tail(&self.log_text(), 300);
         if std::thread::panicking() {
             eprintln!("---- log of {} (last lines) ----\n{tail}", self.name);
@@ -521,6 +567,16 @@ fn signal(pid: u32, sig: libc::c_int) {
     unsafe {
         libc::kill(pid as libc::pid_t, sig);
     }
+}
+
+/// Mount points strictly below `dir` (workspace images a node mounted there).
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    iom_node::agent::sandbox::quota::mount_points()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.starts_with(&dir) && m != &dir)
+        .collect()
 }
 
 /// Polls `f` until it returns `Ok(true)` or the timeout passes.
@@ -733,9 +789,15 @@ pub fn wait_converged(nodes: &[&Node], ids: &[String], timeout: Duration) -> Res
 pub fn mesh(names: &[&str]) -> Result<Vec<Node>> {
     let mut nodes = Vec::new();
     for name in names {
-        let mut n = Node::new(name)?;
+        nodes.push(Node::new(name)?);
+    }
+    join_mesh(nodes)
+}
+
+/// Starts the (new, stopped) `nodes`; the first creates the mesh and the others join it.
+pub fn join_mesh(mut nodes: Vec<Node>) -> Result<Vec<Node>> {
+    for n in &mut nodes {
         n.start()?;
-        nodes.push(n);
     }
     for i in 1..nodes.len() {
         let code = nodes[0].invite(false)?;

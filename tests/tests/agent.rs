@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use iom_node::api::client::SseEvents;
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig, RecordedRequest, Scripted};
-use iom_tests::harness::{Node, containers_of, iom_bin, scenario, wait_mesh, wait_until};
+use iom_tests::harness::{
+    Node, containers_of, iom_bin, mounts_under, scenario, wait_mesh, wait_until,
+};
 use serde_json::{Value, json};
 
 const IMAGE: &str = "iom-sandbox:1";
@@ -838,27 +840,6 @@ fn bombs_body() -> Result<()> {
 // The workspace disk quota: a 3 GiB dd stops at the quota (root: loop-mounted images).
 // ---------------------------------------------------------------------------------------------
 
-/// Unmounts (lazily) whatever a killed node left mounted below its data dir, on drop.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        for m in mounts_under(&self.0) {
-            let _ = Command::new("umount").arg("-l").arg(&m).output();
-        }
-    }
-}
-
-/// Mount points below `dir`.
-fn mounts_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    iom_node::agent::sandbox::quota::mount_points()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|m| m.starts_with(&dir) && m != &dir)
-        .collect()
-}
-
 #[test]
 fn a_3_gib_dd_stops_at_the_workspace_quota_and_the_node_is_fine() {
     require_docker();
@@ -883,7 +864,6 @@ fn quota_body() -> Result<()> {
         Some(&fake),
         "[sandbox]\nquota = \"required\"\ntool_timeout_secs = 120\n",
     )?;
-    let unmount = Unmount(home.dir.clone());
     home.start()?;
     reap.0.push(home.device_id()?);
     assign(&home, &home, &[&home])?;
@@ -929,6 +909,32 @@ fn quota_body() -> Result<()> {
         "{calls:?}"
     );
     home.assert_no_panic()?;
+    // A crash leaves the workspace mounted; the next start unmounts it (before anything can
+    // use it), and the next tool call mounts it again with its files.
+    home.kill();
+    assert_eq!(
+        mounts_under(&home.dir).len(),
+        1,
+        "a SIGKILL leaves it mounted"
+    );
+    home.start()?;
+    assert!(
+        mounts_under(&home.dir).is_empty(),
+        "stale mounts left after a restart: {:?}",
+        mounts_under(&home.dir)
+    );
+    let (_, rid) = ask_done(
+        &home,
+        &format!("after the crash {}", bash("cat /workspace/ok")),
+        Some(&conv),
+    )?;
+    let calls = tool_calls(&home, &conv, &rid)?;
+    assert_eq!(
+        calls[0]["output"].as_str().map(str::trim),
+        Some("1"),
+        "{calls:?}"
+    );
+    assert_eq!(mounts_under(&home.dir).len(), 1);
     // A graceful stop unmounts the workspace (the loop device goes with it).
     home.stop()?;
     assert!(
@@ -936,7 +942,6 @@ fn quota_body() -> Result<()> {
         "{:?}",
         mounts_under(&home.dir)
     );
-    drop(unmount);
     Ok(())
 }
 

@@ -43,12 +43,12 @@ fn body() -> Result<()> {
     );
     // The unmarked dir is format 1 and was migrated to the current format.
     ensure!(
-        status["data_format"] == 2,
+        status["data_format"] == 3,
         "data_format: {}",
         status["data_format"]
     );
     let marker: serde_json::Value = serde_json::from_slice(&std::fs::read(a.dir.join("FORMAT"))?)?;
-    ensure!(marker["format"] == 2, "FORMAT: {marker}");
+    ensure!(marker["format"] == 3, "FORMAT: {marker}");
     ensure!(
         a.log_text().contains("data dir migrated"),
         "no migration logged"

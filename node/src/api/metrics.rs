@@ -89,7 +89,7 @@ pub fn render(ctx: &NodeCtx) -> String {
     .gauge(
         "iom_documents",
         "Documents held.",
-        ctx.store.doc_count() as f64,
+        ctx.docs.with_inventory(iom_crdt::Inventory::len) as f64,
     )
     .gauge("iom_blobs", "Blobs held.", ctx.store.blob_count() as f64)
     .gauge(

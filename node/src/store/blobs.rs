@@ -193,7 +193,7 @@ impl Store {
             stored_at: crate::time::now_secs(),
         };
         let bytes = serde_cbor::to_vec(&meta).map_err(decode_err("blob meta"))?;
-        self.blobs.insert(id, bytes)?;
+        self.insert_blob_record(id, len, &bytes)?;
         Ok(meta)
     }
 
@@ -279,9 +279,15 @@ impl Store {
         Ok(self.blobs.contains_key(id)?)
     }
 
-    /// How many complete blobs are stored (without reading their metadata).
+    /// How many complete blobs are stored (from the totals: no walk of the blobs).
     pub fn blob_count(&self) -> usize {
-        self.blobs.len()
+        match self.blob_totals() {
+            Ok(t) => usize::try_from(t.digest.count).unwrap_or(usize::MAX),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the blob totals");
+                0
+            }
+        }
     }
 
     /// Stores many small blobs (each at most one chunk) without an fsync per blob, flushing

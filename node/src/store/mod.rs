@@ -5,6 +5,7 @@
 //! Everything read back from disk that carries a content id is verified against it.
 
 mod blobs;
+mod blobset;
 mod docs;
 mod group_flush;
 mod objects;
@@ -14,6 +15,7 @@ pub mod space;
 use std::path::Path;
 
 pub use blobs::{BlobMeta, BlobWriter, CHUNK_SIZE};
+pub use blobset::BlobTotals;
 pub use docs::{ChunkWrite, DocMeta, StoredDoc};
 pub use objects::StoredObject;
 pub use received::{BlobReceiver, chunk_count};
@@ -183,7 +185,7 @@ impl Store {
             path: chunk_dir.display().to_string(),
             source,
         })?;
-        Ok(Store {
+        let store = Store {
             chunk_dir,
             objects: db.open_tree("objects")?,
             blobs: db.open_tree("blobs")?,
@@ -194,7 +196,14 @@ impl Store {
             space: std::sync::Arc::new(space::SpaceGuard::new(dir, reserve, free_space)),
             flusher: group_flush::GroupFlush::new(),
             db,
-        })
+        };
+        if store.ensure_blob_totals()? {
+            tracing::info!(
+                blobs = store.blob_count(),
+                "counted the stored blobs once (a store from before the blob totals)"
+            );
+        }
+        Ok(store)
     }
 
     /// `Ok` if `bytes` more of documents or blobs may be written (see [`space::SpaceGuard`]).
@@ -270,16 +279,16 @@ impl Store {
             .collect()
     }
 
-    /// Bytes used on disk by the database and the blob chunk files.
+    /// Bytes used on disk by the database and the stored blobs (their lengths: chunk files of
+    /// transfers in progress are not counted).
     pub fn size_on_disk(&self) -> u64 {
-        let chunks: u64 = std::fs::read_dir(&self.chunk_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.metadata().ok())
-            .map(|m| m.len())
-            .sum();
-        self.db.size_on_disk().unwrap_or(0) + chunks
+        // The blobs' bytes from their totals, not from a walk of their files (which costs a
+        // `stat` per blob on every `iom status`).
+        let blobs = self.blob_totals().map(|t| t.bytes).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the blob totals");
+            0
+        });
+        self.db.size_on_disk().unwrap_or(0) + blobs
     }
 }
 

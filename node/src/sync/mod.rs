@@ -475,6 +475,13 @@ impl BlobHandle for StoreBlobs {
     fn pending_bytes_from(&self, peer: &PeerId) -> u64 {
         self.blobs.pending_bytes_from(peer)
     }
+
+    fn digest(&self) -> Option<iom_protocol::blobset::BlobSetDigest> {
+        self.store
+            .blob_digest()
+            .map_err(|e| tracing::warn!(error = %e, "cannot read the blob digest"))
+            .ok()
+    }
 }
 
 #[cfg(test)]

@@ -16,8 +16,10 @@
 //!
 //! Everything the session sends at set-up (certificates, addresses, root) is queued in the
 //! state machine before the writer starts: nothing waits on a bounded channel that no task
-//! drains yet. Our blobs are announced last, by the writer, one page read from the store at a
-//! time whenever it has nothing else to send: a store of any size costs a session one page of
+//! drains yet. Each `Hello` carries the digest of the sender's blobs (read from the store's
+//! running totals, no walk): when both are equal, neither side announces anything. Otherwise
+//! our blobs are announced last, by the writer, one page read from the store at a time
+//! whenever it has nothing else to send: a store of any size costs a session one page of
 //! memory, and documents never wait behind announcements. Messages other services broadcast (`SessionHandle::queue`) are
 //! queued the same way, so none is dropped; certificate sets supersede each other.
 
@@ -34,6 +36,7 @@ use iom_crdt::session::{
     SessionError, SnapshotsStored, Transmit,
 };
 use iom_crdt::sync::{PeerDocState, generate, receive};
+use iom_protocol::blobset::BlobSetDigest;
 use iom_protocol::cert::Certificate;
 use iom_protocol::frame::EncodeError;
 use iom_protocol::id::ContentId;
@@ -89,6 +92,9 @@ pub trait BlobHandle: Send + Sync + 'static {
     fn want(&self, id: ContentId, len: u64, peer: PeerId);
     /// Bytes of blobs `peer` announced that are not here yet.
     fn pending_bytes_from(&self, peer: &PeerId) -> u64;
+    /// The digest of the local blobs (`None` if it cannot be read: the session then announces
+    /// every blob, as to a peer that sends no digest).
+    fn digest(&self) -> Option<BlobSetDigest>;
 }
 
 /// Settings of the sync sessions.
@@ -122,11 +128,12 @@ impl Default for SyncConfig {
     }
 }
 
-/// The `Hello` payload: who the sender is.
+/// The `Hello` payload: who the sender is, and the digest of its blobs.
 #[derive(Debug, Clone)]
 pub(crate) struct HelloInfo {
     person: PersonId,
     chain: Vec<Certificate>,
+    blobs: Option<BlobSetDigest>,
 }
 
 /// The messages the state machine passes through to the driver.
@@ -146,9 +153,14 @@ fn from_wire(msg: SyncMsg) -> Msg {
             version,
             person,
             chain,
+            blobs,
         } => Msg::Hello {
             version,
-            hello: HelloInfo { person, chain },
+            hello: HelloInfo {
+                person,
+                chain,
+                blobs,
+            },
         },
         SyncMsg::Refused { reason } => Msg::Refused { reason },
         SyncMsg::Certs { certs } => Msg::Other(Extra::Certs(certs)),
@@ -179,6 +191,7 @@ fn to_wire(msg: Msg) -> Result<SyncMsg, DriveError> {
             version,
             person: hello.person,
             chain: hello.chain,
+            blobs: hello.blobs,
         },
         Msg::Refused { reason } => SyncMsg::Refused { reason },
         Msg::Root { root } => SyncMsg::Root { root },
@@ -338,6 +351,7 @@ impl SessionHandle {
         let hello = HelloInfo {
             person: iom_protocol::keys::PersonKey::from_seed([0; 32]).id(),
             chain: Vec::new(),
+            blobs: None,
         };
         let check = ExpectHello::<HelloInfo>::initiate::<Extra>(machine_config(), hello.clone())
             .0
@@ -537,6 +551,24 @@ fn our_hello(deps: &Deps) -> HelloInfo {
     HelloInfo {
         person: deps.trust.person(),
         chain: me.map(|d| deps.trust.chain_for(&d)).unwrap_or_default(),
+        blobs: deps.blobs.digest(),
+    }
+}
+
+/// The blob digests the two `Hello`s carried.
+#[derive(Debug, Clone, Copy)]
+struct Digests {
+    ours: Option<BlobSetDigest>,
+    theirs: Option<BlobSetDigest>,
+}
+
+impl Digests {
+    /// Whether both sides held the same blobs when the session opened and ours still are
+    /// what we said (a blob added since may have missed the live announcements, which reach
+    /// registered sessions only): then neither side announces. Both sides decide the same
+    /// from the same two digests; a side whose blobs changed announces all of its own.
+    fn skip_announcements(&self, now: Option<BlobSetDigest>) -> bool {
+        self.ours.is_some() && self.ours == self.theirs && now == self.ours
     }
 }
 
@@ -565,18 +597,20 @@ async fn handshake<R, W>(
     wr: &mut W,
     role: Role,
     stats: &Stats,
-) -> Result<Established, DriveError>
+) -> Result<(Established, Digests), DriveError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let hello = our_hello(deps);
+    let ours = hello.blobs;
     let expect = match role {
         Role::Initiator => {
-            let (expect, hello) = ExpectHello::initiate(machine_config(), our_hello(deps));
+            let (expect, hello) = ExpectHello::initiate(machine_config(), hello);
             send(wr, hello, stats).await?;
             expect
         }
-        Role::Responder => ExpectHello::accept(machine_config(), our_hello(deps)),
+        Role::Responder => ExpectHello::accept(machine_config(), hello),
     };
     let timeout = deps.config.hello_timeout;
     let first = tokio::time::timeout(timeout, recv(rd, stats))
@@ -585,7 +619,10 @@ where
         .ok_or(DriveError::ClosedBeforeHello)?;
     let refused = match expect.handle(first) {
         Ok(mut check) => match admission(deps, peer, &mut check).await {
-            None => return Ok(check.admit()),
+            None => {
+                let theirs = check.hello().blobs;
+                return Ok((check.admit(), Digests { ours, theirs }));
+            }
             Some(reason) => check.refuse(reason),
         },
         Err(e) => e,
@@ -610,7 +647,7 @@ where
 {
     let (mut rd, mut wr) = stream.split();
     let stats = Stats::default();
-    let mut session = handshake(deps, peer, &mut rd, &mut wr, role, &stats).await?;
+    let (mut session, digests) = handshake(deps, peer, &mut rd, &mut wr, role, &stats).await?;
     open(deps, peer, &mut session);
 
     let local = deps.net.local_peer();
@@ -634,6 +671,13 @@ where
         return Ok(()); // a session with this peer already runs
     }
     tracing::info!(%peer, "sync session up");
+    // Read after registering: a blob added from here on is announced to this session live.
+    let blobs = if digests.skip_announcements(deps.blobs.digest()) {
+        tracing::debug!(%peer, "same blobs on both sides: no announcements");
+        BlobCursor::Done
+    } else {
+        BlobCursor::Start
+    };
 
     let writer = {
         let driver = Driver {
@@ -643,7 +687,7 @@ where
         };
         tokio::spawn(
             async move {
-                let r = driver.write_loop(&mut wr).await;
+                let r = driver.write_loop(&mut wr, blobs).await;
                 if let Err(e) = &r {
                     tracing::debug!(peer = %driver.peer, error = %e, "sync writer stopped");
                 }
@@ -808,8 +852,12 @@ impl Driver {
         }
     }
 
-    async fn write_loop<W: AsyncWrite + Unpin>(&self, wr: &mut W) -> Result<(), DriveError> {
-        let mut blobs = BlobCursor::Start;
+    /// Sends what the state machine has, then our blob announcements from `blobs` on.
+    async fn write_loop<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        mut blobs: BlobCursor,
+    ) -> Result<(), DriveError> {
         loop {
             if self.shared.stop.is_cancelled() {
                 return Ok(());

@@ -188,6 +188,9 @@ fn progress_reports_backlog_and_blob_bytes_per_peer() {
         fn pending_bytes_from(&self, _: &PeerId) -> u64 {
             4096
         }
+        fn digest(&self) -> Option<iom_protocol::blobset::BlobSetDigest> {
+            None
+        }
     }
     let reg = Registry::default();
     let local = PeerId::random();

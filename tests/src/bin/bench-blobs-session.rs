@@ -10,16 +10,19 @@
 //! BLOBS=300000 target/release/bench-blobs-session
 //! ```
 //!
-//! Uses `target/release/iom` (or `IOM_BIN`).
+//! Uses `target/release/iom` (or `IOM_BIN`). With `BLOBS_DIR=DIR`, the filled pair is kept in
+//! `DIR/a` and `DIR/b` and reused by the next run with the same `BLOBS` (filling 300,000 blobs
+//! takes minutes); the reference pair is always fresh.
 
 mod bench_common;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use iom_node::api::client::ApiClient;
 use iom_node::store::Store;
-use iom_tests::harness::{Node, mesh, wait_until};
+use iom_tests::harness::{Node, join_mesh, mesh, wait_until};
 use serde_json::{Value, json};
 
 use bench_common::{ms, param, print_machine, runtime, use_release_bin};
@@ -109,10 +112,65 @@ fn fill(rt: &tokio::runtime::Runtime, node: &Node, count: usize) -> Result<usize
     Ok(rt.block_on(store.add_small_blobs_unsynced((0..count).map(blob)))?)
 }
 
+/// The filled pair: kept in `dir` (and reused from there) if given, else `fresh` filled now.
+fn filled_pair(
+    rt: &tokio::runtime::Runtime,
+    count: usize,
+    dir: Option<&Path>,
+    fresh: (Node, Node),
+) -> Result<(Node, Node)> {
+    let (mut a, mut b) = match dir {
+        Some(dir) => {
+            let marker = dir.join("filled");
+            if let Ok(text) = std::fs::read_to_string(&marker) {
+                if text.trim() != count.to_string() {
+                    bail!("{} holds {} blobs, not {count}", dir.display(), text.trim());
+                }
+                println!(
+                    "# reusing the pair filled with {count} blobs in {}",
+                    dir.display()
+                );
+                return Ok((
+                    Node::persistent("a", &dir.join("a"))?,
+                    Node::persistent("b", &dir.join("b"))?,
+                ));
+            }
+            // A run that stopped before filling: start over.
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)?;
+            }
+            let nodes = vec![
+                Node::persistent("a", &dir.join("a"))?,
+                Node::persistent("b", &dir.join("b"))?,
+            ];
+            let mut nodes = join_mesh(nodes)?;
+            let b = nodes.pop().ok_or_else(|| anyhow!("no node b"))?;
+            let a = nodes.pop().ok_or_else(|| anyhow!("no node a"))?;
+            (a, b)
+        }
+        None => fresh,
+    };
+    a.stop()?;
+    b.stop()?;
+    let t = Instant::now();
+    let added = (fill(rt, &a, count)?, fill(rt, &b, count)?);
+    println!(
+        "# filled both stores with {count} blobs of ~100 bytes ({} + {} new) in {:.1} s",
+        added.0,
+        added.1,
+        t.elapsed().as_secs_f64()
+    );
+    if let Some(dir) = dir {
+        std::fs::write(dir.join("filled"), count.to_string())?;
+    }
+    Ok((a, b))
+}
+
 fn main() -> Result<()> {
     let bin = use_release_bin()?;
     print_machine(&bin);
     let count = param("BLOBS", 300_000);
+    let keep = std::env::var_os("BLOBS_DIR").map(PathBuf::from);
     let rt = runtime()?;
     let mut nodes = mesh(&["a", "b"])?;
     let (mut a, mut b) = {
@@ -125,14 +183,7 @@ fn main() -> Result<()> {
     let reference = round(&rt, &mut a, &mut b)?;
     print("0 blobs (reference)", &reference);
 
-    let t = Instant::now();
-    let added = (fill(&rt, &a, count)?, fill(&rt, &b, count)?);
-    println!(
-        "# filled both stores with {count} blobs of ~100 bytes ({} + {} new) in {:.1} s",
-        added.0,
-        added.1,
-        t.elapsed().as_secs_f64()
-    );
+    let (mut a, mut b) = filled_pair(&rt, count, keep.as_deref(), (a, b))?;
     let loaded = round(&rt, &mut a, &mut b)?;
     print(&format!("{count} blobs on both"), &loaded);
     let again = round(&rt, &mut a, &mut b)?;

@@ -188,6 +188,8 @@ impl RawPeer {
             version: iom_protocol::wire::SYNC_VERSION,
             person: self.person.id(),
             chain: vec![self.own_certificate()?],
+            // As a build from before the blob-set digest would.
+            blobs: None,
         };
         let bytes = hello.encode().map_err(|e| anyhow!("{e}"))?;
         let answer = self.exchange(node, "/iom/sync/1", bytes, MAX_SYNC_FRAME)?;

@@ -47,6 +47,8 @@ pub(crate) struct FakeBlobs {
     announce: Vec<Vec<(ContentId, u64)>>,
     here: HashSet<ContentId>,
     wanted: Mutex<Vec<(ContentId, u64, PeerId)>>,
+    /// Whether it has a digest (of the blobs in `announce`), as a store does.
+    digest: bool,
 }
 
 impl BlobHandle for FakeBlobs {
@@ -66,6 +68,15 @@ impl BlobHandle for FakeBlobs {
     }
     fn pending_bytes_from(&self, _: &PeerId) -> u64 {
         0
+    }
+    fn digest(&self) -> Option<BlobSetDigest> {
+        let ids: Vec<ContentId> = self
+            .announce
+            .concat()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        self.digest.then(|| BlobSetDigest::of(&ids))
     }
 }
 
@@ -208,6 +219,7 @@ fn hello_from(n: u8, version: u8) -> SyncMsg {
         version,
         person: person().id(),
         chain: vec![cert(&person(), &device(n))],
+        blobs: None,
     }
 }
 
@@ -658,11 +670,111 @@ async fn a_big_store_is_announced_after_set_up_in_pages_each_blob_once() {
     assert_eq!(seen, want, "every blob once, in id order");
 }
 
+/// [`blobs_numbered`] with its digest.
+fn blobs_with_digest(n: u32) -> FakeBlobs {
+    FakeBlobs {
+        digest: true,
+        ..blobs_numbered(n)
+    }
+}
+
+/// Runs a session between `a` and `b`, and checks a new document crosses it.
+async fn session_syncs_a_new_document(a: &Node, b: &Node) {
+    let _tasks = connect(a, b);
+    let doc = new_doc(a, "after").await;
+    eventually("the new document on b", async || {
+        heads(b, doc).await.is_some()
+    })
+    .await;
+    // Time for announcements, had there been any.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn devices_with_the_same_blobs_announce_none_of_them() {
+    let a = node(
+        1,
+        &person(),
+        &[2],
+        blobs_with_digest(2 * MAX_BLOB_ANNOUNCE as u32),
+    )
+    .await;
+    let b = node(
+        2,
+        &person(),
+        &[1],
+        blobs_with_digest(2 * MAX_BLOB_ANNOUNCE as u32),
+    )
+    .await;
+    session_syncs_a_new_document(&a, &b).await;
+    // Neither holds what the other announces (`here` is empty): any announcement is a want.
+    assert!(a.blobs.wanted.lock().unwrap().is_empty());
+    assert!(b.blobs.wanted.lock().unwrap().is_empty());
+    let sent = session_with(&a, b.peer)
+        .shared
+        .stats
+        .bytes_out
+        .load(Ordering::Relaxed);
+    assert!(sent < 16 * 1024, "{sent} bytes for a document and set-up");
+}
+
+#[tokio::test(start_paused = true)]
+async fn devices_with_different_blobs_announce_all_of_theirs() {
+    let a = node(1, &person(), &[2], blobs_with_digest(100)).await;
+    let b = node(2, &person(), &[1], blobs_with_digest(99)).await;
+    session_syncs_a_new_document(&a, &b).await;
+    assert_eq!(b.blobs.wanted.lock().unwrap().len(), 100);
+    assert_eq!(a.blobs.wanted.lock().unwrap().len(), 99);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_without_a_digest_gets_every_announcement_and_one_with_ours_none() {
+    for (theirs, expected) in [
+        (None, 10),
+        (Some(blobs_with_digest(10).digest().unwrap()), 0),
+        (Some(blobs_with_digest(9).digest().unwrap()), 10),
+    ] {
+        let a = node(1, &person(), &[2], blobs_with_digest(10)).await;
+        let (x, y) = pipe(64 * 1024);
+        let _task = tokio::spawn(run(
+            a.deps.clone(),
+            device(2).id().to_peer_id(),
+            x,
+            Role::Responder,
+        ));
+        let mut raw = Raw { io: y };
+        raw.send(SyncMsg::Hello {
+            version: SYNC_VERSION,
+            person: person().id(),
+            chain: vec![cert(&person(), &device(2))],
+            blobs: theirs,
+        })
+        .await;
+        let Some(SyncMsg::Hello { blobs, .. }) = raw.recv().await else {
+            panic!("a's hello");
+        };
+        assert_eq!(blobs, a.blobs.digest(), "a sends its digest");
+        let mut announced = 0;
+        while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(5), raw.recv()).await {
+            if let SyncMsg::Blobs { have } = msg {
+                announced += have.len();
+            }
+        }
+        assert_eq!(announced, expected, "their digest {theirs:?}");
+    }
+}
+
 #[test]
 fn wire_messages_map_to_the_state_machine_and_back_unchanged() {
     let c = cert(&person(), &device(1));
     let msgs = vec![
         hello_from(1, SYNC_VERSION),
+        SyncMsg::Hello {
+            version: SYNC_VERSION,
+            person: person().id(),
+            chain: Vec::new(),
+            blobs: Some(BlobSetDigest::of(&[ContentId::from_bytes([2; 32])])),
+        },
         SyncMsg::Refused {
             reason: "no".into(),
         },
