@@ -120,7 +120,15 @@ async function loadConversations() {
   }
 }
 
+// Shows the chat (true) or the MCP servers view (false).
+function showChat(chat) {
+  document.querySelector("main.chat").hidden = !chat;
+  $("servers-view").hidden = chat;
+  $("show-servers").classList.toggle("active", !chat);
+}
+
 function newConversation() {
+  showChat(true);
   state.current = null;
   $("conv-title").textContent = "New conversation";
   $("conv-usage").textContent = "";
@@ -132,6 +140,7 @@ function newConversation() {
 
 async function openConversation(id) {
   const c = await api(`/v1/conversations/${encodeURIComponent(id)}`);
+  showChat(true);
   state.current = id;
   $("conv-title").textContent = c.title || "(untitled)";
   $("conv-usage").textContent = tokens(c.usage);
@@ -285,6 +294,76 @@ async function loadApprovals() {
   list.hidden = others.length === 0;
 }
 
+// The MCP servers of the mesh (`GET /v1/tools`): state as the agent node reports it, egress,
+// tools, and enable/disable (admin devices; others get the server's 403 message).
+async function loadServers() {
+  $("servers-error").textContent = "";
+  const r = await api("/v1/tools");
+  const list = $("servers");
+  if (!r.servers.length) {
+    list.replaceChildren(el("li", "muted", "No MCP servers yet: add one with `iom tools add NAME -- COMMAND…` (docs/mcp.md)."));
+    return;
+  }
+  list.replaceChildren(...r.servers.map(serverCard));
+}
+
+function serverCard(s) {
+  const li = el("li", "server");
+  li.dataset.state = s.state;
+  const spec = s.spec || {};
+  const head = el("div", "server-head");
+  head.append(el("strong", null, s.name), el("span", "badge", s.state));
+  if (s.restarts) head.append(el("span", "muted", `${s.restarts} restart${s.restarts === 1 ? "" : "s"}`));
+  const enabled = spec.enabled !== false;
+  const toggle = el("button", null, enabled ? "Disable" : "Enable");
+  toggle.type = "button";
+  toggle.addEventListener("click", async () => {
+    toggle.disabled = true;
+    try {
+      await api(`/v1/tools/${encodeURIComponent(s.name)}/enabled`, { method: "PUT", body: { enabled: !enabled } });
+      await loadServers();
+    } catch (e) {
+      if (!(e instanceof Unauthorized)) $("servers-error").textContent = `${s.name}: ${e.message}`;
+      toggle.disabled = false;
+    }
+  });
+  if (s.spec) head.append(toggle);
+  li.append(head);
+  li.append(el("code", "command", (spec.command || []).join(" ")));
+  const hosts = spec.allow_hosts || [];
+  li.append(el("div", "muted", hosts.length ? `egress: ${hosts.join(", ")}` : "network: none"));
+  for (const h of spec.secret_headers || []) {
+    li.append(el("div", "muted", `secret header for ${h.host}: ${h.header}: ${h.value}`));
+  }
+  for (const [k, v] of Object.entries(spec.secret_env || {})) {
+    li.append(el("div", "muted", `secret in its environment: ${k}=${v}`));
+  }
+  if (s.refused) li.append(el("div", "error", `refused: ${s.refused}`));
+  if (s.error) li.append(el("div", "error", `last error: ${s.error}`));
+  if (s.state === "failed" && s.retry_at) {
+    const left = Math.max(0, s.retry_at - Math.floor(Date.now() / 1000));
+    li.append(el("div", "muted", `next start in ${left} s`));
+  }
+  if (s.tools && s.tools.length) {
+    const tools = el("ul", "server-tools");
+    for (const t of s.tools) {
+      const item = el("li");
+      item.append(el("code", null, t.name), document.createTextNode(" "), el("span", "muted", t.description || ""));
+      tools.append(item);
+    }
+    li.append(tools);
+  }
+  return li;
+}
+
+function openServers() {
+  showChat(false);
+  $("sidebar").classList.remove("open");
+  loadServers().catch((e) => {
+    if (!(e instanceof Unauthorized)) $("servers-error").textContent = e.message;
+  });
+}
+
 // Parses a text/event-stream and calls onEvent(name, data) for each event.
 async function readEvents(resp, onEvent) {
   const reader = resp.body.getReader();
@@ -402,6 +481,8 @@ document.addEventListener("DOMContentLoaded", () => {
     showLogin("");
   });
   $("new-conv").addEventListener("click", newConversation);
+  $("show-servers").addEventListener("click", openServers);
+  $("servers-refresh").addEventListener("click", openServers);
   $("composer").addEventListener("submit", send);
   $("prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
