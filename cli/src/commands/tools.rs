@@ -153,7 +153,10 @@ fn print_server(s: &Value) {
         );
     }
     for (k, v) in s["spec"]["secret_env"].as_object().into_iter().flatten() {
-        println!("    secret in its environment: {k}={}", v.as_str().unwrap_or(""));
+        println!(
+            "    secret in its environment: {k}={}",
+            v.as_str().unwrap_or("")
+        );
     }
     if let Some(why) = s["refused"].as_str() {
         println!("    refused: {why}");

@@ -239,13 +239,19 @@ impl Server {
         let _egress = match policy {
             None => None,
             Some(p) => {
-                let pid = match env.docker.inspect_container(&launched.container, None).await {
+                let pid = match env
+                    .docker
+                    .inspect_container(&launched.container, None)
+                    .await
+                {
                     Ok(i) => i.state.and_then(|s| s.pid).unwrap_or(0),
                     Err(e) => return format!("cannot inspect its container: {e}"),
                 };
                 match super::egress::start(pid, p) {
                     Ok(r) => Some(r),
-                    Err(e) => return explain(format!("its egress proxy cannot start: {e}"), &health),
+                    Err(e) => {
+                        return explain(format!("its egress proxy cannot start: {e}"), &health);
+                    }
                 }
             }
         };

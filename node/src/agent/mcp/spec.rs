@@ -123,7 +123,9 @@ impl ServerSpec {
         }
         for (k, t) in &self.secret_env {
             if self.env.contains_key(k) {
-                return Err(err(&format!("{k} is set both by --env and by --secret-env")));
+                return Err(err(&format!(
+                    "{k} is set both by --env and by --secret-env"
+                )));
             }
             super::egress::secret::Template::parse(t).map_err(|e| err(&e))?;
         }
@@ -136,7 +138,10 @@ impl ServerSpec {
                 return Err(err("mount paths must be absolute (HOST:CONTAINER)"));
             }
         }
-        if self.timeout_secs.is_some_and(|t| t == 0 || t > MAX_TIMEOUT_SECS) {
+        if self
+            .timeout_secs
+            .is_some_and(|t| t == 0 || t > MAX_TIMEOUT_SECS)
+        {
             return Err(err(&format!(
                 "timeout_secs must be 1 to {MAX_TIMEOUT_SECS}"
             )));
@@ -319,7 +324,8 @@ mod tests {
             header: "Authorization".into(),
             value: "Bearer {env:EXAMPLE_TOKEN}".into(),
         });
-        s.secret_env.insert("OTHER".into(), "{file:/etc/iom/other}".into());
+        s.secret_env
+            .insert("OTHER".into(), "{file:/etc/iom/other}".into());
         assert!(s.validate().is_ok(), "{:?}", s.validate());
         let mut bad = s.clone();
         bad.secret_headers[0].host = "other.example.com".into();

@@ -360,11 +360,16 @@ mod tests {
         assert_eq!(g.authority(), "127.0.0.1:8080");
         assert!(!g.tunnel);
         assert_eq!(
-            target_of(&Method::POST, &u("http://example.com/")).unwrap().port,
+            target_of(&Method::POST, &u("http://example.com/"))
+                .unwrap()
+                .port,
             80
         );
         let v6 = target_of(&Method::GET, &u("http://[::1]:81/")).unwrap();
-        assert_eq!((v6.host.as_str(), v6.authority()), ("::1", "[::1]:81".into()));
+        assert_eq!(
+            (v6.host.as_str(), v6.authority()),
+            ("::1", "[::1]:81".into())
+        );
         for (m, bad, says) in [
             (Method::GET, "/relative", "absolute URLs"),
             (Method::GET, "https://example.com/", "CONNECT"),

@@ -36,7 +36,8 @@ pub fn listen_in(pid: i64, port: u16) -> Result<TcpListener, String> {
 fn enter_and_bind(path: &str, port: u16) -> Result<TcpListener, String> {
     let need_root = "egress for MCP servers needs the agent node to run as root on the Docker \
                      host (it opens the proxy's port inside the server's network namespace)";
-    let ns = std::fs::File::open(path).map_err(|e| format!("cannot open {path}: {e}; {need_root}"))?;
+    let ns =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {path}: {e}; {need_root}"))?;
     nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| format!("cannot enter the container's network namespace: {e}; {need_root}"))?;
     // This thread now lives in the container's namespace; it ends right after the bind.

@@ -199,7 +199,7 @@ fn text(status: StatusCode, message: &str) -> Response<Body> {
 }
 
 fn refuse(policy: &Policy, method: &Method, uri: &Uri, r: Refusal) -> Response<Body> {
-    tracing::warn!(target: "iom::egress", server = %policy.server, %method, target = %uri,
+    tracing::warn!(target: "iom::egress", server = %policy.server, %method, url = %uri,
         status = r.status.as_u16(), "egress refused: {}", r.message);
     text(r.status, &r.message)
 }
@@ -215,7 +215,11 @@ async fn connect(target: &Target) -> Result<TcpStream, String> {
     }
 }
 
-async fn handle(req: Request<Incoming>, policy: Arc<Policy>, stop: CancellationToken) -> Response<Body> {
+async fn handle(
+    req: Request<Incoming>,
+    policy: Arc<Policy>,
+    stop: CancellationToken,
+) -> Response<Body> {
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let target = match check(&policy, &method, &uri) {
         Ok(t) => t,
@@ -262,7 +266,7 @@ async fn handle(req: Request<Incoming>, policy: Arc<Policy>, stop: CancellationT
             }
         });
         return Response::new(
-            http_body_util::Empty::new()
+            http_body_util::Empty::<Bytes>::new()
                 .map_err(|never| match never {})
                 .boxed(),
         );

@@ -31,7 +31,9 @@ async fn upstream() -> Upstream {
                         Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
-                s.lock().unwrap().push(String::from_utf8_lossy(&buf).into_owned());
+                s.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf).into_owned());
                 let body = "ok from upstream";
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\nKeep-Alive: x\r\n\r\n{body}",
@@ -72,8 +74,9 @@ async fn exchange(addr: std::net::SocketAddr, raw: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn spec(allow: Vec<String>, headers: Vec<SecretHeader>) -> ServerSpec {
-    ServerSpec {
+/// A proxy for server `fetch` that allows `allowed` and adds `header: value` to it.
+async fn proxy_for(allowed: &str, header: &str, value: String) -> Proxy {
+    let spec = ServerSpec {
         name: "fetch".into(),
         command: vec!["x".into()],
         image: None,
@@ -81,10 +84,15 @@ fn spec(allow: Vec<String>, headers: Vec<SecretHeader>) -> ServerSpec {
         env: Default::default(),
         mounts: Vec::new(),
         timeout_secs: None,
-        allow_hosts: allow,
-        secret_headers: headers,
+        allow_hosts: vec![allowed.to_string()],
+        secret_headers: vec![SecretHeader {
+            host: allowed.to_string(),
+            header: header.into(),
+            value,
+        }],
         secret_env: Default::default(),
-    }
+    };
+    proxy(Policy::from_spec(&spec).unwrap()).await
 }
 
 fn secret_file(dir: &tempfile::TempDir, value: &str) -> String {
@@ -102,16 +110,7 @@ async fn allowed_http_is_forwarded_with_the_secret_and_the_rest_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = secret_file(&dir, "s3cret-egress-token\n");
     let allowed = format!("127.0.0.1:{}", good.port);
-    let policy = Policy::from_spec(&spec(
-        vec![allowed.clone()],
-        vec![SecretHeader {
-            host: allowed.clone(),
-            header: "Authorization".into(),
-            value: format!("Bearer {{file:{file}}}"),
-        }],
-    ))
-    .unwrap();
-    let p = proxy(policy).await;
+    let p = proxy_for(&allowed, "Authorization", format!("Bearer {{file:{file}}}")).await;
 
     // Allowed: forwarded in origin form, Host from the URL, the secret replaces the
     // placeholder the client sent, proxy headers gone.
@@ -136,7 +135,10 @@ async fn allowed_http_is_forwarded_with_the_secret_and_the_rest_is_refused() {
             || seen[0].contains("Authorization: Bearer s3cret-egress-token\r\n"),
         "{head}"
     );
-    assert!(!head.contains("placeholder") && !head.contains("proxy-authorization"), "{head}");
+    assert!(
+        !head.contains("placeholder") && !head.contains("proxy-authorization"),
+        "{head}"
+    );
 
     // Another port of the same address, another host: 403, nothing reaches them.
     for target in [
@@ -149,26 +151,42 @@ async fn allowed_http_is_forwarded_with_the_secret_and_the_rest_is_refused() {
         )
         .await;
         assert!(r.starts_with("HTTP/1.1 403"), "{target}: {r}");
-        assert!(r.contains("not in the egress allowlist of MCP server fetch"), "{r}");
+        assert!(
+            r.contains("not in the egress allowlist of MCP server fetch"),
+            "{r}"
+        );
         assert!(r.contains(&format!("it allows {allowed}")), "{r}");
     }
     let r = exchange(
         p.addr,
-        &format!("CONNECT 127.0.0.1:{} HTTP/1.1\r\nHost: x\r\n\r\n", other.port),
+        &format!(
+            "CONNECT 127.0.0.1:{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            other.port
+        ),
     )
     .await;
     assert!(r.starts_with("HTTP/1.1 403"), "{r}");
     assert!(other.seen.lock().unwrap().is_empty());
 
     // Not proxy-shaped: 400 with a reason; garbage: 400 from the parser. Never a panic.
-    let r = exchange(p.addr, "GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
-    assert!(r.starts_with("HTTP/1.1 400") && r.contains("absolute URLs"), "{r}");
+    let r = exchange(
+        p.addr,
+        "GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 400") && r.contains("absolute URLs"),
+        "{r}"
+    );
     let r = exchange(
         p.addr,
         "GET https://example.com/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;
-    assert!(r.starts_with("HTTP/1.1 400") && r.contains("CONNECT"), "{r}");
+    assert!(
+        r.starts_with("HTTP/1.1 400") && r.contains("CONNECT"),
+        "{r}"
+    );
     let r = exchange(p.addr, "hello, I am not HTTP\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 400"), "{r:?}");
     assert_eq!(good.seen.lock().unwrap().len(), 1);
@@ -180,16 +198,7 @@ async fn connect_tunnels_to_an_allowed_host_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let file = secret_file(&dir, "never-in-a-tunnel");
     let allowed = format!("127.0.0.1:{}", good.port);
-    let policy = Policy::from_spec(&spec(
-        vec![allowed.clone()],
-        vec![SecretHeader {
-            host: allowed.clone(),
-            header: "X-Api-Key".into(),
-            value: format!("{{file:{file}}}"),
-        }],
-    ))
-    .unwrap();
-    let p = proxy(policy).await;
+    let p = proxy_for(&allowed, "X-Api-Key", format!("{{file:{file}}}")).await;
     let mut c = TcpStream::connect(p.addr).await.unwrap();
     c.write_all(format!("CONNECT {allowed} HTTP/1.1\r\nHost: {allowed}\r\n\r\n").as_bytes())
         .await
@@ -201,13 +210,19 @@ async fn connect_tunnels_to_an_allowed_host_untouched() {
             .await
             .unwrap()
             .unwrap();
-        assert!(n == 1, "the proxy closed: {:?}", String::from_utf8_lossy(&head));
+        assert!(
+            n == 1,
+            "the proxy closed: {:?}",
+            String::from_utf8_lossy(&head)
+        );
         head.push(b[0]);
     }
     let head = String::from_utf8_lossy(&head);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     // Inside the tunnel the bytes are the client's: no header is added.
-    c.write_all(b"GET /inner HTTP/1.1\r\nHost: inner\r\n\r\n").await.unwrap();
+    c.write_all(b"GET /inner HTTP/1.1\r\nHost: inner\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
         .await
@@ -215,37 +230,42 @@ async fn connect_tunnels_to_an_allowed_host_untouched() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out).ends_with("ok from upstream"));
     let seen = good.seen.lock().unwrap().clone();
-    assert_eq!(seen, vec!["GET /inner HTTP/1.1\r\nHost: inner\r\n\r\n".to_string()]);
+    assert_eq!(
+        seen,
+        vec!["GET /inner HTTP/1.1\r\nHost: inner\r\n\r\n".to_string()]
+    );
 }
 
 #[tokio::test]
 async fn a_missing_secret_is_a_502_that_does_not_reach_upstream() {
     let good = upstream().await;
     let allowed = format!("127.0.0.1:{}", good.port);
-    let policy = Policy::from_spec(&spec(
-        vec![allowed.clone()],
-        vec![SecretHeader {
-            host: allowed.clone(),
-            header: "Authorization".into(),
-            value: "Bearer {file:/nonexistent/iom-egress-test}".into(),
-        }],
-    ))
-    .unwrap();
-    let p = proxy(policy).await;
+    let p = proxy_for(
+        &allowed,
+        "Authorization",
+        "Bearer {file:/nonexistent/iom-egress-test}".to_string(),
+    )
+    .await;
     let r = exchange(
         p.addr,
         &format!("GET http://{allowed}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
     )
     .await;
     assert!(r.starts_with("HTTP/1.1 502"), "{r}");
-    assert!(r.contains("cannot open /nonexistent/iom-egress-test"), "{r}");
+    assert!(
+        r.contains("cannot open /nonexistent/iom-egress-test"),
+        "{r}"
+    );
     assert!(good.seen.lock().unwrap().is_empty());
 }
 
 #[test]
 fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
     let mut h = HeaderMap::new();
-    h.insert(header::CONNECTION, HeaderValue::from_static("close, X-Secret-Hop"));
+    h.insert(
+        header::CONNECTION,
+        HeaderValue::from_static("close, X-Secret-Hop"),
+    );
     h.insert("x-secret-hop", HeaderValue::from_static("1"));
     h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
     h.insert("accept", HeaderValue::from_static("*/*"));
