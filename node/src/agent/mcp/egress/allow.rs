@@ -41,7 +41,7 @@ impl HostRule {
             None => (false, host.as_str()),
         };
         let host = normalize_host(bare).map_err(|why| format!("{text:?}: {why}"))?;
-        if wild && host.parse::<Ipv4Addr>().is_ok() || wild && host.contains(':') {
+        if wild && (host.parse::<Ipv4Addr>().is_ok() || host.contains(':')) {
             return Err(format!("{text:?}: a wildcard needs a name, not an address"));
         }
         if wild && !host.contains('.') {
