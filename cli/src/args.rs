@@ -477,6 +477,21 @@ pub enum ToolsCommand {
         /// Replace a server of the same name.
         #[arg(long)]
         replace: bool,
+        /// Let it reach HOST (`HOST[:PORT]`, `*.DOMAIN`; no port: 80 and 443) through the
+        /// agent node's egress proxy (repeatable). Without this it has no network at all.
+        #[arg(long = "allow-host", value_name = "HOST[:PORT]")]
+        allow_hosts: Vec<String>,
+        /// A header the proxy adds to plain-HTTP requests to an allowed host, from a secret
+        /// of the agent node: `'HOST=Authorization: Bearer {env:TOKEN}'` or `{file:/path}`
+        /// (repeatable). The server never sees the value; a CONNECT (HTTPS) tunnel cannot
+        /// carry it.
+        #[arg(long = "secret-header", value_name = "HOST=HEADER: VALUE")]
+        secret_headers: Vec<String>,
+        /// Put a secret of the agent node into the server's environment:
+        /// `'VAR={env:NAME}'` or `'VAR={file:/path}'` (repeatable). The server can read it and
+        /// send it wherever its egress allows: prefer --secret-header.
+        #[arg(long = "secret-env", value_name = "VAR={env:NAME}")]
+        secret_env: Vec<String>,
     },
     /// List the MCP servers with their state (as the agent node reports it) and tools.
     List,

@@ -1,5 +1,5 @@
 //! MCP servers (issue 13) end to end: real `iom` processes, the real Docker engine, real MCP
-//! servers from PyPI (`mcp-server-time`, `mcp-server-git`) installed offline into the python
+//! servers from PyPI (`mcp-server-time`, `mcp-server-git`, `mcp-server-fetch`) installed offline into the python
 //! image (`iom sandbox build --python`), and the fake Messages API, which calls their tools
 //! like a model would. A tiny misbehaving server (`tests/mcp/misbehaving_server.py`, mounted
 //! read-only) crashes, hangs, prints garbage and floods stdout on request.
@@ -18,7 +18,11 @@ use iom_tests::harness::{Node, containers_of, iom_bin, scenario, wait_mesh, wait
 use serde_json::{Value, json};
 
 const IMAGE: &str = "iom-sandbox-python:1";
-const PINS: &[&str] = &["mcp-server-time==2026.10.19", "mcp-server-git==2026.10.19"];
+const PINS: &[&str] = &[
+    "mcp-server-time==2026.10.19",
+    "mcp-server-git==2026.10.19",
+    "mcp-server-fetch==2026.10.24",
+];
 
 fn cache_dir() -> PathBuf {
     std::env::var_os("IOM_TEST_CACHE")
@@ -55,7 +59,7 @@ fn build_image_once() -> Result<()> {
         .context("the Docker engine is not reachable")?;
     let has_servers = Command::new("docker")
         .args(["run", "--rm", "--network", "none", IMAGE, "python3", "-c"])
-        .arg("import mcp_server_time, mcp_server_git")
+        .arg("import mcp_server_time, mcp_server_git, mcp_server_fetch")
         .output()
         .is_ok_and(|o| o.status.success());
     if has_servers {
@@ -64,11 +68,13 @@ fn build_image_once() -> Result<()> {
     let wheels = cache_dir().join("wheels");
     let have_wheels = std::fs::read_dir(&wheels)
         .map(|d| {
-            d.filter_map(|e| e.ok()).any(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with("mcp_server_git")
-            })
+            let names: Vec<String> = d
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            ["mcp_server_git", "mcp_server_fetch"]
+                .iter()
+                .all(|w| names.iter().any(|n| n.starts_with(w)))
         })
         .unwrap_or(false);
     if !have_wheels {
@@ -554,6 +560,257 @@ fn misbehaving_body() -> Result<()> {
     );
     // The node is fine: its status answers and nothing panicked.
     home.json(&["status"])?;
+    home.assert_no_panic()?;
+    Ok(())
+}
+
+/// A plain HTTP server on the host that records the request heads it gets.
+struct Recorder {
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Recorder {
+    fn start(bind: &str, body: &'static str) -> Result<Recorder> {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind(format!("{bind}:0"))?;
+        let port = l.local_addr()?.port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if let Ok(mut v) = s.lock() {
+                    v.push(String::from_utf8_lossy(&buf).into_owned());
+                }
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Ok(Recorder { port, seen })
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+/// From inside `container`, tries a TCP connection to each `host:port`; returns each one's
+/// outcome (`open`, or `closed` with the error).
+fn probe(container: &str, targets: &[String]) -> Result<Vec<(String, String)>> {
+    let script = "import socket, sys\n\
+        for a in sys.argv[1:]:\n\
+        \x20   h, p = a.rsplit(':', 1)\n\
+        \x20   s = socket.socket(); s.settimeout(3)\n\
+        \x20   try:\n\
+        \x20       s.connect((h, int(p))); print(a, 'open')\n\
+        \x20   except Exception as e:\n\
+        \x20       print(a, 'closed', type(e).__name__, e)\n\
+        \x20   finally:\n\
+        \x20       s.close()\n";
+    let out = run(Command::new("docker")
+        .args(["exec", container, "python3", "-c", script])
+        .args(targets))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(a, r)| (a.to_string(), r.to_string()))
+        .collect())
+}
+
+fn container_of(device: &str, server: &str) -> Result<String> {
+    mcp_containers(device)
+        .into_iter()
+        .find(|c| {
+            run(Command::new("docker").args([
+                "inspect",
+                "-f",
+                "{{index .Config.Labels \"iom.mcp\"}}",
+                c,
+            ]))
+            .is_ok_and(|l| l.trim() == server)
+        })
+        .ok_or_else(|| anyhow!("no container for MCP server {server}"))
+}
+
+#[test]
+fn egress_reaches_only_allowlisted_hosts_and_the_proxy_adds_the_secret() {
+    require_python_image();
+    scenario(egress_body);
+}
+
+fn egress_body() -> Result<()> {
+    let fake = Fake::start()?;
+    let root = tempfile::tempdir()?;
+    let allowed = Recorder::start("127.0.0.1", "hello from the allowed host")?;
+    let other = Recorder::start("127.0.0.1", "you should not see this")?;
+    // Listens on every address of the host: what a container with a network could reach.
+    let sentinel = Recorder::start("0.0.0.0", "sentinel")?;
+    let secret = format!("s3cret-of-the-agent-node-{}", std::process::id());
+    let env_secret = format!("env-secret-{}", std::process::id());
+    let mut home = agent_node(&fake, root.path())?;
+    home.env
+        .push(("IOM_TEST_EGRESS_TOKEN".into(), secret.clone()));
+    home.env
+        .push(("IOM_TEST_EGRESS_ENV_TOKEN".into(), env_secret.clone()));
+    home.start()?;
+    let device = home.device_id()?;
+    let _reap = Reap(device.clone());
+    assign_self(&home)?;
+
+    let host = format!("127.0.0.1:{}", allowed.port);
+    let header = format!("{host}=Authorization: Bearer {{env:IOM_TEST_EGRESS_TOKEN}}");
+    let fetch = [
+        "--",
+        "python3",
+        "-m",
+        "mcp_server_fetch",
+        "--ignore-robots-txt",
+        "--allow-private-ips",
+    ];
+    let mut add_web = vec![
+        "tools",
+        "add",
+        "web",
+        "--allow-host",
+        &host,
+        "--secret-header",
+        &header,
+    ];
+    add_web.extend(fetch);
+    home.cli(&add_web)?;
+    // No egress; a secret in its environment only with the flag, and a warning.
+    let mut add_offline = vec![
+        "tools",
+        "add",
+        "offline",
+        "--secret-env",
+        "FETCH_TOKEN={env:IOM_TEST_EGRESS_ENV_TOKEN}",
+    ];
+    add_offline.extend(fetch);
+    let out = home.try_cli(&add_offline)?;
+    assert!(out.status.success(), "{out:?}");
+    let warned = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warned.contains("warning: --secret-env") && warned.contains("Prefer"),
+        "{warned}"
+    );
+    wait_state(&home, "web", "ready", None)?;
+    wait_state(&home, "offline", "ready", None)?;
+    let listed = home.cli(&["tools", "list"])?;
+    assert!(listed.contains(&format!("egress: {host}")), "{listed}");
+    assert!(listed.contains("network: none"), "{listed}");
+    // The declaration that synced holds where the secret is, never its value.
+    assert!(!listed.contains(&secret), "{listed}");
+
+    let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+    let prompt = format!(
+        "fetch these [[tool mcp__web__fetch {}]] [[tool mcp__web__fetch {}]] \
+         [[tool mcp__offline__fetch {}]]",
+        json!({"url": url(allowed.port, "/page"), "raw": true}),
+        json!({"url": url(other.port, "/"), "raw": true}),
+        json!({"url": url(allowed.port, "/offline"), "raw": true}),
+    );
+    let (conv, rid, _) = ask(&home, &prompt)?;
+    let calls = tool_calls(&home, &conv, &rid)?;
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    let output = |i: usize| calls[i]["output"].as_str().unwrap_or_default().to_string();
+    // 1. The allowlisted host answers, and got the secret from the proxy.
+    assert_eq!(calls[0]["is_error"], false, "{calls:?}");
+    assert!(
+        output(0).contains("hello from the allowed host"),
+        "{calls:?}"
+    );
+    let seen = allowed.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].starts_with("GET /page HTTP/1.1\r\n"), "{seen:?}");
+    assert!(
+        seen[0].to_ascii_lowercase().contains(&format!(
+            "authorization: bearer {}",
+            secret.to_ascii_lowercase()
+        )),
+        "{seen:?}"
+    );
+    // 2. Another port of the same address is refused by the proxy with a 403 and a log line.
+    assert_eq!(calls[1]["is_error"], true, "{calls:?}");
+    assert!(output(1).contains("403"), "{calls:?}");
+    assert!(other.seen().is_empty(), "{:?}", other.seen());
+    let log = home.log_text();
+    assert!(
+        log.contains("egress refused") && log.contains(&format!("127.0.0.1:{}", other.port)),
+        "no refusal in the log:\n{log}"
+    );
+    // 3. The server without egress reaches nothing.
+    assert_eq!(calls[2]["is_error"], true, "{calls:?}");
+    assert_eq!(allowed.seen().len(), 1, "{:?}", allowed.seen());
+
+    // Raw TCP from inside: the web server's only way out is the proxy on its own loopback;
+    // no address of the host answers, nor anything beyond it.
+    // Every IPv4 address of the host, docker0's among them.
+    let host_addrs: Vec<String> = run(Command::new("hostname").arg("-I"))?
+        .split_whitespace()
+        .filter(|a| !a.contains(':'))
+        .map(str::to_string)
+        .collect();
+    assert!(!host_addrs.is_empty(), "the host has no IPv4 address");
+    let mut targets: Vec<String> = host_addrs
+        .iter()
+        .map(|a| format!("{a}:{}", sentinel.port))
+        .collect();
+    targets.push(format!("127.0.0.1:{}", allowed.port));
+    targets.push("1.1.1.1:80".into());
+    targets.push("127.0.0.1:3128".into());
+    let web = container_of(&device, "web")?;
+    let offline = container_of(&device, "offline")?;
+    for (c, proxy_open) in [(&web, true), (&offline, false)] {
+        let got = probe(c, &targets)?;
+        assert_eq!(got.len(), targets.len(), "{got:?}");
+        for (a, r) in &got {
+            let want_open = proxy_open && a == "127.0.0.1:3128";
+            assert_eq!(r.starts_with("open"), want_open, "{c}: {a} {r}");
+        }
+        let mode =
+            run(Command::new("docker").args(["inspect", "-f", "{{.HostConfig.NetworkMode}}", c]))?;
+        assert_eq!(mode.trim(), "none", "{c}");
+    }
+    assert!(sentinel.seen().is_empty(), "{:?}", sentinel.seen());
+
+    // The proxy's secret is in no container, environment or image; the one given with
+    // --secret-env is in that server's environment (as the warning said).
+    let inspect_web = run(Command::new("docker").args(["inspect", &web]))?;
+    assert!(
+        inspect_web.contains("HTTP_PROXY=http://127.0.0.1:3128"),
+        "{inspect_web}"
+    );
+    let env_web = run(Command::new("docker").args(["exec", &web, "env"]))?;
+    let inspect_offline = run(Command::new("docker").args(["inspect", &offline]))?;
+    let image = run(Command::new("docker").args(["image", "inspect", IMAGE]))?;
+    for (what, text) in [
+        ("web's container", &inspect_web),
+        ("web's environment", &env_web),
+        ("offline's container", &inspect_offline),
+        ("the image", &image),
+    ] {
+        assert!(!text.contains(&secret), "the secret is in {what}");
+    }
+    assert!(!inspect_offline.contains("HTTP_PROXY"), "{inspect_offline}");
+    assert!(
+        inspect_offline.contains(&format!("FETCH_TOKEN={env_secret}")),
+        "{inspect_offline}"
+    );
     home.assert_no_panic()?;
     Ok(())
 }

@@ -21,11 +21,23 @@ pub async fn run(g: &Global, cmd: ToolsCommand) -> Result<(), Failure> {
             timeout,
             disabled,
             replace,
+            allow_hosts,
+            secret_headers,
+            secret_env,
         } => {
             if !env.is_empty() && !g.json {
                 eprintln!(
                     "note: --env values sync to every device of the mesh; never put a secret \
                      in one"
+                );
+            }
+            if !secret_env.is_empty() {
+                // Printed with --json too: it is a warning, not output.
+                eprintln!(
+                    "warning: --secret-env puts the secret's value into the server's \
+                     environment on the agent node: the server (and anyone who can inspect its \
+                     container) can read it, and send it to any host its egress allows. Prefer \
+                     --secret-header, which the proxy adds without the server seeing it."
                 );
             }
             let r = c
@@ -34,7 +46,8 @@ pub async fn run(g: &Global, cmd: ToolsCommand) -> Result<(), Failure> {
                     &json!({
                         "name": name, "command": command, "image": image, "env": env,
                         "mounts": mounts, "timeout_secs": timeout, "disabled": disabled,
-                        "replace": replace,
+                        "replace": replace, "allow_hosts": allow_hosts,
+                        "secret_headers": secret_headers, "secret_env": secret_env,
                     }),
                 )
                 .await?;
@@ -120,6 +133,31 @@ fn print_server(s: &Value) {
         output::s(s, "state"),
         command.join(" ")
     );
+    let hosts: Vec<&str> = s["spec"]["allow_hosts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if hosts.is_empty() {
+        println!("    network: none");
+    } else {
+        println!("    egress: {}", hosts.join(", "));
+    }
+    for h in s["spec"]["secret_headers"].as_array().into_iter().flatten() {
+        println!(
+            "    secret header for {}: {}: {}",
+            output::s(h, "host"),
+            output::s(h, "header"),
+            output::s(h, "value")
+        );
+    }
+    for (k, v) in s["spec"]["secret_env"].as_object().into_iter().flatten() {
+        println!(
+            "    secret in its environment: {k}={}",
+            v.as_str().unwrap_or("")
+        );
+    }
     if let Some(why) = s["refused"].as_str() {
         println!("    refused: {why}");
     }

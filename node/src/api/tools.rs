@@ -19,7 +19,7 @@ use super::ApiError;
 use super::body::JsonBody;
 use crate::agent::mcp::hub::read_entries;
 use crate::agent::mcp::spec::{
-    self, SPEC_PREFIX, STATUS_PREFIX, ServerMount, ServerSpec, ServerStatus,
+    self, SPEC_PREFIX, STATUS_PREFIX, SecretHeader, ServerMount, ServerSpec, ServerStatus,
 };
 use crate::docs::Origin;
 use crate::node::NodeCtx;
@@ -61,6 +61,16 @@ pub struct AddBody {
     /// Replace a server of the same name.
     #[serde(default)]
     pub replace: bool,
+    /// Hosts it may reach through the agent node's egress proxy (`HOST[:PORT]`).
+    #[serde(default)]
+    pub allow_hosts: Vec<String>,
+    /// Headers the proxy adds: `HOST[:PORT]=Header: value with {env:NAME} or {file:/path}`.
+    #[serde(default)]
+    pub secret_headers: Vec<String>,
+    /// Environment variables from secrets of the agent node: `VAR={env:NAME}` (the server
+    /// sees the value).
+    #[serde(default)]
+    pub secret_env: Vec<String>,
 }
 
 /// Body of `PUT /v1/tools/{name}/enabled`.
@@ -102,17 +112,43 @@ fn parse_mount(text: &str) -> Result<ServerMount, ApiError> {
     })
 }
 
-async fn add(State(ctx): Ctx, JsonBody(body): JsonBody<AddBody>) -> Result<Json<Value>, ApiError> {
-    require_admin(&ctx)?;
-    let mut env = BTreeMap::new();
-    for e in &body.env {
+/// Parses `HOST[:PORT]=Header: value` (`--secret-header`).
+fn parse_secret_header(text: &str) -> Result<SecretHeader, ApiError> {
+    let bad = || {
+        ApiError::bad_request(format!(
+            "secret header {text:?}: expected HOST[:PORT]=Header: value, e.g. \
+             'api.example.com=Authorization: Bearer {{env:EXAMPLE_TOKEN}}'"
+        ))
+    };
+    let (host, rest) = text.split_once('=').ok_or_else(bad)?;
+    let (header, value) = rest.split_once(':').ok_or_else(bad)?;
+    if host.trim().is_empty() || header.trim().is_empty() {
+        return Err(bad());
+    }
+    Ok(SecretHeader {
+        host: host.trim().to_string(),
+        header: header.trim().to_string(),
+        value: value.trim().to_string(),
+    })
+}
+
+/// Parses repeated `KEY=VALUE` options into a map.
+fn key_values(what: &str, items: &[String]) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut out = BTreeMap::new();
+    for e in items {
         let Some((k, v)) = e.split_once('=') else {
             return Err(ApiError::bad_request(format!(
-                "env {e:?}: expected KEY=VALUE"
+                "{what} {e:?}: expected KEY=VALUE"
             )));
         };
-        env.insert(k.to_string(), v.to_string());
+        out.insert(k.to_string(), v.to_string());
     }
+    Ok(out)
+}
+
+async fn add(State(ctx): Ctx, JsonBody(body): JsonBody<AddBody>) -> Result<Json<Value>, ApiError> {
+    require_admin(&ctx)?;
+    let env = key_values("env", &body.env)?;
     let spec = ServerSpec {
         name: body.name.clone(),
         command: body.command,
@@ -125,6 +161,13 @@ async fn add(State(ctx): Ctx, JsonBody(body): JsonBody<AddBody>) -> Result<Json<
             .map(|m| parse_mount(m))
             .collect::<Result<_, _>>()?,
         timeout_secs: body.timeout_secs,
+        allow_hosts: body.allow_hosts,
+        secret_headers: body
+            .secret_headers
+            .iter()
+            .map(|h| parse_secret_header(h))
+            .collect::<Result<_, _>>()?,
+        secret_env: key_values("secret env", &body.secret_env)?,
     };
     spec.validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -274,5 +317,17 @@ mod tests {
         assert!(parse_mount("/a:/b:rw").expect("rw").writable);
         assert!(parse_mount("/a").is_err());
         assert!(parse_mount("/a:/b:xx").is_err());
+    }
+
+    #[test]
+    fn secret_headers_parse_host_name_and_template() {
+        let h = parse_secret_header("127.0.0.1:8080=Authorization: Bearer {env:T}").expect("ok");
+        assert_eq!(
+            (h.host.as_str(), h.header.as_str(), h.value.as_str()),
+            ("127.0.0.1:8080", "Authorization", "Bearer {env:T}")
+        );
+        for bad in ["no-equals", "host=NoColon", "=X: y", "h= : y"] {
+            assert!(parse_secret_header(bad).is_err(), "{bad}");
+        }
     }
 }

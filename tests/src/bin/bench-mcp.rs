@@ -70,6 +70,9 @@ async fn main() -> Result<()> {
         env: Default::default(),
         mounts: Vec::new(),
         timeout_secs: None,
+        allow_hosts: Vec::new(),
+        secret_headers: Vec::new(),
+        secret_env: Default::default(),
     };
 
     // Cold starts: a fresh hub and container each time.

@@ -9,6 +9,7 @@
 //! the servers in line with the declarations and offers their tools to the model as
 //! `mcp__SERVER__TOOL`, beside the sandbox's, through [`hub::McpToolHost`].
 
+pub mod egress;
 pub mod hub;
 pub mod server;
 pub mod spec;

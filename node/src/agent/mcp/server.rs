@@ -192,6 +192,24 @@ impl Server {
             "PYTHONDONTWRITEBYTECODE=1".to_string(),
         ];
         vars.extend(self.spec.env.iter().map(|(k, v)| format!("{k}={v}")));
+        let policy = if self.spec.allow_hosts.is_empty() {
+            None
+        } else {
+            match super::egress::Policy::from_spec(&self.spec) {
+                Ok(p) => Some(p),
+                Err(e) => return e,
+            }
+        };
+        if policy.is_some() {
+            vars.extend(super::egress::proxy_env());
+        }
+        for (k, t) in &self.spec.secret_env {
+            // Only when the declaration says so (`--secret-env`): the server sees this value.
+            match super::egress::secret::Template::parse(t).and_then(|t| t.render()) {
+                Ok(v) => vars.push(format!("{k}={v}")),
+                Err(e) => return format!("the secret for {k} is not available: {e}"),
+            }
+        }
         let launch = stdio::launch(
             &env.docker,
             LaunchSpec {
@@ -216,6 +234,27 @@ impl Server {
             id: launched.container.clone(),
         };
         let health = launched.health.clone();
+        // The proxy listens inside the container's own network namespace (it has only
+        // loopback) before the MCP handshake; it stops when this life ends.
+        let _egress = match policy {
+            None => None,
+            Some(p) => {
+                let pid = match env
+                    .docker
+                    .inspect_container(&launched.container, None)
+                    .await
+                {
+                    Ok(i) => i.state.and_then(|s| s.pid).unwrap_or(0),
+                    Err(e) => return format!("cannot inspect its container: {e}"),
+                };
+                match super::egress::start(pid, p) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        return explain(format!("its egress proxy cannot start: {e}"), &health);
+                    }
+                }
+            }
+        };
         let transport = (launched.stdout, launched.stdin);
         let lifecycle = ClientLifecycleMode::Auto {
             preferred_versions: vec![ProtocolVersion::LATEST],

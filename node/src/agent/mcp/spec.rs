@@ -43,7 +43,37 @@ pub struct ServerSpec {
     /// Per-call limit in seconds; `None`: `[sandbox] tool_timeout_secs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// Hosts it may reach through the agent node's egress proxy, `HOST[:PORT]` (see
+    /// [`super::egress`]); empty: no network at all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_hosts: Vec<String>,
+    /// Headers the proxy adds to its plain-HTTP requests to an allowed host, valued from a
+    /// secret of the agent node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_headers: Vec<SecretHeader>,
+    /// Environment variables set from secrets of the agent node (`VAR` → a template such as
+    /// `{env:NAME}`): the server sees these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, String>,
 }
+
+/// A header the egress proxy adds for a host; the declaration holds where the secret is on
+/// the agent node (`{env:NAME}` or `{file:/path}`), never its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretHeader {
+    /// `HOST[:PORT]`, one of the server's `allow_hosts`.
+    pub host: String,
+    /// Header name, e.g. `Authorization`.
+    pub header: String,
+    /// Value template, e.g. `Bearer {env:GITHUB_TOKEN}`.
+    pub value: String,
+}
+
+/// Longest per-call limit.
+pub const MAX_TIMEOUT_SECS: u64 = 86_400;
+/// Most allowlisted hosts per server.
+pub const MAX_HOSTS: usize = 64;
 
 fn yes() -> bool {
     true
@@ -86,21 +116,35 @@ impl ServerSpec {
         if self.command.iter().any(|a| a.contains('\0')) {
             return Err(err("the command contains a NUL byte"));
         }
-        for k in self.env.keys() {
-            let ok = !k.is_empty()
-                && !k.starts_with(|c: char| c.is_ascii_digit())
-                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !ok {
+        for k in self.env.keys().chain(self.secret_env.keys()) {
+            if !env_name_ok(k) {
                 return Err(err(&format!("{k:?} is not an environment variable name")));
             }
         }
+        for (k, t) in &self.secret_env {
+            if self.env.contains_key(k) {
+                return Err(err(&format!(
+                    "{k} is set both by --env and by --secret-env"
+                )));
+            }
+            super::egress::secret::Template::parse(t).map_err(|e| err(&e))?;
+        }
+        if self.allow_hosts.len() > MAX_HOSTS {
+            return Err(err(&format!("more than {MAX_HOSTS} allowed hosts")));
+        }
+        super::egress::Policy::from_spec(self).map_err(|e| err(&e))?;
         for m in &self.mounts {
             if !m.container.starts_with('/') || !m.host.starts_with(['/', '~']) {
                 return Err(err("mount paths must be absolute (HOST:CONTAINER)"));
             }
         }
-        if self.timeout_secs == Some(0) {
-            return Err(err("timeout_secs must be at least 1"));
+        if self
+            .timeout_secs
+            .is_some_and(|t| t == 0 || t > MAX_TIMEOUT_SECS)
+        {
+            return Err(err(&format!(
+                "timeout_secs must be 1 to {MAX_TIMEOUT_SECS}"
+            )));
         }
         Ok(())
     }
@@ -111,6 +155,12 @@ impl ServerSpec {
             .as_deref()
             .unwrap_or(crate::agent::sandbox::debian_image::PYTHON_IMAGE)
     }
+}
+
+fn env_name_ok(k: &str) -> bool {
+    !k.is_empty()
+        && !k.starts_with(|c: char| c.is_ascii_digit())
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Server names: 1-32 of `[a-z0-9-]`, starting with a letter (no `_`, so `mcp__NAME__TOOL`
@@ -239,6 +289,9 @@ mod tests {
             env: BTreeMap::new(),
             mounts: Vec::new(),
             timeout_secs: None,
+            allow_hosts: Vec::new(),
+            secret_headers: Vec::new(),
+            secret_env: BTreeMap::new(),
         }
     }
 
@@ -264,6 +317,31 @@ mod tests {
             writable: false,
         });
         assert!(s.validate().is_err());
+        let mut s = spec("fetch");
+        s.allow_hosts = vec!["api.example.com".into()];
+        s.secret_headers.push(SecretHeader {
+            host: "api.example.com".into(),
+            header: "Authorization".into(),
+            value: "Bearer {env:EXAMPLE_TOKEN}".into(),
+        });
+        s.secret_env
+            .insert("OTHER".into(), "{file:/etc/iom/other}".into());
+        assert!(s.validate().is_ok(), "{:?}", s.validate());
+        let mut bad = s.clone();
+        bad.secret_headers[0].host = "other.example.com".into();
+        assert!(bad.validate().unwrap_err().reason.contains("not allowed"));
+        let mut bad = s.clone();
+        bad.secret_headers[0].value = "Bearer sk-literal".into();
+        assert!(bad.validate().unwrap_err().reason.contains("placeholder"));
+        let mut bad = s.clone();
+        bad.secret_headers[0].header = "Host".into();
+        assert!(bad.validate().is_err());
+        let mut bad = s.clone();
+        bad.allow_hosts.push("http://x.org/".into());
+        assert!(bad.validate().unwrap_err().reason.contains("not a URL"));
+        let mut bad = s;
+        bad.env.insert("OTHER".into(), "x".into());
+        assert!(bad.validate().unwrap_err().reason.contains("both"));
         let j = serde_json::to_string(&spec("time")).unwrap();
         assert!(!j.contains("env") && !j.contains("image"), "{j}");
         let back: ServerSpec = serde_json::from_str(&j).unwrap();

@@ -4,6 +4,7 @@
 //   memory     GET /v1/memory, PUT /v1/memory
 //   schedules  GET/POST /v1/schedules, PUT /v1/schedules/{id}/enabled, DELETE /v1/schedules/{id}
 //   devices    GET /v1/devices, POST /v1/devices/{id}/revoke (admin only: a browser gets 403)
+//   tools      GET /v1/tools, PUT /v1/tools/{name}/enabled (admin only)
 // A new view: a <section data-view="NAME"> in index.html, a tab button, and an entry in
 // `iomViews.views`.
 "use strict";
@@ -223,7 +224,71 @@ const iomViews = (() => {
     }
   }
 
-  const views = { usage, memory, schedules, devices };
+  // The MCP servers of the mesh as the agent node reports them: state, egress, secrets (by
+  // reference only: the values never leave the agent node) and tools; enable and disable.
+  async function tools(section) {
+    section.replaceChildren(header(section, "Tools", tools));
+    section.append(el("p", "muted", "MCP servers, declared with `iom tools add`. The agent node runs each in its own locked-down container, with no network unless hosts are allowed."));
+    const list = el("ul", "servers");
+    list.id = "server-list";
+    section.append(list);
+    try {
+      const r = await api("/v1/tools");
+      for (const s of r.servers) list.append(serverCard(section, s));
+      if (!r.servers.length) list.append(el("li", "muted", "no MCP servers yet: iom tools add NAME -- COMMAND…"));
+    } catch (e) {
+      failed(section, e);
+    }
+  }
+
+  function serverCard(section, s) {
+    const li = el("li", "server card");
+    li.dataset.name = s.name;
+    li.dataset.state = s.state;
+    const spec = s.spec || {};
+    const head = el("div", "server-head");
+    head.append(el("strong", null, s.name), el("span", "badge", s.state));
+    if (s.restarts) head.append(el("span", "muted", `${s.restarts} restart${s.restarts === 1 ? "" : "s"}`));
+    if (s.spec) {
+      const enabled = spec.enabled !== false;
+      const toggle = el("button", "toggle", enabled ? "Disable" : "Enable");
+      toggle.type = "button";
+      toggle.addEventListener("click", async () => {
+        try {
+          await api(`/v1/tools/${encodeURIComponent(s.name)}/enabled`, { method: "PUT", body: { enabled: !enabled } });
+          tools(section);
+        } catch (err) { failed(section, err); }
+      });
+      head.append(toggle);
+    }
+    li.append(head, el("code", "command", (spec.command || []).join(" ")));
+    const hosts = spec.allow_hosts || [];
+    li.append(el("div", "muted egress", hosts.length ? `egress: ${hosts.join(", ")}` : "network: none"));
+    for (const h of spec.secret_headers || []) {
+      li.append(el("div", "muted", `secret header for ${h.host}: ${h.header}: ${h.value}`));
+    }
+    for (const [k, v] of Object.entries(spec.secret_env || {})) {
+      li.append(el("div", "muted", `secret in its environment: ${k}=${v}`));
+    }
+    if (s.refused) li.append(el("div", "error", `refused: ${s.refused}`));
+    if (s.error) li.append(el("div", "error", `last error: ${s.error}`));
+    if (s.state === "failed" && s.retry_at) {
+      const left = Math.max(0, s.retry_at - Math.floor(Date.now() / 1000));
+      li.append(el("div", "muted", `next start in ${left} s`));
+    }
+    if (s.tools && s.tools.length) {
+      const names = el("ul", "server-tools");
+      for (const t of s.tools) {
+        const item = el("li");
+        item.append(el("code", null, t.name), document.createTextNode(" "), el("span", "muted", t.description || ""));
+        names.append(item);
+      }
+      li.append(names);
+    }
+    return li;
+  }
+
+  const views = { usage, memory, schedules, devices, tools };
 
   // Shows one view (`chat` is app.js's conversation view) and marks its tab.
   function show(name) {
