@@ -14,6 +14,8 @@
 //! - [`frame`]: length-prefixed frames and CBOR message helpers.
 //! - [`invite`]: `iom1…` invite codes and the pairing proof.
 //! - [`pair`]: the `/iom/pair/1` request and response.
+//! - [`sni`]: the server name of a TLS ClientHello (the relay's passthrough) and devices'
+//!   names under a relay's domain.
 //! - [`recovery_words`]: the person key as words for a printed recovery kit.
 //! - [`wire`]: the `/iom/sync/1` and `/iom/blob/1` messages.
 //!
@@ -63,6 +65,7 @@ pub mod invite;
 pub mod keys;
 pub mod pair;
 pub mod recovery_words;
+pub mod sni;
 pub mod trust;
 pub mod wire;
 
