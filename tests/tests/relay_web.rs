@@ -3,7 +3,9 @@
 //! Real clients (`curl`, `openssl s_client`) fetch the page and the API through the relay and
 //! check the certificate is the node's own; raw TCP clients send no server name, an unknown
 //! name, garbage and nothing at all, and get a TLS alert or a closed connection; a device of a
-//! person the relay does not serve gets no name.
+//! person the relay does not serve gets no name. And a certificate for the device's name
+//! from Debian's `pebble` (the Let's Encrypt test CA), requested by a real ACME client
+//! (`lego`) with HTTP-01 answered through the relay's port-80 listener.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -28,6 +30,10 @@ struct Relay {
 
 impl Relay {
     fn start(allow: &[&str]) -> Result<Relay> {
+        Relay::start_with(allow, &[])
+    }
+
+    fn start_with(allow: &[&str], extra: &[String]) -> Result<Relay> {
         let dir = tempfile::tempdir()?;
         let key = iom_node::relay::load_or_create_relay_key(dir.path())
             .map_err(|e| anyhow!("relay key: {e}"))?;
@@ -48,6 +54,7 @@ impl Relay {
         for p in allow {
             cmd.args(["--allow-person", p]);
         }
+        cmd.args(extra);
         let child = cmd.spawn().context("spawning iom relay run")?;
         let relay = Relay {
             child,
@@ -327,5 +334,190 @@ fn the_relay_forwards_tls_by_name_to_the_device_and_refuses_everything_else() {
         ensure!(!log.contains("panicked"), "{log}");
         home.assert_no_panic()?;
         stranger.assert_no_panic()
+    });
+}
+
+/// A child process killed on drop.
+struct Proc(Child, &'static str);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Proc> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(log)?)
+        .stderr(std::fs::File::create(log.with_extension("err"))?)
+        .spawn()
+        .with_context(|| format!("spawning {name}"))?;
+    Ok(Proc(child, name))
+}
+
+#[test]
+fn a_certificate_from_pebble_through_the_relay_then_verified_tls_through_it() {
+    scenario(|| {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path();
+        let (mut home, _https_port, person) = https_node("acme-home")?;
+        let http_port = free_port()?;
+        let mut relay = Relay::start_with(
+            &[&person],
+            &["--http-listen".to_string(), format!("127.0.0.1:{http_port}")],
+        )?;
+        home.args.extend(["--relay".to_string(), relay.addr.clone()]);
+        home.start()?;
+        wait_until("home's relay name", Duration::from_secs(30), || {
+            Ok(relay_url(&home)?.is_some())
+        })
+        .with_context(|| format!("{}\n{}", home.log_text(), relay.log_text()))?;
+        let device: iom_protocol::keys::DeviceId = home.device_id()?.parse()?;
+        let host = format!("{}.{DOMAIN}", iom_protocol::sni::web_name(&device));
+
+        // Plain HTTP on the relay: a challenge the device does not have is a 404, other
+        // paths and other names too.
+        let get = |h: &str, path: &str| -> Result<u16> {
+            let out = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"])
+                .arg("--resolve")
+                .arg(format!("{h}:{http_port}:127.0.0.1"))
+                .arg(format!("http://{h}:{http_port}{path}"))
+                .output()?;
+            Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+        };
+        assert_eq!(get(&host, "/.well-known/acme-challenge/nothere")?, 404);
+        assert_eq!(get(&host, "/")?, 404);
+        assert_eq!(get(&format!("nobody.{DOMAIN}"), "/.well-known/acme-challenge/x")?, 404);
+        assert_eq!(get(&host, "/.well-known/acme-challenge/../../etc")?, 404);
+
+        // pebble: its own TLS certificate, DNS from pebble-challtestsrv (every name is
+        // 127.0.0.1), HTTP-01 validation on the relay's port.
+        let pebble_cert = dir.join("pebble.pem");
+        let pebble_key = dir.join("pebble.key");
+        openssl(
+            &[
+                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-nodes", "-days", "1", "-subj", "/CN=pebble",
+                "-addext", "subjectAltName=IP:127.0.0.1",
+                "-keyout", pebble_key.to_str().context("path")?,
+                "-out", pebble_cert.to_str().context("path")?,
+            ],
+            None,
+        )?;
+        let (acme_port, mgmt_port, dns_port, cts_mgmt) =
+            (free_port()?, free_port()?, free_port()?, free_port()?);
+        let config = serde_json::json!({"pebble": {
+            "listenAddress": format!("127.0.0.1:{acme_port}"),
+            "managementListenAddress": format!("127.0.0.1:{mgmt_port}"),
+            "certificate": pebble_cert, "privateKey": pebble_key,
+            "httpPort": http_port, "tlsPort": free_port()?,
+            "ocspResponderURL": "", "externalAccountBindingRequired": false,
+        }});
+        let config_path = dir.join("pebble.json");
+        std::fs::write(&config_path, config.to_string())?;
+        let _dns = spawn(
+            "pebble-challtestsrv",
+            Command::new("pebble-challtestsrv")
+                .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+                .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
+                .args(["-management", &format!("127.0.0.1:{cts_mgmt}")])
+                .args(["-http01", "", "-https01", "", "-tlsalpn01", ""]),
+            &dir.join("challtestsrv.log"),
+        )?;
+        let _pebble = spawn(
+            "pebble",
+            Command::new("pebble")
+                .arg("-config")
+                .arg(&config_path)
+                .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                .env("PEBBLE_WFE_NONCEREJECT", "0"),
+            &dir.join("pebble.log"),
+        )?;
+        wait_until("pebble", Duration::from_secs(20), || {
+            Ok(TcpStream::connect(("127.0.0.1", acme_port)).is_ok()
+                && TcpStream::connect(("127.0.0.1", dns_port)).is_ok())
+        })?;
+
+        // A real ACME client puts the challenge into the node's webroot; pebble fetches it
+        // through the relay, which asks the device.
+        let webroot = home.dir.join("tls/webroot");
+        let lego_dir = dir.join("lego");
+        let out = Command::new("lego")
+            .env("LEGO_CA_CERTIFICATES", &pebble_cert)
+            .args(["--server", &format!("https://127.0.0.1:{acme_port}/dir")])
+            .args(["--email", "phone@relay.test", "--accept-tos", "--domains", &host])
+            .args(["--http", "--http.webroot"])
+            .arg(&webroot)
+            .arg("--path")
+            .arg(&lego_dir)
+            .arg("run")
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "lego failed: {}\n{}\npebble: {}\nrelay: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(dir.join("pebble.log")).unwrap_or_default(),
+            relay.log_text()
+        );
+        ensure!(
+            relay.log_text().contains("answered by"),
+            "the relay did not answer the challenge: {}",
+            relay.log_text()
+        );
+        let cert = lego_dir.join(format!("certificates/{host}.crt"));
+        let key = lego_dir.join(format!("certificates/{host}.key"));
+
+        // The node serves that certificate; a client that trusts only pebble's root verifies
+        // it through the relay, name included (no -k).
+        home.stop()?;
+        home.args.extend([
+            "--tls-cert".to_string(),
+            cert.to_str().context("path")?.to_string(),
+            "--tls-key".to_string(),
+            key.to_str().context("path")?.to_string(),
+        ]);
+        home.start()?;
+        wait_until("home's relay name again", Duration::from_secs(30), || {
+            Ok(relay_url(&home)?.is_some())
+        })?;
+        let root = Command::new("curl")
+            .args(["-sS", "--cacert"])
+            .arg(&pebble_cert)
+            .arg(format!("https://127.0.0.1:{mgmt_port}/roots/0"))
+            .output()?;
+        ensure!(root.status.success(), "{}", String::from_utf8_lossy(&root.stderr));
+        let root_pem = dir.join("root.pem");
+        std::fs::write(&root_pem, &root.stdout)?;
+        let port = relay.tls_port;
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", "--cacert"])
+            .arg(&root_pem)
+            .arg("--resolve")
+            .arg(format!("{host}:{port}:127.0.0.1"))
+            .arg(format!("https://{host}:{port}/"))
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "verified TLS through the relay failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout)?;
+        ensure!(text.ends_with("\n200") && text.contains("<html"), "{text}");
+        // The same client refuses the name on a certificate for another name.
+        let wrong = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&root_pem)
+            .arg("--resolve")
+            .arg(format!("other.{DOMAIN}:{port}:127.0.0.1"))
+            .arg(format!("https://other.{DOMAIN}:{port}/"))
+            .output()?;
+        ensure!(!wrong.status.success(), "an unknown name got through");
+        ensure!(relay.is_running(), "{}", relay.log_text());
+        home.assert_no_panic()
     });
 }

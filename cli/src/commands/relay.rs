@@ -52,6 +52,10 @@ pub struct RelayRunArgs {
     /// port mapping); default: the --tls-listen port.
     #[arg(long, value_name = "PORT", requires = "domain")]
     pub tls_public_port: Option<u16>,
+    /// Answer ACME HTTP-01 challenges for DEVICE.DOMAIN here (port 80 for a real CA) by
+    /// asking the device, so it can get a certificate for its name.
+    #[arg(long, value_name = "IP:PORT", requires = "domain")]
+    pub http_listen: Option<std::net::SocketAddr>,
     /// Forwarded TLS connections one device may have open at once.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub tls_max_connections_per_device: usize,
@@ -107,6 +111,7 @@ impl RelayRunArgs {
                     .map_err(|_| anyhow::anyhow!("--domain {d:?} is not a DNS name"))?;
                 let mut web = WebConfig::new(domain, self.tls_listen);
                 web.public_port = self.tls_public_port;
+                web.http_listen = self.http_listen;
                 web.max_connections_per_device = self.tls_max_connections_per_device.max(1);
                 web.max_bytes_per_connection =
                     self.tls_max_mib_per_connection.saturating_mul(1024 * 1024);
@@ -150,6 +155,7 @@ pub async fn run(data_dir: &Path, json: bool, args: RelayRunArgs) -> anyhow::Res
             "addrs": addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "metrics": metrics_addr.map(|a| format!("http://{a}/metrics")),
             "tls": server.tls_addr().map(|a| a.to_string()),
+            "http": server.http_addr().map(|a| a.to_string()),
             "domain": domain,
         });
         println!("{line}");
@@ -168,6 +174,9 @@ pub async fn run(data_dir: &Path, json: bool, args: RelayRunArgs) -> anyhow::Res
         }
         if let (Some(a), Some(d)) = (server.tls_addr(), &domain) {
             println!("TLS passthrough for *.{d} on {a} (devices of allowed persons register their name)");
+        }
+        if let Some(a) = server.http_addr() {
+            println!("ACME HTTP-01 challenges answered on http://{a}/");
         }
     }
     let r = server.run(iom_node::node::shutdown_signal()).await;

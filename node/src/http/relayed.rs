@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::tls::RelayedSender;
 use crate::node::NodeCtx;
+use crate::relay::acme_http::ACME_HTTP_PROTOCOL;
 use crate::relay::web::{REGISTER_EVERY, TLS_FORWARD_PROTOCOL, register_web_name};
 
 /// Retry delay while a relay has not (yet) accepted the name.
@@ -55,6 +56,50 @@ impl RelayNames {
             list.push(n);
         }
     }
+}
+
+/// Where ACME clients put HTTP-01 challenge files (`--http.webroot` / `--webroot -w`).
+pub fn webroot(ctx: &NodeCtx) -> std::path::PathBuf {
+    ctx.config.data_dir.join(WEBROOT)
+}
+
+/// The webroot under the data dir.
+pub const WEBROOT: &str = "tls/webroot";
+
+/// Answers the relays' `/iom/acme-http/1` questions from the webroot.
+fn serve_acme(ctx: &Arc<NodeCtx>, relays: &[PeerId], stop: CancellationToken) {
+    let mut control = ctx.net.control();
+    let mut incoming = match control.accept(ACME_HTTP_PROTOCOL) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!("cannot answer ACME challenges through the relay: {e}");
+            return;
+        }
+    };
+    let (allowed, root) = (relays.to_vec(), webroot(ctx));
+    tokio::spawn(async move {
+        loop {
+            let (peer, stream) = tokio::select! {
+                () = stop.cancelled() => return,
+                next = incoming.next() => match next {
+                    Some(s) => s,
+                    None => return,
+                },
+            };
+            if !allowed.contains(&peer) {
+                continue;
+            }
+            let root = root.clone();
+            tokio::spawn(async move {
+                let answer = crate::relay::acme_http::answer_query(stream, &root);
+                match tokio::time::timeout(Duration::from_secs(10), answer).await {
+                    Ok(Ok(())) => tracing::info!(%peer, "answered an ACME challenge query"),
+                    Ok(Err(e)) => tracing::debug!(%peer, "ACME challenge query failed: {e}"),
+                    Err(_) => tracing::debug!(%peer, "ACME challenge query timed out"),
+                }
+            });
+        }
+    });
 }
 
 /// The current retry delay, doubling the next one (up to [`REGISTER_EVERY`]).
@@ -113,6 +158,7 @@ pub fn start(ctx: &Arc<NodeCtx>, sender: RelayedSender, stop: CancellationToken)
             }
         }
     });
+    serve_acme(ctx, &relays, stop.clone());
     for relay in relays {
         let (ctx, stop) = (ctx.clone(), stop.clone());
         tokio::spawn(async move {

@@ -14,6 +14,8 @@
 //!   registers its name (client side: [`web::register_web_name`]).
 //! - [`passthrough`]: the TLS listener that forwards connections by server name over
 //!   `/iom/tls-forward/1`, TLS ending on the device.
+//! - [`acme_http`]: the plain-HTTP listener that answers ACME HTTP-01 challenges for a
+//!   device by asking it over `/iom/acme-http/1`.
 //! - [`server`]: [`server::RelayServer`], the swarm and its event loop.
 //!
 //! # Why a tiered behaviour
@@ -28,6 +30,7 @@
 //! `relay::Behaviour`, so allowed and other peers share reservations and can reach each other.
 //! See `docs/operations.md`.
 
+pub mod acme_http;
 pub mod allow;
 pub mod auth;
 pub mod key;

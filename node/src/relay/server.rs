@@ -64,8 +64,8 @@ pub enum RelayError {
     /// No listener came up.
     #[error("the relay has no listen address")]
     NoListenAddress,
-    /// The TLS passthrough port could not be bound.
-    #[error("cannot listen for TLS on {addr}: {source}")]
+    /// The TLS passthrough's (or the ACME HTTP listener's) port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
     TlsListen {
         /// The address.
         addr: std::net::SocketAddr,
@@ -270,6 +270,8 @@ pub struct RelayServer {
     web_tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Where the TLS passthrough listens, once started.
     tls_addr: Option<std::net::SocketAddr>,
+    /// Where the ACME HTTP-01 listener listens, once started.
+    http_addr: Option<std::net::SocketAddr>,
     /// The names devices registered.
     names: WebNames,
     /// Advertise listen addresses as they come and go (no `--external-addr`).
@@ -344,6 +346,7 @@ impl RelayServer {
             auth_task: None,
             web_tasks: Vec::new(),
             tls_addr: None,
+            http_addr: None,
             names: WebNames::default(),
             auto_external,
             started: false,
@@ -374,6 +377,12 @@ impl RelayServer {
         self.tls_addr
     }
 
+    /// Where the ACME HTTP-01 listener listens (after [`start`](Self::start), with
+    /// `--http-listen`).
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http_addr
+    }
+
     /// The names devices registered for the TLS passthrough.
     pub fn web_names(&self) -> WebNames {
         self.names.clone()
@@ -392,6 +401,22 @@ impl RelayServer {
         let incoming = control
             .accept(WEB_NAME_PROTOCOL)
             .map_err(RelayError::AuthProtocol)?;
+        if let Some(http) = web.http_listen {
+            let listener = tokio::net::TcpListener::bind(http)
+                .await
+                .map_err(|source| RelayError::TlsListen { addr: http, source })?;
+            self.http_addr = Some(
+                listener
+                    .local_addr()
+                    .map_err(|source| RelayError::TlsListen { addr: http, source })?,
+            );
+            self.web_tasks.push(tokio::spawn(super::acme_http::serve_http(
+                listener,
+                self.names.clone(),
+                control.clone(),
+                web.domain.clone().into(),
+            )));
+        }
         let port = web.public_port.unwrap_or(bound.port());
         self.web_tasks.push(tokio::spawn(super::web::serve_web_names(
             incoming,

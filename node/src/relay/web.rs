@@ -53,6 +53,8 @@ pub struct WebConfig {
     pub tls_listen: std::net::SocketAddr,
     /// The port browsers use, for the URLs (default: the bound port of `tls_listen`).
     pub public_port: Option<u16>,
+    /// Where plain HTTP comes in for ACME HTTP-01 challenges (`0.0.0.0:80`), if at all.
+    pub http_listen: Option<std::net::SocketAddr>,
     /// Forwarded connections one device may have open at once.
     pub max_connections_per_device: usize,
     /// Bytes one forwarded connection may carry, both directions together (0 = unlimited).
@@ -70,6 +72,7 @@ impl WebConfig {
             domain,
             tls_listen,
             public_port: None,
+            http_listen: None,
             max_connections_per_device: 64,
             max_bytes_per_connection: 1024 * 1024 * 1024,
             max_pending: 256,
@@ -237,6 +240,11 @@ impl WebNames {
             label: label.to_string(),
             peer: e.peer,
         })
+    }
+
+    /// The device registered under `label`, if any.
+    pub fn peer(&self, label: &str) -> Option<PeerId> {
+        self.lock().get(label).map(|e| e.peer)
     }
 
     /// How many names are registered.
