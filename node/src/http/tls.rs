@@ -23,6 +23,7 @@ use std::time::Duration;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
@@ -202,7 +203,7 @@ pub enum HttpsIo {
     Relayed(Compat<libp2p::Stream>),
 }
 
-impl tokio::io::AsyncRead for HttpsIo {
+impl AsyncRead for HttpsIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -215,7 +216,7 @@ impl tokio::io::AsyncRead for HttpsIo {
     }
 }
 
-impl tokio::io::AsyncWrite for HttpsIo {
+impl AsyncWrite for HttpsIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

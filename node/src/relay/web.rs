@@ -286,8 +286,8 @@ pub async fn serve_web_names(
         let (names, allow, domain) = (names.clone(), allow.clone(), domain.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let answer = answer(peer, stream, &names, &allow, &domain, port);
-            match tokio::time::timeout(WEB_NAME_TIMEOUT, answer).await {
+            let exchange = answer(peer, stream, &names, &allow, &domain, port);
+            match tokio::time::timeout(WEB_NAME_TIMEOUT, exchange).await {
                 Ok(Ok(reply)) if reply.ok => {
                     tracing::debug!(%peer, host = ?reply.host, "web name registered")
                 }
