@@ -47,7 +47,11 @@ pub fn parse_request_head(buf: &[u8]) -> Result<HeadPeek, HeadError> {
             return Err(HeadError::TooLarge);
         }
         // Fail early on bytes no request line starts with.
-        if buf.iter().take(16).any(|b| !b.is_ascii_graphic() && !b" \r\n".contains(b)) {
+        if buf
+            .iter()
+            .take(16)
+            .any(|b| !b.is_ascii_graphic() && !b" \r\n".contains(b))
+        {
             return Err(HeadError::NotHttp);
         }
         return Ok(HeadPeek::NeedMore);

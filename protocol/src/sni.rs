@@ -245,7 +245,9 @@ pub fn host_name(bytes: &[u8]) -> Result<String, SniError> {
             && label.len() <= 63
             && !label.starts_with('-')
             && !label.ends_with('-')
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
         if !ok {
             return Err(SniError::BadName);
         }
@@ -328,7 +330,11 @@ mod tests {
 
     #[test]
     fn the_server_name_is_found_after_other_extensions() {
-        let msg = hello(&[(10, vec![0, 2, 0, 29]), sni("Abc.Relay.Example.com"), (43, vec![2, 3, 4])]);
+        let msg = hello(&[
+            (10, vec![0, 2, 0, 29]),
+            sni("Abc.Relay.Example.com"),
+            (43, vec![2, 3, 4]),
+        ]);
         let wire = records(&msg, 16 * 1024);
         assert_eq!(
             parse_client_hello(&wire).unwrap(),

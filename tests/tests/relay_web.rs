@@ -124,10 +124,7 @@ fn openssl(args: &[&str], input: Option<&[u8]>) -> Result<Vec<u8>> {
     }
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!(
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(out.stdout)
 }
@@ -172,7 +169,14 @@ fn curl(host: &str, port: u16, url: &str, pin: &str, headers: &[&str]) -> Result
 fn fingerprint_through_relay(host: &str, port: u16) -> Result<String> {
     let connect = format!("127.0.0.1:{port}");
     let shown = openssl(
-        &["s_client", "-connect", &connect, "-servername", host, "-showcerts"],
+        &[
+            "s_client",
+            "-connect",
+            &connect,
+            "-servername",
+            host,
+            "-showcerts",
+        ],
         Some(b""),
     )?;
     let fp = openssl(&["x509", "-noout", "-fingerprint", "-sha256"], Some(&shown))?;
@@ -292,7 +296,11 @@ fn the_relay_forwards_tls_by_name_to_the_device_and_refuses_everything_else() {
         let short = Duration::from_secs(3);
         let (got, _) = raw(port, &client_hello(None), short)?;
         assert_eq!(got, UNRECOGNIZED_NAME, "no server name");
-        let (got, _) = raw(port, &client_hello(Some(&format!("nobody.{DOMAIN}"))), short)?;
+        let (got, _) = raw(
+            port,
+            &client_hello(Some(&format!("nobody.{DOMAIN}"))),
+            short,
+        )?;
         assert_eq!(got, UNRECOGNIZED_NAME, "an unknown name");
         let (got, _) = raw(port, &client_hello(Some("example.com")), short)?;
         assert_eq!(got, UNRECOGNIZED_NAME, "a name outside the domain");
@@ -319,8 +327,14 @@ fn the_relay_forwards_tls_by_name_to_the_device_and_refuses_everything_else() {
         let (got, _) = raw(port, &client_hello(Some(&stranger_host)), short)?;
         assert_eq!(got, UNRECOGNIZED_NAME, "the stranger's name");
         ensure!(
-            curl(&stranger_host, port, &format!("https://{stranger_host}:{port}/"), &pin, &[])
-                .is_err(),
+            curl(
+                &stranger_host,
+                port,
+                &format!("https://{stranger_host}:{port}/"),
+                &pin,
+                &[]
+            )
+            .is_err(),
             "the stranger was reachable"
         );
         let log = relay.log_text();
@@ -338,7 +352,7 @@ fn the_relay_forwards_tls_by_name_to_the_device_and_refuses_everything_else() {
 }
 
 /// A child process killed on drop.
-struct Proc(Child, &'static str);
+struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -354,7 +368,7 @@ fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Proc> {
         .stderr(std::fs::File::create(log.with_extension("err"))?)
         .spawn()
         .with_context(|| format!("spawning {name}"))?;
-    Ok(Proc(child, name))
+    Ok(Proc(child))
 }
 
 #[test]
@@ -366,9 +380,13 @@ fn a_certificate_from_pebble_through_the_relay_then_verified_tls_through_it() {
         let http_port = free_port()?;
         let mut relay = Relay::start_with(
             &[&person],
-            &["--http-listen".to_string(), format!("127.0.0.1:{http_port}")],
+            &[
+                "--http-listen".to_string(),
+                format!("127.0.0.1:{http_port}"),
+            ],
         )?;
-        home.args.extend(["--relay".to_string(), relay.addr.clone()]);
+        home.args
+            .extend(["--relay".to_string(), relay.addr.clone()]);
         home.start()?;
         wait_until("home's relay name", Duration::from_secs(30), || {
             Ok(relay_url(&home)?.is_some())
@@ -381,7 +399,15 @@ fn a_certificate_from_pebble_through_the_relay_then_verified_tls_through_it() {
         // paths and other names too.
         let get = |h: &str, path: &str| -> Result<u16> {
             let out = Command::new("curl")
-                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10"])
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "10",
+                ])
                 .arg("--resolve")
                 .arg(format!("{h}:{http_port}:127.0.0.1"))
                 .arg(format!("http://{h}:{http_port}{path}"))
@@ -390,7 +416,10 @@ fn a_certificate_from_pebble_through_the_relay_then_verified_tls_through_it() {
         };
         assert_eq!(get(&host, "/.well-known/acme-challenge/nothere")?, 404);
         assert_eq!(get(&host, "/")?, 404);
-        assert_eq!(get(&format!("nobody.{DOMAIN}"), "/.well-known/acme-challenge/x")?, 404);
+        assert_eq!(
+            get(&format!("nobody.{DOMAIN}"), "/.well-known/acme-challenge/x")?,
+            404
+        );
         assert_eq!(get(&host, "/.well-known/acme-challenge/../../etc")?, 404);
 
         // pebble: its own TLS certificate, DNS from pebble-challtestsrv (every name is
@@ -399,11 +428,23 @@ fn a_certificate_from_pebble_through_the_relay_then_verified_tls_through_it() {
         let pebble_key = dir.join("pebble.key");
         openssl(
             &[
-                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                "-nodes", "-days", "1", "-subj", "/CN=pebble",
-                "-addext", "subjectAltName=IP:127.0.0.1",
-                "-keyout", pebble_key.to_str().context("path")?,
-                "-out", pebble_cert.to_str().context("path")?,
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=pebble",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+                pebble_key.to_str().context("path")?,
+                "-out",
+                pebble_cert.to_str().context("path")?,
             ],
             None,
         )?;
@@ -449,7 +490,13 @@ fn a_certificate_from_pebble_through_the_relay_then_verified_tls_through_it() {
         let out = Command::new("lego")
             .env("LEGO_CA_CERTIFICATES", &pebble_cert)
             .args(["--server", &format!("https://127.0.0.1:{acme_port}/dir")])
-            .args(["--email", "phone@relay.test", "--accept-tos", "--domains", &host])
+            .args([
+                "--email",
+                "phone@relay.test",
+                "--accept-tos",
+                "--domains",
+                &host,
+            ])
             .args(["--http", "--http.webroot"])
             .arg(&webroot)
             .arg("--path")
@@ -490,12 +537,23 @@ fn a_certificate_from_pebble_through_the_relay_then_verified_tls_through_it() {
             .arg(&pebble_cert)
             .arg(format!("https://127.0.0.1:{mgmt_port}/roots/0"))
             .output()?;
-        ensure!(root.status.success(), "{}", String::from_utf8_lossy(&root.stderr));
+        ensure!(
+            root.status.success(),
+            "{}",
+            String::from_utf8_lossy(&root.stderr)
+        );
         let root_pem = dir.join("root.pem");
         std::fs::write(&root_pem, &root.stdout)?;
         let port = relay.tls_port;
         let out = Command::new("curl")
-            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", "--cacert"])
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-w",
+                "\n%{http_code}",
+                "--cacert",
+            ])
             .arg(&root_pem)
             .arg("--resolve")
             .arg(format!("{host}:{port}:127.0.0.1"))

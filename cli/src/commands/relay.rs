@@ -46,7 +46,12 @@ pub struct RelayRunArgs {
     #[arg(long, value_name = "DOMAIN")]
     pub domain: Option<String>,
     /// Where the TLS passthrough listens.
-    #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:443", requires = "domain")]
+    #[arg(
+        long,
+        value_name = "IP:PORT",
+        default_value = "0.0.0.0:443",
+        requires = "domain"
+    )]
     pub tls_listen: std::net::SocketAddr,
     /// The port browsers reach the TLS passthrough on, for the URLs devices show (behind a
     /// port mapping); default: the --tls-listen port.
@@ -173,7 +178,9 @@ pub async fn run(data_dir: &Path, json: bool, args: RelayRunArgs) -> anyhow::Res
             println!("metrics: http://{a}/metrics");
         }
         if let (Some(a), Some(d)) = (server.tls_addr(), &domain) {
-            println!("TLS passthrough for *.{d} on {a} (devices of allowed persons register their name)");
+            println!(
+                "TLS passthrough for *.{d} on {a} (devices of allowed persons register their name)"
+            );
         }
         if let Some(a) = server.http_addr() {
             println!("ACME HTTP-01 challenges answered on http://{a}/");

@@ -370,7 +370,13 @@ async fn accept_loop(
         if tx.is_closed() {
             return;
         }
-        spawn_handshake(HttpsIo::Tcp(tcp), peer, acceptor.clone(), tx.clone(), permit);
+        spawn_handshake(
+            HttpsIo::Tcp(tcp),
+            peer,
+            acceptor.clone(),
+            tx.clone(),
+            permit,
+        );
     }
 }
 

@@ -67,11 +67,8 @@ pub async fn serve_http(
         let (names, control, domain) = (names.clone(), control.clone(), domain.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let answer = tokio::time::timeout(
-                2 * ACME_TIMEOUT,
-                handle(tcp, &names, control, &domain),
-            )
-            .await;
+            let answer =
+                tokio::time::timeout(2 * ACME_TIMEOUT, handle(tcp, &names, control, &domain)).await;
             match answer {
                 Ok(Ok(what)) => tracing::info!(%from, "relay HTTP: {what}"),
                 Ok(Err(e)) => tracing::debug!(%from, "relay HTTP failed: {e}"),
@@ -199,8 +196,8 @@ where
         Some(token) => read_challenge(webroot, token),
         None => None,
     };
-    let reply = serde_cbor::to_vec(&AcmeAnswer { key_authorization })
-        .map_err(std::io::Error::other)?;
+    let reply =
+        serde_cbor::to_vec(&AcmeAnswer { key_authorization }).map_err(std::io::Error::other)?;
     write_frame(&mut stream, &reply).await?;
     let _ = stream.close().await;
     Ok(())
@@ -229,7 +226,10 @@ mod tests {
         std::fs::write(challenges.join("tok"), "tok.thumb\n").unwrap();
         std::fs::write(challenges.join("big"), vec![b'a'; 2000]).unwrap();
         std::fs::write(dir.path().join("secret"), "no").unwrap();
-        assert_eq!(read_challenge(dir.path(), "tok").as_deref(), Some("tok.thumb"));
+        assert_eq!(
+            read_challenge(dir.path(), "tok").as_deref(),
+            Some("tok.thumb")
+        );
         assert_eq!(read_challenge(dir.path(), "big"), None);
         assert_eq!(read_challenge(dir.path(), "missing"), None);
         assert_eq!(read_challenge(dir.path(), "."), None, "a directory");

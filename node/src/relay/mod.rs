@@ -44,7 +44,9 @@ pub mod web;
 pub use allow::AllowList;
 pub use auth::{RELAY_AUTH_PROTOCOL, RelayAuthError, RelayAuthReply, authenticate_to_relay};
 pub use key::{load_or_create_relay_key, relay_key_path};
-pub use web::{TLS_FORWARD_PROTOCOL, WEB_NAME_PROTOCOL, WebConfig, WebNameReply, register_web_name};
 pub use server::{
     CircuitLimit, RelayConfig, RelayError, RelayLimits, RelayMetricsSource, RelayServer,
+};
+pub use web::{
+    TLS_FORWARD_PROTOCOL, WEB_NAME_PROTOCOL, WebConfig, WebNameReply, register_web_name,
 };

@@ -123,7 +123,9 @@ async fn handle(
     .await;
     let carried = limit.saturating_sub(budget.load(Ordering::Relaxed).max(0));
     match result {
-        Ok(()) => tracing::debug!(%from, device = %slot.peer, bytes = carried, "TLS passthrough done"),
+        Ok(()) => {
+            tracing::debug!(%from, device = %slot.peer, bytes = carried, "TLS passthrough done")
+        }
         Err(e) => {
             tracing::info!(%from, device = %slot.peer, bytes = carried, "TLS passthrough ended: {e}")
         }
@@ -154,9 +156,7 @@ async fn route(
 }
 
 /// Reads until the bytes hold a whole ClientHello; returns them and its server name.
-async fn read_hello<R: AsyncRead + Unpin>(
-    r: &mut R,
-) -> Result<(Vec<u8>, Option<String>), Refused> {
+async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Vec<u8>, Option<String>), Refused> {
     let mut buf = Vec::with_capacity(2048);
     let mut chunk = [0u8; 4096];
     loop {

@@ -15,10 +15,10 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, identity, noise, relay, tcp, yamux};
 
 use super::AllowList;
-use super::web::{WEB_NAME_PROTOCOL, WebConfig, WebNames};
 use super::auth::{RELAY_AUTH_PROTOCOL, serve_auth};
 use super::limiter::{Key, Limiter, Rate};
 use super::tiered::TieredRelay;
+use super::web::{WEB_NAME_PROTOCOL, WebConfig, WebNames};
 
 /// Why the relay could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -410,21 +410,23 @@ impl RelayServer {
                     .local_addr()
                     .map_err(|source| RelayError::TlsListen { addr: http, source })?,
             );
-            self.web_tasks.push(tokio::spawn(super::acme_http::serve_http(
-                listener,
-                self.names.clone(),
-                control.clone(),
-                web.domain.clone().into(),
-            )));
+            self.web_tasks
+                .push(tokio::spawn(super::acme_http::serve_http(
+                    listener,
+                    self.names.clone(),
+                    control.clone(),
+                    web.domain.clone().into(),
+                )));
         }
         let port = web.public_port.unwrap_or(bound.port());
-        self.web_tasks.push(tokio::spawn(super::web::serve_web_names(
-            incoming,
-            self.names.clone(),
-            self.allow.clone(),
-            web.domain.clone().into(),
-            port,
-        )));
+        self.web_tasks
+            .push(tokio::spawn(super::web::serve_web_names(
+                incoming,
+                self.names.clone(),
+                self.allow.clone(),
+                web.domain.clone().into(),
+                port,
+            )));
         self.web_tasks
             .push(tokio::spawn(super::passthrough::serve_tls(
                 listener,

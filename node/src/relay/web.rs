@@ -363,7 +363,11 @@ mod tests {
         let label = names.register(a, &allow).unwrap();
         let device = DeviceId::from_peer_id(&a).unwrap();
         assert_eq!(label, iom_protocol::sni::web_name(&device));
-        assert_eq!(names.register(a, &allow).unwrap(), label, "again: same name");
+        assert_eq!(
+            names.register(a, &allow).unwrap(),
+            label,
+            "again: same name"
+        );
         assert_eq!(names.register(b, &allow), Err(NameRefusal::NotAllowed));
         assert_eq!(names.len(), 1);
     }
@@ -378,7 +382,10 @@ mod tests {
         let one = names.connect(&label, 2).unwrap();
         assert_eq!(one.peer, a);
         let two = names.connect(&label, 2).unwrap();
-        assert_eq!(names.connect(&label, 2).unwrap_err(), LookupRefusal::Busy(a, 2));
+        assert_eq!(
+            names.connect(&label, 2).unwrap_err(),
+            LookupRefusal::Busy(a, 2)
+        );
         drop(one);
         let three = names.connect(&label, 2).unwrap();
         drop((two, three));

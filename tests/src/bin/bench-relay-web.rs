@@ -79,7 +79,13 @@ fn main() -> Result<()> {
     let mut relay = Command::new(iom_bin())
         .arg("--data-dir")
         .arg(relay_dir.path())
-        .args(["relay", "run", "--no-rate-limits", "--allow-person", &person])
+        .args([
+            "relay",
+            "run",
+            "--no-rate-limits",
+            "--allow-person",
+            &person,
+        ])
         .arg("--listen")
         .arg(format!("/ip4/127.0.0.1/tcp/{p2p_port}"))
         .args(["--domain", "relay.test", "--tls-listen"])
