@@ -19,6 +19,10 @@
 #   libfaketime      skewed wall clocks for the soak's nodes (LD_PRELOAD, tests/tests/soak.rs)
 #   debootstrap      the fuller sandbox image with python3 (`iom sandbox build --python`), from
 #                    Debian's archive; MCP servers run in it (tests/tests/mcp.rs)
+#   pebble           the Let's Encrypt test ACME server (pebble, pebble-challtestsrv) for
+#                    certificates through the relay (docs/phone.md)
+#   curl             a real TLS client through the relay's SNI passthrough
+#                    (tests/tests/relay_web.rs)
 #
 # and, from crates.io, cargo-fuzz (the coverage-guided fuzz runs of scripts/fuzz.sh); from
 # PyPI, schemathesis (the API contract test, tests/tests/api_contract.rs), and a real local
@@ -30,7 +34,7 @@
 # something has to be installed.
 set -euo pipefail
 
-PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver systemd e2fsprogs util-linux bsdutils dovecot-imapd dovecot-lmtpd postfix openssl libfaketime debootstrap)
+PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver systemd e2fsprogs util-linux bsdutils dovecot-imapd dovecot-lmtpd postfix openssl libfaketime debootstrap pebble curl)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps.sh: must run as root (try: sudo $0)" >&2

@@ -111,6 +111,10 @@ pub struct RelayCounters {
     pub circuits_closed: Counter,
     /// Connections established.
     pub connections: Counter,
+    /// TLS connections forwarded to a device by server name.
+    pub tls_forwarded: Counter,
+    /// TLS connections refused (no or unknown server name, garbage, limits).
+    pub tls_refused: Counter,
 }
 
 impl RelayCounters {
@@ -123,6 +127,8 @@ impl RelayCounters {
             circuits_denied: Counter::new(),
             circuits_closed: Counter::new(),
             connections: Counter::new(),
+            tls_forwarded: Counter::new(),
+            tls_refused: Counter::new(),
         }
     }
 }
@@ -257,6 +263,16 @@ pub fn render_relay(connected_peers: u64, allowed_devices: u64) -> String {
         "iom_relay_circuits_accepted_total",
         "Circuits accepted.",
         c.circuits_accepted.get(),
+    )
+    .counter(
+        "iom_relay_tls_forwarded_total",
+        "TLS connections forwarded to a device by server name.",
+        c.tls_forwarded.get(),
+    )
+    .counter(
+        "iom_relay_tls_refused_total",
+        "TLS connections refused (no or unknown server name, garbage, limits).",
+        c.tls_refused.get(),
     )
     .counter(
         "iom_relay_circuits_denied_total",

@@ -62,6 +62,8 @@ pub struct NodeCtx {
     pub web: std::sync::OnceLock<WebListeners>,
     /// Browser sessions and their challenges.
     pub sessions: crate::http::browser::Sessions,
+    /// The names relays gave this node for reaching its HTTPS listener from anywhere.
+    pub relay_names: crate::http::relayed::RelayNames,
 }
 
 /// The addresses the page and the API are served on (`iom status` shows them; invite URLs
@@ -130,8 +132,25 @@ impl NodeCtx {
             })).collect::<Vec<_>>(),
             "blob_bytes_pending": self.blobs.pending_bytes(),
             "backup": self.backup_json(),
-            "web": self.web.get(),
+            "web": self.web_json(),
         })
+    }
+
+    /// The web listeners and the names relays gave this node.
+    fn web_json(&self) -> Value {
+        let Some(web) = self.web.get() else {
+            return Value::Null;
+        };
+        let mut v = serde_json::to_value(web).unwrap_or(Value::Null);
+        if let Some(map) = v.as_object_mut() {
+            let names = self.relay_names.list();
+            map.insert(
+                "relay_url".into(),
+                names.first().map_or(Value::Null, |n| json!(n.url)),
+            );
+            map.insert("relays".into(), json!(names));
+        }
+        v
     }
 
     /// Scheduled backups: where, how often, the last success and the last error.
@@ -404,6 +423,7 @@ impl Node {
             token_revoked: tokio::sync::broadcast::channel(16).0,
             web: std::sync::OnceLock::new(),
             sessions: Default::default(),
+            relay_names: Default::default(),
             shutdown: shutdown_rx,
         });
         let cancel = CancellationToken::new();
@@ -574,6 +594,9 @@ pub async fn run(
         crate::http::webhook::resume(&ctx);
     }
     let http = http_listener.map(|l| crate::http::serve(ctx.clone(), l));
+    if let Some((l, _)) = &https_listener {
+        crate::http::relayed::start(&ctx, l.relayed(), node.shutdown_token());
+    }
     let https = https_listener.map(|(l, _)| crate::http::serve(ctx.clone(), l));
 
     tracing::info!(

@@ -15,6 +15,9 @@
 //! - [`frame`]: length-prefixed frames and CBOR message helpers.
 //! - [`invite`]: `iom1…` invite codes and the pairing proof.
 //! - [`pair`]: the `/iom/pair/1` request and response.
+//! - [`http_head`]: the head of a plain HTTP request (the relay's ACME HTTP-01 listener).
+//! - [`sni`]: the server name of a TLS ClientHello (the relay's passthrough) and devices'
+//!   names under a relay's domain.
 //! - [`recovery_words`]: the person key as words for a printed recovery kit.
 //! - [`wire`]: the `/iom/sync/1` and `/iom/blob/1` messages.
 //!
@@ -60,11 +63,13 @@ pub mod cert;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod http_head;
 pub mod id;
 pub mod invite;
 pub mod keys;
 pub mod pair;
 pub mod recovery_words;
+pub mod sni;
 pub mod trust;
 pub mod wire;
 

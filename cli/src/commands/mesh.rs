@@ -30,7 +30,12 @@ pub async fn invite(
         .await?;
     if g.json {
         if web.is_some() {
-            output::json(&json!({ "code": r["code"], "url": r["url"], "expires": r["expires"] }));
+            output::json(&json!({
+                "code": r["code"],
+                "url": r["url"],
+                "lan_url": r["lan_url"],
+                "expires": r["expires"],
+            }));
         } else {
             output::json(&r);
         }
@@ -43,6 +48,9 @@ pub async fn invite(
         println!("Browser invite (single use, expires {expires}): open on the phone or scan\n");
         println!("  {url}\n");
         output::qr(url);
+        if let Some(lan) = r["lan_url"].as_str() {
+            println!("\nOn the same network the node is also at:\n\n  {lan}");
+        }
         return Ok(());
     }
     println!("Invite code (single use, expires {expires}):\n");

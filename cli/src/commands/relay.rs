@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use iom_node::relay::{CircuitLimit, RelayConfig, RelayLimits, RelayServer};
+use iom_node::relay::{CircuitLimit, RelayConfig, RelayLimits, RelayServer, WebConfig};
 use iom_protocol::keys::PersonId;
 
 /// Flags of `iom relay run`.
@@ -40,6 +40,33 @@ pub struct RelayRunArgs {
     /// Serve Prometheus metrics (`GET /metrics`) on this address (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Forward TLS connections for DEVICE.DOMAIN to that device (SNI passthrough; TLS ends on
+    /// the device). Devices of allowed persons register their name; needs wildcard DNS
+    /// `*.DOMAIN` pointing at this relay.
+    #[arg(long, value_name = "DOMAIN")]
+    pub domain: Option<String>,
+    /// Where the TLS passthrough listens.
+    #[arg(
+        long,
+        value_name = "IP:PORT",
+        default_value = "0.0.0.0:443",
+        requires = "domain"
+    )]
+    pub tls_listen: std::net::SocketAddr,
+    /// The port browsers reach the TLS passthrough on, for the URLs devices show (behind a
+    /// port mapping); default: the --tls-listen port.
+    #[arg(long, value_name = "PORT", requires = "domain")]
+    pub tls_public_port: Option<u16>,
+    /// Answer ACME HTTP-01 challenges for DEVICE.DOMAIN here (port 80 for a real CA) by
+    /// asking the device, so it can get a certificate for its name.
+    #[arg(long, value_name = "IP:PORT", requires = "domain")]
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Forwarded TLS connections one device may have open at once.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub tls_max_connections_per_device: usize,
+    /// Bytes one forwarded TLS connection may carry, in MiB (0 = unlimited).
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    pub tls_max_mib_per_connection: u64,
     /// A file holding the bearer token `/metrics` requires (needed for a non-loopback
     /// --metrics-listen).
     #[arg(long, value_name = "FILE", requires = "metrics_listen")]
@@ -82,11 +109,27 @@ impl RelayRunArgs {
         if self.no_rate_limits {
             limits.rates = None;
         }
+        let web = match &self.domain {
+            Some(d) => {
+                let domain = d.trim_end_matches('.').to_ascii_lowercase();
+                iom_protocol::sni::host_name(domain.as_bytes())
+                    .map_err(|_| anyhow::anyhow!("--domain {d:?} is not a DNS name"))?;
+                let mut web = WebConfig::new(domain, self.tls_listen);
+                web.public_port = self.tls_public_port;
+                web.http_listen = self.http_listen;
+                web.max_connections_per_device = self.tls_max_connections_per_device.max(1);
+                web.max_bytes_per_connection =
+                    self.tls_max_mib_per_connection.saturating_mul(1024 * 1024);
+                Some(web)
+            }
+            None => None,
+        };
         Ok(RelayConfig {
             listen,
             external,
             allowed_persons,
             limits,
+            web,
         })
     }
 }
@@ -96,6 +139,7 @@ pub async fn run(data_dir: &Path, json: bool, args: RelayRunArgs) -> anyhow::Res
     let config = args.to_config()?;
     let key = iom_node::relay::load_or_create_relay_key(data_dir)?;
     let persons = config.allowed_persons.len();
+    let domain = config.web.as_ref().map(|w| w.domain.clone());
     let token = match &args.metrics_token_file {
         Some(path) => Some(read_token(path)?),
         None => None,
@@ -115,6 +159,9 @@ pub async fn run(data_dir: &Path, json: bool, args: RelayRunArgs) -> anyhow::Res
             "peer_id": peer_id.to_string(),
             "addrs": addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "metrics": metrics_addr.map(|a| format!("http://{a}/metrics")),
+            "tls": server.tls_addr().map(|a| a.to_string()),
+            "http": server.http_addr().map(|a| a.to_string()),
+            "domain": domain,
         });
         println!("{line}");
     } else {
@@ -129,6 +176,14 @@ pub async fn run(data_dir: &Path, json: bool, args: RelayRunArgs) -> anyhow::Res
         }
         if let Some(a) = metrics_addr {
             println!("metrics: http://{a}/metrics");
+        }
+        if let (Some(a), Some(d)) = (server.tls_addr(), &domain) {
+            println!(
+                "TLS passthrough for *.{d} on {a} (devices of allowed persons register their name)"
+            );
+        }
+        if let Some(a) = server.http_addr() {
+            println!("ACME HTTP-01 challenges answered on http://{a}/");
         }
     }
     let r = server.run(iom_node::node::shutdown_signal()).await;

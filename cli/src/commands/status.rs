@@ -29,6 +29,16 @@ pub async fn status(g: &Global) -> Result<(), Failure> {
             println!("  {}", a.as_str().unwrap_or_default());
         }
     }
+    let web = &st["web"];
+    if let Some(https) = web["https"].as_str() {
+        println!(
+            "web:       {https} (certificate sha256 {})",
+            output::s(web, "fingerprint")
+        );
+    }
+    if let Some(url) = web["relay_url"].as_str() {
+        println!("from anywhere: {url} (through the relay)");
+    }
     if let Some(peers) = st.get("peers").and_then(|v| v.as_array()) {
         println!("connections: {}", peers.len());
         for p in peers {

@@ -137,7 +137,10 @@ async fn invite(
     let code = inv
         .encode()
         .map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut lan_url = None;
     let url = if body.web {
+        use base64::Engine;
+        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(inv.secret);
         let base = match body.web_base {
             Some(b) if b.starts_with("https://") => b.trim_end_matches('/').to_string(),
             Some(b) => {
@@ -145,15 +148,22 @@ async fn invite(
                     "{b:?}: the invite URL's base must start with https://"
                 )));
             }
-            None => web_origin(&ctx).await.ok_or_else(|| {
-                ApiError::bad_request(
-                    "a web invite needs the HTTPS listener (`iom node run --https IP:PORT`) or \
-                     a base URL (`iom invite --web --url https://NAME`)",
-                )
-            })?,
+            // Through the relay when one named this node: reachable from anywhere.
+            None => match ctx.relay_names.url() {
+                Some(relay) => {
+                    lan_url = web_origin(&ctx)
+                        .await
+                        .map(|lan| format!("{lan}/pair#{secret}"));
+                    relay.trim_end_matches('/').to_string()
+                }
+                None => web_origin(&ctx).await.ok_or_else(|| {
+                    ApiError::bad_request(
+                        "a web invite needs the HTTPS listener (`iom node run --https IP:PORT`) or \
+                         a base URL (`iom invite --web --url https://NAME`)",
+                    )
+                })?,
+            },
         };
-        use base64::Engine;
-        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(inv.secret);
         Some(format!("{base}/pair#{secret}"))
     } else {
         None
@@ -161,6 +171,7 @@ async fn invite(
     Ok(Json(json!({
         "code": code,
         "url": url,
+        "lan_url": lan_url,
         "expires": inv.expires_at,
         "expires_at": inv.expires_at,
         "admin": inv.admin,

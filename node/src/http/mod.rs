@@ -18,6 +18,7 @@
 pub mod browser;
 pub mod errors;
 pub mod page;
+pub mod relayed;
 pub mod tls;
 pub mod tokens;
 pub mod webhook;

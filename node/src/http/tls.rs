@@ -5,23 +5,31 @@
 //! A self-signed certificate is only as good as its fingerprint: the node prints the SHA-256
 //! of the certificate when it is ready, for the user to compare with what the browser shows.
 //!
+//! Besides TCP connections, the listener takes TLS connections the relay forwards by server
+//! name ([`TlsListener::relayed`]): raw libp2p streams carrying the browser's TLS bytes, so
+//! TLS ends here and the relay never sees plaintext.
+//!
 //! Handshakes run in their own tasks, at most [`MAX_HANDSHAKES`] at a time and each within
 //! [`HANDSHAKE_TIMEOUT`], so a client that opens a connection and says nothing holds neither
 //! the accept loop nor a slot for long.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tokio_rustls::server::TlsStream;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
 /// Handshakes in progress at once; more connections wait in the kernel's backlog.
 pub const MAX_HANDSHAKES: usize = 64;
@@ -186,12 +194,82 @@ fn make_self_signed(cert: &Path, key: &Path, names: &[String]) -> Result<(), Tls
     })
 }
 
-/// A TLS listener for `axum::serve`: accepts TCP connections, completes their handshakes in
-/// the background, and hands out the connections whose handshake succeeded.
+/// The transport under one HTTPS connection: a TCP connection, or a stream the relay
+/// forwards (`/iom/tls-forward/1`).
+pub enum HttpsIo {
+    /// A direct TCP connection.
+    Tcp(TcpStream),
+    /// A TLS connection forwarded by the relay.
+    Relayed(Compat<libp2p::Stream>),
+}
+
+impl AsyncRead for HttpsIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            HttpsIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            HttpsIo::Relayed(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for HttpsIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            HttpsIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            HttpsIo::Relayed(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            HttpsIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            HttpsIo::Relayed(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            HttpsIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            HttpsIo::Relayed(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Hands relayed TLS connections to a [`TlsListener`].
+#[derive(Clone)]
+pub struct RelayedSender {
+    tx: mpsc::Sender<libp2p::Stream>,
+}
+
+impl RelayedSender {
+    /// Queues `stream` for its handshake; `false` if too many are waiting (the stream is
+    /// dropped) or the listener is gone.
+    pub fn offer(&self, stream: libp2p::Stream) -> bool {
+        self.tx.try_send(stream).is_ok()
+    }
+}
+
+/// The address relayed connections report (they have no socket address of their own).
+pub const RELAYED_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+/// A TLS listener for `axum::serve`: accepts TCP connections (and relayed streams), completes
+/// their handshakes in the background, and hands out the connections whose handshake
+/// succeeded.
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(TlsStream<HttpsIo>, SocketAddr)>,
     local: SocketAddr,
+    relayed: RelayedSender,
     accept_task: tokio::task::JoinHandle<()>,
+    relayed_task: tokio::task::JoinHandle<()>,
 }
 
 impl TlsListener {
@@ -200,27 +278,81 @@ impl TlsListener {
         let local = listener.local_addr()?;
         let acceptor = TlsAcceptor::from(material.config.clone());
         let (tx, ready) = mpsc::channel(MAX_HANDSHAKES);
-        let accept_task = tokio::spawn(accept_loop(listener, acceptor, tx));
+        let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let (relayed_tx, relayed_rx) = mpsc::channel(MAX_HANDSHAKES);
+        let relayed_task = tokio::spawn(relayed_loop(
+            relayed_rx,
+            acceptor.clone(),
+            tx.clone(),
+            slots.clone(),
+        ));
+        let accept_task = tokio::spawn(accept_loop(listener, acceptor, tx, slots));
         Ok(TlsListener {
             ready,
             local,
+            relayed: RelayedSender { tx: relayed_tx },
             accept_task,
+            relayed_task,
         })
+    }
+
+    /// Where relayed TLS connections go in.
+    pub fn relayed(&self) -> RelayedSender {
+        self.relayed.clone()
     }
 }
 
 impl Drop for TlsListener {
     fn drop(&mut self) {
         self.accept_task.abort();
+        self.relayed_task.abort();
+    }
+}
+
+/// Completes one handshake (bounded in time) and hands the connection on.
+fn spawn_handshake(
+    io: HttpsIo,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<(TlsStream<HttpsIo>, SocketAddr)>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    tokio::spawn(async move {
+        let _permit = permit;
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+            Ok(Ok(tls)) => {
+                let _ = tx.send((tls, peer)).await;
+            }
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        }
+    });
+}
+
+async fn relayed_loop(
+    mut incoming: mpsc::Receiver<libp2p::Stream>,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<(TlsStream<HttpsIo>, SocketAddr)>,
+    slots: Arc<Semaphore>,
+) {
+    while let Some(stream) = incoming.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        if tx.is_closed() {
+            return;
+        }
+        let io = HttpsIo::Relayed(stream.compat());
+        spawn_handshake(io, RELAYED_ADDR, acceptor.clone(), tx.clone(), permit);
     }
 }
 
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+    tx: mpsc::Sender<(TlsStream<HttpsIo>, SocketAddr)>,
+    slots: Arc<Semaphore>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -238,23 +370,18 @@ async fn accept_loop(
         if tx.is_closed() {
             return;
         }
-        let acceptor = acceptor.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    let _ = tx.send((tls, peer)).await;
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
-        });
+        spawn_handshake(
+            HttpsIo::Tcp(tcp),
+            peer,
+            acceptor.clone(),
+            tx.clone(),
+            permit,
+        );
     }
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = TlsStream<HttpsIo>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -247,14 +247,20 @@ fn decide(peer: PeerId, payload: &[u8], allowed: &[PersonId], allow: &AllowList)
     }
 }
 
-async fn write_frame<S: AsyncWrite + Unpin>(stream: &mut S, payload: &[u8]) -> std::io::Result<()> {
+pub(crate) async fn write_frame<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    payload: &[u8],
+) -> std::io::Result<()> {
     let len = u32::try_from(payload.len()).map_err(std::io::Error::other)?;
     stream.write_all(&len.to_be_bytes()).await?;
     stream.write_all(payload).await?;
     stream.flush().await
 }
 
-async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S, max: usize) -> std::io::Result<Vec<u8>> {
+pub(crate) async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    max: usize,
+) -> std::io::Result<Vec<u8>> {
     let mut header = [0u8; 4];
     stream.read_exact(&mut header).await?;
     let len = iom_protocol::frame::parse_len(header, max)

@@ -18,6 +18,7 @@ use super::AllowList;
 use super::auth::{RELAY_AUTH_PROTOCOL, serve_auth};
 use super::limiter::{Key, Limiter, Rate};
 use super::tiered::TieredRelay;
+use super::web::{WEB_NAME_PROTOCOL, WebConfig, WebNames};
 
 /// Why the relay could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,14 @@ pub enum RelayError {
     /// No listener came up.
     #[error("the relay has no listen address")]
     NoListenAddress,
+    /// The TLS passthrough's (or the ACME HTTP listener's) port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    TlsListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// How long and how much one circuit may carry.
@@ -168,6 +177,8 @@ pub struct RelayConfig {
     pub allowed_persons: Vec<PersonId>,
     /// Limits.
     pub limits: RelayLimits,
+    /// TLS passthrough by server name under a domain (`--domain`), if on.
+    pub web: Option<WebConfig>,
 }
 
 impl RelayConfig {
@@ -191,6 +202,7 @@ impl Default for RelayConfig {
             external: Vec::new(),
             allowed_persons: Vec::new(),
             limits: RelayLimits::default(),
+            web: None,
         }
     }
 }
@@ -254,6 +266,14 @@ pub struct RelayServer {
     config: RelayConfig,
     allow: AllowList,
     auth_task: Option<tokio::task::JoinHandle<()>>,
+    /// The TLS passthrough's tasks (names, listener).
+    web_tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Where the TLS passthrough listens, once started.
+    tls_addr: Option<std::net::SocketAddr>,
+    /// Where the ACME HTTP-01 listener listens, once started.
+    http_addr: Option<std::net::SocketAddr>,
+    /// The names devices registered.
+    names: WebNames,
     /// Advertise listen addresses as they come and go (no `--external-addr`).
     auto_external: bool,
     /// `start` is done.
@@ -324,6 +344,10 @@ impl RelayServer {
             config,
             allow,
             auth_task: None,
+            web_tasks: Vec::new(),
+            tls_addr: None,
+            http_addr: None,
+            names: WebNames::default(),
             auto_external,
             started: false,
             connected: Arc::default(),
@@ -348,6 +372,72 @@ impl RelayServer {
         self.allow.clone()
     }
 
+    /// Where the TLS passthrough listens (after [`start`](Self::start), with `--domain`).
+    pub fn tls_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tls_addr
+    }
+
+    /// Where the ACME HTTP-01 listener listens (after [`start`](Self::start), with
+    /// `--http-listen`).
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http_addr
+    }
+
+    /// The names devices registered for the TLS passthrough.
+    pub fn web_names(&self) -> WebNames {
+        self.names.clone()
+    }
+
+    /// Binds the TLS passthrough and serves `/iom/web-name/1`.
+    async fn start_web(&mut self, web: WebConfig) -> Result<(), RelayError> {
+        let addr = web.tls_listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| RelayError::TlsListen { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| RelayError::TlsListen { addr, source })?;
+        let mut control = self.swarm.behaviour().stream.new_control();
+        let incoming = control
+            .accept(WEB_NAME_PROTOCOL)
+            .map_err(RelayError::AuthProtocol)?;
+        if let Some(http) = web.http_listen {
+            let listener = tokio::net::TcpListener::bind(http)
+                .await
+                .map_err(|source| RelayError::TlsListen { addr: http, source })?;
+            self.http_addr = Some(
+                listener
+                    .local_addr()
+                    .map_err(|source| RelayError::TlsListen { addr: http, source })?,
+            );
+            self.web_tasks
+                .push(tokio::spawn(super::acme_http::serve_http(
+                    listener,
+                    self.names.clone(),
+                    control.clone(),
+                    web.domain.clone().into(),
+                )));
+        }
+        let port = web.public_port.unwrap_or(bound.port());
+        self.web_tasks
+            .push(tokio::spawn(super::web::serve_web_names(
+                incoming,
+                self.names.clone(),
+                self.allow.clone(),
+                web.domain.clone().into(),
+                port,
+            )));
+        self.web_tasks
+            .push(tokio::spawn(super::passthrough::serve_tls(
+                listener,
+                self.names.clone(),
+                control,
+                Arc::new(web),
+            )));
+        self.tls_addr = Some(bound);
+        Ok(())
+    }
+
     /// Starts listening and serving `/iom/relay-auth/1`, waits (at most 5 s) for the listen
     /// addresses, and returns the addresses to give to nodes: the advertised (external)
     /// addresses, each ending in `/p2p/<relay id>`.
@@ -365,6 +455,9 @@ impl RelayServer {
             persons,
             self.allow.clone(),
         )));
+        if let Some(web) = self.config.web.clone() {
+            self.start_web(web).await?;
+        }
 
         let mut pending: Vec<ListenerId> = Vec::new();
         for addr in self.config.listen.clone() {
@@ -464,6 +557,9 @@ impl RelayServer {
             }
         }
         if let Some(task) = self.auth_task.take() {
+            task.abort();
+        }
+        for task in self.web_tasks.drain(..) {
             task.abort();
         }
         tracing::info!("relay stopped");
