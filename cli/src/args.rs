@@ -434,7 +434,9 @@ pub struct ModelsAddArgs {
     /// A local server: tried whenever the others fail, so the assistant answers offline.
     #[arg(long)]
     pub local: bool,
-    /// Tool choice on a request's first call: `auto`, `required`, `none` or `tool:NAME`.
+    /// Tool choice on a request's first call: `auto`, `required`, `none`, `tool:NAME`, or for
+    /// `openai` servers that ignore tool choice `schema` / `schema:NAME` (forced by a JSON
+    /// schema on the reply).
     #[arg(long)]
     pub tool_choice: Option<String>,
     /// Retries of a failed call before the next provider answers.

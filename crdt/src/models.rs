@@ -89,7 +89,10 @@ pub struct ProviderEntry {
     pub local: bool,
     /// Tool choice on the first model call of a request: `auto` (absent), `required`, or
     /// `tool:NAME` (only that tool is offered and it must be called; for small local models
-    /// that cannot decide). After tool results the model is asked to answer (`none`).
+    /// that cannot decide), or for `openai` servers `schema` / `schema:NAME`: the call is
+    /// forced by a JSON schema on the reply instead of `tool_choice`, for servers that ignore
+    /// `tool_choice` (llama-server with small models). After tool results the model is asked
+    /// to answer (`none`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_choice: Option<String>,
     /// Retries of a failed call (429, 5xx, connection errors) before it counts as failed.
@@ -199,13 +202,24 @@ impl ProviderEntry {
             return Err(invalid("timeout_secs must be at least 1"));
         }
         if let Some(choice) = &self.tool_choice {
+            let named = |prefix| {
+                choice
+                    .strip_prefix(prefix)
+                    .is_some_and(|t: &str| !t.is_empty() && t.len() <= 64)
+            };
+            let by_schema = choice == "schema" || named("schema:");
             let ok = matches!(choice.as_str(), "auto" | "required" | "none")
-                || choice
-                    .strip_prefix("tool:")
-                    .is_some_and(|t| !t.is_empty() && t.len() <= 64);
+                || named("tool:")
+                || by_schema;
             if !ok {
                 return Err(invalid(format!(
-                    "tool_choice {choice:?}: auto, required, none or tool:NAME"
+                    "tool_choice {choice:?}: auto, required, none, tool:NAME, schema or schema:NAME"
+                )));
+            }
+            if by_schema && self.kind != ProviderKind::Openai {
+                return Err(invalid(format!(
+                    "tool_choice {choice:?}: forcing by schema (response_format) is for openai \
+                     servers; use required or tool:NAME"
                 )));
             }
         }
@@ -518,6 +532,13 @@ mod tests {
         assert!(p.validate().is_ok());
         p.tool_choice = Some("maybe".into());
         assert!(p.validate().is_err());
+        p.tool_choice = Some("schema:bash".into());
+        assert!(p.validate().is_ok(), "local() is an openai server");
+        p.kind = ProviderKind::Anthropic;
+        assert!(
+            p.validate()
+                .is_err_and(|e| e.to_string().contains("for openai"))
+        );
         let mut p = local("x");
         p.base_url = None;
         assert!(p.validate().is_err(), "openai needs a base URL");

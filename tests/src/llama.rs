@@ -5,6 +5,12 @@
 //! [`LlamaServer::start`] runs it on a free loopback port with `--jinja` (tool calls),
 //! temperature 0 and a fixed seed, and waits until `/health` says the model is loaded. A
 //! missing install is an error that says how to install it, never a skip.
+//!
+//! The chat template is [`TOOLS_TEMPLATE`] (`tests/fixtures/smollm2-tools.jinja`), not the
+//! model's own: SmolLM2's template renders no tools, so llama-server would leave them out of
+//! the prompt. With it the tools reach the prompt (`/props` reports `supports_tools`), but in
+//! our checks this llama-server build still applied no grammar for `tool_choice: required`,
+//! so a forced call is not guaranteed (see wip/README.md).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -18,6 +24,9 @@ use crate::harness::free_port;
 pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// The model name the server is started with (`--alias`).
 pub const MODEL_NAME: &str = "smollm2-135m";
+/// The chat template the server is started with (`--chat-template-file`): SmolLM2's ChatML
+/// with tool definitions, tool calls and tool results (see the module docs).
+pub const TOOLS_TEMPLATE: &str = include_str!("../fixtures/smollm2-tools.jinja");
 
 /// Where `scripts/install-llama.sh` put the server and the model.
 pub fn install_dir() -> PathBuf {
@@ -52,6 +61,8 @@ impl LlamaServer {
         let tmp = tempfile::tempdir()?;
         let log = tmp.path().join("llama-server.log");
         let out = std::fs::File::create(&log)?;
+        let template = tmp.path().join("smollm2-tools.jinja");
+        std::fs::write(&template, TOOLS_TEMPLATE)?;
         let child = Command::new(&bin)
             .args(["--model"])
             .arg(&model)
@@ -59,6 +70,8 @@ impl LlamaServer {
             .args(["--port", &port.to_string()])
             .args(["--ctx-size", "4096", "--threads", "2", "--parallel", "1"])
             .args(["--jinja", "--temp", "0", "--seed", "42", "--no-webui"])
+            .arg("--chat-template-file")
+            .arg(&template)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

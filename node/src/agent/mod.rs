@@ -10,7 +10,7 @@
 //!   host, the time), with the Anthropic client, the Docker sandbox and the wall clock as the
 //!   production implementations.
 //! - [`claude`], [`sandbox`]: those implementations; [`openai`]: the OpenAI-compatible
-//!   client.
+//!   client; [`tool_choice`]: forcing a tool call, for both clients (and by reply schema).
 //! - [`providers`]: the mesh's model providers (from the settings document) made into
 //!   clients; [`chain`]: the fallback chain over them, with back-off probing.
 //! - [`progress`]: the progress of a running request as stored in the document.
@@ -43,4 +43,5 @@ pub mod runner;
 pub mod sandbox;
 #[cfg(test)]
 pub(crate) mod testkit;
+pub mod tool_choice;
 pub mod usage;

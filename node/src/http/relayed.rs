@@ -77,6 +77,11 @@ fn serve_acme(ctx: &Arc<NodeCtx>, relays: &[PeerId], stop: CancellationToken) {
         }
     };
     let (allowed, root) = (relays.to_vec(), webroot(ctx));
+    // Made here, so an ACME client can be pointed at it (`lego --http.webroot`) as it is.
+    let challenges = root.join(".well-known/acme-challenge");
+    if let Err(e) = std::fs::create_dir_all(&challenges) {
+        tracing::warn!(dir = %challenges.display(), "cannot create the ACME webroot: {e}");
+    }
     tokio::spawn(async move {
         loop {
             let (peer, stream) = tokio::select! {

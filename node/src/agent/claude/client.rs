@@ -12,6 +12,7 @@ use super::config::{ANTHROPIC_VERSION, ClaudeConfig};
 use super::error::{AttemptError, ClaudeError, ConfigError};
 use super::sse::{DEFAULT_MAX_EVENT_BYTES, SseParser};
 use super::types::{Message, MessagesRequest, Turn};
+use crate::agent::tool_choice::{self, Mode};
 
 /// Longest server-requested `retry-after` honoured.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -135,18 +136,20 @@ impl ClaudeClient {
             .as_ref()
             .filter(|t| !(t.is_null() || t.as_array().is_some_and(Vec::is_empty)));
         let forced =
-            tools.and_then(|_| forced_tool_choice(self.cfg.tool_choice.as_deref(), &req.messages));
+            tools.and_then(|_| tool_choice::forced(self.cfg.tool_choice.as_deref(), &req.messages));
         let only = match (forced, tools) {
-            (Some((Some(name), _)), Some(t)) => Some(only_tool(t, name)),
+            (Some((Some(name), _)), Some(t)) => Some(tool_choice::only_tool(t, name)),
             _ => None,
         };
         if only.is_some() {
             tools = only.as_ref();
         }
+        // `schema` is refused for this kind when the provider is configured; as `required`
+        // here all the same.
         let tool_choice = forced.map(|(name, mode)| match (name, mode) {
             (Some(name), _) => serde_json::json!({"type": "tool", "name": name}),
-            (None, "required") => serde_json::json!({"type": "any"}),
-            (None, _) => serde_json::json!({"type": "none"}),
+            (None, Mode::Required | Mode::Schema) => serde_json::json!({"type": "any"}),
+            (None, Mode::None) => serde_json::json!({"type": "none"}),
         });
         let wire = WireRequest {
             model: req.model.as_deref().unwrap_or(&self.cfg.model),
@@ -486,42 +489,6 @@ pub(crate) fn is_quota(status: u16, error_type: &str, message: &str) -> bool {
         && ["credit balance", "insufficient_quota", "quota", "billing"]
             .iter()
             .any(|w| text.contains(w))
-}
-
-/// Tool choice for one call under a provider's `tool_choice` setting: the first call of a
-/// request (no tool results yet) is forced, a call after tool results may only answer.
-/// Returns the tool to offer alone (for `tool:NAME`) and the mode (`required`, `none`).
-pub(crate) fn forced_tool_choice<'a>(
-    setting: Option<&'a str>,
-    messages: &[Message],
-) -> Option<(Option<&'a str>, &'static str)> {
-    let setting = setting?;
-    let after_tools = messages
-        .last()
-        .is_some_and(|m| m.content.has_tool_results());
-    if setting == "none" || after_tools {
-        return Some((None, "none"));
-    }
-    if setting == "required" {
-        return Some((None, "required"));
-    }
-    setting
-        .strip_prefix("tool:")
-        .map(|name| (Some(name), "required"))
-}
-
-/// The tool definitions with only tool `name`.
-pub(crate) fn only_tool(tools: &serde_json::Value, name: &str) -> serde_json::Value {
-    let kept: Vec<serde_json::Value> = tools
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default();
-    serde_json::Value::Array(kept)
 }
 
 fn classify_stream_error(e: AssembleError) -> AttemptError {

@@ -14,8 +14,9 @@ use crate::agent::claude::client::{
 };
 use crate::agent::claude::sse::{DEFAULT_MAX_EVENT_BYTES, SseParser};
 use crate::agent::claude::{
-    ApiKey, ClaudeError, MessagesRequest, StreamEvent, Turn, backoff_delay,
+    ApiKey, ClaudeError, ContentBlock, MessagesRequest, StreamEvent, Turn, backoff_delay,
 };
+use crate::agent::tool_choice;
 
 /// Largest error body read from a failed response.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
@@ -153,7 +154,7 @@ impl OpenAiClient {
         req: &MessagesRequest,
         on: &mut (dyn FnMut(StreamEvent) + Send),
     ) -> Result<Turn, ClaudeError> {
-        let body = request(
+        let (body, by_schema) = request(
             req,
             WireOptions {
                 model: &self.cfg.model,
@@ -161,13 +162,19 @@ impl OpenAiClient {
                 tool_choice: self.cfg.tool_choice.as_deref(),
             },
         );
+        // A call forced by schema writes the call as text: that text is not the answer.
+        let mut on = |ev: StreamEvent| {
+            if by_schema.is_none() || !matches!(ev, StreamEvent::TextDelta(_)) {
+                on(ev)
+            }
+        };
         let body = bytes::Bytes::from(body.to_string());
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             let mut delivered = false;
-            let err = match self.attempt(body.clone(), on, &mut delivered).await {
-                Ok(turn) => return Ok(turn),
+            let err = match self.attempt(body.clone(), &mut on, &mut delivered).await {
+                Ok(turn) => return self.forced_call(turn, by_schema.as_deref(), &mut on),
                 Err(err) => err,
             };
             let (reason, after) = match err.retry {
@@ -195,6 +202,34 @@ impl OpenAiClient {
             });
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// The reply as is, or, for a call forced by schema, as the call to one of `offered`.
+    fn forced_call(
+        &self,
+        turn: Turn,
+        offered: Option<&[String]>,
+        on: &mut (dyn FnMut(StreamEvent) + Send),
+    ) -> Result<Turn, ClaudeError> {
+        let Some(offered) = offered else {
+            return Ok(turn);
+        };
+        let offered: Vec<&str> = offered.iter().map(String::as_str).collect();
+        let call = tool_choice::call_from_reply(turn, &offered).map_err(|e| {
+            ClaudeError::from(OpenAiError::Protocol {
+                url: self.url.clone(),
+                message: e.to_string(),
+            })
+        })?;
+        for block in &call.content {
+            if let ContentBlock::ToolUse { id, name, .. } = block {
+                on(StreamEvent::ToolUseStart {
+                    id: id.clone(),
+                    name: name.clone(),
+                });
+            }
+        }
+        Ok(call)
     }
 
     fn with_attempts(&self, err: OpenAiError, attempts: u32) -> OpenAiError {

@@ -16,8 +16,8 @@
 
 use serde_json::{Value, json};
 
-use crate::agent::claude::client::{forced_tool_choice, only_tool};
 use crate::agent::claude::{Content, ContentBlock, Message, MessagesRequest, Role};
+use crate::agent::tool_choice::{self, Mode};
 
 /// What the client adds to every request.
 #[derive(Debug, Clone, Copy)]
@@ -155,31 +155,57 @@ pub fn tools(defs: &Value) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-/// The whole request body (`stream: true`, usage in the last chunk).
-pub fn request(req: &MessagesRequest, opts: WireOptions<'_>) -> Value {
-    let mut body = json!({
-        "model": req.model.as_deref().unwrap_or(opts.model),
-        "max_tokens": req.max_tokens.unwrap_or(opts.max_tokens),
-        "messages": messages(req.system.as_deref(), &req.messages),
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    });
+/// The whole request body (`stream: true`, usage in the last chunk), and the tools a call
+/// forced by schema must name (`None` for every other call; see [`tool_choice`]).
+pub fn request(req: &MessagesRequest, opts: WireOptions<'_>) -> (Value, Option<Vec<String>>) {
     let defs = req
         .tools
         .as_ref()
         .filter(|t| t.as_array().is_some_and(|a| !a.is_empty()));
-    if let Some(defs) = defs {
-        let forced = forced_tool_choice(opts.tool_choice, &req.messages);
-        let defs = match forced {
-            Some((Some(name), _)) => only_tool(defs, name),
-            _ => defs.clone(),
-        };
-        body["tools"] = Value::Array(tools(&defs));
-        if let Some((_, mode)) = forced {
-            body["tool_choice"] = json!(mode);
+    let forced = defs.and_then(|_| tool_choice::forced(opts.tool_choice, &req.messages));
+    let defs = match (defs, forced) {
+        (Some(defs), Some((Some(name), _))) => Some(tool_choice::only_tool(defs, name)),
+        (defs, _) => defs.cloned(),
+    };
+    let by_schema = matches!(forced, Some((_, Mode::Schema)));
+    let system = match (&defs, by_schema) {
+        (Some(defs), true) => {
+            let prompt = tool_choice::call_prompt(defs);
+            Some(match req.system.as_deref().filter(|s| !s.is_empty()) {
+                Some(system) => format!("{system}\n\n{prompt}"),
+                None => prompt,
+            })
         }
+        _ => req.system.clone(),
+    };
+    let mut body = json!({
+        "model": req.model.as_deref().unwrap_or(opts.model),
+        "max_tokens": req.max_tokens.unwrap_or(opts.max_tokens),
+        "messages": messages(system.as_deref(), &req.messages),
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let Some(defs) = defs else {
+        return (body, None);
+    };
+    if by_schema {
+        body["response_format"] = json!({
+            "type": "json_schema",
+            "json_schema": {"name": "tool_call", "schema": tool_choice::call_schema(&defs)},
+        });
+        let names = tool_choice::names(&defs)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        return (body, Some(names));
     }
-    body
+    body["tools"] = Value::Array(tools(&defs));
+    match forced {
+        Some((_, Mode::Required)) => body["tool_choice"] = json!("required"),
+        Some((_, Mode::None)) => body["tool_choice"] = json!("none"),
+        _ => {}
+    }
+    (body, None)
 }
 
 #[cfg(test)]
@@ -253,7 +279,8 @@ mod tests {
             ),
             ..MessagesRequest::default()
         };
-        let body = request(&req, opts());
+        let (body, by_schema) = request(&req, opts());
+        assert_eq!(by_schema, None);
         let msgs = body["messages"].as_array().cloned().unwrap_or_default();
         assert_eq!(msgs.len(), 4);
         assert_eq!(msgs[0], json!({"role": "system", "content": "be brief"}));
@@ -283,7 +310,7 @@ mod tests {
             tool_choice: Some("tool:bash"),
             ..opts()
         };
-        let body = request(&req, o);
+        let (body, _) = request(&req, o);
         assert_eq!(body["tool_choice"], "required");
         assert_eq!(body["tools"].as_array().map(Vec::len), Some(1));
         req.messages.push(Message::blocks(
@@ -294,9 +321,58 @@ mod tests {
                 is_error: true,
             }],
         ));
-        let body = request(&req, o);
+        let (body, _) = request(&req, o);
         assert_eq!(body["tool_choice"], "none");
         assert_eq!(body["tools"].as_array().map(Vec::len), Some(2));
         assert_eq!(body["messages"][1]["content"], "error: ok");
+    }
+
+    #[test]
+    fn a_call_forced_by_schema_sends_no_tools_but_a_reply_schema_and_the_tools_in_the_prompt() {
+        let tools = json!([
+            {"name": "bash", "description": "run a command", "input_schema": {"type": "object"}},
+            {"name": "read_file", "description": "read a file"},
+        ]);
+        let mut req = MessagesRequest {
+            system: Some("be brief".into()),
+            messages: vec![Message::user("go")],
+            tools: Some(tools),
+            ..MessagesRequest::default()
+        };
+        let o = WireOptions {
+            tool_choice: Some("schema:bash"),
+            ..opts()
+        };
+        let (body, by_schema) = request(&req, o);
+        assert_eq!(by_schema, Some(vec!["bash".to_owned()]));
+        assert!(body.get("tools").is_none() && body.get("tool_choice").is_none());
+        let schema = &body["response_format"]["json_schema"]["schema"];
+        assert_eq!(schema["properties"]["name"]["const"], "bash");
+        let system = body["messages"][0]["content"].as_str().unwrap_or_default();
+        assert!(system.starts_with("be brief\n\n") && system.contains("- bash: run a command"));
+        assert!(!system.contains("read_file"), "{system}");
+
+        let any = WireOptions {
+            tool_choice: Some("schema"),
+            ..opts()
+        };
+        let (body, by_schema) = request(&req, any);
+        assert_eq!(by_schema.map(|n| n.len()), Some(2));
+        assert!(body["response_format"]["json_schema"]["schema"]["anyOf"].is_array());
+
+        // After the tool's result the model answers, with the tools as context and none allowed.
+        req.messages.push(Message::blocks(
+            Role::User,
+            vec![ContentBlock::ToolResult {
+                tool_use_id: "c".into(),
+                content: "ok".into(),
+                is_error: false,
+            }],
+        ));
+        let (body, by_schema) = request(&req, o);
+        assert_eq!(by_schema, None);
+        assert!(body.get("response_format").is_none());
+        assert_eq!(body["tool_choice"], "none");
+        assert_eq!(body["messages"][0]["content"], "be brief");
     }
 }
