@@ -9,6 +9,7 @@
 //! - [`natlab`], [`natlab_mesh`]: network namespaces with NAT routers and a relay.
 //! - [`soaklab`]: five namespaces on one switch, with partitions, for the soak.
 //! - [`tmpfs`]: a small tmpfs to fill, for full-disk tests.
+//! - [`webdriver`]: headless Chromium driven over WebDriver, for the web page's tests.
 
 pub mod fake_anthropic;
 pub mod harness;
@@ -18,3 +19,4 @@ pub mod natlab;
 pub mod natlab_mesh;
 pub mod soaklab;
 pub mod tmpfs;
+pub mod webdriver;

@@ -772,6 +772,11 @@ impl LabNode {
         self.node.dir = dir.to_path_buf();
     }
 
+    /// Adds `iom node run` arguments for the next [`start`](Self::start) (e.g. `--https ADDR`).
+    pub fn push_args(&mut self, args: &[&str]) {
+        self.node.args.extend(args.iter().map(|s| (*s).to_string()));
+    }
+
     /// The namespace the node runs in.
     pub fn ns(&self) -> &str {
         &self.ns
@@ -877,5 +882,171 @@ impl LabNode {
 impl Drop for LabNode {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Spawns a thread that enters namespace `ns` (setns(2), network only) and then runs `f`.
+/// Sockets the thread creates belong to the namespace, and stay there when other threads of
+/// this process use them: this is how the test process (in the root namespace) serves or
+/// dials inside a lab namespace. Fails if the thread cannot enter the namespace.
+pub fn spawn_in_netns<T, F>(ns: &str, f: F) -> anyhow::Result<std::thread::JoinHandle<T>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    use std::os::fd::AsRawFd;
+    let path = Path::new("/run/netns").join(ns);
+    let file = std::fs::File::open(&path)
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let handle = std::thread::spawn(move || {
+        // SAFETY: `file` is an open namespace file for the call's whole duration;
+        // CLONE_NEWNET only changes this thread's network namespace.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        drop(file);
+        if rc != 0 {
+            let _ = tx.send(Err(std::io::Error::last_os_error().to_string()));
+            // The caller gets the error; `f` never runs outside the namespace.
+            return None;
+        }
+        let _ = tx.send(Ok(()));
+        Some(f())
+    });
+    match rx.recv() {
+        Ok(Ok(())) => Ok(std::thread::spawn(move || {
+            handle
+                .join()
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| panic!("the thread in the namespace panicked"))
+        })),
+        Ok(Err(e)) => anyhow::bail!("setns into {ns}: {e}"),
+        Err(_) => anyhow::bail!("the thread entering {ns} died"),
+    }
+}
+
+/// Runs `f` on a thread inside namespace `ns` and returns its result (see
+/// [`spawn_in_netns`]).
+pub fn in_netns<T, F>(ns: &str, f: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    spawn_in_netns(ns, f)?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread in {ns} panicked"))
+}
+
+/// A TCP forwarder from `127.0.0.1:PORT` in the root namespace to `target` inside a lab
+/// namespace (each connection is dialled from a thread in the namespace), e.g. to drive a
+/// chromedriver that runs, with its browser, behind a lab NAT. Stops and closes every
+/// connection on drop.
+#[derive(Debug)]
+pub struct NetnsForward {
+    port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+type DialReply = std::sync::mpsc::Sender<std::io::Result<std::net::TcpStream>>;
+
+impl NetnsForward {
+    /// Listens on a fresh loopback port and forwards to `target` in namespace `ns`.
+    pub fn start(ns: &str, target: std::net::SocketAddr) -> anyhow::Result<NetnsForward> {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let (dial_tx, dial_rx) = std::sync::mpsc::channel::<DialReply>();
+        spawn_in_netns(ns, move || {
+            for reply in dial_rx {
+                let _ = reply.send(std::net::TcpStream::connect_timeout(
+                    &target,
+                    Duration::from_secs(10),
+                ));
+            }
+        })?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (stop2, conns2) = (stop.clone(), conns.clone());
+        let accept = std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    Err(_) => break,
+                };
+                let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+                if dial_tx.send(reply_tx).is_err() {
+                    break;
+                }
+                let Ok(Ok(upstream)) = reply_rx.recv() else {
+                    continue;
+                };
+                if client.set_nonblocking(false).is_err() {
+                    continue;
+                }
+                let pipes = (|| {
+                    let mut list = conns2.lock().unwrap_or_else(|e| e.into_inner());
+                    list.push(client.try_clone()?);
+                    list.push(upstream.try_clone()?);
+                    Ok::<_, std::io::Error>([
+                        (client.try_clone()?, upstream.try_clone()?),
+                        (upstream, client),
+                    ])
+                })();
+                let Ok(pipes) = pipes else { continue };
+                for (mut from, mut to) in pipes {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Ok(NetnsForward {
+            port,
+            stop,
+            conns,
+            accept: Some(accept),
+        })
+    }
+
+    /// The loopback port in the root namespace.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for NetnsForward {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Kills (SIGKILL) every process still running in namespace `ns` (`ip netns pids`), e.g. the
+/// browser a killed chromedriver leaves behind. Only for namespaces the test made itself.
+pub fn kill_netns_pids(ns: &str) {
+    let Ok(out) = run("ip", &["netns", "pids", ns]) else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        if pid.parse::<u32>().is_ok_and(|p| p != std::process::id()) {
+            let _ = Command::new("kill")
+                .args(["-KILL", pid])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }

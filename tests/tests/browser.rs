@@ -3,234 +3,14 @@
 //! a token, sends a message and shows the answer as it streams; screenshots (phone-sized and
 //! desktop-sized) are saved to `target/screenshots/`.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
 use iom_tests::harness::{AgentHttpNode, agent_http_node, free_port, runtime, scenario};
+use iom_tests::webdriver::{Browser, Options, WATCH, first_conversation, spki_pin, user_asks};
 use serde_json::{Value, json};
-
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-
-/// A chromedriver process and one browser session.
-struct Browser {
-    driver: Child,
-    base: String,
-    session: String,
-    http: reqwest::Client,
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-    }
-}
-
-impl Browser {
-    async fn start(width: u32, height: u32) -> Result<Browser> {
-        Browser::start_with(width, height, &[]).await
-    }
-
-    /// [`Browser::start`] with extra Chromium flags.
-    async fn start_with(width: u32, height: u32, extra: &[String]) -> Result<Browser> {
-        let port = free_port()?;
-        let driver = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start chromedriver (install chromium and chromium-driver: scripts/install-deps.sh)")?;
-        let base = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while http.get(format!("{base}/status")).send().await.is_err() {
-            if Instant::now() > deadline {
-                bail!("chromedriver did not come up");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let mut b = Browser {
-            driver,
-            base,
-            session: String::new(),
-            http,
-        };
-        let mut options = json!({
-            "binary": "/usr/bin/chromium",
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                     "--disable-dev-shm-usage", format!("--window-size={width},{height}")],
-        });
-        if let Some(args) = options["args"].as_array_mut() {
-            args.extend(extra.iter().map(|a| json!(a)));
-        }
-        if width < 500 {
-            // Headless windows are at least 500 px wide: emulate the phone's screen instead.
-            options["mobileEmulation"] = json!({ "deviceMetrics": {
-                "width": width, "height": height, "pixelRatio": 2, "touch": true,
-            }});
-        }
-        let caps = json!({ "capabilities": { "alwaysMatch": {
-            "browserName": "chrome",
-            "goog:chromeOptions": options,
-        }}});
-        let v = b.call("POST", "/session", caps).await?;
-        b.session = v["sessionId"]
-            .as_str()
-            .context("no session id")?
-            .to_string();
-        Ok(b)
-    }
-
-    async fn call(&self, method: &str, path: &str, body: Value) -> Result<Value> {
-        let url = if path == "/session" {
-            format!("{}{path}", self.base)
-        } else {
-            format!("{}/session/{}{path}", self.base, self.session)
-        };
-        let req = match method {
-            "GET" => self.http.get(url),
-            "DELETE" => self.http.delete(url),
-            _ => self.http.post(url).json(&body),
-        };
-        let resp = req.send().await?;
-        let status = resp.status();
-        let v: Value = resp.json().await?;
-        if !status.is_success() {
-            bail!("webdriver {method} {path}: {status}: {v}");
-        }
-        Ok(v["value"].clone())
-    }
-
-    async fn goto(&self, url: &str) -> Result<()> {
-        self.call("POST", "/url", json!({ "url": url })).await?;
-        Ok(())
-    }
-
-    async fn find(&self, css: &str) -> Result<String> {
-        let v = self
-            .call(
-                "POST",
-                "/element",
-                json!({ "using": "css selector", "value": css }),
-            )
-            .await?;
-        Ok(v[ELEMENT]
-            .as_str()
-            .ok_or_else(|| anyhow!("no element {css}: {v}"))?
-            .to_string())
-    }
-
-    async fn type_into(&self, css: &str, text: &str) -> Result<()> {
-        let e = self.find(css).await?;
-        self.call(
-            "POST",
-            &format!("/element/{e}/value"),
-            json!({ "text": text }),
-        )
-        .await?;
-        Ok(())
-    }
-
-    async fn click(&self, css: &str) -> Result<()> {
-        let e = self.find(css).await?;
-        self.call("POST", &format!("/element/{e}/click"), json!({}))
-            .await?;
-        Ok(())
-    }
-
-    async fn js(&self, script: &str) -> Result<Value> {
-        self.call(
-            "POST",
-            "/execute/sync",
-            json!({ "script": script, "args": [] }),
-        )
-        .await
-    }
-
-    /// Runs an async script; it ends by calling `arguments[arguments.length - 1]` with the
-    /// result.
-    async fn js_async(&self, script: &str, args: Value) -> Result<Value> {
-        self.call(
-            "POST",
-            "/execute/async",
-            json!({ "script": script, "args": args }),
-        )
-        .await
-    }
-
-    async fn wait_js(&self, what: &str, script: &str, timeout: Duration) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let v = self.js(script).await?;
-            if !v.is_null() && v != Value::Bool(false) {
-                return Ok(v);
-            }
-            if Instant::now() > deadline {
-                bail!("timed out waiting for {what}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn screenshot(&self, name: &str) -> Result<PathBuf> {
-        let v = self.call("GET", "/screenshot", Value::Null).await?;
-        let b64 = v.as_str().context("no screenshot data")?;
-        let dir = screenshots_dir();
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join(name);
-        std::fs::write(&path, decode_base64(b64)?)?;
-        Ok(path)
-    }
-
-    async fn close(&self) -> Result<()> {
-        self.call("DELETE", "", Value::Null).await?;
-        Ok(())
-    }
-}
-
-fn screenshots_dir() -> PathBuf {
-    std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-        .join("screenshots")
-}
-
-/// Standard base64 (the WebDriver screenshot encoding).
-fn decode_base64(text: &str) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in text.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' | b'\n' | b'\r' => continue,
-            _ => bail!("bad base64 byte {c}"),
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
-}
-
-/// Records every length the answer text goes through, so the test can tell it streamed.
-const WATCH: &str = r#"
-window.__lengths = [];
-new MutationObserver(() => {
-  const t = document.querySelector('.msg.assistant:last-child .text');
-  if (t) window.__lengths.push(t.textContent.length);
-}).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
-return true;
-"#;
 
 /// Notes whether a tool call was ever seen in the `running` state.
 const WATCH_TOOLS: &str = r#"
@@ -325,13 +105,7 @@ fn web_page_sends_and_streams() {
             b.js("document.getElementById('token-input').value = ''; return true").await?;
             b.type_into("#token-input", &token).await?;
             b.click("#token-save").await?;
-            b.wait_js(
-                "the chat",
-                "return !document.getElementById('app').hidden && \
-                 document.getElementById('agent').textContent.startsWith('agent:')",
-                Duration::from_secs(10),
-            )
-            .await?;
+            b.wait_chat(Duration::from_secs(10)).await?;
             b.js(WATCH).await?;
             b.type_into("#prompt", &prompt).await?;
             b.click("#send").await?;
@@ -345,24 +119,7 @@ fn web_page_sends_and_streams() {
                 .await?;
             let text = text.as_str().unwrap_or("").to_string();
             assert!(text.starts_with("echo: Write me a short note"), "{text:.200}");
-            let lengths: Vec<u64> = b
-                .js("return window.__lengths")
-                .await?
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .filter_map(Value::as_u64)
-                .collect();
-            let partial: std::collections::BTreeSet<u64> = lengths
-                .iter()
-                .copied()
-                .filter(|l| *l > 0 && (*l as usize) < text.chars().count())
-                .collect();
-            assert!(
-                partial.len() >= 2,
-                "the answer did not stream (lengths seen: {lengths:?})"
-            );
+            b.ensure_streamed(&text).await?;
             // Usage is shown per message and for the conversation; the list shows it too.
             let meta = b
                 .wait_js(
@@ -448,11 +205,7 @@ fn web_page_sends_and_streams() {
         })?;
         // The page's request went through the web interface.
         let convs = node.json(&["conversations", "list"])?;
-        let id = convs["conversations"][0]["id"]
-            .as_str()
-            .context("no conversation")?
-            .to_string();
-        let c = node.json(&["conversations", "show", &id])?;
+        let c = first_conversation(&node, &convs)?;
         assert_eq!(c["messages"][0]["interface"], "web", "{c}");
         node.stop()?;
         remove_containers(&me);
@@ -526,37 +279,6 @@ fn web_page_answers_an_approval() {
     });
 }
 
-/// The base64 SHA-256 of a PEM certificate's public key (what Chromium's
-/// `--ignore-certificate-errors-spki-list` pins), by `openssl`.
-fn spki_pin(pem: &std::path::Path) -> Result<String> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(
-            "openssl x509 -in \"$0\" -pubkey -noout | openssl pkey -pubin -outform der \
-             | openssl dgst -sha256 -binary | openssl base64 -A",
-        )
-        .arg(pem)
-        .output()?;
-    if !out.status.success() {
-        bail!("openssl: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
-}
-
-/// Fetches `path` from the page (with its cookie) and returns the HTTP status.
-async fn page_status(b: &Browser, path: &str) -> Result<u16> {
-    let v = b
-        .js_async(
-            "const done = arguments[arguments.length - 1]; \
-             fetch(arguments[0]).then(r => done(r.status), e => done(String(e)));",
-            json!([path]),
-        )
-        .await?;
-    v.as_u64()
-        .map(|s| s as u16)
-        .ok_or_else(|| anyhow!("fetch {path} failed in the page: {v}"))
-}
-
 /// A node serving HTTPS with its self-signed certificate on a fresh loopback port; returns
 /// it, the port and the certificate's SPKI pin.
 fn https_node() -> Result<(iom_tests::harness::Node, u16, String)> {
@@ -571,10 +293,8 @@ fn https_node() -> Result<(iom_tests::harness::Node, u16, String)> {
 
 /// A phone-sized browser that trusts the certificate with this SPKI pin.
 async fn phone_trusting(pin: &str) -> Result<Browser> {
-    Browser::start_with(
-        390,
-        844,
-        &[format!("--ignore-certificate-errors-spki-list={pin}")],
+    Browser::launch(
+        Options::new(390, 844).arg(format!("--ignore-certificate-errors-spki-list={pin}")),
     )
     .await
 }
@@ -604,41 +324,17 @@ fn a_browser_pairs_with_an_invite_url_signs_in_and_is_cut_off_when_revoked() {
         rt.block_on(async {
             let b = phone_trusting(&pin).await?;
             // Headless Chromium makes a non-extractable Ed25519 key with WebCrypto.
-            b.goto(&format!("{origin}/pair#{secret}")).await?;
-            b.wait_js(
-                "the pairing form",
-                "return document.body.dataset.state === 'ready'",
-                Duration::from_secs(10),
-            )
-            .await?;
+            b.open_pairing(&format!("{origin}/pair#{secret}"), Duration::from_secs(10))
+                .await?;
             assert_eq!(
                 b.js("return location.hash").await?,
                 json!(""),
                 "the secret stays in the address bar"
             );
-            let name = b.find("#device-name").await?;
-            b.call("POST", &format!("/element/{name}/clear"), json!({}))
-                .await?;
-            b.type_into("#device-name", "Anna's phone").await?;
-            b.screenshot("pair-phone.png").await?;
-            b.click("#pair").await?;
-            let state = b
-                .wait_js(
-                    "pairing",
-                    "const s = document.body.dataset.state; \
-                     return s === 'paired' || s === 'failed' ? s + ' ' + \
-                     document.getElementById('pair-error').textContent : null",
-                    Duration::from_secs(15),
-                )
-                .await?;
-            assert_eq!(state, json!("paired "), "{state}");
-            b.screenshot("pair-done-phone.png").await?;
             let device = b
-                .js("return document.body.dataset.device")
-                .await?
-                .as_str()
-                .context("no device id")?
-                .to_string();
+                .pair_as("Anna's phone", "pair-phone.png", Duration::from_secs(15))
+                .await?;
+            b.screenshot("pair-done-phone.png").await?;
             // The browser is a device of the mesh, with its name and kind, never an admin.
             let entry = node
                 .device_entry(&device)?
@@ -659,7 +355,7 @@ fn a_browser_pairs_with_an_invite_url_signs_in_and_is_cut_off_when_revoked() {
                 .await?;
             assert_eq!(extractable, json!([false, "Ed25519"]));
             // The session (an HttpOnly cookie, invisible to scripts) opens the API.
-            assert_eq!(page_status(&b, "/v1/status").await?, 200);
+            assert_eq!(b.page_status("/v1/status").await?, 200);
             assert_eq!(b.js("return document.cookie").await?, json!(""));
             // The chat page signs in by itself with the key.
             b.goto(&format!("{origin}/")).await?;
@@ -680,8 +376,8 @@ fn a_browser_pairs_with_an_invite_url_signs_in_and_is_cut_off_when_revoked() {
                 .await?;
             assert_eq!(v, json!(403));
             // The used invite URL, opened again, says so.
-            b.goto(&format!("{origin}/pair#{secret}")).await?;
-            b.wait_js("the form", "return document.body.dataset.state === 'ready'", Duration::from_secs(10)).await?;
+            b.open_pairing(&format!("{origin}/pair#{secret}"), Duration::from_secs(10))
+                .await?;
             b.click("#pair").await?;
             let e = b
                 .wait_js(
@@ -694,24 +390,9 @@ fn a_browser_pairs_with_an_invite_url_signs_in_and_is_cut_off_when_revoked() {
             b.screenshot("pair-used-phone.png").await?;
             // Revoked: its sessions stop within a second.
             node.cli(&["devices", "revoke", &device])?;
-            let t0 = Instant::now();
-            loop {
-                if page_status(&b, "/v1/status").await? == 401 {
-                    break;
-                }
-                if t0.elapsed() > Duration::from_secs(1) {
-                    bail!("the revoked browser still has a session after 1 s");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            b.wait_cut_off("browser").await?;
             // And it cannot sign in again.
-            let ok = b
-                .js_async(
-                    "const done = arguments[0]; \
-                        iomKey.login().then(done, e => done(String(e)));",
-                    json!([]),
-                )
-                .await?;
+            let ok = b.key_login().await?;
             assert_eq!(ok, json!(false));
             b.close().await
         })?;
@@ -775,60 +456,6 @@ fn bad_invite_urls_get_a_clear_page_and_change_nothing() {
 }
 
 // ---- The page as a PWA (issue 12): Markdown, attachments, offline, phone layout and views.
-
-impl Browser {
-    /// A Chrome DevTools command through chromedriver (`goog/cdp/execute`).
-    async fn cdp(&self, cmd: &str, params: Value) -> Result<Value> {
-        self.call(
-            "POST",
-            "/goog/cdp/execute",
-            json!({ "cmd": cmd, "params": params }),
-        )
-        .await
-    }
-
-    /// Opens the page signed in with `token` (kept in localStorage, as the login form does).
-    async fn open_with_token(&self, page: &str, token: &str) -> Result<()> {
-        self.goto(page).await?;
-        self.js(&format!(
-            "localStorage.setItem('iom.token', {}); location.reload(); return true",
-            serde_json::to_string(token)?
-        ))
-        .await?;
-        self.wait_js(
-            "the chat",
-            "return !document.getElementById('app').hidden && \
-             document.getElementById('agent').textContent.startsWith('agent:')",
-            Duration::from_secs(15),
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Types a prompt (line breaks included: set as the textarea's value) and sends it.
-    async fn ask(&self, prompt: &str) -> Result<()> {
-        self.js(&format!(
-            "document.getElementById('prompt').value = {}; \
-             document.getElementById('send').click(); return true",
-            serde_json::to_string(prompt)?
-        ))
-        .await?;
-        Ok(())
-    }
-
-    /// Waits until the last answer is done and returns its text.
-    async fn last_answer(&self, timeout: Duration) -> Result<String> {
-        let v = self
-            .wait_js(
-                "the answer",
-                "const m = document.querySelector('.msg.assistant:last-child'); \
-                 return m && m.dataset.state === 'done' && m.querySelector('.text').textContent",
-                timeout,
-            )
-            .await?;
-        Ok(v.as_str().unwrap_or_default().to_string())
-    }
-}
 
 /// Markdown an answer may hold, with every kind of injection a model could be tricked into.
 const MARKDOWN_ANSWER: &str = "# Plan\n\nUse **strong** words, *emphasis* and `inline <code>`.\n\n\
@@ -978,14 +605,7 @@ fn web_page_attaches_files_and_downloads_what_the_agent_sent() {
             let b = Browser::start(390, 844).await?;
             b.open_with_token(&page, &token).await?;
             // The file input takes paths (WebDriver's way of choosing files).
-            let input = b.find("#file").await?;
-            let paths = format!("{}\n{}", photo.display(), note.display());
-            b.call(
-                "POST",
-                &format!("/element/{input}/value"),
-                json!({ "text": paths }),
-            )
-            .await?;
+            b.pick_files(&[&photo, &note]).await?;
             let picked = b
                 .wait_js(
                     "the picked files",
@@ -1051,10 +671,7 @@ fn web_page_attaches_files_and_downloads_what_the_agent_sent() {
         })?;
         // The ask carried the blobs as attachments; the model got the note and the photo.
         let convs = node.json(&["conversations", "list"])?;
-        let id = convs["conversations"][0]["id"]
-            .as_str()
-            .context("no conversation")?;
-        let c = node.json(&["conversations", "show", id])?;
+        let c = first_conversation(&node, &convs)?;
         let names: Vec<&str> = c["messages"][0]["attachments"]
             .as_array()
             .map(|a| a.iter().filter_map(|x| x["name"].as_str()).collect())
@@ -1193,14 +810,7 @@ fn web_page_works_offline_and_sends_the_queued_ask_on_reconnect() {
             assert!(cached.starts_with("echo: Remember the milk."), "{cached}");
             b.screenshot("web-offline-phone.png").await?;
             b.ask("And the eggs, sent later.").await?;
-            b.wait_js(
-                "the queued ask",
-                "return document.body.dataset.outbox === '1' && \
-                 document.querySelector('.msg.user[data-queued=true]') && \
-                 document.querySelector('.msg.assistant:last-child').dataset.state === 'queued'",
-                Duration::from_secs(10),
-            )
-            .await?;
+            b.wait_queued(Duration::from_secs(10)).await?;
             // It is in IndexedDB, so it survives a reload.
             b.goto(&page).await?;
             b.wait_js(
@@ -1252,19 +862,8 @@ fn web_page_works_offline_and_sends_the_queued_ask_on_reconnect() {
             Some(1),
             "{convs}"
         );
-        let id = convs["conversations"][0]["id"]
-            .as_str()
-            .context("no conversation")?;
-        let c = node.json(&["conversations", "show", id])?;
-        let asks: Vec<&str> = c["messages"]
-            .as_array()
-            .map(|m| {
-                m.iter()
-                    .filter(|m| m["role"] == "user")
-                    .filter_map(|m| m["text"].as_str())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let c = first_conversation(&node, &convs)?;
+        let asks = user_asks(&c);
         assert_eq!(
             asks,
             ["Remember the milk.", "And the eggs, sent later."],
@@ -1385,6 +984,44 @@ fn web_page_phone_layout_views_and_dark_mode() {
             assert!(dev.contains("this node") && dev.contains("agent"), "{dev}");
             b.screenshot("web-devices-phone.png").await?;
 
+            // Tools: a declared MCP server with its egress and secret header (by reference),
+            // then disabled from the page.
+            node.cli(&[
+                "tools",
+                "add",
+                "fetcher",
+                "--allow-host",
+                "api.example.com",
+                "--secret-header",
+                "api.example.com=Authorization: Bearer {env:EXAMPLE_TOKEN}",
+                "--",
+                "python3",
+                "-m",
+                "mcp_server_fetch",
+            ])?;
+            b.click("#tabs [data-tab=tools]").await?;
+            let card = b
+                .wait_js(
+                    "the server card",
+                    "const c = document.querySelector('#server-list .server[data-name=fetcher]'); \
+                     return c && c.textContent",
+                    Duration::from_secs(10),
+                )
+                .await?;
+            let card = card.as_str().unwrap_or("");
+            assert!(card.contains("egress: api.example.com"), "{card}");
+            assert!(card.contains("Bearer {env:EXAMPLE_TOKEN}"), "{card}");
+            assert!(card.contains("python3 -m mcp_server_fetch"), "{card}");
+            b.screenshot("web-tools-phone.png").await?;
+            b.click("#server-list .server[data-name=fetcher] .toggle").await?;
+            b.wait_js(
+                "the server disabled",
+                "const t = document.querySelector('#server-list .server[data-name=fetcher] .toggle'); \
+                 return t && t.textContent === 'Enable'",
+                Duration::from_secs(10),
+            )
+            .await?;
+
             // Dark mode follows the system's setting.
             let light = b
                 .js("return getComputedStyle(document.body).backgroundColor")
@@ -1411,6 +1048,13 @@ fn web_page_phone_layout_views_and_dark_mode() {
         assert_eq!(s["schedules"][0]["cron"], "0 7 * * *", "{s}");
         assert_eq!(s["schedules"][0]["prompt"], "Morning news", "{s}");
         assert_eq!(s["schedules"][0]["enabled"], false, "{s}");
+        let t = node.json(&["tools", "list"])?;
+        let fetcher = t["servers"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == "fetcher"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(fetcher["spec"]["enabled"], false, "{t}");
         node.assert_no_panic()
     });
 }
