@@ -1,7 +1,14 @@
-//! Benchmark of the relay's TLS passthrough (issue 12): the first page load of the web app —
-//! a fresh TCP connection and TLS handshake, `GET /`, then every `/…` script and stylesheet
-//! the page names, on that connection — through `iom relay run --domain` vs straight to the
-//! node's HTTPS listener, both on loopback, p50 and p90 over `RUNS` loads each (interleaved).
+//! Benchmark of the relay's TLS passthrough (issue 12), through `iom relay run --domain` vs
+//! straight to the node's HTTPS listener, both on loopback, p50 and p90 over `RUNS` each
+//! (interleaved):
+//! - first page load: a fresh TCP connection and TLS handshake, `GET /`, then every `/…`
+//!   script and stylesheet the page names, on that connection;
+//! - cached load: the same on a connection kept open, as a browser's second visit with the
+//!   shell in its HTTP cache revalidates (`GET /` and the files, no new handshake);
+//! - ask to first streamed token: `POST /v1/ask` with a bearer token, then the request's
+//!   event stream until its first `text` event (the fake Messages API answers at once, so
+//!   this is iom's path: the conversation document, the runner, the stream); `ASKS` rounds
+//!   (default 12, at most 14: a device may send 30 asks a minute).
 //!
 //! Run (after `cargo build --release -p iom-cli -p iom-tests --bins`):
 //! `target/release/bench-relay-web`.
@@ -11,6 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use iom_tests::fake_anthropic::{FakeAnthropic, FakeConfig};
 use iom_tests::harness::{Node, free_port, iom_bin, wait_until};
 
 mod bench_common;
@@ -55,13 +63,82 @@ async fn load(origin: &str, host: &str, addr: std::net::SocketAddr) -> Result<(D
     Ok((t0.elapsed(), bytes))
 }
 
+fn client(host: &str, addr: std::net::SocketAddr) -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .resolve(host, addr)
+        .timeout(Duration::from_secs(20))
+        .build()?)
+}
+
+/// A page load on `client`'s open connection.
+async fn cached_load(client: &reqwest::Client, origin: &str) -> Result<Duration> {
+    let t0 = Instant::now();
+    let page = client
+        .get(format!("{origin}/"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for path in subresources(&page) {
+        client
+            .get(format!("{origin}{path}"))
+            .send()
+            .await?
+            .bytes()
+            .await?;
+    }
+    Ok(t0.elapsed())
+}
+
+/// An ask until its first streamed `text` event.
+async fn ask_first_token(client: &reqwest::Client, origin: &str, token: &str) -> Result<Duration> {
+    let t0 = Instant::now();
+    let asked: serde_json::Value = client
+        .post(format!("{origin}/v1/ask"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({ "prompt": "Say hello." }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let (Some(conv), Some(rid)) = (asked["conversation"].as_str(), asked["request_id"].as_str())
+    else {
+        bail!("no conversation or request id in {asked}");
+    };
+    let mut events = client
+        .get(format!(
+            "{origin}/v1/conversations/{conv}/requests/{rid}/events"
+        ))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut seen = String::new();
+    while let Some(chunk) = events.chunk().await? {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+        if seen.contains("event: text") {
+            return Ok(t0.elapsed());
+        }
+        if seen.contains("event: failed") || seen.contains("event: done") {
+            bail!("no text event before the end: {seen}");
+        }
+    }
+    bail!("the event stream ended without text: {seen}")
+}
+
 fn main() -> Result<()> {
     let bin = use_release_bin()?;
     print_machine(&bin);
     let rt = runtime()?;
     let runs = param("RUNS", 30);
 
-    let mut home = Node::new("bench-web")?;
+    let fake = rt.block_on(FakeAnthropic::start(FakeConfig {
+        instant: true,
+        ..FakeConfig::default()
+    }))?;
+    let mut home = Node::with_env("bench-web", &fake.node_env())?;
     let https_port = free_port()?;
     home.args
         .extend(["--https".to_string(), format!("127.0.0.1:{https_port}")]);
@@ -69,6 +146,12 @@ fn main() -> Result<()> {
     let person = home.status()?["person"]
         .as_str()
         .context("no person")?
+        .to_string();
+    let me = home.device_id()?;
+    home.cli(&["agent", "assign", &me])?;
+    let token = home.json(&["token", "create", "--name", "bench"])?["token"]
+        .as_str()
+        .context("no token")?
         .to_string();
     home.stop()?;
 
@@ -133,16 +216,53 @@ fn main() -> Result<()> {
                 .0));
             relayed.push(ms(rt.block_on(load(&url, &host, relay_addr))?.0));
         }
-        let (d50, d90) = (percentile(&mut direct, 50.0), percentile(&mut direct, 90.0));
-        let (r50, r90) = (
-            percentile(&mut relayed, 50.0),
-            percentile(&mut relayed, 90.0),
+        report(
+            &format!("first page load ({bytes} bytes, new TLS connection)"),
+            runs,
+            &mut direct,
+            &mut relayed,
         );
-        println!(
-            "first page load ({bytes} bytes, new TLS connection), {runs} runs: \
-             direct p50 {d50:.1} ms p90 {d90:.1} ms; through the relay p50 {r50:.1} ms \
-             p90 {r90:.1} ms; ratio p50 {:.2}x",
-            r50 / d50
+
+        let (direct_client, relay_client) = (
+            client("127.0.0.1", direct_addr)?,
+            client(&host, relay_addr)?,
+        );
+        rt.block_on(cached_load(&direct_client, &direct_origin))?;
+        rt.block_on(cached_load(&relay_client, &url))?;
+        let (mut direct, mut relayed) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            direct.push(ms(rt.block_on(cached_load(&direct_client, &direct_origin))?));
+            relayed.push(ms(rt.block_on(cached_load(&relay_client, &url))?));
+        }
+        report(
+            "cached load (open connection)",
+            runs,
+            &mut direct,
+            &mut relayed,
+        );
+
+        rt.block_on(ask_first_token(&direct_client, &direct_origin, &token))?;
+        rt.block_on(ask_first_token(&relay_client, &url, &token))?;
+        // A device may send 30 asks a minute: ASKS rounds of each (default 12) stay under it.
+        let asks = param("ASKS", 12).min(14);
+        let (mut direct, mut relayed) = (Vec::new(), Vec::new());
+        for _ in 0..asks {
+            direct.push(ms(rt.block_on(ask_first_token(
+                &direct_client,
+                &direct_origin,
+                &token,
+            ))?));
+            relayed.push(ms(rt.block_on(ask_first_token(
+                &relay_client,
+                &url,
+                &token,
+            ))?));
+        }
+        report(
+            "ask to first streamed token",
+            asks,
+            &mut direct,
+            &mut relayed,
         );
         Ok(())
     })();
@@ -150,4 +270,15 @@ fn main() -> Result<()> {
     let _ = relay.wait();
     let _ = home.stop();
     result
+}
+
+/// One line: direct and relayed p50/p90 and the ratio of the p50s.
+fn report(what: &str, runs: usize, direct: &mut [f64], relayed: &mut [f64]) {
+    let (d50, d90) = (percentile(direct, 50.0), percentile(direct, 90.0));
+    let (r50, r90) = (percentile(relayed, 50.0), percentile(relayed, 90.0));
+    println!(
+        "{what}, {runs} runs: direct p50 {d50:.1} ms p90 {d90:.1} ms; through the relay \
+         p50 {r50:.1} ms p90 {r90:.1} ms; ratio p50 {:.2}x",
+        r50 / d50
+    );
 }
