@@ -3,10 +3,11 @@
 //! client, beside the same prompt sent straight to the server with `curl`.
 //!
 //! For each of N rounds: ask through one node's API (`POST /v1/ask`, then its event stream):
-//! the time to the first `text` event and to `done`; then `curl -N` of the same chat
-//! completion (`stream: true`, the same `max_tokens`, temperature 0): `time_starttransfer`
-//! (the first byte, which llama-server sends with the first token) and `time_total`. The
-//! ratio of the medians is iom's overhead (document writes, sync to the follower, the runner).
+//! the time to the first `text` event and to `done`; then `curl -N` of **the same request
+//! body iom sent** (recorded by a pass-through TCP hop between iom and the server: the system
+//! prompt, the tools and `max_tokens` included), `time_starttransfer` (the first byte, which
+//! llama-server sends with the first token) and `time_total`. The ratio of the medians is
+//! iom's overhead (the request and its progress in the conversation document, the runner).
 //!
 //! ```text
 //! scripts/install-llama.sh
@@ -19,6 +20,7 @@
 mod bench_common;
 
 use std::process::{Command, ExitCode};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -26,6 +28,7 @@ use iom_node::api::client::ApiClient;
 use iom_tests::harness::{Node, wait_until};
 use iom_tests::llama::{LlamaServer, MODEL_NAME};
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PROMPT: &str = "Name three colours.";
 const MAX_TOKENS: u32 = 32;
@@ -68,12 +71,87 @@ async fn ask(api: &ApiClient) -> Result<(Duration, Duration)> {
     }
 }
 
-/// The same prompt straight to the server: (time to the first byte, total).
-fn curl(url: &str) -> Result<(Duration, Duration)> {
-    let body = json!({
-        "model": MODEL_NAME, "max_tokens": MAX_TOKENS, "stream": true,
-        "messages": [{"role": "user", "content": PROMPT}],
-    });
+/// A pass-through TCP hop in front of the model server that keeps the bytes clients send, so
+/// the reference can send the server exactly what iom sent.
+struct Recorder {
+    port: u16,
+    sent: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Recorder {
+    async fn start(upstream: std::net::SocketAddr) -> Result<Recorder> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let keep = sent.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let keep = keep.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let back = tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        keep.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .extend_from_slice(&buf[..n]);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    back.abort();
+                });
+            }
+        });
+        Ok(Recorder { port, sent })
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The body of the last request sent through the hop.
+    fn last_body(&self) -> Result<Vec<u8>> {
+        let sent = self.sent.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let start = sent
+            .windows(5)
+            .rposition(|w| w == b"POST ")
+            .context("no request went through the recorder")?;
+        let req = &sent[start..];
+        let head_end = req
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .context("no end of headers")?;
+        let head = String::from_utf8_lossy(&req[..head_end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .context("no content-length (a chunked body?)")?
+            .trim()
+            .parse()?;
+        let body = &req[head_end + 4..];
+        if body.len() < len {
+            bail!(
+                "the recorded body is cut short ({} of {len} bytes)",
+                body.len()
+            );
+        }
+        Ok(body[..len].to_vec())
+    }
+}
+
+/// `body` straight to the server: (time to the first byte, total).
+fn curl(url: &str, body: &[u8]) -> Result<(Duration, Duration)> {
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), body)?;
     let out = Command::new("curl")
         .args([
             "-sS",
@@ -83,8 +161,8 @@ fn curl(url: &str) -> Result<(Duration, Duration)> {
             "-w",
             "%{time_starttransfer} %{time_total}",
         ])
-        .args(["-H", "content-type: application/json", "-d"])
-        .arg(body.to_string())
+        .args(["-H", "content-type: application/json", "--data-binary"])
+        .arg(format!("@{}", file.path().display()))
         .arg(format!("{url}/v1/chat/completions"))
         .output()
         .context("running curl")?;
@@ -121,6 +199,13 @@ fn run() -> Result<()> {
     let bin = bench_common::use_release_bin()?;
     bench_common::print_machine(&bin);
     let llama = LlamaServer::start()?;
+    let rt = bench_common::runtime()?;
+    let upstream = llama
+        .url()
+        .trim_start_matches("http://")
+        .parse()
+        .context("the server's address")?;
+    let recorder = rt.block_on(Recorder::start(upstream))?;
     let mut node = Node::new("home")?;
     node.start()?;
     node.cli(&["agent", "assign", "home"])?;
@@ -131,7 +216,7 @@ fn run() -> Result<()> {
         "--kind",
         "openai",
         "--base-url",
-        &llama.url(),
+        &recorder.url(),
         "--model",
         MODEL_NAME,
         "--local",
@@ -142,17 +227,17 @@ fn run() -> Result<()> {
     wait_until("the default model", Duration::from_secs(10), || {
         Ok(node.json(&["models", "list"])?["default"] == "local")
     })?;
-    let rt = bench_common::runtime()?;
     let api = node.api()?;
     // Warm both paths once (the model's first prompt fills caches).
     rt.block_on(ask(&api))?;
-    curl(&llama.url())?;
+    let body = recorder.last_body()?;
+    curl(&llama.url(), &body)?;
     let (mut first, mut total, mut c_first, mut c_total) = (vec![], vec![], vec![], vec![]);
     for _ in 0..rounds {
         let (f, t) = rt.block_on(ask(&api))?;
         first.push(f);
         total.push(t);
-        let (f, t) = curl(&llama.url())?;
+        let (f, t) = curl(&llama.url(), &body)?;
         c_first.push(f);
         c_total.push(t);
     }
@@ -163,7 +248,14 @@ fn run() -> Result<()> {
         median(&mut c_total),
     );
     let ms = bench_common::ms;
-    println!("rounds: {rounds}, prompt {PROMPT:?}, max_tokens {MAX_TOKENS}, model {MODEL_NAME}");
+    println!(
+        "rounds: {rounds}, prompt {PROMPT:?}, max_tokens {MAX_TOKENS}, model {MODEL_NAME}; \
+         the reference sends iom's recorded request ({} bytes: system prompt, tools, max_tokens {})",
+        body.len(),
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .map(|v| v["max_tokens"].to_string())
+            .unwrap_or_else(|_| "?".into())
+    );
     println!(
         "ask to first token: iom p50 {:.1} ms, curl p50 {:.1} ms, ratio {:.2}",
         ms(f),

@@ -153,7 +153,7 @@ impl ClaudeClient {
         });
         let wire = WireRequest {
             model: req.model.as_deref().unwrap_or(&self.cfg.model),
-            max_tokens: req.max_tokens.unwrap_or(self.cfg.max_tokens),
+            max_tokens: reply_cap(req.max_tokens, self.cfg.max_tokens),
             system: req.system.as_deref().filter(|s| !s.is_empty()),
             messages: &req.messages,
             tools,
@@ -489,6 +489,12 @@ pub(crate) fn is_quota(status: u16, error_type: &str, message: &str) -> bool {
         && ["credit balance", "insufficient_quota", "quota", "billing"]
             .iter()
             .any(|w| text.contains(w))
+}
+
+/// The `max_tokens` of one call: the request's (the runner's, which compaction may lower),
+/// never above the provider's own (`iom models add --max-tokens`: a small local model's cap).
+pub(crate) fn reply_cap(requested: Option<u32>, provider: u32) -> u32 {
+    requested.map_or(provider, |r| r.min(provider))
 }
 
 fn classify_stream_error(e: AssembleError) -> AttemptError {

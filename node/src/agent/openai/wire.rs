@@ -17,6 +17,7 @@
 use serde_json::{Value, json};
 
 use crate::agent::claude::{Content, ContentBlock, Message, MessagesRequest, Role};
+use crate::agent::claude::client::reply_cap;
 use crate::agent::tool_choice::{self, Mode};
 
 /// What the client adds to every request.
@@ -180,7 +181,7 @@ pub fn request(req: &MessagesRequest, opts: WireOptions<'_>) -> (Value, Option<V
     };
     let mut body = json!({
         "model": req.model.as_deref().unwrap_or(opts.model),
-        "max_tokens": req.max_tokens.unwrap_or(opts.max_tokens),
+        "max_tokens": reply_cap(req.max_tokens, opts.max_tokens),
         "messages": messages(system.as_deref(), &req.messages),
         "stream": true,
         "stream_options": {"include_usage": true},
@@ -325,6 +326,24 @@ mod tests {
         assert_eq!(body["tool_choice"], "none");
         assert_eq!(body["tools"].as_array().map(Vec::len), Some(2));
         assert_eq!(body["messages"][1]["content"], "error: ok");
+    }
+
+    #[test]
+    fn the_providers_max_tokens_caps_the_request() {
+        let mut req = MessagesRequest {
+            messages: vec![Message::user("go")],
+            max_tokens: Some(4096),
+            ..MessagesRequest::default()
+        };
+        let small = WireOptions {
+            max_tokens: 32,
+            ..opts()
+        };
+        assert_eq!(request(&req, small).0["max_tokens"], 32);
+        req.max_tokens = Some(20);
+        assert_eq!(request(&req, small).0["max_tokens"], 20);
+        req.max_tokens = None;
+        assert_eq!(request(&req, small).0["max_tokens"], 32);
     }
 
     #[test]
