@@ -7,7 +7,11 @@
 //!   syncs (with the in-process reference of `bench-sync`);
 //! - `live`: propagation of one small change, p50 and p99 over `CHANGES` (200) changes;
 //! - `many`: `MANY` (100,000) small documents (2 changes each), cold, and for iom the
-//!   start-up and idle RSS of the node holding them.
+//!   start-up and idle RSS of the node holding them; samod gets `SAMOD_MANY` (10,000) of
+//!   them (see `scale`: at 100,000 it would run for hours), compared per document;
+//! - `scale`: cold sync of `SCALE` (1000,2000,4000) documents × 10 changes on both sides, the
+//!   time per document at each size (samod 0.16's hub walks every live document on every
+//!   event, so its time per document grows with the count; iom's should not).
 //!
 //! The documents are the same bytes on both sides (built with `iom_crdt` the way
 //! `POST /v1/docs` builds them); each samod document is loaded from those bytes and handed to
@@ -27,7 +31,7 @@
 //!   handle has the wanted heads (watched with `DocHandle::changes`, not polled).
 //!
 //! Run (release build of this binary and of `iom`, see docs/benchmarks.md):
-//! `target/release/bench-samod [cold] [live] [many]` (no argument: all).
+//! `target/release/bench-samod [cold] [live] [many] [scale]` (no argument: all).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -70,6 +74,9 @@ fn main() -> Result<()> {
     }
     if wants("many") {
         many(&rt, scratch.path(), &mut rows)?;
+    }
+    if wants("scale") {
+        scale(&rt, scratch.path(), &mut rows)?;
     }
     println!();
     println!("| workload | iom | samod | samod / iom |");
@@ -266,6 +273,8 @@ fn many(rt: &tokio::runtime::Runtime, scratch: &Path, rows: &mut Vec<Row>) -> Re
     );
     drop((a, b));
 
+    let iom_count = count;
+    let count = param("SAMOD_MANY", 10_000).min(count);
     let mut sa = SamodPeer::start(&scratch.join("many-samod-a"))?;
     let created = sa.call(&format!("create {count} {fields}"))?;
     println!("many: samod: created {count} documents on A in {created} ms");
@@ -284,12 +293,69 @@ fn many(rt: &tokio::runtime::Runtime, scratch: &Path, rows: &mut Vec<Row>) -> Re
     println!("many: samod: A's VmRSS holding {count} open documents: {samod_rss:.1} MiB");
     sb.call("stop")?;
     sa.call("stop")?;
-    rows.push(row(
-        format!("cold sync, {count} small docs"),
-        iom_cold,
-        samod_cold,
+    rows.push(per_doc_row(
+        format!("cold sync, small docs (iom {iom_count}, samod {count}), per document"),
+        (iom_cold, iom_count),
+        (samod_cold, count),
     ));
     Ok(())
+}
+
+/// Cold sync at several sizes on both sides: the time per document at each.
+fn scale(rt: &tokio::runtime::Runtime, scratch: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    let sizes: Vec<usize> = std::env::var("SCALE")
+        .unwrap_or_else(|_| "1000,2000,4000".into())
+        .split(',')
+        .map(|n| n.trim().parse().context("SCALE: comma-separated counts"))
+        .collect::<Result<_>>()?;
+    let fields = 9;
+    for count in sizes {
+        let mut a = Node::new(&format!("scale-a-{count}"))?;
+        a.start()?;
+        create_docs(rt, &a.dir, count, fields, 8)?;
+        let mut b = Node::new(&format!("scale-b-{count}"))?;
+        b.start()?;
+        let (iom_cold, _) = cold_join(rt, &a, &b)?;
+        b.stop()?;
+        a.stop()?;
+        drop((a, b));
+
+        let mut sa = SamodPeer::start(&scratch.join(format!("scale-samod-a-{count}")))?;
+        sa.call(&format!("create {count} {fields}"))?;
+        let port = sa.call("listen")?;
+        let heads = scratch.join(format!("scale-heads-{count}"));
+        sa.call(&format!("heads {}", heads.display()))?;
+        let mut sb = SamodPeer::start(&scratch.join(format!("scale-samod-b-{count}")))?;
+        let t0 = Instant::now();
+        sb.call(&format!("sync {port} {}", heads.display()))?;
+        let samod_cold = t0.elapsed();
+        sb.call("stop")?;
+        sa.call("stop")?;
+        println!(
+            "scale: {count} documents × 10 changes, cold: iom {:.0} ms ({:.3} ms per document), samod {:.0} ms ({:.3} ms per document)",
+            ms(iom_cold),
+            ms(iom_cold) / count as f64,
+            ms(samod_cold),
+            ms(samod_cold) / count as f64
+        );
+        rows.push(row(
+            format!("cold sync, {count} docs × 10 changes"),
+            iom_cold,
+            samod_cold,
+        ));
+    }
+    Ok(())
+}
+
+/// A row of two runs of different sizes, compared per document.
+fn per_doc_row(what: String, iom: (Duration, usize), samod: (Duration, usize)) -> Row {
+    let per = |(d, n): (Duration, usize)| ms(d) / n.max(1) as f64;
+    Row {
+        what,
+        iom: format!("{:.0} ms ({:.3} ms/doc)", ms(iom.0), per(iom)),
+        samod: format!("{:.0} ms ({:.3} ms/doc)", ms(samod.0), per(samod)),
+        ratio: per(samod) / per(iom),
+    }
 }
 
 fn row(what: String, iom: Duration, samod: Duration) -> Row {
@@ -443,16 +509,22 @@ mod peer {
         heads
     }
 
-    /// Waits until the document has exactly `want` as heads.
+    /// Waits until the document has exactly `want` as heads: once from the document, then
+    /// from the heads each change carries (reading the document again per change would cost
+    /// samod's hub one more event each time).
     async fn wait_heads(h: &DocHandle, want: &[String]) -> Result<()> {
         let mut changes = h.changes();
-        while heads_of(h) != want {
-            changes
-                .next()
-                .await
-                .ok_or_else(|| anyhow!("change stream of {} ended", h.document_id()))?;
+        if heads_of(h) == want {
+            return Ok(());
         }
-        Ok(())
+        while let Some(change) = changes.next().await {
+            let mut heads: Vec<String> = change.new_heads.iter().map(|c| c.to_string()).collect();
+            heads.sort();
+            if heads == want {
+                return Ok(());
+            }
+        }
+        Err(anyhow!("change stream of {} ended", h.document_id()))
     }
 
     fn arg<'a>(words: &[&'a str], i: usize) -> Result<&'a str> {

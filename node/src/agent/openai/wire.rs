@@ -16,8 +16,8 @@
 
 use serde_json::{Value, json};
 
-use crate::agent::claude::{Content, ContentBlock, Message, MessagesRequest, Role};
 use crate::agent::claude::client::reply_cap;
+use crate::agent::claude::{Content, ContentBlock, Message, MessagesRequest, Role};
 use crate::agent::tool_choice::{self, Mode};
 
 /// What the client adds to every request.
