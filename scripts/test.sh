@@ -80,7 +80,7 @@ else
         echo "IOM_SKIP_DOCKER=1: the Docker tests are left out (counted as skipped below)"
     fi
     if [ "${IOM_SKIP_NETNS:-}" = "1" ]; then
-        left_out+=("binary(relay_nat) | binary(nat_mesh) | binary(disk_full) | binary(soak) | test(=doctor_reports_a_nearly_full_disk) | test(=a_3_gib_dd_stops_at_the_workspace_quota_and_the_node_is_fine) | test(=a_workspace_stops_at_its_quota_and_keeps_its_files_across_restarts) | test(=the_total_quota_evicts_idle_workspaces_and_refuses_when_all_are_busy) | test(=check_passes_on_this_machine)")
+        left_out+=("binary(relay_nat) | binary(nat_mesh) | binary(phone_netns) | binary(disk_full) | binary(soak) | test(=doctor_reports_a_nearly_full_disk) | test(=a_3_gib_dd_stops_at_the_workspace_quota_and_the_node_is_fine) | test(=a_workspace_stops_at_its_quota_and_keeps_its_files_across_restarts) | test(=the_total_quota_evicts_idle_workspaces_and_refuses_when_all_are_busy) | test(=check_passes_on_this_machine)")
         echo "IOM_SKIP_NETNS=1: the NAT lab, the soak and the other root-only tests (tmpfs, loop mounts, the workspace quota) are left out (counted as skipped below)"
     fi
     if [ "${IOM_SKIP_MAIL:-}" = "1" ]; then

@@ -271,22 +271,43 @@ fn smoke_fuzz_frame() {
     run(0x5eed_0003, &frame_seeds(), fuzz_frame);
 }
 
-/// Regenerates the cargo-fuzz seed corpus in `fuzz/seeds/<target>/`:
-/// `cargo test -p iom-protocol --test fuzz_smoke -- --ignored write_fuzz_seeds`.
+/// A fuzz target's name, its seeds and its decoder.
+type Corpus = (&'static str, Vec<Vec<u8>>, fn(&[u8]));
+
+/// The cargo-fuzz seed corpus in `fuzz/seeds/<target>/` is there, one file per seed this test
+/// builds, and every file in it goes through its decoder. With `IOM_WRITE_FUZZ_SEEDS=1` the
+/// seeds are written first (to refresh the corpus after a format change):
+/// `IOM_WRITE_FUZZ_SEEDS=1 cargo test -p iom-protocol --test fuzz_smoke fuzz_seed_corpus`.
 #[test]
-#[ignore = "writes files; run by hand to refresh fuzz/seeds"]
-fn write_fuzz_seeds() {
+fn fuzz_seed_corpus_is_in_the_repo_and_decodes() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
-    for (target, seeds) in [
-        ("certificate", certificate_seeds()),
-        ("invite", invite_seeds()),
-        ("frame", frame_seeds()),
-        ("wire", wire_seeds()),
-    ] {
+    let write = std::env::var("IOM_WRITE_FUZZ_SEEDS").is_ok_and(|v| v == "1");
+    let targets: [Corpus; 4] = [
+        ("certificate", certificate_seeds(), fuzz_certificate),
+        ("invite", invite_seeds(), fuzz_invite),
+        ("frame", frame_seeds(), fuzz_frame),
+        ("wire", wire_seeds(), fuzz_wire),
+    ];
+    for (target, seeds, decode) in targets {
         let dir = root.join(target);
-        std::fs::create_dir_all(&dir).unwrap();
-        for (i, seed) in seeds.iter().enumerate() {
-            std::fs::write(dir.join(format!("seed-{i}")), seed).unwrap();
+        if write {
+            std::fs::create_dir_all(&dir).expect("create the seed dir");
+            for (i, seed) in seeds.iter().enumerate() {
+                std::fs::write(dir.join(format!("seed-{i}")), seed).expect("write a seed");
+            }
+        }
+        for i in 0..seeds.len() {
+            let path = dir.join(format!("seed-{i}"));
+            assert!(
+                path.is_file(),
+                "{} is missing: refresh the corpus with IOM_WRITE_FUZZ_SEEDS=1",
+                path.display()
+            );
+        }
+        let files = std::fs::read_dir(&dir).expect("read the seed dir");
+        for entry in files {
+            let bytes = std::fs::read(entry.expect("a dir entry").path()).expect("read a seed");
+            decode(&bytes);
         }
     }
 }

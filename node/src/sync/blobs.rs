@@ -406,8 +406,13 @@ impl<N: BlobNet> Blobs<N> {
                 let this = self.clone();
                 self.spawn(async move {
                     let swept = tokio::task::spawn_blocking(move || this.collect_garbage(below));
-                    if swept.await.is_err() {
-                        tracing::warn!("the blob garbage sweep panicked");
+                    match swept.await {
+                        Err(e) if e.is_panic() => tracing::warn!("the blob garbage sweep panicked"),
+                        // Cancelled before it ran: the node is shutting down.
+                        Err(_) => {
+                            tracing::debug!("the blob garbage sweep did not run (shutting down)")
+                        }
+                        Ok(()) => {}
                     }
                 });
             }

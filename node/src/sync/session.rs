@@ -241,9 +241,24 @@ pub(crate) enum DriveError {
     /// A message could not be encoded (our bug).
     #[error(transparent)]
     Encode(#[from] EncodeError),
-    /// The driver misused the state machine (our bug).
+    /// The driver misused the state machine, or a task of it panicked (our bug).
     #[error("sync driver bug: {0}")]
     Bug(&'static str),
+    /// A task of the session was cancelled: the runtime is shutting down.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}
+
+/// A joined task's result: a panic is our bug (`what` says which task), a cancellation is the
+/// runtime shutting down (not a panic, and not logged as one).
+fn joined<T>(r: Result<T, tokio::task::JoinError>, what: &'static str) -> Result<T, DriveError> {
+    r.map_err(|e| {
+        if e.is_panic() {
+            DriveError::Bug(what)
+        } else {
+            DriveError::ShuttingDown
+        }
+    })
 }
 
 impl DriveError {
@@ -708,10 +723,7 @@ where
     };
     let read = reader.read_loop(&mut rd).await;
     shared.stop.cancel();
-    let written = match writer.await {
-        Ok(r) => r,
-        Err(_) => Err(DriveError::Bug("the sync writer panicked")),
-    };
+    let written = joined(writer.await, "the sync writer panicked").and_then(|r| r);
     deps.registry.unregister(peer, id);
     // Persist what each side is known to have, so a reconnect costs only what changed.
     let states = shared.lock().take_states();
@@ -981,8 +993,8 @@ impl Driver {
         let blobs = self.deps.blobs.clone();
         let page =
             tokio::task::spawn_blocking(move || blobs.announcement_page(after, MAX_BLOB_ANNOUNCE))
-                .await
-                .map_err(|_| DriveError::Bug("reading blob announcements panicked"))?;
+                .await;
+        let page = joined(page, "reading blob announcements panicked")?;
         *cursor = match page.last() {
             Some((id, _)) if page.len() >= MAX_BLOB_ANNOUNCE => BlobCursor::After(*id),
             _ => BlobCursor::Done,
@@ -1148,8 +1160,8 @@ impl Driver {
                         .filter(|(id, _)| !blobs.has(id))
                         .collect::<Vec<_>>()
                 })
-                .await
-                .map_err(|_| DriveError::Bug("checking announced blobs panicked"))?;
+                .await;
+                let missing = joined(missing, "checking announced blobs panicked")?;
                 for (id, len) in missing {
                     self.deps.blobs.want(id, len, self.peer);
                 }

@@ -1043,3 +1043,19 @@ async fn a_fault_injected_node_sends_garbage_that_the_peer_refuses() {
         "nothing from the bad message is kept"
     );
 }
+
+#[tokio::test]
+async fn a_panicked_task_is_a_bug_and_a_cancelled_one_is_shutting_down() {
+    let panicked = tokio::spawn(async { panic!("on purpose") }).await;
+    assert!(matches!(
+        super::joined::<()>(panicked, "the task panicked"),
+        Err(DriveError::Bug("the task panicked"))
+    ));
+    let pending = tokio::spawn(std::future::pending::<()>());
+    pending.abort();
+    assert!(matches!(
+        super::joined(pending.await, "the task panicked"),
+        Err(DriveError::ShuttingDown)
+    ));
+    assert_eq!(super::joined(Ok(7), "unused").ok(), Some(7));
+}
