@@ -131,12 +131,16 @@ pub(crate) async fn wait_mesh(nodes: &[&TestNode]) {
     .await;
 }
 
-/// Polls `check` every 10 ms (of tokio time) until it holds; panics after 30 s.
+/// Polls `check` every 10 ms (of tokio time) until it holds; panics after 30 s of tokio time
+/// **and** 10 s of real time. With paused time the clock jumps ahead whenever every task waits,
+/// and that includes waiting on the blocking pool (store reads and writes), so on a loaded
+/// machine 30 s of tokio time can pass in a few real milliseconds of blocking work.
 pub(crate) async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let real = std::time::Instant::now();
     while !check().await {
         assert!(
-            tokio::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline || real.elapsed() < Duration::from_secs(10),
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -681,6 +681,43 @@ pub fn agent_http_node(name: &str, env: &[(&str, &str)]) -> Result<AgentHttpNode
 /// 33745, the address fixture B redials), so no other test's node may take them meanwhile.
 pub const RESERVED_PORTS: &[u16] = &[33745];
 
+/// A self-signed P-256 certificate and its key, made by `openssl req -x509` (the tests'
+/// certificates come from a real TLS tool, not from our own code): `subject` as `/CN=...`,
+/// `san` as openssl's `subjectAltName` value, `extra` more arguments (e.g. `-addext ...`).
+pub fn self_signed_p256(
+    cert: &Path,
+    key: &Path,
+    days: u32,
+    subject: &str,
+    san: &str,
+    extra: &[&str],
+) -> Result<()> {
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", &days.to_string(), "-subj", subject])
+        .args(["-addext", &format!("subjectAltName={san}")])
+        .args(extra)
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "openssl req -x509 failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// SHA-256 of a file, hex (by `sha256sum`, so the test does not trust our own hashing).
 pub fn sha256_file(path: &Path) -> Result<String> {
     let out = Command::new("sha256sum").arg(path).output()?;

@@ -295,6 +295,19 @@ fn tool_calls(node: &Node, conversation: &str, rid: &str) -> Result<Vec<Value>> 
     Ok(reply["tool_calls"].as_array().cloned().unwrap_or_default())
 }
 
+/// The first tool call of the reply to `rid` printed `want` (trimmed).
+fn assert_first_output(node: &Node, conversation: &str, rid: &str, want: &str) -> Result<()> {
+    let calls = tool_calls(node, conversation, rid)?;
+    let first = calls
+        .first()
+        .and_then(|c| c["output"].as_str())
+        .map(str::trim);
+    if first != Some(want) {
+        bail!("the first tool call printed {first:?}, not {want:?}: {calls:?}");
+    }
+    Ok(())
+}
+
 /// Waits until `node` sees the request with `status`; returns the request message.
 fn wait_status(
     node: &Node,
@@ -902,12 +915,7 @@ fn quota_body() -> Result<()> {
         ),
         Some(&conv),
     )?;
-    let calls = tool_calls(&home, &conv, &rid)?;
-    assert_eq!(
-        calls[0]["output"].as_str().map(str::trim),
-        Some("1"),
-        "{calls:?}"
-    );
+    assert_first_output(&home, &conv, &rid, "1")?;
     home.assert_no_panic()?;
     // A crash leaves the workspace mounted; the next start unmounts it (before anything can
     // use it), and the next tool call mounts it again with its files.
@@ -928,12 +936,7 @@ fn quota_body() -> Result<()> {
         &format!("after the crash {}", bash("cat /workspace/ok")),
         Some(&conv),
     )?;
-    let calls = tool_calls(&home, &conv, &rid)?;
-    assert_eq!(
-        calls[0]["output"].as_str().map(str::trim),
-        Some("1"),
-        "{calls:?}"
-    );
+    assert_first_output(&home, &conv, &rid, "1")?;
     assert_eq!(mounts_under(&home.dir).len(), 1);
     // A graceful stop unmounts the workspace (the loop device goes with it).
     home.stop()?;

@@ -362,24 +362,14 @@ fn https_with_the_users_certificate_and_clear_errors_for_bad_files() {
         let rt = runtime()?;
         let mut n = Node::new("own-cert")?;
         let (cert, key) = (n.dir.join("mine.pem"), n.dir.join("mine.key"));
-        let out = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-days", "2", "-subj", "/CN=home.example"])
-            .args(["-addext", "subjectAltName=DNS:home.example,IP:127.0.0.1"])
-            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()?;
-        ensure_ok(&out)?;
+        iom_tests::harness::self_signed_p256(
+            &cert,
+            &key,
+            2,
+            "/CN=home.example",
+            "DNS:home.example,IP:127.0.0.1",
+            &["-addext", "basicConstraints=critical,CA:FALSE"],
+        )?;
         let port = free_port()?;
         let base_args = n.args.clone();
         let https_args = |key: &std::path::Path| {
@@ -419,13 +409,6 @@ fn https_with_the_users_certificate_and_clear_errors_for_bad_files() {
         assert_eq!(s, StatusCode::OK, "{v}");
         n.assert_no_panic()
     });
-}
-
-fn ensure_ok(out: &std::process::Output) -> Result<()> {
-    if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
 }
 
 /// What the receiver saw: `(status it answered, body, x-iom-request-id)` per POST.

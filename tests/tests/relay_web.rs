@@ -426,27 +426,13 @@ fn a_certificate_from_pebble_through_the_relay_then_verified_tls_through_it() {
         // 127.0.0.1), HTTP-01 validation on the relay's port.
         let pebble_cert = dir.join("pebble.pem");
         let pebble_key = dir.join("pebble.key");
-        openssl(
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=pebble",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-                "-keyout",
-                pebble_key.to_str().context("path")?,
-                "-out",
-                pebble_cert.to_str().context("path")?,
-            ],
-            None,
+        iom_tests::harness::self_signed_p256(
+            &pebble_cert,
+            &pebble_key,
+            1,
+            "/CN=pebble",
+            "IP:127.0.0.1",
+            &[],
         )?;
         let (acme_port, mgmt_port, dns_port, cts_mgmt) =
             (free_port()?, free_port()?, free_port()?, free_port()?);
