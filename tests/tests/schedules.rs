@@ -176,13 +176,19 @@ fn every_minute_fires_once_per_slot_across_restart_and_handover() {
         for s in [s1, s2, s3, s4] {
             assert!(all.contains(&s), "slot {s} missing from {all:?}");
         }
-        assert!(
-            sched_requests(&b, &conv)?
+        // Every slot the test waited for was answered. A slot that a real minute boundary
+        // brought in while A was being stopped may have been interrupted by that stop: it is
+        // then failed ("interrupted", never run twice), as designed.
+        let reqs = sched_requests(&b, &conv)?;
+        for (rid, st) in &reqs {
+            let waited_for = [s1, s2, s3, s4]
                 .iter()
-                .all(|(_, st)| st == "done"),
-            "{:?}",
-            sched_requests(&b, &conv)?
-        );
+                .any(|s| *rid == format!("sched-{id}-{s}"));
+            assert!(
+                st == "done" || (!waited_for && st == "failed"),
+                "{rid} is {st}: {reqs:?}"
+            );
+        }
         // The answers came from the model: one model call per fired slot, no more.
         let calls = fake.requests().len();
         assert_eq!(calls, all.len(), "model calls {calls} for slots {all:?}");
