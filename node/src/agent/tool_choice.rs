@@ -121,7 +121,7 @@ pub struct NotACall {
 }
 
 /// The reply of a call forced by schema as a tool call to one of `offered` (tool names).
-pub fn call_from_reply(turn: Turn, offered: &[&str]) -> Result<Turn, NotACall> {
+pub fn call_from_reply(turn: Turn, offered: &[String]) -> Result<Turn, NotACall> {
     let text = turn.text();
     let not_a_call = |reason| NotACall {
         reason,
@@ -132,7 +132,7 @@ pub fn call_from_reply(turn: Turn, offered: &[&str]) -> Result<Turn, NotACall> {
         .get("name")
         .and_then(Value::as_str)
         .ok_or_else(|| not_a_call("no tool name"))?;
-    if !offered.contains(&name) {
+    if !offered.iter().any(|o| o == name) {
         return Err(not_a_call("not an offered tool"));
     }
     let input = match value.get("arguments") {
@@ -162,12 +162,13 @@ pub fn call_from_reply(turn: Turn, offered: &[&str]) -> Result<Turn, NotACall> {
 }
 
 /// The names of the tools in `tools`.
-pub fn names(tools: &Value) -> Vec<&str> {
+pub fn names(tools: &Value) -> Vec<String> {
     tools
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|t| t.get("name").and_then(Value::as_str))
+        .map(str::to_owned)
         .collect()
 }
 
@@ -246,7 +247,7 @@ mod tests {
 
     #[test]
     fn a_reply_becomes_the_call_or_a_clear_error() -> Result<(), NotACall> {
-        let offered = ["bash", "read_file"];
+        let offered = ["bash".to_owned(), "read_file".to_owned()];
         let t = call_from_reply(
             turn(r#" {"name": "bash", "arguments": {"command": "ls"}} "#),
             &offered,

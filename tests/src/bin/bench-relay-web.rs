@@ -42,13 +42,17 @@ fn subresources(page: &str) -> Vec<String> {
     out
 }
 
-/// One first page load from `origin`, `host` resolved to `addr`.
-async fn load(origin: &str, host: &str, addr: std::net::SocketAddr) -> Result<(Duration, usize)> {
-    let client = reqwest::Client::builder()
+/// A client for `host` resolved to `addr` (the node's certificate is self-signed).
+fn client(host: &str, addr: std::net::SocketAddr) -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
         .resolve(host, addr)
         .timeout(Duration::from_secs(20))
-        .build()?;
+        .build()?)
+}
+
+/// `GET /` and every file it names, on `client`: the time and the bytes.
+async fn page_load(client: &reqwest::Client, origin: &str) -> Result<(Duration, usize)> {
     let t0 = Instant::now();
     let page = client.get(format!("{origin}/")).send().await?;
     if !page.status().is_success() {
@@ -63,32 +67,15 @@ async fn load(origin: &str, host: &str, addr: std::net::SocketAddr) -> Result<(D
     Ok((t0.elapsed(), bytes))
 }
 
-fn client(host: &str, addr: std::net::SocketAddr) -> Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .resolve(host, addr)
-        .timeout(Duration::from_secs(20))
-        .build()?)
+/// One first page load from `origin`, `host` resolved to `addr`: a new client, so a new
+/// TCP connection and TLS handshake.
+async fn load(origin: &str, host: &str, addr: std::net::SocketAddr) -> Result<(Duration, usize)> {
+    page_load(&client(host, addr)?, origin).await
 }
 
 /// A page load on `client`'s open connection.
 async fn cached_load(client: &reqwest::Client, origin: &str) -> Result<Duration> {
-    let t0 = Instant::now();
-    let page = client
-        .get(format!("{origin}/"))
-        .send()
-        .await?
-        .text()
-        .await?;
-    for path in subresources(&page) {
-        client
-            .get(format!("{origin}{path}"))
-            .send()
-            .await?
-            .bytes()
-            .await?;
-    }
-    Ok(t0.elapsed())
+    Ok(page_load(client, origin).await?.0)
 }
 
 /// An ask until its first streamed `text` event.

@@ -214,8 +214,7 @@ impl OpenAiClient {
         let Some(offered) = offered else {
             return Ok(turn);
         };
-        let offered: Vec<&str> = offered.iter().map(String::as_str).collect();
-        let call = tool_choice::call_from_reply(turn, &offered).map_err(|e| {
+        let call = tool_choice::call_from_reply(turn, offered).map_err(|e| {
             ClaudeError::from(OpenAiError::Protocol {
                 url: self.url.clone(),
                 message: e.to_string(),

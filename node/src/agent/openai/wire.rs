@@ -194,11 +194,7 @@ pub fn request(req: &MessagesRequest, opts: WireOptions<'_>) -> (Value, Option<V
             "type": "json_schema",
             "json_schema": {"name": "tool_call", "schema": tool_choice::call_schema(&defs)},
         });
-        let names = tool_choice::names(&defs)
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        return (body, Some(names));
+        return (body, Some(tool_choice::names(&defs)));
     }
     body["tools"] = Value::Array(tools(&defs));
     match forced {
