@@ -9,6 +9,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+/// Values in use skipped by one eviction before it gives up (see [`LruCache::insert`]).
+const MAX_SKIPPED: usize = 8;
+
 /// A cache of shared values by key.
 #[derive(Debug)]
 pub(crate) struct LruCache<K, V> {
@@ -46,7 +49,10 @@ impl<K: Copy + Eq + std::hash::Hash, V> LruCache<K, V> {
     }
 
     /// Caches `value` as just used, then evicts least recently used values that nobody else
-    /// holds until the cache is within its capacity (or only values in use are left).
+    /// holds until the cache is within its capacity. A value found in use is marked as just
+    /// used and skipped; after [`MAX_SKIPPED`] of those the eviction stops, so a cache full of
+    /// values in use (a sync session's working set) costs each insert O(log n), not a walk
+    /// of everything held. The cache then stays above its capacity until values are released.
     pub(crate) fn insert(&mut self, key: K, value: Arc<V>) {
         self.tick += 1;
         let tick = self.tick;
@@ -54,12 +60,9 @@ impl<K: Copy + Eq + std::hash::Hash, V> LruCache<K, V> {
             self.order.remove(&old);
         }
         self.order.insert(tick, key);
-        if self.entries.len() <= self.capacity {
-            return;
-        }
-        let mut in_use = Vec::new();
-        while self.entries.len() > self.capacity {
-            let Some((t, k)) = self.order.pop_first() else {
+        let mut skipped = 0;
+        while self.entries.len() > self.capacity && skipped < MAX_SKIPPED {
+            let Some((_, k)) = self.order.pop_first() else {
                 break;
             };
             let free = self
@@ -68,12 +71,15 @@ impl<K: Copy + Eq + std::hash::Hash, V> LruCache<K, V> {
                 .is_some_and(|(v, _)| Arc::strong_count(v) == 1);
             if free && k != key {
                 self.entries.remove(&k);
-            } else {
-                in_use.push((t, k));
+                continue;
+            }
+            skipped += 1;
+            self.tick += 1;
+            self.order.insert(self.tick, k);
+            if let Some((_, t)) = self.entries.get_mut(&k) {
+                *t = self.tick;
             }
         }
-        // Values in use keep their place in the order.
-        self.order.extend(in_use);
     }
 
     /// Drops `key`.
@@ -124,6 +130,30 @@ mod tests {
         assert!(c.contains(&7));
         c.remove(&7);
         assert!(!c.contains(&7));
+    }
+
+    #[test]
+    fn a_cache_full_of_values_in_use_keeps_them_and_still_evicts_free_ones() {
+        let mut c: LruCache<u32, u32> = LruCache::new(4);
+        let held: Vec<Arc<u32>> = (0..100).map(Arc::new).collect();
+        for (k, v) in held.iter().enumerate() {
+            c.insert(k as u32, v.clone());
+        }
+        assert_eq!(c.len(), 100, "nothing held is evicted");
+        for k in 1000..1100 {
+            c.insert(k, Arc::new(k));
+        }
+        assert!((0..100).all(|k| c.contains(&k)), "the held values stay");
+        // Each insert skips at most MAX_SKIPPED held values, so free ones do pile up a little
+        // while the held ones are walked past, but not one per insert.
+        let free = c.len() - 100;
+        assert!(free <= 100 / MAX_SKIPPED + 4, "{free} free values kept");
+        drop(held);
+        c.insert(2000, Arc::new(2000));
+        for k in 2001..2100 {
+            c.insert(k, Arc::new(k));
+        }
+        assert_eq!(c.len(), 4, "back within capacity once released");
     }
 
     #[test]

@@ -127,10 +127,10 @@ impl Docs {
         // subscribers lag (which costs an inventory round with every peer).
         let (changes, _) = broadcast::channel(8192);
         let mut inventory = Inventory::new();
-        for (id, meta) in store.doc_metas()? {
+        store.for_each_doc_meta(|id, meta| {
             let heads: Vec<ChangeHash> = meta.heads.iter().map(|h| ChangeHash(*h)).collect();
             inventory.update(DocId::from_bytes(id), &heads);
-        }
+        })?;
         Ok(Docs {
             inner: Arc::new(Inner {
                 store,
@@ -183,6 +183,18 @@ impl Docs {
             .collect())
     }
 
+    /// Every stored document of kind `kind` with its metadata (the others are read one at a
+    /// time and dropped, never all held at once).
+    pub fn list_kind(&self, kind: DocKind) -> Result<Vec<(DocId, DocMeta)>, DocsError> {
+        let mut out = Vec::new();
+        self.inner.store.for_each_doc_meta(|id, meta| {
+            if meta.kind == kind.name() {
+                out.push((DocId::from_bytes(id), meta));
+            }
+        })?;
+        Ok(out)
+    }
+
     /// Metadata of one document.
     pub fn meta(&self, id: DocId) -> Result<Option<DocMeta>, DocsError> {
         Ok(self.inner.store.doc_meta(id.as_bytes())?)
@@ -217,6 +229,15 @@ impl Docs {
         let heads = self.read(id, |d| d.heads()).await?;
         self.announce(id, heads, Origin::Local);
         Ok(id)
+    }
+
+    /// Keeps `id` loaded while the returned pin lives, if it is loaded now (nothing is
+    /// loaded for it). The cache never evicts a document someone holds, so a sync session
+    /// pins the documents it is exchanging and they are not loaded again for each message.
+    pub fn pin(&self, id: DocId) -> Option<DocPin> {
+        lock(&self.inner.cache)
+            .get(&id)
+            .map(|doc| DocPin { _loaded: doc })
     }
 
     /// Runs `f` on a document for reading.
@@ -702,6 +723,17 @@ impl Docs {
         let shared = Arc::new(Mutex::new(doc));
         self.insert_cached(id, shared.clone());
         Ok(Some(shared))
+    }
+}
+
+/// Keeps one document loaded (see [`Docs::pin`]); gives no access to it.
+pub struct DocPin {
+    _loaded: Shared,
+}
+
+impl std::fmt::Debug for DocPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DocPin").finish_non_exhaustive()
     }
 }
 

@@ -69,9 +69,8 @@ pub fn title_from(prompt: &str) -> String {
 /// recently changed first.
 pub fn newest_first(docs: &Docs) -> Result<Vec<(DocId, u64)>, DocsError> {
     let mut convs: Vec<(DocId, u64)> = docs
-        .list()?
+        .list_kind(DocKind::Conversation)?
         .into_iter()
-        .filter(|(_, m)| m.kind == DocKind::Conversation.name())
         .map(|(id, m)| (id, m.updated_at))
         .collect();
     convs.sort_by_key(|c| std::cmp::Reverse(c.1));
@@ -155,9 +154,8 @@ impl Conversations {
     pub fn list(&self) -> Result<Vec<DocId>, DocsError> {
         Ok(self
             .docs
-            .list()?
+            .list_kind(DocKind::Conversation)?
             .into_iter()
-            .filter(|(_, m)| m.kind == DocKind::Conversation.name())
             .map(|(id, _)| id)
             .collect())
     }

@@ -120,18 +120,28 @@ impl Store {
 
     /// Metadata of every document.
     pub fn doc_metas(&self) -> Result<Vec<([u8; 16], DocMeta)>, StoreError> {
-        let mut out = Vec::with_capacity(self.docs.len());
+        let mut out = Vec::new();
+        self.for_each_doc_meta(|id, meta| out.push((id, meta)))?;
+        Ok(out)
+    }
+
+    /// Calls `f` with the metadata of every document, one at a time: nothing holds all of
+    /// them at once (start-up reads 100,000 of them into the inventory this way).
+    pub fn for_each_doc_meta(
+        &self,
+        mut f: impl FnMut([u8; 16], DocMeta),
+    ) -> Result<(), StoreError> {
         for entry in self.docs.iter() {
             let (k, v) = entry?;
             let Ok(id) = <[u8; 16]>::try_from(k.as_ref()) else {
                 continue;
             };
-            out.push((
+            f(
                 id,
                 serde_cbor::from_slice(&v).map_err(decode_err("doc meta"))?,
-            ));
+            );
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Number of stored documents.

@@ -18,10 +18,12 @@
 //! - [`gate`]: refusing untrusted peers.
 //! - [`session`]: one peer's session (the driver), and the registry of running sessions.
 //! - [`blobs`]: the blob server and the resumable, verifying fetcher.
+//! - `working_set`: the documents a session keeps loaded while it exchanges them.
 
 pub mod blobs;
 pub mod gate;
 pub mod session;
+mod working_set;
 
 use std::sync::{Arc, Mutex};
 

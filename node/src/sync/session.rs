@@ -51,7 +51,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::gate::{Gate, Verdict};
-use crate::docs::{Docs, DocsError};
+use super::working_set::WorkingSet;
+use crate::docs::{DocPin, Docs, DocsError};
 use crate::net::framed::{FramedError, read_frame, write_frame};
 use crate::store::Store;
 use crate::trust::TrustBook;
@@ -65,6 +66,11 @@ const READ_AHEAD: usize = 128;
 const RECEIVE_BATCH: usize = 64;
 /// The most documents generated for in one blocking hop.
 const GENERATE_BATCH: usize = 64;
+
+/// The most documents one session keeps loaded while it exchanges them.
+const WORKING_SET: usize = 2048;
+/// A session quiet (nothing sent, nothing received) this long lets its documents go.
+const RELEASE_WHEN_QUIET: Duration = Duration::from_secs(2);
 
 /// A received Automerge message and the state handed out with it (if any).
 type Received = (Vec<u8>, Option<PeerDocState>);
@@ -293,11 +299,37 @@ pub(crate) struct Shared {
     /// Ends the session (cancelled by either task, the manager, or shutdown).
     stop: CancellationToken,
     pub(crate) stats: Stats,
+    /// The documents being exchanged, kept loaded ([`WORKING_SET`] at most).
+    working: Mutex<WorkingSet<DocPin>>,
 }
 
 impl Shared {
+    fn new(session: Established, stop: CancellationToken, stats: Stats) -> Shared {
+        Shared {
+            session: Mutex::new(session),
+            wake: Notify::new(),
+            stop,
+            stats,
+            working: Mutex::new(WorkingSet::new(WORKING_SET)),
+        }
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, Established> {
         self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn working(&self) -> MutexGuard<'_, WorkingSet<DocPin>> {
+        self.working.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `docs` loaded while the session exchanges them.
+    fn hold(&self, docs: &Docs, ids: &[DocId]) {
+        let mut working = self.working();
+        for id in ids {
+            if let Some(pin) = docs.pin(*id) {
+                working.hold(*id, pin);
+            }
+        }
     }
 
     /// Runs `f` on the session, then wakes the writer.
@@ -381,12 +413,11 @@ impl SessionHandle {
             peer,
             initiator,
             id,
-            shared: Arc::new(Shared {
-                session: Mutex::new(check.admit()),
-                wake: Notify::new(),
-                stop: CancellationToken::new(),
-                stats: Stats::default(),
-            }),
+            shared: Arc::new(Shared::new(
+                check.admit(),
+                CancellationToken::new(),
+                Stats::default(),
+            )),
         }
     }
 }
@@ -666,12 +697,7 @@ where
     open(deps, peer, &mut session);
 
     let local = deps.net.local_peer();
-    let shared = Arc::new(Shared {
-        session: Mutex::new(session),
-        wake: Notify::new(),
-        stop: deps.shutdown.child_token(),
-        stats,
-    });
+    let shared = Arc::new(Shared::new(session, deps.shutdown.child_token(), stats));
     let handle = SessionHandle {
         peer,
         initiator: match role {
@@ -725,6 +751,7 @@ where
     shared.stop.cancel();
     let written = joined(writer.await, "the sync writer panicked").and_then(|r| r);
     deps.registry.unregister(peer, id);
+    shared.working().release();
     // Persist what each side is known to have, so a reconnect costs only what changed.
     let states = shared.lock().take_states();
     for (doc, st) in states {
@@ -883,9 +910,13 @@ impl Driver {
                     if self.announce_blobs(wr, &mut blobs).await? {
                         continue;
                     }
+                    let holding = !self.shared.working().is_empty();
                     tokio::select! {
                         _ = self.shared.wake.notified() => {}
                         _ = self.shared.stop.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(RELEASE_WHEN_QUIET), if holding => {
+                            self.shared.working().release();
+                        }
                     }
                 }
                 Some(Transmit::Send(msg)) => {
@@ -947,6 +978,14 @@ impl Driver {
                 (st, msg)
             })
             .await?;
+        // A document we said something about gets an answer: keep it loaded for that.
+        let talking: Vec<DocId> = ids
+            .iter()
+            .zip(&out)
+            .filter(|(_, r)| matches!(r, Some((_, Some(_)))))
+            .map(|(doc, _)| *doc)
+            .collect();
+        self.shared.hold(&self.deps.docs, &talking);
         let mut actions = Vec::new();
         {
             let mut session = self.shared.lock();
@@ -1067,6 +1106,7 @@ impl Driver {
                 (st, outcome)
             })
             .await?;
+        self.shared.hold(&self.deps.docs, &ids);
         let mut next = Vec::new();
         for (doc, (st, outcome)) in ids.into_iter().zip(results) {
             let ok = outcome.is_ok();

@@ -679,14 +679,17 @@ fn blobs_with_digest(n: u32) -> FakeBlobs {
 }
 
 /// Runs a session between `a` and `b`, and checks a new document crosses it.
+/// Runs a session between `a` and `b` until a document of `a` reached `b`, then gives
+/// announcements a second, had there been any. The document exists before the session
+/// starts: these sessions have no manager pushing live changes, so a document created while
+/// the inventories were being compared was never sent (the test hung on a loaded machine).
 async fn session_syncs_a_new_document(a: &Node, b: &Node) {
-    let _tasks = connect(a, b);
     let doc = new_doc(a, "after").await;
+    let _tasks = connect(a, b);
     eventually("the new document on b", async || {
         heads(b, doc).await.is_some()
     })
     .await;
-    // Time for announcements, had there been any.
     tokio::time::sleep(Duration::from_secs(5)).await;
 }
 
