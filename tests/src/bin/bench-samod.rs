@@ -8,7 +8,8 @@
 //! - `live`: propagation of one small change, p50 and p99 over `CHANGES` (200) changes;
 //! - `many`: `MANY` (100,000) small documents (2 changes each), cold, and for iom the
 //!   start-up and idle RSS of the node holding them; samod gets `SAMOD_MANY` (10,000) of
-//!   them (see `scale`: at 100,000 it would run for hours), compared per document;
+//!   them (see `scale`: at 100,000 it would run for hours), compared per document, and iom
+//!   to the in-process reference of the same documents (`SAMOD_MANY=0` leaves samod out);
 //! - `scale`: cold sync of `SCALE` (1000,2000,4000) documents × 10 changes on both sides, the
 //!   time per document at each size (samod 0.16's hub walks every live document on every
 //!   event, so its time per document grows with the count; iom's should not).
@@ -255,6 +256,13 @@ fn many(rt: &tokio::runtime::Runtime, scratch: &Path, rows: &mut Vec<Row>) -> Re
         "many: iom: {count} small documents to an empty peer: {:.0} ms from `iom join` until B's document list equals A's",
         ms(iom_cold)
     );
+    let (pure, saved) = in_process_sync(count, fields)?;
+    println!(
+        "many: reference in-process iom_crdt::sync of the same documents: {:.0} ms (with the receiver's save_incremental: {:.0} ms); iom {:.2}x of it (target <= 2x)",
+        ms(pure),
+        ms(saved),
+        iom_cold.as_secs_f64() / pure.as_secs_f64()
+    );
     b.stop()?;
     a.stop()?;
     let mut starts = Vec::new();
@@ -275,6 +283,9 @@ fn many(rt: &tokio::runtime::Runtime, scratch: &Path, rows: &mut Vec<Row>) -> Re
 
     let iom_count = count;
     let count = param("SAMOD_MANY", 10_000).min(count);
+    if count == 0 {
+        return Ok(());
+    }
     let mut sa = SamodPeer::start(&scratch.join("many-samod-a"))?;
     let created = sa.call(&format!("create {count} {fields}"))?;
     println!("many: samod: created {count} documents on A in {created} ms");
