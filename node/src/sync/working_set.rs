@@ -1,11 +1,11 @@
 //! The documents a sync session is exchanging, kept loaded while it exchanges them.
 //!
 //! A document goes through several messages in one exchange (our message, the peer's answer,
-//! our acknowledgement). With hundreds of documents in flight the document cache (a few
-//! hundred entries by default) evicted each one between two of its messages, so every message
+//! our acknowledgement). With hundreds of documents in flight the document cache (128 entries
+//! by default, `storage.loaded_docs`) evicted each one between two of its messages, so every message
 //! loaded it from the store again: a catch-up of 1,000 documents loaded each about three
 //! times on each side. The session now holds a pin on every document it generated for or
-//! applied a message to, up to [`WorkingSet::limit`] documents (the oldest pin goes first),
+//! applied a message to, up to a limit (2,048 in a session; the oldest pin goes first),
 //! and drops them all once the session has been quiet for a while or ends.
 
 use std::collections::{HashMap, VecDeque};

@@ -678,9 +678,8 @@ fn blobs_with_digest(n: u32) -> FakeBlobs {
     }
 }
 
-/// Runs a session between `a` and `b`, and checks a new document crosses it.
 /// Runs a session between `a` and `b` until a document of `a` reached `b`, then gives
-/// announcements a second, had there been any. The document exists before the session
+/// announcements 5 s, had there been any. The document exists before the session
 /// starts: these sessions have no manager pushing live changes, so a document created while
 /// the inventories were being compared was never sent (the test hung on a loaded machine).
 async fn session_syncs_a_new_document(a: &Node, b: &Node) {
