@@ -96,6 +96,8 @@ struct Inner {
     actor: Vec<u8>,
     cache: Mutex<LruCache<DocId, Mutex<Document>>>,
     changes: broadcast::Sender<DocChanged>,
+    /// The same changes as soon as they are stored, before a local change's flush.
+    stored: broadcast::Sender<DocChanged>,
     /// Serialises loads so that one document is never loaded twice concurrently.
     load_lock: Mutex<()>,
     /// Heads digest of every document, for cheap comparisons with peers.
@@ -126,6 +128,7 @@ impl Docs {
         // Big enough for the documents of a few snapshot batches, so a cold sync does not make
         // subscribers lag (which costs an inventory round with every peer).
         let (changes, _) = broadcast::channel(8192);
+        let (stored, _) = broadcast::channel(8192);
         let mut inventory = Inventory::new();
         store.for_each_doc_meta(|id, meta| {
             let heads: Vec<ChangeHash> = meta.heads.iter().map(|h| ChangeHash(*h)).collect();
@@ -137,6 +140,7 @@ impl Docs {
                 actor,
                 cache: Mutex::new(LruCache::new(capacity)),
                 changes,
+                stored,
                 load_lock: Mutex::new(()),
                 inventory: Mutex::new(inventory),
             }),
@@ -148,10 +152,26 @@ impl Docs {
         f(&lock(&self.inner.inventory))
     }
 
-    /// Tells subscribers that `id` changed. The inventory is updated before, while the
-    /// document is still locked (see [`Docs::record_heads`]).
+    /// Tells both kinds of subscribers that `id` changed (a change that needs no flush, or
+    /// whose flush is done). The inventory is updated before, while the document is still
+    /// locked (see [`Docs::record_heads`]).
     fn announce(&self, id: DocId, heads: Vec<ChangeHash>, origin: Origin) {
-        let _ = self.inner.changes.send(DocChanged { id, heads, origin });
+        let change = DocChanged { id, heads, origin };
+        let _ = self.inner.stored.send(change.clone());
+        let _ = self.inner.changes.send(change);
+    }
+
+    /// Stores a local change's announcement while `flush` runs: [`Docs::subscribe_stored`]
+    /// hears it before the flush, [`Docs::subscribe`] after it (and only if it succeeded).
+    async fn announce_around_flush(
+        &self,
+        change: DocChanged,
+        flush: impl std::future::Future<Output = Result<(), StoreError>>,
+    ) -> Result<(), DocsError> {
+        let _ = self.inner.stored.send(change.clone());
+        flush.await?;
+        let _ = self.inner.changes.send(change);
+        Ok(())
     }
 
     /// Records `id`'s new heads in the inventory. Called while the document's lock is held (or
@@ -170,6 +190,16 @@ impl Docs {
     /// Subscribes to durable changes.
     pub fn subscribe(&self) -> broadcast::Receiver<DocChanged> {
         self.inner.changes.subscribe()
+    }
+
+    /// Subscribes to changes as soon as they are stored: a local change is heard while its
+    /// flush still runs, so sync sends it to peers during the fsync instead of after it. Its
+    /// caller is still acknowledged only once it is durable. (Safe to share early: this
+    /// process's actor id is new on every run, so a change lost in a crash here is never
+    /// made again with the same actor and sequence number, and the copy a peer holds syncs
+    /// back.)
+    pub fn subscribe_stored(&self) -> broadcast::Receiver<DocChanged> {
+        self.inner.stored.subscribe()
     }
 
     /// Every stored document with its metadata.
@@ -225,9 +255,14 @@ impl Docs {
             Ok(())
         })
         .await?;
-        self.inner.store.flush().await?;
         let heads = self.read(id, |d| d.heads()).await?;
-        self.announce(id, heads, Origin::Local);
+        let change = DocChanged {
+            id,
+            heads,
+            origin: Origin::Local,
+        };
+        self.announce_around_flush(change, self.inner.store.flush())
+            .await?;
         Ok(id)
     }
 
@@ -279,13 +314,16 @@ impl Docs {
             // so the sync state saved after it can't survive without it, and whatever is lost
             // is simply synced again. (Flushing per received change made a cold sync of
             // 10,000 documents spend most of its time in fsync.)
-            if origin == Origin::Local {
-                self.inner.store.flush().await?;
-            }
             if meta.pending_chunks() >= COMPACT_AFTER_CHUNKS {
                 self.spawn_compaction(id);
             }
-            self.announce(id, heads, origin);
+            if origin == Origin::Local {
+                let change = DocChanged { id, heads, origin };
+                self.announce_around_flush(change, self.inner.store.flush())
+                    .await?;
+            } else {
+                self.announce(id, heads, origin);
+            }
         }
         Ok(result)
     }
@@ -804,6 +842,16 @@ mod tests {
         .unwrap();
     }
 
+    /// A change to `id` as if received from `peer` (no flush).
+    async fn peer_edit(docs: &Docs, id: DocId, peer: PeerId) {
+        docs.modify(id, Origin::Peer(peer), false, |d| {
+            d.put_json("from", json!("peer"), "peer edit", 2)
+                .map_err(DocsError::from)
+        })
+        .await
+        .unwrap();
+    }
+
     async fn get(docs: &Docs, id: DocId, path: &str) -> Option<serde_json::Value> {
         let path = path.to_string();
         docs.read(id, move |d| d.get_json(&path).unwrap())
@@ -860,13 +908,59 @@ mod tests {
         assert_eq!((change.id, change.origin), (id, Origin::Local));
 
         let peer = PeerId::random();
-        docs.modify(id, Origin::Peer(peer), false, |d| {
-            d.put_json("from", json!("peer"), "peer edit", 2)
-                .map_err(DocsError::from)
-        })
-        .await
-        .unwrap();
+        peer_edit(&docs, id, peer).await;
         assert_eq!(changes.try_recv().unwrap().origin, Origin::Peer(peer));
+    }
+
+    #[tokio::test]
+    async fn sync_hears_a_local_change_during_its_flush_and_the_others_after_it() {
+        let (_dir, store) = crate::store::temp_store();
+        let docs = docs(&store, 1);
+        let id = docs.create(DocKind::Generic).await.unwrap();
+        let (mut early, mut durable) = (docs.subscribe_stored(), docs.subscribe());
+        let change = DocChanged {
+            id,
+            heads: Vec::new(),
+            origin: Origin::Local,
+        };
+        let (done, flushed) = tokio::sync::oneshot::channel::<()>();
+        let announcing = tokio::spawn({
+            let docs = docs.clone();
+            let change = change.clone();
+            async move {
+                let flush = async move {
+                    let _ = flushed.await;
+                    Ok(())
+                };
+                docs.announce_around_flush(change, flush).await
+            }
+        });
+        let heard = early.recv().await.unwrap();
+        assert_eq!((heard.id, heard.origin), (id, Origin::Local));
+        tokio::task::yield_now().await;
+        assert!(durable.try_recv().is_err(), "not durable before the flush");
+        done.send(()).unwrap();
+        announcing.await.unwrap().unwrap();
+        assert_eq!(durable.recv().await.unwrap().id, id);
+
+        // A flush that fails is reported, and nobody hears of a durable change.
+        let failed = docs
+            .announce_around_flush(change, async {
+                Err(StoreError::Corrupt { id: "x".into() })
+            })
+            .await;
+        assert!(matches!(failed, Err(DocsError::Store(_))));
+        assert_eq!(early.try_recv().unwrap().id, id);
+        assert!(durable.try_recv().is_err());
+
+        // A real local write reaches both; a peer's change (no flush) too.
+        put(&docs, id, "note", json!("hello")).await;
+        assert_eq!(early.try_recv().unwrap().origin, Origin::Local);
+        assert_eq!(durable.try_recv().unwrap().origin, Origin::Local);
+        let peer = PeerId::random();
+        peer_edit(&docs, id, peer).await;
+        assert_eq!(early.try_recv().unwrap().origin, Origin::Peer(peer));
+        assert_eq!(durable.try_recv().unwrap().origin, Origin::Peer(peer));
     }
 
     #[tokio::test]

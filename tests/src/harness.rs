@@ -276,14 +276,7 @@ impl Node {
             bail!("`doc get {id}` on {} failed: {err}", self.name);
         }
         let v: Value = serde_json::from_slice(&out.stdout)?;
-        let mut heads: Vec<String> = v["heads"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|h| h.as_str().map(str::to_string))
-            .collect();
-        heads.sort();
-        Ok(Some((heads, v["content"].clone())))
+        Ok(Some((sorted_heads(&v["heads"]), v["content"].clone())))
     }
 
     /// Ids of the documents this node has.
@@ -767,20 +760,25 @@ pub fn containers_of(device: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A JSON array of hex heads, sorted (heads are a set; the API gives them in its own order).
+pub fn sorted_heads(v: &Value) -> Vec<String> {
+    let mut heads: Vec<String> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h.as_str().map(str::to_string))
+        .collect();
+    heads.sort();
+    heads
+}
+
 /// The documents of a document list (`iom doc list --json`, `GET /v1/docs`) with their
 /// sorted heads.
 pub fn heads_by_doc(list: &Value) -> BTreeMap<String, Vec<String>> {
     let mut out = BTreeMap::new();
     for d in list["documents"].as_array().into_iter().flatten() {
         let id = d["id"].as_str().unwrap_or_default().to_string();
-        let mut heads: Vec<String> = d["heads"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|h| h.as_str().map(String::from))
-            .collect();
-        heads.sort();
-        out.insert(id, heads);
+        out.insert(id, sorted_heads(&d["heads"]));
     }
     out
 }

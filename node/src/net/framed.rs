@@ -92,9 +92,20 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     payload: &[u8],
     max: usize,
 ) -> Result<(), FramedError> {
+    write_frame_unflushed(io, payload, max).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+/// Writes one frame without flushing: over a buffered writer, frames written back to back go
+/// out together (one transport frame, one encryption, one syscall) at the caller's flush.
+pub async fn write_frame_unflushed<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    payload: &[u8],
+    max: usize,
+) -> Result<(), FramedError> {
     io.write_all(&encode_header(payload.len(), max)?).await?;
     io.write_all(payload).await?;
-    io.flush().await?;
     crate::metrics::node()
         .bytes_sent
         .add(payload.len() as u64 + 4);

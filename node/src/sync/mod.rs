@@ -211,11 +211,12 @@ impl Manager {
         });
     }
 
-    /// Live push of every durable change.
+    /// Live push of every stored change: a local one goes out while its flush runs (see
+    /// [`Docs::subscribe_stored`](crate::docs::Docs::subscribe_stored)).
     fn push_changes(self: &Arc<Self>) {
         let this = self.clone();
         let stop = self.deps.shutdown.clone();
-        let mut changes = self.deps.docs.subscribe();
+        let mut changes = self.deps.docs.subscribe_stored();
         self.spawn(async move {
             loop {
                 let change = tokio::select! {

@@ -53,7 +53,7 @@ use tracing::Instrument;
 use super::gate::{Gate, Verdict};
 use super::working_set::WorkingSet;
 use crate::docs::{DocPin, Docs, DocsError};
-use crate::net::framed::{FramedError, read_frame, write_frame};
+use crate::net::framed::{FramedError, read_frame, write_frame_unflushed};
 use crate::store::Store;
 use crate::trust::TrustBook;
 
@@ -71,6 +71,10 @@ const GENERATE_BATCH: usize = 64;
 const WORKING_SET: usize = 2048;
 /// A session quiet (nothing sent, nothing received) this long lets its documents go.
 const RELEASE_WHEN_QUIET: Duration = Duration::from_secs(2);
+/// Buffer of each direction of an established session: the writer's frames go out together
+/// until it is about to wait (or this fills), and the reader reads many frames per poll of
+/// the stream.
+const IO_BUFFER: usize = 64 * 1024;
 
 /// A received Automerge message and the state handed out with it (if any).
 type Received = (Vec<u8>, Option<PeerDocState>);
@@ -573,8 +577,20 @@ async fn send<W: AsyncWrite + Unpin>(
     msg: Msg,
     stats: &Stats,
 ) -> Result<(), DriveError> {
+    send_buffered(wr, msg, stats).await?;
+    wr.flush().await.map_err(FramedError::Io)?;
+    Ok(())
+}
+
+/// [`send`] without the flush, for the writer of an established session (which flushes when
+/// it is about to wait: [`Driver::write_loop`]).
+async fn send_buffered<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    msg: Msg,
+    stats: &Stats,
+) -> Result<(), DriveError> {
     let bytes = to_wire(msg)?.encode()?;
-    write_frame(wr, &bytes, MAX_SYNC_FRAME).await?;
+    write_frame_unflushed(wr, &bytes, MAX_SYNC_FRAME).await?;
     stats
         .bytes_out
         .fetch_add(bytes.len() as u64 + 4, Ordering::Relaxed);
@@ -695,6 +711,9 @@ where
     let stats = Stats::default();
     let (mut session, digests) = handshake(deps, peer, &mut rd, &mut wr, role, &stats).await?;
     open(deps, peer, &mut session);
+    // The handshake read exactly its frames, so nothing is lost to these buffers.
+    let mut rd = futures::io::BufReader::with_capacity(IO_BUFFER, rd);
+    let mut wr = futures::io::BufWriter::with_capacity(IO_BUFFER, wr);
 
     let local = deps.net.local_peer();
     let shared = Arc::new(Shared::new(session, deps.shutdown.child_token(), stats));
@@ -891,7 +910,10 @@ impl Driver {
         }
     }
 
-    /// Sends what the state machine has, then our blob announcements from `blobs` on.
+    /// Sends what the state machine has, then our blob announcements from `blobs` on. Frames
+    /// are written to a buffer and flushed whenever the writer is about to wait (for work, or
+    /// for a blocking hop), so a batch of messages goes out as one transport write while the
+    /// peer never waits for a frame that is ready.
     async fn write_loop<W: AsyncWrite + Unpin>(
         &self,
         wr: &mut W,
@@ -910,6 +932,7 @@ impl Driver {
                     if self.announce_blobs(wr, &mut blobs).await? {
                         continue;
                     }
+                    self.flush(wr).await?;
                     let holding = !self.shared.working().is_empty();
                     tokio::select! {
                         _ = self.shared.wake.notified() => {}
@@ -919,12 +942,7 @@ impl Driver {
                         }
                     }
                 }
-                Some(Transmit::Send(msg)) => {
-                    tokio::select! {
-                        r = send(wr, msg, &self.shared.stats) => r?,
-                        _ = self.shared.stop.cancelled() => return Ok(()),
-                    }
-                }
+                Some(Transmit::Send(msg)) => self.write_msg(wr, msg).await?,
                 Some(Transmit::Generate { doc, state }) => {
                     // Every document that is ready to generate goes in one blocking hop.
                     let mut batch = vec![(doc, state)];
@@ -942,18 +960,40 @@ impl Driver {
                             }
                         }
                     }
+                    self.flush(wr).await?;
                     self.generate_batch(batch).await?;
                     if let Some(Transmit::Send(msg)) = after {
-                        tokio::select! {
-                            r = send(wr, msg, &self.shared.stats) => r?,
-                            _ = self.shared.stop.cancelled() => return Ok(()),
-                        }
+                        self.write_msg(wr, msg).await?;
                     } else if let Some(Transmit::LoadSnapshots { docs }) = after {
+                        self.flush(wr).await?;
                         self.load_snapshots(docs).await?;
                     }
                 }
-                Some(Transmit::LoadSnapshots { docs }) => self.load_snapshots(docs).await?,
+                Some(Transmit::LoadSnapshots { docs }) => {
+                    self.flush(wr).await?;
+                    self.load_snapshots(docs).await?;
+                }
             }
+        }
+    }
+
+    /// Writes one message into the writer's buffer (unless the session stops).
+    async fn write_msg<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        msg: Msg,
+    ) -> Result<(), DriveError> {
+        tokio::select! {
+            r = send_buffered(wr, msg, &self.shared.stats) => r,
+            _ = self.shared.stop.cancelled() => Ok(()),
+        }
+    }
+
+    /// Sends what the writer's buffer holds (unless the session stops).
+    async fn flush<W: AsyncWrite + Unpin>(&self, wr: &mut W) -> Result<(), DriveError> {
+        tokio::select! {
+            r = wr.flush() => r.map_err(|e| DriveError::from(FramedError::Io(e))),
+            _ = self.shared.stop.cancelled() => Ok(()),
         }
     }
 

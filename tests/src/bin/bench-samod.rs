@@ -5,7 +5,9 @@
 //! - `cold`: cold sync of `DOCS` (10,000) documents × 10 changes to an empty peer;
 //!   then `catchup`: the peer stops, `CATCHUP` (1,000) of them change, the peer starts and
 //!   syncs (with the in-process reference of `bench-sync`);
-//! - `live`: propagation of one small change, p50 and p99 over `CHANGES` (200) changes;
+//! - `live`: propagation of one small change, p50 and p99 over `CHANGES` (200) changes: for
+//!   iom a durable `PUT` on A until B's WebSocket reports the new heads, for samod a change on
+//!   A until B's change stream shows it (both watched, not polled);
 //! - `many`: `MANY` (100,000) small documents (2 changes each), cold, and for iom the
 //!   start-up and idle RSS of the node holding them; samod gets `SAMOD_MANY` (10,000) of
 //!   them (see `scale`: at 100,000 it would run for hours), compared per document, and iom
@@ -20,8 +22,8 @@
 //!
 //! What each side does:
 //! - iom: two `iom node run` processes; libp2p over TCP with noise (encrypted, mutually
-//!   authenticated) and yamux; sled storage; a local write is acknowledged after sled's flush (fsync); received
-//!   changes are written without a flush of their own. B learns of A's documents by itself
+//!   authenticated) and yamux; sled storage; a local write is acknowledged after sled's flush (fsync), and sent to
+//!   peers while that flush runs; received changes are written without a flush of their own. B learns of A's documents by itself
 //!   (inventory digests), after `iom join`.
 //! - samod 0.16 (`tokio` feature): two processes of this binary (`--samod-peer DIR`), each a
 //!   `Repo` on a multi-thread tokio runtime with samod's `tokio::FilesystemStorage` (one file
@@ -164,12 +166,15 @@ fn cold_and_catchup(
     sb.call("stop")?;
     sa.call("stop")?;
 
-    let reference = in_process_catchup(changed, fields)?;
+    let (reference, loading) = in_process_catchup(changed, fields)?;
     println!(
-        "catch-up: reference in-process sync of one change per document from persisted states: {:.0} ms; iom {:.1}x, samod {:.1}x of it",
+        "catch-up: reference in-process sync of one change per document from persisted states: {:.0} ms; iom {:.1}x, samod {:.1}x of it; loading both replicas from their saved bytes first: {:.0} ms; iom {:.1}x, samod {:.1}x of it",
         ms(reference),
         iom_catchup.as_secs_f64() / reference.as_secs_f64(),
-        samod_catchup.as_secs_f64() / reference.as_secs_f64()
+        samod_catchup.as_secs_f64() / reference.as_secs_f64(),
+        ms(loading),
+        iom_catchup.as_secs_f64() / loading.as_secs_f64(),
+        samod_catchup.as_secs_f64() / loading.as_secs_f64()
     );
     rows.push(row(
         format!("cold sync, {count} docs × 10 changes"),
@@ -192,7 +197,7 @@ fn live(rt: &tokio::runtime::Runtime, scratch: &Path, rows: &mut Vec<Row>) -> Re
     drop(nodes);
     let (iom50, iom99) = (percentile(&mut iom, 50.0), percentile(&mut iom, 99.0));
     println!(
-        "live: iom: {changes} changes A→B: PUT on A until B's API returns it (polled every 1 ms): p50 {iom50:.2} ms, p99 {iom99:.2} ms (the durable PUT alone: p50 {:.2} ms)",
+        "live: iom: {changes} changes A→B: PUT on A until B's WebSocket reports its heads: p50 {iom50:.2} ms, p99 {iom99:.2} ms (the durable PUT alone: p50 {:.2} ms)",
         percentile(&mut put, 50.0)
     );
 

@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use crate::net::framed::write_frame;
 use futures::{AsyncRead, AsyncWrite};
 use iom_crdt::{DocKind, Document};
 use iom_protocol::cert::CertBody;

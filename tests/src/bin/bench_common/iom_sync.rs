@@ -8,7 +8,7 @@ use anyhow::{Result, anyhow, bail};
 use iom_crdt::sync::{PeerDocState, generate, receive};
 use iom_crdt::{DocKind, Document};
 use iom_node::api::client::ApiClient;
-use iom_tests::harness::{Node, wait_until};
+use iom_tests::harness::{Node, sorted_heads, wait_until};
 use serde_json::{Value, json};
 
 use super::{bulk_content, doc_heads, ms};
@@ -77,10 +77,11 @@ pub fn in_process_sync(count: usize, fields: usize) -> Result<(Duration, Duratio
     Ok((pure, saved))
 }
 
-/// In-process reference for the catch-up: replicas in sync with persisted states, one new
+/// In-process references for the catch-up: replicas in sync with persisted states, one new
 /// change per document on A, then each state is restored (a new session) and synced, and the
-/// receiver saves its new bytes.
-pub fn in_process_catchup(count: usize, fields: usize) -> Result<Duration> {
+/// receiver saves its new bytes. Returns (with both replicas in memory, with both first
+/// loaded from their saved bytes as a restarted device and an evicted document must be).
+pub fn in_process_catchup(count: usize, fields: usize) -> Result<(Duration, Duration)> {
     let actor_a = iom_crdt::actor_for(&[1; 32], [1; 8]);
     let actor_b = iom_crdt::actor_for(&[2; 32], [2; 8]);
     let mut pairs = Vec::with_capacity(count);
@@ -97,13 +98,28 @@ pub fn in_process_catchup(count: usize, fields: usize) -> Result<Duration> {
         )?;
         pairs.push((a, sa.encode(), b, sb.encode()));
     }
-    let t0 = Instant::now();
-    for (a, sa, b, sb) in &mut pairs {
+    let saved: Vec<(Vec<u8>, Vec<u8>)> = pairs
+        .iter()
+        .map(|(a, _, b, _)| (a.snapshot(), b.snapshot()))
+        .collect();
+    let sync = |a: &mut Document, sa: &[u8], b: &mut Document, sb: &[u8]| -> Result<()> {
         let (mut sa, mut sb) = (PeerDocState::decode(sa)?, PeerDocState::decode(sb)?);
         sync_pair(a, &mut sa, b, &mut sb)?;
         std::hint::black_box(b.save_incremental());
+        Ok(())
+    };
+    let t0 = Instant::now();
+    for ((a, sa, b, sb), _) in pairs.iter_mut().zip(&saved) {
+        sync(a, sa, b, sb)?;
     }
-    Ok(t0.elapsed())
+    let in_memory = t0.elapsed();
+    let t0 = Instant::now();
+    for ((_, sa, _, sb), (a_bytes, b_bytes)) in pairs.iter().zip(&saved) {
+        let mut a = Document::load(a_bytes, &actor_a)?;
+        let mut b = Document::load(b_bytes, &actor_b)?;
+        sync(&mut a, sa, &mut b, sb)?;
+    }
+    Ok((in_memory, t0.elapsed()))
 }
 
 /// Waits until both nodes report a sync session with each other.
@@ -117,9 +133,10 @@ pub fn wait_session(rt: &tokio::runtime::Runtime, a: &Node, b: &Node) -> Result<
     })
 }
 
-/// Live propagation: `changes` (+ 10 warm-up) PUTs of one field on A, each followed by
-/// polling B's API every 1 ms until it returns the new value. Returns the propagation times
-/// and the durable PUT times alone, in ms.
+/// Live propagation of `changes` changes (after ten of warm-up) from `a` to `b`: each is a
+/// durable `PUT` on A, timed until B's WebSocket (`/v1/ws` over its unix socket, opened
+/// before the first change) reports the document at the heads the PUT returned. Returns (the
+/// times until B has it, the PUTs alone), in ms.
 pub fn live_changes(
     rt: &tokio::runtime::Runtime,
     a: &Node,
@@ -135,33 +152,65 @@ pub fn live_changes(
     wait_until("the document on B", Duration::from_secs(30), || {
         Ok(rt.block_on(cb.get(&path)).is_ok())
     })?;
+    let mut arrivals = rt.block_on(follow_changes(&b.dir, id.clone()))?;
     let mut total = Vec::new();
     let mut put = Vec::new();
     for i in 0..changes + 10 {
         let t0 = Instant::now();
-        rt.block_on(ca.put(
+        let reply = rt.block_on(ca.put(
             &format!("/v1/docs/{id}"),
             &json!({ "path": "n", "value": i }),
         ))?;
         let acked = t0.elapsed();
-        loop {
-            if let Ok(v) = rt.block_on(cb.get(&path))
-                && v["content"] == json!(i)
-            {
-                break;
+        let want = sorted_heads(&reply["heads"]);
+        let reached = rt.block_on(async {
+            loop {
+                let next =
+                    tokio::time::timeout_at((t0 + Duration::from_secs(10)).into(), arrivals.recv());
+                match next.await {
+                    Ok(Some((heads, at))) if heads == want => break Ok(at),
+                    Ok(Some(_)) => continue, // an earlier change of the same document
+                    Ok(None) => break Err(anyhow!("B's WebSocket ended")),
+                    Err(_) => break Err(anyhow!("change {i} did not reach B in 10 s")),
+                }
             }
-            if t0.elapsed() > Duration::from_secs(10) {
-                bail!("change {i} did not reach B in 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        })?;
         // The first ten are warm-up.
         if i >= 10 {
-            total.push(ms(t0.elapsed()));
+            total.push(ms(reached.saturating_duration_since(t0)));
             put.push(ms(acked));
         }
     }
     Ok((total, put))
+}
+
+/// Follows `doc`'s changes on the node in `dir` through its WebSocket: each `doc_changed`
+/// comes out as (its sorted heads, when it arrived).
+async fn follow_changes(
+    dir: &std::path::Path,
+    doc: String,
+) -> Result<tokio::sync::mpsc::Receiver<(Vec<String>, Instant)>> {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let stream = tokio::net::UnixStream::connect(dir.join("iom.sock")).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://localhost/v1/ws", stream).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = ws.next().await {
+            let at = Instant::now();
+            let Message::Text(text) = msg else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else {
+                continue;
+            };
+            if v["type"] == "doc_changed"
+                && v["doc"] == doc.as_str()
+                && tx.send((sorted_heads(&v["heads"]), at)).await.is_err()
+            {
+                return;
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// A fresh `b` joins `a`'s mesh with `iom join`; waits until B's document list (ids and
