@@ -27,7 +27,8 @@ pub enum Origin {
     Peer(PeerId),
 }
 
-/// A document changed (and the change is durable).
+/// A document changed. Heard from [`Docs::subscribe`], the change is durable; from
+/// [`Docs::subscribe_stored`], it is stored and a local change's flush may still be running.
 #[derive(Debug, Clone)]
 pub struct DocChanged {
     /// Which document.

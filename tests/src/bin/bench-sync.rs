@@ -11,14 +11,16 @@
 //!   `sync[].bytes_in + bytes_out`) and time until B has the change;
 //!   then `catch-up`: B stops, `CATCHUP` documents (default 1,000) change on A, B starts: time
 //!   from B's API up until its document list equals A's, beside in-process Automerge sync of
-//!   one new change per document between replicas that restore their persisted sync states;
+//!   one new change per document between replicas that restore their persisted sync states
+//!   (once with both in memory, once loading both from their saved bytes first);
 //! - `blob`: a `BLOB_MIB` MiB blob transfer from A to B in MB/s, beside a raw libp2p stream
 //!   (TCP + noise + yamux, the node's transport) pushing the same number of bytes in-process.
 //!
 //! Run (after `cargo build --release -p iom-cli -p iom-tests --bins`):
 //! `target/release/bench-sync [live] [cold] [blob] [raw]` (no argument: all). Knobs: `DOCS`,
 //! `CHANGES`, `BLOB_MIB`, `LOADED_DOCS` (the nodes' `storage.loaded_docs`), `IOM_TEST_LOG`
-//! (the nodes' log filter, default `info,automerge=warn`).
+//! (the nodes' log filter, default `info,automerge=warn`), `CATCHUP_TRACE` (set: B's
+//! `status.sync` at every poll of the catch-up, on stderr, to see how it progresses).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -66,6 +68,10 @@ fn main() -> Result<()> {
 fn live(rt: &tokio::runtime::Runtime, a: &Node, b: &Node) -> Result<()> {
     let changes = param("CHANGES", 200);
     let (mut total, mut put) = live_changes(rt, a, b, changes)?;
+    let early = total.iter().zip(&put).filter(|(t, p)| t < p).count();
+    println!(
+        "live: {early} of {changes} changes reached B's WebSocket before A acknowledged the PUT (sent while A's flush ran)"
+    );
     println!(
         "live: {changes} changes A→B: propagation (PUT on A until B's WebSocket reports its heads) p50 {:.2} ms, p99 {:.2} ms (target p50 < 5 ms)",
         percentile(&mut total, 50.0),

@@ -273,7 +273,15 @@ pub fn wait_caught_up(
     want: &CatchUpTarget,
     since: Instant,
 ) -> Result<Duration> {
-    while rt.block_on(cb.get("/v1/status"))?["inventory_root"] != want.root {
+    let trace = std::env::var_os("CATCHUP_TRACE").is_some();
+    loop {
+        let st = rt.block_on(cb.get("/v1/status"))?;
+        if trace {
+            eprintln!("{:>6.1} ms {}", ms(since.elapsed()), st["sync"]);
+        }
+        if st["inventory_root"] == want.root {
+            break;
+        }
         if since.elapsed() > Duration::from_secs(600) {
             bail!("B did not catch up within 600 s");
         }
