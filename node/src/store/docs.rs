@@ -1,6 +1,16 @@
 //! Documents: each Automerge document is stored as one snapshot plus the incremental chunks
 //! written after it. Appending a change writes one chunk; compaction replaces the snapshot and
 //! the chunks it covers in one transaction, so a crash at any point leaves a loadable document.
+//!
+//! One document's append is two plain inserts, its chunk then its metadata, not a
+//! transaction: sled 0.34 rolls its I/O buffer before and after every transaction's batch
+//! manifest, so under concurrent writers a transaction per write cost two thirds of the
+//! durable write rate (`bench-store writes`: 2,775 writes/s against 8,212 with plain inserts,
+//! 8 writers). The order keeps a crash harmless: sled recovers a prefix of its log, so the
+//! metadata is never there without its chunk, and a chunk without its metadata lies past
+//! `next_seq` (never read) until the next append writes over it. Every write of a document's
+//! metadata holds that document's [`DocLocks`] stripe, so two writers of one document never
+//! interleave (a transaction of sled does not isolate it from plain inserts).
 
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -73,6 +83,45 @@ fn encode_meta(meta: &DocMeta) -> Result<Vec<u8>, StoreError> {
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+/// Stripes of locks over document ids: whoever writes a document's metadata holds its stripe
+/// (several stripes are taken in ascending order, so writers never wait on each other in a
+/// cycle). Taken after a document's in-memory lock, never before.
+#[derive(Debug)]
+pub(crate) struct DocLocks([std::sync::Mutex<()>; 64]);
+
+impl Default for DocLocks {
+    fn default() -> DocLocks {
+        DocLocks(std::array::from_fn(|_| std::sync::Mutex::new(())))
+    }
+}
+
+impl DocLocks {
+    fn stripe(id: &[u8; 16]) -> usize {
+        usize::from(id[0]) % 64
+    }
+
+    /// Holds `id`'s stripe.
+    fn one(&self, id: &[u8; 16]) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.0[DocLocks::stripe(id)])
+    }
+
+    /// Holds the stripes of every id in `ids`, each once, in ascending order.
+    fn many<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a [u8; 16]>,
+    ) -> Vec<std::sync::MutexGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = ids.map(DocLocks::stripe).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        stripes.into_iter().map(|i| lock(&self.0[i])).collect()
+    }
+}
+
+fn lock(m: &std::sync::Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
+    // Guards no data: a panic elsewhere leaves nothing half-done behind it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// One append inside a transaction over the `docs` and `doc_chunks` trees.
 fn append_in(
@@ -159,16 +208,29 @@ impl Store {
         heads: Vec<[u8; 32]>,
     ) -> Result<DocMeta, StoreError> {
         self.ensure_space(bytes.len() as u64)?;
-        let write = ChunkWrite {
-            id: *id,
-            kind,
-            bytes,
-            heads,
-        };
         let now = crate::time::now_secs();
-        let meta = (&self.docs, &self.doc_chunks)
-            .transaction(|(docs, chunks)| append_in(docs, chunks, &write, now))
-            .map_err(tx_err)?;
+        let _stripe = self.doc_locks.one(id);
+        let meta = match self.doc_meta(id)? {
+            Some(mut meta) => {
+                meta.next_seq += 1;
+                meta.heads = heads;
+                meta.updated_at = now;
+                meta
+            }
+            None => DocMeta {
+                kind: kind.to_string(),
+                snapshot_seq: 0,
+                next_seq: 1,
+                heads,
+                created_at: now,
+                updated_at: now,
+            },
+        };
+        let encoded = encode_meta(&meta)?;
+        // The chunk first: see the module's doc.
+        self.doc_chunks
+            .insert(&chunk_key(id, meta.next_seq - 1)[..], bytes)?;
+        self.docs.insert(&id[..], encoded)?;
         self.wrote(bytes.len() as u64);
         Ok(meta)
     }
@@ -180,6 +242,7 @@ impl Store {
         self.ensure_space(bytes)?;
         self.wrote(bytes);
         let now = crate::time::now_secs();
+        let _stripes = self.doc_locks.many(writes.iter().map(|w| &w.id));
         (&self.docs, &self.doc_chunks)
             .transaction(|(docs, chunks)| {
                 writes
@@ -241,6 +304,7 @@ impl Store {
             ..meta.clone()
         };
         let encoded = encode_meta(&meta)?;
+        let _stripe = self.doc_locks.one(id);
         (&self.docs, &self.doc_chunks)
             .transaction(|(docs, tree)| {
                 for (seq, c) in chunks.iter().enumerate() {
@@ -267,6 +331,7 @@ impl Store {
             return Ok(());
         }
         let new_snapshot_seq = covered_seq - 1;
+        let _stripe = self.doc_locks.one(id);
         (&self.docs, &self.doc_chunks)
             .transaction(|(docs, chunks)| {
                 let Some(b) = docs.get(id)? else {
@@ -295,6 +360,75 @@ impl Store {
 mod tests {
     use super::*;
     use crate::store::{StoreError, temp_store};
+
+    #[test]
+    fn a_chunk_left_without_its_metadata_is_never_read_and_the_next_append_replaces_it() {
+        let (_dir, store) = temp_store();
+        let id = [4u8; 16];
+        store
+            .append_doc_chunk(&id, "generic", b"snap", vec![[1; 32]])
+            .unwrap();
+        // A crash between the two inserts of an append: the chunk is there, its metadata not.
+        store
+            .doc_chunks
+            .insert(&chunk_key(&id, 1)[..], &b"lost"[..])
+            .unwrap();
+        assert_eq!(store.load_doc(&id).unwrap().chunks, vec![b"snap".to_vec()]);
+        store
+            .append_doc_chunk(&id, "generic", b"next", vec![[2; 32]])
+            .unwrap();
+        let doc = store.load_doc(&id).unwrap();
+        assert_eq!(doc.chunks, vec![b"snap".to_vec(), b"next".to_vec()]);
+        assert_eq!(doc.meta.next_seq, 2);
+        assert_eq!(doc.meta.heads, vec![[2; 32]]);
+    }
+
+    #[test]
+    fn concurrent_appends_and_compactions_of_one_document_lose_no_chunk() {
+        let (_dir, store) = temp_store();
+        let id = [5u8; 16];
+        store
+            .append_doc_chunk(&id, "generic", b"s", vec![[0; 32]])
+            .unwrap();
+        let writers: Vec<_> = (0..4u8)
+            .map(|w| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50u8 {
+                        store
+                            .append_doc_chunk(&id, "generic", &[0xff, w, i, 0xfe], vec![[w; 32]])
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        // Compactions meanwhile, each covering whatever is there when it starts.
+        let compactor = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    let doc = store.load_doc(&id).unwrap();
+                    let joined: Vec<u8> = doc.chunks.concat();
+                    store.compact_doc(&id, &joined, doc.meta.next_seq).unwrap();
+                }
+            })
+        };
+        for w in writers {
+            w.join().unwrap();
+        }
+        compactor.join().unwrap();
+        let doc = store.load_doc(&id).unwrap();
+        let meta = store.doc_meta(&id).unwrap().unwrap();
+        assert_eq!(meta.next_seq - meta.snapshot_seq, doc.chunks.len() as u64);
+        // Every write is in the document exactly once: in the snapshot (compacted) or after.
+        let all: Vec<u8> = doc.chunks.concat();
+        for w in 0..4u8 {
+            for i in 0..50u8 {
+                let n = all.windows(4).filter(|p| *p == [0xff, w, i, 0xfe]).count();
+                assert_eq!(n, 1, "write {w}/{i}");
+            }
+        }
+    }
 
     #[test]
     fn append_load_compact() {

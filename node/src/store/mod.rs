@@ -137,6 +137,8 @@ pub struct Store {
     space: std::sync::Arc<space::SpaceGuard>,
     /// Concurrent flushes share one (group commit).
     flusher: std::sync::Arc<group_flush::GroupFlush>,
+    /// Serialise the writes of one document's metadata (see [`docs::DocLocks`]).
+    doc_locks: std::sync::Arc<docs::DocLocks>,
 }
 
 /// Bytes as people read them (`1.5 GiB`).
@@ -195,6 +197,7 @@ impl Store {
             state: db.open_tree("state")?,
             space: std::sync::Arc::new(space::SpaceGuard::new(dir, reserve, free_space)),
             flusher: group_flush::GroupFlush::new(),
+            doc_locks: std::sync::Arc::new(docs::DocLocks::default()),
             db,
         };
         if store.ensure_blob_totals()? {
