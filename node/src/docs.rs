@@ -310,14 +310,14 @@ impl Docs {
             .blocking(move || this.modify_blocking(id, create_missing, f))
             .await?;
         if let Some((heads, meta)) = changed {
+            if meta.pending_chunks() >= COMPACT_AFTER_CHUNKS {
+                self.spawn_compaction(id);
+            }
             // A local write is acknowledged only once it is on disk. A change received from a
             // peer needs no flush of its own: sled recovers a prefix of its log after a crash,
             // so the sync state saved after it can't survive without it, and whatever is lost
             // is simply synced again. (Flushing per received change made a cold sync of
             // 10,000 documents spend most of its time in fsync.)
-            if meta.pending_chunks() >= COMPACT_AFTER_CHUNKS {
-                self.spawn_compaction(id);
-            }
             if origin == Origin::Local {
                 let change = DocChanged { id, heads, origin };
                 self.announce_around_flush(change, self.inner.store.flush())

@@ -123,6 +123,27 @@ fn lock(m: &std::sync::Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A document's metadata after one more chunk is appended (`before`: what it was, if the
+/// document is stored). The new chunk's sequence number is the result's `next_seq - 1`.
+fn appended(before: Option<DocMeta>, kind: &str, heads: Vec<[u8; 32]>, now: u64) -> DocMeta {
+    match before {
+        Some(mut meta) => {
+            meta.next_seq += 1;
+            meta.heads = heads;
+            meta.updated_at = now;
+            meta
+        }
+        None => DocMeta {
+            kind: kind.to_string(),
+            snapshot_seq: 0,
+            next_seq: 1,
+            heads,
+            created_at: now,
+            updated_at: now,
+        },
+    }
+}
+
 /// One append inside a transaction over the `docs` and `doc_chunks` trees.
 fn append_in(
     docs: &TransactionalTree,
@@ -131,28 +152,13 @@ fn append_in(
     now: u64,
 ) -> TxResult<DocMeta> {
     let id = &w.id;
-    let meta = match docs.get(id)? {
-        Some(b) => {
-            let mut meta: DocMeta = serde_cbor::from_slice(&b)
-                .map_err(|e| ConflictableTransactionError::Abort(decode_err("doc meta")(e)))?;
-            chunks.insert(&chunk_key(id, meta.next_seq)[..], w.bytes)?;
-            meta.next_seq += 1;
-            meta.heads.clone_from(&w.heads);
-            meta.updated_at = now;
-            meta
-        }
-        None => {
-            chunks.insert(&chunk_key(id, 0)[..], w.bytes)?;
-            DocMeta {
-                kind: w.kind.to_string(),
-                snapshot_seq: 0,
-                next_seq: 1,
-                heads: w.heads.clone(),
-                created_at: now,
-                updated_at: now,
-            }
-        }
-    };
+    let before = docs
+        .get(id)?
+        .map(|b| serde_cbor::from_slice(&b))
+        .transpose()
+        .map_err(|e| ConflictableTransactionError::Abort(decode_err("doc meta")(e)))?;
+    let meta = appended(before, w.kind, w.heads.clone(), now);
+    chunks.insert(&chunk_key(id, meta.next_seq - 1)[..], w.bytes)?;
     let encoded = encode_meta(&meta).map_err(ConflictableTransactionError::Abort)?;
     docs.insert(&id[..], encoded)?;
     Ok(meta)
@@ -210,22 +216,7 @@ impl Store {
         self.ensure_space(bytes.len() as u64)?;
         let now = crate::time::now_secs();
         let _stripe = self.doc_locks.one(id);
-        let meta = match self.doc_meta(id)? {
-            Some(mut meta) => {
-                meta.next_seq += 1;
-                meta.heads = heads;
-                meta.updated_at = now;
-                meta
-            }
-            None => DocMeta {
-                kind: kind.to_string(),
-                snapshot_seq: 0,
-                next_seq: 1,
-                heads,
-                created_at: now,
-                updated_at: now,
-            },
-        };
+        let meta = appended(self.doc_meta(id)?, kind, heads, now);
         let encoded = encode_meta(&meta)?;
         // The chunk first: see the module's doc.
         self.doc_chunks

@@ -70,7 +70,7 @@ fn live(rt: &tokio::runtime::Runtime, a: &Node, b: &Node) -> Result<()> {
     let (mut total, mut put) = live_changes(rt, a, b, changes)?;
     let early = total.iter().zip(&put).filter(|(t, p)| t < p).count();
     println!(
-        "live: {early} of {changes} changes reached B's WebSocket before A acknowledged the PUT (sent while A's flush ran)"
+        "live: {early} of {changes} changes reached B's WebSocket before the PUT's answer reached the client"
     );
     println!(
         "live: {changes} changes A→B: propagation (PUT on A until B's WebSocket reports its heads) p50 {:.2} ms, p99 {:.2} ms (target p50 < 5 ms)",

@@ -109,7 +109,7 @@ pub fn in_process_catchup(count: usize, fields: usize) -> Result<(Duration, Dura
         Ok(())
     };
     let t0 = Instant::now();
-    for ((a, sa, b, sb), _) in pairs.iter_mut().zip(&saved) {
+    for (a, sa, b, sb) in &mut pairs {
         sync(a, sa, b, sb)?;
     }
     let in_memory = t0.elapsed();
