@@ -246,14 +246,13 @@ impl Store {
         Ok(())
     }
 
-    /// Writes several small state records in one atomic batch. Not durable until
-    /// [`Store::flush`].
+    /// Writes several small state records, in order (each on its own: a sled batch takes
+    /// sled's global write lock and rolls its I/O buffer, and no caller needs them atomic).
+    /// Not durable until [`Store::flush`].
     pub fn state_put_many(&self, records: Vec<KeyValue>) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
         for (k, v) in records {
-            batch.insert(k, v);
+            self.state.insert(k, v)?;
         }
-        self.state.apply_batch(batch)?;
         Ok(())
     }
 

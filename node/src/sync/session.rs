@@ -900,6 +900,10 @@ impl Driver {
                     Ok::<(), SessionError>(())
                 })?;
                 self.execute(actions).await?;
+                // The tasks woken by what this batch changed (the node's own subscribers: the
+                // page, `iom watch`) run before the writer answers the peer: the user waits for
+                // the first, nobody for the second.
+                tokio::task::yield_now().await;
                 self.shared.wake.notify_one();
             }
             Ok::<(), DriveError>(())
