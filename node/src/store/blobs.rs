@@ -8,9 +8,12 @@
 //! The bytes live in plain files, one per blob (`db/chunks/<internal as 16 hex digits>`), chunk
 //! `i` at offset `i × CHUNK_SIZE`; only the metadata is in sled. sled keeps recently written
 //! values in memory well past its cache limit, so a 100 MiB blob in sled cost 100 MiB of RSS;
-//! files keep memory flat for any blob size. Every chunk is verified against its hash when
-//! read, so a torn or damaged file is detected, never served. The file is fsynced before the
-//! blob's metadata is written.
+//! files keep memory flat for any blob size. Every chunk is checked when read, so a torn or
+//! damaged file is detected, never served: against a CRC-32 of the chunk recorded when it was
+//! stored (SHA-256 is for what comes from outside: a peer's chunk, a local add; re-hashing
+//! every chunk served with it was a third of the SHA-256 work of a transfer), or against its
+//! SHA-256 for blobs stored by earlier versions, which have no CRCs. The file is fsynced
+//! before the blob's metadata is written.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -35,6 +38,47 @@ pub struct BlobMeta {
     pub chunk_hashes: Vec<[u8; 32]>,
     /// Unix seconds when stored.
     pub stored_at: u64,
+    /// CRC-32 of each chunk, in order, to check reads cheaply; empty for blobs stored by
+    /// earlier versions (their reads are checked against `chunk_hashes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunk_crcs: Vec<u32>,
+}
+
+impl BlobMeta {
+    /// Whether `bytes`, read back as chunk `index`, are what was stored.
+    fn chunk_intact(&self, index: usize, bytes: &[u8]) -> bool {
+        if self.chunk_crcs.len() == self.chunk_hashes.len() {
+            return self.chunk_crcs.get(index) == Some(&crc32fast::hash(bytes));
+        }
+        self.chunk_hashes
+            .get(index)
+            .is_some_and(|h| *h == <[u8; 32]>::from(Sha256::digest(bytes)))
+    }
+}
+
+/// The SHA-256 and the CRC-32 of each stored chunk, gathered while a blob is written.
+#[derive(Debug, Default)]
+pub(super) struct ChunkSums {
+    pub(super) hashes: Vec<[u8; 32]>,
+    pub(super) crcs: Vec<u32>,
+}
+
+impl ChunkSums {
+    /// Records a chunk whose SHA-256 is known.
+    pub(super) fn push(&mut self, hash: [u8; 32], bytes: &[u8]) {
+        self.record(hash, crc32fast::hash(bytes));
+    }
+
+    /// Records a chunk whose SHA-256 and CRC-32 are known.
+    pub(super) fn record(&mut self, hash: [u8; 32], crc: u32) {
+        self.hashes.push(hash);
+        self.crcs.push(crc);
+    }
+
+    /// Chunks recorded.
+    pub(super) fn len(&self) -> usize {
+        self.hashes.len()
+    }
 }
 
 fn chunk_key(internal: u64, index: u32) -> [u8; 12] {
@@ -70,7 +114,7 @@ pub struct BlobWriter {
     internal: u64,
     file: Option<File>,
     buf: Vec<u8>,
-    chunk_hashes: Vec<[u8; 32]>,
+    sums: ChunkSums,
     whole: Sha256,
     len: u64,
     expected: Option<[u8; 32]>,
@@ -115,11 +159,11 @@ impl BlobWriter {
         }
         self.store.ensure_space(self.buf.len() as u64)?;
         self.store.wrote(self.buf.len() as u64);
-        let index =
-            u32::try_from(self.chunk_hashes.len()).map_err(|_| StoreError::TooManyChunks)?;
+        let index = u32::try_from(self.sums.len()).map_err(|_| StoreError::TooManyChunks)?;
         self.whole.update(&self.buf);
         self.len += self.buf.len() as u64;
-        self.chunk_hashes.push(Sha256::digest(&self.buf).into());
+        self.sums
+            .push(Sha256::digest(&self.buf).into(), &self.buf);
         let path = self.store.chunk_path(self.internal);
         let file = match self.file.take() {
             Some(f) => f,
@@ -149,28 +193,23 @@ impl BlobWriter {
         if let Some(expected) = self.expected
             && expected != id
         {
-            self.store
-                .remove_chunks(self.internal, self.chunk_hashes.len())?;
+            self.store.remove_chunks(self.internal, self.sums.len())?;
             return Err(StoreError::HashMismatch {
                 expected: hex::encode(expected),
                 actual: hex::encode(id),
             });
         }
         if let Some(existing) = self.store.blob_meta(&id)? {
-            self.store
-                .remove_chunks(self.internal, self.chunk_hashes.len())?;
+            self.store.remove_chunks(self.internal, self.sums.len())?;
             return Ok((id, existing));
         }
         if let Some(file) = self.file.take() {
             let path = self.store.chunk_path(self.internal);
             tokio::task::spawn_blocking(move || file.sync_all().map_err(file_err(&path))).await??;
         }
-        let meta = self.store.publish_blob(
-            id,
-            self.internal,
-            self.len,
-            std::mem::take(&mut self.chunk_hashes),
-        )?;
+        let meta =
+            self.store
+                .publish_blob(id, self.internal, self.len, std::mem::take(&mut self.sums))?;
         self.store.flush().await?;
         Ok((id, meta))
     }
@@ -184,13 +223,14 @@ impl Store {
         id: [u8; 32],
         internal: u64,
         len: u64,
-        chunk_hashes: Vec<[u8; 32]>,
+        sums: ChunkSums,
     ) -> Result<BlobMeta, StoreError> {
         let meta = BlobMeta {
             internal,
             len,
-            chunk_hashes,
+            chunk_hashes: sums.hashes,
             stored_at: crate::time::now_secs(),
+            chunk_crcs: sums.crcs,
         };
         let bytes = serde_cbor::to_vec(&meta).map_err(decode_err("blob meta"))?;
         self.insert_blob_record(id, len, &bytes)?;
@@ -204,7 +244,7 @@ impl Store {
             internal: self.db.generate_id()?,
             file: None,
             buf: Vec::with_capacity(CHUNK_SIZE),
-            chunk_hashes: Vec::new(),
+            sums: ChunkSums::default(),
             whole: Sha256::new(),
             len: 0,
             expected,
@@ -219,24 +259,23 @@ impl Store {
             .transpose()
     }
 
-    /// Reads chunk `index` of a blob and verifies it against the stored chunk hash.
+    /// Reads chunk `index` of a blob and checks it against what was stored (see the module's
+    /// doc).
     pub fn blob_chunk(
         &self,
         id: &[u8; 32],
         meta: &BlobMeta,
         index: u32,
     ) -> Result<Vec<u8>, StoreError> {
-        let expected = meta
-            .chunk_hashes
-            .get(index as usize)
-            .ok_or_else(|| StoreError::NoSuchBlob(hex::encode(id)))?;
+        if index as usize >= meta.chunk_hashes.len() {
+            return Err(StoreError::NoSuchBlob(hex::encode(id)));
+        }
         let bytes = self
             .read_chunk(meta.internal, index, chunk_len(meta.len, index))?
             .ok_or_else(|| StoreError::Corrupt {
                 id: hex::encode(id),
             })?;
-        let actual: [u8; 32] = Sha256::digest(&bytes).into();
-        if &actual != expected {
+        if !meta.chunk_intact(index as usize, &bytes) {
             return Err(StoreError::Corrupt {
                 id: hex::encode(id),
             });
@@ -308,14 +347,14 @@ impl Store {
                 continue;
             }
             let internal = self.db.generate_id()?;
-            let mut hashes = Vec::new();
+            let mut sums = ChunkSums::default();
             if !bytes.is_empty() {
                 let path = self.chunk_path(internal);
                 std::fs::write(&path, &bytes).map_err(file_err(&path))?;
                 // One chunk: its hash is the whole blob's.
-                hashes.push(id);
+                sums.push(id, &bytes);
             }
-            self.publish_blob(id, internal, bytes.len() as u64, hashes)?;
+            self.publish_blob(id, internal, bytes.len() as u64, sums)?;
             added += 1;
         }
         self.flush().await?;
@@ -512,6 +551,34 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn reads_are_checked_with_the_crc_of_each_chunk_recorded_at_the_add() {
+        let (_dir, store) = temp_store();
+        let data: Vec<u8> = (0..2 * CHUNK_SIZE + 9).map(|i| (i % 253) as u8).collect();
+        let (id, meta) = add(&store, &data).await;
+        let crcs: Vec<u32> = data.chunks(CHUNK_SIZE).map(crc32fast::hash).collect();
+        assert_eq!(meta.chunk_crcs, crcs);
+        assert_eq!(store.blob_meta(&id).unwrap().unwrap().chunk_crcs, crcs);
+        // One flipped byte in the last chunk's file is caught by its CRC alone.
+        let path = store.chunk_path(meta.internal);
+        let mut file = std::fs::read(&path).unwrap();
+        file[2 * CHUNK_SIZE + 3] ^= 1;
+        std::fs::write(&path, &file).unwrap();
+        assert!(store.blob_chunk(&id, &meta, 0).is_ok());
+        let without_hashes = BlobMeta {
+            chunk_hashes: vec![[0; 32]; 3],
+            ..meta.clone()
+        };
+        assert!(
+            store.blob_chunk(&id, &without_hashes, 1).is_ok(),
+            "with CRCs, a read does not hash"
+        );
+        assert!(matches!(
+            store.blob_chunk(&id, &meta, 2),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
     async fn add(store: &Store, data: &[u8]) -> ([u8; 32], BlobMeta) {
         let mut w = store.blob_writer(None).unwrap();
         w.write(data).unwrap();
@@ -645,8 +712,13 @@ mod tests {
                 .unwrap();
         }
         let id: [u8; 32] = Sha256::digest(&data).into();
+        // As earlier versions stored it: no CRCs, so reads are checked with the SHA-256.
+        let sums = ChunkSums {
+            hashes,
+            crcs: Vec::new(),
+        };
         let meta = store
-            .publish_blob(id, internal, data.len() as u64, hashes)
+            .publish_blob(id, internal, data.len() as u64, sums)
             .unwrap();
         let mut back = store.blob_chunk(&id, &meta, 0).unwrap();
         back.extend(store.blob_chunk(&id, &meta, 1).unwrap());
@@ -674,6 +746,7 @@ mod tests {
             len: 10,
             chunk_hashes: vec![[2; 32]],
             stored_at: 99,
+            chunk_crcs: Vec::new(),
         };
         let v: Value = serde_cbor::from_slice(&serde_cbor::to_vec(&meta).unwrap()).unwrap();
         let expected = Value::Map(
@@ -691,5 +764,21 @@ mod tests {
             .collect(),
         );
         assert_eq!(v, expected);
+        // CRCs are one more field; a record without it (an earlier version's) has none.
+        let with_crcs = BlobMeta {
+            chunk_crcs: vec![7],
+            ..meta
+        };
+        let v: Value = serde_cbor::from_slice(&serde_cbor::to_vec(&with_crcs).unwrap()).unwrap();
+        let Value::Map(fields) = v else {
+            panic!("a map")
+        };
+        assert_eq!(
+            fields.get(&Value::Text("chunk_crcs".into())),
+            Some(&Value::Array(vec![Value::Integer(7)]))
+        );
+        let old = serde_cbor::to_vec(&expected).unwrap();
+        let decoded: BlobMeta = serde_cbor::from_slice(&old).unwrap();
+        assert!(decoded.chunk_crcs.is_empty());
     }
 }

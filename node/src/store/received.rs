@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
 
-use super::blobs::{BlobMeta, CHUNK_SIZE, chunk_len, chunk_offset, file_err};
+use super::blobs::{BlobMeta, CHUNK_SIZE, ChunkSums, chunk_len, chunk_offset, file_err};
 use super::{Store, StoreError};
 
 /// How many chunks a blob of `len` bytes has.
@@ -41,6 +41,8 @@ pub struct BlobReceiver {
     internal: u64,
     len: u64,
     chunk_hashes: Vec<[u8; 32]>,
+    /// What is recorded of the chunks verified so far.
+    sums: ChunkSums,
     whole: Sha256,
     /// Chunks verified (and handed to the writer).
     done: u32,
@@ -146,6 +148,7 @@ impl Store {
             internal,
             len,
             chunk_hashes,
+            sums: ChunkSums::default(),
             whole: Sha256::new(),
             done: 0,
             writer: None,
@@ -163,6 +166,7 @@ impl Store {
                 break;
             }
             r.whole.update(&buf);
+            r.sums.push(actual, &buf);
             r.done += 1;
         }
         r.writer = Some(Writer::spawn(file, path, r.done)?);
@@ -219,6 +223,7 @@ impl BlobReceiver {
         self.store.ensure_space(bytes.len() as u64)?;
         self.store.wrote(bytes.len() as u64);
         self.whole.update(&bytes);
+        let crc = crc32fast::hash(&bytes);
         let index = self.done;
         let sent = self
             .writer
@@ -231,6 +236,7 @@ impl BlobReceiver {
                 _ => Err(StoreError::WriterStopped),
             };
         }
+        self.sums.record(actual, crc);
         self.done += 1;
         Ok(())
     }
@@ -271,7 +277,7 @@ impl BlobReceiver {
             self.id,
             self.internal,
             self.len,
-            std::mem::take(&mut self.chunk_hashes),
+            std::mem::take(&mut self.sums),
         )
     }
 }
@@ -316,6 +322,8 @@ mod tests {
             back.extend(store.blob_chunk(&id, &meta, i).unwrap());
         }
         assert_eq!(back, data);
+        let crcs: Vec<u32> = chunks.iter().map(|c| crc32fast::hash(c)).collect();
+        assert_eq!(meta.chunk_crcs, crcs, "the resumed chunks' CRCs too");
     }
 
     #[test]
