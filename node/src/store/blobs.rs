@@ -162,8 +162,7 @@ impl BlobWriter {
         let index = u32::try_from(self.sums.len()).map_err(|_| StoreError::TooManyChunks)?;
         self.whole.update(&self.buf);
         self.len += self.buf.len() as u64;
-        self.sums
-            .push(Sha256::digest(&self.buf).into(), &self.buf);
+        self.sums.push(Sha256::digest(&self.buf).into(), &self.buf);
         let path = self.store.chunk_path(self.internal);
         let file = match self.file.take() {
             Some(f) => f,

@@ -211,34 +211,17 @@ impl Manager {
         });
     }
 
-    /// Live push of every stored change: a local one goes out while its flush runs (see
-    /// [`Docs::subscribe_stored`](crate::docs::Docs::subscribe_stored)).
+    /// Live push of every stored change: a local one goes out while its flush runs, marked
+    /// for every session on the thread that stored it (see
+    /// [`Docs::on_stored`](crate::docs::Docs::on_stored)).
     fn push_changes(self: &Arc<Self>) {
-        let this = self.clone();
-        let stop = self.deps.shutdown.clone();
-        let mut changes = self.deps.docs.subscribe_stored();
-        self.spawn(async move {
-            loop {
-                let change = tokio::select! {
-                    c = changes.recv() => c,
-                    _ = stop.cancelled() => return,
-                };
-                match change {
-                    Ok(ch) => {
-                        let from = match ch.origin {
-                            Origin::Peer(p) => Some(p),
-                            Origin::Local => None,
-                        };
-                        this.mark_dirty_everywhere(ch.id, from);
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        // Too many changes at once: fall back to comparing inventories.
-                        let root = this.deps.docs.with_inventory(|i| i.root());
-                        this.broadcast(SyncMsg::Root { root });
-                    }
-                    Err(_) => return,
-                }
-            }
+        let registry = self.deps.registry.clone();
+        self.deps.docs.on_stored(move |ch| {
+            let from = match ch.origin {
+                Origin::Peer(p) => Some(p),
+                Origin::Local => None,
+            };
+            mark_dirty_everywhere(&registry, ch.id, from);
         });
     }
 
