@@ -51,7 +51,7 @@ pub struct BlobReceiver {
 
 /// The writer thread: writes verified chunks at their offsets, in order.
 struct Writer {
-    chunks: SyncSender<(u32, Vec<u8>)>,
+    chunks: SyncSender<(u32, bytes::Bytes)>,
     /// Chunks written so far (all chunks below this index are in the file).
     written: Arc<AtomicU32>,
     thread: JoinHandle<Result<File, StoreError>>,
@@ -59,7 +59,7 @@ struct Writer {
 
 impl Writer {
     fn spawn(file: File, path: std::path::PathBuf, written: u32) -> Result<Writer, StoreError> {
-        let (chunks, rx): (_, Receiver<(u32, Vec<u8>)>) = sync_channel(WRITE_BEHIND);
+        let (chunks, rx): (_, Receiver<(u32, bytes::Bytes)>) = sync_channel(WRITE_BEHIND);
         let start = chunk_offset(written);
         let counter = Arc::new(AtomicU32::new(written));
         let written = counter.clone();
@@ -206,7 +206,8 @@ impl BlobReceiver {
     /// chunk that does not match is refused with [`StoreError::HashMismatch`] (the sender's
     /// fault) and nothing is written. Waits while the writer is [`WRITE_BEHIND`] chunks behind;
     /// a write error comes back from here or from [`BlobReceiver::finish`].
-    pub fn put(&mut self, bytes: Vec<u8>) -> Result<(), StoreError> {
+    pub fn put(&mut self, bytes: impl Into<bytes::Bytes>) -> Result<(), StoreError> {
+        let bytes = bytes.into();
         let Some(expected) = self.chunk_hashes.get(self.done as usize) else {
             return Err(StoreError::ExtraChunk {
                 index: self.done,

@@ -725,13 +725,36 @@ impl<N: BlobNet> Blobs<N> {
     where
         S: AsyncRead + Unpin,
     {
+        let frame = self.next_frame(s).await?;
+        BlobResponse::decode(&frame).map_err(|e| PeerFault::Decode(e).into())
+    }
+
+    /// The next chunk, kept in the frame it arrived in (no copy), with its index.
+    async fn next_chunk<S>(&self, s: &mut S) -> Result<(u32, bytes::Bytes), TransferError>
+    where
+        S: AsyncRead + Unpin,
+    {
+        let frame = self.next_frame(s).await?;
+        match BlobResponse::chunk_span(&frame) {
+            Some(span) => Ok((span.index, bytes::Bytes::from(frame).slice(span.bytes))),
+            None => match BlobResponse::decode(&frame) {
+                Ok(_) => Err(PeerFault::ExpectedChunk.into()),
+                Err(e) => Err(PeerFault::Decode(e).into()),
+            },
+        }
+    }
+
+    async fn next_frame<S>(&self, s: &mut S) -> Result<Vec<u8>, TransferError>
+    where
+        S: AsyncRead + Unpin,
+    {
         match tokio::time::timeout(self.config.response_timeout, read_frame(s, MAX_BLOB_FRAME))
             .await
         {
             Err(_) => Err(TransferError::TimedOut),
             Ok(Err(e)) => Err(TransferError::framed(e)),
             Ok(Ok(None)) => Err(TransferError::Closed),
-            Ok(Ok(Some(b))) => BlobResponse::decode(&b).map_err(|e| PeerFault::Decode(e).into()),
+            Ok(Ok(Some(frame))) => Ok(frame),
         }
     }
 
@@ -836,7 +859,7 @@ impl<N: BlobNet> Blobs<N> {
         // The network side reads chunks and checks their order; the disk side (a blocking
         // thread) verifies each against its hash, writes it and records progress, a few chunks
         // behind.
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(RECEIVE_AHEAD);
+        let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(RECEIVE_AHEAD);
         let disk = {
             let state = self.state.clone();
             let mut receiver = receiver;
@@ -859,16 +882,12 @@ impl<N: BlobNet> Blobs<N> {
         };
         let network = async {
             for expected in from_chunk..count {
-                match self.next_response(&mut stream).await? {
-                    BlobResponse::Chunk { index, bytes } if index == expected => {
-                        if tx.send(bytes).await.is_err() {
-                            break; // the disk side stopped; its error says why
-                        }
-                    }
-                    BlobResponse::Chunk { index, .. } => {
-                        return Err(PeerFault::ChunkOrder { index, expected }.into());
-                    }
-                    _ => return Err(PeerFault::ExpectedChunk.into()),
+                let (index, bytes) = self.next_chunk(&mut stream).await?;
+                if index != expected {
+                    return Err(PeerFault::ChunkOrder { index, expected }.into());
+                }
+                if tx.send(bytes).await.is_err() {
+                    break; // the disk side stopped; its error says why
                 }
             }
             Ok(())
