@@ -157,7 +157,7 @@ impl Docs {
     /// Starts the service over `store`. `actor` is this process's Automerge actor id.
     pub fn new(store: Store, actor: Vec<u8>, capacity: usize) -> Result<Docs, DocsError> {
         // Big enough for the documents of a few snapshot batches, so a cold sync does not make
-        // subscribers lag (which costs an inventory round with every peer).
+        // subscribers (the page's WebSocket, the agent) lag and have to look again.
         let (changes, _) = broadcast::channel(8192);
         let mut inventory = Inventory::new();
         store.for_each_doc_meta(|id, meta| {

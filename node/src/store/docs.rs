@@ -3,14 +3,15 @@
 //! the chunks it covers in one transaction, so a crash at any point leaves a loadable document.
 //!
 //! One document's append is two plain inserts, its chunk then its metadata, not a
-//! transaction (a batch of documents received together too): sled 0.34 rolls its I/O buffer before and after every transaction's batch
-//! manifest, so under concurrent writers a transaction per write cost two thirds of the
-//! durable write rate (`bench-store writes`: 2,775 writes/s against 8,212 with plain inserts,
-//! 8 writers). The order keeps a crash harmless: sled recovers a prefix of its log, so the
-//! metadata is never there without its chunk, and a chunk without its metadata lies past
-//! `next_seq` (never read) until the next append writes over it. Every write of a document's
-//! metadata holds that document's [`DocLocks`] stripe, so two writers of one document never
-//! interleave (a transaction of sled does not isolate it from plain inserts).
+//! transaction (a batch of documents received together too): sled 0.34 rolls its I/O buffer
+//! before and after every transaction's batch manifest, so under concurrent writers a
+//! transaction per write cost two thirds of the durable write rate (`bench-store writes`:
+//! 2,775 writes/s against 8,212 with plain inserts, 8 writers). The order keeps a crash
+//! harmless: sled recovers a prefix of its log, so the metadata is never there without its
+//! chunk, and a chunk without its metadata lies past `next_seq` (never read) until the next
+//! append writes over it. Every write of a document's metadata holds that document's
+//! [`DocLocks`] stripe, so two writers of one document never interleave (a transaction of
+//! sled does not isolate it from plain inserts).
 
 use serde::{Deserialize, Serialize};
 use sled::Transactional;

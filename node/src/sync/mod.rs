@@ -300,12 +300,6 @@ impl Manager {
         self.deps.registry.has_session(peer)
     }
 
-    /// Marks a document dirty in every session (it changed), except the session with the peer
-    /// the change came from: that session answers what it received by itself.
-    pub fn mark_dirty_everywhere(&self, doc: DocId, except: Option<PeerId>) {
-        mark_dirty_everywhere(&self.deps.registry, doc, except);
-    }
-
     /// Queues a message to every session. Nothing is dropped: certificate sets replace a set
     /// still queued (the newest holds the older), roots are queued once.
     pub fn broadcast(&self, msg: SyncMsg) {
@@ -349,6 +343,8 @@ fn open_delay(local: PeerId, peer: PeerId, grace: std::time::Duration) -> std::t
     }
 }
 
+/// Marks a document dirty in every session (it changed), except the session with the peer
+/// the change came from: that session answers what it received by itself.
 fn mark_dirty_everywhere(registry: &Registry, doc: DocId, except: Option<PeerId>) {
     for s in registry.handles() {
         if Some(s.peer) != except {
