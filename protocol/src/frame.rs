@@ -165,6 +165,18 @@ impl FrameDecoder {
     /// Returns the next whole frame's payload, `Ok(None)` if more bytes are needed, or an error
     /// if the length prefix exceeds the maximum.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        Ok(self.next_frame_in_place()?.map(|(mut buf, start)| {
+            buf.drain(..start);
+            buf
+        }))
+    }
+
+    /// [`FrameDecoder::next_frame`] without moving the payload: a buffer and where in it the
+    /// payload starts (it runs to the end). When exactly one frame is buffered (what a reader
+    /// that reads [`FrameDecoder::wanted`] bytes gets) that is the decoder's own buffer, header
+    /// included, handed over: a receiver that keeps frames as shared slices saves a move of
+    /// every payload.
+    pub fn next_frame_in_place(&mut self) -> Result<Option<(Vec<u8>, usize)>, FrameError> {
         if let Some(err) = &self.error {
             return Err(err.clone());
         }
@@ -183,15 +195,11 @@ impl FrameDecoder {
             return Ok(None);
         }
         if self.buf.len() == HEADER_LEN + len {
-            // Exactly one frame buffered (what a reader that reads `wanted` bytes gets): hand
-            // the buffer over instead of copying the payload.
-            let mut payload = std::mem::take(&mut self.buf);
-            payload.drain(..HEADER_LEN);
-            return Ok(Some(payload));
+            return Ok(Some((std::mem::take(&mut self.buf), HEADER_LEN)));
         }
         let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
         self.buf.drain(..HEADER_LEN + len);
-        Ok(Some(payload))
+        Ok(Some((payload, 0)))
     }
 
     /// Call at end of stream: an error if a partial frame is left over.

@@ -2,7 +2,7 @@
 //! decoder and written with its encoder (one frame codec), with its hard maximum.
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use iom_protocol::frame::{FrameDecoder, FrameError, encode_header};
+use iom_protocol::frame::{FrameDecoder, FrameError, HEADER_LEN, encode_header};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -44,13 +44,34 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     io: &mut R,
     max: usize,
 ) -> Result<Option<Vec<u8>>, FramedError> {
+    Ok(read_frame_in_place(io, max).await?.map(|(mut buf, start)| {
+        buf.drain(..start);
+        buf
+    }))
+}
+
+/// [`read_frame`] as shared bytes: the payload stays where it was read
+/// ([`FrameDecoder::next_frame_in_place`]), not moved to the front of its buffer.
+pub async fn read_frame_bytes<R: AsyncRead + Unpin>(
+    io: &mut R,
+    max: usize,
+) -> Result<Option<bytes::Bytes>, FramedError> {
+    Ok(read_frame_in_place(io, max)
+        .await?
+        .map(|(buf, start)| bytes::Bytes::from(buf).slice(start..)))
+}
+
+async fn read_frame_in_place<R: AsyncRead + Unpin>(
+    io: &mut R,
+    max: usize,
+) -> Result<Option<(Vec<u8>, usize)>, FramedError> {
     let mut decoder = FrameDecoder::new(max);
     loop {
-        if let Some(frame) = decoder.next_frame()? {
+        if let Some((buf, start)) = decoder.next_frame_in_place()? {
             crate::metrics::node()
                 .bytes_received
-                .add(frame.len() as u64 + 4);
-            return Ok(Some(frame));
+                .add((buf.len() - start) as u64 + 4);
+            return Ok(Some((buf, start)));
         }
         // Straight into the decoder's buffer, sized for the whole frame once the header is in.
         let n = io.read(decoder.read_space()).await?;
@@ -104,11 +125,25 @@ pub async fn write_frame_unflushed<W: AsyncWrite + Unpin>(
     payload: &[u8],
     max: usize,
 ) -> Result<(), FramedError> {
-    io.write_all(&encode_header(payload.len(), max)?).await?;
-    io.write_all(payload).await?;
-    crate::metrics::node()
-        .bytes_sent
-        .add(payload.len() as u64 + 4);
+    write_frame_parts(io, &[], payload, max).await
+}
+
+/// Writes one frame whose payload is `head` then `body` (a message's head, and bytes that live
+/// elsewhere, not copied together first), without flushing. The frame header and `head` go in
+/// one write: over an unbuffered stream every write is a transport frame of its own.
+pub async fn write_frame_parts<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    head: &[u8],
+    body: &[u8],
+    max: usize,
+) -> Result<(), FramedError> {
+    let len = head.len() + body.len();
+    let mut first = Vec::with_capacity(HEADER_LEN + head.len());
+    first.extend_from_slice(&encode_header(len, max)?);
+    first.extend_from_slice(head);
+    io.write_all(&first).await?;
+    io.write_all(body).await?;
+    crate::metrics::node().bytes_sent.add(len as u64 + 4);
     Ok(())
 }
 

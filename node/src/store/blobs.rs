@@ -56,6 +56,24 @@ impl BlobMeta {
     }
 }
 
+/// Reads a stored blob's chunks (see [`Store::chunk_reader`]). Blocking.
+#[derive(Debug)]
+pub struct ChunkReader {
+    store: Store,
+    file: Option<File>,
+    id: [u8; 32],
+    meta: std::sync::Arc<BlobMeta>,
+}
+
+impl ChunkReader {
+    /// Reads chunk `index` into `buf` (replacing what it held) and checks it against what was
+    /// stored.
+    pub fn read(&self, index: u32, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        self.store
+            .read_blob_chunk(self.file.as_ref(), &self.id, &self.meta, index, buf)
+    }
+}
+
 /// The SHA-256 and the CRC-32 of each stored chunk, gathered while a blob is written.
 #[derive(Debug, Default)]
 pub(super) struct ChunkSums {
@@ -266,50 +284,87 @@ impl Store {
         meta: &BlobMeta,
         index: u32,
     ) -> Result<Vec<u8>, StoreError> {
+        let mut buf = Vec::new();
+        self.read_blob_chunk(
+            self.open_chunks(meta.internal)?.as_ref(),
+            id,
+            meta,
+            index,
+            &mut buf,
+        )?;
+        Ok(buf)
+    }
+
+    /// A reader of blob `id`'s chunks in turn, from its chunk file opened once, into buffers
+    /// the caller reuses (a transfer reads thousands of chunks).
+    pub fn chunk_reader(
+        &self,
+        id: [u8; 32],
+        meta: std::sync::Arc<BlobMeta>,
+    ) -> Result<ChunkReader, StoreError> {
+        Ok(ChunkReader {
+            store: self.clone(),
+            file: self.open_chunks(meta.internal)?,
+            id,
+            meta,
+        })
+    }
+
+    /// The chunk file of `internal`; `None` if there is none (blobs stored by earlier versions
+    /// keep their chunks in sled).
+    fn open_chunks(&self, internal: u64) -> Result<Option<File>, StoreError> {
+        let path = self.chunk_path(internal);
+        match File::open(&path) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(file_err(&path)(e)),
+        }
+    }
+
+    /// Reads chunk `index` into `buf` (from `file`, or from sled without one) and checks it.
+    fn read_blob_chunk(
+        &self,
+        file: Option<&File>,
+        id: &[u8; 32],
+        meta: &BlobMeta,
+        index: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let corrupt = || StoreError::Corrupt {
+            id: hex::encode(id),
+        };
         if index as usize >= meta.chunk_hashes.len() {
             return Err(StoreError::NoSuchBlob(hex::encode(id)));
         }
-        let bytes = self
-            .read_chunk(meta.internal, index, chunk_len(meta.len, index))?
-            .ok_or_else(|| StoreError::Corrupt {
-                id: hex::encode(id),
-            })?;
-        if !meta.chunk_intact(index as usize, &bytes) {
-            return Err(StoreError::Corrupt {
-                id: hex::encode(id),
-            });
+        let len = chunk_len(meta.len, index);
+        match file {
+            Some(file) => {
+                buf.resize(len, 0);
+                match file.read_exact_at(buf, chunk_offset(index)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return Err(corrupt());
+                    }
+                    Err(e) => return Err(file_err(&self.chunk_path(meta.internal))(e)),
+                }
+            }
+            None => {
+                let stored = self
+                    .blob_chunks
+                    .get(chunk_key(meta.internal, index))?
+                    .ok_or_else(corrupt)?;
+                buf.clear();
+                buf.extend_from_slice(&stored);
+            }
         }
-        Ok(bytes)
+        if buf.len() != len || !meta.chunk_intact(index as usize, buf) {
+            return Err(corrupt());
+        }
+        Ok(())
     }
 
     pub(super) fn chunk_path(&self, internal: u64) -> PathBuf {
         self.chunk_dir.join(format!("{internal:016x}"))
-    }
-
-    /// Reads `len` bytes of chunk `index` (unverified); `None` if it is not there.
-    fn read_chunk(
-        &self,
-        internal: u64,
-        index: u32,
-        len: usize,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let path = self.chunk_path(internal);
-        match File::open(&path) {
-            Ok(file) => {
-                let mut buf = vec![0u8; len];
-                match file.read_exact_at(&mut buf, chunk_offset(index)) {
-                    Ok(()) => Ok(Some(buf)),
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
-                    Err(e) => Err(file_err(&path)(e)),
-                }
-            }
-            // Blobs stored by earlier versions keep their chunks in sled.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self
-                .blob_chunks
-                .get(chunk_key(internal, index))?
-                .map(|v| v.to_vec())),
-            Err(e) => Err(file_err(&path)(e)),
-        }
     }
 
     /// Whether blob `id` is stored complete (without reading its metadata).

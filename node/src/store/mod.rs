@@ -14,7 +14,7 @@ pub mod space;
 
 use std::path::Path;
 
-pub use blobs::{BlobMeta, BlobWriter, CHUNK_SIZE};
+pub use blobs::{BlobMeta, BlobWriter, CHUNK_SIZE, ChunkReader};
 pub use blobset::BlobTotals;
 pub use docs::{ChunkWrite, DocMeta, StoredDoc};
 pub use objects::StoredObject;
@@ -48,6 +48,23 @@ pub enum StoreError {
         what: &'static str,
         /// What the CBOR codec said.
         source: serde_cbor::Error,
+    },
+    /// A received blob's whole content did not match its id, and chunk `index` is the first
+    /// that does not match the manifest's hash for it (the sender's fault).
+    #[error("blob chunk {index} does not match its hash")]
+    BadChunk {
+        /// The first chunk that does not match.
+        index: u32,
+    },
+    /// A received chunk whose length is not the one its place in the blob requires.
+    #[error("blob chunk {index} is {got} bytes, {want} expected")]
+    ChunkLength {
+        /// The chunk's index.
+        index: u32,
+        /// Its length.
+        got: usize,
+        /// The length its place in the blob requires.
+        want: usize,
     },
     /// A blob manifest whose chunk hashes do not fit its length.
     #[error("blob manifest: {hashes} chunk hashes for {len} bytes in chunks of {CHUNK_SIZE}")]

@@ -1,12 +1,17 @@
-//! A blob received from a peer, chunk by chunk in order: each chunk is checked against the
-//! manifest's chunk hash and folded into the whole-content hash as it arrives, so publishing
-//! needs no second pass over the bytes. A transfer cut short resumes: the chunks already on
-//! disk are read back and verified first (they were never fsynced), and receiving continues
-//! after the last good one.
+//! A blob received from a peer, chunk by chunk in order, written as it arrives, and published
+//! only once the whole content hashes to the blob's id.
 //!
-//! Hashing and writing are two stages: [`BlobReceiver::put`] verifies on the caller's thread
-//! and hands the chunk to a writer thread of its own (copying into the page cache is the other
-//! half of the cost), a few chunks behind. Only verified chunks are ever written.
+//! One SHA-256 pass: each chunk is folded into the whole-content hash as it arrives. The
+//! manifest's per-chunk hashes are not checked on the way: in transit every byte is already
+//! authenticated (noise's ChaCha20-Poly1305), and the whole-content hash at the end is what
+//! proves the bytes are the blob. They are read back and checked only when that hash fails, to
+//! name the chunk at fault, and when a transfer resumes, to find the chunks already on disk
+//! that can be kept (they were never fsynced). A chunk of the wrong length is refused on
+//! arrival. Nothing is published, or served, before the whole hash matches.
+//!
+//! Hashing and writing are two stages: [`BlobReceiver::put`] hashes on the caller's thread and
+//! hands the chunk to a writer thread of its own (copying into the page cache is the other half
+//! of the cost), a few chunks behind.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -25,7 +30,7 @@ pub fn chunk_count(len: u64) -> u64 {
     len.div_ceil(CHUNK_SIZE as u64)
 }
 
-/// Verified chunks the writer thread may hold before [`BlobReceiver::put`] waits.
+/// Chunks the writer thread may hold before [`BlobReceiver::put`] waits.
 const WRITE_BEHIND: usize = 4;
 /// The writer makes what it wrote durable, and drops it from the page cache, every this many
 /// bytes: the final fsync has little left to do, a 1 GiB blob does not push everything else
@@ -41,15 +46,15 @@ pub struct BlobReceiver {
     internal: u64,
     len: u64,
     chunk_hashes: Vec<[u8; 32]>,
-    /// What is recorded of the chunks verified so far.
+    /// What is recorded of the chunks taken so far.
     sums: ChunkSums,
     whole: Sha256,
-    /// Chunks verified (and handed to the writer).
+    /// Chunks taken (and handed to the writer).
     done: u32,
     writer: Option<Writer>,
 }
 
-/// The writer thread: writes verified chunks at their offsets, in order.
+/// The writer thread: writes the chunks taken at their offsets, in order.
 struct Writer {
     chunks: SyncSender<(u32, bytes::Bytes)>,
     /// Chunks written so far (all chunks below this index are in the file).
@@ -184,12 +189,12 @@ impl Drop for BlobReceiver {
 }
 
 impl BlobReceiver {
-    /// Chunks received and verified so far; the next [`BlobReceiver::put`] is this index.
+    /// Chunks taken so far; the next [`BlobReceiver::put`] is this index.
     pub fn done(&self) -> u32 {
         self.done
     }
 
-    /// Chunks verified and written to the file so far (at most [`WRITE_BEHIND`] fewer than
+    /// Chunks taken and written to the file so far (at most [`WRITE_BEHIND`] fewer than
     /// [`BlobReceiver::done`]): the progress to show.
     pub fn written(&self) -> u32 {
         self.writer
@@ -202,30 +207,32 @@ impl BlobReceiver {
         u32::try_from(self.chunk_hashes.len()).unwrap_or(u32::MAX)
     }
 
-    /// Verifies chunk [`BlobReceiver::done`] against its hash and hands it to the writer. A
-    /// chunk that does not match is refused with [`StoreError::HashMismatch`] (the sender's
-    /// fault) and nothing is written. Waits while the writer is [`WRITE_BEHIND`] chunks behind;
-    /// a write error comes back from here or from [`BlobReceiver::finish`].
+    /// Takes chunk [`BlobReceiver::done`]: folds it into the whole-content hash and hands it to
+    /// the writer. A chunk of the wrong length is refused ([`StoreError::ChunkLength`], the
+    /// sender's fault) and nothing is written; wrong bytes are found by
+    /// [`BlobReceiver::finish`]. Waits while the writer is [`WRITE_BEHIND`] chunks behind; a
+    /// write error comes back from here or from [`BlobReceiver::finish`].
     pub fn put(&mut self, bytes: impl Into<bytes::Bytes>) -> Result<(), StoreError> {
         let bytes = bytes.into();
-        let Some(expected) = self.chunk_hashes.get(self.done as usize) else {
+        let index = self.done;
+        let Some(expected) = self.chunk_hashes.get(index as usize).copied() else {
             return Err(StoreError::ExtraChunk {
-                index: self.done,
+                index,
                 count: self.count(),
             });
         };
-        let actual: [u8; 32] = Sha256::digest(&bytes).into();
-        if &actual != expected || bytes.len() != chunk_len(self.len, self.done) {
-            return Err(StoreError::HashMismatch {
-                expected: hex::encode(expected),
-                actual: hex::encode(actual),
+        let want = chunk_len(self.len, index);
+        if bytes.len() != want {
+            return Err(StoreError::ChunkLength {
+                index,
+                got: bytes.len(),
+                want,
             });
         }
         self.store.ensure_space(bytes.len() as u64)?;
         self.store.wrote(bytes.len() as u64);
         self.whole.update(&bytes);
         let crc = crc32fast::hash(&bytes);
-        let index = self.done;
         let sent = self
             .writer
             .as_ref()
@@ -237,14 +244,20 @@ impl BlobReceiver {
                 _ => Err(StoreError::WriterStopped),
             };
         }
-        self.sums.record(actual, crc);
+        // The manifest's hash, kept for serving the blob on. Once the whole content matches
+        // the id, the bytes are right; a manifest wrong about a chunk whose bytes are right
+        // (only a lying device sends one) costs a device that resumes from us that chunk again.
+        self.sums.record(expected, crc);
         self.done += 1;
         Ok(())
     }
 
     /// After the last chunk: checks the whole-content hash, fsyncs the chunk file and
-    /// publishes the blob (durable after the next [`Store::flush`]). On a mismatch the chunks
-    /// are removed. If the blob arrived another way meanwhile, this copy is dropped. Blocking.
+    /// publishes the blob (durable after the next [`Store::flush`]). If the hash does not match,
+    /// the chunks are read back to find the first that does not match the manifest
+    /// ([`StoreError::BadChunk`]); if every chunk does, the manifest is wrong about the blob
+    /// ([`StoreError::HashMismatch`]). Either way the chunks are removed. If the blob arrived
+    /// another way meanwhile, this copy is dropped. Blocking.
     pub fn finish(mut self) -> Result<BlobMeta, StoreError> {
         let file = match self.writer.take() {
             Some(w) => w.join()?,
@@ -260,11 +273,15 @@ impl BlobReceiver {
         }
         let actual: [u8; 32] = std::mem::take(&mut self.whole).finalize().into();
         if actual != self.id {
+            let bad = self.first_bad_chunk(&file);
             self.store
                 .remove_chunks(self.internal, self.chunk_hashes.len())?;
-            return Err(StoreError::HashMismatch {
-                expected: hex::encode(self.id),
-                actual: hex::encode(actual),
+            return Err(match bad? {
+                Some(index) => StoreError::BadChunk { index },
+                None => StoreError::HashMismatch {
+                    expected: hex::encode(self.id),
+                    actual: hex::encode(actual),
+                },
             });
         }
         if let Some(existing) = self.store.blob_meta(&self.id)? {
@@ -280,6 +297,22 @@ impl BlobReceiver {
             self.len,
             std::mem::take(&mut self.sums),
         )
+    }
+
+    /// The first chunk in the file that does not match the manifest's hash for it, if any
+    /// (only after the whole-content hash failed: one more pass over the bytes).
+    fn first_bad_chunk(&self, file: &File) -> Result<Option<u32>, StoreError> {
+        let path = self.store.chunk_path(self.internal);
+        let mut buf = Vec::new();
+        for (index, expected) in (0..self.count()).zip(&self.chunk_hashes) {
+            buf.resize(chunk_len(self.len, index), 0);
+            file.read_exact_at(&mut buf, chunk_offset(index))
+                .map_err(file_err(&path))?;
+            if <[u8; 32]>::from(Sha256::digest(&buf)) != *expected {
+                return Ok(Some(index));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -364,7 +397,11 @@ mod tests {
             .unwrap();
         assert!(matches!(
             r.put(b"not the chunk".to_vec()),
-            Err(StoreError::HashMismatch { .. })
+            Err(StoreError::ChunkLength {
+                index: 0,
+                got: 13,
+                want: 100
+            })
         ));
         assert_eq!(r.done(), 0);
         // Chunks that match their hashes but not the blob id (a lying manifest).
@@ -373,6 +410,37 @@ mod tests {
         assert!(matches!(r.finish(), Err(StoreError::HashMismatch { .. })));
         assert!(store.blob_meta(&[9; 32]).unwrap().is_none());
         assert!(!store.chunk_path(internal).exists());
+    }
+
+    #[test]
+    fn wrong_bytes_are_found_at_the_end_named_by_chunk_and_nothing_is_kept() {
+        let (_dir, store) = temp_store();
+        let (data, id, hashes) = blob(CHUNK_SIZE * 3 + 7);
+        let internal = store.new_blob_internal().unwrap();
+        let mut r = store
+            .receive_blob(id, internal, data.len() as u64, hashes.clone())
+            .unwrap();
+        for (i, chunk) in data.chunks(CHUNK_SIZE).enumerate() {
+            let mut chunk = chunk.to_vec();
+            if i == 2 {
+                chunk[100] ^= 0x20; // the right length, the wrong bytes
+            }
+            r.put(chunk).unwrap();
+        }
+        assert_eq!(r.done(), 4, "taken: only the whole hash can tell");
+        assert!(matches!(r.finish(), Err(StoreError::BadChunk { index: 2 })));
+        assert!(store.blob_meta(&id).unwrap().is_none());
+        assert!(!store.chunk_path(internal).exists(), "nothing is kept");
+        // The next attempt starts from nothing and, given the right bytes, publishes them.
+        let mut r = store
+            .receive_blob(id, internal, data.len() as u64, hashes)
+            .unwrap();
+        assert_eq!(r.done(), 0);
+        for chunk in data.chunks(CHUNK_SIZE) {
+            r.put(chunk.to_vec()).unwrap();
+        }
+        let meta = r.finish().unwrap();
+        assert_eq!(meta.len, data.len() as u64);
     }
 
     #[test]
@@ -419,7 +487,10 @@ mod tests {
             .unwrap();
         let mut long = data[..CHUNK_SIZE].to_vec();
         long.push(0);
-        assert!(matches!(r.put(long), Err(StoreError::HashMismatch { .. })));
+        assert!(matches!(
+            r.put(long),
+            Err(StoreError::ChunkLength { index: 0, .. })
+        ));
         assert_eq!(r.done(), 0);
         assert_eq!(r.count(), 2);
         assert_eq!(chunk_count(0), 0);

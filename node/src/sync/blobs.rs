@@ -34,7 +34,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::gate::{Gate, Verdict};
-use crate::net::framed::{FramedError, read_frame, read_msg, write_frame};
+use crate::net::framed::{
+    FramedError, read_frame, read_frame_bytes, read_msg, write_frame, write_frame_parts,
+};
 use crate::net::{BLOB_PROTOCOL, Net, NetError};
 use crate::store::{BlobReceiver, CHUNK_SIZE, Store, StoreError, chunk_count};
 use crate::trust::TrustBook;
@@ -641,26 +643,37 @@ impl<N: BlobNet> Blobs<N> {
         )
         .await?;
         let count = meta.chunk_hashes.len() as u32;
-        let meta = Arc::new(meta);
-        // Read (and verify) the next chunk while this one is being sent.
-        let read = |index: u32| {
+        let reader = {
             let store = self.store.clone();
-            let m = meta.clone();
-            tokio::task::spawn_blocking(move || store.blob_chunk(id.as_bytes(), &m, index))
+            let id = *id.as_bytes();
+            Arc::new(
+                tokio::task::spawn_blocking(move || store.chunk_reader(id, Arc::new(meta)))
+                    .await??,
+            )
         };
-        let mut next = (from_chunk < count).then(|| read(from_chunk));
+        // Read (and check) the next chunk while this one is being sent, into the buffer the
+        // one before it was sent from.
+        let read = |index: u32, mut buf: Vec<u8>| {
+            let reader = reader.clone();
+            tokio::task::spawn_blocking(move || reader.read(index, &mut buf).map(|()| buf))
+        };
+        let mut next = (from_chunk < count).then(|| read(from_chunk, Vec::new()));
+        let mut spare = Vec::new();
         for index in from_chunk..count {
             let Some(pending) = next.take() else { break };
             let mut bytes = pending.await??;
             if index + 1 < count {
-                next = Some(read(index + 1));
+                next = Some(read(index + 1, std::mem::take(&mut spare)));
             }
             if self.config.corrupt_chunks
                 && let Some(b) = bytes.first_mut()
             {
                 *b ^= 0xff;
             }
-            send(&mut stream, &BlobResponse::Chunk { index, bytes }).await?;
+            let head = BlobResponse::chunk_prefix(index, bytes.len())?;
+            write_frame_parts(&mut stream, &head, &bytes, MAX_BLOB_FRAME).await?;
+            stream.flush().await.map_err(FramedError::Io)?;
+            spare = bytes;
         }
         let _ = stream.close().await;
         Ok(())
@@ -725,7 +738,7 @@ impl<N: BlobNet> Blobs<N> {
     where
         S: AsyncRead + Unpin,
     {
-        let frame = self.next_frame(s).await?;
+        let frame = self.next_frame(s, read_frame).await?;
         BlobResponse::decode(&frame).map_err(|e| PeerFault::Decode(e).into())
     }
 
@@ -734,9 +747,9 @@ impl<N: BlobNet> Blobs<N> {
     where
         S: AsyncRead + Unpin,
     {
-        let frame = self.next_frame(s).await?;
+        let frame = self.next_frame(s, read_frame_bytes).await?;
         match BlobResponse::chunk_span(&frame) {
-            Some(span) => Ok((span.index, bytes::Bytes::from(frame).slice(span.bytes))),
+            Some(span) => Ok((span.index, frame.slice(span.bytes))),
             None => match BlobResponse::decode(&frame) {
                 Ok(_) => Err(PeerFault::ExpectedChunk.into()),
                 Err(e) => Err(PeerFault::Decode(e).into()),
@@ -744,13 +757,17 @@ impl<N: BlobNet> Blobs<N> {
         }
     }
 
-    async fn next_frame<S>(&self, s: &mut S) -> Result<Vec<u8>, TransferError>
+    /// The next frame read by `read` (within the response timeout).
+    async fn next_frame<'s, S, F, T>(
+        &self,
+        s: &'s mut S,
+        read: impl FnOnce(&'s mut S, usize) -> F,
+    ) -> Result<T, TransferError>
     where
         S: AsyncRead + Unpin,
+        F: Future<Output = Result<Option<T>, FramedError>>,
     {
-        match tokio::time::timeout(self.config.response_timeout, read_frame(s, MAX_BLOB_FRAME))
-            .await
-        {
+        match tokio::time::timeout(self.config.response_timeout, read(s, MAX_BLOB_FRAME)).await {
             Err(_) => Err(TransferError::TimedOut),
             Ok(Err(e)) => Err(TransferError::framed(e)),
             Ok(Ok(None)) => Err(TransferError::Closed),
@@ -857,18 +874,17 @@ impl<N: BlobNet> Blobs<N> {
         self.state().active.insert(id, (from_chunk, count));
 
         // The network side reads chunks and checks their order; the disk side (a blocking
-        // thread) verifies each against its hash, writes it and records progress, a few chunks
-        // behind.
+        // thread) hashes each into the whole content, writes it and records progress, a few
+        // chunks behind. Wrong bytes are found when the whole hash is checked at the end.
         let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(RECEIVE_AHEAD);
         let disk = {
             let state = self.state.clone();
             let mut receiver = receiver;
             tokio::task::spawn_blocking(move || -> Result<BlobReceiver, TransferError> {
                 while let Some(bytes) = rx.blocking_recv() {
-                    let index = receiver.done();
                     match receiver.put(bytes) {
                         Ok(()) => {}
-                        Err(StoreError::HashMismatch { .. }) => {
+                        Err(StoreError::ChunkLength { index, .. }) => {
                             return Err(PeerFault::ChunkHash(index).into());
                         }
                         Err(e) => return Err(e.into()),
@@ -909,6 +925,7 @@ impl<N: BlobNet> Blobs<N> {
                 tracing::info!(blob = %id, len, "blob received");
                 Ok(())
             }
+            Err(StoreError::BadChunk { index }) => Err(PeerFault::ChunkHash(index).into()),
             Err(StoreError::HashMismatch { .. }) => Err(PeerFault::WholeHash.into()),
             Err(e) => Err(e.into()),
         }

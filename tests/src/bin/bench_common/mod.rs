@@ -168,6 +168,30 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
 }
 
+/// CPU time (user + system) a process has used so far: `pid`, or this process for `None`.
+pub fn cpu_time(pid: Option<u32>) -> Result<Duration> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = std::fs::read_to_string(&path)?;
+    // The command name (field 2) may hold spaces: count the fields after its closing paren.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("no command name in {path}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("no field {} in {path}", i + 3))
+    };
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the paren; 100 ticks a second.
+    let total = ticks(11)? + ticks(12)?;
+    Ok(Duration::from_millis(total * 10))
+}
+
 /// The content of bulk document `i`: `fields` fields, each written as its own change by
 /// `POST /v1/docs`, so a document has `1 + fields` changes.
 pub fn bulk_content(i: usize, fields: usize) -> Value {
