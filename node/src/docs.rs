@@ -827,6 +827,7 @@ impl Docs {
         }
         let doc = match self.inner.store.load_doc(id.as_bytes()) {
             Ok(stored) => {
+                crate::metrics::node().docs_loaded.add(1);
                 let mut chunks = stored.chunks.iter();
                 let first = chunks.next().map(Vec::as_slice).unwrap_or_default();
                 let mut doc = Document::load(first, &self.inner.actor).map_err(|e| {
@@ -1219,6 +1220,7 @@ mod tests {
         let b = docs.create(DocKind::Generic).await.unwrap();
         put(&docs, a, "n", json!("a")).await;
         put(&docs, b, "n", json!("b")).await;
+        let loaded = crate::metrics::node().docs_loaded.get();
         for _ in 0..3 {
             assert_eq!(get(&docs, a, "n").await, Some(json!("a")));
             assert_eq!(get(&docs, b, "n").await, Some(json!("b")));
@@ -1227,6 +1229,11 @@ mod tests {
             lock(&docs.inner.cache).len(),
             1,
             "the cache stays at its capacity"
+        );
+        // The counter is the process's (other tests load too): at least these six loads.
+        assert!(
+            crate::metrics::node().docs_loaded.get() >= loaded + 6,
+            "every miss is counted"
         );
     }
 

@@ -42,6 +42,8 @@ pub struct NodeCounters {
     pub bytes_sent: Counter,
     /// Bytes read in iom protocol frames.
     pub bytes_received: Counter,
+    /// Documents loaded from the store into memory (a miss of the document cache).
+    pub docs_loaded: Counter,
     /// Requests this device's agent claimed and ran.
     pub asks: Counter,
     /// Requests that ended `failed`.
@@ -78,6 +80,7 @@ impl NodeCounters {
         NodeCounters {
             bytes_sent: Counter::new(),
             bytes_received: Counter::new(),
+            docs_loaded: Counter::new(),
             asks: Counter::new(),
             asks_failed: Counter::new(),
             tokens_input: Counter::new(),

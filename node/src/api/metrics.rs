@@ -118,6 +118,11 @@ pub fn render(ctx: &NodeCtx) -> String {
         c.bytes_received.get(),
     )
     .counter(
+        "iom_docs_loaded_total",
+        "Documents loaded from the store into memory (misses of the document cache).",
+        c.docs_loaded.get(),
+    )
+    .counter(
         "iom_asks_total",
         "Requests this device's agent ran.",
         c.asks.get(),

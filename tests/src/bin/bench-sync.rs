@@ -343,6 +343,7 @@ fn cold_and_reconnect(rt: &tokio::runtime::Runtime) -> Result<()> {
     let (proc_b, _) = spawn_timed(rt, &b)?;
     let (pid_a, pid_b) = (a.pid().context("A is not running")?, proc_b.child.id());
     let cpu_before = (cpu_time(Some(pid_a))?, cpu_time(Some(pid_b))?);
+    let (loaded_a, loaded_b) = (docs_loaded(rt, &ca)?, docs_loaded(rt, &cb)?);
     let caught_up = wait_caught_up(rt, &cb, &want, Instant::now())?;
     let (cpu_a, cpu_b) = (
         cpu_time(Some(pid_a))? - cpu_before.0,
@@ -358,9 +359,11 @@ fn cold_and_reconnect(rt: &tokio::runtime::Runtime) -> Result<()> {
         caught_up.as_secs_f64() / loading.as_secs_f64()
     );
     println!(
-        "catch-up: CPU from B's API up until caught up: A {:.0} ms, B {:.0} ms (10 ms ticks)",
+        "catch-up: CPU from B's API up until caught up: A {:.0} ms, B {:.0} ms (10 ms ticks); documents loaded from the store meanwhile: A {}, B {}",
         ms(cpu_a),
-        ms(cpu_b)
+        ms(cpu_b),
+        docs_loaded(rt, &ca)? - loaded_a,
+        docs_loaded(rt, &cb)? - loaded_b
     );
     proc_b.stop()?;
     a.stop()?;

@@ -192,6 +192,22 @@ pub fn cpu_time(pid: Option<u32>) -> Result<Duration> {
     Ok(Duration::from_millis(total * 10))
 }
 
+/// The node's `iom_docs_loaded_total` (documents loaded from its store: cache misses).
+pub fn docs_loaded(rt: &tokio::runtime::Runtime, client: &ApiClient) -> Result<u64> {
+    let text = rt.block_on(async {
+        client
+            .get_raw("/metrics")
+            .await?
+            .text()
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("iom_docs_loaded_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no iom_docs_loaded_total in /metrics"))
+}
+
 /// The content of bulk document `i`: `fields` fields, each written as its own change by
 /// `POST /v1/docs`, so a document has `1 + fields` changes.
 pub fn bulk_content(i: usize, fields: usize) -> Value {
