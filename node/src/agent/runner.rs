@@ -743,8 +743,12 @@ impl Runner {
             let (store2, meta2) = (store.clone(), meta.clone());
             let bytes = tokio::task::spawn_blocking(move || {
                 let mut out = Vec::with_capacity(usize::try_from(meta2.len).unwrap_or(0));
-                for i in 0..meta2.chunk_hashes.len() as u32 {
-                    out.extend(store2.blob_chunk(&id, &meta2, i)?);
+                let count = meta2.chunk_hashes.len() as u32;
+                let reader = store2.chunk_reader(id, std::sync::Arc::new(meta2))?;
+                let mut buf = Vec::new();
+                for i in 0..count {
+                    reader.read(i, &mut buf)?;
+                    out.extend_from_slice(&buf);
                 }
                 Ok::<_, crate::store::StoreError>(out)
             })

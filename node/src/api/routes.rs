@@ -314,19 +314,24 @@ async fn blob_get(State(ctx): Ctx, Path(hash): Path<String>) -> ApiResult<Respon
         .store
         .blob_meta(&id)?
         .ok_or_else(|| ApiError::not_found(format!("blob {hash} is not stored on this device")))?;
-    let store = ctx.store.clone();
     let len = meta.len;
     let count = meta.chunk_hashes.len() as u32;
-    // Stream chunk by chunk, each verified against its hash as it is read.
+    let store = ctx.store.clone();
+    let reader = tokio::task::spawn_blocking(move || store.chunk_reader(id, Arc::new(meta)))
+        .await
+        .map_err(|e| ApiError::internal(format!("opening the blob failed: {e}")))??;
+    let reader = Arc::new(reader);
+    // Stream chunk by chunk from the file opened once, each checked as it is read.
     let stream = futures::stream::iter(0..count).then(move |i| {
-        let store = store.clone();
-        let meta = meta.clone();
+        let reader = reader.clone();
         async move {
-            tokio::task::spawn_blocking(move || store.blob_chunk(&id, &meta, i))
-                .await
-                .map_err(std::io::Error::other)?
-                .map(bytes::Bytes::from)
-                .map_err(std::io::Error::other)
+            tokio::task::spawn_blocking(move || {
+                let mut buf = Vec::new();
+                reader.read(i, &mut buf).map(|()| bytes::Bytes::from(buf))
+            })
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other)
         }
     });
     Ok((
