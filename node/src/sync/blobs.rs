@@ -49,6 +49,8 @@ const MAX_REQUEST_FRAME: usize = 4096;
 /// Chunks received from the network and not yet verified and written; the network keeps
 /// reading while the disk side works.
 const RECEIVE_AHEAD: usize = 8;
+/// Chunks a server reads per blocking hop (1 MiB), the next group while one is being sent.
+const READ_GROUP: u32 = 4;
 /// Arrivals kept for a slow subscriber; one that lags misses some (its peers learn of those
 /// blobs in their next session).
 const ARRIVALS_LEN: usize = 4096;
@@ -651,29 +653,40 @@ impl<N: BlobNet> Blobs<N> {
                     .await??,
             )
         };
-        // Read (and check) the next chunk while this one is being sent, into the buffer the
-        // one before it was sent from.
-        let read = |index: u32, mut buf: Vec<u8>| {
+        // Read (and check) the next chunks while these are being sent, a few per blocking hop
+        // (each hop is two thread hand-overs), into the buffers the ones before were sent from.
+        let read = |first: u32, mut bufs: Vec<Vec<u8>>| {
             let reader = reader.clone();
-            tokio::task::spawn_blocking(move || reader.read(index, &mut buf).map(|()| buf))
+            let last = first.saturating_add(READ_GROUP).min(count);
+            tokio::task::spawn_blocking(move || {
+                bufs.resize_with((last - first) as usize, Vec::new);
+                for (index, buf) in (first..last).zip(bufs.iter_mut()) {
+                    reader.read(index, buf)?;
+                }
+                Ok::<_, StoreError>(bufs)
+            })
         };
         let mut next = (from_chunk < count).then(|| read(from_chunk, Vec::new()));
         let mut spare = Vec::new();
-        for index in from_chunk..count {
-            let Some(pending) = next.take() else { break };
-            let mut bytes = pending.await??;
-            if index + 1 < count {
-                next = Some(read(index + 1, std::mem::take(&mut spare)));
+        let mut index = from_chunk;
+        while let Some(pending) = next.take() {
+            let mut group = pending.await??;
+            let after = index + group.len() as u32;
+            if after < count {
+                next = Some(read(after, std::mem::take(&mut spare)));
             }
-            if self.config.corrupt_chunks
-                && let Some(b) = bytes.first_mut()
-            {
-                *b ^= 0xff;
+            for bytes in &mut group {
+                if self.config.corrupt_chunks
+                    && let Some(b) = bytes.first_mut()
+                {
+                    *b ^= 0xff;
+                }
+                let head = BlobResponse::chunk_prefix(index, bytes.len())?;
+                write_frame_parts(&mut stream, &head, bytes, MAX_BLOB_FRAME).await?;
+                stream.flush().await.map_err(FramedError::Io)?;
+                index += 1;
             }
-            let head = BlobResponse::chunk_prefix(index, bytes.len())?;
-            write_frame_parts(&mut stream, &head, &bytes, MAX_BLOB_FRAME).await?;
-            stream.flush().await.map_err(FramedError::Io)?;
-            spare = bytes;
+            spare = group;
         }
         let _ = stream.close().await;
         Ok(())
