@@ -276,29 +276,49 @@ impl Docs {
 
     /// Creates a document. Singleton kinds use their well-known id and are not recreated.
     pub async fn create(&self, kind: DocKind) -> Result<DocId, DocsError> {
+        self.create_with(kind, |_| Ok(())).await
+    }
+
+    /// Creates a document with its first content, written by `init`, and stores it as one
+    /// compact snapshot. Written as a change after the creation, the content would be stored
+    /// as a chunk of raw changes, and every load of the document, here and on each device it
+    /// is sent to whole, would replay them one by one (several times the cost of loading a
+    /// snapshot). A singleton kind's existing document gets `init` as an ordinary change.
+    pub async fn create_with<F>(&self, kind: DocKind, init: F) -> Result<DocId, DocsError>
+    where
+        F: FnOnce(&mut Document) -> Result<(), DocsError> + Send + 'static,
+    {
         let id = DocId::well_known(kind)
             .unwrap_or_else(|| DocId::from_bytes(crate::time::random_bytes::<16>()));
         if self.meta(id)?.is_some() {
+            self.modify(id, Origin::Local, false, init).await?;
             return Ok(id);
         }
         let this = self.clone();
         let now = crate::time::now_secs() as i64;
-        self.blocking(move || {
-            let _guard = lock(&this.inner.load_lock);
-            if this.inner.store.doc_meta(id.as_bytes())?.is_some() {
-                return Ok(());
-            }
-            let mut doc = Document::new(kind, &this.inner.actor, now)?;
-            let bytes = doc.save();
-            let heads = heads_bytes(&doc.heads());
-            this.inner
-                .store
-                .append_doc_chunk(id.as_bytes(), kind.name(), &bytes, heads)?;
-            this.record_heads(id, &doc.heads());
-            this.insert_cached(id, Arc::new(Mutex::new(doc)));
-            Ok(())
-        })
-        .await?;
+        let existing = self
+            .blocking(move || {
+                let _guard = lock(&this.inner.load_lock);
+                if this.inner.store.doc_meta(id.as_bytes())?.is_some() {
+                    return Ok(Some(init));
+                }
+                let mut doc = Document::new(kind, &this.inner.actor, now)?;
+                init(&mut doc)?;
+                let bytes = doc.save();
+                let heads = heads_bytes(&doc.heads());
+                this.inner
+                    .store
+                    .append_doc_chunk(id.as_bytes(), kind.name(), &bytes, heads)?;
+                this.record_heads(id, &doc.heads());
+                this.insert_cached(id, Arc::new(Mutex::new(doc)));
+                Ok(None)
+            })
+            .await?;
+        if let Some(init) = existing {
+            // Created meanwhile (a singleton): the content is a change like any other.
+            self.modify(id, Origin::Local, false, init).await?;
+            return Ok(id);
+        }
         let heads = self.read(id, |d| d.heads()).await?;
         let change = DocChanged {
             id,
@@ -1210,6 +1230,47 @@ mod tests {
         assert_eq!(docs.with_inventory(|i| i.root()), root);
         assert_eq!(docs.with_inventory(Inventory::len), 2);
         assert_eq!(get(&docs, id, "note.a").await, Some(json!([1, 2])));
+    }
+
+    #[tokio::test]
+    async fn a_document_created_with_content_is_stored_as_one_snapshot() {
+        let (_dir, store) = crate::store::temp_store();
+        let docs = docs(&store, 1);
+        let id = docs
+            .create_with(DocKind::Generic, |d| {
+                for (i, field) in ["a", "b", "c"].into_iter().enumerate() {
+                    d.put_json(field, json!(i), "initial content", 1)
+                        .map_err(DocsError::from)?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let meta = docs.meta(id).unwrap().unwrap();
+        assert_eq!(meta.pending_chunks(), 0, "one chunk, the snapshot");
+        let stored = store.load_doc(id.as_bytes()).unwrap();
+        assert_eq!(stored.chunks.len(), 1);
+        let fresh = Docs::new(store.clone(), actor(2), 8).unwrap();
+        assert_eq!(get(&fresh, id, "c").await, Some(json!(2)));
+        // Content that fails leaves no document behind.
+        let err = docs
+            .create_with(DocKind::Generic, |_| {
+                Err(DocsError::NotFound(DocId::from_bytes([7; 16])))
+            })
+            .await;
+        assert!(err.is_err());
+        assert_eq!(docs.list().unwrap().len(), 1);
+        // A singleton that exists gets the content as a change.
+        let first = docs.create(DocKind::Memory).await.unwrap();
+        let again = docs
+            .create_with(DocKind::Memory, |d| {
+                d.put_json("note", json!("x"), "edit", 1)
+                    .map_err(DocsError::from)
+            })
+            .await
+            .unwrap();
+        assert_eq!(again, first);
+        assert_eq!(get(&docs, first, "note").await, Some(json!("x")));
     }
 
     #[tokio::test]

@@ -114,18 +114,16 @@ async fn doc_new(State(ctx): Ctx, body: Option<JsonBody<NewDoc>>) -> ApiResult {
     // Every field is tried on a scratch document first, so bad content (an empty or dotted
     // key, a reserved field, too deep a value) is a 400 and no document is created.
     check_initial_content(kind, &fields, now)?;
-    let id = ctx.docs.create(kind).await?;
-    if !fields.is_empty() {
-        ctx.docs
-            .modify(id, Origin::Local, false, move |doc| {
-                for (k, v) in fields {
-                    doc.put_json(&k, v, "initial content", now)
-                        .map_err(crate::docs::DocsError::from)?;
-                }
-                Ok(())
-            })
-            .await?;
-    }
+    let id = ctx
+        .docs
+        .create_with(kind, move |doc| {
+            for (k, v) in fields {
+                doc.put_json(&k, v, "initial content", now)
+                    .map_err(crate::docs::DocsError::from)?;
+            }
+            Ok(())
+        })
+        .await?;
     Ok(Json(json!({ "id": id.to_string(), "kind": kind.name() })))
 }
 

@@ -120,8 +120,26 @@ pub fn catalogs(dir: &Path) -> Result<Vec<Catalog>, BackupError> {
             Err(err) => tracing::warn!(path = %path.display(), %err, "unreadable backup catalog"),
         }
     }
-    out.sort_by(|a, b| (a.created_at, &a.archive).cmp(&(b.created_at, &b.archive)));
+    out.sort_by(|a, b| {
+        (a.created_at, collision_index(&a.archive), &a.archive).cmp(&(
+            b.created_at,
+            collision_index(&b.archive),
+            &b.archive,
+        ))
+    });
     Ok(out)
+}
+
+/// The `-N` an archive's name got because an earlier one of the same second had its name
+/// (see the naming above), 0 for none: archives of one second are in the order they were made,
+/// which a plain name order gets wrong (`…-1.age` sorts before `….age`).
+fn collision_index(archive: &str) -> u32 {
+    let stem = archive.strip_suffix(".age").unwrap_or(archive);
+    let parts: Vec<&str> = stem.split('-').collect();
+    match parts.as_slice() {
+        ["iom", "backup", _time, _device, n] => n.parse().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// The blobs earlier archives of `device` in `dir` hold (catalog hash → archive), counting
@@ -257,5 +275,36 @@ mod tests {
         // The catalog does not contain the blob hash itself.
         let text = std::fs::read_to_string(format!("{}{SUFFIX}", a.display())).unwrap();
         assert!(!text.contains(&hex::encode([1u8; 32])));
+    }
+
+    #[test]
+    fn archives_of_one_second_are_listed_in_the_order_they_were_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = [3u8; 32];
+        let mut made = Vec::new();
+        for i in 0..12u8 {
+            let path = new_archive_path(dir.path(), 0, "devdevdevdev");
+            std::fs::write(&path, b"x").unwrap();
+            write_catalog(&path, &manifest(&[[i; 32]]), 1, &key).unwrap();
+            made.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+        let listed: Vec<String> = catalogs(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|c| c.archive)
+            .collect();
+        assert_eq!(
+            listed, made,
+            "`…-1.age` after `….age`, `…-10.age` after `…-9.age`"
+        );
+        assert_eq!(
+            collision_index("iom-backup-19700101T000000Z-evdevdev-10.age"),
+            10
+        );
+        assert_eq!(
+            collision_index("iom-backup-19700101T000000Z-evdevdev.age"),
+            0
+        );
+        assert_eq!(collision_index("something-else.age"), 0);
     }
 }
