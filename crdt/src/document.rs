@@ -236,6 +236,34 @@ impl Document {
         self.doc.save()
     }
 
+    /// Whether `bytes` are exactly one compact document chunk, as [`Document::save`] writes
+    /// them: then [`Document::load`] reads them in one pass. A document saved and then
+    /// extended by [`Document::save_incremental`]s is several chunks, and loading it replays
+    /// every change after the first chunk one by one. Only the chunk header is read (Automerge's
+    /// magic bytes, checksum, type 0 and the length); the contents are not checked.
+    pub fn is_compact(bytes: &[u8]) -> bool {
+        const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+        const DOCUMENT: u8 = 0;
+        let Some(rest) = bytes.strip_prefix(&MAGIC) else {
+            return false;
+        };
+        let Some((&kind, rest)) = rest.get(4..).and_then(<[u8]>::split_first) else {
+            return false;
+        };
+        if kind != DOCUMENT {
+            return false;
+        }
+        // The body's length, as unsigned LEB128, then the body: nothing may follow it.
+        let mut len: u64 = 0;
+        for (i, &b) in rest.iter().enumerate().take(10) {
+            len |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return u64::try_from(rest.len() - i - 1).is_ok_and(|left| left == len);
+            }
+        }
+        false
+    }
+
     /// The changes (local or received by sync) since the last save, load or
     /// `save_incremental`; empty if there are none.
     pub fn save_incremental(&mut self) -> Vec<u8> {
@@ -439,6 +467,33 @@ mod tests {
 
     fn actor(n: u8) -> Vec<u8> {
         actor_for(&[n; 32], [n; 8])
+    }
+
+    #[test]
+    fn only_one_saved_chunk_is_compact() -> Result<(), Box<dyn std::error::Error>> {
+        let mut doc = Document::new(DocKind::Generic, &actor(1), 1)?;
+        doc.put_json("a", 1.into(), "edit", 2)?;
+        let saved = doc.save();
+        assert!(Document::is_compact(&saved));
+        doc.put_json("b", 2.into(), "edit", 3)?;
+        let more = doc.save_incremental();
+        assert!(
+            !more.is_empty() && !Document::is_compact(&more),
+            "a change chunk"
+        );
+        let mut chained = saved.clone();
+        chained.extend_from_slice(&more);
+        assert!(!Document::is_compact(&chained));
+        assert!(
+            !Document::is_compact(&saved[..saved.len() - 1]),
+            "cut short"
+        );
+        assert!(!Document::is_compact(b""));
+        assert!(!Document::is_compact(&[
+            0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 0, 0xff
+        ]));
+        assert!(Document::is_compact(&doc.save()));
+        Ok(())
     }
 
     #[test]

@@ -18,7 +18,9 @@
 //!
 //! Run (after `cargo build --release -p iom-cli -p iom-tests --bins`):
 //! `target/release/bench-sync [live] [cold] [blob] [raw]` (no argument: all). Knobs: `DOCS`,
-//! `CHANGES`, `BLOB_MIB`, `LOADED_DOCS` (the nodes' `storage.loaded_docs`), `IOM_TEST_LOG`
+//! `CHANGES`, `BLOB_MIB`, `LOADED_DOCS` (the nodes' `storage.loaded_docs`), `EDITS` (`cold`:
+//! that many more changes per document on A before B joins, so A stores chains of chunks; the
+//! in-process references do not have them), `IOM_TEST_LOG`
 //! (the nodes' log filter, default `info,automerge=warn`), `CATCHUP_TRACE` (set: B's
 //! `status.sync` at every poll of the catch-up, on stderr, to see how it progresses).
 
@@ -259,6 +261,17 @@ fn cold_and_reconnect(rt: &tokio::runtime::Runtime) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     let ca = ApiClient::new(&a.dir)?;
+    let edits = param("EDITS", 0);
+    if edits > 0 {
+        let t0 = Instant::now();
+        for e in 0..edits {
+            put_all(rt, &ca, &ids, &format!("e{e}"), json!(e))?;
+        }
+        println!(
+            "cold: EDITS={edits}: each document got {edits} more changes through the API, stored as as many incremental chunks, in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+    }
     // The reference runs before and after the node measurement (the machine is shared).
     let before = in_process_sync(count, fields)?;
 

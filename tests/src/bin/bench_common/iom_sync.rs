@@ -238,7 +238,19 @@ pub fn cold_join(rt: &tokio::runtime::Runtime, a: &Node, b: &Node) -> Result<(Du
 
 /// Sets field `f1` of each document in `ids` through A's API, 8 requests at a time.
 pub fn change_docs(rt: &tokio::runtime::Runtime, ca: &ApiClient, ids: &[String]) -> Result<()> {
-    let body = json!({ "path": "f1", "value": "changed during catch-up" });
+    put_all(rt, ca, ids, "f1", json!("changed during catch-up"))
+}
+
+/// `PUT`s `value` at `path` in every document of `ids`, eight at a time: one change, and one
+/// stored incremental chunk, each.
+pub fn put_all(
+    rt: &tokio::runtime::Runtime,
+    ca: &ApiClient,
+    ids: &[String],
+    path: &str,
+    value: Value,
+) -> Result<()> {
+    let body = json!({ "path": path, "value": value });
     rt.block_on(async {
         for batch in ids.chunks(8) {
             let paths: Vec<String> = batch.iter().map(|id| format!("/v1/docs/{id}")).collect();
