@@ -290,10 +290,6 @@ impl Docs {
     {
         let id = DocId::well_known(kind)
             .unwrap_or_else(|| DocId::from_bytes(crate::time::random_bytes::<16>()));
-        if self.meta(id)?.is_some() {
-            self.modify(id, Origin::Local, false, init).await?;
-            return Ok(id);
-        }
         let this = self.clone();
         let now = crate::time::now_secs() as i64;
         let existing = self
@@ -315,7 +311,7 @@ impl Docs {
             })
             .await?;
         if let Some(init) = existing {
-            // Created meanwhile (a singleton): the content is a change like any other.
+            // A singleton that exists: the content is a change like any other.
             self.modify(id, Origin::Local, false, init).await?;
             return Ok(id);
         }

@@ -158,22 +158,10 @@ impl Store {
             done: 0,
             writer: None,
         };
-        let mut buf = Vec::new();
-        while r.done < r.count() {
-            buf.resize(chunk_len(len, r.done), 0);
-            match file.read_exact_at(&mut buf, chunk_offset(r.done)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-                Err(e) => return Err(file_err(&path)(e)),
-            }
-            let actual: [u8; 32] = Sha256::digest(&buf).into();
-            if actual != r.chunk_hashes[r.done as usize] {
-                break;
-            }
-            r.whole.update(&buf);
-            r.sums.push(actual, &buf);
-            r.done += 1;
-        }
+        r.done = matching_prefix(&file, &path, len, &r.chunk_hashes, |buf, hash| {
+            r.whole.update(buf);
+            r.sums.push(hash, buf);
+        })?;
         r.writer = Some(Writer::spawn(file, path, r.done)?);
         Ok(r)
     }
@@ -303,17 +291,37 @@ impl BlobReceiver {
     /// (only after the whole-content hash failed: one more pass over the bytes).
     fn first_bad_chunk(&self, file: &File) -> Result<Option<u32>, StoreError> {
         let path = self.store.chunk_path(self.internal);
-        let mut buf = Vec::new();
-        for (index, expected) in (0..self.count()).zip(&self.chunk_hashes) {
-            buf.resize(chunk_len(self.len, index), 0);
-            file.read_exact_at(&mut buf, chunk_offset(index))
-                .map_err(file_err(&path))?;
-            if <[u8; 32]>::from(Sha256::digest(&buf)) != *expected {
-                return Ok(Some(index));
-            }
-        }
-        Ok(None)
+        let good = matching_prefix(file, &path, self.len, &self.chunk_hashes, |_, _| {})?;
+        Ok((good < self.count()).then_some(good))
     }
+}
+
+/// How many leading chunks of `file` (a blob of `len` bytes) match their `hashes`; each one
+/// that does is handed to `good` with its hash. A chunk the file ends before does not match.
+fn matching_prefix(
+    file: &File,
+    path: &std::path::Path,
+    len: u64,
+    hashes: &[[u8; 32]],
+    mut good: impl FnMut(&[u8], [u8; 32]),
+) -> Result<u32, StoreError> {
+    let mut buf = Vec::new();
+    let mut done = 0u32;
+    for expected in hashes {
+        buf.resize(chunk_len(len, done), 0);
+        match file.read_exact_at(&mut buf, chunk_offset(done)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(file_err(path)(e)),
+        }
+        let actual: [u8; 32] = Sha256::digest(&buf).into();
+        if actual != *expected {
+            break;
+        }
+        good(&buf, actual);
+        done += 1;
+    }
+    Ok(done)
 }
 
 #[cfg(test)]

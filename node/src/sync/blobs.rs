@@ -46,7 +46,7 @@ pub const EAGER_LIMIT: u64 = 1 << 20;
 const PROGRESS_PREFIX: &str = "bp/";
 /// The largest request frame.
 const MAX_REQUEST_FRAME: usize = 4096;
-/// Chunks received from the network and not yet verified and written; the network keeps
+/// Chunks received from the network and not yet hashed and written; the network keeps
 /// reading while the disk side works.
 const RECEIVE_AHEAD: usize = 8;
 /// Chunks a server reads per blocking hop (1 MiB), the next group while one is being sent.

@@ -101,7 +101,7 @@ fn blob(rt: &tokio::runtime::Runtime, a: &Node, b: &Node) -> Result<f64> {
             .arg(&file),
     )?;
     let t_added = Instant::now();
-    let cpu = |n: &Node| n.pid().map_or(Ok(Duration::ZERO), |p| cpu_time(Some(p)));
+    let cpu = |n: &Node| cpu_time(Some(n.pid().context("a node is not running")?));
     let (cpu_a, cpu_b) = (cpu(a)?, cpu(b)?);
     let hash = serde_json::from_str::<Value>(&out)?["hash"]
         .as_str()
