@@ -217,8 +217,10 @@ impl Document {
     /// Applies a chunk from [`Document::save_incremental`] or [`Document::save`]. Returns the
     /// number of operations applied.
     ///
-    /// The applied changes count as persisted: they are not repeated by the next
-    /// `save_incremental` unless they were new to this document.
+    /// The changes it adds are new to the incremental-save cursor: the next
+    /// [`Document::save_incremental`] returns them (what a merge of received bytes must
+    /// store). For chunks read back from storage, call [`Document::mark_saved`] after the
+    /// last one.
     pub fn load_incremental(&mut self, bytes: &[u8]) -> Result<usize, DocumentError> {
         self.doc
             .load_incremental(bytes)
@@ -264,9 +266,22 @@ impl Document {
         false
     }
 
-    /// The changes (local or received by sync) since the last save, load or
+    /// Counts everything the document holds as persisted: the next
+    /// [`Document::save_incremental`] returns only what changes after this. For a document
+    /// put together from stored chunks ([`Document::load`] of the first, then
+    /// [`Document::load_incremental`] of the rest); it encodes nothing.
+    pub fn mark_saved(&mut self) {
+        self.save_cursor = self.doc.get_heads();
+    }
+
+    /// The changes (local or received by sync) since the last save, load, `mark_saved` or
     /// `save_incremental`; empty if there are none.
     pub fn save_incremental(&mut self) -> Vec<u8> {
+        // Nothing since the cursor: Automerge's `save_after` would still walk the change
+        // graph to find that out (a clock computation per call, 4% of a catch-up's CPU).
+        if self.doc.get_heads() == self.save_cursor {
+            return Vec::new();
+        }
         let bytes = self.doc.save_after(&self.save_cursor);
         if !bytes.is_empty() {
             self.save_cursor = self.doc.get_heads();
@@ -542,6 +557,23 @@ mod tests {
         assert!(b.load_incremental(&chunk).expect("chunk") > 0);
         assert_eq!(a.heads(), b.heads());
         assert_eq!(b.to_json()["x"], 1);
+        // A merged chunk is new to the cursor: the next incremental save holds its change.
+        let merged = b.save_incremental();
+        assert!(!merged.is_empty());
+        assert!(b.save_incremental().is_empty());
+        // Read back from storage instead: marked saved, nothing is repeated.
+        let mut c = Document::load(&snap, &actor(4)).expect("load");
+        c.load_incremental(&chunk).expect("chunk");
+        c.mark_saved();
+        assert!(c.save_incremental().is_empty());
+        assert_eq!(c.heads(), a.heads());
+        c.put_json("y", serde_json::json!(2), "set y", 7)
+            .expect("put");
+        let after = c.save_incremental();
+        let mut d = Document::load(&snap, &actor(5)).expect("load");
+        d.load_incremental(&chunk).expect("chunk");
+        d.load_incremental(&after).expect("only the new change");
+        assert_eq!(d.heads(), c.heads());
         // Snapshot + chunk concatenated also loads.
         let mut both = snap.clone();
         both.extend_from_slice(&chunk);

@@ -326,15 +326,6 @@ impl Docs {
         Ok(id)
     }
 
-    /// Keeps `id` loaded while the returned pin lives, if it is loaded now (nothing is
-    /// loaded for it). The cache never evicts a document someone holds, so a sync session
-    /// pins the documents it is exchanging and they are not loaded again for each message.
-    pub fn pin(&self, id: DocId) -> Option<DocPin> {
-        lock(&self.inner.cache)
-            .get(&id)
-            .map(|doc| DocPin { _loaded: doc })
-    }
-
     /// Runs `f` on a document for reading.
     pub async fn read<R, F>(&self, id: DocId, f: F) -> Result<R, DocsError>
     where
@@ -438,13 +429,15 @@ impl Docs {
         Ok((result, Some((heads, meta))))
     }
 
-    /// [`Docs::read`] for several documents in one blocking hop. Documents that are not here
-    /// come back as `None`; a document that does not load stops the batch with its error.
+    /// [`Docs::read`] for several documents in one blocking hop, each result with a pin that
+    /// keeps its document loaded (taken while it was, so nothing loaded meanwhile evicts it
+    /// first). Documents that are not here come back as `None`; a document that does not load
+    /// stops the batch with its error.
     pub async fn read_many<T, R, F>(
         &self,
         items: Vec<(DocId, T)>,
         f: F,
-    ) -> Result<Vec<Option<R>>, DocsError>
+    ) -> Result<Vec<Option<(R, DocPin)>>, DocsError>
     where
         T: Send + 'static,
         R: Send + 'static,
@@ -456,7 +449,10 @@ impl Docs {
             let mut out = Vec::with_capacity(items.len());
             for (id, item) in items {
                 match this.load(id, false)? {
-                    Some(doc) => out.push(Some(f(&lock(&doc), item))),
+                    Some(doc) => {
+                        let r = f(&lock(&doc), item);
+                        out.push(Some((r, DocPin { _loaded: doc })));
+                    }
                     None => out.push(None),
                 }
             }
@@ -466,15 +462,16 @@ impl Docs {
     }
 
     /// [`Docs::modify`] for several distinct documents received from a peer, in one blocking
-    /// hop and one store transaction (no flush: see [`Docs::modify`]). Unknown documents start
-    /// empty. Items run in order; the first that fails (its document does not load) stops the
-    /// batch: what came before is stored and returned with the error.
+    /// hop and one store transaction (no flush: see [`Docs::modify`]), each result with a pin
+    /// of its document (as [`Docs::read_many`]). Unknown documents start empty. Items run in
+    /// order; the first that fails (its document does not load) stops the batch: what came
+    /// before is stored and returned with the error.
     pub async fn modify_many<T, R, F>(
         &self,
         peer: PeerId,
         items: Vec<(DocId, T)>,
         f: F,
-    ) -> Result<(Vec<R>, Option<DocsError>), DocsError>
+    ) -> Result<(Vec<(R, DocPin)>, Option<DocsError>), DocsError>
     where
         T: Send + 'static,
         R: Send + 'static,
@@ -503,7 +500,7 @@ impl Docs {
         f: F,
     ) -> Result<
         (
-            Vec<R>,
+            Vec<(R, DocPin)>,
             Vec<(DocId, Vec<ChangeHash>, DocMeta)>,
             Option<DocsError>,
         ),
@@ -594,6 +591,11 @@ impl Docs {
             stored.push((id, heads, meta));
         }
         drop(guards);
+        let results = results
+            .into_iter()
+            .zip(shared)
+            .map(|(r, doc)| (r, DocPin { _loaded: doc }))
+            .collect();
         Ok((results, stored, failed))
     }
 
@@ -868,7 +870,7 @@ impl Docs {
                         })?;
                 }
                 // Everything loaded is already stored: start the incremental cursor here.
-                let _ = doc.save_incremental();
+                doc.mark_saved();
                 doc
             }
             Err(StoreError::NoSuchDoc(_)) if create_missing => Document::empty(&self.inner.actor)?,
@@ -881,7 +883,10 @@ impl Docs {
     }
 }
 
-/// Keeps one document loaded (see [`Docs::pin`]); gives no access to it.
+/// Keeps one document loaded while it lives (from [`Docs::read_many`] and
+/// [`Docs::modify_many`]): the cache never evicts a document someone holds, so a sync session
+/// keeps the documents it is exchanging and does not load them again for each message. Gives
+/// no access to the document.
 pub struct DocPin {
     _loaded: Shared,
 }
@@ -1032,6 +1037,7 @@ mod tests {
             .read_many(items, |_, ()| std::thread::current().id())
             .await
             .unwrap();
+        let threads: Vec<_> = threads.into_iter().map(|r| r.map(|(t, _)| t)).collect();
         assert_eq!(threads.len(), NEAR_MAX_DOCS + 1);
         assert!(
             threads.iter().all(|t| *t != Some(here)),
@@ -1042,7 +1048,11 @@ mod tests {
             .read_many(two, |_, ()| std::thread::current().id())
             .await
             .unwrap();
-        assert!(threads.iter().all(|t| *t == Some(here)));
+        assert!(
+            threads
+                .iter()
+                .all(|r| r.as_ref().map(|(t, _)| *t) == Some(here))
+        );
     }
 
     #[tokio::test]

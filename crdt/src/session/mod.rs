@@ -64,7 +64,7 @@
 //! let mut on_a = Document::new(DocKind::Generic, b"device-a", 1)?;
 //! on_a.put_json("greeting", "hi".into(), "say hi", 2)?;
 //! a.mark_dirty(doc);
-//! let Some(Transmit::Generate { doc: d, state }) = a.poll_transmit(&inv_a) else {
+//! let Some(Transmit::Generate { doc: d, state, .. }) = a.poll_transmit(&inv_a) else {
 //!     unreachable!()
 //! };
 //! let mut state = state.unwrap_or_default(); // nothing persisted yet
@@ -410,6 +410,12 @@ pub enum Transmit<H, E> {
         doc: DocId,
         /// The checked-out state.
         state: Option<PeerDocState>,
+        /// The inventories differ on `doc` and this session has said nothing about it yet.
+        /// If the persisted state shows we hold nothing the peer lacks
+        /// ([`crate::sync::nothing_new_for_peer`] on a resumed state), the caller may send
+        /// nothing and report with [`Established::wait_for_peer`] instead: the peer, which
+        /// holds something we lack, speaks first (see [`Established::speak_waiting`]).
+        may_wait: bool,
     },
     /// Read these documents' stored bytes and heads, then report with
     /// [`Established::snapshots_loaded`].
@@ -511,6 +517,13 @@ pub struct Established<H, E> {
     /// Whether the inventories have been compared once: the peer's root equalled ours, or its
     /// entries arrived (from then on [`incoming`](Self::incoming) is meaningful).
     compared: bool,
+    /// Dirty documents the inventory comparison found different before this session had a
+    /// state for them: their first generate may wait for the peer ([`Transmit::Generate`]).
+    may_wait: HashSet<DocId>,
+    /// Documents whose first message waits for the peer's ([`Established::wait_for_peer`]).
+    waiting: HashSet<DocId>,
+    /// `Doc` messages received in this session.
+    doc_messages: u64,
     closed: bool,
 }
 
@@ -525,6 +538,9 @@ impl<H, E> Established<H, E> {
             states: HashMap::new(),
             incoming: HashSet::new(),
             compared: false,
+            may_wait: HashSet::new(),
+            waiting: HashSet::new(),
+            doc_messages: 0,
             closed: false,
         }
     }
@@ -590,6 +606,8 @@ impl<H, E> Established<H, E> {
     /// `doc` changed here (or the peer needs an answer about it): generate for it when the
     /// stream can take a message.
     pub fn mark_dirty(&mut self, doc: DocId) {
+        self.may_wait.remove(&doc);
+        self.waiting.remove(&doc);
         match self.states.get_mut(&doc) {
             Some(Slot::Busy { redirty, .. }) => *redirty = true,
             _ => self.dirty.mark(doc),
@@ -715,8 +733,13 @@ impl<H, E> Established<H, E> {
                 self.incoming.insert(doc); // only they have it: they send it
                 continue;
             }
-            if their_docs.contains(&doc) || self.has_state(&doc) {
+            if self.has_state(&doc) {
                 self.mark_dirty(doc);
+            } else if their_docs.contains(&doc) {
+                // Both hold it and nothing was said yet: the first message may wait for the
+                // peer's, if the persisted state shows the peer is the one with news.
+                self.mark_dirty(doc);
+                self.may_wait.insert(doc);
             } else {
                 self.snapshots.mark(doc);
             }
@@ -726,6 +749,8 @@ impl<H, E> Established<H, E> {
 
     /// A `Doc` message: hands the state out, or keeps the message until the state is back.
     fn receive(&mut self, doc: DocId, msg: Vec<u8>) -> Option<Action<E>> {
+        self.doc_messages += 1;
+        self.waiting.remove(&doc);
         match self.states.remove(&doc) {
             Some(Slot::Busy {
                 mut pending,
@@ -920,8 +945,13 @@ impl<H, E> Established<H, E> {
                         Some(Slot::Idle(state)) => Some(state),
                         _ => None,
                     };
+                    let may_wait = self.may_wait.remove(&doc) && state.is_none();
                     self.states.insert(doc, Slot::busy());
-                    return Some(Transmit::Generate { doc, state });
+                    return Some(Transmit::Generate {
+                        doc,
+                        state,
+                        may_wait,
+                    });
                 }
             }
         }
@@ -942,6 +972,48 @@ impl<H, E> Established<H, E> {
             self.ready.push_back(Msg::Doc { doc, msg });
         }
         Ok(self.check_in(doc, state).into_iter().collect())
+    }
+
+    /// Instead of [`Established::generated`], for a [`Transmit::Generate`] with `may_wait`:
+    /// nothing was sent, because the persisted state shows we hold nothing the peer lacks.
+    /// The state is checked in and the document waits for the peer's message, which is then
+    /// answered as usual. If the peer waits too (both sides' persisted states are at their
+    /// own heads, yet the heads differ: one side was restored from an older backup), nobody
+    /// would speak: [`Established::speak_waiting`] ends that.
+    pub fn wait_for_peer(
+        &mut self,
+        doc: DocId,
+        state: PeerDocState,
+    ) -> Result<Vec<Action<E>>, SessionError> {
+        self.check_open()?;
+        let pending = matches!(
+            self.states.get(&doc),
+            Some(Slot::Busy { pending, redirty, .. }) if !pending.is_empty() || *redirty
+        );
+        if !pending {
+            // A message that came meanwhile, or a change here, is answered the usual way.
+            self.waiting.insert(doc);
+        }
+        Ok(self.check_in(doc, state).into_iter().collect())
+    }
+
+    /// Documents waiting for the peer's first message ([`Established::wait_for_peer`]).
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// `Doc` messages received so far in this session: the caller calls
+    /// [`Established::speak_waiting`] when this has not moved for a while.
+    pub fn doc_messages_received(&self) -> u64 {
+        self.doc_messages
+    }
+
+    /// The peer sent nothing about the documents that wait for it: generate for them after
+    /// all (with the state checked in, so they cannot wait again).
+    pub fn speak_waiting(&mut self) {
+        for doc in std::mem::take(&mut self.waiting) {
+            self.mark_dirty(doc);
+        }
     }
 
     /// The result of a [`Transmit::LoadSnapshots`]: the documents read, and the ones that are

@@ -29,6 +29,11 @@ fn doc_with(n: u8, key: &str) -> Document {
 }
 
 /// A pair of established sessions, `a` the initiator.
+/// A `Doc` message about `doc` (its bytes are not looked at by the session).
+fn doc_msg(doc: DocId) -> M {
+    Msg::Doc { doc, msg: vec![1] }
+}
+
 fn pair() -> (Session, Session) {
     let (a, hello) = ExpectHello::<u8>::initiate::<u8>(Config::default(), 1);
     let b = ExpectHello::accept(Config::default(), 2)
@@ -304,15 +309,7 @@ fn entries_decide_whole_documents_versus_sync() {
         (with_state, &heads[..]),
     ]);
     // This session already exchanged a message about `with_state`.
-    let actions = a
-        .handle(
-            Msg::Doc {
-                doc: with_state,
-                msg: vec![1],
-            },
-            &inv,
-        )
-        .expect("doc");
+    let actions = a.handle(doc_msg(with_state), &inv).expect("doc");
     let [Action::Receive { state: None, .. }] = &actions[..] else {
         panic!("{actions:?}");
     };
@@ -442,6 +439,7 @@ fn a_message_for_a_document_in_use_waits_for_its_state() {
     let Some(Transmit::Generate {
         doc: g,
         state: None,
+        ..
     }) = a.poll_transmit(&inv)
     else {
         panic!("generate first");
@@ -887,6 +885,9 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 // Meshes of in-memory peers.
 
+/// A device's documents and persisted states, copied aside.
+type Backup = (BTreeMap<DocId, Document>, HashMap<(u8, DocId), Vec<u8>>);
+
 /// One in-memory device: its documents (all stored), inventory, and persisted states.
 struct Peer {
     n: u8,
@@ -894,6 +895,8 @@ struct Peer {
     inv: Inventory,
     /// `(other device, doc)` → encoded state.
     persisted: HashMap<(u8, DocId), Vec<u8>>,
+    /// A backup of the documents and persisted states ([`Op::Backup`]).
+    backup: Option<Backup>,
     clock: i64,
 }
 
@@ -904,17 +907,21 @@ impl Peer {
             docs: BTreeMap::new(),
             inv: Inventory::new(),
             persisted: HashMap::new(),
+            backup: None,
             clock: 10,
         }
     }
 
     fn state(&self, other: u8, doc: DocId, state: Option<PeerDocState>) -> PeerDocState {
         state
-            .or_else(|| {
-                let bytes = self.persisted.get(&(other, doc))?;
-                PeerDocState::resume(bytes).ok()
-            })
+            .or_else(|| self.resumed(other, doc))
             .unwrap_or_default()
+    }
+
+    /// The persisted state with `other` for `doc`, resumed, if there is one.
+    fn resumed(&self, other: u8, doc: DocId) -> Option<PeerDocState> {
+        let bytes = self.persisted.get(&(other, doc))?;
+        PeerDocState::resume(bytes).ok()
     }
 
     /// Records a change (the node's `Docs::announce`).
@@ -949,7 +956,14 @@ enum Op {
     Edit(usize, usize, u8),
     Connect(usize, usize),
     Disconnect(usize, usize),
-    Restart { peer: usize, keep_states: bool },
+    Restart {
+        peer: usize,
+        keep_states: bool,
+    },
+    /// Copies a device's documents and persisted states aside.
+    Backup(usize),
+    /// Restarts a device from its backup: its documents and states go back together.
+    Restore(usize),
     Transmit(usize, bool),
     Deliver(usize, bool),
 }
@@ -962,6 +976,8 @@ fn any_op() -> impl Strategy<Value = Op> {
         1 => (0usize..5, 0usize..5).prop_map(|(a, b)| Op::Disconnect(a, b)),
         1 => (0usize..5, any::<bool>())
             .prop_map(|(peer, keep_states)| Op::Restart { peer, keep_states }),
+        1 => (0usize..5).prop_map(Op::Backup),
+        1 => (0usize..5).prop_map(Op::Restore),
         6 => (0usize..16, any::<bool>()).prop_map(|(l, d)| Op::Transmit(l, d)),
         6 => (0usize..16, any::<bool>()).prop_map(|(l, d)| Op::Deliver(l, d)),
     ]
@@ -1075,6 +1091,48 @@ impl Mesh {
         }
     }
 
+    fn backup(&mut self, p: usize) {
+        let peer = &mut self.peers[p];
+        let docs = peer
+            .docs
+            .iter()
+            .map(|(id, d)| {
+                (
+                    *id,
+                    Document::load(&d.snapshot(), &actor(peer.n)).expect("copy"),
+                )
+            })
+            .collect();
+        peer.backup = Some((docs, peer.persisted.clone()));
+    }
+
+    /// A restore from backup: the device restarts holding older documents and the states that
+    /// went with them, while its peers' states say it has more.
+    fn restore(&mut self, p: usize) {
+        let Some((docs, persisted)) = self.peers[p].backup.take() else {
+            return;
+        };
+        self.restart(p, true);
+        let peer = &mut self.peers[p];
+        let copy = docs
+            .iter()
+            .map(|(id, d)| {
+                (
+                    *id,
+                    Document::load(&d.snapshot(), &actor(peer.n)).expect("copy"),
+                )
+            })
+            .collect();
+        peer.backup = Some((copy, persisted.clone()));
+        peer.docs = docs;
+        peer.persisted = persisted;
+        peer.inv = Inventory::new();
+        let ids: Vec<DocId> = peer.docs.keys().copied().collect();
+        for doc in ids {
+            peer.stored(doc);
+        }
+    }
+
     /// Runs a peer's actions for its session on link `i` (side `a` if `side_a`).
     fn run(&mut self, i: usize, side_a: bool, mut actions: VecDeque<Action<u8>>) {
         while let Some(action) = actions.pop_front() {
@@ -1151,8 +1209,27 @@ impl Mesh {
                     if side_a { &mut l.a_to_b } else { &mut l.b_to_a }.push_back(m);
                     return true;
                 }
-                Transmit::Generate { doc, state } => {
+                Transmit::Generate {
+                    doc,
+                    state,
+                    may_wait,
+                } => {
                     let peer = &mut self.peers[me];
+                    // As the node does: a resumed state at our own heads waits for the peer.
+                    let resumed = if state.is_none() && may_wait {
+                        peer.resumed(other_n, doc)
+                    } else {
+                        None
+                    };
+                    if let (Some(st), Some(d)) = (resumed, peer.docs.get(&doc))
+                        && sync::nothing_new_for_peer(d, &st)
+                    {
+                        let l = &mut self.links[i];
+                        let s = if side_a { &mut l.sa } else { &mut l.sb };
+                        let actions = s.wait_for_peer(doc, st).expect("wait");
+                        self.run(i, side_a, actions.into());
+                        continue;
+                    }
                     let mut st = peer.state(other_n, doc, state);
                     let msg = peer.docs.get(&doc).and_then(|d| sync::generate(d, &mut st));
                     let l = &mut self.links[i];
@@ -1213,6 +1290,8 @@ impl Mesh {
                 }
             }
             Op::Restart { peer, keep_states } => self.restart(peer % n, keep_states),
+            Op::Backup(p) => self.backup(p % n),
+            Op::Restore(p) => self.restore(p % n),
             Op::Transmit(l, side) if !self.links.is_empty() => {
                 let i = l % self.links.len();
                 self.transmit(i, side);
@@ -1250,7 +1329,17 @@ impl Mesh {
                 }
             }
             if !moved {
-                return messages;
+                // Quiet: what waits for a peer that said nothing speaks after all (the node
+                // does this once a session's peer has sent no document message for a while).
+                let mut waiting = false;
+                for l in &mut self.links {
+                    waiting |= l.sa.waiting() + l.sb.waiting() > 0;
+                    l.sa.speak_waiting();
+                    l.sb.speak_waiting();
+                }
+                if !waiting {
+                    return messages;
+                }
             }
         }
         panic!("the mesh did not settle within 200 rounds");
@@ -1298,13 +1387,19 @@ proptest! {
     }
 }
 
-#[test]
-fn after_settling_a_change_travels_in_one_message_per_link() {
+/// Two devices, `docs` documents created on the first, settled.
+fn settled_pair(docs: usize) -> Mesh {
     let mut mesh = Mesh::new(2);
-    for _ in 0..3 {
+    for _ in 0..docs {
         mesh.create(0);
     }
     mesh.settle();
+    mesh
+}
+
+#[test]
+fn after_settling_a_change_travels_in_one_message_per_link() {
+    let mut mesh = settled_pair(3);
     mesh.assert_converged();
     // Reconnect with kept states: equal roots, so nothing but the roots is sent.
     mesh.disconnect(0, true);
@@ -1313,6 +1408,122 @@ fn after_settling_a_change_travels_in_one_message_per_link() {
     // One Doc message to the peer, and its acknowledgement.
     assert_eq!(mesh.settle(), 2);
     mesh.assert_converged();
+}
+
+/// Runs every link until nothing moves, without the quiet fallback; returns the `Doc`
+/// messages sent.
+fn drain_links(mesh: &mut Mesh) -> usize {
+    let mut docs = 0;
+    loop {
+        let mut moved = false;
+        for i in 0..mesh.links.len() {
+            for side in [true, false] {
+                while mesh.transmit(i, side) {
+                    moved = true;
+                }
+            }
+            let l = &mesh.links[i];
+            docs += l
+                .a_to_b
+                .iter()
+                .chain(&l.b_to_a)
+                .filter(|m| matches!(m, Msg::Doc { .. }))
+                .count();
+            for side in [true, false] {
+                while mesh.deliver(i, side) {
+                    moved = true;
+                }
+            }
+        }
+        if !moved {
+            return docs;
+        }
+    }
+}
+
+#[test]
+fn a_catch_up_is_the_changes_and_one_acknowledgement() {
+    let mut mesh = settled_pair(3);
+    mesh.disconnect(0, true);
+    // Two documents change on 0 while 1 is away.
+    mesh.edit(0, 0, 1);
+    mesh.edit(0, 1, 2);
+    mesh.connect(0, 1);
+    // 1 holds what it last shared, so it waits for 0: per document, 0's changes and 1's
+    // acknowledgement, and no opening message from 1.
+    assert_eq!(drain_links(&mut mesh), 4);
+    assert_eq!(mesh.links[0].sa.waiting() + mesh.links[0].sb.waiting(), 0);
+    mesh.assert_converged();
+}
+
+#[test]
+fn a_device_restored_from_an_older_backup_converges_once_the_waiting_side_speaks() {
+    let mut mesh = Mesh::new(2);
+    mesh.create(0);
+    mesh.settle();
+    mesh.disconnect(0, true); // the states are persisted
+    mesh.backup(1);
+    mesh.edit(1, 0, 5);
+    mesh.settle();
+    mesh.assert_converged();
+    // 1 goes back to before its edit, with the states that went with it: each side is at the
+    // heads its own state says it shared, and the heads differ.
+    mesh.restore(1);
+    mesh.connect(0, 1);
+    drain_links(&mut mesh);
+    let l = &mesh.links[0];
+    assert_eq!(
+        l.sa.waiting() + l.sb.waiting(),
+        2,
+        "both sides wait for the other"
+    );
+    assert_ne!(mesh.peers[0].inv.root(), mesh.peers[1].inv.root());
+    // The quiet fallback: both speak, and the edit comes back to 1.
+    for l in &mut mesh.links {
+        l.sa.speak_waiting();
+        l.sb.speak_waiting();
+    }
+    assert!(drain_links(&mut mesh) > 0);
+    mesh.assert_converged();
+    assert_eq!(mesh.links[0].sa.waiting() + mesh.links[0].sb.waiting(), 0);
+}
+
+#[test]
+fn a_message_or_a_change_ends_the_wait() {
+    let (mut a, _) = pair();
+    let inv = Inventory::new();
+    let (d1, d2) = (id(1, 1), id(2, 2));
+    for doc in [d1, d2] {
+        a.mark_dirty(doc);
+        a.may_wait.insert(doc);
+        let Some(Transmit::Generate { may_wait: true, .. }) = a.poll_transmit(&inv) else {
+            panic!("a first generate that may wait");
+        };
+        assert!(
+            a.wait_for_peer(doc, PeerDocState::new())
+                .expect("open")
+                .is_empty()
+        );
+    }
+    assert_eq!(a.waiting(), 2);
+    // The peer speaks about one: it is received with the state that waited.
+    let actions = a.handle(doc_msg(d1), &inv).expect("a document message");
+    assert!(matches!(
+        &actions[..],
+        [Action::Receive { state: Some(_), .. }]
+    ));
+    assert_eq!(a.doc_messages_received(), 1);
+    // A change here to the other: generated for at once, and it cannot wait again.
+    a.mark_dirty(d2);
+    assert_eq!(a.waiting(), 0);
+    assert!(matches!(
+        a.poll_transmit(&inv),
+        Some(Transmit::Generate {
+            state: Some(_),
+            may_wait: false,
+            ..
+        })
+    ));
 }
 
 #[test]

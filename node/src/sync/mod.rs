@@ -22,6 +22,7 @@
 
 pub mod blobs;
 pub mod gate;
+mod peer_quiet;
 pub mod session;
 mod working_set;
 

@@ -35,7 +35,7 @@ use iom_crdt::session::{
     self as machine, Action, Blame, CheckHello, ExpectHello, HandshakeError, Loaded, Role,
     SessionError, SnapshotsStored, Transmit,
 };
-use iom_crdt::sync::{PeerDocState, generate, receive};
+use iom_crdt::sync::{PeerDocState, generate, nothing_new_for_peer, receive};
 use iom_protocol::blobset::BlobSetDigest;
 use iom_protocol::cert::Certificate;
 use iom_protocol::frame::EncodeError;
@@ -51,6 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::gate::{Gate, Verdict};
+use super::peer_quiet::PeerQuiet;
 use super::working_set::WorkingSet;
 use crate::docs::{DocPin, Docs, DocsError};
 use crate::net::framed::{FramedError, read_frame, write_frame_unflushed};
@@ -78,6 +79,14 @@ const IO_BUFFER: usize = 64 * 1024;
 
 /// A received Automerge message and the state handed out with it (if any).
 type Received = (Vec<u8>, Option<PeerDocState>);
+
+/// What generating for one document came to.
+enum Generated {
+    /// The message to send, if there is anything to say.
+    Message(Option<Vec<u8>>),
+    /// Nothing is sent: the peer is the one with news ([`Established::wait_for_peer`]).
+    WaitForPeer,
+}
 
 /// What a session needs of the network.
 pub trait Network: Send + Sync + 'static {
@@ -326,13 +335,12 @@ impl Shared {
         self.working.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps `docs` loaded while the session exchanges them.
-    fn hold(&self, docs: &Docs, ids: &[DocId]) {
+    /// Keeps documents loaded while the session exchanges them, by the pins taken when they
+    /// were used.
+    fn hold(&self, pins: impl IntoIterator<Item = (DocId, DocPin)>) {
         let mut working = self.working();
-        for id in ids {
-            if let Some(pin) = docs.pin(*id) {
-                working.hold(*id, pin);
-            }
+        for (id, pin) in pins {
+            working.hold(id, pin);
         }
     }
 
@@ -520,15 +528,21 @@ pub(crate) fn state_key(peer: &PeerId, doc: &DocId) -> Vec<u8> {
 /// The persisted state for (`peer`, `doc`) (resumed: the peer is assumed to still hold what
 /// it had), or a fresh one.
 fn persisted_state(store: &Store, peer: &PeerId, doc: &DocId) -> PeerDocState {
+    resumed_state(store, peer, doc).unwrap_or_default()
+}
+
+/// The persisted state for (`peer`, `doc`), resumed, if one can be read.
+fn resumed_state(store: &Store, peer: &PeerId, doc: &DocId) -> Option<PeerDocState> {
     match store.state_get(&state_key(peer, doc)) {
-        Ok(Some(bytes)) => PeerDocState::resume(&bytes).unwrap_or_else(|e| {
-            tracing::debug!(%peer, %doc, error = %e, "starting a fresh sync state");
-            PeerDocState::new()
-        }),
-        Ok(None) => PeerDocState::new(),
+        Ok(Some(bytes)) => PeerDocState::resume(&bytes)
+            .inspect_err(
+                |e| tracing::debug!(%peer, %doc, error = %e, "starting a fresh sync state"),
+            )
+            .ok(),
+        Ok(None) => None,
         Err(e) => {
             tracing::warn!(%peer, %doc, error = %e, "cannot read a sync state");
-            PeerDocState::new()
+            None
         }
     }
 }
@@ -923,6 +937,7 @@ impl Driver {
         wr: &mut W,
         mut blobs: BlobCursor,
     ) -> Result<(), DriveError> {
+        let mut quiet = PeerQuiet::default();
         loop {
             if self.shared.stop.is_cancelled() {
                 return Ok(());
@@ -938,18 +953,41 @@ impl Driver {
                     }
                     self.flush(wr).await?;
                     let holding = !self.shared.working().is_empty();
+                    let speak_at = {
+                        let session = self.shared.lock();
+                        quiet.deadline(
+                            session.waiting() > 0,
+                            session.doc_messages_received(),
+                            tokio::time::Instant::now(),
+                        )
+                    };
+                    let speak = async {
+                        match speak_at {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = self.shared.wake.notified() => {}
                         _ = self.shared.stop.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(RELEASE_WHEN_QUIET), if holding => {
                             self.shared.working().release();
                         }
+                        _ = speak => {
+                            // Nothing came from the peer about the documents that wait for it.
+                            self.shared.lock().speak_waiting();
+                            quiet.reset();
+                        }
                     }
                 }
                 Some(Transmit::Send(msg)) => self.write_msg(wr, msg).await?,
-                Some(Transmit::Generate { doc, state }) => {
+                Some(Transmit::Generate {
+                    doc,
+                    state,
+                    may_wait,
+                }) => {
                     // Every document that is ready to generate goes in one blocking hop.
-                    let mut batch = vec![(doc, state)];
+                    let mut batch = vec![(doc, state, may_wait)];
                     let mut after = None;
                     while batch.len() < GENERATE_BATCH {
                         let next = self
@@ -957,7 +995,11 @@ impl Driver {
                             .docs
                             .with_inventory(|inv| self.shared.lock().poll_transmit(inv));
                         match next {
-                            Some(Transmit::Generate { doc, state }) => batch.push((doc, state)),
+                            Some(Transmit::Generate {
+                                doc,
+                                state,
+                                may_wait,
+                            }) => batch.push((doc, state, may_wait)),
                             other => {
                                 after = other;
                                 break;
@@ -1002,43 +1044,61 @@ impl Driver {
     }
 
     /// Generates Automerge messages for a batch of documents in one blocking hop (the states
-    /// not handed out are read from the store there), then reports each.
+    /// not handed out are read from the store there), then reports each. A document that may
+    /// wait for the peer, and whose persisted state shows we hold nothing new, is not
+    /// generated for: it waits for the peer's message ([`Established::wait_for_peer`]).
     async fn generate_batch(
         &self,
-        batch: Vec<(DocId, Option<PeerDocState>)>,
+        batch: Vec<(DocId, Option<PeerDocState>, bool)>,
     ) -> Result<(), DriveError> {
         let (store, peer) = (self.deps.store.clone(), self.peer);
-        let ids: Vec<DocId> = batch.iter().map(|(doc, _)| *doc).collect();
+        let ids: Vec<DocId> = batch.iter().map(|(doc, ..)| *doc).collect();
         let items = batch
             .into_iter()
-            .map(|(doc, state)| (doc, (doc, state)))
+            .map(|(doc, state, may_wait)| (doc, (doc, state, may_wait)))
             .collect();
         let out = self
             .deps
             .docs
-            .read_many(items, move |d, (doc, state)| {
-                let mut st = state.unwrap_or_else(|| persisted_state(&store, &peer, &doc));
+            .read_many(items, move |d, (doc, state, may_wait)| {
+                let mut st = match state {
+                    Some(st) => st,
+                    None => match resumed_state(&store, &peer, &doc) {
+                        Some(st) if may_wait && nothing_new_for_peer(d, &st) => {
+                            return (st, Generated::WaitForPeer);
+                        }
+                        Some(st) => st,
+                        None => PeerDocState::new(),
+                    },
+                };
                 let msg = generate(d, &mut st);
-                (st, msg)
+                (st, Generated::Message(msg))
             })
             .await?;
-        // A document we said something about gets an answer: keep it loaded for that.
-        let talking: Vec<DocId> = ids
-            .iter()
-            .zip(&out)
-            .filter(|(_, r)| matches!(r, Some((_, Some(_)))))
-            .map(|(doc, _)| *doc)
-            .collect();
-        self.shared.hold(&self.deps.docs, &talking);
+        // A document we said something about gets an answer, and one that waits for the peer
+        // gets its message: keep both loaded for that.
+        let mut talking = Vec::new();
         let mut actions = Vec::new();
         {
             let mut session = self.shared.lock();
             for (doc, r) in ids.into_iter().zip(out) {
-                // Gone (or never here): nothing to say about it.
-                let (st, msg) = r.unwrap_or_else(|| (PeerDocState::new(), None));
-                actions.extend(session.generated(doc, st, msg)?);
+                actions.extend(match r {
+                    Some(((st, Generated::Message(msg)), pin)) => {
+                        if msg.is_some() {
+                            talking.push((doc, pin));
+                        }
+                        session.generated(doc, st, msg)?
+                    }
+                    Some(((st, Generated::WaitForPeer), pin)) => {
+                        talking.push((doc, pin));
+                        session.wait_for_peer(doc, st)?
+                    }
+                    // Gone (or never here): nothing to say about it.
+                    None => session.generated(doc, PeerDocState::new(), None)?,
+                });
             }
         }
+        self.shared.hold(talking);
         self.execute(actions).await
     }
 
@@ -1150,9 +1210,15 @@ impl Driver {
                 (st, outcome)
             })
             .await?;
-        self.shared.hold(&self.deps.docs, &ids);
+        let mut applied = Vec::with_capacity(results.len());
+        let mut pins = Vec::with_capacity(results.len());
+        for (doc, (result, pin)) in ids.into_iter().zip(results) {
+            applied.push((doc, result));
+            pins.push((doc, pin));
+        }
+        self.shared.hold(pins);
         let mut next = Vec::new();
-        for (doc, (st, outcome)) in ids.into_iter().zip(results) {
+        for (doc, (st, outcome)) in applied {
             let ok = outcome.is_ok();
             let more = self.shared.lock().received(doc, st, outcome);
             match more {

@@ -24,7 +24,7 @@ fn drain(h: &SessionHandle) -> Vec<String> {
         let Some(t) = next else { break };
         out.push(match t {
             Transmit::Send(m) => m.name().to_string(),
-            Transmit::Generate { doc, state } => {
+            Transmit::Generate { doc, state, .. } => {
                 // Nothing to say; hand the state back as the writer does.
                 let st = state.unwrap_or_default();
                 assert!(h.shared.lock().generated(doc, st, None).unwrap().is_empty());

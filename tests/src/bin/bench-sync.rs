@@ -22,7 +22,9 @@
 //! that many more changes per document on A before B joins, so A stores chains of chunks; the
 //! in-process references do not have them), `IOM_TEST_LOG`
 //! (the nodes' log filter, default `info,automerge=warn`), `CATCHUP_TRACE` (set: B's
-//! `status.sync` at every poll of the catch-up, on stderr, to see how it progresses).
+//! `status.sync` at every poll of the catch-up, on stderr, to see how it progresses),
+//! `CATCHUP_PAUSE` (seconds to wait, after saying so on stderr with A's pid, before B starts
+//! for the catch-up: time to attach a profiler).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -353,6 +355,14 @@ fn cold_and_reconnect(rt: &tokio::runtime::Runtime) -> Result<()> {
     let n = param("CATCHUP", 1000).min(ids.len());
     change_docs(rt, &ca, &ids[..n])?;
     let want = catch_up_target(rt, &ca)?;
+    let pause = param("CATCHUP_PAUSE", 0);
+    if pause > 0 {
+        eprintln!(
+            "catch-up: pausing {pause} s before B starts; A's pid {}",
+            a.pid().context("A is not running")?
+        );
+        std::thread::sleep(Duration::from_secs(pause as u64));
+    }
     let (proc_b, _) = spawn_timed(rt, &b)?;
     let (pid_a, pid_b) = (a.pid().context("A is not running")?, proc_b.child.id());
     let cpu_before = (cpu_time(Some(pid_a))?, cpu_time(Some(pid_b))?);
