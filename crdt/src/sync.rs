@@ -164,14 +164,14 @@ pub fn receive(
     })
 }
 
-/// True if `doc` holds exactly the heads last shared with the peer (`state`'s
-/// [`PeerDocState::shared_heads`]): if the peer still holds them too, we have nothing it lacks,
-/// and its first message of a session can come before ours. A state that shares nothing (a
-/// fresh one) is never at our heads unless the document is empty.
-pub fn nothing_new_for_peer(doc: &Document, state: &PeerDocState) -> bool {
+/// True if `heads` (a document's heads, sorted, as [`Document::heads`] gives them) are exactly
+/// the heads last shared with the peer (`state`'s [`PeerDocState::shared_heads`]): if the peer
+/// still holds them too, we have nothing it lacks, and its first message of a session can come
+/// before ours. A state that shares nothing (a fresh one) only matches an empty document.
+pub fn nothing_new_for_peer(heads: &[ChangeHash], state: &PeerDocState) -> bool {
     let mut shared = state.shared_heads().to_vec();
     shared.sort_unstable();
-    shared == doc.heads()
+    shared == heads
 }
 
 /// True if the peer reported exactly our heads in this session (nothing left to exchange).

@@ -1222,7 +1222,7 @@ impl Mesh {
                         None
                     };
                     if let (Some(st), Some(d)) = (resumed, peer.docs.get(&doc))
-                        && sync::nothing_new_for_peer(d, &st)
+                        && sync::nothing_new_for_peer(&d.heads(), &st)
                     {
                         let l = &mut self.links[i];
                         let s = if side_a { &mut l.sa } else { &mut l.sb };

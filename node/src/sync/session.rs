@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use iom_crdt::ChangeHash;
 use iom_crdt::DocId;
 use iom_crdt::session::{
     self as machine, Action, Blame, CheckHello, ExpectHello, HandshakeError, Loaded, Role,
@@ -79,14 +80,6 @@ const IO_BUFFER: usize = 64 * 1024;
 
 /// A received Automerge message and the state handed out with it (if any).
 type Received = (Vec<u8>, Option<PeerDocState>);
-
-/// What generating for one document came to.
-enum Generated {
-    /// The message to send, if there is anything to say.
-    Message(Option<Vec<u8>>),
-    /// Nothing is sent: the peer is the one with news ([`Established::wait_for_peer`]).
-    WaitForPeer,
-}
 
 /// What a session needs of the network.
 pub trait Network: Send + Sync + 'static {
@@ -545,6 +538,43 @@ fn resumed_state(store: &Store, peer: &PeerId, doc: &DocId) -> Option<PeerDocSta
             None
         }
     }
+}
+
+/// Splits a generate batch: the documents that may wait and whose persisted state is at the
+/// heads stored for them (read from the metadata, without loading the document) wait for the
+/// peer, with that state; the rest are generated for, those that may wait with the state
+/// just read. A document changed here since the metadata was read is marked dirty by that
+/// change, which ends its wait.
+#[allow(clippy::type_complexity)]
+fn split_waiting(
+    store: &Store,
+    peer: &PeerId,
+    batch: Vec<(DocId, Option<PeerDocState>, bool)>,
+) -> (
+    Vec<(DocId, PeerDocState)>,
+    Vec<(DocId, Option<PeerDocState>)>,
+) {
+    let mut waiting = Vec::new();
+    let mut rest = Vec::with_capacity(batch.len());
+    for (doc, state, may_wait) in batch {
+        if state.is_some() || !may_wait {
+            rest.push((doc, state));
+            continue;
+        }
+        let Some(st) = resumed_state(store, peer, &doc) else {
+            rest.push((doc, None));
+            continue;
+        };
+        let heads: Option<Vec<ChangeHash>> = match store.doc_meta(doc.as_bytes()) {
+            Ok(Some(meta)) => Some(meta.heads.into_iter().map(ChangeHash).collect()),
+            _ => None,
+        };
+        match heads {
+            Some(heads) if nothing_new_for_peer(&heads, &st) => waiting.push((doc, st)),
+            _ => rest.push((doc, Some(st))),
+        }
+    }
+    (waiting, rest)
 }
 
 fn machine_config() -> machine::Config {
@@ -1045,53 +1075,57 @@ impl Driver {
 
     /// Generates Automerge messages for a batch of documents in one blocking hop (the states
     /// not handed out are read from the store there), then reports each. A document that may
-    /// wait for the peer, and whose persisted state shows we hold nothing new, is not
-    /// generated for: it waits for the peer's message ([`Established::wait_for_peer`]).
+    /// wait for the peer, and whose persisted state shows we hold nothing new, is not loaded
+    /// or generated for: it waits for the peer's message ([`Established::wait_for_peer`]),
+    /// and is loaded when that arrives.
     async fn generate_batch(
         &self,
         batch: Vec<(DocId, Option<PeerDocState>, bool)>,
     ) -> Result<(), DriveError> {
         let (store, peer) = (self.deps.store.clone(), self.peer);
-        let ids: Vec<DocId> = batch.iter().map(|(doc, ..)| *doc).collect();
+        let (waiting, batch) = if batch
+            .iter()
+            .any(|(_, st, may_wait)| st.is_none() && *may_wait)
+        {
+            let store = store.clone();
+            let split = tokio::task::spawn_blocking(move || split_waiting(&store, &peer, batch));
+            joined(split.await, "reading the stored heads panicked")?
+        } else {
+            let batch = batch.into_iter().map(|(doc, st, _)| (doc, st)).collect();
+            (Vec::new(), batch)
+        };
+        let ids: Vec<DocId> = batch.iter().map(|(doc, _)| *doc).collect();
         let items = batch
             .into_iter()
-            .map(|(doc, state, may_wait)| (doc, (doc, state, may_wait)))
+            .map(|(doc, state)| (doc, (doc, state)))
             .collect();
-        let out = self
-            .deps
-            .docs
-            .read_many(items, move |d, (doc, state, may_wait)| {
-                let mut st = match state {
-                    Some(st) => st,
-                    None => match resumed_state(&store, &peer, &doc) {
-                        Some(st) if may_wait && nothing_new_for_peer(d, &st) => {
-                            return (st, Generated::WaitForPeer);
-                        }
-                        Some(st) => st,
-                        None => PeerDocState::new(),
-                    },
-                };
-                let msg = generate(d, &mut st);
-                (st, Generated::Message(msg))
-            })
-            .await?;
-        // A document we said something about gets an answer, and one that waits for the peer
-        // gets its message: keep both loaded for that.
+        let out = if ids.is_empty() {
+            Vec::new()
+        } else {
+            self.deps
+                .docs
+                .read_many(items, move |d, (doc, state)| {
+                    let mut st = state.unwrap_or_else(|| persisted_state(&store, &peer, &doc));
+                    let msg = generate(d, &mut st);
+                    (st, msg)
+                })
+                .await?
+        };
+        // A document we said something about gets an answer: keep it loaded for that.
         let mut talking = Vec::new();
         let mut actions = Vec::new();
         {
             let mut session = self.shared.lock();
+            for (doc, st) in waiting {
+                actions.extend(session.wait_for_peer(doc, st)?);
+            }
             for (doc, r) in ids.into_iter().zip(out) {
                 actions.extend(match r {
-                    Some(((st, Generated::Message(msg)), pin)) => {
+                    Some(((st, msg), pin)) => {
                         if msg.is_some() {
                             talking.push((doc, pin));
                         }
                         session.generated(doc, st, msg)?
-                    }
-                    Some(((st, Generated::WaitForPeer), pin)) => {
-                        talking.push((doc, pin));
-                        session.wait_for_peer(doc, st)?
                     }
                     // Gone (or never here): nothing to say about it.
                     None => session.generated(doc, PeerDocState::new(), None)?,

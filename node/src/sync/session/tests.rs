@@ -1062,3 +1062,58 @@ async fn a_panicked_task_is_a_bug_and_a_cancelled_one_is_shutting_down() {
     ));
     assert_eq!(super::joined(Ok(7), "unused").ok(), Some(7));
 }
+
+#[test]
+fn only_a_document_at_its_shared_heads_waits() {
+    let (_dir, store) = crate::store::temp_store();
+    let peer = PeerId::random();
+    let mut stored = Vec::new();
+    for n in 1..=4u8 {
+        let id = DocId::from_bytes([n; 16]);
+        let mut d = Document::new(DocKind::Generic, &[n; 8], 1).unwrap();
+        d.put_json("n", serde_json::json!(n), "set", 2).unwrap();
+        let heads = d.heads();
+        store
+            .append_doc_chunk(
+                id.as_bytes(),
+                "generic",
+                &d.save(),
+                crate::docs::heads_bytes(&heads),
+            )
+            .unwrap();
+        stored.push((id, heads));
+    }
+    let (at_heads, behind, fresh, in_session) =
+        (stored[0].0, stored[1].0, stored[2].0, stored[3].0);
+    // Persisted states: one at the document's heads, one at an older point.
+    let shared = PeerDocState::after_snapshot(&stored[0].1).encode();
+    store
+        .state_put(&state_key(&peer, &at_heads), &shared)
+        .unwrap();
+    let older = PeerDocState::new().encode();
+    store.state_put(&state_key(&peer, &behind), &older).unwrap();
+    store
+        .state_put(&state_key(&peer, &in_session), &shared)
+        .unwrap();
+    let batch = vec![
+        (at_heads, None, true),
+        (behind, None, true),
+        (fresh, None, true),
+        (in_session, Some(PeerDocState::new()), true),
+        (DocId::from_bytes([9; 16]), None, false),
+    ];
+    // Given the store, not the documents: it decides from the metadata and loads nothing.
+    let (waiting, rest) = split_waiting(&store, &peer, batch);
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(waiting[0].0, at_heads);
+    let rest: Vec<(DocId, bool)> = rest.iter().map(|(d, st)| (*d, st.is_some())).collect();
+    assert_eq!(
+        rest,
+        vec![
+            (behind, true), // the state read is handed on, not read again
+            (fresh, false),
+            (in_session, true),
+            (DocId::from_bytes([9; 16]), false),
+        ]
+    );
+}
