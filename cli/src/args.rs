@@ -93,7 +93,7 @@ pub enum Command {
         /// that opens it as a device of the mesh.
         #[arg(long, conflicts_with = "admin")]
         web: bool,
-        /// The URL's origin for `--web` (e.g. https://home.example:8443); default: this
+        /// The URL's origin for `--web` (e.g. `https://home.example:8443`); default: this
         /// node's HTTPS listener.
         #[arg(long, value_name = "URL", requires = "web")]
         url: Option<String>,

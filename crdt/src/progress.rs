@@ -12,7 +12,7 @@
 //! | `turns` | uint | model calls finished |
 //!
 //! Builds before this one wrote `progress` as a string holding the whole [`ProgressView`] as
-//! JSON, rewritten on every update; [`read`] still reads that form.
+//! JSON, rewritten on every update; `read` still reads that form.
 
 use automerge::transaction::{Transactable, Transaction};
 use automerge::{AutomergeError, ObjId, ObjType, ReadDoc, Value};

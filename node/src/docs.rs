@@ -4,7 +4,7 @@
 //! (the sync sessions, the agent, event streams).
 //!
 //! Automerge work runs on the blocking pool, except short work on documents that are already
-//! loaded (see [`Docs::near`]): one small change takes tens of microseconds, a hop to the pool
+//! loaded (see `Docs::near`): one small change takes tens of microseconds, a hop to the pool
 //! and back about 90.
 
 use std::collections::HashSet;

@@ -13,7 +13,7 @@
 //! A binary opens every format up to [`CURRENT`], migrating older ones in place (under the data
 //! dir lock, each step recorded as it completes, so an interrupted migration resumes), and
 //! refuses a newer one with an error that names the version that wrote it. A change to the
-//! layout of anything under the data dir adds a format and a [`Step`].
+//! layout of anything under the data dir adds a format and a `Step`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -139,7 +139,7 @@ pub fn check(data_dir: &Path) -> Result<u32, FormatError> {
     Ok(found)
 }
 
-/// Records the current format in a data dir that [`holds_data`] says is new (call before
+/// Records the current format in a data dir that `holds_data` says is new (call before
 /// creating its keys, so the marker is there first).
 pub fn mark_new(data_dir: &Path) -> Result<(), FormatError> {
     if holds_data(data_dir) || read(data_dir)?.is_some() {

@@ -253,7 +253,7 @@ impl<'m> Records<'m> {
 
     /// The next entry's head: which entry it is. `None` after the end record (every entry
     /// was seen). The caller must then read exactly `entry.len` bytes through
-    /// [`Records::body`] (or [`Records::small_body`]) before calling this again.
+    /// [`body`] (or [`small_body`]) before calling this again.
     pub fn next_entry(
         &mut self,
         r: &mut impl Read,

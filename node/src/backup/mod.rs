@@ -1,7 +1,7 @@
 //! Backups of one device and recovery kits (see `docs/recovery.md`).
 //!
 //! An archive is an [age](https://age-encryption.org) file (passphrase or X25519 recipient,
-//! [`crypt`]) whose plaintext is a versioned manifest and one record per entry ([`format`]):
+//! [`crypt`]) whose plaintext is a versioned manifest and one record per entry ([`mod@format`]):
 //! the data dir's keys, config and workspaces, the certificates, the node's state records,
 //! every document and, with `--blobs`, the blobs. [`snapshot`] takes it (from a running node
 //! through the local API, or from a stopped node's store), [`restore`] checks and restores it

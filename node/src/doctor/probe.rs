@@ -1,4 +1,4 @@
-//! Gathers the facts the [`checks`](super::checks) judge: from the operating system and Docker
+//! Gathers the facts the [`super::checks`] judge: from the operating system and Docker
 //! (any time) and from the running node's services.
 
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! The network layer: one event loop task owns the libp2p [`Swarm`]; the cloneable [`Net`]
+//! The network layer: one event loop task owns the libp2p [`Swarm`](libp2p::Swarm); the cloneable [`Net`]
 //! handle sends it commands over a bounded channel and opens raw protocol streams.
 //!
 //! # Layout

@@ -243,7 +243,7 @@ impl Store {
 
     /// Makes every write so far durable. Call before acknowledging a write.
     ///
-    /// Concurrent callers share flushes (group commit, [`group_flush`]): one flush runs at a
+    /// Concurrent callers share flushes (group commit, `group_flush`): one flush runs at a
     /// time and covers every write made before it started. It is sled's synchronous flush on
     /// the blocking pool: sled 0.34's `flush_async` deadlocks when several flushes overlap
     /// (spacejam/sled#1308; seen in release builds, where every node hung on its first

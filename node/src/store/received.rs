@@ -182,7 +182,7 @@ impl BlobReceiver {
         self.done
     }
 
-    /// Chunks taken and written to the file so far (at most [`WRITE_BEHIND`] fewer than
+    /// Chunks taken and written to the file so far (at most `WRITE_BEHIND` fewer than
     /// [`BlobReceiver::done`]): the progress to show.
     pub fn written(&self) -> u32 {
         self.writer
@@ -198,7 +198,7 @@ impl BlobReceiver {
     /// Takes chunk [`BlobReceiver::done`]: folds it into the whole-content hash and hands it to
     /// the writer. A chunk of the wrong length is refused ([`StoreError::ChunkLength`], the
     /// sender's fault) and nothing is written; wrong bytes are found by
-    /// [`BlobReceiver::finish`]. Waits while the writer is [`WRITE_BEHIND`] chunks behind; a
+    /// [`BlobReceiver::finish`]. Waits while the writer is `WRITE_BEHIND` chunks behind; a
     /// write error comes back from here or from [`BlobReceiver::finish`].
     pub fn put(&mut self, bytes: impl Into<bytes::Bytes>) -> Result<(), StoreError> {
         let bytes = bytes.into();

@@ -4,7 +4,7 @@
 //! stdin). The container is created with `open_stdin`, `stdin_once`, no TTY (a TTY echoes and
 //! mangles newlines) and attached **before** it starts, so no early output is lost.
 //!
-//! Between Docker's stdout and the MCP client sits a [`guard`](spawn_guard): it passes on
+//! Between Docker's stdout and the MCP client sits a guard (`spawn_guard`): it passes on
 //! JSON-RPC lines only. A line that is not JSON-RPC, or one longer than the line cap, is a
 //! fault: the stream to the client is closed (pending calls fail at once) and the fault says
 //! what the server printed, so the supervisor can report it and restart the server. Stderr
