@@ -6,7 +6,7 @@
 //! per document. If both sides wait (one of them was restored from an older backup), nobody
 //! would speak, so the waiting side speaks once the peer has sent no document message for
 //! [`QUIET`], or at the latest [`AT_MOST`] after it began to wait (a peer busy with other
-//! documents all along).
+//! documents all along). The writer looks whenever it has nothing else to send.
 
 use std::time::Duration;
 

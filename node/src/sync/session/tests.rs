@@ -284,17 +284,7 @@ async fn a_device_that_has_nothing_gets_documents_whole() {
 
 #[tokio::test(start_paused = true)]
 async fn states_are_persisted_under_the_ps_keys_when_the_session_ends() {
-    let a = node(1, &person(), &[2], FakeBlobs::default()).await;
-    let b = node(2, &person(), &[1], FakeBlobs::default()).await;
-    let doc = new_doc(&a, "k").await;
-    let (ta, tb) = connect(&a, &b);
-    eventually("b to hold the document", async || {
-        heads(&b, doc).await == heads(&a, doc).await
-    })
-    .await;
-    a.deps.shutdown.cancel();
-    ta.await.unwrap();
-    tb.await.unwrap();
+    let (a, b, doc) = synced_then_apart(false).await;
     // The key layout is the stored format: "ps/" || peer id bytes || "/" || doc id.
     let mut key = b"ps/".to_vec();
     key.extend_from_slice(&b.peer.to_bytes());
@@ -1115,5 +1105,82 @@ fn only_a_document_at_its_shared_heads_waits() {
             (in_session, true),
             (DocId::from_bytes([9; 16]), false),
         ]
+    );
+}
+
+/// Two nodes in sync, their session ended (states persisted); then, if `change_b`, one edit
+/// on b while apart.
+async fn synced_then_apart(change_b: bool) -> (Node, Node, DocId) {
+    let a = node(1, &person(), &[2], FakeBlobs::default()).await;
+    let b = node(2, &person(), &[1], FakeBlobs::default()).await;
+    let doc = new_doc(&a, "k").await;
+    let (ta, tb) = connect(&a, &b);
+    eventually("b to hold a's document", async || {
+        heads(&b, doc).await == heads(&a, doc).await
+    })
+    .await;
+    a.deps.shutdown.cancel();
+    ta.await.unwrap();
+    tb.await.unwrap();
+    let (mut a, mut b) = (a, b);
+    a.deps.shutdown = CancellationToken::new();
+    b.deps.shutdown = CancellationToken::new();
+    if change_b {
+        edit(&b, doc, "on_b").await;
+    }
+    (a, b, doc)
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_being_away_the_side_with_no_news_only_acknowledges() {
+    let (a, b, doc) = synced_then_apart(true).await;
+    let _tasks = connect(&a, &b);
+    eventually("a to hold b's change", async || {
+        heads(&a, doc).await == heads(&b, doc).await
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // b has the news and speaks; a, at the heads it last shared, waits and then answers once.
+    let on_a = session_with(&a, b.peer)
+        .shared
+        .stats
+        .docs_received
+        .load(Ordering::Relaxed);
+    let on_b = session_with(&b, a.peer)
+        .shared
+        .stats
+        .docs_received
+        .load(Ordering::Relaxed);
+    assert_eq!(
+        (on_a, on_b),
+        (1, 1),
+        "b's changes, then a's acknowledgement"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_both_sides_wait_for_each_other_they_speak_after_a_quiet_while() {
+    let (a, b, doc) = synced_then_apart(true).await;
+    // b believes a has its new heads (as after a restore of a from an older backup, which
+    // rolls a's documents and states back together): each side is at the heads its own state
+    // says it shared, and the heads differ.
+    let b_heads = heads(&b, doc).await.unwrap();
+    b.deps
+        .store
+        .state_put(
+            &state_key(&a.peer, &doc),
+            &PeerDocState::after_snapshot(&b_heads).encode(),
+        )
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let _tasks = connect(&a, &b);
+    eventually("a to hold b's change", async || {
+        heads(&a, doc).await == heads(&b, doc).await
+    })
+    .await;
+    assert!(
+        started.elapsed() >= super::super::peer_quiet::QUIET,
+        "nobody spoke before the quiet time: {:?}",
+        started.elapsed()
     );
 }
