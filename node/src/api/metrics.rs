@@ -40,7 +40,9 @@ pub fn render(ctx: &NodeCtx) -> String {
         .map(|s| {
             (
                 s["device"].as_str().unwrap_or_default().to_string(),
-                s["docs_behind"].as_u64().unwrap_or(0) as f64,
+                // To send, and waiting for the peer's news: both still to exchange.
+                (s["docs_behind"].as_u64().unwrap_or(0) + s["docs_waiting"].as_u64().unwrap_or(0))
+                    as f64,
             )
         })
         .collect();

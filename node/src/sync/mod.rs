@@ -308,7 +308,8 @@ impl Manager {
     }
 
     /// Per-peer progress for `iom status`: documents waiting to be sent to the peer
-    /// (`docs_behind`), documents it holds that have not arrived here yet (`docs_incoming`,
+    /// (`docs_behind`), documents that differ and wait for the peer's first message
+    /// (`docs_waiting`: it holds the news), documents it holds that have not arrived here yet (`docs_incoming`,
     /// meaningful once `compared`: the two inventories have been compared), bytes of blobs it
     /// announced that are not here yet (`bytes_pending`), and traffic so far.
     pub fn progress(&self) -> Vec<Value> {
@@ -392,6 +393,7 @@ fn progress(registry: &Registry, blobs: &dyn BlobHandle, docs: &Docs) -> Vec<Val
             json!({
                 "device": s.peer.to_string(),
                 "docs_behind": s.backlog(),
+                "docs_waiting": s.waiting(),
                 "docs_incoming": incoming,
                 "compared": s.compared(),
                 "bytes_pending": blobs.pending_bytes_from(&s.peer),

@@ -386,6 +386,11 @@ impl SessionHandle {
         self.shared.lock().backlog()
     }
 
+    /// Documents that differ and wait for the peer's first message (it has the news).
+    pub(crate) fn waiting(&self) -> usize {
+        self.shared.lock().waiting()
+    }
+
     /// Documents the peer listed that had not arrived from it yet (a first sync's remainder;
     /// some may have arrived from another peer).
     pub(crate) fn incoming(&self) -> Vec<iom_crdt::DocId> {

@@ -201,6 +201,10 @@ fn progress_reports_backlog_and_blob_bytes_per_peer() {
         h.mark_dirty(DocId::from_bytes([i; 16]));
     }
     h.shared
+        .lock()
+        .wait_for_peer(DocId::from_bytes([9; 16]), Default::default())
+        .expect("open");
+    h.shared
         .stats
         .bytes_in
         .store(10, std::sync::atomic::Ordering::Relaxed);
@@ -210,6 +214,7 @@ fn progress_reports_backlog_and_blob_bytes_per_peer() {
     assert_eq!(p.len(), 1);
     assert_eq!(p[0]["device"], peer.to_string());
     assert_eq!(p[0]["docs_behind"], 3);
+    assert_eq!(p[0]["docs_waiting"], 1);
     assert_eq!(p[0]["bytes_pending"], 4096);
     assert_eq!(p[0]["bytes_in"], 10);
     assert_eq!(p[0]["snapshots_received"], 0);
