@@ -1304,6 +1304,34 @@ impl Mesh {
         }
     }
 
+    /// One pass over every link: each side sends all it has, then everything in flight is
+    /// delivered. Returns whether anything moved, the messages sent and the `Doc` messages
+    /// among them.
+    fn round(&mut self) -> (bool, usize, usize) {
+        let (mut moved, mut sent, mut docs) = (false, 0, 0);
+        for i in 0..self.links.len() {
+            for side in [true, false] {
+                while self.transmit(i, side) {
+                    moved = true;
+                    sent += 1;
+                }
+            }
+            let l = &self.links[i];
+            docs += l
+                .a_to_b
+                .iter()
+                .chain(&l.b_to_a)
+                .filter(|m| matches!(m, Msg::Doc { .. }))
+                .count();
+            for side in [true, false] {
+                while self.deliver(i, side) {
+                    moved = true;
+                }
+            }
+        }
+        (moved, sent, docs)
+    }
+
     /// Connects everyone to everyone and runs every link until nothing moves.
     fn settle(&mut self) -> usize {
         let n = self.peers.len();
@@ -1314,20 +1342,8 @@ impl Mesh {
         }
         let mut messages = 0;
         for _ in 0..200 {
-            let mut moved = false;
-            for i in 0..self.links.len() {
-                for side in [true, false] {
-                    while self.transmit(i, side) {
-                        moved = true;
-                        messages += 1;
-                    }
-                }
-                for side in [true, false] {
-                    while self.deliver(i, side) {
-                        moved = true;
-                    }
-                }
-            }
+            let (moved, sent, _) = self.round();
+            messages += sent;
             if !moved {
                 // Quiet: what waits for a peer that said nothing speaks after all (the node
                 // does this once a session's peer has sent no document message for a while).
@@ -1415,26 +1431,8 @@ fn after_settling_a_change_travels_in_one_message_per_link() {
 fn drain_links(mesh: &mut Mesh) -> usize {
     let mut docs = 0;
     loop {
-        let mut moved = false;
-        for i in 0..mesh.links.len() {
-            for side in [true, false] {
-                while mesh.transmit(i, side) {
-                    moved = true;
-                }
-            }
-            let l = &mesh.links[i];
-            docs += l
-                .a_to_b
-                .iter()
-                .chain(&l.b_to_a)
-                .filter(|m| matches!(m, Msg::Doc { .. }))
-                .count();
-            for side in [true, false] {
-                while mesh.deliver(i, side) {
-                    moved = true;
-                }
-            }
-        }
+        let (moved, _, d) = mesh.round();
+        docs += d;
         if !moved {
             return docs;
         }

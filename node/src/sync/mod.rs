@@ -309,9 +309,9 @@ impl Manager {
 
     /// Per-peer progress for `iom status`: documents waiting to be sent to the peer
     /// (`docs_behind`), documents that differ and wait for the peer's first message
-    /// (`docs_waiting`: it holds the news), documents it holds that have not arrived here yet (`docs_incoming`,
-    /// meaningful once `compared`: the two inventories have been compared), bytes of blobs it
-    /// announced that are not here yet (`bytes_pending`), and traffic so far.
+    /// (`docs_waiting`: it holds the news), documents it holds that have not arrived here yet
+    /// (`docs_incoming`, meaningful once `compared`: the two inventories have been compared),
+    /// bytes of blobs it announced that are not here yet (`bytes_pending`), and traffic so far.
     pub fn progress(&self) -> Vec<Value> {
         progress(
             &self.deps.registry,
